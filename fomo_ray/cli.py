@@ -1,0 +1,46 @@
+"""The ``fomo-ray`` command: prepare / run / sweep / report / score / budget / ui.
+
+Each subcommand forwards its remaining arguments to a ``main(argv)`` function of the module that owns it, so the
+heavy libraries (Ray, MLflow, FFCV) are imported only by the subcommand that needs them.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module:function, one-line help)
+    "prepare": ("fomo_ray.prepare:main", "build FiF-mini, convert real FiF data / web shards, write stream files"),
+    "pretrain": ("fomo_ray.pretrain:main", "pretrain (or reuse the cached) tiny base CLIP on FiF-mini's pool"),
+    "run": ("fomo_ray.loop:main", "one continual run of the loop (plain PyTorch, no Ray)"),
+    "sweep": ("fomo_ray.sweep:main", "a Ray Tune sweep from a sweep YAML"),
+    "report": ("fomo_ray.report:main", "tables and plots from a saved results table"),
+    "score": ("fomo_ray.metrics:main", "A_KA / A_ZS / GM and trajectories from a saved results table"),
+    "budget": ("fomo_ray.budget:main", "Tab.4-style MAF compute-budget table for a backbone"),
+    "ui": ("fomo_ray.tracking:ui_main", "start the MLflow UI on 127.0.0.1 for the project's store"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: fomo-ray <command> [args...]", "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'fomo-ray <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"fomo-ray: unknown command '{name}'. Valid: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, func = COMMANDS[name][0].split(":")
+    rc = getattr(importlib.import_module(module), func)(rest)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,412 @@
+"""One typed, frozen config tree for a continual-pretraining experiment.
+
+Built from YAML plus dotted ``key=value`` overrides::
+
+    cfg = load_config("experiments/configs/default.yaml", ["method.name=ema_merge", "optimizer.lr=1e-4"])
+    cfg.flat()   # {"method.name": "ema_merge", "optimizer.lr": 0.0001, ...}  (for Ray Tune / MLflow params)
+
+Every field has a default and a ``doc`` saying why it has that value. Unknown keys and wrong types fail at
+load time with a :class:`ConfigError` naming the dotted key and suggesting the closest valid one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid; the message names the dotted key."""
+
+
+def F(default: Any, doc: str) -> Any:
+    """A config field with its default and a one-line reason (kept in ``metadata['doc']``)."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in the frozen config; use a tuple")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass(frozen=True)
+class DataConfig:
+    benchmark: Literal["fifmini", "fif"] = F("fifmini", "the embedded procedural benchmark runs anywhere; 'fif' selects converted real FiF data")
+    root: str = F("data/fifmini", "directory holding the converted benchmark (manifest.json + .beton files); relative paths resolve against the working directory (see resolved())")
+    pool: str = F("", "directory of a converted pretraining pool; empty = the benchmark's own pool")
+    generator_seed: int = F(0, "seed of the FiF-mini generator; the content hash changes with it")
+    image_size: int = F(32, "training/eval resolution; 32 px keeps tiny CPU models fast, real backbones use 224")
+    loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes once into RAM (machines without FFCV, e.g. the GPU check)")
+    num_workers: int = F(2, "loader threads; the 2-core reference machine has 2")
+    prepare_if_missing: bool = F(True, "build FiF-mini automatically when a run needs it and it is missing")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    file: str = F("", "stream JSON (list of 'DATASET+++classname'); empty = the benchmark's stream for `ordering`")
+    ordering: str = F("random", "which shipped ordering to use when `file` is empty (random, dataset_incremental, ...)")
+    num_tasks: int = F(4, "T, the number of tasks the stream is cut into (paper: 20; 4 keeps the CPU default short)")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str = F("fomo-tiny-s", "open_clip architecture; fomo-tiny-* are CPU-sized registered configs, e.g. ViT-B-16 for real runs")
+    pretrained: str = F("auto", "open_clip tag, a local checkpoint file, 'auto' (cached CPU-pretrained base for tiny archs) or '' (random init)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = F("auto", "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    weight: float = F(0.5, "w on the new weights in m_t = w*theta_t + (1-w)*m_{t-1}; paper default 0.5, swept 0.1..0.9")
+    operator: str = F("interpolate", "merge operator from merge_ops.OPERATORS (interpolate, ties, dare, ...)")
+    init: Literal["previous_deployed", "previous_trained", "zero_shot"] = F("previous_deployed", "TIME init rule: where task t starts training")
+    deploy: Literal["ema", "zero_shot_anchor", "all_experts"] = F("ema", "TIME deploy rule: what the operator merges into the deployed model")
+    density: float = F(0.2, "TIES/DARE/Breadcrumbs: fraction of task-vector entries kept")
+    scale: float = F(1.0, "task-arithmetic lambda on the summed task vectors")
+    lines_alpha: float = F(-1.0, "LiNeS layer scaling alpha (scale of the first layer); negative disables LiNeS")
+    lines_beta: float = F(0.0, "LiNeS beta: lambda_l = alpha + beta*l/(L-1)")
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    rank: int = F(4, "adapter rank r; the paper uses 4 and 64")
+    alpha: float = F(8.0, "LoRA scaling numerator (scale = alpha/r), peft's usual 2r")
+    dropout: float = F(0.0, "adapter dropout; 0 keeps runs deterministic and matches the paper")
+
+
+@dataclass(frozen=True)
+class RegConfig:
+    ewc_lambda: float = F(1.0e3, "EWC penalty strength lambda in (lambda/2)*sum F (theta-theta*)^2")
+    ewc_gamma: float = F(1.0, "online-EWC decay: F <- gamma*F + F_new")
+    ewc_fisher_batches: int = F(4, "batches of task data for the diagonal Fisher pass after each task")
+    si_c: float = F(0.5, "SI penalty strength c (DESIGN default)")
+    si_xi: float = F(1.0, "SI damping xi (DESIGN default)")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = F("finetune", "method from methods.REGISTRY (finetune, lora, ema_merge, ...)")
+    merge: MergeConfig = F(MergeConfig(), "merge-family settings (EMA/ZS/FT/offline merges and TIME triples)")
+    peft: PeftConfig = F(PeftConfig(), "LoRA/DoRA/VeRA settings")
+    reg: RegConfig = F(RegConfig(), "EWC/SI regulariser settings")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    batch_size: int = F(64, "b, samples per step over pool+update+buffer (paper 512; 64 fits 2 CPU cores)")
+    pool: float = F(0.33, "lambda_P, share of pretraining-pool replay (paper default)")
+    update: float = F(0.34, "lambda_D, share of the current task's data (paper default)")
+    buffer: float = F(0.33, "lambda_B, share of replay of past update data (paper default)")
+    buffer_policy: Literal["unbounded", "reservoir"] = F("unbounded", "reference: the union of all past task data, uniform")
+    buffer_size: int = F(2000, "capacity of the reservoir buffer (ignored by 'unbounded')")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = F(1.0e-4, "peak AdamW lr (paper 1e-5 for ViT-B/16; tiny from-scratch bases need more)")
+    weight_decay: float = F(0.2, "AdamW weight decay (paper value)")
+    betas: tuple[float, float] = F((0.9, 0.98), "AdamW betas as in open_clip/CLIP training")
+    eps: float = F(1.0e-6, "AdamW epsilon as in open_clip")
+    grad_clip: float = F(1.0, "one global grad-norm clip over all trainable params (paper value)")
+    exempt_no_decay: bool = F(True, "exempt biases, norms, embeddings and logit_scale from decay, as open_clip")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "rsqrt"] = F("cosine", "per-task schedule, restarted each task (paper default cosine)")
+    warmup_frac: float = F(0.1, "warmup W = ceil(frac*S) steps")
+    min_lr_ratio: float = F(1.0e-3, "cosine floor as a fraction of lr")
+    cooldown_frac: float = F(0.1, "rsqrt: linear cooldown over the last fraction of steps")
+    meta: Literal["none", "autoregressive_cosine", "autoregressive_rsqrt"] = F("none", "meta-schedule over tasks for each task's peak lr")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    total_ft_steps: int = F(240, "full fine-tuning steps over the whole stream; steps_ft(T) = total // T (paper 28,400)")
+    mode: Literal["maf", "equal_steps"] = F("maf", "maf: steps_m = steps_ft * MAF(ft)/MAF(m); equal_steps: every method gets steps_ft")
+    cache_dir: str = F("data/budget_cache", "where measured MAFs are cached per (backbone, method, batch size)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = F(256, "eval batch; inference only, so larger than training")
+    subset_fraction: float = F(0.1, "f in n = min(len, max(2C, min_samples, floor(f*len))) for in-stream subsets")
+    subset_min: int = F(300, "the 300 of DESIGN section 3")
+    every_n_tasks: int = F(1, "evaluate deployed weights after every n-th task (the last task always)")
+    full_at_ends: bool = F(True, "full test sets before the first and after the last task")
+    retrieval_k: tuple[int, ...] = F((1, 5), "recall@k reported; R@5 enters A_KA/A_ZS")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = F("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite at an absolute path under output_dir")
+    experiment: str = F("fomo_ray", "MLflow experiment name")
+    log_checkpoints: bool = F(True, "log task checkpoints as artifacts (a pointer when they live on shared storage)")
+    enabled: bool = F(True, "set false to run without MLflow (plain loop runs, unit tests)")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = F("", "Ray cluster address; empty starts a local Ray")
+    num_workers: int = F(1, "Ray Train workers per trial (DDP when > 1)")
+    min_workers: int = F(0, "elastic lower bound; 0 = fixed num_workers")
+    cpus_per_worker: float = F(1.0, "CPUs each Train worker reserves")
+    gpus_per_worker: float = F(0.0, "GPUs each worker reserves; fractions pack several small trials per GPU")
+    max_concurrent_trials: int = F(0, "0 = as many as resources allow")
+    checkpoint_every_steps: int = F(0, "extra mid-task checkpoints every N steps; 0 = end of task only")
+    max_failures: int = F(2, "worker restarts (Train) and trial retries (Tune) before a run is failed")
+    storage_path: str = F("", "shared storage for checkpoints (required multi-node); empty = output_dir/ray")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = F("default", "experiment name; run names are derived deterministically from it and the config hash")
+    seed: int = F(0, "experiment seed; task seeds derive from it and the task index")
+    output_dir: str = F("runs", "where results tables, checkpoints, plots and the MLflow db go (relative: see resolved())")
+    data: DataConfig = F(DataConfig(), "benchmark data and loaders")
+    stream: StreamConfig = F(StreamConfig(), "the task stream")
+    backbone: BackboneConfig = F(BackboneConfig(), "the CLIP model")
+    method: MethodConfig = F(MethodConfig(), "the continual-update method")
+    mixture: MixtureConfig = F(MixtureConfig(), "per-step P/D/B batch mixture and replay buffer")
+    optimizer: OptimizerConfig = F(OptimizerConfig(), "AdamW settings")
+    schedule: ScheduleConfig = F(ScheduleConfig(), "per-task lr schedule and meta-schedule")
+    budget: BudgetConfig = F(BudgetConfig(), "equal-compute budget (MAF)")
+    evaluation: EvalConfig = F(EvalConfig(), "zero-shot / retrieval evaluation")
+    tracking: TrackingConfig = F(TrackingConfig(), "MLflow")
+    ray: RayConfig = F(RayConfig(), "Ray Train / Tune resources and fault tolerance")
+
+    # ------------------------------------------------------------------------------------------- views
+    def flat(self) -> dict[str, Any]:
+        """``{dotted.key: value}`` for Ray Tune spaces and MLflow params (tuples stay tuples)."""
+        return flatten(self)
+
+    def config_hash(self) -> str:
+        """Short stable hash of every field; used for deterministic run names and caches."""
+        blob = json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in self.flat().items()}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def resolved(self, base: str | Path | None = None) -> "ExperimentConfig":
+        """Same config with every path field made absolute against ``base`` (default: the working directory).
+
+        Call it once in the process that parses the user's input, before handing the config to Ray: Tune changes the
+        working directory of each trial, so a relative path would point somewhere else there.
+        """
+        root = Path(base) if base is not None else Path.cwd()
+        changes: dict[str, Any] = {}
+        for key in PATH_KEYS:
+            value = self.flat()[key]
+            if value and not Path(value).expanduser().is_absolute():
+                if key == "backbone.pretrained" and not (root / value).exists():
+                    continue  # an open_clip tag or 'auto', not a file
+                changes[key] = str((root / Path(value).expanduser()).resolve())
+            elif value and value.startswith("~"):
+                changes[key] = str(Path(value).expanduser())
+        return self.replace(changes) if changes else self
+
+    def replace(self, overrides: Mapping[str, Any]) -> "ExperimentConfig":
+        """A new config with dotted-key overrides applied (validated like YAML input)."""
+        return from_dict(_merge_dotted(to_dict(self), overrides))
+
+
+PATH_KEYS = ("output_dir", "data.root", "data.pool", "stream.file", "budget.cache_dir", "ray.storage_path",
+             "backbone.pretrained")
+
+# --------------------------------------------------------------------------------------------------- (de)serialisation
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists, as YAML writes them)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(flatten(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, tuple[Any, str]]:
+    """``{dotted.key: (default, doc)}`` for every leaf field (drives the README's configuration reference)."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, tuple[Any, str]] = {}
+    for f in dataclasses.fields(cls):
+        t = hints[f.name]
+        if dataclasses.is_dataclass(t):
+            out.update(field_docs(t, f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out[f"{prefix}{f.name}"] = (default, f.metadata.get("doc", ""))
+    return out
+
+
+def valid_keys() -> list[str]:
+    return list(field_docs().keys())
+
+
+def _suggest(key: str, candidates: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"config key '{key}': expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true/false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}': expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            value = _yaml_float(value)  # YAML 1.1 reads '1e-5' (no dot) as a string
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}': expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key '{key}': expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")
+
+
+def _yaml_float(text: str) -> Any:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<root>'}': expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            full = f"{prefix}{k}"
+            raise ConfigError(f"unknown config key '{full}'" + _suggest(full, valid_keys() + [prefix + n for n in names]))
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, key = hints[name], f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name] if data[name] is not None else {}, key + ".")
+        else:
+            kwargs[name] = _coerce(data[name], tp, key)
+    return cls(**kwargs)
+
+
+def from_dict(data: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (YAML content) into the frozen tree."""
+    cfg = _build(ExperimentConfig, data or {}, "")
+    validate(cfg)
+    return cfg
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'a.b=3' -> ('a.b', 3); the value is parsed as YAML so numbers/bools/lists get their types."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    return key, yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _merge_dotted(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    out = json.loads(json.dumps(base))  # deep copy of plain data
+    leaves = set(valid_keys())
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            sub = node.get(p) if isinstance(node, dict) else None
+            if not isinstance(sub, dict):
+                if key not in leaves:
+                    raise ConfigError(f"unknown config key '{key}'" + _suggest(key, sorted(leaves)))
+                sub = node.setdefault(p, {})
+            node = sub
+        if key not in leaves:
+            raise ConfigError(f"unknown config key '{key}'" + _suggest(key, sorted(leaves)))
+        node[parts[-1]] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
+    """YAML file (optional) + overrides (``["k=v", ...]`` or ``{"k": v}``) -> validated frozen config."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+    if not isinstance(overrides, Mapping):
+        overrides = dict(parse_override(o) for o in overrides)
+    return from_dict(_merge_dotted(data, overrides))
+
+
+# --------------------------------------------------------------------------------------------------- semantic checks
+def validate(cfg: ExperimentConfig) -> None:
+    """Range checks that a type cannot express; each error names the dotted key."""
+    m = cfg.mixture
+    total = m.pool + m.update + m.buffer
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(f"mixture.pool + mixture.update + mixture.buffer must sum to 1, got {total:.4f}")
+    for key, v in (("mixture.pool", m.pool), ("mixture.update", m.update), ("mixture.buffer", m.buffer)):
+        if v < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {v}")
+    checks = [
+        ("mixture.batch_size", m.batch_size >= 1, m.batch_size),
+        ("stream.num_tasks", cfg.stream.num_tasks >= 1, cfg.stream.num_tasks),
+        ("optimizer.lr", cfg.optimizer.lr > 0, cfg.optimizer.lr),
+        ("optimizer.weight_decay", cfg.optimizer.weight_decay >= 0, cfg.optimizer.weight_decay),
+        ("optimizer.grad_clip", cfg.optimizer.grad_clip >= 0, cfg.optimizer.grad_clip),
+        ("method.merge.weight", 0.0 <= cfg.method.merge.weight <= 1.0, cfg.method.merge.weight),
+        ("method.merge.density", 0.0 < cfg.method.merge.density <= 1.0, cfg.method.merge.density),
+        ("method.peft.rank", cfg.method.peft.rank >= 1, cfg.method.peft.rank),
+        ("method.peft.dropout", 0.0 <= cfg.method.peft.dropout < 1.0, cfg.method.peft.dropout),
+        ("schedule.warmup_frac", 0.0 <= cfg.schedule.warmup_frac < 1.0, cfg.schedule.warmup_frac),
+        ("budget.total_ft_steps", cfg.budget.total_ft_steps >= 1, cfg.budget.total_ft_steps),
+        ("evaluation.subset_fraction", 0.0 < cfg.evaluation.subset_fraction <= 1.0, cfg.evaluation.subset_fraction),
+        ("data.image_size", cfg.data.image_size >= 8, cfg.data.image_size),
+        ("ray.num_workers", cfg.ray.num_workers >= 1, cfg.ray.num_workers),
+        ("mixture.buffer_size", m.buffer_size >= 1, m.buffer_size),
+    ]
+    for key, ok, v in checks:
+        if not ok:
+            raise ConfigError(f"config key '{key}' is out of range: {v!r}")
