@@ -70,6 +70,7 @@ class MergeConfig:
     deploy: Literal["ema", "zero_shot_anchor", "all_experts"] = F("ema", "TIME deploy rule: what the operator merges into the deployed model")
     density: float = F(0.2, "TIES/DARE/Breadcrumbs: fraction of task-vector entries kept")
     scale: float = F(1.0, "task-arithmetic lambda on the summed task vectors")
+    drop_top: float = F(0.01, "Breadcrumbs: fraction of the largest-magnitude task-vector entries also dropped (outliers)")
     lines_alpha: float = F(-1.0, "LiNeS layer scaling alpha (scale of the first layer); negative disables LiNeS")
     lines_beta: float = F(0.0, "LiNeS beta: lambda_l = alpha + beta*l/(L-1)")
 
@@ -398,6 +399,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("optimizer.grad_clip", cfg.optimizer.grad_clip >= 0, cfg.optimizer.grad_clip),
         ("method.merge.weight", 0.0 <= cfg.method.merge.weight <= 1.0, cfg.method.merge.weight),
         ("method.merge.density", 0.0 < cfg.method.merge.density <= 1.0, cfg.method.merge.density),
+        ("method.merge.drop_top", 0.0 <= cfg.method.merge.drop_top < 1.0, cfg.method.merge.drop_top),
         ("method.peft.rank", cfg.method.peft.rank >= 1, cfg.method.peft.rank),
         ("method.peft.dropout", 0.0 <= cfg.method.peft.dropout < 1.0, cfg.method.peft.dropout),
         ("schedule.warmup_frac", 0.0 <= cfg.schedule.warmup_frac < 1.0, cfg.schedule.warmup_frac),
@@ -410,3 +412,17 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, ok, v in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' is out of range: {v!r}")
+
+
+# --------------------------------------------------------------------------------------------------- docs
+def reference_markdown() -> str:
+    """The README's configuration reference, generated from the fields (a test keeps the README in sync)."""
+    rows = ["| key | default | why |", "| --- | --- | --- |"]
+    for key, (default, doc) in field_docs().items():
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append(f"| `{key}` | `{shown}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m fomo_ray.config  -> prints the reference table
+    print(reference_markdown())
