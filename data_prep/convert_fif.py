@@ -1,0 +1,12 @@
+"""Convert the FoMo-in-Flux download to the project's FFCV format (same as ``fomo-ray prepare fif``).
+
+    python data_prep/convert_fif.py --root /data/fif --info-dir fomo_in_flux/data_lib/00_info --out /data/fif_ffcv
+
+See ``fomo_ray/data/convert_fif.py`` and docs/REAL_DATA.md.
+"""
+import sys
+
+from fomo_ray.data.convert_fif import main
+
+if __name__ == "__main__":
+    sys.exit(main())

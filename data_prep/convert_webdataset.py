@@ -1,0 +1,12 @@
+"""Convert webdataset tar shards (img2dataset output) into a pretraining pool (same as ``fomo-ray prepare pool``).
+
+    python data_prep/convert_webdataset.py --shards /data/datacomp/shards --out /data/pool_ffcv --max-samples 2000000
+
+See ``fomo_ray/data/convert_webdataset.py`` and docs/REAL_DATA.md.
+"""
+import sys
+
+from fomo_ray.data.convert_webdataset import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Loaders over a benchmark split: batches of ``(images float32 [B,3,H,W] normalised, rows int64 [B])``.
+
+Two backends give bit-identical batches:
+
+- ``"ffcv"``: an ``ffcv.loader.Loader`` over the split's beton with ``indices=`` (tasks and buffers are index
+  sets over one file, never copies), ``OrderOption.RANDOM`` with the seed for training and
+  ``OrderOption.SEQUENTIAL`` for evaluation. Images are decoded deterministically (``SimpleRGBImageDecoder`` for
+  constant-size files, ``CenterCropRGBImageDecoder`` otherwise); the random crop runs afterwards in torch
+  (:mod:`fomo_ray.data.augment`), seeded from ``(seed, epoch, batch)``.
+- ``"memory"``: the split is decoded once into a ``uint8`` tensor (cached per process; plain numpy for raw files,
+  so it runs without FFCV) and batches are gathered from it in the order FFCV would produce.
+
+An FFCV ``Loader`` compiles its pipeline with numba on its first epoch (~2 s); compiled loaders are cached per
+(file, batch size, order, decoder) and re-pointed at new index sets and seeds, so building another task's loader
+or another evaluation subset costs nothing. Each batch's row ids are checked against the order computed here, so
+a change in FFCV's ordering would fail loudly instead of silently breaking backend equality or exact resume.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .augment import CLIP_MEAN, CLIP_STD, eval_transform, generator_for, train_transform
+from .format import Benchmark, DataError, read_images, read_row_meta
+
+BACKENDS = ("ffcv", "memory")
+_FFCV_LOADERS: "OrderedDict[tuple, object]" = OrderedDict()
+_FFCV_CACHE_SIZE = 16
+# Loaders dropped from the cache stay referenced: garbage-collecting a loader whose JPEG decoder was compiled
+# trips a numba finalizer bug (KeyError in Dispatcher finalizer, printed as "Exception ignored").
+_RETIRED: list = []
+_DECODED: dict[tuple, torch.Tensor] = {}
+_DECODE_SIZES: dict[tuple, int | None] = {}
+
+
+def ffcv_available() -> bool:
+    try:
+        import ffcv.loader  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means "not usable here"
+        return False
+    return True
+
+
+def clear_caches() -> None:
+    """Forget decoded splits and compiled FFCV loaders (tests, or after rebuilding a benchmark in-process)."""
+    _RETIRED.extend(_FFCV_LOADERS.values())
+    _FFCV_LOADERS.clear()
+    _DECODED.clear()
+    _DECODE_SIZES.clear()
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return (str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def decode_size(path: Path, image_size: int) -> int | None:
+    """``None`` when every image of the file has one size (decoded as stored, resized in torch), else
+    ``image_size`` (centre-crop-resized while decoding, the only way to batch differently sized images)."""
+    key = (*_file_key(path), image_size)
+    if key not in _DECODE_SIZES:
+        img = read_row_meta(path)["image"]
+        constant = len(img) == 0 or (np.all(img["height"] == img["height"][0]) and
+                                     np.all(img["width"] == img["width"][0]))
+        _DECODE_SIZES[key] = None if constant else int(image_size)
+    return _DECODE_SIZES[key]
+
+
+def ffcv_random_order(indices: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The row order of ``OrderOption.RANDOM`` in epoch ``epoch`` (ffcv 1.0.2 ``traversal_order.Random``,
+    non-distributed): ``default_rng(seed + epoch).permutation(indices)``."""
+    return np.random.default_rng(seed + epoch).permutation(indices)
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    # FFCV's Compiler.set_num_threads also calls torch.set_num_threads(num_workers); keep the caller's setting.
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------- FFCV backend
+def _ffcv_loader(path: Path, indices: np.ndarray, batch_size: int, order: str, seed: int, drop_last: bool,
+                 size: int | None, num_workers: int):
+    """A cached, compiled ``ffcv.loader.Loader`` re-pointed at ``indices`` and ``seed``."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader.loader import ORDER_MAP
+    from ffcv.transforms import ToTensor
+
+    option = OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL
+    key = (*_file_key(path), batch_size, order, drop_last, size, num_workers)
+    loader = _FFCV_LOADERS.get(key)
+    if loader is None:
+        decoder = SimpleRGBImageDecoder() if size is None else CenterCropRGBImageDecoder((size, size), ratio=1.0)
+        pipelines = {"image": [decoder, ToTensor()], "row": [IntDecoder(), ToTensor()], "dataset": None,
+                     "label": None}
+        with _keep_torch_threads():
+            loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, order=option, seed=seed,
+                            indices=indices, pipelines=pipelines, drop_last=drop_last)
+        _FFCV_LOADERS[key] = loader
+        while len(_FFCV_LOADERS) > _FFCV_CACHE_SIZE:
+            _RETIRED.append(_FFCV_LOADERS.popitem(last=False)[1])
+    else:
+        # Re-point the compiled loader: the traversal order reads indices and seed from the loader when built.
+        _FFCV_LOADERS.move_to_end(key)
+        loader.indices, loader.seed = indices, seed
+        loader.traversal_order = ORDER_MAP[option](loader)
+        loader.first_traversal_order = loader.traversal_order.sample_order(0)  # what len(loader) measures
+    return loader
+
+
+def ffcv_batches(path: Path, indices: np.ndarray, batch_size: int, *, order: str, seed: int = 0, epoch: int = 0,
+                 drop_last: bool = False, size: int | None = None, num_workers: int = 2
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One FFCV epoch over ``indices``: ``(uint8 [b,H,W,3], rows int64 [b])`` per batch, copied out of FFCV's
+    reused buffers."""
+    indices = np.asarray(indices, dtype=np.uint64)
+    with _keep_torch_threads():
+        loader = _ffcv_loader(path, indices, batch_size, order, seed, drop_last, size, num_workers)
+        loader.next_epoch = epoch
+        it = iter(loader)
+    try:
+        while True:
+            with _keep_torch_threads():
+                try:
+                    images, rows = next(it)
+                except StopIteration:
+                    return
+            yield images.clone(), rows.reshape(-1).to(torch.int64).clone()
+    finally:
+        it.close()
+
+
+# --------------------------------------------------------------------------------------------------- memory backend
+def decoded_split(path: Path, size: int | None = None, num_workers: int = 2) -> torch.Tensor:
+    """All images of a beton as one ``uint8 [N, H, W, 3]`` tensor, decoded once per process.
+
+    Raw constant-size files are read with numpy (bit-exact, no FFCV needed). Other files are decoded by FFCV
+    when it is installed (so pixels equal the ffcv backend's), else by PIL (JPEG decoders may differ slightly).
+    """
+    path = Path(path)
+    key = (*_file_key(path), size)
+    if key not in _DECODED:
+        meta = read_row_meta(path)
+        raw = bool(np.all(meta["image"]["mode"] == 1))
+        if (raw and size is None) or not ffcv_available():
+            images = torch.from_numpy(read_images(path, size=size))
+        else:
+            rows = np.arange(len(meta))
+            batches = ffcv_batches(path, rows, 1024, order="sequential", size=size, num_workers=num_workers)
+            images = torch.cat([im for im, _ in batches])
+        _DECODED[key] = images
+    return _DECODED[key]
+
+
+def memory_batches(images: torch.Tensor, order: np.ndarray, batch_size: int, start: int = 0
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for k in range(start, -(-len(order) // batch_size)):
+        rows = torch.from_numpy(np.asarray(order[k * batch_size:(k + 1) * batch_size], dtype=np.int64))
+        yield images[rows], rows
+
+
+# --------------------------------------------------------------------------------------------------- loader
+def check_rows(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarray, what: str = "indices") -> np.ndarray:
+    """``indices`` as a 1-D int64 array, checked to lie inside ``split``."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or (len(idx) and not np.issubdtype(idx.dtype, np.integer)):
+        raise DataError(f"{what} for split '{split}' must be a 1-D integer array, got {idx.dtype} {idx.shape}")
+    idx = idx.astype(np.int64)
+    n = bench.num_rows(split)
+    if len(idx) and (idx.min() < 0 or idx.max() >= n):
+        bad = idx[(idx < 0) | (idx >= n)][:5].tolist()
+        raise DataError(f"{what} {bad} out of range for split '{split}' of {bench.root} ({n} rows)")
+    return idx
+
+
+class BatchLoader:
+    """Iterating gives one epoch of ``(images, rows)`` batches; each iteration starts the next epoch.
+
+    ``train=True``: random order from ``(seed, epoch)`` exactly as FFCV's RANDOM order, CLIP RandomResizedCrop
+    seeded from ``(seed, epoch, batch)``, incomplete last batch dropped. ``train=False``: ``indices`` in the given
+    order, deterministic resize/centre-crop, every row once. Resume: ``set_epoch(e)`` or
+    ``epoch_batches(e, start_batch=k)``.
+    """
+
+    def __init__(self, bench: Benchmark, split: str, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
+                 image_size: int, backend: str, num_workers: int, mean: Sequence[float], std: Sequence[float],
+                 drop_last: bool):
+        self.bench, self.split, self.indices = bench, split, indices
+        self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
+        self.image_size, self.backend, self.num_workers = int(image_size), backend, int(num_workers)
+        self.mean, self.std, self.drop_last = tuple(mean), tuple(std), bool(drop_last)
+        self.path = bench.split_path(split)
+        self.size = decode_size(self.path, self.image_size)
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """Row ids of ``epoch`` in the order they are served (complete batches only when ``drop_last``)."""
+        order = ffcv_random_order(self.indices, self.seed, epoch) if self.train else self.indices
+        return order[:len(self) * self.batch_size]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        self.epoch += 1
+        return self.epoch_batches(epoch)
+
+    def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        expected = self.order(epoch)
+        for k, (images, rows) in enumerate(self._raw_batches(epoch, expected, start_batch), start=start_batch):
+            want = expected[k * self.batch_size:(k + 1) * self.batch_size]
+            if not np.array_equal(rows.numpy(), want):
+                raise DataError(f"{self.backend} loader over {self.path} returned rows out of the expected order "
+                                f"in epoch {epoch}, batch {k} (FFCV's order changed?)")
+            yield self.transform(images, epoch, k), rows
+
+    def transform(self, images: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        if self.train:
+            return train_transform(images, self.image_size, generator_for(self.seed, epoch, batch), self.mean, self.std)
+        return eval_transform(images, self.image_size, self.mean, self.std)
+
+    def _raw_batches(self, epoch: int, order: np.ndarray, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.backend == "memory":
+            return memory_batches(decoded_split(self.path, self.size, self.num_workers), order, self.batch_size, start)
+        batches = ffcv_batches(self.path, self.indices, self.batch_size, order="random" if self.train else "sequential",
+                               seed=self.seed, epoch=epoch, drop_last=self.drop_last, size=self.size,
+                               num_workers=self.num_workers)
+        # FFCV has no "start at batch k": skipping decodes those batches (cheap; only used when resuming)
+        return (b for k, b in enumerate(batches) if k >= start)
+
+
+def make_loader(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarray, batch_size: int, *, train: bool,
+                seed: int, image_size: int, backend: str = "ffcv", num_workers: int = 2,
+                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                drop_last: bool | None = None) -> BatchLoader:
+    """A loader over rows ``indices`` of ``split`` (docs/ARCHITECTURE.md "Data: loading").
+
+    ``mean``/``std`` default to CLIP's; ``drop_last`` defaults to ``train``.
+    """
+    if backend not in BACKENDS:
+        raise DataError(f"unknown loader backend {backend!r}; valid: {list(BACKENDS)}")
+    if backend == "ffcv" and not ffcv_available():
+        raise DataError("loader backend 'ffcv' needs the ffcv package; install it or use data.loader=memory")
+    if int(batch_size) < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    if int(image_size) < 1:
+        raise DataError(f"image_size must be >= 1, got {image_size}")
+    idx = check_rows(bench, split, indices)
+    if len(idx) == 0:
+        raise DataError(f"loader over split '{split}' of {bench.root}: no rows selected")
+    drop_last = train if drop_last is None else drop_last
+    if drop_last and len(idx) < batch_size:
+        raise DataError(f"loader over split '{split}': {len(idx)} rows give no complete batch of {batch_size} "
+                        f"(pass drop_last=False or a smaller batch_size)")
+    return BatchLoader(bench, split, idx, batch_size, train=train, seed=seed, image_size=image_size, backend=backend,
+                       num_workers=num_workers, mean=mean or CLIP_MEAN, std=std or CLIP_STD, drop_last=drop_last)
