@@ -42,6 +42,7 @@ class DataConfig:
     root: str = F("data/fifmini", "directory holding the converted benchmark (manifest.json + .beton files); relative paths resolve against the working directory (see resolved())")
     pool: str = F("", "directory of a converted pretraining pool; empty = the benchmark's own pool")
     generator_seed: int = F(0, "seed of the FiF-mini generator; the content hash changes with it")
+    scale: float = F(1.0, "FiF-mini size multiplier (1.0 = 20k pool images); tests use 0.05 to stay fast")
     image_size: int = F(32, "training/eval resolution; 32 px keeps tiny CPU models fast, real backbones use 224")
     loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes once into RAM (machines without FFCV, e.g. the GPU check)")
     num_workers: int = F(2, "loader threads; the 2-core reference machine has 2")
@@ -406,6 +407,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("budget.total_ft_steps", cfg.budget.total_ft_steps >= 1, cfg.budget.total_ft_steps),
         ("evaluation.subset_fraction", 0.0 < cfg.evaluation.subset_fraction <= 1.0, cfg.evaluation.subset_fraction),
         ("data.image_size", cfg.data.image_size >= 8, cfg.data.image_size),
+        ("data.scale", 0.0 < cfg.data.scale <= 10.0, cfg.data.scale),
         ("ray.num_workers", cfg.ray.num_workers >= 1, cfg.ray.num_workers),
         ("mixture.buffer_size", m.buffer_size >= 1, m.buffer_size),
     ]

@@ -240,11 +240,13 @@ def open_benchmark(root: str | os.PathLike, verify: bool = False) -> Benchmark:
     """
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"benchmark directory {root} does not exist (build it: fomo-ray prepare fifmini --root {root})")
+        raise DataError(f"benchmark directory {root} does not exist (build FiF-mini: fomo-ray prepare fifmini --root "
+                        f"{root}; convert real FiF data: fomo-ray prepare fif --out {root} ...)")
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise DataError(f"{mpath} is missing: {root} is a partial or interrupted build "
-                        f"(rebuild it: fomo-ray prepare fifmini --root {root} --force)")
+                        f"(rebuild it: fomo-ray prepare fifmini --root {root} --force, or rerun fomo-ray prepare fif "
+                        f"--out {root}, which resumes)")
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

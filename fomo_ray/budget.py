@@ -1,0 +1,564 @@
+"""Equal-compute budgets in Memory-Adjusted FLOPs (MAF; Roth et al. 2024, arXiv 2408.14471, §3 / DESIGN §4).
+
+Every method gets the compute that full fine-tuning uses per task. For a method ``m``:
+
+- ``GFLOPs(m)``: one *real* training step (CLIP loss forward + backward + AdamW step, plus the method's per-step
+  penalty) counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention), plus an
+  analytic count of the elementwise optimizer-side work per trainable parameter (AdamW's update, EWC/SI's penalty,
+  SI's path integral) that the counter does not see;
+- ``PeakMem(m)``: on CUDA ``torch.cuda.max_memory_allocated`` over that step; on CPU a deterministic analytic count:
+  parameters and buffers + gradients of the trainable parameters + AdamW state (2x trainable) + the method's state
+  tensors + every tensor saved for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage);
+- ``mem_mult(m) = PeakMem(m) / PeakMem(finetune)``, ``MAF(m) = GFLOPs(m) * mem_mult(m)``;
+- ``steps_m = floor(steps_ft * MAF(finetune) / MAF(m) - extra_m)`` where ``extra_m`` is the method's per-task work
+  (EWC's Fisher pass: ``ewc_fisher_batches`` forward+backward passes; SI's importance update) in equivalent steps of
+  ``m``. The reference charged EWC's Fisher on every step (its Tab. 4 gives EWC 14 steps); it is charged per task here.
+
+Merging is counted free, as in the paper: merge methods train like full fine-tuning and get its steps.
+Measurements are cached as JSON per (backbone, method, batch size, image size, device kind, method settings) under
+``cfg.budget.cache_dir``; budgets are always computed, never typed by hand. ``fomo-ray budget`` prints a Tab.4-style
+table (:func:`main`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+log = logging.getLogger(__name__)
+
+FT_METHOD = "finetune"
+#: elementwise FLOPs per trainable parameter of one AdamW step (moments 7, bias-corrected denominator 3,
+#: update 3, decoupled weight decay 1); the FLOP counter only sees matmul-like ops
+ADAMW_FLOPS_PER_PARAM = 14.0
+#: a quadratic penalty sum_i c_i (theta_i - a_i)^2: forward sub, square, mul, sum (4) and backward (4)
+PENALTY_FLOPS_PER_PARAM = 8.0
+#: DESIGN §4: 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
+PAPER_TOTAL_FT_STEPS = 28_400
+TABLE_TASKS = (20, 50, 100, 200)
+#: DESIGN §4 reference steps per task (ViT-B/16, b = 512, T = 20), shown beside the measured ones
+REFERENCE_STEPS_VITB16_T20: dict[str, str] = {
+    "finetune": "1420", "locked_text": "1949", "locked_image": "12982", "lnfit": "3179", "bitfit": "3179",
+    "lora": "1898 (r=4), 1891 (r=64)", "dora": "1893 (r=4)", "vera": "1898 (r=4)", "si": "1418",
+    "ewc": "14 (Fisher per step)", "ema_merge": "1420", "zs_merge": "1420", "ft_merge": "1420",
+    "offline_merge": "1420", "merge": "1420",
+}
+# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that nn.MultiheadAttention uses on
+# CPU; the same formulas apply (they only read the q/k/v shapes), so CPU and GPU counts agree.
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                             **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
+}
+
+
+class BudgetError(ValueError):
+    """A budget that cannot be met (fewer than one step per task) or an unusable measurement; names the method."""
+
+
+# --------------------------------------------------------------------------------------------------- measurement
+@dataclass(frozen=True)
+class StepMeasure:
+    """One training step of one prepared model."""
+
+    gflops: float          # counted by FlopCounterMode over forward + backward + optimizer step
+    peak_bytes: int        # see memory_kind
+    memory_kind: str       # "cuda_max_allocated" | "cpu_analytic"
+    trainable_params: int
+    total_params: int
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _unique_bytes(tensors, skip: set | None = None) -> int:
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        key = _storage_key(t)
+        if skip is None or key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _clip_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device):
+    """A fixed synthetic batch: FLOPs and memory do not depend on the values, only on the shapes."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, image_size, image_size, generator=g)
+    tokens = torch.randint(1, vocab_size - 1, (batch_size, context_length), generator=g)
+    tokens[:, -1] = vocab_size - 1  # the end-of-text token (largest id) is where open_clip pools the text
+    return images.to(device), tokens.to(device)
+
+
+def _clip_loss(out) -> torch.Tensor:
+    """open_clip's symmetric InfoNCE on the model output (tuple or dict form)."""
+    from open_clip.loss import ClipLoss
+
+    if isinstance(out, dict):
+        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    else:
+        img, txt, scale = out[0], out[1], out[2]
+    return ClipLoss()(img, txt, scale)
+
+
+def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], batch_size: int, image_size: int,
+                 context_length: int, extra_loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
+                 device: str | torch.device = "cpu", *, method_state: Sequence[torch.Tensor] = (),
+                 autocast_dtype: torch.dtype | None = None) -> StepMeasure:
+    """Run one real training step of ``model`` (CLIP loss + ``extra_loss_fn`` forward/backward, AdamW step over
+    ``trainable_params``) and return its FLOPs and peak memory. The model is trained by one step: pass a copy.
+
+    ``method_state``: tensors the method keeps during training (e.g. EWC's Fisher and anchor), counted in the CPU
+    memory figure (on CUDA they are part of the allocated memory anyway).
+    """
+    device = torch.device(device)
+    trainable = list(trainable_params)
+    if not trainable:
+        raise BudgetError("measure_step: no trainable parameter, nothing to train")
+    model.train()
+    vocab = int(getattr(model, "vocab_size", 0) or 49408)
+    images, tokens = _clip_batch(batch_size, image_size, context_length, vocab, device)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    # parameters and method state are counted once below, not again when autograd saves them
+    counted_keys = {_storage_key(t) for t in [*model.parameters(), *model.buffers(), *method_state]}
+    saved: dict[tuple[str, int], int] = {}
+    alive: list[torch.Tensor] = []  # hold every saved tensor until the count is done: a freed storage's address
+    # can be reused by a later tensor (seen with DoRA's dropped graph branches), which made the dedup undercount
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not cuda:  # on CUDA the allocator's peak is the figure; holding tensors would inflate it
+            alive.append(t)
+        key = _storage_key(t)
+        if key not in counted_keys and t.device.type != "meta":
+            saved[key] = t.untyped_storage().nbytes()
+        return t
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            loss = _clip_loss(model(images, tokens))
+            if extra_loss_fn is not None:
+                loss = loss + extra_loss_fn(model)
+        loss.backward()
+        optimizer.step()
+    if not torch.isfinite(loss.detach()):
+        raise BudgetError(f"measure_step: the measured step's loss is not finite ({float(loss)})")
+    if cuda:
+        torch.cuda.synchronize(device)
+        peak, kind = int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    else:
+        model_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
+        trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
+        state_bytes = _unique_bytes(method_state)
+        # params + grads + AdamW (exp_avg, exp_avg_sq) + method state + activations saved for backward
+        peak = model_bytes + 3 * trainable_bytes + state_bytes + sum(saved.values())
+        kind = "cpu_analytic"
+    return StepMeasure(gflops=counter.get_total_flops() / 1e9, peak_bytes=peak, memory_kind=kind,
+                       trainable_params=sum(p.numel() for p in trainable),
+                       total_params=sum(p.numel() for p in model.parameters()))
+
+
+# --------------------------------------------------------------------------------------------------- method costs
+@dataclass(frozen=True)
+class MethodCost:
+    """What the budget needs to know about a method beyond its training step.
+
+    ``prepare`` freezes / wraps the model (trainable = ``requires_grad``). A regulariser's per-step penalty is
+    modelled as ``sum c (theta - a)^2`` over the trainable parameters with ``penalty_state`` trainable-sized state
+    tensors; per-task work is ``task_passes`` extra forward+backward passes plus ``task_flops_per_param``
+    elementwise FLOPs per trainable parameter.
+    """
+
+    prepare: Callable[[nn.Module], nn.Module]
+    penalty_state: int = 0
+    step_flops_per_param: float = 0.0
+    task_passes: int = 0
+    task_flops_per_param: float = 0.0
+
+
+def _extra_work(cfg) -> dict[str, dict[str, Any]]:
+    """Per-method extra work beyond the training step (DESIGN §5): only the regularisers have any."""
+    fisher = cfg.method.reg.ewc_fisher_batches
+    return {
+        # EWC keeps F and theta*; per task a Fisher pass of `fisher` batches (fwd+bwd) and F <- gamma F + g^2 (3/param)
+        "ewc": dict(penalty_state=2, step_flops_per_param=PENALTY_FLOPS_PER_PARAM, task_passes=fisher,
+                    task_flops_per_param=2.0 * fisher + 3.0),
+        # SI keeps omega, Omega, theta*; per step omega += lr g^2 (2/param); per task
+        # Omega += omega / ((theta - theta*)^2 + xi) (5/param)
+        "si": dict(penalty_state=3, step_flops_per_param=PENALTY_FLOPS_PER_PARAM + 2.0, task_flops_per_param=5.0),
+    }
+
+
+def registry_cost(cfg, name: str) -> MethodCost:
+    """The :class:`MethodCost` of a registered method: ``prepare`` is its ``setup`` (imported lazily)."""
+    from fomo_ray.methods import build_method  # methods import peft; only the budget of real methods needs them
+
+    method = build_method(cfg.replace({"method.name": name}))
+    return MethodCost(prepare=method.setup, **_extra_work(cfg).get(name, {}))
+
+
+def _penalty(trainable: Sequence[nn.Parameter], n_state: int):
+    """A quadratic penalty with the memory and compute shape of EWC/SI; returns (loss_fn, state tensors)."""
+    if n_state == 0:
+        return None, []
+    importance = [torch.full_like(p, 1e-3).detach() for p in trainable]
+    anchor = [p.detach().clone() for p in trainable]
+    others = [torch.zeros_like(p) for _ in range(n_state - 2) for p in trainable]
+
+    def loss_fn(_model: nn.Module) -> torch.Tensor:
+        return sum(((p - a) ** 2 * c).sum() for p, a, c in zip(trainable, anchor, importance))
+
+    return loss_fn, importance + anchor + others
+
+
+# --------------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class CostRecord:
+    """A cached measurement of one method on one backbone / batch / image size / device."""
+
+    backbone: str
+    method: str
+    batch_size: int
+    image_size: int
+    device_kind: str
+    settings_hash: str
+    counted_gflops: float       # FlopCounterMode, forward + backward (+ the optimizer's matmul-free step: 0)
+    elementwise_gflops: float   # analytic optimizer-side work per step
+    peak_bytes: int
+    memory_kind: str
+    trainable_params: int
+    total_params: int
+    task_gflops: float          # per-task extra work
+    torch_version: str = torch.__version__
+
+    @property
+    def step_gflops(self) -> float:
+        return self.counted_gflops + self.elementwise_gflops
+
+
+def measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.Module], *, backbone: str,
+                   batch_size: int, image_size: int, context_length: int, device: str | torch.device = "cpu",
+                   autocast_dtype: torch.dtype | None = None, settings_hash: str = "") -> CostRecord:
+    """Build a fresh model, ``cost.prepare`` it and measure one training step (:func:`measure_step`).
+
+    The global RNG state is restored afterwards: a run that measures (cache miss) and one that reads the cache must
+    draw the same random numbers afterwards, or "same seed, same metrics" would depend on the cache.
+    """
+    device = torch.device(device)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        return _measure_method(name, cost, model_factory, backbone=backbone, batch_size=batch_size,
+                               image_size=image_size, context_length=context_length, device=device,
+                               autocast_dtype=autocast_dtype, settings_hash=settings_hash)
+
+
+def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.Module], *, backbone: str,
+                    batch_size: int, image_size: int, context_length: int, device: torch.device,
+                    autocast_dtype: torch.dtype | None, settings_hash: str) -> CostRecord:
+    model = cost.prepare(model_factory().to(device))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    common = dict(backbone=backbone, method=name, batch_size=batch_size, image_size=image_size,
+                  device_kind=device_kind(device), settings_hash=settings_hash)
+    if not trainable:  # e.g. zero_shot: no training, no compute
+        return CostRecord(**common, counted_gflops=0.0, elementwise_gflops=0.0, peak_bytes=0, memory_kind="none",
+                          trainable_params=0, total_params=sum(p.numel() for p in model.parameters()),
+                          task_gflops=0.0)
+    penalty_fn, state = _penalty(trainable, cost.penalty_state)
+    m = measure_step(model, trainable, batch_size, image_size, context_length, penalty_fn, device,
+                     method_state=state, autocast_dtype=autocast_dtype)
+    elementwise = (ADAMW_FLOPS_PER_PARAM + cost.step_flops_per_param) * m.trainable_params / 1e9
+    task = cost.task_passes * m.gflops + cost.task_flops_per_param * m.trainable_params / 1e9
+    return CostRecord(**common, counted_gflops=m.gflops, elementwise_gflops=elementwise, peak_bytes=m.peak_bytes,
+                      memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
+                      task_gflops=task)
+
+
+def device_kind(device: str | torch.device) -> str:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+
+
+def _safe(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
+
+
+def cache_path(cache_dir: str | Path, backbone: str, method: str, batch_size: int, image_size: int,
+               kind: str, settings_hash: str) -> Path:
+    name = f"{_safe(backbone)}__{_safe(method)}__b{batch_size}__px{image_size}__{_safe(kind)}__{settings_hash}.json"
+    return Path(cache_dir) / name
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    """Temp file in the same directory + rename: a reader never sees a half-written record."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord]) -> CostRecord:
+    """The record at ``path`` if it exists and matches ``expected``; otherwise ``compute()`` and store it."""
+    if path.is_file():
+        try:
+            record = CostRecord(**json.loads(path.read_text()))
+            if all(getattr(record, k) == v for k, v in expected.items()):
+                return record
+            log.warning("budget cache %s does not match %s; measuring again", path, dict(expected))
+        except (ValueError, TypeError) as e:
+            log.warning("budget cache %s is unreadable (%s); measuring again", path, e)
+    record = compute()
+    _write_atomic(path, dataclasses.asdict(record))
+    return record
+
+
+# --------------------------------------------------------------------------------------------------- pure budget math
+def ft_steps(total_ft_steps: int, num_tasks: int) -> int:
+    """``steps_ft(T) = total // T`` (DESIGN §4: 28,400 // 20 = 1420)."""
+    if num_tasks < 1:
+        raise BudgetError(f"num_tasks must be >= 1, got {num_tasks}")
+    steps = total_ft_steps // num_tasks
+    if steps < 1:
+        raise BudgetError(f"budget.total_ft_steps={total_ft_steps} over {num_tasks} tasks gives full fine-tuning "
+                          f"{steps} steps per task; raise budget.total_ft_steps or lower stream.num_tasks")
+    return steps
+
+
+def mem_mult(m: CostRecord, ft: CostRecord) -> float:
+    if m.memory_kind != ft.memory_kind:
+        raise BudgetError(f"cannot compare memory of '{m.method}' ({m.memory_kind}) with '{ft.method}' "
+                          f"({ft.memory_kind}); measure both on the same device kind")
+    return m.peak_bytes / ft.peak_bytes
+
+
+def maf(m: CostRecord, ft: CostRecord) -> float:
+    """``MAF(m) = GFLOPs(m) * PeakMem(m) / PeakMem(ft)``."""
+    return m.step_gflops * mem_mult(m, ft)
+
+
+def task_charge_steps(m: CostRecord) -> float:
+    """Per-task extra work of ``m`` in its own training steps (the memory multiplier cancels)."""
+    return m.task_gflops / m.step_gflops if m.step_gflops > 0 else 0.0
+
+
+def steps_from_costs(steps_ft: int, ft: CostRecord, m: CostRecord) -> int:
+    """``floor(steps_ft * MAF(ft) / MAF(m) - per-task charge)``; 0 for a method that trains nothing.
+
+    Raises :class:`BudgetError` naming the method and the budget when fewer than one step remains.
+    """
+    if m.trainable_params == 0:
+        return 0
+    ratio = maf(ft, ft) / maf(m, ft)
+    charge = task_charge_steps(m)
+    raw = steps_ft * ratio - charge
+    steps = math.floor(raw + 1e-9)  # 1e-9: finetune's own ratio is 1 up to rounding
+    if steps < 1:
+        raise BudgetError(
+            f"method '{m.method}' gets fewer than one step per task ({raw:.2f}): the budget of {steps_ft} full "
+            f"fine-tuning steps "
+            f"(MAF {maf(ft, ft):.4g}) buys {steps_ft * ratio:.2f} steps at MAF {maf(m, ft):.4g}, minus "
+            f"{charge:.2f} steps of per-task extra work; raise budget.total_ft_steps or lower stream.num_tasks")
+    return steps
+
+
+# --------------------------------------------------------------------------------------------------- entry points
+def settings_hash(cfg, extra: Mapping[str, Any] = ()) -> str:
+    """Hash of what changes a method's training cost: its peft/reg settings, precision and context length."""
+    from fomo_ray.config import to_dict
+
+    method = to_dict(cfg.method)
+    blob = {"peft": method["peft"], "reg": method["reg"], "precision": cfg.backbone.precision,
+            "torch": torch.__version__, **dict(extra)}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build fresh copies of a backbone for measuring."""
+
+    name: str
+    factory: Callable[[], nn.Module]
+    image_size: int
+    context_length: int
+
+
+def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
+    """Fresh random-init copies of ``name`` (``fomo_ray.backbones`` when it exists, else open_clip directly)."""
+    try:
+        from fomo_ray import backbones
+    except ImportError:
+        backbones = None
+    import open_clip
+
+    if backbones is not None:
+        backbones.register_tiny_archs()
+        probe = backbones.create_backbone(name, pretrained="")
+        native, ctx = probe.image_size, probe.context_length
+        if image_size in (None, native):
+            return BackboneSpec(name, lambda: backbones.create_backbone(name, pretrained="").model, native, ctx)
+    if image_size is None:
+        probe = open_clip.create_model(name, pretrained=None)
+        return BackboneSpec(name, lambda: open_clip.create_model(name, pretrained=None),
+                            probe.visual.image_size[0] if isinstance(probe.visual.image_size, tuple)
+                            else probe.visual.image_size, probe.context_length)
+    probe = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
+    return BackboneSpec(name, lambda: open_clip.create_model(name, pretrained=None, force_image_size=image_size),
+                        image_size, probe.context_length)
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+    precision = cfg.backbone.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: BackboneSpec | None = None,
+                  device: str | torch.device | None = None, batch_size: int | None = None) -> CostRecord:
+    """The (cached) :class:`CostRecord` of method ``name`` for ``cfg``'s backbone and batch size."""
+    dev = _device(device)
+    spec = backbone or backbone_spec(cfg.backbone.name)
+    bs = batch_size or cfg.mixture.batch_size
+    h = settings_hash(cfg, {"context_length": spec.context_length})
+    path = cache_path(cfg.budget.cache_dir, spec.name, name, bs, spec.image_size, device_kind(dev), h)
+    expected = dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size,
+                    device_kind=device_kind(dev), settings_hash=h)
+
+    def compute() -> CostRecord:
+        c = cost or registry_cost(cfg, name)
+        return measure_method(name, c, spec.factory, backbone=spec.name, batch_size=bs, image_size=spec.image_size,
+                              context_length=spec.context_length, device=dev,
+                              autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h)
+
+    return cached_measure(path, expected, compute)
+
+
+def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str, MethodCost] | None = None,
+                   backbone: BackboneSpec | None = None, device: str | torch.device | None = None) -> int:
+    """Training steps per task for ``method_name`` under ``cfg.budget`` (the loop's entry point).
+
+    ``mode == "equal_steps"`` gives every method ``steps_ft``; ``"maf"`` converts by measured MAFs. ``costs``
+    overrides the registry (tests, custom methods); ``backbone`` overrides ``cfg.backbone.name``.
+    """
+    steps_ft = ft_steps(cfg.budget.total_ft_steps, num_tasks)
+    if cfg.budget.mode == "equal_steps" or method_name == FT_METHOD:
+        return steps_ft
+    costs = costs or {}
+    kw = dict(backbone=backbone or backbone_spec(cfg.backbone.name), device=device)
+    ft = method_record(cfg, FT_METHOD, cost=costs.get(FT_METHOD), **kw)
+    m = method_record(cfg, method_name, cost=costs.get(method_name), **kw)
+    return steps_from_costs(steps_ft, ft, m)
+
+
+# --------------------------------------------------------------------------------------------------- table / CLI
+def budget_rows(records: Sequence[CostRecord], ft: CostRecord, total_ft_steps: int = PAPER_TOTAL_FT_STEPS,
+                tasks: Sequence[int] = TABLE_TASKS) -> list[dict[str, Any]]:
+    """One Tab.4-style row per record: GFLOPs, memory, multiplier, MAF and steps per task at each T."""
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {"method": r.method, "trainable_M": r.trainable_params / 1e6,
+                               "GFLOPs": r.step_gflops, "memory_MB": r.peak_bytes / 2**20}
+        if r.trainable_params == 0:
+            row.update({"mem_mult": None, "MAF": None, **{f"T={t}": 0 for t in tasks}})
+        else:
+            row.update({"mem_mult": mem_mult(r, ft), "MAF": maf(r, ft)})
+            for t in tasks:
+                try:
+                    row[f"T={t}"] = steps_from_costs(ft_steps(total_ft_steps, t), ft, r)
+                except BudgetError:
+                    row[f"T={t}"] = "<1"
+        row["paper ViT-B/16 T=20"] = REFERENCE_STEPS_VITB16_T20.get(r.method, "-")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+        return str(v)
+
+    cols = list(rows[0])
+    body = [[cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
+    lines = [[c.ljust(w) for c, w in zip(cols, widths)], ["-" * w for w in widths]]
+    lines += [[v.ljust(w) for v, w in zip(b, widths)] for b in body]
+    return "\n".join("  ".join(line).rstrip() for line in lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fomo-ray budget --backbone NAME [--batch-size B] [--image-size P] [--methods m1 m2 ...]``."""
+    from fomo_ray.config import load_config
+
+    p = argparse.ArgumentParser(prog="fomo-ray budget", description=__doc__.split("\n")[0])
+    p.add_argument("--backbone", required=True, help="open_clip architecture or fomo-tiny-*")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the config's mixture.batch_size")
+    p.add_argument("--image-size", type=int, default=None, help="default: the backbone's native size")
+    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (analytic memory)")
+    p.add_argument("--total-ft-steps", type=int, default=PAPER_TOTAL_FT_STEPS,
+                   help="full fine-tuning steps over the stream (paper: 28400)")
+    p.add_argument("--config", default=None, help="experiment YAML (method settings, cache_dir)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, repeatable (e.g. --set method.peft.rank=64)")
+    args = p.parse_args(list(argv) if argv is not None else None)
+    try:
+        cfg = load_config(args.config, args.overrides).replace({"backbone.name": args.backbone})
+        if args.methods is None:
+            from fomo_ray.methods import REGISTRY
+
+            args.methods = list(REGISTRY)
+        spec = backbone_spec(args.backbone, args.image_size)
+        bs = args.batch_size or cfg.mixture.batch_size
+        kw = dict(backbone=spec, device=args.device, batch_size=bs)
+        ft = method_record(cfg, FT_METHOD, **kw)
+        records = [ft if m == FT_METHOD else method_record(cfg, m, **kw) for m in args.methods]
+    except ValueError as e:  # ConfigError, BudgetError, unknown backbone or method: all name the culprit
+        print(f"fomo-ray budget: {e}", file=sys.stderr)
+        return 2
+    print(f"backbone {spec.name}, batch {bs}, image {spec.image_size}px, device {ft.device_kind} "
+          f"({ft.memory_kind} memory), steps_ft(T) = {args.total_ft_steps} // T")
+    print(format_table(budget_rows(records, ft, args.total_ft_steps)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The ``Method`` base class: a few named hooks through which a continual-update method plugs into the loop.
+
+Hooks *return* values; the loop (``fomo_ray/loop.py``) applies them. A method never touches the optimizer, the data
+or the results. Order of calls (see the loop's module docstring for the full pseudocode)::
+
+    model = method.setup(model)                         # once: freeze / wrap (peft) / remember theta_0
+    plan  = method.task_plan(task_rows, steps_per_task)  # which data and how many steps each task gets
+    for t:
+        weights = method.training_weights(t, model)     # None = continue from the weights in the model
+        for step: loss = clip + method.extra_loss(model, t); ...; method.after_step(model, t, step, lr)
+        method.after_task(model, t, fisher_batches)     # Fisher / Omega / merge bookkeeping
+        evaluate(method.deployed_weights(t, model))
+
+``model`` always holds the *raw trained* weights theta_t when a hook is called (the loop swaps deployed weights in
+for evaluation and back out afterwards). Everything a method needs for an exact resume (theta_0, merge history,
+Fisher, Omega, ...) goes through ``state_dict()`` / ``load_state_dict()``; adapters live in the model's own state dict.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from fomo_ray.config import MethodConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """What one task of the stream trains on: the train-split row ids of its update data and its step count."""
+
+    rows: np.ndarray
+    steps: int
+
+
+class Method:
+    """Base class: plain fine-tuning semantics (train everything, continue from theta_{t-1}, deploy theta_t)."""
+
+    #: DESIGN vocabulary name; set by each subclass and used as the registry key
+    name: ClassVar[str] = "method"
+    #: the registered method whose training step this one's costs exactly (budget.steps_per_task measures that one),
+    #: e.g. merges and joint training train like full fine-tuning (merging is counted free, DESIGN §4)
+    cost_as: ClassVar[str | None] = None
+
+    def __init__(self, cfg: MethodConfig, seed: int = 0):
+        self.cfg = cfg
+        self.seed = int(seed)  # the experiment seed, for methods that draw (e.g. DARE masks)
+
+    # ----------------------------------------------------------------------------------------------- hooks
+    def setup(self, model: nn.Module) -> nn.Module:
+        """Prepare the model once before the stream (freeze parameters, inject adapters); return the model to train."""
+        return model
+
+    def task_plan(self, task_rows: list[np.ndarray], steps_per_task: int) -> list[TaskPlan]:
+        """The tasks actually trained: by default every stream task with the budget's step count."""
+        return [TaskPlan(rows, steps_per_task) for rows in task_rows]
+
+    def training_weights(self, t: int, model: nn.Module) -> StateDict | None:
+        """Weights task ``t`` starts from; ``None`` continues from the weights the model holds (theta_{t-1})."""
+        return None
+
+    def extra_loss(self, model: nn.Module, t: int) -> torch.Tensor | None:
+        """A term added to the CLIP loss at every step (regularisers); ``None`` adds nothing."""
+        return None
+
+    def after_step(self, model: nn.Module, t: int, step: int, lr: float) -> None:
+        """Method-internal bookkeeping after each optimizer step (gradients are still in ``p.grad``)."""
+
+    def after_task(self, model: nn.Module, t: int, fisher_batches: Iterable[torch.Tensor]) -> None:
+        """Bookkeeping after task ``t``. ``fisher_batches`` lazily yields, per batch of the task's update data,
+        that batch's CLIP loss (a fresh forward pass each): EWC's Fisher needs gradients of the task loss, and this
+        way no method needs the data, the tokenizer or the loss function itself."""
+
+    def deployed_weights(self, t: int, model: nn.Module) -> StateDict:
+        """The weights evaluated/served after task ``t``; by default the trained weights themselves."""
+        return model.state_dict()
+
+    # ----------------------------------------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        """Everything beyond the model's own state needed to continue the stream exactly."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"method '{self.name}' keeps no state but was given keys {sorted(state)}")
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def freeze_all_but(model: nn.Module, keep) -> list[str]:
+    """Set ``requires_grad`` to ``keep(name, param)`` for every parameter; return the trainable names.
+
+    Raises when nothing stays trainable, which would silently turn a method into zero-shot."""
+    trainable = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(bool(keep(name, p)))
+        if p.requires_grad:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError("the method's parameter selection left no trainable parameter in the model")
+    return trainable
+
+
+def clone_state(state: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> StateDict:
+    """Detached copies (optionally moved), so later in-place training steps cannot change them."""
+    return {k: v.detach().to(device=device, copy=True) if device is not None else v.detach().clone()
+            for k, v in state.items()}
+
+
+def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the optimizer updates, in a fixed (registration) order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
