@@ -1,0 +1,15 @@
+"""Pretrain the tiny base CLIP(s) on FiF-mini's pool P and cache them beside the data.
+
+Thin wrapper over ``fomo_ray.pretrain.main`` (same options as ``fomo-ray pretrain``); the continual loop runs this
+automatically when ``backbone.pretrained=auto`` and the cached base checkpoint is missing. Examples::
+
+    python data_prep/pretrain_base.py                       # fomo-tiny-s on data/fifmini (built if missing)
+    python data_prep/pretrain_base.py --all                 # every tiny size (model-size studies)
+    python data_prep/pretrain_base.py data.root=/data/fifmini --arch fomo-tiny-m
+"""
+import sys
+
+from fomo_ray.pretrain import main
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

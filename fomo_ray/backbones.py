@@ -1,0 +1,264 @@
+"""CLIP backbones: any open_clip architecture plus three tiny, CPU-trainable ones.
+
+``create_backbone(name, pretrained)`` builds an open_clip ``CLIP`` (Radford et al. 2021, "Learning Transferable
+Visual Models From Natural Language Supervision"; implementation: open_clip, Ilharco et al. 2021) and returns it with
+its tokenizer and image preprocessing numbers. ``pretrained`` is one of
+
+- ``""``: random initialisation (what the from-scratch base pretraining starts from);
+- an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...): downloaded by open_clip (needs the network;
+  with ``HF_HUB_OFFLINE=1`` it fails fast with a clear message);
+- a local checkpoint file: a plain state dict, a training-style ``{"state_dict": ...}`` dict (``module.`` prefixes
+  from DDP are stripped) or a ``.safetensors`` file. Pickles are read with ``torch.load(weights_only=True)`` so a
+  checkpoint can never execute code; keys and shapes are checked against the architecture before loading.
+
+The tiny architectures live in ``fomo_ray/model_configs/*.json`` and are registered with
+``open_clip.factory.add_model_config``. They keep open_clip's ``vocab_size=49408`` (the SimpleTokenizer's range, which
+ships with the wheel and works offline) and a 32-token text context (FiF-mini captions are < 20 tokens):
+
+=============  =====  ======  =====  =====  ==========================================================
+name           width  layers  patch  image  why
+=============  =====  ======  =====  =====  ==========================================================
+fomo-tiny-s    128    2       8      32     the default; ~400-650 samples/s fwd+bwd on 2 CPU cores
+fomo-tiny-m    192    3       4      32     ~4x the tokens and ~2x the width: the model-size study's middle
+fomo-tiny-l    256    4       4      32     the largest that still trains on a 2-core CPU
+=============  =====  ======  =====  =====  ==========================================================
+(width/layers are shared by both towers; ``embed_dim`` = width; vision heads = width/64.)
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
+TINY_ARCHS: tuple[str, ...] = ("fomo-tiny-s", "fomo-tiny-m", "fomo-tiny-l")  # increasing size
+DEFAULT_ARCH = "fomo-tiny-s"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class BackboneError(ValueError):
+    """An architecture name, pretrained tag or checkpoint file is invalid; the message names the culprit."""
+
+
+@dataclass
+class Backbone:
+    """A CLIP model with what is needed to feed it: tokenizer, image size and normalisation, text context."""
+
+    model: torch.nn.Module
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    context_length: int
+    precision: str = "fp32"  # resolved autocast dtype name ("fp32" means no autocast)
+
+    def autocast(self, device: str | torch.device | None = None):
+        """Autocast context for this backbone's precision on ``device`` (default: where the model lives)."""
+        dev = torch.device(device) if device is not None else next(self.model.parameters()).device
+        return autocast_context(dev, self.precision)
+
+
+# --------------------------------------------------------------------------------------------------- registry
+def register_tiny_archs() -> None:
+    """Add ``fomo_ray/model_configs`` to open_clip's registry (idempotent: open_clip rescans on every add)."""
+    import open_clip
+
+    if not all(a in open_clip.list_models() for a in TINY_ARCHS):
+        open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def available_archs() -> list[str]:
+    """Every architecture ``create_backbone`` accepts: the tiny ones first, then open_clip's built-ins."""
+    import open_clip
+
+    register_tiny_archs()
+    return list(TINY_ARCHS) + [m for m in open_clip.list_models() if m not in TINY_ARCHS]
+
+
+def _check_arch(name: str) -> None:
+    valid = available_archs()
+    if name in valid:
+        return
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise BackboneError(
+        f"unknown architecture '{name}'.{hint} Tiny (CPU) architectures: {', '.join(TINY_ARCHS)}; "
+        f"open_clip architectures: {', '.join(valid[len(TINY_ARCHS):])}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- precision
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``auto`` -> bf16 on CUDA devices that support it, else fp32 (CPU autocast would slow tiny models down)."""
+    if precision not in PRECISIONS:
+        raise BackboneError(f"precision '{precision}' is not one of {list(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast_context(device: torch.device, precision: str):
+    """``torch.autocast`` for bf16/fp16, a no-op context for fp32."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def _is_checkpoint_path(pretrained: str) -> bool:
+    """A local file was meant if it exists or looks like a path; otherwise it is an open_clip tag."""
+    return os.path.isfile(pretrained) or os.sep in pretrained or pretrained.endswith(
+        (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file: plain state dict, ``{"state_dict": ...}`` or ``.safetensors``.
+
+    Pickled files are loaded with ``weights_only=True``: a file holding arbitrary Python objects is refused
+    (it could run code on load) with an error naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BackboneError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            obj: Any = load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own SafetensorError
+            raise BackboneError(f"checkpoint {path} is not a valid .safetensors file: {e}") from e
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BackboneError(
+                f"checkpoint {path} is not a plain tensor file: torch.load(weights_only=True) refused it "
+                f"({first}). Save weights with torch.save(model.state_dict(), path)."
+            ) from e
+        except (RuntimeError, EOFError, OSError) as e:
+            raise BackboneError(f"checkpoint {path} could not be read as a torch file: {e}") from e
+    if isinstance(obj, Mapping) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping):
+        raise BackboneError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise BackboneError(f"checkpoint {path}: entries that are not tensors: {bad[:5]}")
+    return {_strip_wrappers(k): v for k, v in obj.items()}
+
+
+def _strip_wrappers(key: str) -> str:
+    """Drop prefixes added by DDP (``module.``) and torch.compile (``_orig_mod.``)."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Missing, unexpected and mis-shaped keys of ``state`` relative to ``model`` (empty lists = compatible)."""
+    own = model.state_dict()
+    return {
+        "missing": sorted(k for k in own if k not in state),
+        "unexpected": sorted(k for k in state if k not in own),
+        "mis-shaped": sorted(
+            f"{k} (checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)})"
+            for k, v in own.items() if k in state and tuple(state[k].shape) != tuple(v.shape)
+        ),
+    }
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | Path, arch: str = "") -> None:
+    """Load a checkpoint file into ``model`` strictly; a mismatch names the keys and the file."""
+    state = read_state_dict(path)
+    if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
+        # open_clip has both scalar and 1-element logit_scale variants; same value, different shape
+        state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    problems = {k: v for k, v in state_dict_mismatch(model, state).items() if v}
+    if problems:
+        parts = [f"{kind} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                 for kind, keys in problems.items()]
+        raise BackboneError(
+            f"checkpoint {path} does not match architecture '{arch or type(model).__name__}': " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor], path: str | Path,
+                    meta: Mapping[str, Any] | None = None) -> Path:
+    """Write ``{"state_dict": ..., "meta": ...}`` atomically (temp file + rename); readable by ``read_state_dict``.
+
+    ``meta`` must be plain data (str/int/float/bool/lists/dicts) so the file stays ``weights_only``-loadable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else dict(model_or_state)
+    payload = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()}, "meta": dict(meta or {})}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- factory
+def create_backbone(name: str, pretrained: str = "", device: str | torch.device = "cpu",
+                    precision: str = "auto") -> Backbone:
+    """Build architecture ``name`` with weights from ``pretrained`` (tag, checkpoint file or '' for random init).
+
+    Weights stay fp32 (master weights for training); ``precision`` only selects the autocast dtype that
+    ``Backbone.autocast`` uses.
+    """
+    import open_clip
+
+    _check_arch(name)
+    resolved = resolve_precision(precision, device)
+    if pretrained and _is_checkpoint_path(pretrained):
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        load_checkpoint(model, pretrained, arch=name)
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise BackboneError(
+                f"'{pretrained}' is neither a checkpoint file nor an open_clip pretrained tag of '{name}' "
+                f"(tags: {', '.join(tags) or 'none'})")
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+        except RuntimeError as e:
+            offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+            raise BackboneError(
+                f"could not fetch open_clip weights '{name}/{pretrained}'"
+                f"{' (HF_HUB_OFFLINE=1: tags need the network or a warm cache)' if offline else ''}: {e}") from e
+    else:
+        model = open_clip.create_model(name, pretrained=None, device="cpu")
+    model = model.to(device)
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp.get("size", model.visual.image_size)
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    context_length = int(model.context_length)
+    return Backbone(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name, context_length=context_length),
+        name=name,
+        image_size=int(size),
+        mean=tuple(float(x) for x in pp["mean"]),
+        std=tuple(float(x) for x in pp["std"]),
+        context_length=context_length,
+        precision=resolved,
+    )

@@ -1,0 +1,249 @@
+"""Zero-shot classification and image<->text retrieval of a CLIP model on a benchmark's test split.
+
+Zero-shot classification as in CLIP (Radford et al. 2021): one primer prompt per class (the dataset's template, e.g.
+"A photo of a {}."), L2-normalised image and text embeddings, top-1 over the dataset's *full* class set. Retrieval:
+recall@k in both directions, averaged (image->text: a hit if any of the image's captions is among the top k;
+text->image: for every caption, a hit if its image is among the top k). FoMo-in-Flux (Roth, Udandarao et al. 2024,
+arXiv 2408.14471) evaluates on class-balanced subsets during the stream and on the full test sets at its ends; unlike
+the reference code, the subsets here are index sets drawn once at construction -- the data are never mutated, so
+every in-stream evaluation sees the same samples and the final full evaluation really is full (DESIGN section 3).
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backbones import autocast_context, resolve_precision
+
+
+class EvaluationError(ValueError):
+    """An evaluation dataset cannot be evaluated (no classes, no test rows, ...); the message names it."""
+
+
+# --------------------------------------------------------------------------------------------------- pure math
+def subset_size(num_samples: int, num_classes: int, fraction: float, minimum: int) -> int:
+    """DESIGN section 3: ``n = min(len, max(2*C, minimum, floor(f*len)))``."""
+    return min(num_samples, max(2 * num_classes, minimum, int(np.floor(fraction * num_samples))))
+
+
+def class_balanced_quota(counts: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """How many samples to take per class so that ``n`` are taken as evenly as the class sizes allow.
+
+    Water-filling: every class with samples left gets an equal share; classes that run out hand their share to the
+    others; the last few (n mod open classes) go to randomly chosen open classes.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if n > counts.sum():
+        raise ValueError(f"cannot draw {n} samples from {counts.sum()}")
+    quota = np.zeros_like(counts)
+    remaining = n
+    while remaining > 0:
+        open_ = np.flatnonzero(counts - quota > 0)
+        share = remaining // len(open_)
+        if share == 0:
+            quota[rng.permutation(open_)[:remaining]] += 1
+            break
+        add = np.minimum(counts[open_] - quota[open_], share)
+        quota[open_] += add
+        remaining -= int(add.sum())
+    return quota
+
+
+def class_balanced_subset(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions (into ``labels``) of a class-balanced random subset of size ``n``.
+
+    Labels < 0 (retrieval rows, no class) are treated as one class, i.e. a uniform draw.
+    """
+    labels = np.asarray(labels)
+    classes, inverse = np.unique(labels, return_inverse=True)
+    counts = np.bincount(inverse, minlength=len(classes))
+    quota = class_balanced_quota(counts, n, rng)
+    picked = [rng.choice(np.flatnonzero(inverse == c), size=q, replace=False) for c, q in enumerate(quota) if q]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+
+
+def top1_accuracy(similarity: torch.Tensor, labels: torch.Tensor) -> float:
+    """Fraction of rows whose arg-max column equals the label."""
+    return float((similarity.argmax(dim=1) == labels).float().mean())
+
+
+def image_to_text_recall(similarity: torch.Tensor, text_owner: torch.Tensor, k: int) -> float:
+    """R@k image->text. ``similarity``: [images, texts]; ``text_owner[j]``: the image index caption j belongs to.
+    An image scores a hit if any of its captions is among its k most similar texts."""
+    k = min(k, similarity.shape[1])
+    top = similarity.topk(k, dim=1).indices                      # [images, k] text indices
+    own = torch.arange(similarity.shape[0], device=similarity.device)[:, None]
+    return float((text_owner[top] == own).any(dim=1).float().mean())
+
+
+def text_to_image_recall(similarity: torch.Tensor, text_owner: torch.Tensor, k: int) -> float:
+    """R@k text->image: for every caption, a hit if its own image is among its k most similar images."""
+    k = min(k, similarity.shape[0])
+    top = similarity.T.topk(k, dim=1).indices                    # [texts, k] image indices
+    return float((top == text_owner[:, None]).any(dim=1).float().mean())
+
+
+def retrieval_recalls(similarity: torch.Tensor, text_owner: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
+    """``{"R@k": mean of image->text and text->image R@k}`` for every k."""
+    return {f"R@{k}": 0.5 * (image_to_text_recall(similarity, text_owner, k)
+                             + text_to_image_recall(similarity, text_owner, k)) for k in ks}
+
+
+def chance_level(metric: str, num_classes: int, num_images: int) -> float:
+    """What a random model scores: 1/C for top-1; k/N for R@k over N images (one image per query; for
+    image->text with several captions per image it is the same to first order)."""
+    if metric == "top1":
+        return 1.0 / num_classes if num_classes else float("nan")
+    if metric.startswith("R@"):
+        return min(1.0, int(metric[2:]) / max(num_images, 1))
+    raise ValueError(f"no chance level for metric '{metric}'")
+
+
+def _dataset_seed(seed: int, name: str) -> list[int]:
+    """Per-dataset RNG seed: stable across runs and independent of which other datasets exist."""
+    return [int(seed), zlib.crc32(name.encode())]
+
+
+# --------------------------------------------------------------------------------------------------- evaluator
+class Evaluator:
+    """Evaluates a CLIP model on every adaptation and evaluation-only dataset of ``bench`` (pool rows are skipped).
+
+    Subsets for in-stream evaluation are drawn once here (from ``seed``) and reused at every call; class-text
+    (and caption) embeddings are cached per ``(weights_version, dataset)`` and recomputed only when the version
+    changes. ``backend`` selects the loader (``"ffcv"`` or ``"memory"``, see ``fomo_ray.data.loaders``).
+    """
+
+    def __init__(self, bench: Any, eval_cfg: Any, seed: int, image_size: int, mean: Sequence[float],
+                 std: Sequence[float], backend: str = "ffcv", *, num_workers: int = 2, precision: str = "auto",
+                 datasets: Sequence[str] | None = None):
+        self.bench, self.cfg, self.seed = bench, eval_cfg, int(seed)
+        self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
+        self.backend, self.num_workers, self.precision = backend, num_workers, precision
+        names = list(datasets) if datasets is not None else [
+            n for n, d in bench.datasets.items() if d.role in ("adapt", "eval")]
+        if not names:
+            raise EvaluationError(f"benchmark {getattr(bench, 'root', bench)} has no adapt/eval dataset to evaluate")
+        unknown = [n for n in names if n not in bench.datasets]
+        if unknown:
+            raise EvaluationError(f"unknown evaluation dataset(s) {unknown}; benchmark has {list(bench.datasets)}")
+        self.infos = {n: bench.datasets[n] for n in names}
+        _, labels = bench.meta("test")
+        self._captions: list[list[str]] | None = None
+        self.full_rows: dict[str, np.ndarray] = {}
+        self.subset_rows: dict[str, np.ndarray] = {}
+        for name, info in self.infos.items():
+            rows = np.asarray(bench.rows(name, "test"), dtype=np.int64)
+            if len(rows) == 0:
+                raise EvaluationError(f"evaluation dataset '{name}' has no test rows")
+            if info.task == "classification" and len(info.classnames) == 0:
+                raise EvaluationError(f"evaluation dataset '{name}' has no classes: zero-shot classification "
+                                      f"needs at least one class name")
+            n_cls = len(info.classnames) if info.task == "classification" else 0
+            n = subset_size(len(rows), n_cls, eval_cfg.subset_fraction, eval_cfg.subset_min)
+            rng = np.random.default_rng(_dataset_seed(self.seed, name))
+            pos = class_balanced_subset(labels[rows], n, rng)
+            self.full_rows[name] = rows
+            self.subset_rows[name] = rows[pos]
+            self.full_rows[name].setflags(write=False)   # index sets are shared; nobody may edit them
+            self.subset_rows[name].setflags(write=False)
+        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache_version: str | None = None
+        self._loaders: dict[bool, Any] = {}
+
+    # ------------------------------------------------------------------------------------------- public
+    def rows(self, full: bool) -> dict[str, np.ndarray]:
+        """The test rows each dataset is evaluated on (read-only arrays)."""
+        return self.full_rows if full else self.subset_rows
+
+    @torch.inference_mode()
+    def evaluate(self, model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], *, full: bool,
+                 weights_version: str) -> list[dict[str, Any]]:
+        """Records ``{dataset, role, metric, value, n}``: ``top1`` per classification set, ``R@k`` per retrieval set.
+
+        ``weights_version`` names the weights (e.g. ``"task3-deployed"``); text embeddings computed for one version
+        are reused until a different version is passed. An empty version disables the cache.
+        """
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            amp = autocast_context(device, resolve_precision(self.precision, device))
+            if weights_version != self._text_cache_version or not weights_version:
+                self._text_cache, self._text_cache_version = {}, weights_version
+            row_ids, image_feats = self._image_features(model, full, device, amp)
+            records = []
+            for name, info in self.infos.items():
+                rows = self.rows(full)[name]
+                pos = np.searchsorted(row_ids, rows)
+                if len(rows) and (pos.max() >= len(row_ids) or (row_ids[pos] != rows).any()):
+                    raise EvaluationError(f"loader did not return every test row of '{name}'")
+                img = image_feats[torch.as_tensor(pos)]
+                if info.task == "classification":
+                    records += self._classification(model, tokenizer, name, info, rows, img, device, amp)
+                else:
+                    records += self._retrieval(model, tokenizer, name, info, rows, img, device, amp)
+            return records
+        finally:
+            model.train(was_training)
+
+    # ------------------------------------------------------------------------------------------- internals
+    def _image_features(self, model, full: bool, device, amp) -> tuple[np.ndarray, torch.Tensor]:
+        """Normalised image embeddings of every needed test row, as (sorted row ids, [rows, D] features), from one
+        loader over the union of rows (one loader per mode, built once: an FFCV loader's first epoch pays the
+        numba compilation)."""
+        if full not in self._loaders:
+            from .data.loaders import make_loader
+
+            union = np.unique(np.concatenate(list(self.rows(full).values())))
+            self._loaders[full] = make_loader(
+                self.bench, "test", union, self.cfg.batch_size, train=False, seed=self.seed,
+                image_size=self.image_size, backend=self.backend, num_workers=self.num_workers,
+                mean=self.mean, std=self.std)
+        all_rows, feats = [], []
+        for images, rows in self._loaders[full]:
+            with amp:
+                f = model.encode_image(images.to(device, non_blocking=True))
+            feats.append(F.normalize(f.float(), dim=-1).cpu())
+            all_rows.append(np.asarray(rows, dtype=np.int64))
+        row_ids = np.concatenate(all_rows)
+        order = np.argsort(row_ids, kind="stable")
+        return row_ids[order], torch.cat(feats)[torch.as_tensor(order)]
+
+    def _text_features(self, model, tokenizer, key: str, texts: list[str], device, amp) -> torch.Tensor:
+        if key in self._text_cache:
+            return self._text_cache[key]
+        out = []
+        bs = self.cfg.batch_size
+        for i in range(0, len(texts), bs):
+            with amp:
+                f = model.encode_text(tokenizer(texts[i:i + bs]).to(device))
+            out.append(F.normalize(f.float(), dim=-1).cpu())
+        feats = torch.cat(out)
+        if self._text_cache_version:
+            self._text_cache[key] = feats
+        return feats
+
+    def _classification(self, model, tokenizer, name, info, rows, img, device, amp) -> list[dict[str, Any]]:
+        cls = self._text_features(model, tokenizer, f"classes:{name}", list(info.prompts()), device, amp)
+        _, labels = self.bench.meta("test")
+        y = torch.as_tensor(labels[rows].astype(np.int64))
+        return [dict(dataset=name, role=info.role, metric="top1", value=top1_accuracy(img @ cls.T, y), n=len(rows))]
+
+    def _retrieval(self, model, tokenizer, name, info, rows, img, device, amp) -> list[dict[str, Any]]:
+        if self._captions is None:
+            self._captions = self.bench.captions("test")
+        caps = [self._captions[int(r)] for r in rows]
+        empty = [int(r) for r, c in zip(rows, caps) if not c]
+        if empty:
+            raise EvaluationError(f"retrieval dataset '{name}': test row(s) {empty[:5]} have no captions")
+        texts = [c for cs in caps for c in cs]
+        owner = torch.as_tensor([i for i, cs in enumerate(caps) for _ in cs])
+        # the caption set depends on the rows, so full and subset embeddings are cached separately
+        key = f"captions:{name}:{'full' if len(rows) == len(self.full_rows[name]) else 'subset'}"
+        txt = self._text_features(model, tokenizer, key, texts, device, amp)
+        recalls = retrieval_recalls(img @ txt.T, owner, self.cfg.retrieval_k)
+        return [dict(dataset=name, role=info.role, metric=m, value=v, n=len(rows)) for m, v in recalls.items()]

@@ -1,0 +1,265 @@
+"""FoMo-in-Flux scores from the tidy results table: A_KA, A_ZS, GM, trajectories, forgetting, backward transfer.
+
+Roth, Udandarao et al. 2024, "A Practitioner's Guide to Continual Multimodal Pretraining" (arXiv 2408.14471), Sec. 3:
+knowledge accumulation A_KA is the unweighted mean over the *adaptation* datasets of their test metric (zero-shot top-1
+over the full class set; R@5 for retrieval sets), zero-shot retention A_ZS the same mean over the *evaluation-only*
+datasets, and GM = sqrt(A_KA * A_ZS). Both are reported at every evaluation point (0 = before any update, t+1 = after
+task t), as a trajectory and as its mean. Forgetting follows Chaudhry et al. 2018 ("Riemannian Walk for Incremental
+Learning", f = max over earlier points - final); backward transfer follows Lopez-Paz & Ranzato 2017 ("Gradient Episodic
+Memory", BWT = final - value right after the dataset was last trained on).
+
+Every function here is pure: DataFrame in, DataFrame out. Values are fractions in [0, 1].
+
+Command line (``fomo-ray score``)::
+
+    fomo-ray score runs/default/results.parquet [--run NAME] [--stream streams/random.json --num-tasks 4]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import pandas as pd
+
+COLUMNS = ("run", "task", "dataset", "role", "metric", "value")
+ROLES = ("adapt", "eval")
+#: the metric that enters A_KA / A_ZS for a dataset, in order of preference (retrieval sets report R@5)
+HEADLINE_METRICS = ("R@5", "top1")
+
+
+class MetricsError(ValueError):
+    """The results table is malformed; the message names the column, row or file."""
+
+
+# --------------------------------------------------------------------------------------------------- validation
+def validate_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Check columns, roles, task indices and duplicates; return the table with canonical dtypes."""
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise MetricsError(f"results table lacks column(s) {missing}; expected at least {list(COLUMNS)}")
+    out = df.copy()
+    out["run"] = out["run"].astype(str)
+    out["dataset"] = out["dataset"].astype(str)
+    out["role"] = out["role"].astype(str)
+    out["metric"] = out["metric"].astype(str)
+    bad_roles = sorted(set(out["role"]) - set(ROLES))
+    if bad_roles:
+        raise MetricsError(f"results table: role(s) {bad_roles} are not one of {list(ROLES)}")
+    try:
+        out["task"] = pd.to_numeric(out["task"], errors="raise").astype("int64")
+        out["value"] = pd.to_numeric(out["value"], errors="raise").astype("float64")
+    except (ValueError, TypeError) as e:
+        raise MetricsError(f"results table: non-numeric 'task' or 'value' entries ({e})") from e
+    if (out["task"] < 0).any():
+        raise MetricsError("results table: 'task' is the evaluation point (0 = before any update) and must be >= 0")
+    dup = out.duplicated(["run", "task", "dataset", "metric"], keep=False)
+    if dup.any():
+        first = out[dup].iloc[0]
+        raise MetricsError(f"results table: duplicate rows for run={first['run']!r} task={first['task']} "
+                           f"dataset={first['dataset']!r} metric={first['metric']!r}")
+    roles = out.groupby("dataset")["role"].nunique()
+    if (roles > 1).any():
+        raise MetricsError(f"results table: dataset(s) {sorted(roles[roles > 1].index)} appear with both roles")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- scores
+def headline(df: pd.DataFrame) -> pd.DataFrame:
+    """One number per (run, task, dataset): R@5 for retrieval sets, top-1 otherwise (columns run, task, dataset,
+    role, value)."""
+    df = validate_table(df)
+    parts = []
+    for metric in HEADLINE_METRICS:
+        parts.append(df[df["metric"] == metric])
+    picked = pd.concat(parts).drop_duplicates(["run", "task", "dataset"], keep="first")
+    return picked[["run", "task", "dataset", "role", "value"]].sort_values(["run", "task", "dataset"]).reset_index(
+        drop=True)
+
+
+def geometric_mean(a_ka: float, a_zs: float) -> float:
+    """GM = sqrt(A_KA * A_ZS); NaN if either is missing."""
+    if a_ka is None or a_zs is None or math.isnan(a_ka) or math.isnan(a_zs):
+        return float("nan")
+    return math.sqrt(a_ka * a_zs)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """A_KA, A_ZS and GM per (run, task): columns run, task, A_KA, A_ZS, GM (NaN where a role has no dataset)."""
+    h = headline(df)
+    rows = []
+    for (run, task), g in h.groupby(["run", "task"], sort=True):
+        a_ka = g.loc[g["role"] == "adapt", "value"].mean()
+        a_zs = g.loc[g["role"] == "eval", "value"].mean()
+        a_ka = float(a_ka) if not pd.isna(a_ka) else float("nan")
+        a_zs = float(a_zs) if not pd.isna(a_zs) else float("nan")
+        rows.append({"run": run, "task": int(task), "A_KA": a_ka, "A_ZS": a_zs, "GM": geometric_mean(a_ka, a_zs)})
+    return pd.DataFrame(rows, columns=["run", "task", "A_KA", "A_ZS", "GM"])
+
+
+def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per run: mean of A_KA, A_ZS, GM over all evaluation points (the paper's trajectory average) and the final
+    point. Columns run, points, mean_A_KA, mean_A_ZS, mean_GM, final_A_KA, final_A_ZS, final_GM."""
+    rows = []
+    for run, g in summary.sort_values("task").groupby("run", sort=True):
+        last = g.iloc[-1]
+        rows.append({
+            "run": run, "points": len(g),
+            **{f"mean_{k}": float(g[k].mean()) for k in ("A_KA", "A_ZS", "GM")},
+            **{f"final_{k}": float(last[k]) for k in ("A_KA", "A_ZS", "GM")},
+        })
+    return pd.DataFrame(rows)
+
+
+def forgetting(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None) -> pd.DataFrame:
+    """Per (run, dataset): initial, best earlier, final value, forgetting and backward transfer.
+
+    forgetting = max over evaluation points before the final one - final (Chaudhry et al. 2018).
+    backward_transfer = final - value at ``learned_at[dataset]`` (the evaluation point right after the last task that
+    trained on it; Lopez-Paz & Ranzato 2017). Evaluation-only datasets are never trained on, so their reference point
+    is 0 and BWT is the change against zero-shot. Adaptation datasets missing from ``learned_at``, and datasets whose
+    reference point is the final one (GEM leaves the last task out), get NaN.
+    """
+    h = headline(df)
+    learned_at = dict(learned_at or {})
+    rows = []
+    for (run, dataset), g in h.groupby(["run", "dataset"], sort=True):
+        g = g.sort_values("task")
+        values = dict(zip(g["task"].astype(int), g["value"].astype(float)))
+        role = g["role"].iloc[0]
+        final_t = max(values)
+        earlier = [v for t, v in values.items() if t < final_t]
+        ref_t = 0 if role == "eval" else learned_at.get(dataset)
+        ref = values.get(ref_t) if ref_t is not None else None
+        rows.append({
+            "run": run, "dataset": dataset, "role": role,
+            "initial": values.get(0, float("nan")), "best_earlier": max(earlier) if earlier else float("nan"),
+            "final": values[final_t],
+            "forgetting": (max(earlier) - values[final_t]) if earlier else float("nan"),
+            "backward_transfer": (values[final_t] - ref) if ref is not None and ref_t != final_t else float("nan"),
+        })
+    return pd.DataFrame(rows)
+
+
+def learned_at_points(task_datasets: Sequence[Iterable[str]]) -> dict[str, int]:
+    """``{dataset: evaluation point right after the last task containing it}`` from each task's dataset names."""
+    out: dict[str, int] = {}
+    for t, names in enumerate(task_datasets):
+        for name in names:
+            out[name] = t + 1
+    return out
+
+
+def stream_task_datasets(entries: Sequence[str], num_tasks: int) -> list[list[str]]:
+    """Dataset names of each task of a stream (``DATASET+++class`` entries cut as DESIGN section 1)."""
+    n = len(entries)
+    if num_tasks < 1 or num_tasks > max(n, 1):
+        raise MetricsError(f"num_tasks={num_tasks} does not fit a stream of {n} entries")
+    out, start = [], 0
+    for i in range(num_tasks):
+        size = n // num_tasks + (1 if i < n % num_tasks else 0)
+        out.append(sorted({e.split("+++", 1)[0] for e in entries[start:start + size]}))
+        start += size
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- storage
+def save_results(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write the table atomically: parquet for ``.parquet`` (CSV beside it if no parquet engine), else CSV."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = validate_table(df)
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow  # noqa: F401  # parquet engine
+        except ImportError:
+            path = path.with_suffix(".csv")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Read a saved table (parquet or CSV by suffix) and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MetricsError(f"results table not found: {path}")
+    try:
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as e:  # pyarrow / csv parser errors have many types
+        raise MetricsError(f"could not read results table {path}: {e}") from e
+    try:
+        return validate_table(df)
+    except MetricsError as e:
+        raise MetricsError(f"{path}: {e}") from e
+
+
+# --------------------------------------------------------------------------------------------------- command line
+def _pct(x: float) -> str:
+    return "   n/a" if pd.isna(x) else f"{100 * x:6.2f}"
+
+
+def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None) -> str:
+    """Human-readable report of a results table (percentages)."""
+    summ = summarize(df)
+    means = trajectory_means(summ).set_index("run")
+    forg = forgetting(df, learned_at)
+    lines = []
+    for run, g in summ.groupby("run", sort=True):
+        lines += [f"run {run}", f"  {'point':>5}  {'A_KA':>6}  {'A_ZS':>6}  {'GM':>6}"]
+        lines += [f"  {int(r.task):>5}  {_pct(r.A_KA)}  {_pct(r.A_ZS)}  {_pct(r.GM)}" for r in g.itertuples()]
+        m = means.loc[run]
+        lines.append(f"  {'mean':>5}  {_pct(m.mean_A_KA)}  {_pct(m.mean_A_ZS)}  {_pct(m.mean_GM)}   "
+                     f"(trajectory of {int(m.points)} points)")
+        lines.append(f"  {'final':>5}  {_pct(m.final_A_KA)}  {_pct(m.final_A_ZS)}  {_pct(m.final_GM)}")
+        lines.append(f"  {'dataset':<24} {'role':<5} {'initial':>7} {'best':>7} {'final':>7} {'forget':>7} {'BWT':>7}")
+        for r in forg[forg["run"] == run].itertuples():
+            lines.append(f"  {r.dataset:<24} {r.role:<5} {_pct(r.initial):>7} {_pct(r.best_earlier):>7} "
+                         f"{_pct(r.final):>7} {_pct(r.forgetting):>7} {_pct(r.backward_transfer):>7}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``fomo-ray score TABLE``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
+    p = argparse.ArgumentParser(prog="fomo-ray score", description=main.__doc__)
+    p.add_argument("table", help="results table written by a run (.parquet or .csv)")
+    p.add_argument("--run", default="", help="only this run (default: every run in the table)")
+    p.add_argument("--stream", default="", help="stream JSON the runs used; enables backward transfer of adapt sets")
+    p.add_argument("--num-tasks", type=int, default=0, help="T the stream was cut into (with --stream)")
+    args = p.parse_args(argv)
+    try:
+        df = load_results(args.table)
+        if args.run:
+            if args.run not in set(df["run"]):
+                raise MetricsError(f"run {args.run!r} not in {args.table}; runs: {sorted(set(df['run']))}")
+            df = df[df["run"] == args.run]
+        learned_at = None
+        if args.stream:
+            if args.num_tasks < 1:
+                raise MetricsError("--stream needs --num-tasks (the T the runs used)")
+            entries = json.loads(Path(args.stream).read_text())
+            learned_at = learned_at_points(stream_task_datasets(entries, args.num_tasks))
+        print(format_report(df, learned_at))
+    except (MetricsError, OSError, json.JSONDecodeError) as e:
+        print(f"fomo-ray score: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

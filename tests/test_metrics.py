@@ -1,0 +1,103 @@
+"""FiF scores (A_KA, A_ZS, GM, trajectories, forgetting, BWT) on a table whose answers are computed by hand."""
+import math
+
+import pandas as pd
+import pytest
+
+from fomo_ray import metrics
+from fomo_ray.metrics import MetricsError
+
+# Evaluation points 0, 1, 2 of one run. A1 adapt/classification, A2 adapt/retrieval (R@5 is its headline; R@1 must
+# be ignored), E1/E2 eval-only classification.
+#   point 0: A_KA = (.2+.4)/2 = .3   A_ZS = (.8+.6)/2 = .7   GM = sqrt(.21)
+#   point 1: A_KA = (.6+.6)/2 = .6   A_ZS = (.7+.5)/2 = .6   GM = .6
+#   point 2: A_KA = (.4+.8)/2 = .6   A_ZS = (.9+.1)/2 = .5   GM = sqrt(.3)
+VALUES = {
+    ("A1", "adapt", "top1"): (0.2, 0.6, 0.4),
+    ("A2", "adapt", "R@5"): (0.4, 0.6, 0.8),
+    ("A2", "adapt", "R@1"): (0.1, 0.3, 0.2),
+    ("E1", "eval", "top1"): (0.8, 0.7, 0.9),
+    ("E2", "eval", "top1"): (0.6, 0.5, 0.1),
+}
+
+
+def hand_table(run="r") -> pd.DataFrame:
+    rows = [dict(run=run, task=t, dataset=d, role=role, metric=m, value=v)
+            for (d, role, m), vals in VALUES.items() for t, v in enumerate(vals)]
+    return pd.DataFrame(rows)
+
+
+def test_summary_matches_hand_computation():
+    s = metrics.summarize(hand_table()).set_index("task")
+    assert s["A_KA"].tolist() == pytest.approx([0.3, 0.6, 0.6])
+    assert s["A_ZS"].tolist() == pytest.approx([0.7, 0.6, 0.5])
+    assert s["GM"].tolist() == pytest.approx([math.sqrt(0.21), 0.6, math.sqrt(0.3)])
+
+
+def test_trajectory_means_and_final_point():
+    m = metrics.trajectory_means(metrics.summarize(hand_table())).iloc[0]
+    assert m["points"] == 3
+    assert m["mean_A_KA"] == pytest.approx(0.5)
+    assert m["mean_A_ZS"] == pytest.approx(0.6)
+    assert m["mean_GM"] == pytest.approx((math.sqrt(0.21) + 0.6 + math.sqrt(0.3)) / 3)
+    assert (m["final_A_KA"], m["final_A_ZS"]) == pytest.approx((0.6, 0.5))
+
+
+def test_forgetting_and_backward_transfer():
+    f = metrics.forgetting(hand_table(), learned_at={"A1": 1, "A2": 2}).set_index("dataset")
+    assert f.loc["A1", "forgetting"] == pytest.approx(0.6 - 0.4)
+    assert f.loc["A2", "forgetting"] == pytest.approx(0.6 - 0.8)      # still improving: negative forgetting
+    assert f.loc["E1", "forgetting"] == pytest.approx(0.8 - 0.9)
+    assert f.loc["E2", "forgetting"] == pytest.approx(0.6 - 0.1)
+    assert f.loc["A1", "backward_transfer"] == pytest.approx(0.4 - 0.6)
+    assert math.isnan(f.loc["A2", "backward_transfer"])               # learned in the last task: no BWT (GEM)
+    assert f.loc["E2", "backward_transfer"] == pytest.approx(0.1 - 0.6)  # eval-only: against zero-shot
+    assert math.isnan(metrics.forgetting(hand_table()).set_index("dataset").loc["A1", "backward_transfer"])
+
+
+def test_missing_role_gives_nan_not_a_crash():
+    df = hand_table()
+    s = metrics.summarize(df[df["role"] == "adapt"])
+    assert s["A_ZS"].isna().all() and s["GM"].isna().all()
+    assert s["A_KA"].tolist() == pytest.approx([0.3, 0.6, 0.6])
+
+
+def test_stream_cut_and_learned_at():
+    entries = ["A+++x", "A+++y", "B+++z", "C+++w", "A+++v"]  # T=2 -> sizes 3, 2
+    tasks = metrics.stream_task_datasets(entries, 2)
+    assert tasks == [["A", "B"], ["A", "C"]]
+    assert metrics.learned_at_points(tasks) == {"A": 2, "B": 1, "C": 2}
+    with pytest.raises(MetricsError, match="num_tasks=6"):
+        metrics.stream_task_datasets(entries, 6)
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_save_load_roundtrip(tmp_path, suffix):
+    df = hand_table()
+    path = metrics.save_results(df, tmp_path / f"results{suffix}")
+    back = metrics.load_results(path)
+    pd.testing.assert_frame_equal(metrics.summarize(back), metrics.summarize(df))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+
+def test_bad_tables_are_named(tmp_path):
+    df = hand_table()
+    with pytest.raises(MetricsError, match=r"lacks column\(s\) \['role'\]"):
+        metrics.summarize(df.drop(columns="role"))
+    with pytest.raises(MetricsError, match="'pool'"):
+        metrics.summarize(df.assign(role=df["role"].replace("eval", "pool")))
+    with pytest.raises(MetricsError, match="duplicate rows .*dataset='A1'"):
+        metrics.summarize(pd.concat([df, df[df["dataset"] == "A1"].head(1)]))
+    with pytest.raises(MetricsError, match="not found"):
+        metrics.load_results(tmp_path / "nope.parquet")
+
+
+def test_score_command_prints_the_numbers(tmp_path, capsys):
+    path = metrics.save_results(pd.concat([hand_table("r1"), hand_table("r2")]), tmp_path / "results.parquet")
+    assert metrics.main([str(path), "--run", "r2"]) == 0
+    out = capsys.readouterr().out
+    assert "run r2" in out and "run r1" not in out
+    assert " 45.83" in out            # GM at point 0 = sqrt(.21)
+    assert "mean   50.00   60.00" in out
+    assert metrics.main([str(path), "--run", "zzz"]) == 2
+    assert "run 'zzz' not in" in capsys.readouterr().err
