@@ -1,0 +1,73 @@
+"""Repository-level promises: every shipped YAML validates, the README's two commands and config reference are true."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fomo_ray.config import ExperimentConfig, load_config, reference_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+SKIP_DIRS = {".git", ".venv", "data", "runs", "node_modules", ".whl", "build"}
+
+
+def shipped_yaml() -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".pytest")]
+        out += [Path(root, f) for f in files if f.endswith((".yaml", ".yml"))]
+    return sorted(out)
+
+
+@pytest.mark.parametrize("path", shipped_yaml(), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_yaml_validates(path):
+    """Sweep specs go through the sweep validator (config keys + values of every trial), experiment configs through
+    the config tree, cluster-launcher files must parse (tests/test_sweep.py runs Ray's own validation on them)."""
+    rel = path.relative_to(REPO)
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{rel}: top level must be a mapping"
+    if rel.parts[0] == "cluster":
+        assert {"cluster_name", "provider"} <= set(data), f"{rel}: not a Ray cluster-launcher file"
+    elif "space" in data or "base" in data:
+        from fomo_ray.sweep import load_sweep, validate_space
+
+        spec = load_sweep(path)
+        base = load_config(spec.config or None, spec.base)
+        assert validate_space(base, spec.space) >= 1
+    else:
+        fields = {f for f in ExperimentConfig.__dataclass_fields__}
+        assert set(data) <= fields, f"{rel}: unknown top-level keys {set(data) - fields}"
+        load_config(path)
+
+
+def test_readme_config_reference_is_generated():
+    text = (REPO / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
+    assert start in text and end in text
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    assert block.strip() == reference_markdown().strip(), "README config reference is stale: regenerate it with " \
+        "`python -m fomo_ray.config`"
+
+
+def test_two_commands_exist_and_ci_runs_the_test_command():
+    readme = (REPO / "README.md").read_text()
+    for cmd in ("bash scripts/quickstart.sh", "bash scripts/test.sh"):
+        assert cmd in readme
+        assert (REPO / cmd.split()[1]).is_file()
+    assert "experiments/sweep_merge_weights.py" in (REPO / "scripts" / "quickstart.sh").read_text()
+    assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+    for script in ("scripts/setup.sh", "scripts/quickstart.sh", "scripts/test.sh", ".ci/run"):
+        subprocess.run(["bash", "-n", str(REPO / script)], check=True)  # syntax
+
+
+def test_console_script_lists_commands():
+    exe = Path(sys.executable).parent / "fomo-ray"  # installed by setup.cfg's console_scripts entry point
+    assert exe.is_file(), f"{exe} missing: the package is not installed with its console script"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for name in ("prepare", "run", "sweep", "report", "score", "budget", "ui"):
+        assert f"  {name}" in out.stdout
+    bad = subprocess.run([str(exe), "trian"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
