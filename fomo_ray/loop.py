@@ -30,6 +30,17 @@ Ray/MLflow edge plugs in)::
 A ``LoopState`` holds everything an exact resume needs (model incl. adapters, optimizer mid-task, method, buffer,
 all RNG states, the (task, step) cursor, results so far); ``run_stream(cfg, resume=state)`` continues and ends with
 metrics bitwise identical to the uninterrupted run on CPU.
+
+Data parallel (``fomo_ray/distributed.py``): when ``torch.distributed`` is initialised with world size W > 1 (Ray
+Train's ``TorchTrainer`` does it), the same loop runs on every rank. Each rank draws the same global batch of
+``mixture.batch_size`` (which W must divide), encodes its contiguous shard through a DDP-wrapped model, and computes
+the CLIP loss over the features of the whole global batch gathered with gradient, so the averaged gradient is the
+single-process one (equal up to floating-point summation order; measured in ``tests/test_ddp.py``). Everything else —
+method hooks, evaluation, snapshots — runs identically on every rank, so weights, method state and results stay
+replicated, and **every ``hooks`` callback fires on every rank** with the same arguments: the edge decides who
+reports (``distributed.is_rank_zero()``; Ray Train V2 needs every rank to call ``ray.train.report``, rank 0 passing
+the checkpoint). ``hooks.should_stop`` is agreed across ranks (any rank stopping stops all). A resume may use another
+world size: the global batches do not depend on it. With W = 1 nothing of this runs and the loop is unchanged.
 """
 from __future__ import annotations
 
@@ -51,6 +62,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from fomo_ray import distributed
 from fomo_ray.config import ConfigError, ExperimentConfig, load_config
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan, trainable_named
@@ -61,6 +73,8 @@ log = logging.getLogger("fomo_ray.loop")
 RESULT_COLUMNS = ["run", "task", "dataset", "role", "metric", "value"]
 STATE_FILE = "loop_state.pt"
 STATE_FORMAT = "fomo_ray.loop_state/v1"
+#: run_stream is data-parallel under torch.distributed (the Ray Train edge checks this before starting N workers)
+DISTRIBUTED = True
 
 
 class TrainingDiverged(RuntimeError):
@@ -277,12 +291,14 @@ def prepare(cfg: ExperimentConfig, device: torch.device | str | None = None) -> 
     from fomo_ray.evaluation import Evaluator
 
     device = torch.device(device) if device is not None else default_device()
-    bench = open_data(cfg)
-    pretrained = resolve_pretrained(cfg, bench)
-    method = build_method(cfg)
-    tasks = stream_task_rows(cfg, bench)
-    # the budget may build and measure models (drawing random numbers) or read its cache: do it before seeding
-    steps = steps_per_task(cfg, method.cost_as or method.name, len(tasks), device=device)
+    with distributed.rank_zero_first():  # builds FiF-mini / the pretrained base / the budget cache once, not W times
+        bench = open_data(cfg)
+        pretrained = resolve_pretrained(cfg, bench)
+        method = build_method(cfg)
+        tasks = stream_task_rows(cfg, bench)
+        # the budget may build and measure models (drawing random numbers) or read its cache: do it before seeding
+        steps = steps_per_task(cfg, method.cost_as or method.name, len(tasks), device=device)
+    steps = distributed.from_rank_zero(steps)  # ranks must agree on the step count or the all-reduces deadlock
     seed_everything(derive_seed(cfg.seed, "setup"))  # random init ('' pretrained) and adapter init draw here
     backbone = create_backbone(cfg.backbone.name, pretrained, device=device, precision=cfg.backbone.precision)
     model = method.setup(backbone.model)
@@ -298,14 +314,23 @@ def prepare(cfg: ExperimentConfig, device: torch.device | str | None = None) -> 
 
 
 # --------------------------------------------------------------------------------------------------- steps
-def batch_loss(run: Run, batch: Mapping[str, Any]) -> torch.Tensor:
-    """CLIP loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast."""
+def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = None) -> torch.Tensor:
+    """CLIP loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast.
+
+    ``encoder`` (data parallel: ``distributed.data_parallel``) encodes only this rank's shard; the loss then runs
+    over the features of the whole global batch gathered from all ranks, identical on every rank."""
     from fomo_ray.losses import clip_loss
 
     model, bb = run.model, run.backbone
+    if encoder is not None:
+        batch = distributed.shard_batch(batch, *distributed.world())
     images = batch["images"].to(run.device, non_blocking=True)
     tokens = bb.tokenizer(list(batch["texts"])).to(run.device, non_blocking=True)
     with bb.autocast(run.device):
+        if encoder is not None:
+            image_features, text_features, logit_scale = encoder(images, tokens)
+            return clip_loss(distributed.gather_batch(image_features), distributed.gather_batch(text_features),
+                             logit_scale)
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
         return clip_loss(image_features, text_features, model.logit_scale.exp())
@@ -331,7 +356,8 @@ def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int) -> Iterato
 
 
 def fisher_batches(run: Run, t: int, rows: np.ndarray) -> Iterator[torch.Tensor]:
-    """Lazily, the CLIP loss of successive batches of task ``t``'s update data D_t only (EWC's Fisher pass)."""
+    """Lazily, the CLIP loss of successive batches of task ``t``'s update data D_t only (EWC's Fisher pass).
+    Never sharded: under data parallelism every rank computes the same Fisher (method state stays replicated)."""
     batches = _mixed(run, rows, (0, run.cfg.mixture.batch_size, 0), "fisher", t, 0)
     step = 0
     while True:  # random access decodes one batch at a time: a consumer stops after the batches it needs
@@ -378,8 +404,10 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
     from fomo_ray.schedules import lr_at
 
     hooks = hooks or RunHooks()
+    distributed.check_batch_size(cfg.mixture.batch_size, distributed.world()[1])
     run = prepare(cfg, device)
     model, method = run.model, run.method
+    encoder = distributed.data_parallel(model, run.device)  # None on one process: batch_loss encodes directly
     every = cfg.ray.checkpoint_every_steps
     points = eval_plan(len(run.plan), cfg)
     start_task, start_step = (resume.task, resume.step) if resume else (0, 0)
@@ -412,7 +440,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             lr = lr_at(step, task.steps, t, cfg.schedule, cfg.optimizer.lr)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss = batch_loss(run, next(batches))
+            loss = batch_loss(run, next(batches), encoder)
             extra = method.extra_loss(model, t)
             if extra is not None:
                 loss = loss + extra
@@ -431,7 +459,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             _emit(hooks.on_step, t, step, value, lr)
             if every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint:
                 hooks.on_checkpoint(snapshot(run, t, step + 1, opt, scaler, results))
-            if hooks.should_stop and hooks.should_stop():
+            if _should_stop(hooks, run):
                 return records_frame(results)
 
         method.after_task(model, t, fisher_batches(run, t, task.rows))
@@ -443,7 +471,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             _emit(hooks.on_eval, t + 1, records)
         if hooks.on_checkpoint:
             hooks.on_checkpoint(snapshot(run, t + 1, 0, None, None, results))
-        if hooks.should_stop and hooks.should_stop():
+        if _should_stop(hooks, run):
             break
     return records_frame(results)
 
@@ -451,6 +479,11 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
 def _emit(callback: Callable[..., None] | None, *args: Any) -> None:
     if callback is not None:
         callback(*args)
+
+
+def _should_stop(hooks: RunHooks, run: Run) -> bool:
+    # agreed across data-parallel ranks: one rank leaving the loop alone would hang the others in the next all-reduce
+    return distributed.any_rank(bool(hooks.should_stop and hooks.should_stop()), run.device)
 
 
 # --------------------------------------------------------------------------------------------------- command line

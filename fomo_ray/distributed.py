@@ -1,0 +1,170 @@
+"""Data-parallel training of the continual loop across ``torch.distributed`` ranks (DDP); a no-op on one process.
+
+How the loop uses it (``fomo_ray/loop.py``), when ``torch.distributed`` is initialised with world size W > 1 (Ray
+Train's ``TorchTrainer`` does so in every worker):
+
+- every rank builds the *same* global mixed batch of ``mixture.batch_size`` samples (``MixedBatches`` is a pure
+  function of (seed, task, step)) and encodes only its contiguous shard, rows ``[r*b/W, (r+1)*b/W)``;
+- the image/text features of all shards are all-gathered *with* gradient and every rank computes the symmetric
+  InfoNCE over the whole global batch, so every sample still has the b-1 other samples as in-batch negatives
+  (DESIGN §1; Radford et al. 2021) — as in open_clip's ``gather_with_grad`` training;
+- the model is wrapped in ``DistributedDataParallel``. Every rank differentiates the same global loss, so the
+  all-gather's backward sums W identical copies of each shard's feature gradient (W x the single-process share)
+  and DDP averages over the W ranks: the averaged gradient equals the single-process gradient of the global batch
+  (up to the order of floating-point sums);
+- everything else (method hooks, optimizer, clipping, evaluation, checkpoints) runs identically on every rank, so
+  the weights and all state stay replicated and any rank's ``LoopState`` is a valid checkpoint.
+
+Collectives here must be entered by every rank in the same order: the loop calls them at the same points on all
+ranks (never behind a rank-0 branch).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from fomo_ray.config import ConfigError
+
+
+# --------------------------------------------------------------------------------------------------- who am I
+def _initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` when ``torch.distributed`` is not initialised."""
+    if not _initialised():
+        return 0, 1
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def is_rank_zero() -> bool:
+    """True on the rank that reports (logs, writes checkpoints); always True on one process."""
+    return world()[0] == 0
+
+
+def is_data_parallel() -> bool:
+    """True when the loop runs on several ranks (shards batches, gathers features, syncs gradients)."""
+    return world()[1] > 1
+
+
+# --------------------------------------------------------------------------------------------------- pure helpers
+def check_batch_size(batch_size: int, world_size: int) -> None:
+    """The global batch is split evenly over the ranks: refuse a batch size the world size does not divide."""
+    if world_size > 1 and batch_size % world_size:
+        raise ConfigError(f"config key 'mixture.batch_size' = {batch_size} is not divisible by the world size "
+                          f"{world_size} (data-parallel ranks); use a multiple of {world_size}")
+
+
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of rank ``rank``'s contiguous shard of an ``n``-row global batch (``n % world_size == 0``)."""
+    per = n // world_size
+    return rank * per, (rank + 1) * per
+
+
+def shard_batch(batch: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any]:
+    """This rank's rows of a mixed batch: every per-row entry (tensors with ``b`` rows, the caption list) is sliced;
+    scalars such as ``step`` are kept."""
+    n = len(batch["texts"])
+    check_batch_size(n, world_size)
+    lo, hi = shard_bounds(n, rank, world_size)
+    out: dict[str, Any] = {}
+    for key, value in batch.items():
+        per_row = (isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == n) or isinstance(value, list)
+        out[key] = value[lo:hi] if per_row else value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- collectives
+def gather_batch(features: torch.Tensor) -> torch.Tensor:
+    """All ranks' ``[b/W, D]`` features concatenated in rank order (= the global batch's row order), differentiable:
+    the backward sends each shard its gradient summed over the ranks."""
+    if not is_data_parallel():
+        return features
+    # differentiable (its backward reduce-scatters with SUM); replaces the deprecated torch.distributed.nn all_gather
+    from torch.distributed._functional_collectives import all_gather_single
+
+    return all_gather_single(features.contiguous(), 0, torch.distributed.group.WORLD)
+
+
+def any_rank(flag: bool, device: torch.device | str) -> bool:
+    """True if ``flag`` is true on any rank (e.g. cooperative early stopping): every rank then stops at the same step,
+    where otherwise the others would wait forever in the next gradient all-reduce."""
+    if not is_data_parallel():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=_collective_device(device))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable objects), so a decision made once (e.g. the budget's steps per
+    task) is the same everywhere."""
+    if not is_data_parallel():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block first (e.g. building FiF-mini or the pretrained base into a shared directory); the other
+    ranks run it after, finding the result on shared storage or building their own copy on another node."""
+    if not is_data_parallel():
+        yield
+        return
+    if not is_rank_zero():
+        torch.distributed.barrier()
+        yield
+        return
+    try:
+        yield
+    finally:  # also when rank 0 fails (bad input): the others then run the block and fail the same way, not hang
+        torch.distributed.barrier()
+
+
+def _collective_device(device: torch.device | str) -> torch.device:
+    # NCCL only moves CUDA tensors; gloo moves CPU tensors (and CUDA ones)
+    device = torch.device(device)
+    return device if torch.distributed.get_backend() != "gloo" else torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------- the model
+class PairEncoder(nn.Module):
+    """``(images, tokens) -> (image features, text features, exp(logit_scale))`` of a CLIP model, L2-normalised:
+    the one forward DDP wraps (DDP syncs gradients only of what runs through its ``forward``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        m = self.model
+        return m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), m.logit_scale.exp()
+
+
+def data_parallel(model: nn.Module, device: torch.device | str) -> nn.Module | None:
+    """``DistributedDataParallel(PairEncoder(model))`` sharing ``model``'s parameters, or None on one process or when
+    nothing is trainable (nothing to synchronise). Methods keep working on ``model`` itself (state-dict keys
+    unchanged).
+
+    ``find_unused_parameters=False`` (no autograd-graph walk per step): every registered method's trainable
+    parameters all take part in the CLIP forward — locked towers and PEFT freeze what they leave out, so frozen
+    parameters are simply not synchronised (``tests/test_ddp.py`` checks this for the whole registry; a method
+    breaking it fails at its second step with DDP's "find_unused_parameters" error). ``forward_sync_buffers=False``:
+    buffers are constants (attention masks), identical on every rank and synced once at construction.
+    """
+    if not is_data_parallel() or not any(p.requires_grad for p in model.parameters()):
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    device = torch.device(device)
+    ids = None
+    if device.type == "cuda":
+        ids = [device.index if device.index is not None else torch.cuda.current_device()]
+    return DistributedDataParallel(PairEncoder(model), device_ids=ids, forward_sync_buffers=False,
+                                   find_unused_parameters=False)
