@@ -1,0 +1,12 @@
+"""Per-task compute budget x method.
+
+Runs on the embedded FiF-mini benchmark with no arguments; see `--help` for real data, backbones, a Ray cluster
+address and GPUs per trial. Sweep definition: configs/sweep_budgets.yaml.
+"""
+import sys
+from pathlib import Path
+
+from fomo_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(Path(__file__).with_name("configs") / "sweep_budgets.yaml", description=__doc__))

@@ -1,0 +1,12 @@
+"""Every continual-update method at equal compute (the paper's method study).
+
+Runs on the embedded FiF-mini benchmark with no arguments; see `--help` for real data, backbones, a Ray cluster
+address and GPUs per trial. Sweep definition: configs/sweep_methods.yaml.
+"""
+import sys
+from pathlib import Path
+
+from fomo_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(Path(__file__).with_name("configs") / "sweep_methods.yaml", description=__doc__))

@@ -1,0 +1,12 @@
+"""Model size at equal per-task compute: tiny-s / tiny-m / tiny-l CLIPs.
+
+Runs on the embedded FiF-mini benchmark with no arguments; see `--help` for real data, backbones, a Ray cluster
+address and GPUs per trial. Sweep definition: configs/sweep_model_sizes.yaml.
+"""
+import sys
+from pathlib import Path
+
+from fomo_ray.experiment_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(Path(__file__).with_name("configs") / "sweep_model_sizes.yaml", description=__doc__))

@@ -1,0 +1,145 @@
+"""The command line shared by ``experiments/*.py`` and ``fomo-ray sweep``: flags -> sweep spec -> run -> summary.
+
+Each experiment script is three lines: it names its sweep YAML and calls :func:`main`. Flags map onto dotted config
+overrides (``--backbone ViT-B-16`` is ``backbone.name=ViT-B-16``), and any ``key=value`` argument is passed through,
+so everything in ``fomo_ray.config`` can be set from the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Sequence
+
+#: flag -> dotted config key (values are typed by argparse, validated by the config tree)
+FLAG_KEYS: dict[str, str] = {
+    "output_dir": "output_dir",
+    "data_root": "data.root",
+    "benchmark": "data.benchmark",
+    "backbone": "backbone.name",
+    "pretrained": "backbone.pretrained",
+    "num_tasks": "stream.num_tasks",
+    "address": "ray.address",
+    "gpus_per_trial": "ray.gpus_per_worker",
+    "cpus_per_trial": "ray.cpus_per_worker",
+    "workers_per_trial": "ray.num_workers",
+    "max_concurrent": "ray.max_concurrent_trials",
+    "storage_path": "ray.storage_path",
+    "tracking_uri": "tracking.uri",
+}
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="dotted config overrides for every trial, e.g. optimizer.lr=1e-4 stream.num_tasks=8")
+    g = ap.add_argument_group("data and model")
+    g.add_argument("--data-root", help="converted benchmark directory (data.root)")
+    g.add_argument("--benchmark", choices=["fifmini", "fif"], help="embedded FiF-mini or converted real FiF data")
+    g.add_argument("--backbone", help="open_clip architecture, e.g. fomo-tiny-s (CPU) or ViT-B-16")
+    g.add_argument("--pretrained", help="open_clip tag or checkpoint file ('auto': cached tiny base)")
+    g.add_argument("--num-tasks", type=int, help="T, tasks the stream is cut into")
+    g = ap.add_argument_group("Ray")
+    g.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    g.add_argument("--gpus-per-trial", type=float, help="GPUs per trial worker; 0.5 packs two trials per GPU")
+    g.add_argument("--cpus-per-trial", type=float, help="CPUs per trial worker")
+    g.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial (>1: DDP TorchTrainer)")
+    g.add_argument("--max-concurrent", type=int, help="cap on concurrent trials (default: as resources allow)")
+    g.add_argument("--storage-path", help="shared storage for checkpoints (required on multi-node clusters)")
+    g.add_argument("--trainer", choices=["auto", "train", "function"], help="how a trial hosts its run")
+    g = ap.add_argument_group("sweep")
+    g.add_argument("--name", help="sweep name (its directory under OUTPUT_DIR/sweeps)")
+    g.add_argument("--output-dir", help="where sweeps, the MLflow database and reports go (default: runs)")
+    g.add_argument("--search", choices=["grid", "random", "optuna"], help="search algorithm")
+    g.add_argument("--num-samples", type=int, help="samples per grid point / trials for random and optuna")
+    g.add_argument("--tracking-uri", help="MLflow URI (default: MLFLOW_TRACKING_URI or OUTPUT_DIR/mlflow.db)")
+    g.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ex = g.add_mutually_exclusive_group()
+    ex.add_argument("--fresh", action="store_true", help="start a new directory even if an interrupted one exists")
+    ex.add_argument("--resume", action="store_true", help="require an interrupted sweep to resume")
+    g.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
+    g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
+
+
+def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> Any:
+    """The sweep spec with the flags applied (as base overrides)."""
+    from fomo_ray.config import parse_override
+    from fomo_ray.sweep import load_sweep
+
+    extra: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            extra[key] = value
+    if args.no_mlflow:
+        extra["tracking.enabled"] = False
+    spec = load_sweep(sweep_file, extra)
+    changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer")
+               if getattr(args, k, None) is not None}
+    return replace(spec, **changes) if changes else spec
+
+
+def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_sweep: str | Path | None) -> int:
+    from fomo_ray.config import ConfigError
+    from fomo_ray.sweep import SweepError, grid_points, parse_space, plan_sweep, run_sweep, trial_label
+    from fomo_ray.tracking import TrackingError
+
+    add_arguments(ap)
+    if default_sweep is not None:
+        ap.add_argument("--sweep", default=str(default_sweep), help=f"sweep YAML (default: {default_sweep})")
+    args = ap.parse_intermixed_args(argv)  # key=value overrides may come before or after the flags
+    prog = ap.prog
+    try:
+        spec = spec_from_args(args.sweep, args)
+        if args.dry_run:
+            plan = plan_sweep(spec)
+            print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
+                  f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
+            space = parse_space(spec.space)
+            fixed = {k: d for k, d in space.items() if d.kind in ("grid", "points")}
+            for combo in grid_points(fixed):
+                print(f"  {trial_label(combo, fixed)}")
+            for k, d in space.items():
+                if k not in fixed:
+                    print(f"  sampled per trial: {k} ~ {d.kind}{list(d.values)}")
+            return 0
+        if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
+        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs)
+    except (ConfigError, SweepError, TrackingError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+    print_summary(out)
+    return 0 if out.trials.empty or (out.trials["status"] != "ERROR").all() else 1
+
+
+def print_summary(out: Any) -> None:
+    """The results table and where everything is."""
+    from fomo_ray.report import format_table, trial_table
+    from fomo_ray.tracking import DB_NAME
+
+    print()
+    if not out.tidy.empty:
+        print(format_table(trial_table(out.tidy, out.trials)))
+        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point; "
+              "* = on the A_KA/A_ZS Pareto front)")
+    failed = out.trials[out.trials["status"] == "ERROR"] if not out.trials.empty else out.trials
+    for _, r in failed.iterrows():
+        print(f"FAILED {r['run']}: {r['error']}")
+    print(f"\nwall time {out.wall_s / 60:.1f} min")
+    print(f"sweep directory     {out.directory}")
+    for name in ("results.csv", "tidy.csv", "trials.csv"):
+        if (out.directory / name).is_file():
+            print(f"  {name:<18}{out.directory / name}")
+    for f in out.report_files:
+        print(f"  {f.name:<18}{f}")
+    if out.tracking_uri:
+        print(f"MLflow              {out.tracking_uri}  (parent run {out.parent_run_id})")
+        if out.tracking_uri.endswith(DB_NAME):
+            out_dir = Path(out.tracking_uri[len("sqlite:///"):]).parent
+            print(f"  browse with       fomo-ray ui --output-dir {out_dir}")
+
+
+def main(default_sweep: str | Path, argv: Sequence[str] | None = None, description: str = "") -> int:
+    """Entry point of an ``experiments/*.py`` script."""
+    ap = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=description)
+    return run_cli(ap, argv, default_sweep)

@@ -1,0 +1,365 @@
+"""One continual run under Ray: the loop of ``loop.py``, unchanged, inside a Ray Train worker (the only
+``ray.train`` import).
+
+Two ways to host a run, sharing :func:`continual_run`:
+
+* :func:`fit_train_run` -- a Ray Train ``TorchTrainer`` (Train V2, ray 2.60): CPU workers locally, GPU workers
+  with DDP on clusters (the loop shards each global batch over the ranks: ``fomo_ray/distributed.py``), optional
+  elastic ``(min, max)`` worker counts, worker restarts from ``ray.train.FailureConfig``.
+  Inside a Ray Tune trial it is launched from the trial's function (``Tuner(trainer)`` no longer exists) and forwards
+  results with ``TuneReportCallback``; the Train run is named after the Tune trial id, so relaunching a trial with the
+  same name and storage path resumes the Train run from its latest checkpoint.
+* the plain Tune function trainable of ``sweep.py`` for runs of one worker and <= 1 GPU (no Train controller, so
+  trials start in ~1 s and fractional GPUs pack several trials per device).
+
+A checkpoint is a directory: the loop's ``save_state`` output (weights, method state, optimizer/scheduler state
+mid-task, RNG states, stream cursor) plus ``fomo_ray_run.json`` with the MLflow run id, so a restarted worker continues
+exactly where the checkpoint was taken *and* logs into the same MLflow run. It is reported at the end of every task
+and every ``ray.checkpoint_every_steps`` steps.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Protocol
+
+import ray
+
+from fomo_ray.config import ExperimentConfig
+
+# ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
+# needs them, and eight such trials starting on two cores should not each pay seconds of imports.
+
+CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's checkpoints
+RESUMED_TAG = "fomo_ray.resumed_from"  # the cursor a restarted worker continued from
+WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attempt
+RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
+STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
+SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
+DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>"
+
+
+class RunFailed(RuntimeError):
+    """A run ended without finishing its stream (Ray gave up after max_failures, or it diverged)."""
+
+
+class RunDiverged(RunFailed):
+    """The run failed deterministically (non-finite loss): running it again gives the same failure."""
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Fault injection for tests and drills: the rank-0 worker exits hard (``os._exit``) ``delay_s`` seconds after
+    it finished optimizer step ``step`` of task ``task``, once -- ``marker`` records that it happened, so the
+    restarted worker goes on. (Ray Train registers reports on a 2 s poll: a crash sooner than that after a
+    checkpoint falls back to the checkpoint before it -- still exact, but it would not exercise a mid-task resume.)"""
+    task: int
+    step: int
+    marker: str
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class RunPayload:
+    """Everything the process that runs the loop needs (picklable; travels to Ray workers)."""
+    cfg: ExperimentConfig
+    run_name: str
+    tracking_uri: str = ""            # "" = no MLflow logging
+    mlflow_run_id: str = ""           # the trial's run, created by the driver; a checkpoint's id wins on resume
+    log_checkpoints: bool = True
+    storage_uri: str = ""             # where Ray persists this run's checkpoints (a pointer for MLflow)
+    fault: FaultSpec | None = None
+    runner: Any = None                # module-like: run_stream, RunHooks, save_state, load_state, TrainingDiverged
+
+
+class Session(Protocol):
+    """What :func:`continual_run` needs from its host (Ray Train worker or Tune function)."""
+    rank: int
+    world_size: int
+
+    def get_checkpoint(self) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------------- pure helpers
+def default_runner() -> Any:
+    return importlib.import_module("fomo_ray.loop")
+
+
+def check_workers(cfg: ExperimentConfig, runner: Any = None) -> None:
+    """Refuse several workers per run unless the loop shards batches and averages gradients across ranks (its
+    ``DISTRIBUTED`` flag): N workers that each run the whole loop would only repeat the same work N times."""
+    if cfg.ray.num_workers > 1 and not getattr(runner or default_runner(), "DISTRIBUTED", False):
+        from fomo_ray.config import ConfigError
+
+        raise ConfigError(f"config key 'ray.num_workers' = {cfg.ray.num_workers}: this loop has no data-parallel "
+                          f"(DDP) support, so a run uses one worker; scale out with more trials instead")
+
+
+def summary_of(records: list[Mapping[str, Any]], run: str, task: int) -> dict[str, float]:
+    """A_KA, A_ZS, GM of one evaluation point (metrics.summarize over the point's records)."""
+    import pandas as pd
+
+    from fomo_ray.metrics import summarize
+
+    df = pd.DataFrame([{**r, "run": run, "task": task} for r in records])
+    row = summarize(df).iloc[0]
+    return {k: float(row[k]) for k in SUMMARY_KEYS}
+
+
+def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, Any]:
+    """The flat result reported to Ray for one evaluation point (Tune keeps one row per report)."""
+    out: dict[str, Any] = {"kind": "eval", "task": int(task), **summary}
+    for r in records:
+        out[f"{DATASET_PREFIX}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
+    return out
+
+
+def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Inverse of :func:`eval_report`'s per-dataset part: tidy records (dataset, role, metric, value)."""
+    out = []
+    for key, value in report.items():
+        if isinstance(key, str) and key.startswith(DATASET_PREFIX) and value == value:  # skip NaN fill-ins
+            role, dataset, metric = key[len(DATASET_PREFIX):].split("/", 2)
+            out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value)})
+    return out
+
+
+def checkpoint_position(state: Any) -> tuple[int, int, bool]:
+    """(task, step, at_boundary) of a LoopState. Its cursor is the *next* (task, step) to run, so a task-end
+    checkpoint after task t reads (t + 1, 0) with no optimizer state (the next task starts a fresh AdamW)."""
+    task, step = int(state.task), int(state.step)
+    return task, step, step == 0 and getattr(state, "optimizer", None) is None
+
+
+def checkpoint_name(task: int, step: int) -> str:
+    """Deterministic, sortable checkpoint directory name from the cursor (never a timestamp)."""
+    return f"cursor_t{task:03d}_s{step:07d}"
+
+
+def write_run_meta(directory: str | Path, mlflow_run_id: str, run_name: str) -> None:
+    Path(directory, RUN_META).write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "run_name": run_name}))
+
+
+def read_run_meta(directory: str | Path) -> dict[str, str]:
+    path = Path(directory, RUN_META)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def set_threads(cpus: float) -> None:
+    """Pin torch's intra-op threads to the CPUs the worker reserved: the same thread count gives the same float
+    reduction order, which bitwise-exact resume relies on (and it stops oversubscription on shared nodes)."""
+    n = max(1, int(cpus))
+    os.environ["OMP_NUM_THREADS"] = str(n)  # read by torch at import
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
+
+
+# --------------------------------------------------------------------------------------------------- the run body
+class _Bridge:
+    """The loop's hooks on one host: per-point reports to the session, MLflow logging (rank 0), checkpoints
+    (rank 0 writes, every rank reports), and the optional injected fault."""
+
+    def __init__(self, p: RunPayload, session: Session, runner: Any, run_id: str, tracker: Any):
+        self.p, self.session, self.runner, self.run_id, self.tracker = p, session, runner, run_id, tracker
+        self.rank0 = session.rank == 0
+        self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
+        self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
+
+    def on_eval(self, task: int, records: list[Mapping[str, Any]]) -> None:
+        summary = summary_of(records, self.p.run_name, task)
+        self.last.update(summary)
+        if self.tracker is not None:
+            from fomo_ray.tracking import eval_metrics
+
+            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=task)
+        self.session.report({**eval_report(task, records, summary), "node_id": _node_id()}, None, None)
+
+    def on_step(self, task: int, step: int, loss: float, lr: float) -> None:
+        f = self.p.fault
+        if f is not None and self.rank0 and (task, step) == (f.task, f.step) and not os.path.exists(f.marker):
+            Path(f.marker).write_text(f"killed at task {task} step {step} (pid {os.getpid()})\n")
+            time.sleep(f.delay_s)
+            os._exit(1)  # a hard crash: no cleanup, no exception handling, like a lost node
+
+    def on_checkpoint(self, state: Any) -> None:
+        task, step, boundary = checkpoint_position(state)
+        tmp = tempfile.mkdtemp(prefix="fomo_ckpt_") if self.rank0 else None
+        if tmp is not None:
+            self.runner.save_state(state, tmp)
+            write_run_meta(tmp, self.run_id, self.p.run_name)
+            if self.tracker is not None and boundary:
+                self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: self.p.storage_uri,
+                                                    "fomo_ray.last_checkpoint": checkpoint_name(task, step)})
+        self.session.report({"kind": "checkpoint", "task": task, "step": step, **self.last}, tmp,
+                            checkpoint_name(task, step))
+        if tmp is not None and boundary:
+            self.kept.append(tmp)
+            while len(self.kept) > 1:
+                shutil.rmtree(self.kept.pop(0), ignore_errors=True)
+        elif tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def finish(self, final: dict[str, Any]) -> dict[str, Any]:
+        """Report the outcome *with a checkpoint* (Ray Train's result carries the metrics of its newest checkpoint):
+        the newest task-end state plus a status file, so a relaunch of an ended run does not redo it."""
+        d = None
+        if self.rank0:
+            d = self.kept[-1] if self.kept else tempfile.mkdtemp(prefix="fomo_ckpt_")
+            Path(d, STATUS_FILE).write_text(json.dumps(final))
+            if not self.kept:
+                write_run_meta(d, self.run_id, self.p.run_name)
+            if self.tracker is not None and self.p.log_checkpoints and final["kind"] == "done" and self.kept:
+                # the final state only: one full state per task and trial would multiply the store's size by T;
+                # every task-end checkpoint stays reachable through the fomo_ray.checkpoint_uri tag
+                self.tracker.log_artifacts(self.run_id, d, artifact_path="checkpoints/final")
+        try:
+            self.session.report(final, d, f"final_{final['kind']}")
+        finally:
+            for k in {*self.kept, *([d] if d else [])}:
+                shutil.rmtree(k, ignore_errors=True)
+        return final
+
+
+def _resume_point(session: Session, runner: Any) -> tuple[Any, dict[str, str], dict[str, Any] | None]:
+    """(loop state to resume or None, run meta, final status if the run already ended) from the host's checkpoint."""
+    ckpt = session.get_checkpoint()
+    if ckpt is None:
+        return None, {}, None
+    with ckpt.as_directory() as d:
+        status = Path(d, STATUS_FILE)
+        if status.is_file():
+            return None, read_run_meta(d), json.loads(status.read_text())
+        return runner.load_state(d), read_run_meta(d), None
+
+
+def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
+    """Run (or resume) one continual stream and report every evaluation point and checkpoint to ``session``.
+
+    Rank 0 alone logs to MLflow and writes checkpoints; every rank calls ``report`` equally often (Train V2's
+    report is a barrier). A diverged run ends with ``kind="failed"`` instead of raising, so Ray does not retry a
+    deterministic failure. Returns the final report (``kind`` "done" or "failed").
+    """
+    runner = p.runner or default_runner()
+    resume, meta, ended = _resume_point(session, runner)
+    if ended is not None:  # relaunched after it ended (e.g. a restored sweep): nothing to redo
+        return ended
+    run_id = meta.get("mlflow_run_id") or p.mlflow_run_id
+    tracker = None
+    if session.rank == 0 and p.tracking_uri and run_id:
+        from fomo_ray.tracking import Tracker
+
+        tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
+        tracker.set_tags(run_id, {WORLD_TAG: session.world_size})
+        if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
+            tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
+    bridge = _Bridge(p, session, runner, run_id, tracker)
+    hooks = runner.RunHooks(on_eval=bridge.on_eval, on_step=bridge.on_step, on_checkpoint=bridge.on_checkpoint)
+    try:
+        runner.run_stream(p.cfg, hooks=hooks, resume=resume)
+    except runner.TrainingDiverged as e:
+        return bridge.finish({"kind": "failed", "reason": f"{type(e).__name__}: {e}", **bridge.last})
+    return bridge.finish({"kind": "done", **bridge.last})
+
+
+def _node_id() -> str:
+    try:
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (direct calls in tests)
+        return ""
+
+
+# --------------------------------------------------------------------------------------------------- Ray Train host
+class TrainSession:
+    """:class:`Session` inside a Ray Train worker."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+
+    def get_checkpoint(self) -> Any:
+        import ray.train
+
+        return ray.train.get_checkpoint()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+
+def train_worker(payload: dict[str, Any]) -> None:
+    """``train_loop_per_worker``: the same body on every worker (torch.distributed is set up by Ray Train)."""
+    p: RunPayload = payload["payload"]
+    set_threads(p.cfg.ray.cpus_per_worker)
+    continual_run(p, TrainSession())
+
+
+def scaling_config(cfg: ExperimentConfig) -> Any:
+    """Workers from ``cfg.ray``: a fixed count, or elastic ``(min_workers, num_workers)``."""
+    import ray.train
+
+    r = cfg.ray
+    workers: int | tuple[int, int] = (r.min_workers, r.num_workers) if 0 < r.min_workers < r.num_workers \
+        else r.num_workers
+    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
+    return ray.train.ScalingConfig(num_workers=workers, use_gpu=r.gpus_per_worker > 0,
+                                   resources_per_worker=resources)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    metrics: dict[str, Any]   # the last report (kind "done")
+    checkpoint: str | None    # the newest checkpoint directory (the final state of the stream)
+    path: str                 # the Train run's directory under storage_path
+
+
+def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
+                  callbacks: list[Any] = ()) -> TrainOutcome:
+    """Run ``payload`` as a ``TorchTrainer`` named ``name`` under ``storage_path``.
+
+    A run relaunched with the same (name, storage_path) resumes from its latest checkpoint (Train V2 restoration),
+    which is how a retried or restored Tune trial continues instead of starting over. Raises :class:`RunFailed`.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = payload.cfg
+    check_workers(cfg, payload.runner)
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"payload": payload},
+        scaling_config=scaling_config(cfg),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
+            # two, so a crash while the newest is being written still leaves a complete one
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # TrainingFailedError and friends: workers failed more than max_failures times
+        raise RunFailed(f"run {payload.run_name!r} (Train run {name}) failed after {cfg.ray.max_failures} worker "
+                        f"restart(s): {e}") from e
+    metrics = dict(result.metrics or {})
+    if metrics.get("kind") == "failed":
+        raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}")
+    return TrainOutcome(metrics, result.checkpoint.path if result.checkpoint else None, str(result.path))
+
+
+def train_storage(storage_root: str | Path) -> str:
+    return str(Path(storage_root, "train"))

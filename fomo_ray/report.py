@@ -1,0 +1,223 @@
+"""Sweep reports from the tidy results table: a per-trial table, trajectory plot, Pareto front, merge-weight plot.
+
+Follows the presentation of Roth, Udandarao et al. 2024 ("A Practitioner's Guide to Continual Multimodal
+Pretraining", arXiv 2408.14471): every run is a trajectory in the (A_KA, A_ZS) plane starting at the shared zero-shot
+point, scored by its final point and by the mean over the trajectory; the interesting runs are those on the Pareto
+front of accumulation vs retention, and the merge study plots final A_KA / A_ZS / GM against the merge weight w.
+
+Files (written under temp names, then renamed): ``table.csv``, ``table.md``, ``trajectories.png``, ``pareto.png``,
+and with a numeric swept key ``vs_<key>.png``.
+
+Command line::
+
+    fomo-ray report runs/sweeps/merge_weights            # a sweep directory (tidy.csv + trials.csv)
+    fomo-ray report results.csv --out report/            # any tidy table (run, task, dataset, role, metric, value)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display (CI, cluster heads)
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from fomo_ray.metrics import MetricsError, load_results, summarize, trajectory_means  # noqa: E402
+
+SCORES = ("A_KA", "A_ZS", "GM")
+
+
+class ReportError(ValueError):
+    """Input for a report is missing or malformed; the message names the file or column."""
+
+
+# --------------------------------------------------------------------------------------------------- pure tables
+def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
+    """True where point i is not dominated (another point >= in both and > in one); both axes maximised."""
+    pts = list(zip(xs, ys))
+    out = []
+    for i, (x, y) in enumerate(pts):
+        dominated = any((a >= x and b >= y and (a > x or b > y)) for j, (a, b) in enumerate(pts) if j != i)
+        out.append(not dominated)
+    return out
+
+
+def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per trial: final and trajectory-mean A_KA, A_ZS, GM, the Pareto flag and the trial's swept values;
+    sorted by final GM (best first)."""
+    table = trajectory_means(summarize(tidy))
+    table["pareto"] = pareto_mask(table["final_A_KA"].tolist(), table["final_A_ZS"].tolist())
+    if trials is not None and not trials.empty:
+        extra = [c for c in trials.columns if c not in table.columns and c != "error"]
+        table = table.merge(trials[["run", *extra]], on="run", how="left")
+    return table.sort_values("final_GM", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """Markdown table of the scores in percent (what the experiments print and MLflow shows)."""
+    labels = [c for c in table.columns if "." in c or c in ("variant",)]
+    cols = ["run", *labels, *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], "pareto"]
+    head = ["run", *labels, "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM", "Pareto"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in table[cols].iterrows():
+        cells = []
+        for c in cols:
+            v = r[c]
+            if c.startswith(("final_", "mean_")):
+                cells.append("n/a" if pd.isna(v) else f"{100 * v:.1f}")
+            elif c == "pareto":
+                cells.append("*" if v else "")
+            else:
+                cells.append("" if pd.isna(v) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------- plots
+def _save(fig: plt.Figure, path: Path) -> Path:
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_trajectories(summary: pd.DataFrame, path: Path) -> Path:
+    """A_KA (x) vs A_ZS (y): one line per trial from the zero-shot point through one point per task."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    for run, g in summary.sort_values("task").groupby("run", sort=True):
+        ax.plot(100 * g["A_KA"], 100 * g["A_ZS"], marker="o", ms=3, lw=1.2, label=run)
+        ax.scatter(100 * g["A_KA"].iloc[-1], 100 * g["A_ZS"].iloc[-1], s=30, zorder=3)
+    zs = summary[summary["task"] == 0]
+    if not zs.empty:
+        ax.scatter(100 * zs["A_KA"].mean(), 100 * zs["A_ZS"].mean(), marker="*", s=200, c="k", zorder=4,
+                   label="zero-shot")
+    ax.set_xlabel("knowledge accumulation A_KA (%)")
+    ax.set_ylabel("zero-shot retention A_ZS (%)")
+    ax.set_title("trajectories (zero-shot point, then one point per task)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_pareto(table: pd.DataFrame, path: Path) -> Path:
+    """Final (A_KA, A_ZS) per trial with the Pareto front connected."""
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    ax.scatter(100 * table["final_A_KA"], 100 * table["final_A_ZS"], c=["C3" if p else "C0" for p in table["pareto"]])
+    for _, r in table.iterrows():
+        ax.annotate(str(r["run"]), (100 * r["final_A_KA"], 100 * r["final_A_ZS"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    front = table[table["pareto"]].sort_values("final_A_KA")
+    ax.plot(100 * front["final_A_KA"], 100 * front["final_A_ZS"], c="C3", lw=1, label="Pareto front")
+    ax.set_xlabel("final A_KA (%)")
+    ax.set_ylabel("final A_ZS (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_vs_key(table: pd.DataFrame, key: str, path: Path) -> Path:
+    """Final A_KA / A_ZS / GM against a numeric swept key (e.g. the merge weight w); trials without the key (the
+    reference points: fine-tune, zero-shot, joint) are drawn as horizontal lines."""
+    swept = table[table[key].notna()].sort_values(key)
+    refs = table[table[key].isna()]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    for ax, s in zip(axes, SCORES):
+        ax.plot(swept[key].astype(float), 100 * swept[f"final_{s}"], marker="o", c="k", label=f"final {s}")
+        ax.plot(swept[key].astype(float), 100 * swept[f"mean_{s}"], marker=".", ls=":", c="gray",
+                label=f"trajectory mean {s}")
+        for i, (_, r) in enumerate(refs.iterrows()):
+            ax.axhline(100 * r[f"final_{s}"], ls="--", lw=1, c=f"C{i}", label=_ref_label(r))
+        ax.set_xlabel(key)
+        ax.set_ylabel(f"{s} (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"final scores vs {key}")
+    return _save(fig, path)
+
+
+def _ref_label(r: pd.Series) -> str:
+    return str(r.get("variant") if isinstance(r.get("variant"), str) else r["run"])
+
+
+# --------------------------------------------------------------------------------------------------- assembly
+def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str | Path, x_key: str = "") -> list[Path]:
+    """Write the table and plots for a tidy results table; return the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize(tidy)
+    table = trial_table(tidy, trials)
+    files = []
+    tmp = out / ".table.csv.tmp"
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, out / "table.csv")
+    files.append(out / "table.csv")
+    tmp = out / ".table.md.tmp"
+    tmp.write_text(format_table(table) + "\n")
+    os.replace(tmp, out / "table.md")
+    files.append(out / "table.md")
+    files.append(plot_trajectories(summary, out / "trajectories.png"))
+    files.append(plot_pareto(table, out / "pareto.png"))
+    if x_key:
+        if x_key not in table.columns:
+            raise ReportError(f"report x key '{x_key}' is not a column of the trials table; "
+                              f"columns: {sorted(table.columns)}")
+        if table[x_key].notna().sum() >= 2:
+            files.append(plot_vs_key(table, x_key, out / f"vs_{x_key.rsplit('.', 1)[-1]}.png"))
+    return files
+
+
+def load_sweep_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
+    """(tidy, trials or None, summary.json or {}) from a sweep directory or a tidy table file."""
+    if path.is_dir():
+        tidy_path = path / "tidy.csv"
+        if not tidy_path.is_file():
+            raise ReportError(f"{path} holds no tidy.csv (is it a finished sweep directory?)")
+        trials = pd.read_csv(path / "trials.csv") if (path / "trials.csv").is_file() else None
+        summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
+        return load_results(tidy_path), trials, summary
+    return load_results(path), None, {}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fomo-ray report PATH``: table + plots from a sweep directory or a tidy results table."""
+    ap = argparse.ArgumentParser(prog="fomo-ray report", description=main.__doc__)
+    ap.add_argument("path", help="sweep directory (tidy.csv, trials.csv) or a tidy table (.csv / .parquet)")
+    ap.add_argument("--trials", default="", help="trials table with swept values per run (default: beside PATH)")
+    ap.add_argument("--out", default="", help="output directory (default: PATH/report or beside the table)")
+    ap.add_argument("--x", default="", help="numeric swept key to plot final scores against (e.g. method.merge.weight)")
+    ap.add_argument("--mlflow", action="store_true", help="attach the files to the sweep's MLflow parent run")
+    args = ap.parse_args(argv)
+    path = Path(args.path)
+    try:
+        tidy, trials, summary = load_sweep_tables(path)
+        if args.trials:
+            trials = pd.read_csv(args.trials)
+        out = Path(args.out) if args.out else (path / "report" if path.is_dir() else path.parent / "report")
+        files = build_report(tidy, trials, out, x_key=args.x or summary.get("report_x", ""))
+    except (ReportError, MetricsError, OSError) as e:
+        print(f"fomo-ray report: {e}", file=sys.stderr)
+        return 2
+    print((out / "table.md").read_text())
+    for f in files:
+        print(f"wrote {f}")
+    if args.mlflow:
+        if not summary.get("parent_run_id"):
+            print("fomo-ray report: --mlflow needs a sweep directory with summary.json", file=sys.stderr)
+            return 2
+        from fomo_ray.tracking import Tracker
+
+        tracker = Tracker(summary["tracking_uri"], summary.get("experiment", "fomo_ray"))
+        tracker.log_artifacts(summary["parent_run_id"], out, artifact_path="report")
+        print(f"attached to MLflow run {summary['parent_run_id']} at {summary['tracking_uri']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,364 @@
+"""Sweeps: space parsing and fail-fast validation (no Ray), the directory policy, every shipped sweep config, and
+(marked ``ray``) an end-to-end sweep with MLflow, a failing trial, Tuner.restore and a two-node cluster."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from fomo_ray import sweep
+from fomo_ray.config import ConfigError, load_config
+from fomo_ray.sweep import Dim, SweepError, parse_dim, parse_space, spec_from_dict
+
+from _edges_util import REPO, StandIn, register_by_value
+
+CONFIGS = sorted((REPO / "experiments" / "configs").glob("sweep_*.yaml"))
+
+
+# --------------------------------------------------------------------------------------------------- the space
+def test_parse_dims():
+    assert parse_dim("k", {"grid": [1, 2]}) == Dim("grid", (1, 2))
+    assert parse_dim("k", {"loguniform": [1e-5, 1e-3]}).candidates() == [1e-5, 1e-3]
+    assert parse_dim("k", {"randint": [2, 6]}).candidates() == [2, 5]  # hi exclusive, as Tune
+    pts = parse_dim("variant", {"points": {"ft": {"method.name": "finetune"}}})
+    assert pts.values == (("ft", {"method.name": "finetune"}),)
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"grid": []}, "non-empty list"),
+    ({"gird": [1]}, "unknown kind 'gird'"),
+    ({"loguniform": [0, 1]}, "invalid loguniform"),
+    ({"uniform": [2, 1]}, "invalid uniform"),
+    ({"randint": [1.5, 3]}, "invalid randint"),
+    ({"grid": [1], "choice": [2]}, "expected one of"),
+    ({"points": {"a": 3}}, "point 'a'"),
+])
+def test_bad_dims_are_named(raw, match):
+    with pytest.raises(SweepError, match=match) as e:
+        parse_dim("optimizer.lr", raw)
+    assert "optimizer.lr" in str(e.value)
+
+
+def test_overrides_labels_and_grid():
+    space = parse_space({"variant": {"points": {"ft": {"method.name": "finetune"},
+                                                "ema": {"method.name": "ema_merge", "method.merge.weight": 0.3}}},
+                         "optimizer.lr": {"grid": [1e-4, 3e-4]}})
+    combos = sweep.grid_points(space)
+    assert len(combos) == 4
+    assert sweep.trial_overrides({"variant": "ema", "optimizer.lr": 1e-4}, space) == {
+        "method.name": "ema_merge", "method.merge.weight": 0.3, "optimizer.lr": 1e-4}
+    assert sweep.trial_label({"variant": "ema", "optimizer.lr": 1e-4}, space) == "ema,lr=0.0001"
+    assert sweep.short_key("backbone.name") == "backbone" and sweep.short_key("method.merge.weight") == "weight"
+
+
+def test_validation_fails_fast_naming_key_value_or_point():
+    base = load_config()
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.learning_rate'.*did you mean"):
+        sweep.validate_space(base, parse_space({"optimizer.learning_rate": {"grid": [1e-4]}}))
+    with pytest.raises(ConfigError, match=r"'method.merge.weight' value 1.5.*out of range"):
+        sweep.validate_space(base, parse_space({"method.merge.weight": {"grid": [0.5, 1.5]}}))
+    with pytest.raises(ConfigError, match=r"'optimizer.lr' value -1"):
+        sweep.validate_space(base, parse_space({"optimizer.lr": {"uniform": [-1, 1]}}))
+    with pytest.raises(ConfigError, match=r"point 'variant=bad'.*schedule.nmae"):
+        sweep.validate_space(base, parse_space({"variant": {"points": {"bad": {"schedule.nmae": "cosine"}}}}))
+    with pytest.raises(ConfigError, match=r"trial method=ema_merg.*unknown method 'ema_merg'"):
+        sweep.validate_space(base, parse_space({"method.name": {"grid": ["finetune", "ema_merg"]}}))
+    with pytest.raises(ConfigError, match=r"'backbone.name'.*fomo-tiny-x"):
+        sweep.validate_space(base, parse_space({"backbone.name": {"choice": ["fomo-tiny-x"]}}))
+    # combinations are checked too: each share is valid alone, their sum is not
+    with pytest.raises(ConfigError, match="must sum to 1"):
+        sweep.validate_space(base, parse_space({"mixture.pool": {"grid": [0.5]}}))
+
+
+def test_points_need_a_free_name():
+    with pytest.raises(SweepError, match="'method.name' is a config key"):
+        sweep.validate_space(load_config(), parse_space({"method.name": {"points": {"a": {}}}}))
+
+
+def test_trial_count():
+    space = parse_space({"variant": {"points": {"a": {}, "b": {}}}, "seed": {"grid": [0, 1, 2]},
+                         "optimizer.lr": {"loguniform": [1e-5, 1e-3]}, "method.merge.weight": {"choice": [0.1, 0.9]}})
+    assert sweep.trial_count(space, "grid", 1) == 6  # sampled dims do not multiply
+    assert sweep.trial_count(space, "random", 4) == 24
+    assert sweep.trial_count(space, "optuna", 5) == 5
+
+
+def test_optuna_cannot_enumerate_a_grid():
+    with pytest.raises(SweepError, match="write it as"):
+        sweep.to_tune(parse_space({"optimizer.lr": {"grid": [1e-4]}}), "optuna")
+    assert set(sweep.to_tune(parse_space({"optimizer.lr": {"loguniform": [1e-5, 1e-3]}}), "optuna")) == {"optimizer.lr"}
+
+
+def test_spec_keys_are_checked(tmp_path):
+    with pytest.raises(SweepError, match=r"unknown sweep key\(s\) \['serach'\]"):
+        spec_from_dict({"name": "x", "serach": "grid"})
+    with pytest.raises(SweepError, match="search 'bayes'"):
+        spec_from_dict({"name": "x", "search": "bayes"})
+    with pytest.raises(SweepError, match="not found"):
+        sweep.load_sweep(tmp_path / "missing.yaml")
+
+
+def test_run_sweep_fails_before_ray_or_any_directory(tmp_path):
+    """An invalid space is rejected by run_sweep itself before Ray starts or anything is written."""
+    import ray
+
+    spec = spec_from_dict({"name": "bad", "base": {"output_dir": str(tmp_path)},
+                           "space": {"optimizer.lr": {"grid": [1e-4, 0.0]}}})
+    with pytest.raises(ConfigError, match="'optimizer.lr' value 0.0"):
+        sweep.run_sweep(spec)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path):
+    from fomo_ray.tracking import TrackingError
+
+    from _edges_util import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    spec = spec_from_dict({"name": "s", "base": {"output_dir": str(tmp_path), "tracking.uri": uri},
+                           "space": {"optimizer.lr": {"grid": [1e-4]}}})
+    with pytest.raises(TrackingError, match=uri):
+        sweep.run_sweep(spec)
+    assert not (tmp_path / "sweeps").exists()
+
+
+# --------------------------------------------------------------------------------------------------- directories
+def test_directory_policy(tmp_path):
+    d, resume = sweep.sweep_directory(tmp_path, "s", "auto")
+    assert (d, resume) == (tmp_path / "s", False)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "sweep.json").write_text("{}")  # started, not finished
+    assert sweep.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s", True)
+    assert sweep.sweep_directory(tmp_path, "s", "new") == (tmp_path / "s-2", False)
+    with pytest.raises(SweepError, match="interrupted"):
+        sweep.sweep_directory(tmp_path, "s", "refuse")
+    (tmp_path / "s" / sweep.SUMMARY_FILE).write_text("{}")  # finished: never reused
+    assert sweep.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-2", False)
+    with pytest.raises(SweepError, match="already finished"):
+        sweep.sweep_directory(tmp_path, "s", "resume")
+    with pytest.raises(SweepError, match="nothing to resume"):
+        sweep.sweep_directory(tmp_path, "t", "resume")
+
+
+def test_several_workers_per_run_need_a_data_parallel_loop():
+    from fomo_ray import ray_train
+
+    spec = spec_from_dict({"name": "ddp", "base": {"ray.num_workers": 2, "tracking.enabled": False},
+                           "space": {"seed": {"grid": [0]}}})
+    assert sweep.plan_sweep(spec).use_train  # the loop is data-parallel: N workers -> a TorchTrainer per trial
+    with pytest.raises(ConfigError, match="'ray.num_workers' = 2.*DDP"):
+        ray_train.check_workers(spec.base_config(), runner=StandIn)  # a runner without DISTRIBUTED
+
+
+def test_train_concurrency_from_resources():
+    cfg = load_config(None, {"ray.num_workers": 2, "ray.cpus_per_worker": 1.0, "ray.gpus_per_worker": 1.0})
+    assert sweep.train_concurrency(cfg, {"CPU": 16.0, "GPU": 4.0}) == 2
+    assert sweep.train_concurrency(cfg, {"CPU": 1.0}) == 1  # never 0: one trial waits for its workers
+    assert sweep.trial_resources(cfg, use_train=True) == {"cpu": sweep.TRIAL_TRAIN_CPU}
+    cfg = load_config(None, {"ray.cpus_per_worker": 0.5, "ray.gpus_per_worker": 0.25})
+    assert sweep.trial_resources(cfg, use_train=False) == {"cpu": 0.5, "gpu": 0.25}
+
+
+# --------------------------------------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_every_shipped_sweep_is_valid(path):
+    spec = sweep.load_sweep(path, {"tracking.enabled": False})
+    plan = sweep.plan_sweep(spec)
+    assert plan.total >= 2 and not plan.use_train
+    script = REPO / "experiments" / f"{path.stem}.py"
+    assert script.is_file(), f"{path.name} has no experiment script {script.name}"
+
+
+def test_experiment_scripts_cover_the_papers_studies():
+    names = {p.stem for p in CONFIGS}
+    assert names == {"sweep_merge_weights", "sweep_methods", "sweep_lr_schedules", "sweep_model_sizes",
+                     "sweep_budgets", "sweep_stream_orders"}
+
+
+def test_experiment_dry_run_cli():
+    out = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep_merge_weights.py"), "--dry-run",
+                          "--no-mlflow", "--gpus-per-trial", "0.5"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "merge_weights: 8 trial(s)" in out.stdout and "ema_w0.5" in out.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep_merge_weights.py"), "--dry-run",
+                          "optimizer.lr=-1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "optimizer.lr" in bad.stderr
+
+
+def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
+    path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
+    assert sweep.main([path, "--dry-run", "--no-mlflow", "method.merge.weight=0.3"]) == 0
+    assert "budgets: 12 trial(s)" in capsys.readouterr().out
+    assert sweep.main([path, "method.merge.weight=3", "--dry-run", "--no-mlflow"]) == 2
+    assert "method.merge.weight" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------- real Ray
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
+    """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial:
+    parent/child runs, per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report
+    files; a rerun never overwrites."""
+    from _data_util import small_fifmini
+
+    from fomo_ray.tracking import PARENT_TAG, Tracker
+
+    bench = small_fifmini(tmp_path_factory)
+    spec = spec_from_dict({
+        "name": "e2e", "report": {"x": "method.merge.weight"}, "trainer": "train",
+        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "backbone.pretrained": "",
+                 "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
+                 "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
+                 "ray.cpus_per_worker": 1.0},
+        "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
+                                         "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}})
+    t0 = time.time()
+    out = sweep.run_sweep(spec)
+    wall = time.time() - t0
+    assert list(out.trials["status"]) == ["TERMINATED", "TERMINATED"]
+    res = out.results
+    assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
+    assert res.groupby("run")["task"].apply(list).to_dict() == {"000-finetune": [0, 1, 2], "001-ema": [0, 1, 2]}
+    assert res.loc[res["run"] == "001-ema", "method.merge.weight"].eq(0.5).all()
+    assert out.tidy.groupby(["run", "task"]).size().eq(len(out.tidy.query("run == '000-finetune' and task == 0"))).all()
+    # both trials start from the same theta_0: identical zero-shot points
+    zs = res[res["task"] == 0].set_index("run")[["A_KA", "A_ZS", "GM"]]
+    assert zs.iloc[0].tolist() == zs.iloc[1].tolist()
+
+    tracker = Tracker(out.tracking_uri, "fomo_ray")
+    parent = tracker.client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
+    children = {r.info.run_name: r for r in tracker.children(out.parent_run_id)}
+    assert sorted(children) == ["000-finetune", "001-ema"]
+    for name, run in children.items():
+        assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == out.parent_run_id
+        assert run.data.params["method.name"] == ("finetune" if name == "000-finetune" else "ema_merge")
+        gm = tracker.metric_history(run.info.run_id, "GM")
+        assert gm == list(zip(res.loc[res["run"] == name, "task"], res.loc[res["run"] == name, "GM"]))
+        assert len(tracker.metric_history(run.info.run_id, "SCENES/R_at_5")) == 3  # per-dataset, per task
+        arts = [f.path for f in tracker.client.list_artifacts(run.info.run_id, "checkpoints/final")]
+        assert "checkpoints/final/loop_state.pt" in arts
+    report_arts = {f.path for f in tracker.client.list_artifacts(out.parent_run_id, "report")}
+    assert {"report/table.md", "report/trajectories.png", "report/pareto.png"} <= report_arts
+    assert (out.directory / "results.csv").is_file() and (out.directory / sweep.SUMMARY_FILE).is_file()
+    pd.testing.assert_frame_equal(pd.read_csv(out.directory / "results.csv")[["run", "task", "GM"]],
+                                  res[["run", "task", "GM"]], check_exact=False, rtol=1e-12)
+
+    # a finished sweep is never overwritten
+    before = (out.directory / "results.csv").stat().st_mtime_ns
+    with pytest.raises(SweepError, match="already exists.*finished"):
+        sweep.run_sweep(spec, if_exists="refuse")
+    assert (out.directory / "results.csv").stat().st_mtime_ns == before
+    assert sweep.sweep_directory(tmp_path / "sweeps", "e2e", "auto") == (tmp_path / "sweeps" / "e2e-2", False)
+    print(f"end-to-end sweep (2 trials x 2 tasks, real loop): {wall:.1f} s")
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep(ray_local, tmp_path):
+    """Interrupted after its first trial, the sweep is restored with Tuner.restore; the finished trial is not run
+    again, the diverging trial is FAILED in Tune and MLflow with its reason (and not retried), the last one runs."""
+    from fomo_ray.tracking import REASON_TAG, Tracker
+
+    register_by_value()
+    spec = spec_from_dict({
+        "name": "restore",
+        "base": {"output_dir": str(tmp_path), "stream.num_tasks": 2, "ray.max_concurrent_trials": 1,
+                 "ray.max_failures": 1},
+        "space": {"variant": {"points": {"a": {"seed": 1}, "diverges": {"optimizer.lr": 1.0e308},
+                                         "b": {"seed": 2}}}}})
+    t0 = time.time()
+    first = sweep.run_sweep(spec, runner=StandIn, prepare=False, stop_after_trials=1)
+    assert not (first.directory / sweep.SUMMARY_FILE).exists()  # interrupted: not marked finished
+    assert list(first.trials["run"]) == ["000-a"]
+    second = sweep.run_sweep(spec, runner=StandIn, prepare=False)
+    wall = time.time() - t0
+    assert second.directory == first.directory  # resumed in place
+    calls = sorted(p.name.split("-")[0] for p in (tmp_path / "calls").iterdir())
+    assert calls.count("seed1") == 1  # the finished trial was not redone
+    assert calls.count("seed2") == 1
+    status = second.trials.set_index("run")["status"].to_dict()
+    assert status == {"000-a": "TERMINATED", "001-diverges": "ERROR", "002-b": "TERMINATED"}
+    assert "diverged" in second.trials.set_index("run").loc["001-diverges", "error"]
+    assert sorted(set(second.results["run"])) == ["000-a", "001-diverges", "002-b"]
+    assert (second.directory / sweep.SUMMARY_FILE).is_file()
+    tracker = Tracker(second.tracking_uri, "fomo_ray")
+    runs = {r.info.run_name: r for r in tracker.children(second.parent_run_id)}
+    assert sorted(runs) == ["000-a", "001-diverges", "002-b"]  # one run per trial, also across the restore
+    assert runs["001-diverges"].info.status == "FAILED"
+    assert "TrainingDiverged" in runs["001-diverges"].data.tags[REASON_TAG]
+    assert runs["000-a"].info.status == runs["002-b"].info.status == "FINISHED"
+    assert tracker.client.get_run(second.parent_run_id).data.tags.get(REASON_TAG) == "1 trial(s) failed"
+    print(f"interrupt + Tuner.restore of 3 trials: {wall:.1f} s")
+
+
+@pytest.mark.ray
+def test_optuna_samples_within_the_space(ray_local, tmp_path):
+    """The model-based searcher (Optuna TPE, seeded) proposes trials inside the declared ranges and sees GM."""
+    register_by_value()
+    spec = spec_from_dict({
+        "name": "optuna", "search": "optuna", "num_samples": 3, "metric": "GM",
+        "base": {"output_dir": str(tmp_path), "stream.num_tasks": 1, "tracking.enabled": False,
+                 "ray.max_concurrent_trials": 2, "ray.cpus_per_worker": 0.5},
+        "space": {"optimizer.lr": {"loguniform": [1.0e-5, 1.0e-2]},
+                  "method.merge.weight": {"choice": [0.25, 0.75]}}})
+    out = sweep.run_sweep(spec, runner=StandIn, prepare=False, progress=False)
+    assert len(out.trials) == 3 and (out.trials["status"] == "TERMINATED").all()
+    assert out.trials["optimizer.lr"].between(1e-5, 1e-2).all()
+    assert set(out.trials["method.merge.weight"]) <= {0.25, 0.75}
+    assert out.results.groupby("run")["task"].max().eq(1).all()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, tmp_path_factory):
+    """bench/two_node_cluster.py: `ray start --head` + `ray start --address` on this machine form a 2-node
+    cluster; a 2-trial sweep of the real loop lands one trial on each node; every process started is stopped."""
+    from _data_util import small_fifmini
+
+    bench = small_fifmini(tmp_path_factory)
+    out = tmp_path / "two_node"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "two_node_cluster.py"), "--data-root",
+                           str(bench.root), "--keep", str(out), "--json", str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert len(summary["cluster_nodes"]) == 2
+    assert sorted(n for ns in summary["trial_nodes"].values() for n in ns) == summary["cluster_nodes"]
+    assert set(summary["trial_status"].values()) == {"TERMINATED"}
+    assert summary["stopped_cleanly"], "some node processes needed SIGKILL"
+    print(f"two-node cluster + 2-trial sweep: {time.time() - t0:.1f} s ({summary})")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "cluster").glob("*.yaml")), ids=lambda p: p.stem)
+def test_cluster_launcher_configs_validate_against_rays_schema(path):
+    """cluster/*.yaml pass Ray 2.60's own cluster-launcher validation (defaults filled as `ray up` does), start an
+    MLflow server on the head and mount shared storage on every node."""
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(raw))
+    head = " ".join(raw["head_start_ray_commands"])
+    assert "mlflow server" in head and "--workers" in head and "ray start --head" in head
+    assert any("/mnt/shared" in c for c in raw["setup_commands"])
+    assert raw["available_node_types"][raw["head_node_type"]]["resources"] == {"CPU": 0}
