@@ -23,8 +23,6 @@ Rows are written to ``--out`` after each measurement, so a time limit keeps the 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import tempfile
@@ -128,15 +126,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from fomo_ray.atomic import write_json  # after sys.path has the repo
+
+    write_json(path, obj, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,7 @@ Profiles: on CUDA ViT-B-16 (random init), batch 256, 224 px, 10 timed + 3 warm-u
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import tempfile
 import time
@@ -276,15 +274,9 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    from fomo_ray.atomic import write_json  # after sys.path has the repo
+
+    write_json(path, obj, indent=1)
 
 
 def main(argv: list[str] | None = None) -> int:

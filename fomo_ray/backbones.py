@@ -30,13 +30,13 @@ import contextlib
 import difflib
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from fomo_ray.atomic import torch_save
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 TINY_ARCHS: tuple[str, ...] = ("fomo-tiny-s", "fomo-tiny-m", "fomo-tiny-l")  # increasing size
 DEFAULT_ARCH = "fomo-tiny-s"
@@ -206,15 +206,7 @@ def save_checkpoint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]
     path.parent.mkdir(parents=True, exist_ok=True)
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else dict(model_or_state)
     payload = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in state.items()}, "meta": dict(meta or {})}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return torch_save(payload, path)
 
 
 # --------------------------------------------------------------------------------------------------- factory

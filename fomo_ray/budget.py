@@ -27,10 +27,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,6 +37,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fomo_ray.atomic import write_json
 log = logging.getLogger(__name__)
 
 FT_METHOD = "finetune"
@@ -318,15 +317,7 @@ def cache_path(cache_dir: str | Path, backbone: str, method: str, batch_size: in
 
 def _write_atomic(path: Path, data: dict) -> None:
     """Temp file in the same directory + rename: a reader never sees a half-written record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data, indent=1, sort_keys=True)
 
 
 def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord]) -> CostRecord:

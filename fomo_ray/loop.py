@@ -50,9 +50,7 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -63,6 +61,7 @@ import torch
 from torch import nn
 
 from fomo_ray import distributed
+from fomo_ray.atomic import torch_save, write_json
 from fomo_ray.config import ConfigError, ExperimentConfig, load_config
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan, trainable_named
@@ -146,15 +145,7 @@ def save_state(state: LoopState, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / STATE_FILE
     payload = {"format": STATE_FORMAT, **_plain(dataclasses.asdict(state))}
-    fd, tmp = tempfile.mkstemp(prefix=f".{STATE_FILE}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return torch_save(payload, path)
 
 
 def load_state(directory: str | Path) -> LoopState:
@@ -488,12 +479,7 @@ def _should_stop(hooks: RunHooks, run: Run) -> bool:
 
 # --------------------------------------------------------------------------------------------------- command line
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    import json
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, sort_keys=True)
 
 
 def input_errors() -> tuple[type[Exception], ...]:

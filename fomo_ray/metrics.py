@@ -19,14 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 
+from fomo_ray.atomic import atomic_path
 COLUMNS = ("run", "task", "dataset", "role", "metric", "value")
 ROLES = ("adapt", "eval")
 #: the metric that enters A_KA / A_ZS for a dataset, in order of preference (retrieval sets report R@5)
@@ -179,17 +178,11 @@ def save_results(df: pd.DataFrame, path: str | Path) -> Path:
             import pyarrow  # noqa: F401  # parquet engine
         except ImportError:
             path = path.with_suffix(".csv")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
             df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -8,8 +8,8 @@ datasets' digits, glyphs, novel shapes), so the base has zero-shot ability to re
 
 The checkpoint is cached beside the data as ``<root>/base_models/<arch>-<hash>.pt`` where the hash covers the
 architecture, the pretraining recipe and the benchmark's content hash: changing any of them trains a new base,
-reruns reuse it. Training is deterministic (seeded init, seeded batch/caption order, deterministic kernels) for a
-given torch thread count (matmul reductions split differently across threads). There is no augmentation: the pool's
+reruns reuse it. Training is deterministic (seeded init, seeded batch/caption order, deterministic kernels, and the
+recipe's pinned CPU thread count, since matmul reductions split differently across threads). There is no augmentation: the pool's
 20,000 drawn scenes are each seen ~8 times, and flips or crops would contradict their position captions.
 
 Command line (``fomo-ray pretrain`` or ``python data_prep/pretrain_base.py``)::
@@ -53,6 +53,8 @@ class PretrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     seed: int = 0
+    threads: int = 2             # CPU matmul reductions split by thread count: pinned so the base is a pure function
+                                 # of this recipe on any machine (same CPU ISA), not of the caller's thread setting
 
     def digest(self, arch: str, content_hash: str) -> str:
         """10 hex digits over the architecture, this recipe and the data's content hash."""
@@ -91,8 +93,8 @@ def batch_order(num_rows: int, steps: int, batch_size: int, rng: np.random.Gener
 
 
 @contextlib.contextmanager
-def deterministic() -> Iterator[None]:
-    """Deterministic kernels for the block (warn-only where an op has no deterministic variant), then restore.
+def deterministic(threads: int | None = None) -> Iterator[None]:
+    """Deterministic kernels (and, on CPU, a pinned torch thread count) for the block, then restore.
 
     ``fill_uninitialized_memory`` is switched off: it only matters for code that reads ``torch.empty`` memory
     (ours does not) and filling every fresh buffer halved the CPU step rate in measurement.
@@ -101,13 +103,17 @@ def deterministic() -> Iterator[None]:
 
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               det.fill_uninitialized_memory)
+    threads_before = torch.get_num_threads()
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = False
+    if threads:
+        torch.set_num_threads(threads)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         det.fill_uninitialized_memory = before[2]
+        torch.set_num_threads(threads_before)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -163,7 +169,7 @@ def train_base(bb: Any, images: torch.Tensor, captions: list[list[str]], recipe:
     warm = warmup_steps(recipe.steps, recipe.warmup_frac)
     t0, losses = time.perf_counter(), []
     bar = tqdm(range(recipe.steps), desc=f"pretrain {arch}", disable=not progress, mininterval=1.0)
-    with deterministic():
+    with deterministic(recipe.threads if not next(model.parameters()).is_cuda else None):
         for step in bar:
             lr = cosine_lr(step, recipe.steps, recipe.lr, warmup=warm, floor=recipe.lr * recipe.min_lr_ratio)
             for g in opt.param_groups:

@@ -35,13 +35,14 @@ import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import yaml
 from ray import tune
 
 from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fomo_ray.atomic import atomic_path, write_text
 
 SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
@@ -320,15 +321,12 @@ def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, 
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _save_csv(df: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
     return path
 
 

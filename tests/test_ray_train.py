@@ -13,7 +13,7 @@ from fomo_ray import loop, ray_train
 from fomo_ray.config import load_config
 from fomo_ray.tracking import Tracker, default_uri
 
-from _data_util import small_fifmini
+from _data_util import SCALE, small_fifmini
 
 def test_pure_helpers():
     rec = [{"dataset": "D", "role": "adapt", "metric": "R@5", "value": 0.5},
@@ -42,7 +42,7 @@ def _cfg(bench_root, out):
     """Tiniest real run: random-init fomo-tiny-s, 2 tasks x 4 steps of EMA-merge (merge history must survive the
     restart), a mid-task checkpoint every 2 steps, real FFCV loaders on a small FiF-mini."""
     return load_config(None, {
-        "data.root": str(bench_root), "backbone.pretrained": "", "output_dir": str(out),
+        "data.root": str(bench_root), "data.scale": SCALE, "backbone.pretrained": "", "output_dir": str(out),
         "method.name": "ema_merge", "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
         "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
         "ray.checkpoint_every_steps": 2, "ray.max_failures": 2, "ray.cpus_per_worker": 1.0,

@@ -217,14 +217,15 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial:
     parent/child runs, per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report
     files; a rerun never overwrites."""
-    from _data_util import small_fifmini
+    from _data_util import SCALE, small_fifmini
 
     from fomo_ray.tracking import PARENT_TAG, Tracker
 
     bench = small_fifmini(tmp_path_factory)
     spec = spec_from_dict({
         "name": "e2e", "report": {"x": "method.merge.weight"}, "trainer": "train",
-        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "backbone.pretrained": "",
+        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
+                 "backbone.pretrained": "",
                  "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
                  "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
                  "ray.cpus_per_worker": 1.0},
@@ -332,13 +333,13 @@ def test_optuna_samples_within_the_space(ray_local, tmp_path):
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, tmp_path_factory):
     """bench/two_node_cluster.py: `ray start --head` + `ray start --address` on this machine form a 2-node
     cluster; a 2-trial sweep of the real loop lands one trial on each node; every process started is stopped."""
-    from _data_util import small_fifmini
+    from _data_util import SCALE, small_fifmini
 
     bench = small_fifmini(tmp_path_factory)
     out = tmp_path / "two_node"
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "two_node_cluster.py"), "--data-root",
-                           str(bench.root), "--keep", str(out), "--json", str(tmp_path / "summary.json")],
+                           str(bench.root), "--data-scale", str(SCALE), "--keep", str(out), "--json", str(tmp_path / "summary.json")],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

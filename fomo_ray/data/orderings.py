@@ -23,15 +23,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fomo_ray.atomic import write_json
 from fomo_ray.data import fif_catalogue
 
 SEP = "+++"
@@ -353,17 +352,7 @@ def zero_shot_accuracy_table(bench, backbone, *, split: str = "train", max_per_c
 # --------------------------------------------------------------------------------------------------- files
 def write_stream(path: str | Path, entries: Sequence[str]) -> Path:
     """Write a FiF stream file atomically (temp name + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(list(entries), f, indent=0, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_json(path, list(entries), indent=0)
 
 
 def read_stream(path: str | Path) -> list[str]:
