@@ -99,11 +99,9 @@ def table_rows(measured: list[tuple[str, str, int, Any]]) -> list[dict[str, Any]
 
 
 def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
+    from fomo_ray.budget import format_cell  # after sys.path has the repo
+
+    return format_cell(v)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -499,13 +499,17 @@ def budget_rows(records: Sequence[CostRecord], ft: CostRecord, total_ft_steps: i
     return rows
 
 
+def format_cell(v: Any) -> str:
+    """A table cell: '-' for missing, 4 significant digits for floats."""
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
+    return str(v)
+
+
 def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-        return str(v)
+    cell = format_cell
 
     cols = list(rows[0])
     body = [[cell(r[c]) for c in cols] for r in rows]
