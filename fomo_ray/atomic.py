@@ -28,6 +28,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
             os.unlink(tmp)
 
 
+@contextlib.contextmanager
+def file_lock(lock_file: str | os.PathLike) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock_file`` for the block: concurrent processes (e.g. Ray trials) that need the same
+    cached artefact wait here, and the first one builds it."""
+    import fcntl
+
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

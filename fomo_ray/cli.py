@@ -28,18 +28,22 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def dispatch(prog: str, noun: str, table: dict[str, tuple[str, str]], usage: str, argv: list[str] | None) -> int:
+    """``argv[0]`` names an entry of ``table``; the rest goes to that entry's ``module:function`` (imported lazily)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(usage)
         return 0
     name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"fomo-ray: unknown command '{name}'. Valid: {', '.join(COMMANDS)}", file=sys.stderr)
+    if name not in table:
+        print(f"{prog}: unknown {noun} '{name}'. Valid: {', '.join(table)}", file=sys.stderr)
         return 2
-    module, func = COMMANDS[name][0].split(":")
-    rc = getattr(importlib.import_module(module), func)(rest)
-    return int(rc or 0)
+    module, func = table[name][0].split(":")
+    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch("fomo-ray", "command", COMMANDS, _usage(), argv)
 
 
 if __name__ == "__main__":

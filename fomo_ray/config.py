@@ -364,19 +364,23 @@ def _merge_dotted(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[st
     return out
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file", error: type[Exception] = ConfigError) -> dict:
+    """A YAML file whose top level is a mapping; ``error`` names the file for missing, invalid or non-mapping input."""
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{what} {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{what} {p}: top level must be a mapping")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | Mapping[str, Any] = ()) -> ExperimentConfig:
     """YAML file (optional) + overrides (``["k=v", ...]`` or ``{"k": v}``) -> validated frozen config."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p}: top level must be a mapping")
+    data = read_yaml_mapping(path) if path is not None else {}
     if not isinstance(overrides, Mapping):
         overrides = dict(parse_override(o) for o in overrides)
     return from_dict(_merge_dotted(data, overrides))

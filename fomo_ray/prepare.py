@@ -10,7 +10,6 @@ Each target forwards its arguments to the ``main(argv)`` of the module that owns
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 
@@ -55,16 +54,9 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
-        print(_usage())
-        return 0
-    target, rest = argv[0], argv[1:]
-    if target not in TARGETS:
-        print(f"fomo-ray prepare: unknown target '{target}'. Valid: {', '.join(TARGETS)}", file=sys.stderr)
-        return 2
-    module, func = TARGETS[target][0].split(":")
-    return int(getattr(importlib.import_module(module), func)(rest) or 0)
+    from fomo_ray.cli import dispatch
+
+    return dispatch("fomo-ray prepare", "target", TARGETS, _usage(), argv)
 
 
 if __name__ == "__main__":

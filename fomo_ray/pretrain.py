@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .backbones import TINY_ARCHS, BackboneError, create_backbone, save_checkpoint
+from .atomic import file_lock
 from .losses import clamp_logit_scale_, clip_loss
 from .schedules import cosine_lr, warmup_steps
 
@@ -237,17 +238,8 @@ def ensure_base_checkpoint(arch: str, bench: Any, *, recipe: PretrainConfig | No
         return _train_and_save(arch, bench, recipe, path, progress, backend, report)
 
 
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.stem}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _lock(path: Path):
+    return file_lock(path.parent / f".{path.stem}.lock")
 
 
 def _train_and_save(arch: str, bench: Any, recipe: PretrainConfig, path: Path, progress: bool, backend: str,

@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
-import yaml
 from ray import tune
 
-from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override
+from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
 from fomo_ray.atomic import atomic_path, write_text
 
 SEARCHES = ("grid", "random", "optuna")
@@ -272,14 +271,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
     A relative ``config:`` path resolves against the sweep file's directory.
     """
     p = Path(path)
-    if not p.is_file():
-        raise SweepError(f"sweep file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise SweepError(f"sweep file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, Mapping):
-        raise SweepError(f"sweep file {p}: top level must be a mapping")
+    data = read_yaml_mapping(p, "sweep file", SweepError)
     spec = spec_from_dict(data, str(p))
     if spec.config and not Path(spec.config).is_absolute():
         spec = replace(spec, config=str((p.parent / spec.config).resolve()))

@@ -19,8 +19,6 @@ split draws from its own seeded generators, so adding a dataset never changes an
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import random
 import zlib
@@ -30,6 +28,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import file_lock
 from . import fifmini_scenes as scenes
 from . import fifmini_text as text
 from .format import MANIFEST, SEP, Benchmark, BenchmarkWriter, DataError, DatasetInfo, open_benchmark
@@ -261,16 +260,9 @@ def build_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, 
         raise
 
 
-@contextlib.contextmanager
 def _build_lock(root: Path):
     """An exclusive lock beside ``root`` so concurrent runs (e.g. Ray trials) build it once."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    return file_lock(root.parent / f".{root.name}.lock")
 
 
 def _reusable(root: Path, want: dict) -> Benchmark | None:
