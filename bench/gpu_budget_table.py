@@ -99,7 +99,7 @@ def table_rows(measured: list[tuple[str, str, int, Any]]) -> list[dict[str, Any]
 
 
 def _cell(v: Any) -> str:
-    from fomo_ray.budget import format_cell  # after sys.path has the repo
+    from fomo_ray.tables import format_cell  # after sys.path has the repo
 
     return format_cell(v)
 

@@ -55,9 +55,10 @@ def time_loop(cfg, warmup: int) -> float:
 
 def bare_batches(cfg, n: int):
     """``n`` real mixed batches of the run (images + token ids), materialised before timing."""
-    from fomo_ray.loop import prepare, task_batches
+    from fomo_ray.assembly import build_run
+    from fomo_ray.loop import task_batches
 
-    run = prepare(cfg, "cpu")
+    run = build_run(cfg, "cpu")
     it = task_batches(run, 0, run.plan[0].rows, 0)
     out = []
     for _ in range(n):
@@ -69,7 +70,7 @@ def bare_batches(cfg, n: int):
 def time_bare(cfg, batches, steps: int, warmup: int) -> tuple[float, list[float], dict]:
     """A plain PyTorch loop over the same model/optimizer/precision; returns (steps/s, step times, final weights)."""
     from fomo_ray.backbones import create_backbone
-    from fomo_ray.loop import make_optimizer
+    from fomo_ray.optim import make_optimizer
     from fomo_ray.losses import clip_loss
     from fomo_ray.seeding import derive_seed, seed_everything
 
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default="", help="FiF-mini directory (default: a 5%%-scale build in a temp dir)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from fomo_ray.data.fifmini import ensure_fifmini
+    from fomo_ray.prep.fifmini import ensure_fifmini
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.data_root) if args.data_root else Path(tmp) / "fifmini"

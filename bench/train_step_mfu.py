@@ -2,7 +2,7 @@
 
 For each config (``finetune``, ``lora`` r=4, ``bitfit``: set up by ``fomo_ray.methods.build_method``) it times the
 step that ``fomo_ray.loop.run_stream`` runs - bf16 autocast forward of both towers, ``fomo_ray.losses.clip_loss``,
-backward, one global grad-norm clip, the loop's AdamW (``fomo_ray.loop.make_optimizer``), logit-scale clamp - on a
+backward, one global grad-norm clip, the loop's AdamW (``fomo_ray.optim.make_optimizer``), logit-scale clamp - on a
 fixed random batch, and reports:
 
 - samples/s over ``--steps`` timed steps after ``--warmup`` untimed ones, CUDA-synchronised;
@@ -130,7 +130,7 @@ def synthetic_batch(backbone, batch_size: int, device: torch.device) -> tuple[to
 def train_step_fn(backbone, model, cfg, images, tokens) -> Callable[[], torch.Tensor]:
     """One step exactly as ``fomo_ray.loop.run_stream`` takes it (minus data loading and method hooks that are
     no-ops for these methods); returns the detached loss without synchronising."""
-    from fomo_ray.loop import make_optimizer
+    from fomo_ray.optim import make_optimizer
     from fomo_ray.losses import clamp_logit_scale_, clip_loss
     from fomo_ray.methods.base import trainable_named
 

@@ -21,14 +21,12 @@ table (:func:`main`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -38,14 +36,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fomo_ray.atomic import write_json
+from fomo_ray.costs import ADAMW_FLOPS_PER_PARAM, PENALTY_FLOPS_PER_PARAM  # noqa: F401  (re-exported)
 log = logging.getLogger(__name__)
 
 FT_METHOD = "finetune"
-#: elementwise FLOPs per trainable parameter of one AdamW step (moments 7, bias-corrected denominator 3,
-#: update 3, decoupled weight decay 1); the FLOP counter only sees matmul-like ops
-ADAMW_FLOPS_PER_PARAM = 14.0
-#: a quadratic penalty sum_i c_i (theta_i - a_i)^2: forward sub, square, mul, sum (4) and backward (4)
-PENALTY_FLOPS_PER_PARAM = 8.0
+#: what a measurement means: bump when the measured step changes, so cached records of another step are remeasured
+MEASURE_VERSION = 2  # 2: the loop's own loss (losses.clip_loss) and the method's real extra_loss and state
 #: DESIGN §4: 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
 PAPER_TOTAL_FT_STEPS = 28_400
 TABLE_TASKS = (20, 50, 100, 200)
@@ -112,14 +108,14 @@ def _clip_batch(batch_size: int, image_size: int, context_length: int, vocab_siz
 
 
 def _clip_loss(out) -> torch.Tensor:
-    """open_clip's symmetric InfoNCE on the model output (tuple or dict form)."""
-    from open_clip.loss import ClipLoss
+    """The loop's symmetric InfoNCE (``losses.clip_loss``) on the model output (tuple or dict form)."""
+    from fomo_ray.losses import clip_loss
 
     if isinstance(out, dict):
         img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
     else:
         img, txt, scale = out[0], out[1], out[2]
-    return ClipLoss()(img, txt, scale)
+    return clip_loss(img, txt, scale)
 
 
 def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], batch_size: int, image_size: int,
@@ -162,8 +158,9 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
             loss = _clip_loss(model(images, tokens))
-            if extra_loss_fn is not None:
-                loss = loss + extra_loss_fn(model)
+            extra = extra_loss_fn(model) if extra_loss_fn is not None else None
+            if extra is not None:
+                loss = loss + extra
         loss.backward()
         optimizer.step()
     if not torch.isfinite(loss.detach()):
@@ -188,10 +185,11 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
 class MethodCost:
     """What the budget needs to know about a method beyond its training step.
 
-    ``prepare`` freezes / wraps the model (trainable = ``requires_grad``). A regulariser's per-step penalty is
-    modelled as ``sum c (theta - a)^2`` over the trainable parameters with ``penalty_state`` trainable-sized state
-    tensors; per-task work is ``task_passes`` extra forward+backward passes plus ``task_flops_per_param``
-    elementwise FLOPs per trainable parameter.
+    ``prepare`` freezes / wraps the model (trainable = ``requires_grad``). A registered method brings its own per-step
+    term (``extra_loss``) and state tensors (``state``); a hand-written cost may instead model a regulariser's penalty
+    as ``sum c (theta - a)^2`` over the trainable parameters with ``penalty_state`` trainable-sized state tensors.
+    Per-task work is ``task_passes`` extra forward+backward passes plus ``task_flops_per_param`` elementwise FLOPs
+    per trainable parameter.
     """
 
     prepare: Callable[[nn.Module], nn.Module]
@@ -199,27 +197,42 @@ class MethodCost:
     step_flops_per_param: float = 0.0
     task_passes: int = 0
     task_flops_per_param: float = 0.0
-
-
-def _extra_work(cfg) -> dict[str, dict[str, Any]]:
-    """Per-method extra work beyond the training step (DESIGN §5): only the regularisers have any."""
-    fisher = cfg.method.reg.ewc_fisher_batches
-    return {
-        # EWC keeps F and theta*; per task a Fisher pass of `fisher` batches (fwd+bwd) and F <- gamma F + g^2 (3/param)
-        "ewc": dict(penalty_state=2, step_flops_per_param=PENALTY_FLOPS_PER_PARAM, task_passes=fisher,
-                    task_flops_per_param=2.0 * fisher + 3.0),
-        # SI keeps omega, Omega, theta*; per step omega += lr g^2 (2/param); per task
-        # Omega += omega / ((theta - theta*)^2 + xi) (5/param)
-        "si": dict(penalty_state=3, step_flops_per_param=PENALTY_FLOPS_PER_PARAM + 2.0, task_flops_per_param=5.0),
-    }
+    extra_loss: Callable[[nn.Module], torch.Tensor | None] | None = None
+    state: Callable[[], Sequence[torch.Tensor]] | None = None
 
 
 def registry_cost(cfg, name: str) -> MethodCost:
-    """The :class:`MethodCost` of a registered method: ``prepare`` is its ``setup`` (imported lazily)."""
+    """The :class:`MethodCost` of a registered method, from the method's own hooks: ``setup`` then ``steady_state``
+    prepare the model, its ``extra_loss`` and state tensors enter the measured step, ``extra_cost`` adds what the
+    counter cannot see; a method that declares ``cost_as`` costs what that method costs. A new method is charged by
+    what it declares, never by its name."""
     from fomo_ray.methods import build_method  # methods import peft; only the budget of real methods needs them
 
     method = build_method(cfg.replace({"method.name": name}))
-    return MethodCost(prepare=method.setup, **_extra_work(cfg).get(name, {}))
+    if method.cost_as:  # e.g. merges train like full fine-tuning and merging is counted free (DESIGN §4)
+        return registry_cost(cfg, method.cost_as)
+
+    def prepare(model: nn.Module) -> nn.Module:
+        model = method.setup(model)
+        method.steady_state(model)
+        return model
+
+    extra = method.extra_cost()
+    return MethodCost(prepare=prepare, step_flops_per_param=extra.step_flops_per_param,
+                      task_passes=extra.task_passes, task_flops_per_param=extra.task_flops_per_param,
+                      extra_loss=lambda model: method.extra_loss(model, 1),
+                      state=lambda: _tensors(method.state_dict()))
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) method state dict."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
 
 
 def _penalty(trainable: Sequence[nn.Parameter], n_state: int):
@@ -288,7 +301,10 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
         return CostRecord(**common, counted_gflops=0.0, elementwise_gflops=0.0, peak_bytes=0, memory_kind="none",
                           trainable_params=0, total_params=sum(p.numel() for p in model.parameters()),
                           task_gflops=0.0)
-    penalty_fn, state = _penalty(trainable, cost.penalty_state)
+    if cost.extra_loss is not None:
+        penalty_fn, state = cost.extra_loss, list(cost.state() if cost.state else ())
+    else:
+        penalty_fn, state = _penalty(trainable, cost.penalty_state)
     m = measure_step(model, trainable, batch_size, image_size, context_length, penalty_fn, device,
                      method_state=state, autocast_dtype=autocast_dtype)
     elementwise = (ADAMW_FLOPS_PER_PARAM + cost.step_flops_per_param) * m.trainable_params / 1e9
@@ -446,7 +462,7 @@ def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: B
     dev = _device(device)
     spec = backbone or backbone_spec(cfg.backbone.name)
     bs = batch_size or cfg.mixture.batch_size
-    h = settings_hash(cfg, {"context_length": spec.context_length})
+    h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION})
     path = cache_path(cfg.budget.cache_dir, spec.name, name, bs, spec.image_size, device_kind(dev), h)
     expected = dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size,
                     device_kind=device_kind(dev), settings_hash=h)
@@ -497,63 +513,3 @@ def budget_rows(records: Sequence[CostRecord], ft: CostRecord, total_ft_steps: i
         row["paper ViT-B/16 T=20"] = REFERENCE_STEPS_VITB16_T20.get(r.method, "-")
         rows.append(row)
     return rows
-
-
-def format_cell(v: Any) -> str:
-    """A table cell: '-' for missing, 4 significant digits for floats."""
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.0f}"
-    return str(v)
-
-
-def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    cell = format_cell
-
-    cols = list(rows[0])
-    body = [[cell(r[c]) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(cols)]
-    lines = [[c.ljust(w) for c, w in zip(cols, widths)], ["-" * w for w in widths]]
-    lines += [[v.ljust(w) for v, w in zip(b, widths)] for b in body]
-    return "\n".join("  ".join(line).rstrip() for line in lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fomo-ray budget --backbone NAME [--batch-size B] [--image-size P] [--methods m1 m2 ...]``."""
-    from fomo_ray.config import load_config
-
-    p = argparse.ArgumentParser(prog="fomo-ray budget", description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", required=True, help="open_clip architecture or fomo-tiny-*")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the config's mixture.batch_size")
-    p.add_argument("--image-size", type=int, default=None, help="default: the backbone's native size")
-    p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu (analytic memory)")
-    p.add_argument("--total-ft-steps", type=int, default=PAPER_TOTAL_FT_STEPS,
-                   help="full fine-tuning steps over the stream (paper: 28400)")
-    p.add_argument("--config", default=None, help="experiment YAML (method settings, cache_dir)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, repeatable (e.g. --set method.peft.rank=64)")
-    args = p.parse_args(list(argv) if argv is not None else None)
-    try:
-        cfg = load_config(args.config, args.overrides).replace({"backbone.name": args.backbone})
-        if args.methods is None:
-            from fomo_ray.methods import REGISTRY
-
-            args.methods = list(REGISTRY)
-        spec = backbone_spec(args.backbone, args.image_size)
-        bs = args.batch_size or cfg.mixture.batch_size
-        kw = dict(backbone=spec, device=args.device, batch_size=bs)
-        ft = method_record(cfg, FT_METHOD, **kw)
-        records = [ft if m == FT_METHOD else method_record(cfg, m, **kw) for m in args.methods]
-    except ValueError as e:  # ConfigError, BudgetError, unknown backbone or method: all name the culprit
-        print(f"fomo-ray budget: {e}", file=sys.stderr)
-        return 2
-    print(f"backbone {spec.name}, batch {bs}, image {spec.image_size}px, device {ft.device_kind} "
-          f"({ft.memory_kind} memory), steps_ft(T) = {args.total_ft_steps} // T")
-    print(format_table(budget_rows(records, ft, args.total_ft_steps)))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

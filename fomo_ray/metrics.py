@@ -16,10 +16,7 @@ Command line (``fomo-ray score``)::
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -30,6 +27,11 @@ COLUMNS = ("run", "task", "dataset", "role", "metric", "value")
 ROLES = ("adapt", "eval")
 #: the metric that enters A_KA / A_ZS for a dataset, in order of preference (retrieval sets report R@5)
 HEADLINE_METRICS = ("R@5", "top1")
+
+
+def tidy_frame(records: Iterable[Mapping]) -> pd.DataFrame:
+    """The tidy results table (:data:`COLUMNS`, in order) of result records; extra keys are dropped."""
+    return pd.DataFrame([{c: r[c] for c in COLUMNS} for r in records], columns=list(COLUMNS))
 
 
 class MetricsError(ValueError):
@@ -225,34 +227,3 @@ def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None)
                          f"{_pct(r.final):>7} {_pct(r.forgetting):>7} {_pct(r.backward_transfer):>7}")
         lines.append("")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``fomo-ray score TABLE``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
-    p = argparse.ArgumentParser(prog="fomo-ray score", description=main.__doc__)
-    p.add_argument("table", help="results table written by a run (.parquet or .csv)")
-    p.add_argument("--run", default="", help="only this run (default: every run in the table)")
-    p.add_argument("--stream", default="", help="stream JSON the runs used; enables backward transfer of adapt sets")
-    p.add_argument("--num-tasks", type=int, default=0, help="T the stream was cut into (with --stream)")
-    args = p.parse_args(argv)
-    try:
-        df = load_results(args.table)
-        if args.run:
-            if args.run not in set(df["run"]):
-                raise MetricsError(f"run {args.run!r} not in {args.table}; runs: {sorted(set(df['run']))}")
-            df = df[df["run"] == args.run]
-        learned_at = None
-        if args.stream:
-            if args.num_tasks < 1:
-                raise MetricsError("--stream needs --num-tasks (the T the runs used)")
-            entries = json.loads(Path(args.stream).read_text())
-            learned_at = learned_at_points(stream_task_datasets(entries, args.num_tasks))
-        print(format_report(df, learned_at))
-    except (MetricsError, OSError, json.JSONDecodeError) as e:
-        print(f"fomo-ray score: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

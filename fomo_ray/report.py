@@ -15,10 +15,8 @@ Command line::
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -61,22 +59,21 @@ def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.Da
 
 def format_table(table: pd.DataFrame) -> str:
     """Markdown table of the scores in percent (what the experiments print and MLflow shows)."""
+    from fomo_ray.tables import format_table as render
+
     labels = [c for c in table.columns if "." in c or c in ("variant",)]
     cols = ["run", *labels, *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], "pareto"]
     head = ["run", *labels, "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM", "Pareto"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for _, r in table[cols].iterrows():
-        cells = []
-        for c in cols:
-            v = r[c]
-            if c.startswith(("final_", "mean_")):
-                cells.append("n/a" if pd.isna(v) else f"{100 * v:.1f}")
-            elif c == "pareto":
-                cells.append("*" if v else "")
-            else:
-                cells.append("" if pd.isna(v) else str(v))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def text(c: str, v) -> str:
+        if c.startswith(("final_", "mean_")):
+            return "n/a" if pd.isna(v) else f"{100 * v:.1f}"
+        if c == "pareto":
+            return "*" if v else ""
+        return "" if pd.isna(v) else str(v)
+
+    rows = [{c: text(c, r[c]) for c in cols} for _, r in table[cols].iterrows()]
+    return render(rows, cols, headers=head, markdown=True, cell=str)
 
 
 # --------------------------------------------------------------------------------------------------- plots
@@ -183,41 +180,3 @@ def load_sweep_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, di
         summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
         return load_results(tidy_path), trials, summary
     return load_results(path), None, {}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fomo-ray report PATH``: table + plots from a sweep directory or a tidy results table."""
-    ap = argparse.ArgumentParser(prog="fomo-ray report", description=main.__doc__)
-    ap.add_argument("path", help="sweep directory (tidy.csv, trials.csv) or a tidy table (.csv / .parquet)")
-    ap.add_argument("--trials", default="", help="trials table with swept values per run (default: beside PATH)")
-    ap.add_argument("--out", default="", help="output directory (default: PATH/report or beside the table)")
-    ap.add_argument("--x", default="", help="numeric swept key to plot final scores against (e.g. method.merge.weight)")
-    ap.add_argument("--mlflow", action="store_true", help="attach the files to the sweep's MLflow parent run")
-    args = ap.parse_args(argv)
-    path = Path(args.path)
-    try:
-        tidy, trials, summary = load_sweep_tables(path)
-        if args.trials:
-            trials = pd.read_csv(args.trials)
-        out = Path(args.out) if args.out else (path / "report" if path.is_dir() else path.parent / "report")
-        files = build_report(tidy, trials, out, x_key=args.x or summary.get("report_x", ""))
-    except (ReportError, MetricsError, OSError) as e:
-        print(f"fomo-ray report: {e}", file=sys.stderr)
-        return 2
-    print((out / "table.md").read_text())
-    for f in files:
-        print(f"wrote {f}")
-    if args.mlflow:
-        if not summary.get("parent_run_id"):
-            print("fomo-ray report: --mlflow needs a sweep directory with summary.json", file=sys.stderr)
-            return 2
-        from fomo_ray.tracking import Tracker
-
-        tracker = Tracker(summary["tracking_uri"], summary.get("experiment", "fomo_ray"))
-        tracker.log_artifacts(summary["parent_run_id"], out, artifact_path="report")
-        print(f"attached to MLflow run {summary['parent_run_id']} at {summary['tracking_uri']}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from fomo_ray import budget as B
+from fomo_ray.cli.budget import main as budget_main
 from fomo_ray.config import ExperimentConfig
+from fomo_ray.tables import format_table
 
 ARCH = "budget-test-tiny"  # self-contained: does not depend on fomo_ray/backbones.py
 TINY = {"embed_dim": 64,
@@ -187,7 +189,7 @@ def test_table_rows(cfg, spec):
     assert [r["T=20"] for r in rows][0] == 1420 and rows[0]["T=200"] == 142
     assert rows[0]["mem_mult"] == 1.0 and rows[0]["MAF"] == pytest.approx(ft.step_gflops)
     assert rows[1]["T=20"] > 1420 and rows[1]["paper ViT-B/16 T=20"] == "3179"
-    text = B.format_table(rows)
+    text = format_table(rows)
     assert "bitfit" in text and "T=100" in text
 
 
@@ -229,7 +231,51 @@ def test_cli_prints_a_table(cfg, spec, capsys):
     _methods_or_skip()
     from fomo_ray import backbones  # noqa: F401  (the CLI builds the backbone by name)
 
-    rc = B.main(["--backbone", "fomo-tiny-s", "--batch-size", "2", "--device", "cpu", "--methods", "finetune",
+    rc = budget_main(["--backbone", "fomo-tiny-s", "--batch-size", "2", "--device", "cpu", "--methods", "finetune",
                  "bitfit", "--set", f"budget.cache_dir={cfg.budget.cache_dir}"])
     out = capsys.readouterr().out
     assert rc == 0 and "finetune" in out and "bitfit" in out and "1420" in out
+
+
+class ToyAnchor:
+    """A regulariser the budget has never heard of (registered only in this test): an L2 pull towards theta_0 once a
+    task has ended, plus three passes over the task data per task. Its costs come from its own hooks."""
+
+    name = "toy_anchor"
+    cost_as = None
+
+    def __init__(self, cfg, seed=0):
+        self.cfg, self.anchor = cfg, None
+
+    def setup(self, model):
+        return model
+
+    def steady_state(self, model):
+        self.anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    def extra_loss(self, model, t):
+        if self.anchor is None:
+            return None
+        params = [p for p in model.parameters() if p.requires_grad]
+        return sum(((p - a) ** 2).sum() for p, a in zip(params, self.anchor))
+
+    def extra_cost(self):
+        from fomo_ray.costs import ExtraCost
+
+        return ExtraCost(step_flops_per_param=4.0, task_passes=3)
+
+    def state_dict(self):
+        return {} if self.anchor is None else {"anchor": {str(i): a for i, a in enumerate(self.anchor)}}
+
+
+def test_a_new_regulariser_is_charged_through_its_own_hooks(cfg, spec, monkeypatch):
+    methods = _methods_or_skip()
+    monkeypatch.setitem(methods.REGISTRY, "toy_anchor", ToyAnchor)
+    kw = dict(backbone=spec, device="cpu")
+    ft = B.method_record(cfg, "finetune", **kw)
+    toy = B.method_record(cfg, "toy_anchor", **kw)
+    assert toy.trainable_params == ft.trainable_params
+    assert toy.task_gflops == pytest.approx(3 * toy.counted_gflops)  # its three passes per task
+    assert toy.elementwise_gflops == pytest.approx((B.ADAMW_FLOPS_PER_PARAM + 4.0) * toy.trainable_params / 1e9)
+    assert toy.peak_bytes > ft.peak_bytes + 4 * toy.trainable_params  # its anchor is held during training
+    assert B.steps_per_task(cfg, "toy_anchor", 10, **kw) < B.steps_per_task(cfg, "finetune", 10, **kw)

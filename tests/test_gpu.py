@@ -165,7 +165,7 @@ def test_device_placement_of_model_and_method_state(name):
     the device (the reference kept EWC/SI state on the CPU, DESIGN §9). offline_merge keeps its experts on the CPU
     on purpose (long streams); its deployed weights must still be on the device."""
     from fomo_ray.config import load_config
-    from fomo_ray.loop import make_optimizer
+    from fomo_ray.optim import make_optimizer
     from fomo_ray.methods import build_method
 
     cfg = load_config(None, {"method.name": name, "method.reg.ewc_fisher_batches": 2})
@@ -246,7 +246,7 @@ def fifmini_small():
         if not ffcv_available():
             pytest.fail(f"no FiF-mini at {FIFMINI} and no FFCV to write one: run bench/make_gpu_wheels.sh on a "
                         f"machine with FFCV and carry data/gpu_check to this one")
-        from fomo_ray.data.fifmini import ensure_fifmini
+        from fomo_ray.prep.fifmini import ensure_fifmini
 
         ensure_fifmini(FIFMINI, seed=0, image_size=32, scale=0.05, progress=False)
     return open_benchmark(FIFMINI)
@@ -256,10 +256,11 @@ def fifmini_small():
 def test_loop_two_tasks_on_device(tmp_path, fifmini_small):
     """fomo_ray.loop.run_stream for 2 tasks of EMA-merge on the device with the memory loader: every step's loss is
     finite, three evaluation points (0, 1, 2) cover every dataset, and the model and merge state live on the device."""
-    from fomo_ray.loop import RunHooks, prepare, run_stream
+    from fomo_ray.assembly import build_run
+    from fomo_ray.loop import RunHooks, run_stream
 
     cfg = _loop_cfg(tmp_path, "ema_merge")
-    run = prepare(cfg, DEVICE)
+    run = build_run(cfg, DEVICE)
     assert all(_on_device(p) for p in run.model.parameters())
     assert run.backbone.precision == ("bf16" if DEVICE.type == "cuda" else "fp32")
     del run

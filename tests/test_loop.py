@@ -14,9 +14,13 @@ import pytest
 import torch
 
 from fomo_ray.config import load_config
-from fomo_ray.data.fifmini import ensure_fifmini
-from fomo_ray.loop import (RESULT_COLUMNS, LoopState, RunHooks, TrainingDiverged, decays, load_state, main,
-                           make_optimizer, run_name, run_stream, save_state)
+from fomo_ray.prep.fifmini import ensure_fifmini
+from fomo_ray.assembly import run_name
+from fomo_ray.checkpoint import LoopState, load_state, save_state
+from fomo_ray.cli.run import main
+from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
+from fomo_ray.metrics import COLUMNS
+from fomo_ray.optim import decays, make_optimizer
 from fomo_ray.methods import REGISTRY, Method
 
 STEPS_PER_TASK = 2
@@ -58,7 +62,7 @@ def test_every_method_runs_and_resumes_mid_stream_identically(name, tiny_cfg, tm
     states: list[LoopState] = []
     full = run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append))
 
-    assert list(full.columns) == RESULT_COLUMNS
+    assert list(full.columns) == list(COLUMNS)
     assert set(full["run"]) == {run_name(cfg)}
     num_tasks = 1 if name == "joint" else 2
     assert sorted(full["task"].unique()) == [0, num_tasks]
@@ -263,7 +267,7 @@ def test_reservoir_buffer_policy_runs_and_resumes_identically(tiny_cfg):
 
 def test_pretrained_auto_needs_a_tiny_architecture(tiny_cfg):
     from fomo_ray.config import ConfigError
-    from fomo_ray.loop import resolve_pretrained
+    from fomo_ray.assembly import resolve_pretrained
 
     with pytest.raises(ConfigError, match="'auto' only exists for the tiny architectures"):
         resolve_pretrained(tiny_cfg(**{"backbone.name": "ViT-B-32", "backbone.pretrained": "auto"}), bench=None)

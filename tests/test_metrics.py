@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from fomo_ray import metrics
+from fomo_ray.cli.score import main as score_main
 from fomo_ray.metrics import MetricsError
 
 # Evaluation points 0, 1, 2 of one run. A1 adapt/classification, A2 adapt/retrieval (R@5 is its headline; R@1 must
@@ -94,10 +95,10 @@ def test_bad_tables_are_named(tmp_path):
 
 def test_score_command_prints_the_numbers(tmp_path, capsys):
     path = metrics.save_results(pd.concat([hand_table("r1"), hand_table("r2")]), tmp_path / "results.parquet")
-    assert metrics.main([str(path), "--run", "r2"]) == 0
+    assert score_main([str(path), "--run", "r2"]) == 0
     out = capsys.readouterr().out
     assert "run r2" in out and "run r1" not in out
     assert " 45.83" in out            # GM at point 0 = sqrt(.21)
     assert "mean   50.00   60.00" in out
-    assert metrics.main([str(path), "--run", "zzz"]) == 2
+    assert score_main([str(path), "--run", "zzz"]) == 2
     assert "run 'zzz' not in" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from fomo_ray import report
+from fomo_ray.cli.report import main as report_main
 from fomo_ray.metrics import save_results
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -77,7 +78,7 @@ def test_unknown_x_key_is_named(tmp_path):
 
 def test_cli_from_a_saved_table(tmp_path, capsys):
     path = save_results(_tidy(), tmp_path / "results.csv")
-    assert report.main([str(path)]) == 0
+    assert report_main([str(path)]) == 0
     out = capsys.readouterr().out
     assert "| a | 75.0 | 60.0 |" in out and "trajectories.png" in out
     assert (tmp_path / "report" / "pareto.png").is_file()
@@ -86,10 +87,10 @@ def test_cli_from_a_saved_table(tmp_path, capsys):
 def test_cli_from_a_sweep_directory(tmp_path, capsys):
     save_results(_tidy(), tmp_path / "tidy.csv")
     _trials().to_csv(tmp_path / "trials.csv", index=False)
-    assert report.main([str(tmp_path), "--x", "method.merge.weight"]) == 0
+    assert report_main([str(tmp_path), "--x", "method.merge.weight"]) == 0
     assert (tmp_path / "report" / "vs_weight.png").is_file()
 
 
 def test_cli_names_a_missing_table(tmp_path, capsys):
-    assert report.main([str(tmp_path / "nope.csv")]) == 2
+    assert report_main([str(tmp_path / "nope.csv")]) == 2
     assert "nope.csv" in capsys.readouterr().err

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from fomo_ray import tracking
+from fomo_ray.cli.ui import main as ui_main
 from fomo_ray.config import load_config
 from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, Tracker, TrackingError, check_reachable,
                                default_uri, eval_metrics, metric_key, resolve_uri, tracker_for, ui_command)
@@ -134,7 +135,7 @@ def test_ui_command_binds_loopback_with_one_worker(tmp_path):
 
 
 def test_ui_without_a_database_says_so(tmp_path, capsys):
-    assert tracking.ui_main(["--output-dir", str(tmp_path)]) == 2
+    assert ui_main(["--output-dir", str(tmp_path)]) == 2
     assert "no MLflow database" in capsys.readouterr().err
 
 

@@ -7,7 +7,8 @@
 - ``peft_methods.py``: lora, dora, vera (peft, on attention q/k/v/out and MLP linears of both towers)
 - ``regularisers.py``: ewc, si
 - ``merging.py``: ema_merge, zs_merge, ft_merge, offline_merge and the general TIME triple ``merge``
-- ``reference.py``: zero_shot, joint
+- ``baselines.py``: zero_shot, joint (the reference points every study needs)
+- ``peft_mha.py``: the exact nn.MultiheadAttention -> Linear swap the peft adapters need
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from fomo_ray.methods.base import Method, TaskPlan
 from fomo_ray.methods.finetune import BitFit, FineTune, LNFit, LockedImage, LockedText
 from fomo_ray.methods.merging import MERGE_PRESETS, Merge
 from fomo_ray.methods.peft_methods import DoRA, LoRA, VeRA
-from fomo_ray.methods.reference import Joint, ZeroShot
+from fomo_ray.methods.baselines import Joint, ZeroShot
 from fomo_ray.methods.regularisers import EWC, SI
 
 REGISTRY: dict[str, type[Method]] = {

@@ -11,6 +11,11 @@ or the results. Order of calls (see the loop's module docstring for the full pse
         method.after_task(model, t, fisher_batches)     # Fisher / Omega / merge bookkeeping
         evaluate(method.deployed_weights(t, model))
 
+The budget (``fomo_ray/budget.py``) asks a method for its own costs through two more hooks: ``steady_state`` puts
+it in the state it trains in after the first task (so one measured step runs the real ``extra_loss`` and holds the
+real state tensors) and ``extra_cost`` declares the work the FLOP counter cannot see. A new regulariser is thus
+charged correctly without touching the budget.
+
 ``model`` always holds the *raw trained* weights theta_t when a hook is called (the loop swaps deployed weights in
 for evaluation and back out afterwards). Everything a method needs for an exact resume (theta_0, merge history,
 Fisher, Omega, ...) goes through ``state_dict()`` / ``load_state_dict()``; adapters live in the model's own state dict.
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 
 from fomo_ray.config import MethodConfig
+from fomo_ray.costs import ExtraCost
 
 StateDict = dict[str, torch.Tensor]
 
@@ -78,6 +84,17 @@ class Method:
     def deployed_weights(self, t: int, model: nn.Module) -> StateDict:
         """The weights evaluated/served after task ``t``; by default the trained weights themselves."""
         return model.state_dict()
+
+    # ----------------------------------------------------------------------------------------------- cost
+    def steady_state(self, model: nn.Module) -> None:
+        """Put the freshly set-up method into the state it trains in after the first task (e.g. EWC with a Fisher and
+        an anchor), so the budget's one measured step includes its real ``extra_loss`` and state tensors (those in
+        :meth:`state_dict`). Methods without per-task state need nothing."""
+
+    def extra_cost(self) -> ExtraCost:
+        """Work beyond the measured training step that the FLOP counter cannot see: elementwise optimizer-side
+        FLOPs per step and per-task passes. The budget charges exactly this."""
+        return ExtraCost()
 
     # ----------------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

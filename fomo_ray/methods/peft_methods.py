@@ -2,7 +2,7 @@
 
 open_clip's attention is ``nn.MultiheadAttention``, which peft cannot adapt fully (DoRA/VeRA take ``nn.Linear`` only;
 LoRA on ``out_proj`` alone is a no-op), so :func:`inject_adapters` first swaps it for the numerically identical
-:class:`~fomo_ray.methods.attention.LinearAttention` and then targets ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
+:class:`~fomo_ray.methods.peft_mha.LinearAttention` and then targets ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``
 (attention) and ``c_fc``, ``c_proj`` (MLP). The adapters are injected *into the CLIP module itself* (peft's tuner
 classes modify it in place), so they are part of ``model.state_dict()`` and therefore of every checkpoint, and
 persist across tasks. Only adapter parameters train.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from fomo_ray.config import PeftConfig
-from fomo_ray.methods.attention import swap_attention
+from fomo_ray.methods.peft_mha import swap_attention
 from fomo_ray.methods.base import Method
 
 #: module-name suffixes peft matches: attention q/k/v/out after the swap, and the MLP's two linears

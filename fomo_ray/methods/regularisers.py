@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from fomo_ray.costs import PENALTY_FLOPS_PER_PARAM, ExtraCost
 from fomo_ray.methods.base import Method, StateDict, freeze_all_but, trainable_named
 
 Tensors = list[torch.Tensor]
@@ -75,6 +76,18 @@ class EWC(Method):
         named = dict(model.named_parameters())
         return [named[n] for n in self.names]
 
+    def steady_state(self, model: nn.Module) -> None:
+        params = self._params(model)
+        self.fisher = [torch.full_like(p, 1e-3).detach() for p in params]
+        self.anchor = _detached(params)
+
+    def extra_cost(self) -> ExtraCost:
+        # per task a Fisher pass of `fisher` batches (fwd+bwd), squaring and accumulating each batch's gradients (2
+        # per parameter and batch) and F <- gamma F + F_new (3); per step the penalty
+        fisher = self.cfg.reg.ewc_fisher_batches
+        return ExtraCost(step_flops_per_param=PENALTY_FLOPS_PER_PARAM, task_passes=fisher,
+                         task_flops_per_param=2.0 * fisher + 3.0)
+
     def extra_loss(self, model: nn.Module, t: int) -> torch.Tensor | None:
         if self.fisher is None:
             return None
@@ -134,6 +147,15 @@ class SI(Method):
     def _params(self, model: nn.Module) -> Tensors:
         named = dict(model.named_parameters())
         return [named[n] for n in self.names]
+
+    def steady_state(self, model: nn.Module) -> None:
+        self.omega_big = [torch.full_like(p, 1e-3) for p in self.anchor]
+        self.consolidated = True
+
+    def extra_cost(self) -> ExtraCost:
+        # per step the penalty and omega += lr g^2 (2 per parameter); per task Omega += omega / ((theta - theta*)^2
+        # + xi) (5 per parameter)
+        return ExtraCost(step_flops_per_param=PENALTY_FLOPS_PER_PARAM + 2.0, task_flops_per_param=5.0)
 
     def extra_loss(self, model: nn.Module, t: int) -> torch.Tensor | None:
         if not self.consolidated:

@@ -1,7 +1,8 @@
-"""The ``fomo-ray`` command: prepare / run / sweep / report / score / budget / ui.
+"""The ``fomo-ray`` command: prepare / pretrain / run / sweep / report / score / budget / ui.
 
-Each subcommand forwards its remaining arguments to a ``main(argv)`` function of the module that owns it, so the
-heavy libraries (Ray, MLflow, FFCV) are imported only by the subcommand that needs them.
+One module per command in this package, and the only place with argparse: each subcommand forwards its remaining
+arguments to the ``main(argv)`` of ``fomo_ray.cli.<command>``, imported only when used, so the heavy libraries
+(Ray, MLflow, FFCV) load only for the command that needs them.
 """
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module:function, one-line help)
-    "prepare": ("fomo_ray.prepare:main", "build FiF-mini, convert real FiF data / web shards, write stream files"),
-    "pretrain": ("fomo_ray.pretrain:main", "pretrain (or reuse the cached) tiny base CLIP on FiF-mini's pool"),
-    "run": ("fomo_ray.loop:main", "one continual run of the loop (plain PyTorch, no Ray)"),
-    "sweep": ("fomo_ray.sweep:main", "a Ray Tune sweep from a sweep YAML"),
-    "report": ("fomo_ray.report:main", "tables and plots from a saved results table"),
-    "score": ("fomo_ray.metrics:main", "A_KA / A_ZS / GM and trajectories from a saved results table"),
-    "budget": ("fomo_ray.budget:main", "Tab.4-style MAF compute-budget table for a backbone"),
-    "ui": ("fomo_ray.tracking:ui_main", "start the MLflow UI on 127.0.0.1 for the project's store"),
+    "prepare": ("fomo_ray.cli.prepare:main", "build FiF-mini, convert real FiF data / web shards, write stream files"),
+    "pretrain": ("fomo_ray.cli.pretrain:main", "pretrain (or reuse the cached) tiny base CLIP on FiF-mini's pool"),
+    "run": ("fomo_ray.cli.run:main", "one continual run of the loop (plain PyTorch, no Ray)"),
+    "sweep": ("fomo_ray.cli.sweep:main", "a Ray Tune sweep from a sweep YAML"),
+    "report": ("fomo_ray.cli.report:main", "tables and plots from a saved results table"),
+    "score": ("fomo_ray.cli.score:main", "A_KA / A_ZS / GM and trajectories from a saved results table"),
+    "budget": ("fomo_ray.cli.budget:main", "Tab.4-style MAF compute-budget table for a backbone"),
+    "ui": ("fomo_ray.cli.ui:main", "start the MLflow UI on 127.0.0.1 for the project's store"),
 }
 
 

@@ -1,0 +1,147 @@
+"""Run assembly: everything a continual run needs besides the loop's own variables, built once and deterministic.
+
+:func:`build_run` opens the benchmark, creates the backbone with theta_0, builds and sets up the method, asks the
+budget for the steps per task, and makes the evaluator and the replay buffer. It never *prepares* inputs: a missing
+or stale FiF-mini build or tiny base checkpoint raises :class:`~fomo_ray.inputs.InputsMissing` naming the command
+that makes it (``fomo-ray run`` and sweeps call ``prep.ensure_inputs`` first, so users rarely see it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from fomo_ray import distributed
+from fomo_ray.config import ConfigError, ExperimentConfig
+from fomo_ray.inputs import RECIPES, InputsMissing, base_checkpoint_path, fifmini_generator_info
+from fomo_ray.methods import Method, build_method
+from fomo_ray.methods.base import TaskPlan
+from fomo_ray.seeding import derive_seed, seed_everything
+
+
+@dataclass
+class Run:
+    """What one run needs besides the loop's own variables (built once by :func:`build_run`)."""
+
+    cfg: ExperimentConfig
+    name: str
+    device: torch.device
+    bench: Any
+    backbone: Any
+    model: nn.Module
+    method: Method
+    plan: list[TaskPlan]
+    pool_bench: Any  # where P lives: the benchmark itself or the directory of ``data.pool``
+    pool_rows: np.ndarray
+    evaluator: Any
+    buffer: Any
+
+    def new_scaler(self) -> torch.amp.GradScaler:
+        """fp16 autocast needs loss scaling against gradient underflow; for bf16/fp32 it is a pass-through."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.backbone.precision == "fp16")
+
+
+def run_name(cfg: ExperimentConfig) -> str:
+    """Deterministic run name: the experiment name plus the config hash (never a timestamp)."""
+    return f"{cfg.name}-{cfg.config_hash()}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _prepare_hint(cfg: ExperimentConfig) -> str:
+    d = cfg.data
+    return (f"`fomo-ray prepare fifmini --root {d.root} --seed {d.generator_seed} --image-size {d.image_size} "
+            f"--scale {d.scale}` builds it (`fomo-ray run` and sweeps do so automatically)")
+
+
+def open_data(cfg: ExperimentConfig) -> Any:
+    """The benchmark of ``cfg.data``, opened (never built). With ``data.prepare_if_missing`` a FiF-mini root must hold
+    the build the config asks for (generator seed, image size, scale), else the run would silently use other data."""
+    from fomo_ray.data.format import MANIFEST, open_benchmark
+
+    root = Path(cfg.data.root)
+    if cfg.data.benchmark == "fifmini" and cfg.data.prepare_if_missing:
+        if not (root / MANIFEST).is_file():
+            raise InputsMissing(f"no FiF-mini benchmark at {root} (config key 'data.root'); {_prepare_hint(cfg)}")
+        bench = open_benchmark(root)
+        want = fifmini_generator_info(cfg.data.generator_seed, cfg.data.image_size, cfg.data.scale)
+        if bench.manifest.get("generator") != want:
+            raise InputsMissing(f"FiF-mini at {root} was generated with {bench.manifest.get('generator')}, but the "
+                                f"config asks for {want}; {_prepare_hint(cfg)}")
+        return bench
+    return open_benchmark(root)
+
+
+def resolve_pretrained(cfg: ExperimentConfig, bench: Any) -> str:
+    """``backbone.pretrained``; ``auto`` means the cached CPU-pretrained base of a tiny architecture (never trained
+    here: a missing one raises InputsMissing naming ``fomo-ray pretrain``)."""
+    p = cfg.backbone.pretrained
+    if p != "auto":
+        return p
+    arch = cfg.backbone.name
+    if arch not in RECIPES:
+        raise ConfigError(f"config key 'backbone.pretrained': 'auto' only exists for the tiny architectures "
+                          f"{list(RECIPES)}; give '{arch}' an open_clip tag or a checkpoint file")
+    path = base_checkpoint_path(bench.root, arch, RECIPES[arch], bench.manifest["content_hash"])
+    if not path.is_file():
+        raise InputsMissing(f"no pretrained {arch} base for {bench.root} at {path} (backbone.pretrained=auto); "
+                            f"`fomo-ray pretrain --arch {arch} data.root={bench.root}` trains it "
+                            f"(`fomo-ray run` and sweeps do so automatically)")
+    return str(path)
+
+
+def stream_task_rows(cfg: ExperimentConfig, bench: Any) -> list[np.ndarray]:
+    """Train-split row ids of every task's update data D_t (DESIGN §1 chunking)."""
+    from fomo_ray.data.stream import load_stream, resolve_stream, split_tasks, task_rows
+
+    entries = load_stream(resolve_stream(bench, cfg.stream.file, cfg.stream.ordering), bench)
+    # dataset-incremental orderings are cut only at dataset boundaries (DESIGN §1)
+    by_dataset = "dataset_incremental" in cfg.stream.ordering and not cfg.stream.file
+    return [task_rows(bench, task, "train") for task in split_tasks(entries, cfg.stream.num_tasks, by_dataset)]
+
+
+def eval_plan(num_tasks: int, cfg: ExperimentConfig) -> dict[int, bool]:
+    """``{evaluation point: full?}``: 0 and the last point full (if ``full_at_ends``), subsets in between."""
+    e = cfg.evaluation
+    points = {0: e.full_at_ends, num_tasks: e.full_at_ends}
+    for p in range(1, num_tasks):
+        if p % e.every_n_tasks == 0:
+            points[p] = False
+    return points
+
+
+def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -> Run:
+    """Data, backbone (theta_0), method (set up), task plan, evaluator and buffer of a run; deterministic."""
+    from fomo_ray.backbones import create_backbone
+    from fomo_ray.budget import steps_per_task
+    from fomo_ray.data.buffer import make_buffer
+    from fomo_ray.data.format import open_benchmark
+    from fomo_ray.evaluation import Evaluator
+
+    device = torch.device(device) if device is not None else default_device()
+    with distributed.rank_zero_first():  # the budget cache is measured once, not W times
+        bench = open_data(cfg)
+        pretrained = resolve_pretrained(cfg, bench)
+        method = build_method(cfg)
+        tasks = stream_task_rows(cfg, bench)
+        # the budget may build and measure models (drawing random numbers) or read its cache: do it before seeding
+        steps = steps_per_task(cfg, method.cost_as or method.name, len(tasks), device=device)
+    steps = distributed.from_rank_zero(steps)  # ranks must agree on the step count or the all-reduces deadlock
+    seed_everything(derive_seed(cfg.seed, "setup"))  # random init ('' pretrained) and adapter init draw here
+    backbone = create_backbone(cfg.backbone.name, pretrained, device=device, precision=cfg.backbone.precision)
+    model = method.setup(backbone.model)
+    plan = method.task_plan(tasks, steps)
+    evaluator = Evaluator(bench, cfg.evaluation, cfg.seed, backbone.image_size, backbone.mean, backbone.std,
+                          backend=cfg.data.loader, num_workers=cfg.data.num_workers,
+                          precision=cfg.backbone.precision)
+    buffer = make_buffer(cfg.mixture.buffer_policy, cfg.mixture.buffer_size, derive_seed(cfg.seed, "buffer"))
+    pool_bench = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
+    pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)
+    return Run(cfg, run_name(cfg), device, bench, backbone, model, method, plan, pool_bench, pool_rows, evaluator,
+               buffer)

@@ -1,0 +1,138 @@
+"""The loop's resume state: what a checkpoint holds, how it is written and read, and how a run continues from it.
+
+A :class:`LoopState` holds everything an exact resume needs (model incl. adapters, optimizer mid-task, method,
+buffer, all RNG states, the (task, step) cursor, results so far). ``run_stream(cfg, resume=state)`` continues from it
+and ends with metrics bitwise identical to the uninterrupted run on CPU (DESIGN §9: the reference lost its merge
+history, adapters, RNG state and stream position on resume). Files are read with ``torch.load(weights_only=True)``:
+numpy arrays travel wrapped as tensors, never pickled.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from fomo_ray.atomic import torch_save
+from fomo_ray.seeding import rng_state, set_rng_state
+
+LOOP_STATE_FILE = "loop_state.pt"
+STATE_FORMAT = "fomo_ray.loop_state/v1"
+
+
+@dataclass
+class LoopState:
+    """Everything needed to continue a run exactly: the cursor says the next (task, step) to run."""
+
+    run: str
+    task: int
+    step: int
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None  # AdamW state mid-task; None at a task boundary (the next task starts fresh)
+    method: dict[str, Any]
+    buffer: dict[str, Any]
+    rng: dict[str, Any]
+    results: list[dict[str, Any]]
+    config_hash: str = ""
+    scaler: dict[str, Any] | None = None  # fp16 loss-scaler state mid-task (bf16/fp32 need none)
+
+    @property
+    def mid_task(self) -> bool:
+        """True when the cursor is inside a task (its optimizer, scaler and RNG continue where they stopped)."""
+        return self.step > 0
+
+
+@dataclass
+class Resumed:
+    """Where :func:`restore` leaves a run: the cursor, the results so far and, mid-task, the live optimizer and
+    loss scaler of the interrupted task (``None`` at a task boundary: the next task starts fresh)."""
+
+    task: int
+    step: int
+    results: list[dict[str, Any]]
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: torch.amp.GradScaler | None = None
+
+
+def _plain(obj: Any) -> Any:
+    """A detached CPU deep copy with numpy arrays wrapped as tensors, so ``torch.load(weights_only=True)`` reads it."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy())}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _unplain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        if set(obj) == {"__ndarray__"}:
+            return obj["__ndarray__"].numpy()
+        return {k: _unplain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_unplain(v) for v in obj)
+    return obj
+
+
+def save_state(state: LoopState, directory: str | Path) -> Path:
+    """Write ``state`` to ``directory/loop_state.pt`` atomically (temp file + rename)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"format": STATE_FORMAT, **_plain(dataclasses.asdict(state))}
+    return torch_save(payload, directory / LOOP_STATE_FILE)
+
+
+def load_state(directory: str | Path) -> LoopState:
+    """Read what :func:`save_state` wrote (tensors only: ``weights_only=True``)."""
+    path = Path(directory) / LOOP_STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no loop state at {path}")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.pop("format", None) != STATE_FORMAT:
+        raise ValueError(f"{path} is not a {STATE_FORMAT} file")
+    return LoopState(**_unplain(payload))
+
+
+def snapshot(run: Any, task: int, step: int, optimizer: torch.optim.Optimizer | None,
+             scaler: torch.amp.GradScaler | None, results: list[dict[str, Any]]) -> LoopState:
+    """A detached CPU copy of everything an exact resume of ``run`` (an ``assembly.Run``) needs; safe to keep while
+    training continues."""
+    return LoopState(run=run.name, task=task, step=step, model=_plain(run.model.state_dict()),
+                     optimizer=_plain(optimizer.state_dict()) if optimizer is not None else None,
+                     method=_plain(run.method.state_dict()), buffer=_plain(run.buffer.state_dict()),
+                     rng=_plain(rng_state()), results=copy.deepcopy(results), config_hash=run.cfg.config_hash(),
+                     scaler=_plain(scaler.state_dict()) if scaler is not None and scaler.is_enabled() else None)
+
+
+def restore(run: Any, state: LoopState) -> Resumed:
+    """Put ``run`` back where ``state`` was taken: model (adapters included), method and buffer always; mid-task also
+    the task's optimizer, loss scaler and every RNG, so the next step is the one the interrupted run would have taken.
+
+    Raises ValueError when the state belongs to another run or config (a silent mix would corrupt the results).
+    """
+    from fomo_ray.optim import make_optimizer
+
+    if state.run != run.name or (state.config_hash and state.config_hash != run.cfg.config_hash()):
+        raise ValueError(f"resume state belongs to run '{state.run}', not to '{run.name}' (config changed?)")
+    run.model.load_state_dict(state.model)
+    run.method.load_state_dict(state.method)
+    run.buffer.load_state_dict(state.buffer)
+    resumed = Resumed(state.task, state.step, list(state.results))
+    if state.mid_task:
+        run.model.train()
+        resumed.optimizer = make_optimizer(run.model, run.cfg)
+        resumed.optimizer.load_state_dict(state.optimizer)
+        resumed.scaler = run.new_scaler()
+        if state.scaler:
+            resumed.scaler.load_state_dict(state.scaler)
+        set_rng_state(state.rng)
+    return resumed
