@@ -156,7 +156,7 @@ if not (root / 'manifest.json').is_file():
     if not ffcv_available():
         sys.exit(f'no FiF-mini at {root} and no FFCV to write it: run bench/make_gpu_wheels.sh where FFCV exists '
                  f'and carry data/gpu_check')
-    from fomo_ray.data.fifmini import ensure_fifmini
+    from fomo_ray.prep.fifmini import ensure_fifmini
     ensure_fifmini(root, seed=0, image_size=32, scale=0.05, progress=False)
 from fomo_ray.data.format import open_benchmark
 b = open_benchmark(root)

@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     a = p.parse_args(argv)
 
-    from fomo_ray.data.fifmini import ensure_fifmini
+    from fomo_ray.prep.fifmini import ensure_fifmini
     from fomo_ray.data.loaders import make_loader
 
     bench = ensure_fifmini(a.root)

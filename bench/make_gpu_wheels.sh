@@ -53,7 +53,7 @@ echo "make_gpu_wheels: $(ls "$WHEEL_DIR" | wc -l) wheels, ${size_mb} MB in .whl/
 # -------------------------------------------------------------------------------------------- 2. small FiF-mini
 if [ "${1:-}" != "--no-data" ]; then
   HF_HUB_OFFLINE=1 "$PY" -c "
-from fomo_ray.data.fifmini import ensure_fifmini
+from fomo_ray.prep.fifmini import ensure_fifmini
 b = ensure_fifmini('data/gpu_check/fifmini', seed=0, image_size=32, scale=0.05, progress=False)
 print('make_gpu_wheels: FiF-mini (scale 0.05) at', b.root, 'rows', {s: b.num_rows(s) for s in ('pool', 'train', 'test')})
 "

@@ -132,7 +132,7 @@ def train_step_fn(backbone, model, cfg, images, tokens) -> Callable[[], torch.Te
     no-ops for these methods); returns the detached loss without synchronising."""
     from fomo_ray.optim import make_optimizer
     from fomo_ray.losses import clamp_logit_scale_, clip_loss
-    from fomo_ray.methods.base import trainable_named
+    from fomo_ray.optim import trainable_named
 
     opt = make_optimizer(model, cfg)
     params = [p for _, p in trainable_named(model)]

@@ -136,6 +136,7 @@ def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
     import ray
 
     from fomo_ray import sweep
+    from fomo_ray.sweep_spec import spec_from_dict
 
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="fr2n_", dir="/tmp")  # short: Ray's socket paths live under it
@@ -151,7 +152,7 @@ def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         alive = wait_for_nodes(2, 90)
         t_up = time.time() - t0
-        spec = sweep.spec_from_dict(sweep_spec(out, data_root, data_scale))
+        spec = spec_from_dict(sweep_spec(out, data_root, data_scale))
         res = sweep.run_sweep(spec, progress=True)
         ray.shutdown()
         trial_nodes = res.results.groupby("run")["node_id"].agg(lambda s: sorted(set(s))).to_dict()

@@ -1,7 +1,8 @@
 """Pretrain the tiny base CLIP(s) on FiF-mini's pool P and cache them beside the data.
 
-Thin wrapper over ``fomo_ray.pretrain.main`` (same options as ``fomo-ray pretrain``); the continual loop runs this
-automatically when ``backbone.pretrained=auto`` and the cached base checkpoint is missing. Examples::
+Thin wrapper over ``fomo_ray.cli.pretrain.main`` (same options as ``fomo-ray pretrain``); ``fomo-ray run`` and
+sweeps run this automatically (``prep.ensure_inputs``) when ``backbone.pretrained=auto`` and the cached base is
+missing. Examples::
 
     python data_prep/pretrain_base.py                       # fomo-tiny-s on data/fifmini (built if missing)
     python data_prep/pretrain_base.py --all                 # every tiny size (model-size studies)
@@ -9,7 +10,7 @@ automatically when ``backbone.pretrained=auto`` and the cached base checkpoint i
 """
 import sys
 
-from fomo_ray.pretrain import main
+from fomo_ray.cli.pretrain import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -6,7 +6,7 @@ address and GPUs per trial. Sweep definition: configs/sweep_methods.yaml.
 import sys
 from pathlib import Path
 
-from fomo_ray.experiment_cli import main
+from fomo_ray.cli.sweep import experiment_main
 
 if __name__ == "__main__":
-    sys.exit(main(Path(__file__).with_name("configs") / "sweep_methods.yaml", description=__doc__))
+    sys.exit(experiment_main(Path(__file__).with_name("configs") / "sweep_methods.yaml", description=__doc__))

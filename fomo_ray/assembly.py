@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fomo_ray import distributed
-from fomo_ray.config import ConfigError, ExperimentConfig
-from fomo_ray.inputs import RECIPES, InputsMissing, base_checkpoint_path, fifmini_generator_info
+from fomo_ray.config import ExperimentConfig
+from fomo_ray.inputs import InputsMissing, auto_base_path, fifmini_generator_info
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan
 from fomo_ray.seeding import derive_seed, seed_everything
@@ -85,10 +85,7 @@ def resolve_pretrained(cfg: ExperimentConfig, bench: Any) -> str:
     if p != "auto":
         return p
     arch = cfg.backbone.name
-    if arch not in RECIPES:
-        raise ConfigError(f"config key 'backbone.pretrained': 'auto' only exists for the tiny architectures "
-                          f"{list(RECIPES)}; give '{arch}' an open_clip tag or a checkpoint file")
-    path = base_checkpoint_path(bench.root, arch, RECIPES[arch], bench.manifest["content_hash"])
+    path = auto_base_path(arch, bench)
     if not path.is_file():
         raise InputsMissing(f"no pretrained {arch} base for {bench.root} at {path} (backbone.pretrained=auto); "
                             f"`fomo-ray pretrain --arch {arch} data.root={bench.root}` trains it "

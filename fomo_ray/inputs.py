@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from fomo_ray.config import ConfigError
 from fomo_ray.data.format import DataError
 
 FIFMINI_NAME = "fifmini"
@@ -66,3 +67,12 @@ RECIPES: dict[str, PretrainConfig] = {
 def base_checkpoint_path(root: str | Path, arch: str, recipe: PretrainConfig, content_hash: str) -> Path:
     """``<root>/base_models/<arch>-<digest>.pt``: the cached base of ``arch`` pretrained on the benchmark at ``root``."""
     return Path(root) / "base_models" / f"{arch}-{recipe.digest(arch, content_hash)}.pt"
+
+
+def auto_base_path(arch: str, bench) -> Path:
+    """Where ``backbone.pretrained = auto`` finds the base of the tiny architecture ``arch`` for ``bench`` (it may not
+    exist yet); ConfigError for an architecture without a pretraining recipe."""
+    if arch not in RECIPES:
+        raise ConfigError(f"config key 'backbone.pretrained': 'auto' only exists for the tiny architectures "
+                          f"{list(RECIPES)}; give '{arch}' an open_clip tag or a checkpoint file")
+    return base_checkpoint_path(bench.root, arch, RECIPES[arch], bench.manifest["content_hash"])

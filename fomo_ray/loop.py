@@ -58,9 +58,8 @@ from fomo_ray.assembly import Run, build_run, eval_plan
 from fomo_ray.checkpoint import LoopState, Resumed, restore, snapshot
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.losses import clamp_logit_scale_, clip_loss
-from fomo_ray.methods.base import trainable_named
 from fomo_ray.metrics import tidy_frame
-from fomo_ray.optim import make_optimizer
+from fomo_ray.optim import make_optimizer, trainable_named
 from fomo_ray.schedules import lr_at
 from fomo_ray.seeding import derive_seed, seed_everything, task_seed
 

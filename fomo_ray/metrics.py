@@ -158,13 +158,14 @@ def learned_at_points(task_datasets: Sequence[Iterable[str]]) -> dict[str, int]:
 
 def stream_task_datasets(entries: Sequence[str], num_tasks: int) -> list[list[str]]:
     """Dataset names of each task of a stream (``DATASET+++class`` entries cut as DESIGN section 1)."""
-    n = len(entries)
-    if num_tasks < 1 or num_tasks > max(n, 1):
-        raise MetricsError(f"num_tasks={num_tasks} does not fit a stream of {n} entries")
+    from fomo_ray.data.stream import parse_entries, task_sizes
+
+    parsed = parse_entries(list(entries))
+    if num_tasks < 1 or num_tasks > max(len(parsed), 1):
+        raise MetricsError(f"num_tasks={num_tasks} does not fit a stream of {len(parsed)} entries")
     out, start = [], 0
-    for i in range(num_tasks):
-        size = n // num_tasks + (1 if i < n % num_tasks else 0)
-        out.append(sorted({e.split("+++", 1)[0] for e in entries[start:start + size]}))
+    for size in task_sizes(len(parsed), num_tasks):
+        out.append(sorted({dataset for dataset, _ in parsed[start:start + size]}))
         start += size
     return out
 

@@ -11,8 +11,6 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fomo_ray.methods.base import trainable_named
-
 
 def decays(name: str, p: torch.Tensor) -> bool:
     """Whether AdamW decays ``name``: not biases, norm gains (all 1-D), embeddings or logit_scale (as open_clip)."""
@@ -28,6 +26,11 @@ def adamw_groups(named: Sequence[tuple[str, nn.Parameter]], weight_decay: float,
     groups = [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
               {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The parameters the optimizer updates, in a fixed (registration) order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
 def make_optimizer(model: nn.Module, cfg: Any) -> torch.optim.AdamW:

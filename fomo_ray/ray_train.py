@@ -12,38 +12,43 @@ Two ways to host a run, sharing :func:`continual_run`:
 * the plain Tune function trainable of ``sweep.py`` for runs of one worker and <= 1 GPU (no Train controller, so
   trials start in ~1 s and fractional GPUs pack several trials per device).
 
-A checkpoint is a directory: the loop's ``save_state`` output (weights, method state, optimizer/scheduler state
+The worker makes sure the run's inputs exist first (``fomo_ray.prep.ensure_inputs``, rank 0 before the others), so
+a node without the sweep driver's data builds its own copy; the loop itself never builds inputs.
+
+A trial talks to the sweep driver through the report protocol of ``trial_report.py``.
+
+A checkpoint is a directory: ``checkpoint.save_state`` output (weights, method state, optimizer/scheduler state
 mid-task, RNG states, stream cursor) plus ``fomo_ray_run.json`` with the MLflow run id, so a restarted worker continues
 exactly where the checkpoint was taken *and* logs into the same MLflow run. It is reported at the end of every task
 and every ``ray.checkpoint_every_steps`` steps.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
 import ray
 
+from fomo_ray import trial_report
 from fomo_ray.config import ExperimentConfig
+from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 # ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
-# needs them, and eight such trials starting on two cores should not each pay seconds of imports.
+# needs them, and eight such trials starting on two cores should not each pay seconds of imports. The loop, the
+# checkpoint module and the input preparation are imported where used too, and always called through their module
+# (``loop.run_stream``), never bound at import, so what runs is looked up when it runs.
 
 CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's checkpoints
 RESUMED_TAG = "fomo_ray.resumed_from"  # the cursor a restarted worker continued from
 WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attempt
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
-SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
-DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>"
 
 
 class RunFailed(RuntimeError):
@@ -55,18 +60,6 @@ class RunDiverged(RunFailed):
 
 
 @dataclass(frozen=True)
-class FaultSpec:
-    """Fault injection for tests and drills: the rank-0 worker exits hard (``os._exit``) ``delay_s`` seconds after
-    it finished optimizer step ``step`` of task ``task``, once -- ``marker`` records that it happened, so the
-    restarted worker goes on. (Ray Train registers reports on a 2 s poll: a crash sooner than that after a
-    checkpoint falls back to the checkpoint before it -- still exact, but it would not exercise a mid-task resume.)"""
-    task: int
-    step: int
-    marker: str
-    delay_s: float = 0.0
-
-
-@dataclass(frozen=True)
 class RunPayload:
     """Everything the process that runs the loop needs (picklable; travels to Ray workers)."""
     cfg: ExperimentConfig
@@ -75,8 +68,6 @@ class RunPayload:
     mlflow_run_id: str = ""           # the trial's run, created by the driver; a checkpoint's id wins on resume
     log_checkpoints: bool = True
     storage_uri: str = ""             # where Ray persists this run's checkpoints (a pointer for MLflow)
-    fault: FaultSpec | None = None
-    runner: Any = None                # module-like: run_stream, RunHooks, save_state, load_state, TrainingDiverged
 
 
 class Session(Protocol):
@@ -90,20 +81,6 @@ class Session(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
-def default_runner() -> Any:
-    return importlib.import_module("fomo_ray.loop")
-
-
-def check_workers(cfg: ExperimentConfig, runner: Any = None) -> None:
-    """Refuse several workers per run unless the loop shards batches and averages gradients across ranks (its
-    ``DISTRIBUTED`` flag): N workers that each run the whole loop would only repeat the same work N times."""
-    if cfg.ray.num_workers > 1 and not getattr(runner or default_runner(), "DISTRIBUTED", False):
-        from fomo_ray.config import ConfigError
-
-        raise ConfigError(f"config key 'ray.num_workers' = {cfg.ray.num_workers}: this loop has no data-parallel "
-                          f"(DDP) support, so a run uses one worker; scale out with more trials instead")
-
-
 def summary_of(records: list[Mapping[str, Any]], run: str, task: int) -> dict[str, float]:
     """A_KA, A_ZS, GM of one evaluation point (metrics.summarize over the point's records)."""
     import pandas as pd
@@ -113,24 +90,6 @@ def summary_of(records: list[Mapping[str, Any]], run: str, task: int) -> dict[st
     df = pd.DataFrame([{**r, "run": run, "task": task} for r in records])
     row = summarize(df).iloc[0]
     return {k: float(row[k]) for k in SUMMARY_KEYS}
-
-
-def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, Any]:
-    """The flat result reported to Ray for one evaluation point (Tune keeps one row per report)."""
-    out: dict[str, Any] = {"kind": "eval", "task": int(task), **summary}
-    for r in records:
-        out[f"{DATASET_PREFIX}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
-    return out
-
-
-def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Inverse of :func:`eval_report`'s per-dataset part: tidy records (dataset, role, metric, value)."""
-    out = []
-    for key, value in report.items():
-        if isinstance(key, str) and key.startswith(DATASET_PREFIX) and value == value:  # skip NaN fill-ins
-            role, dataset, metric = key[len(DATASET_PREFIX):].split("/", 2)
-            out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value)})
-    return out
 
 
 def checkpoint_position(state: Any) -> tuple[int, int, bool]:
@@ -166,10 +125,10 @@ def set_threads(cpus: float) -> None:
 # --------------------------------------------------------------------------------------------------- the run body
 class _Bridge:
     """The loop's hooks on one host: per-point reports to the session, MLflow logging (rank 0), checkpoints
-    (rank 0 writes, every rank reports), and the optional injected fault."""
+    (rank 0 writes, every rank reports)."""
 
-    def __init__(self, p: RunPayload, session: Session, runner: Any, run_id: str, tracker: Any):
-        self.p, self.session, self.runner, self.run_id, self.tracker = p, session, runner, run_id, tracker
+    def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
+        self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
         self.rank0 = session.rank == 0
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
@@ -181,26 +140,20 @@ class _Bridge:
             from fomo_ray.tracking import eval_metrics
 
             self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=task)
-        self.session.report({**eval_report(task, records, summary), "node_id": _node_id()}, None, None)
-
-    def on_step(self, task: int, step: int, loss: float, lr: float) -> None:
-        f = self.p.fault
-        if f is not None and self.rank0 and (task, step) == (f.task, f.step) and not os.path.exists(f.marker):
-            Path(f.marker).write_text(f"killed at task {task} step {step} (pid {os.getpid()})\n")
-            time.sleep(f.delay_s)
-            os._exit(1)  # a hard crash: no cleanup, no exception handling, like a lost node
+        self.session.report({**trial_report.eval_report(task, records, summary), "node_id": _node_id()}, None, None)
 
     def on_checkpoint(self, state: Any) -> None:
+        from fomo_ray import checkpoint
+
         task, step, boundary = checkpoint_position(state)
         tmp = tempfile.mkdtemp(prefix="fomo_ckpt_") if self.rank0 else None
         if tmp is not None:
-            self.runner.save_state(state, tmp)
+            checkpoint.save_state(state, tmp)
             write_run_meta(tmp, self.run_id, self.p.run_name)
             if self.tracker is not None and boundary:
                 self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: self.p.storage_uri,
                                                     "fomo_ray.last_checkpoint": checkpoint_name(task, step)})
-        self.session.report({"kind": "checkpoint", "task": task, "step": step, **self.last}, tmp,
-                            checkpoint_name(task, step))
+        self.session.report(trial_report.checkpoint_report(task, step, self.last), tmp, checkpoint_name(task, step))
         if tmp is not None and boundary:
             self.kept.append(tmp)
             while len(self.kept) > 1:
@@ -217,20 +170,23 @@ class _Bridge:
             Path(d, STATUS_FILE).write_text(json.dumps(final))
             if not self.kept:
                 write_run_meta(d, self.run_id, self.p.run_name)
-            if self.tracker is not None and self.p.log_checkpoints and final["kind"] == "done" and self.kept:
+            done = trial_report.is_kind(final, ReportKind.DONE)
+            if self.tracker is not None and self.p.log_checkpoints and done and self.kept:
                 # the final state only: one full state per task and trial would multiply the store's size by T;
                 # every task-end checkpoint stays reachable through the fomo_ray.checkpoint_uri tag
                 self.tracker.log_artifacts(self.run_id, d, artifact_path="checkpoints/final")
         try:
-            self.session.report(final, d, f"final_{final['kind']}")
+            self.session.report(final, d, f"final_{trial_report.kind_of(final).value}")
         finally:
             for k in {*self.kept, *([d] if d else [])}:
                 shutil.rmtree(k, ignore_errors=True)
         return final
 
 
-def _resume_point(session: Session, runner: Any) -> tuple[Any, dict[str, str], dict[str, Any] | None]:
+def _resume_point(session: Session) -> tuple[Any, dict[str, str], dict[str, Any] | None]:
     """(loop state to resume or None, run meta, final status if the run already ended) from the host's checkpoint."""
+    from fomo_ray import checkpoint
+
     ckpt = session.get_checkpoint()
     if ckpt is None:
         return None, {}, None
@@ -238,20 +194,23 @@ def _resume_point(session: Session, runner: Any) -> tuple[Any, dict[str, str], d
         status = Path(d, STATUS_FILE)
         if status.is_file():
             return None, read_run_meta(d), json.loads(status.read_text())
-        return runner.load_state(d), read_run_meta(d), None
+        return checkpoint.load_state(d), read_run_meta(d), None
 
 
 def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     """Run (or resume) one continual stream and report every evaluation point and checkpoint to ``session``.
 
     Rank 0 alone logs to MLflow and writes checkpoints; every rank calls ``report`` equally often (Train V2's
-    report is a barrier). A diverged run ends with ``kind="failed"`` instead of raising, so Ray does not retry a
-    deterministic failure. Returns the final report (``kind`` "done" or "failed").
+    report is a barrier). A diverged run ends with a ``failed`` report instead of raising, so Ray does not retry a
+    deterministic failure. Returns the final report (``done`` or ``failed``, :mod:`fomo_ray.trial_report`).
+    Before the loop, the run's inputs are made sure of (:func:`ensure_inputs`).
     """
-    runner = p.runner or default_runner()
-    resume, meta, ended = _resume_point(session, runner)
+    from fomo_ray import loop
+
+    resume, meta, ended = _resume_point(session)
     if ended is not None:  # relaunched after it ended (e.g. a restored sweep): nothing to redo
         return ended
+    ensure_inputs(p.cfg)
     run_id = meta.get("mlflow_run_id") or p.mlflow_run_id
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
@@ -261,13 +220,23 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         tracker.set_tags(run_id, {WORLD_TAG: session.world_size})
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
-    bridge = _Bridge(p, session, runner, run_id, tracker)
-    hooks = runner.RunHooks(on_eval=bridge.on_eval, on_step=bridge.on_step, on_checkpoint=bridge.on_checkpoint)
+    bridge = _Bridge(p, session, run_id, tracker)
+    hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint)
     try:
-        runner.run_stream(p.cfg, hooks=hooks, resume=resume)
-    except runner.TrainingDiverged as e:
-        return bridge.finish({"kind": "failed", "reason": f"{type(e).__name__}: {e}", **bridge.last})
-    return bridge.finish({"kind": "done", **bridge.last})
+        loop.run_stream(p.cfg, hooks=hooks, resume=resume)
+    except loop.TrainingDiverged as e:
+        return bridge.finish(trial_report.failed_report(f"{type(e).__name__}: {e}", bridge.last))
+    return bridge.finish(trial_report.done_report(bridge.last))
+
+
+def ensure_inputs(cfg: ExperimentConfig) -> None:
+    """Make sure the run's benchmark and base checkpoint exist (``fomo_ray.prep.ensure_inputs``), rank 0 first: on
+    shared storage the other ranks then find them, on a node of its own a rank builds its own copy. The sweep
+    driver prepared them already where it runs, so this is quick there; the loop itself never builds inputs."""
+    from fomo_ray import distributed, prep
+
+    with distributed.rank_zero_first():
+        prep.ensure_inputs(cfg)
 
 
 def _node_id() -> str:
@@ -320,7 +289,7 @@ def scaling_config(cfg: ExperimentConfig) -> Any:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    metrics: dict[str, Any]   # the last report (kind "done")
+    metrics: dict[str, Any]   # the last report (a ``done`` report)
     checkpoint: str | None    # the newest checkpoint directory (the final state of the stream)
     path: str                 # the Train run's directory under storage_path
 
@@ -336,7 +305,6 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
     from ray.train.torch import TorchTrainer
 
     cfg = payload.cfg
-    check_workers(cfg, payload.runner)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"payload": payload},
@@ -356,7 +324,7 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
         raise RunFailed(f"run {payload.run_name!r} (Train run {name}) failed after {cfg.ray.max_failures} worker "
                         f"restart(s): {e}") from e
     metrics = dict(result.metrics or {})
-    if metrics.get("kind") == "failed":
+    if trial_report.is_kind(metrics, ReportKind.FAILED):
         raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}")
     return TrainOutcome(metrics, result.checkpoint.path if result.checkpoint else None, str(result.path))
 

@@ -1,210 +1,52 @@
-"""Ray Tune sweeps over dotted config keys (the only ``ray.tune`` import).
+"""Ray Tune sweeps: run a validated sweep plan on Tune and collect its results (the only ``ray.tune`` import).
 
-A sweep is a base config plus a *space*, written in YAML (``experiments/configs/*.yaml``) or Python::
-
-    name: merge_weights
-    config: ""                          # optional base config YAML
-    base: {method.name: ema_merge}      # dotted overrides applied to every trial
-    search: grid                        # grid | random | optuna
-    num_samples: 1                      # samples per grid point (random / optuna: the number of trials)
-    metric: GM                          # what optuna optimises (the final evaluation point's value)
-    space:
-      method.merge.weight: {grid: [0.1, 0.5, 0.9]}
-      optimizer.lr: {loguniform: [1.0e-5, 1.0e-3]}      # also: uniform, randint, choice
-      variant:                          # a name that is not a config key: labelled bundles of overrides
-        points: {finetune: {method.name: finetune}, zs: {method.name: zero_shot}}
-
-Every trial's config is built and validated before Ray starts (an unknown key or an invalid value fails fast with
-a :class:`~fomo_ray.config.ConfigError` naming it). Each trial runs one continual stream (``ray_train.py``): as a
-``TorchTrainer`` when it needs several workers (``ray.num_workers > 1``) or ``trainer: train``, otherwise as a plain
-Tune function with ``tune.with_resources`` (fractional GPUs pack small trials). Trials retry under
-``tune.FailureConfig``; a deterministic failure (divergence) is recorded once and not retried. An interrupted sweep
-is resumed with ``Tuner.restore`` (finished trials are not redone); a finished sweep is never overwritten.
-Results: a pandas DataFrame with one row per trial x evaluation point, plus the tidy per-dataset table.
+The sweep itself (its YAML, the space, validation, the directory policy, trial names) is ``sweep_spec.py``, which
+needs no Ray. Here: each trial runs one continual stream (``ray_train.py``): as a ``TorchTrainer`` when it needs
+several workers (``ray.num_workers > 1``) or ``trainer: train``, otherwise as a plain Tune function with
+``tune.with_resources`` (fractional GPUs pack small trials). Before any trial starts, the driver makes sure every
+trial's inputs exist (``fomo_ray.prep.ensure_inputs``) and warms the CPU budget cache, once per distinct
+combination, so concurrent trials never race to build them. Trials retry under ``tune.FailureConfig``; a
+deterministic failure (divergence) is recorded once and not retried. An interrupted sweep is resumed with
+``Tuner.restore`` (finished trials are not redone); a finished sweep is never overwritten. Results: a pandas
+DataFrame with one row per trial x evaluation point, plus the tidy per-dataset table. What a trial reports, and
+how it is read back, is the protocol of ``trial_report.py``.
 """
 from __future__ import annotations
 
-import argparse
-import itertools
+import contextlib
 import json
 import math
 import os
-import re
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 from ray import tune
 
-from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
+from fomo_ray import trial_report
 from fomo_ray.atomic import atomic_path, write_text
+from fomo_ray.config import ExperimentConfig
+from fomo_ray.metrics import COLUMNS
+from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepPlan, SweepSpec, check_search, grid_points, plan_sweep,
+                                 sweep_directory, trial_name, trial_overrides)
+from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
-SEARCHES = ("grid", "random", "optuna")
-TRAINERS = ("auto", "train", "function")
-DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "points")
-SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description")
-SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
-MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
-
-
-class SweepError(ValueError):
-    """A sweep cannot run as specified; the message names the key, file or directory."""
+SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id and storage, read back on resume
 
 
 # --------------------------------------------------------------------------------------------------- the space
-@dataclass(frozen=True)
-class Dim:
-    """One swept dimension. ``values``: grid/choice values; (lo, hi) for uniform/loguniform/randint (hi exclusive
-    for randint, as Tune); ((label, {dotted: value}), ...) for points."""
-    kind: str
-    values: tuple
-
-    def candidates(self) -> list[Any]:
-        """Values a trial can take that validation must check (both ends of a range)."""
-        if self.kind in ("grid", "choice", "points"):
-            return list(self.values)
-        lo, hi = self.values
-        return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
-
-
-def parse_dim(key: str, raw: Any) -> Dim:
-    """``{grid: [...]}`` / ``{choice: [...]}`` / ``{uniform|loguniform|randint: [lo, hi]}`` / ``{points: {...}}``."""
-    if not isinstance(raw, Mapping) or len(raw) != 1:
-        raise SweepError(f"sweep space key '{key}': expected one of {{{', '.join(DIM_KINDS)}}}: ..., got {raw!r}")
-    (kind, values), = raw.items()
-    if kind not in DIM_KINDS:
-        raise SweepError(f"sweep space key '{key}': unknown kind '{kind}'; valid: {list(DIM_KINDS)}")
-    if kind == "points":
-        if not isinstance(values, Mapping) or not values:
-            raise SweepError(f"sweep space key '{key}': points must be a non-empty mapping label -> overrides")
-        pts = []
-        for label, ov in values.items():
-            if not isinstance(ov, Mapping):
-                raise SweepError(f"sweep space key '{key}': point '{label}' must map dotted keys to values")
-            pts.append((str(label), dict(ov)))
-        return Dim(kind, tuple(pts))
-    if not isinstance(values, (list, tuple)) or not values:
-        raise SweepError(f"sweep space key '{key}': {kind} needs a non-empty list, got {values!r}")
-    if kind in ("grid", "choice"):
-        return Dim(kind, tuple(values))
-    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        raise SweepError(f"sweep space key '{key}': {kind} needs [lo, hi] numbers, got {values!r}")
-    lo, hi = values
-    if not lo < hi or (kind == "loguniform" and lo <= 0) or (kind == "randint" and not all(
-            isinstance(v, int) for v in values)):
-        raise SweepError(f"sweep space key '{key}': invalid {kind} range {values!r}")
-    return Dim(kind, (lo, hi))
-
-
-def parse_space(raw: Mapping[str, Any] | None) -> dict[str, Dim]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, Mapping):
-        raise SweepError(f"sweep 'space' must be a mapping of key -> dimension, got {raw!r}")
-    return {str(k): v if isinstance(v, Dim) else parse_dim(str(k), v) for k, v in raw.items()}
-
-
-def trial_overrides(config: Mapping[str, Any], space: Mapping[str, Dim]) -> dict[str, Any]:
-    """A trial's dotted overrides from its Tune config (a points label expands to its bundle)."""
-    out: dict[str, Any] = {}
-    for key, dim in space.items():
-        value = config[key]
-        if dim.kind == "points":
-            out.update(dict(dim.values)[value])
-        else:
-            out[key] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
-    return out
-
-
-def grid_points(space: Mapping[str, Dim]) -> list[dict[str, Any]]:
-    """The cartesian product of the enumerable dims (grid, choice, points) as Tune configs; ranges take their ends
-    (used for validation: every enumerable combination, each range end)."""
-    keys = list(space)
-    lists = []
-    for k in keys:
-        d = space[k]
-        lists.append([lbl for lbl, _ in d.values] if d.kind == "points" else d.candidates())
-    return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
-
-
-def check_names(cfg: ExperimentConfig) -> None:
-    """Registry checks a config type cannot express: the method, the merge operator, the architecture.
-
-    Raises ConfigError naming the key, so a misspelt name fails before any trial starts rather than inside one.
-    """
-    from fomo_ray.merge_ops import OPERATORS
-    from fomo_ray.methods import build_method
-
-    build_method(cfg)  # UnknownMethodError (a ConfigError) lists the valid names
-    if cfg.method.merge.operator not in OPERATORS:
-        raise ConfigError(f"config key 'method.merge.operator': unknown operator {cfg.method.merge.operator!r}; "
-                          f"valid: {', '.join(OPERATORS)}")
-    from fomo_ray.backbones import BackboneError, _check_arch
-
-    try:
-        _check_arch(cfg.backbone.name)
-    except BackboneError as e:
-        raise ConfigError(f"config key 'backbone.name': {e}") from e
-
-
-def validate_space(base: ExperimentConfig, space: Mapping[str, Dim]) -> int:
-    """Build every trial config the space can produce (ranges at both ends) and validate it; return the count.
-
-    Raises ConfigError naming the culprit (key and, for points, the label) before any trial starts.
-    """
-    for key, dim in space.items():
-        if dim.kind == "points":
-            if key in base.flat():
-                raise SweepError(f"sweep space key '{key}' is a config key; points need a free name (e.g. 'variant')")
-            for label, ov in dim.values:
-                try:
-                    base.replace(ov)
-                except ConfigError as e:
-                    raise ConfigError(f"sweep point '{key}={label}': {e}") from e
-        else:
-            for v in dim.candidates():
-                try:
-                    base.replace({key: v})
-                except ConfigError as e:
-                    raise ConfigError(f"sweep space key '{key}' value {v!r}: {e}") from e
-    combos = grid_points(space)
-    if len(combos) <= MAX_VALIDATED:  # combinations too (e.g. mixture shares that must sum to 1)
-        checked: set[tuple[str, str, str]] = set()
-        for combo in combos:
-            try:
-                cfg = base.replace(trial_overrides(combo, space))
-                names = (cfg.method.name, cfg.method.merge.operator, cfg.backbone.name)
-                if names not in checked:
-                    checked.add(names)
-                    check_names(cfg)
-            except ConfigError as e:
-                raise ConfigError(f"sweep trial {trial_label(combo, space)}: {e}") from e
-    return len(combos)
-
-
-def trial_count(space: Mapping[str, Dim], search: str, num_samples: int) -> int:
-    """Trials Tune will run: every grid/points combination ``num_samples`` times (sampled dims are drawn per
-    trial); optuna runs ``num_samples`` trials in all."""
-    if search == "optuna":
-        return num_samples
-    return math.prod(len(d.values) for d in space.values() if d.kind in ("grid", "points")) * num_samples
-
-
 def to_tune(space: Mapping[str, Dim], search: str) -> dict[str, Any]:
     """The Tune param_space: grids (and points, by label) become grid_search; optuna, which samples, takes points
     as a categorical and refuses grids."""
+    check_search(space, search)
     out: dict[str, Any] = {}
     for key, d in space.items():
         vals = [lbl for lbl, _ in d.values] if d.kind == "points" else list(d.values)
-        if d.kind == "grid" and search == "optuna":
-            raise SweepError(f"sweep space key '{key}': optuna samples, it cannot enumerate a grid; "
-                             f"write it as {{choice: [...]}}")
         if d.kind == "points" and search == "optuna":
             out[key] = tune.choice(vals)  # a categorical over the labelled bundles
         elif d.kind in ("grid", "points"):
@@ -220,98 +62,6 @@ def to_tune(space: Mapping[str, Dim], search: str) -> dict[str, Any]:
     return out
 
 
-# --------------------------------------------------------------------------------------------------- the spec
-@dataclass(frozen=True)
-class SweepSpec:
-    name: str
-    space: Mapping[str, Dim]
-    base: Mapping[str, Any] = field(default_factory=dict)   # dotted overrides applied to every trial
-    config: str = ""                                         # base config YAML ("" = defaults)
-    search: str = "grid"
-    num_samples: int = 1
-    metric: str = "GM"
-    mode: str = "max"
-    trainer: str = "auto"
-    report_x: str = ""          # numeric swept key the report plots final A_KA/A_ZS/GM against (e.g. merge weight)
-    description: str = ""
-
-    def base_config(self) -> ExperimentConfig:
-        """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
-        return load_config(self.config or None, dict(self.base)).resolved()
-
-
-def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
-    unknown = sorted(set(data) - set(SPEC_KEYS))
-    if unknown:
-        raise SweepError(f"{source}: unknown sweep key(s) {unknown}; valid: {list(SPEC_KEYS)}")
-    if not data.get("name"):
-        raise SweepError(f"{source}: a sweep needs a 'name'")
-    search = data.get("search", "grid")
-    if search not in SEARCHES:
-        raise SweepError(f"{source}: search '{search}' is not one of {list(SEARCHES)}")
-    trainer = data.get("trainer", "auto")
-    if trainer not in TRAINERS:
-        raise SweepError(f"{source}: trainer '{trainer}' is not one of {list(TRAINERS)}")
-    mode = data.get("mode", "max")
-    if mode not in ("max", "min"):
-        raise SweepError(f"{source}: mode '{mode}' is not 'max' or 'min'")
-    base = data.get("base") or {}
-    if not isinstance(base, Mapping):
-        raise SweepError(f"{source}: 'base' must map dotted keys to values")
-    report = data.get("report") or {}
-    return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
-                     config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
-                     metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
-                     report_x=str(report.get("x", "")), description=str(data.get("description", "")))
-
-
-def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
-    """Read a sweep YAML; ``overrides`` (``k=v`` strings or a dict) are added to its ``base``.
-
-    A relative ``config:`` path resolves against the sweep file's directory.
-    """
-    p = Path(path)
-    data = read_yaml_mapping(p, "sweep file", SweepError)
-    spec = spec_from_dict(data, str(p))
-    if spec.config and not Path(spec.config).is_absolute():
-        spec = replace(spec, config=str((p.parent / spec.config).resolve()))
-    extra = overrides if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
-    return replace(spec, base={**spec.base, **extra}) if extra else spec
-
-
-# --------------------------------------------------------------------------------------------------- directories
-def is_finished(directory: str | Path) -> bool:
-    return Path(directory, SUMMARY_FILE).is_file()
-
-
-def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, bool]:
-    """(directory, resume?) for sweep ``name`` under ``root``; never reuses a finished sweep's directory.
-
-    ``if_exists``: ``auto`` resumes an interrupted sweep and starts ``name-2``, ``name-3``... after a finished one;
-    ``new`` always starts a fresh directory; ``resume`` requires an interrupted sweep; ``refuse`` requires none.
-    """
-    root = Path(root)
-    d = root / name
-    if not d.exists() or not any(d.iterdir()):
-        if if_exists == "resume":
-            raise SweepError(f"nothing to resume: no sweep directory {d}")
-        return d, False
-    finished = is_finished(d)
-    if if_exists == "refuse":
-        state = "finished (results in it)" if finished else "interrupted"
-        raise SweepError(f"sweep '{name}' already exists at {d} ({state}); choose another --name, or "
-                         f"{'delete it' if finished else 'resume it'}")
-    if if_exists in ("auto", "resume") and not finished:
-        return d, True
-    if if_exists == "resume":
-        raise SweepError(f"sweep '{name}' at {d} already finished; its results are kept, nothing to resume")
-    for i in itertools.count(2):
-        cand = root / f"{name}-{i}"
-        if not cand.exists():
-            return cand, False
-    raise AssertionError("unreachable")
-
-
 def _write_atomic(path: Path, text: str) -> None:
     write_text(path, text)
 
@@ -323,36 +73,6 @@ def _save_csv(df: pd.DataFrame, path: Path) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- trials
-_LABEL_CHARS = re.compile(r"[^\w.,=+-]")
-
-
-def short_key(key: str) -> str:
-    """``method.merge.weight`` -> ``weight``; ``method.name`` -> ``method`` (a bare "name" would be ambiguous)."""
-    parts = key.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-
-
-def trial_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:
-    """Readable, deterministic trial label from its swept values, e.g. ``weight=0.3`` or ``finetune``."""
-    parts = []
-    for key, dim in space.items():
-        v = config.get(key)
-        if dim.kind == "points":
-            parts.append(str(v))
-        else:
-            v = v.item() if hasattr(v, "item") else v
-            parts.append(f"{short_key(key)}={v:.4g}" if isinstance(v, float) else f"{short_key(key)}={v}")
-    return _LABEL_CHARS.sub("_", ",".join(parts))[:80] or "trial"
-
-
-def trial_name(trial: Any, space: Mapping[str, Dim]) -> str:
-    """``<index>-<label>``: unique in the sweep, readable in the MLflow UI and plots. The index is the counter in
-    Tune's trial id (``5dd10_00003``); searchers that draw their own ids (Optuna) keep the id instead."""
-    suffix = str(trial.trial_id).rsplit("_", 1)[-1]
-    prefix = f"{int(suffix):03d}" if suffix.isdigit() else str(trial.trial_id)
-    return f"{prefix}-{trial_label(trial.config, space)}"
-
-
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial function needs (shipped once through the object store by ``tune.with_parameters``)."""
@@ -363,8 +83,6 @@ class TrialSetup:
     tracking_uri: str          # "" = tracking disabled
     parent_run_id: str
     sweep_name: str
-    runner: Any = None
-    faults: Mapping[str, Any] = field(default_factory=dict)  # trial label -> ray_train.FaultSpec (tests, drills)
 
 
 class TuneSession:
@@ -391,7 +109,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     name = Path(ctx.get_trial_dir()).name  # the dirname creator made it the trial's name
-    label = trial_label(config, setup.space)
     cfg = setup.base.replace(trial_overrides(config, setup.space))
     marker = _failure_marker(setup.storage, trial_id)
     if marker is not None and marker.is_file():  # retried after a deterministic failure: do not redo the work
@@ -408,8 +125,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     payload = ray_train.RunPayload(
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
         log_checkpoints=cfg.tracking.log_checkpoints,
-        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else ctx.get_trial_dir(),
-        fault=setup.faults.get(label), runner=setup.runner)
+        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else ctx.get_trial_dir())
     try:
         if setup.use_train:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -418,7 +134,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         else:
             ray_train.set_threads(cfg.ray.cpus_per_worker)
             last = ray_train.continual_run(payload, TuneSession())
-            if last.get("kind") == "failed":
+            if trial_report.is_kind(last, ReportKind.FAILED):
                 raise ray_train.RunDiverged(f"run {name!r} failed: {last.get('reason')}")
     except ray_train.RunFailed as e:
         if marker is not None and isinstance(e, ray_train.RunDiverged):  # deterministic: retrying cannot help
@@ -435,7 +151,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.finish(run_id)
 
 
-# --------------------------------------------------------------------------------------------------- progress
+# --------------------------------------------------------------------------------------------------- callbacks
 class Progress(tune.Callback):
     """One line per evaluation point and per finished trial (Tune's own status tables are switched off)."""
 
@@ -455,9 +171,9 @@ class Progress(tune.Callback):
         self._line(f"start  {trial}")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        if result.get("kind") == "eval":
+        if trial_report.is_kind(result, ReportKind.EVAL):
             self._line(f"eval   {trial}  point {int(result['task'])}/{self.points}  "
-                       + "  ".join(f"{k} {100 * result[k]:5.1f}" for k in ("A_KA", "A_ZS", "GM")))
+                       + "  ".join(f"{k} {100 * result[k]:5.1f}" for k in SUMMARY_KEYS))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(f"done   {trial}  {self._count(trials, trial)}")
@@ -478,6 +194,45 @@ class StopAfter(tune.Callback):
             os.kill(os.getpid(), signal.SIGINT)  # Tune saves the experiment state and returns
 
 
+_HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
+          "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
+          "on_experiment_end")
+
+
+class DriverCallbacks(tune.Callback):
+    """The one callback a sweep's Tuner holds: it forwards every hook to the callbacks of the sweep this process is
+    driving now (:meth:`installed`).
+
+    Tune pickles its ``RunConfig`` (callbacks included) with the experiment, and ``Tuner.restore`` brings back the
+    pickled callbacks, not the ones of the resuming driver (Ray documents that only stateless callbacks are supported
+    for resumed runs). This one is stateless: the pickled copy forwards to the live callbacks of whichever driver
+    runs the experiment, so a restored sweep reports progress with a fresh clock and no drill of the interrupted run
+    (:class:`StopAfter`) is carried over. ``Tuner.fit`` blocks, so a process drives one sweep at a time.
+    """
+    _live: list[Any] = []  # the callbacks of the sweep this process is running now
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, callbacks: Sequence[Any]) -> Iterator[DriverCallbacks]:
+        before, cls._live = cls._live, list(callbacks)
+        try:
+            yield cls()
+        finally:
+            cls._live = before
+
+
+def _forward(hook: str) -> Any:
+    def forward(self: DriverCallbacks, *args: Any, **info: Any) -> None:
+        for cb in DriverCallbacks._live:
+            getattr(cb, hook)(*args, **info)
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in _HOOKS:
+    setattr(DriverCallbacks, _hook, _forward(_hook))
+
+
 # --------------------------------------------------------------------------------------------------- results
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, tidy, trials) from a Tune ResultGrid.
@@ -486,8 +241,6 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
     tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with status and error.
     A point reported twice (a worker restarted between its evaluation and the next checkpoint) keeps the last copy.
     """
-    from fomo_ray.ray_train import records_from_report
-
     rows, tidy, trials = [], [], []
     for r in grid:
         if r.config is None:  # never started (an interrupted sweep): nothing to collect yet
@@ -499,19 +252,19 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         status = "ERROR" if r.error else "TERMINATED"
         trials.append({"run": name, "trial_id": trial_id, "status": status,
                        "error": str(r.error).strip().splitlines()[-1][:500] if r.error else "", **labels, **ov})
-        df = r.metrics_dataframe
-        if df is None or "kind" not in df.columns:
+        evals = trial_report.eval_rows(r.metrics_dataframe)
+        if evals is None:
             continue
-        evals = df[df["kind"] == "eval"].drop_duplicates("task", keep="last").sort_values("task")
         for _, e in evals.iterrows():
             rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
-                         **{k: float(e[k]) for k in ("A_KA", "A_ZS", "GM")},
+                         **{k: float(e[k]) for k in SUMMARY_KEYS},
                          "node_id": e.get("node_id", ""), **labels, **ov})
-            tidy += [{"run": name, "task": int(e["task"]), **rec} for rec in records_from_report(e.to_dict())]
+            tidy += [{"run": name, "task": int(e["task"]), **rec}
+                     for rec in trial_report.records_from_report(e.to_dict())]
     results = pd.DataFrame(rows)
     if not results.empty:
         results = results.sort_values(["run", "task"]).reset_index(drop=True)
-    tidy_df = pd.DataFrame(tidy, columns=["run", "task", "dataset", "role", "metric", "value"])
+    tidy_df = pd.DataFrame(tidy, columns=list(COLUMNS))
     return results, tidy_df, pd.DataFrame(trials).sort_values("run").reset_index(drop=True)
 
 
@@ -528,13 +281,6 @@ class SweepResult:
 
 
 # --------------------------------------------------------------------------------------------------- running
-def use_train_for(spec: SweepSpec, cfg: ExperimentConfig) -> bool:
-    """TorchTrainer for multi-worker (DDP / elastic) trials or on request; a plain function trial otherwise."""
-    if spec.trainer != "auto":
-        return spec.trainer == "train"
-    return cfg.ray.num_workers > 1 or cfg.ray.min_workers > 0
-
-
 def trial_resources(cfg: ExperimentConfig, use_train: bool) -> dict[str, float]:
     """What Tune reserves per trial: the run's own CPU/GPU share, or a sliver for a TorchTrainer's driver
     (its workers reserve through their own placement group)."""
@@ -579,74 +325,39 @@ def _search_alg(spec: SweepSpec, seed: int, concurrency: int) -> Any:
     return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """A validated sweep, before anything is launched."""
-    spec: SweepSpec
-    base: ExperimentConfig
-    space: Mapping[str, Dim]
-    param_space: dict[str, Any]
-    total: int
-    use_train: bool
-    tracking_uri: str
-
-
-def plan_sweep(spec: SweepSpec) -> _Plan:
-    """Validate everything a sweep needs (config keys and values of every trial, the tracking store) without
-    starting Ray; raises ConfigError / SweepError / TrackingError naming the culprit."""
-    base = spec.base_config()
-    space = parse_space(spec.space)
-    validate_space(base, space)
-    param_space = to_tune(space, spec.search)
-    total = trial_count(space, spec.search, spec.num_samples)
-    tracking_uri = ""
-    if base.tracking.enabled:
-        from fomo_ray.tracking import resolve_uri, tracker_for
-
-        tracking_uri = resolve_uri(base.tracking.uri, base.output_dir)
-        base = base.replace({"tracking.uri": tracking_uri})  # absolute, identical in every trial
-        tracker_for(base)  # opens the store: an unreachable URI fails here, before any trial starts
-    from fomo_ray.ray_train import check_workers
-
-    check_workers(base)
-    return _Plan(spec, base, space, param_space, total, use_train_for(spec, base), tracking_uri)
-
-
-def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", runner: Any = None, prepare: bool = True,
-              faults: Mapping[str, Any] | None = None, callbacks: Sequence[Any] = (), progress: bool = True,
+def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[Any] = (), progress: bool = True,
               show_worker_logs: bool = False, stop_after_trials: int = 0) -> SweepResult:
-    """Validate, launch (or resume) and collect a sweep; write results, report and MLflow runs.
+    """Validate, prepare inputs, launch (or resume) and collect a sweep; write results, report and MLflow runs.
 
-    ``runner`` replaces the loop module (tests); ``prepare`` builds data and base checkpoints in the driver first
-    (so concurrent trials never race to build them); ``faults`` maps trial labels to ``ray_train.FaultSpec``;
     ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a restore drill).
     Returns with partial results when interrupted (no summary.json: rerunning resumes it).
     """
     t0 = time.time()
     plan = plan_sweep(spec)
+    tracker = None
+    if plan.base.tracking.enabled:
+        from fomo_ray.tracking import tracker_for
+
+        tracker = tracker_for(plan.base)  # opens the store: an unreachable URI fails here, before any trial starts
+        plan = plan.tracked(tracker.uri)
     base = plan.base
     directory, resume = sweep_directory(Path(base.output_dir) / "sweeps", spec.name, if_exists)
     directory.mkdir(parents=True, exist_ok=True)
     state = _open_state(directory, plan, resume)
-    tracker = None
-    if plan.tracking_uri:
-        from fomo_ray.tracking import tracker_for
-
-        tracker = tracker_for(base)
+    if tracker is not None:
         if not state.get("parent_run_id"):
             state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search})
             tracker.log_params(state["parent_run_id"], {"sweep.search": spec.search, "sweep.trials": plan.total,
                                                         "sweep.space": _space_json(plan.space)[:6000]})
-            _write_atomic(directory / STATE_FILE, json.dumps(state, indent=2))
-    if prepare:
-        _prepare_inputs(base, plan.space)
+            _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
+    ensure_sweep_inputs(base, plan.space)
     print(f"sweep {directory.name}: {plan.total} trial(s) "
           f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
           f"{'resuming' if resume else 'starting'} in {directory}"
           + (f"; MLflow {plan.tracking_uri}" if plan.tracking_uri else ""), flush=True)
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
-                       sweep_name=directory.name, runner=runner, faults=dict(faults or {}))
+                       sweep_name=directory.name)
     cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks)] if progress else [])
     if stop_after_trials:
         cbs.append(StopAfter(stop_after_trials))
@@ -676,11 +387,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", runner: Any = None, p
     return out
 
 
-STATE_FILE = "sweep.json"  # written at the start: the parent run id and storage, read back on resume
-
-
-def _open_state(directory: Path, plan: _Plan, resume: bool) -> dict[str, Any]:
-    path = directory / STATE_FILE
+def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any]:
+    path = directory / SWEEP_STATE_FILE
     if resume and path.is_file():
         return json.loads(path.read_text())
     base = plan.base
@@ -698,39 +406,42 @@ def _space_json(space: Mapping[str, Dim]) -> str:
 
 def _trial_finished(result: Any) -> bool:
     """A trial finished when it failed or reported its final ``done`` result (not merely stopped by an interrupt)."""
-    return bool(result.error) or (result.metrics or {}).get("kind") == "done"
+    return bool(result.error) or trial_report.is_kind(result.metrics, ReportKind.DONE)
 
 
-def _fit(plan: _Plan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool) -> Any:
+def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool) -> Any:
     """Run the Tuner (a fresh one, or ``Tuner.restore`` of the interrupted experiment) and return its ResultGrid."""
     import ray
 
     owns_ray = ensure_ray(plan.base, show_worker_logs)
     try:
+        # run_trial is looked up here, when the sweep runs (tests substitute a wrapper for it)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         trial_resources(plan.base, plan.use_train))
+        param_space = to_tune(plan.space, plan.spec.search)
         exp_path = f"{setup.storage.rstrip('/')}/tune"
-        if resume and tune.Tuner.can_restore(exp_path):
-            # finished trials keep their results; unfinished and errored ones continue from their checkpoints
-            tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
-                                       param_space=plan.param_space)
-            tuner._local_tuner.get_run_config().callbacks = cbs  # the pickled ones belong to the interrupted run
+        with DriverCallbacks.installed(cbs) as relay:
+            if resume and tune.Tuner.can_restore(exp_path):
+                # finished trials keep their results; unfinished and errored ones continue from their checkpoints;
+                # the restored RunConfig's relay forwards to this run's callbacks (cbs)
+                return tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True,
+                                          param_space=param_space).fit()
+            space = plan.space
+            concurrency = plan.base.ray.max_concurrent_trials or (
+                train_concurrency(plan.base, ray.cluster_resources()) if plan.use_train else 0)
+            tuner = tune.Tuner(
+                trainable, param_space=param_space,
+                tune_config=tune.TuneConfig(
+                    num_samples=plan.spec.num_samples,
+                    search_alg=_search_alg(plan.spec, plan.base.seed, concurrency),
+                    reuse_actors=False,
+                    trial_name_creator=lambda t: trial_name(t, space),
+                    trial_dirname_creator=lambda t: trial_name(t, space)),
+                run_config=tune.RunConfig(
+                    name="tune", storage_path=setup.storage, callbacks=[relay], verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=plan.base.ray.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
             return tuner.fit()
-        space = plan.space
-        concurrency = plan.base.ray.max_concurrent_trials or (
-            train_concurrency(plan.base, ray.cluster_resources()) if plan.use_train else 0)
-        tuner = tune.Tuner(
-            trainable, param_space=plan.param_space,
-            tune_config=tune.TuneConfig(
-                num_samples=plan.spec.num_samples, search_alg=_search_alg(plan.spec, plan.base.seed, concurrency),
-                reuse_actors=False,
-                trial_name_creator=lambda t: trial_name(t, space),
-                trial_dirname_creator=lambda t: trial_name(t, space)),
-            run_config=tune.RunConfig(
-                name="tune", storage_path=setup.storage, callbacks=cbs, verbose=0,
-                failure_config=tune.FailureConfig(max_failures=plan.base.ray.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-        return tuner.fit()
     finally:
         if owns_ray:
             ray.shutdown()
@@ -750,21 +461,23 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
     return files
 
 
-def prepare_inputs(cfg: ExperimentConfig) -> None:
-    """Build what a trial would otherwise build itself: the benchmark, the base checkpoint and (for CPU trials) the
-    budget's cached MAF measurement -- once, in the driver, so concurrent trials never race to build them."""
-    from fomo_ray import loop
+# --------------------------------------------------------------------------------------------------- inputs
+def ensure_trial_inputs(cfg: ExperimentConfig) -> None:
+    """Build what a trial would otherwise wait for: its benchmark and base checkpoint (``fomo_ray.prep``) and, for
+    CPU trials, the budget's cached MAF measurement -- once, in the driver, so concurrent trials never race to
+    build them. (GPU trials measure on their GPU: the budget cache is per device.)"""
+    from fomo_ray import prep
     from fomo_ray.budget import steps_per_task
     from fomo_ray.methods import build_method
 
-    bench = loop.open_data(cfg)
-    loop.resolve_pretrained(cfg, bench)
-    if cfg.ray.gpus_per_worker == 0:  # GPU trials measure on their GPU (the cache is per device)
+    prep.ensure_inputs(cfg)
+    if cfg.ray.gpus_per_worker == 0:
         method = build_method(cfg)
         steps_per_task(cfg, method.cost_as or method.name, cfg.stream.num_tasks, device="cpu")
 
 
-def _prepare_inputs(base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
+def ensure_sweep_inputs(base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
+    """:func:`ensure_trial_inputs` once per distinct input combination among the sweep's trial configs."""
     seen = set()
     for combo in grid_points(space) or [{}]:
         cfg = base.replace(trial_overrides(combo, space))
@@ -772,14 +485,4 @@ def _prepare_inputs(base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
                cfg.mixture.batch_size, cfg.budget.total_ft_steps)
         if key not in seen:
             seen.add(key)
-            prepare_inputs(cfg)
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def main(argv: Sequence[str] | None = None) -> int:
-    """``fomo-ray sweep SWEEP.yaml [key=value ...]``: run (or resume) a sweep."""
-    from fomo_ray.experiment_cli import run_cli
-
-    ap = argparse.ArgumentParser(prog="fomo-ray sweep", description=main.__doc__)
-    ap.add_argument("sweep", help="sweep YAML (see experiments/configs/)")
-    return run_cli(ap, argv, default_sweep=None)
+            ensure_trial_inputs(cfg)

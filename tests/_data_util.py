@@ -11,7 +11,7 @@ _BUILT: dict[tuple[int, int], object] = {}
 
 def small_fifmini(tmp_path_factory, seed: int = 0, image_size: int = 32):
     """A small FiF-mini, built once per (seed, image_size) per test session."""
-    from fomo_ray.data.fifmini import ensure_fifmini
+    from fomo_ray.prep.fifmini import ensure_fifmini
 
     key = (seed, image_size)
     if key not in _BUILT:
@@ -26,7 +26,8 @@ def toy_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
 
 def write_toy(root: Path, images: np.ndarray, finish: bool = True):
     """A 3-dataset benchmark: 12 pool rows, 8 train rows of A (2 classes), 6 test rows of A then 6 of E."""
-    from fomo_ray.data.format import BenchmarkWriter, DatasetInfo
+    from fomo_ray.data.format import DatasetInfo
+    from fomo_ray.data.writer import BenchmarkWriter
 
     w = BenchmarkWriter(root, "toy", images.shape[1])
     w.add_dataset(DatasetInfo("POOL", "pool", "retrieval"))

@@ -1,22 +1,29 @@
 """Helpers for the Ray / MLflow / report tests (helper E's area).
 
-``StandIn`` is a stand-in for ``fomo_ray.loop`` with the same runner protocol (run_stream, RunHooks, LoopState,
-save_state, load_state, TrainingDiverged) but no data or model: a 2-parameter SGD toy whose "accuracies" are pure
-functions of its weights. It is used only where a test is about scheduling or bookkeeping (placement, restore,
-directory policy), never to stand for the benchmark's numbers; the end-to-end and exact-resume tests use the real loop.
+``StandIn`` stands in for ``fomo_ray.loop.run_stream`` (same signature, same hooks, real ``LoopState`` checkpoints)
+but has no data or model: a 2-parameter SGD toy whose "accuracies" are pure functions of its weights. It is used only
+where a test is about scheduling or bookkeeping (placement, restore, directory policy), never to stand for the
+benchmark's numbers; the end-to-end and exact-resume tests use the real loop.
+
+Production code has no test seams: stand-ins and faults reach a Ray worker through a test-only *worker wrapper*
+(:func:`trial_in_worker`, :func:`train_worker_in_worker`). A test monkeypatches ``fomo_ray.sweep.run_trial`` or
+``fomo_ray.ray_train.train_worker`` with it in the driver; Ray ships the wrapper to the worker by value (this module is
+registered with ``ray.cloudpickle``), where it patches ``fomo_ray.loop.run_stream`` (and, for stand-ins, turns
+``fomo_ray.prep.ensure_inputs`` into a no-op: they need no data) and then calls the real function.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from fomo_ray import loop
+from fomo_ray import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,11 +37,6 @@ def free_port() -> int:
 class StandIn:
     """Toy continual run: per task, ``steps`` SGD steps on w toward a task target; A = adapt score, E = eval score."""
 
-    RunHooks = loop.RunHooks
-    LoopState = loop.LoopState
-    TrainingDiverged = loop.TrainingDiverged
-    save_state = staticmethod(loop.save_state)
-    load_state = staticmethod(loop.load_state)
     steps = 4
 
     @staticmethod
@@ -85,7 +87,7 @@ class StandIn:
     def _state(cfg, w, task, step, rng, results, mid):
         import torch
 
-        return loop.LoopState(run=cfg.name, task=task, step=step, model={"w": torch.from_numpy(w.copy())},
+        return checkpoint.LoopState(run=cfg.name, task=task, step=step, model={"w": torch.from_numpy(w.copy())},
                               optimizer={"mid": True} if mid else None, method={}, buffer={},
                               rng={"np": rng.bit_generator.state}, results=list(results))
 
@@ -100,20 +102,10 @@ def register_by_value() -> None:
 class Placement:
     """Records where Ray placed the trial (assigned resources, GPU ids, node) and waits until ``expected`` trials
     run at once -- proof of concurrent placement, not merely of a resource request. Then one evaluation point.
-    Deliberately free of torch and the loop (it is shipped by value), so eight trials start quickly."""
+    Deliberately free of a model and data, so eight trials start quickly."""
 
     expected = 8
     timeout_s = 180.0
-
-    @dataclasses.dataclass
-    class RunHooks:
-        on_eval: Any = None
-        on_step: Any = None
-        on_checkpoint: Any = None
-        should_stop: Any = None
-
-    class TrainingDiverged(RuntimeError):
-        pass
 
     @staticmethod
     def run_stream(cfg, *, hooks=None, resume=None):
@@ -138,3 +130,79 @@ class Placement:
         (here / f"{os.getpid()}.done").write_text(json.dumps(info))
         hooks.on_eval(0, [{"dataset": "A", "role": "adapt", "metric": "top1", "value": 0.5},
                           {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.5}])
+
+
+# --------------------------------------------------------------------------------------------------- worker wrappers
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """The rank-0 worker exits hard (``os._exit``) ``delay_s`` seconds after it finished optimizer step ``step`` of
+    task ``task``, once -- ``marker`` records that it happened, so the restarted worker goes on. (Ray Train registers
+    reports on a 2 s poll: a crash sooner than that after a checkpoint falls back to the checkpoint before it -- still
+    exact, but it would not exercise a mid-task resume.)"""
+    task: int
+    step: int
+    marker: str
+    delay_s: float = 0.0
+
+    def after_step(self, task: int, step: int) -> None:
+        import os
+        import time
+
+        import ray.train
+
+        rank0 = ray.train.get_context().get_world_rank() == 0
+        if rank0 and (task, step) == (self.task, self.step) and not os.path.exists(self.marker):
+            Path(self.marker).write_text(f"killed at task {task} step {step} (pid {os.getpid()})\n")
+            time.sleep(self.delay_s)
+            os._exit(1)  # a hard crash: no cleanup, no exception handling, like a lost node
+
+
+def _with_fault(run_stream: Callable[..., Any], fault: Fault) -> Callable[..., Any]:
+    """``run_stream`` whose ``on_step`` hook also triggers ``fault`` (after the host's own hook)."""
+    def run(cfg, *, hooks=None, resume=None, **kwargs):
+        hooks = hooks or loop.RunHooks()
+        inner = hooks.on_step
+
+        def on_step(task, step, loss, lr):
+            if inner is not None:
+                inner(task, step, loss, lr)
+            fault.after_step(task, step)
+
+        return run_stream(cfg, hooks=dataclasses.replace(hooks, on_step=on_step), resume=resume, **kwargs)
+    return run
+
+
+def _patch_worker(runner: Any, fault: Fault | None) -> None:
+    """In the worker process: substitute ``runner.run_stream`` for the loop's (no inputs needed then), add the fault."""
+    from fomo_ray import loop as worker_loop
+
+    if runner is not None:
+        from fomo_ray import prep
+
+        worker_loop.run_stream = runner.run_stream
+        prep.ensure_inputs = lambda cfg: None  # a stand-in reads no data and no base checkpoint
+    if fault is not None:
+        worker_loop.run_stream = _with_fault(worker_loop.run_stream, fault)
+
+
+def _real(module: str, name: str, wrapper: Any) -> Callable[..., Any]:
+    real = getattr(importlib.import_module(module), name)
+    if real is wrapper:  # only in the process whose module the test patched: the wrapper belongs in a Ray worker
+        raise RuntimeError(f"{module}.{name} is patched in this process; the worker wrapper runs in Ray workers only")
+    return real
+
+
+def trial_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
+    """A stand-in for ``fomo_ray.sweep.run_trial`` that runs the real trial with ``runner`` / ``fault`` injected."""
+    def run_trial(config, setup):  # the real one's name and signature: Tune names the trainable after it
+        _patch_worker(runner, fault)
+        return _real("fomo_ray.sweep", "run_trial", run_trial)(config, setup)
+    return run_trial
+
+
+def train_worker_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
+    """A stand-in for ``fomo_ray.ray_train.train_worker`` (Ray Train's ``train_loop_per_worker``), same injection."""
+    def train_worker(payload):  # one parameter, as Ray Train passes train_loop_config
+        _patch_worker(runner, fault)
+        return _real("fomo_ray.ray_train", "train_worker", train_worker)(payload)
+    return train_worker

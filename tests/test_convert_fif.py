@@ -12,9 +12,12 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _fif_fixtures import DTD_CLASSES, make_fif_root, tar_dataset  # noqa: E402
 
-from fomo_ray.data import convert_fif, fif_catalogue  # noqa: E402
-from fomo_ray.data.convert_fif import ConversionError, Options, decode_fit  # noqa: E402
+from fomo_ray.cli.prepare import fif_main, pool_main  # noqa: E402
+from fomo_ray.data import fif_catalogue  # noqa: E402
 from fomo_ray.data.format import open_benchmark, read_images  # noqa: E402
+from fomo_ray.prep import convert_fif, fif_sources, staging  # noqa: E402
+from fomo_ray.prep.convert_fif import Options  # noqa: E402
+from fomo_ray.prep.staging import ConversionError, decode_fit  # noqa: E402
 
 SIZE = 16
 FOUR = "DTD,CUB200,MONKEYS10,MSCOCO"
@@ -22,9 +25,9 @@ FOUR = "DTD,CUB200,MONKEYS10,MSCOCO"
 
 def run(fx, out, datasets, *extra) -> int:
     """The CLI with test settings: raw betons + lossless staging, so pixels round-trip exactly."""
-    return convert_fif.main(["--root", str(fx.root), "--info-dir", str(fx.info_dir), "--out", str(out),
-                             "--datasets", datasets, "--image-size", str(SIZE), "--write-mode", "raw",
-                             "--jpeg-quality", "0", "--workers", "1", "--no-progress", *extra])
+    return fif_main(["--root", str(fx.root), "--info-dir", str(fx.info_dir), "--out", str(out),
+                     "--datasets", datasets, "--image-size", str(SIZE), "--write-mode", "raw",
+                     "--jpeg-quality", "0", "--workers", "1", "--no-progress", *extra])
 
 
 def opts(fx, out, **kw) -> Options:
@@ -48,15 +51,15 @@ def test_fit_image_resizes_shorter_side_and_centre_crops():
     arr[:, :30] = (255, 0, 0)
     arr[:, 30:60] = (0, 255, 0)
     arr[:, 60:] = (0, 0, 255)
-    out = convert_fif.fit_image(Image.fromarray(arr), 10)  # 20x90 -> 10x45; centre 10x10 lies in the green third
+    out = staging.fit_image(Image.fromarray(arr), 10)  # 20x90 -> 10x45; centre 10x10 lies in the green third
     assert out.shape == (10, 10, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - (0, 255, 0)).max() <= 2
-    small = convert_fif.fit_image(Image.new("L", (4, 6), 128), 12)  # grey, upscaled: shorter side 4 -> 12
+    small = staging.fit_image(Image.new("L", (4, 6), 128), 12)  # grey, upscaled: shorter side 4 -> 12
     assert small.shape == (12, 12, 3) and np.all(small == 128)
 
 
 def test_training_text_rules_follow_fif():
-    tc = convert_fif.training_captions
+    tc = fif_sources.training_captions
     assert tc({"default_caption": "a sketch", "synthetic_merged_caption": ["x"]}) == ["a sketch"]
     assert tc({"default_caption": None, "synthetic_merged_caption": ["m1", "m2"]}) == ["m1", "m2"]
     assert tc({"default_caption": ["c1", "c2", "c3", "c4", "c5"]}) == ["c1", "c2", "c3", "c4", "c5"]
@@ -71,8 +74,8 @@ def test_unknown_classname_names_dataset_key_and_class(tmp_path):
                           "primer_caption": None, "target": 1}}
     spec = fif_catalogue.CATALOGUE["DTD"]
     with pytest.raises(ConversionError, match=r"DTD.*'dtd/b\.jpg'.*'stripy'.*not in the class list"):
-        convert_fif.build_records(spec, info, DTD_CLASSES, tmp_path / "DTD_train.json")
-    records, counts = convert_fif.build_records(spec, {"dtd/a.jpg": info["dtd/a.jpg"]}, DTD_CLASSES, Path("x"))
+        fif_sources.build_records(spec, info, DTD_CLASSES, tmp_path / "DTD_train.json")
+    records, counts = fif_sources.build_records(spec, {"dtd/a.jpg": info["dtd/a.jpg"]}, DTD_CLASSES, Path("x"))
     assert records[0].captions == ("A photo of a banded texture.",) and counts["primer_fallback"] == 1
 
 
@@ -239,7 +242,7 @@ def test_classname_not_in_class_list_fails_before_writing(tmp_path, capsys):
 
 def test_missing_info_dir_explains_where_it_comes_from(tmp_path, capsys):
     fx = make_fif_root(tmp_path, datasets=("DTD",))
-    rc = convert_fif.main(["--root", str(fx.root), "--out", str(tmp_path / "o"), "--datasets", "DTD"])
+    rc = fif_main(["--root", str(fx.root), "--out", str(tmp_path / "o"), "--datasets", "DTD"])
     assert rc == 2 and "data_lib/00_info" in capsys.readouterr().err
 
 
@@ -254,8 +257,8 @@ def test_tar_download_converts_like_the_folder(tmp_path):
     assert plan.source_kind == "tar"
     convert_fif.convert_dataset(plan, o2)
     for split in ("train", "test"):
-        a = list(convert_fif.iter_part(tmp_path / "a" / ".parts" / "CUB200", split))
-        b = list(convert_fif.iter_part(tmp_path / "b" / ".parts" / "CUB200", split))
+        a = list(staging.iter_part(tmp_path / "a" / ".parts" / "CUB200", split))
+        b = list(staging.iter_part(tmp_path / "b" / ".parts" / "CUB200", split))
         assert a == b and len(a) == len(fx.expected[("CUB200", split)])
 
 
@@ -275,15 +278,14 @@ def test_converted_fif_runs_in_the_loop_with_one_switch(converted, tmp_path):
     from _fif_fixtures import colour, image_bytes, write_shard
 
     from fomo_ray.config import load_config
-    from fomo_ray.data import convert_webdataset
     from fomo_ray.loop import run_stream
 
     _, bench = converted
     write_shard(tmp_path / "shards" / "00000.tar",
                 [{"key": f"{i:09d}", "files": {"jpg": image_bytes(colour(100 + i)), "txt": f"web caption {i}"}}
                  for i in range(32)])
-    assert convert_webdataset.main(["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "pool"),
-                                    "--image-size", str(SIZE), "--workers", "1", "--no-progress"]) == 0
+    assert pool_main(["--shards", str(tmp_path / "shards"), "--out", str(tmp_path / "pool"),
+                      "--image-size", str(SIZE), "--workers", "1", "--no-progress"]) == 0
     cfg = load_config(None, {"data.benchmark": "fif", "data.root": str(bench.root), "data.pool": str(tmp_path / "pool"),
                              "data.loader": "memory", "backbone.pretrained": "", "stream.num_tasks": 2,
                              "stream.ordering": "time_incremental", "budget.mode": "equal_steps",

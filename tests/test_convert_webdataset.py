@@ -10,10 +10,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from _fif_fixtures import colour, image_bytes, make_fif_root, write_shard  # noqa: E402
 
-from fomo_ray.data import convert_fif  # noqa: E402
-from fomo_ray.data import convert_webdataset as cw  # noqa: E402
-from fomo_ray.data.convert_fif import ConversionError, decode_fit  # noqa: E402
+from fomo_ray.cli.prepare import fif_main, pool_main  # noqa: E402
 from fomo_ray.data.format import open_benchmark, read_images  # noqa: E402
+from fomo_ray.prep import convert_webdataset as cw  # noqa: E402
+from fomo_ray.prep.staging import ConversionError, decode_fit  # noqa: E402
 
 SIZE = 16
 
@@ -43,8 +43,8 @@ def make_shards(d: Path) -> dict[str, tuple[bytes, str]]:
 
 
 def run(shards, out, *extra) -> int:
-    return cw.main(["--shards", str(shards), "--out", str(out), "--image-size", str(SIZE), "--write-mode", "raw",
-                    "--jpeg-quality", "0", "--workers", "1", "--no-progress", *extra])
+    return pool_main(["--shards", str(shards), "--out", str(out), "--image-size", str(SIZE), "--write-mode", "raw",
+                      "--jpeg-quality", "0", "--workers", "1", "--no-progress", *extra])
 
 
 def test_pool_round_trip_dedup_webp_and_report(tmp_path, capsys):
@@ -108,9 +108,9 @@ def test_pool_embedded_into_a_fif_benchmark(tmp_path, capsys):
     fx = make_fif_root(tmp_path / "fif", datasets=("DTD",))
     args = ["--root", str(fx.root), "--info-dir", str(fx.info_dir), "--out", str(tmp_path / "bench"), "--datasets",
             "DTD", "--write-mode", "raw", "--jpeg-quality", "0", "--workers", "1", "--no-progress"]
-    assert convert_fif.main([*args, "--image-size", str(SIZE * 2), "--pool", str(tmp_path / "pool")]) == 2
+    assert fif_main([*args, "--image-size", str(SIZE * 2), "--pool", str(tmp_path / "pool")]) == 2
     assert "convert both at the same size" in capsys.readouterr().err
-    assert convert_fif.main([*args, "--image-size", str(SIZE), "--pool", str(tmp_path / "pool")]) == 0
+    assert fif_main([*args, "--image-size", str(SIZE), "--pool", str(tmp_path / "pool")]) == 0
     bench = open_benchmark(tmp_path / "bench", verify=True)
     assert bench.dataset_names == ["DTD", cw.POOL_DATASET] and bench.num_rows("pool") == 3
     assert bench.captions("pool") == [[c] for _, c in list(kept.values())[:3]]

@@ -10,8 +10,8 @@ import torch
 
 from _data_util import toy_images, write_toy
 from fomo_ray.data.augment import eval_transform, generator_for, resized_crop, rrc_boxes, to_float
-from fomo_ray.data.format import (BenchmarkWriter, DataError, DatasetInfo, open_benchmark, read_images,
-                                  read_row_meta)
+from fomo_ray.data.format import DataError, DatasetInfo, open_benchmark, read_images, read_row_meta
+from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.data.loaders import clear_caches, ffcv_batches, ffcv_random_order, make_loader
 
 pytestmark = pytest.mark.timeout(120)  # a hung FFCV writer must fail the test, not the suite

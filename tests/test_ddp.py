@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from fomo_ray import distributed
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.data.fifmini import ensure_fifmini
+from fomo_ray.prep.fifmini import ensure_fifmini
 from fomo_ray.loop import RunHooks, run_stream
 from fomo_ray.methods import REGISTRY, build_method
 from fomo_ray.methods.finetune import FineTune

@@ -97,7 +97,7 @@ def _img(rgb, noise_rng):
 def bench(tmp_path_factory):
     """A real benchmark directory: COLOURS (eval, 3 classes, imbalanced 60/30/10), SWAPPED (adapt, same images but
     class names permuted, so an oracle scores 0), SCENES (eval retrieval, two captions per image)."""
-    from fomo_ray.data.format import BenchmarkWriter
+    from fomo_ray.data.writer import BenchmarkWriter
 
     rng = np.random.default_rng(0)
     root = tmp_path_factory.mktemp("tinybench")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from _data_util import SCALE, small_fifmini
-from fomo_ray.data import fifmini, fifmini_text
+from fomo_ray.prep import fifmini, fifmini_text
 from fomo_ray.data.format import DataError, open_benchmark, read_images
 from fomo_ray.data.stream import load_stream
 
@@ -90,8 +90,8 @@ def test_object_pixels_have_the_labelled_colour(bench, name, palette):
 
 
 def test_digits_are_scikit_learn_scans(bench):
-    from fomo_ray.data.fifmini_draw import upsample_grey
-    from fomo_ray.data.fifmini_scenes import sklearn_digits
+    from fomo_ray.prep.fifmini_draw import upsample_grey
+    from fomo_ray.prep.fifmini_scenes import sklearn_digits
 
     scans, targets = sklearn_digits()
     up = upsample_grey(scans, 32).reshape(len(scans), -1)
@@ -161,14 +161,31 @@ def test_refuses_to_overwrite_another_benchmark(tmp_path):
         fifmini.ensure_fifmini(tmp_path / "toy", scale=SCALE)
 
 
+def test_ensure_inputs_builds_the_benchmark_a_run_opens(tmp_path, bench):
+    """prep.ensure_inputs builds what assembly.open_data (which never builds) then finds: the same content."""
+    from fomo_ray.assembly import open_data
+    from fomo_ray.config import load_config
+    from fomo_ray.inputs import InputsMissing
+    from fomo_ray.prep import ensure_inputs
+
+    cfg = load_config(None, {"data.root": str(tmp_path / "fm"), "data.scale": SCALE, "backbone.pretrained": ""})
+    with pytest.raises(InputsMissing, match="fomo-ray prepare fifmini"):
+        open_data(cfg)
+    ensure_inputs(cfg)
+    assert open_data(cfg).content_hash == bench.content_hash
+    stamp = (tmp_path / "fm" / "manifest.json").stat().st_mtime_ns
+    ensure_inputs(cfg)  # present: reused, not rebuilt
+    assert (tmp_path / "fm" / "manifest.json").stat().st_mtime_ns == stamp
+
+
 def test_prepare_cli(bench, capsys):
-    from fomo_ray import prepare
+    from fomo_ray.cli import prepare
 
     args = ["fifmini", "--root", str(bench.root), "--scale", str(SCALE)]
     assert prepare.main(args) == 0
     out = capsys.readouterr().out
     assert "NOVEL_SHAPES" in out and bench.content_hash[:16] in out
     assert prepare.main(["nope"]) == 2
-    assert prepare.TARGETS["fif"][0] == "fomo_ray.data.convert_fif:main"
-    assert prepare.TARGETS["pool"][0] == "fomo_ray.data.convert_webdataset:main"
-    assert prepare.TARGETS["stream"][0] == "fomo_ray.data.orderings:main"
+    assert prepare.TARGETS["fif"][0] == "fomo_ray.cli.prepare:fif_main"
+    assert prepare.TARGETS["pool"][0] == "fomo_ray.cli.prepare:pool_main"
+    assert prepare.TARGETS["stream"][0] == "fomo_ray.cli.prepare:stream_main"

@@ -10,8 +10,9 @@ import time
 import pytest
 
 from fomo_ray import sweep
+from fomo_ray.sweep_spec import spec_from_dict
 
-from _edges_util import Placement, register_by_value
+from _edges_util import Placement, register_by_value, trial_in_worker
 
 pytestmark = pytest.mark.ray
 
@@ -25,15 +26,17 @@ def ray_4_logical_gpus():
     ray.shutdown()
 
 
-def test_eight_half_gpu_trials_pack_onto_four_gpus(ray_4_logical_gpus, tmp_path):
+def test_eight_half_gpu_trials_pack_onto_four_gpus(ray_4_logical_gpus, tmp_path, monkeypatch):
     register_by_value()
-    spec = sweep.spec_from_dict({
+    monkeypatch.setattr(sweep, "run_trial", trial_in_worker(Placement))  # trials run Placement instead of the loop
+    monkeypatch.setattr(sweep, "ensure_sweep_inputs", lambda base, space: None)  # Placement reads no inputs
+    spec = spec_from_dict({
         "name": "packing",
         "base": {"output_dir": str(tmp_path), "tracking.enabled": False, "stream.num_tasks": 1,
                  "ray.gpus_per_worker": 0.5, "ray.cpus_per_worker": 0.25},
         "space": {"seed": {"grid": list(range(8))}}})
     t0 = time.time()
-    out = sweep.run_sweep(spec, runner=Placement, prepare=False, progress=False)
+    out = sweep.run_sweep(spec, progress=False)
     wall = time.time() - t0
     placed = [json.loads(p.read_text()) for p in (tmp_path / "placements").glob("*.done")]
     assert len(placed) == 8 and len({p["pid"] for p in placed}) == 8

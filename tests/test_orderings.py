@@ -12,9 +12,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _fif_fixtures import make_fif_root  # noqa: E402
 
-from fomo_ray.data import convert_fif, fif_catalogue  # noqa: E402
+from fomo_ray.cli.prepare import stream_main  # noqa: E402
+from fomo_ray.data import fif_catalogue  # noqa: E402
 from fomo_ray.data import orderings as o  # noqa: E402
-from fomo_ray.data.format import BenchmarkWriter, open_benchmark  # noqa: E402
+from fomo_ray.data.format import open_benchmark  # noqa: E402
+from fomo_ray.data.writer import BenchmarkWriter
+from fomo_ray.prep import convert_fif  # noqa: E402
+from fomo_ray.prep import stream_orderings as so  # noqa: E402
 
 CONCEPTS = [("A", f"a{i}") for i in range(4)] + [("B", f"b{i}") for i in range(3)] + [("C", f"c{i}") for i in range(5)]
 
@@ -69,7 +73,7 @@ def test_frequency_rarest_first_and_caption_counts():
 
 
 def test_difficulty_easy_first_and_per_class_accuracy():
-    acc = o.per_class_accuracy(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
+    acc = so.per_class_accuracy(np.array([0, 1, 1, 2, 0]), np.array([0, 1, 2, 2, 1]), 4)
     assert np.allclose(acc[:3], [1.0, 0.5, 0.5]) and np.isnan(acc[3])
     table = {c: float(i % 3) for i, c in enumerate(CONCEPTS)}
     out = o.difficulty_order(CONCEPTS, table, seed=0)
@@ -87,7 +91,7 @@ def test_greedy_path_is_nearest_neighbour_and_visits_everything_once():
 
 def test_reverse_reverses(tmp_path):
     src = o.write_stream(tmp_path / "s.json", o.to_entries(CONCEPTS))
-    assert o.main(["--ordering", "reverse", "--input", str(src), "--out", str(tmp_path / "r.json")]) == 0
+    assert stream_main(["--ordering", "reverse", "--input", str(src), "--out", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text()) == o.to_entries(CONCEPTS[::-1])
 
 
@@ -102,9 +106,9 @@ def test_read_table_json_and_csv(tmp_path):
 def test_similarity_with_tiny_model_visits_every_class_once(bench, tmp_path):
     args = ["--ordering", "similarity", "--bench", str(bench.root), "--backbone", "fomo-tiny-s", "--seed", "1"]
     torch.manual_seed(0)  # random-init tiny model: deterministic from the torch seed
-    assert o.main([*args, "--out", str(tmp_path / "a.json")]) == 0
+    assert stream_main([*args, "--out", str(tmp_path / "a.json")]) == 0
     torch.manual_seed(0)
-    assert o.main([*args, "--out", str(tmp_path / "b.json"), "--reverse"]) == 0
+    assert stream_main([*args, "--out", str(tmp_path / "b.json"), "--reverse"]) == 0
     a = json.loads((tmp_path / "a.json").read_text())
     concepts, _ = o.concepts_from_benchmark(bench)
     assert sorted(a) == sorted(o.to_entries(concepts)) and len(a) == 5
@@ -116,11 +120,11 @@ def test_difficulty_from_zero_shot_accuracy_of_a_backbone(bench, tmp_path):
 
     torch.manual_seed(0)
     bb = create_backbone("fomo-tiny-s", "")
-    table = o.zero_shot_accuracy_table(bench, bb, split="train", backend="memory")
+    table = so.zero_shot_accuracy_table(bench, bb, split="train", backend="memory")
     concepts, _ = o.concepts_from_benchmark(bench)
     assert set(table) == set(concepts)
     assert all(v in (0.0, 0.5, 1.0) for v in table.values())  # every class has exactly 2 training images
-    assert table == o.zero_shot_accuracy_table(bench, bb, split="train", backend="memory")
+    assert table == so.zero_shot_accuracy_table(bench, bb, split="train", backend="memory")
     out = o.difficulty_order(concepts, table, seed=0)
     assert [table[c] for c in out] == sorted(table.values(), reverse=True)
 
@@ -132,8 +136,8 @@ def test_frequency_from_a_converted_pool(bench, tmp_path):
     w.write_split("pool", [(np.zeros((8, 8, 3), np.uint8), "POOL", -1, [c]) for c in caps])
     w.finish()
     out = tmp_path / "f.json"
-    assert o.main(["--ordering", "frequency", "--bench", str(bench.root), "--pool", str(tmp_path / "pool"),
-                   "--out", str(out)]) == 0
+    assert stream_main(["--ordering", "frequency", "--bench", str(bench.root), "--pool", str(tmp_path / "pool"),
+                        "--out", str(out)]) == 0
     entries = json.loads(out.read_text())
     # counts: bubbly 0, Black footed Albatross 0, braided 1, banded 2, Laysan Albatross 2 -> rarest first
     assert set(entries[:2]) == {"DTD+++bubbly", "CUB200+++Black footed Albatross"}
@@ -145,13 +149,13 @@ def test_authors_stream_files_load_and_bad_entries_are_named(bench, tmp_path, ca
 
     authors = tmp_path / "authors.json"  # their files: plain JSON lists of NAME+++class
     authors.write_text(json.dumps(["CUB200+++Laysan Albatross", "DTD+++bubbly", "DTD+++banded"]))
-    assert o.main(["--check", "--input", str(authors), "--bench", str(bench.root)]) == 0
+    assert stream_main(["--check", "--input", str(authors), "--bench", str(bench.root)]) == 0
     assert "3 entries over 2 datasets, all valid" in capsys.readouterr().out
     assert len(load_stream(authors, bench)) == 3  # what a run does: the file loads unchanged
     handles = tmp_path / "handles.json"  # module handles, accepted by the authors' loader
     handles.write_text(json.dumps(["cub200+++Laysan Albatross", "dtd+++bubbly"]))
     fixed = tmp_path / "fixed.json"
-    assert o.main(["--check", "--input", str(handles), "--bench", str(bench.root), "--out", str(fixed)]) == 0
+    assert stream_main(["--check", "--input", str(handles), "--bench", str(bench.root), "--out", str(fixed)]) == 0
     assert "2 handle/alias token(s) mapped" in capsys.readouterr().out
     assert load_stream(fixed, bench) == [("CUB200", "Laysan Albatross"), ("DTD", "bubbly")]
     for bad, words in ((["CIFAR100+++apple"], ["entry 0", "CIFAR100"]),
@@ -159,7 +163,7 @@ def test_authors_stream_files_load_and_bad_entries_are_named(bench, tmp_path, ca
                        (["DTD+++banded", "dtd+++banded"], ["duplicate", "DTD+++banded"]),
                        (["DTD banded"], ["is not of the form"])):
         authors.write_text(json.dumps(bad))
-        assert o.main(["--check", "--input", str(authors), "--bench", str(bench.root)]) == 2
+        assert stream_main(["--check", "--input", str(authors), "--bench", str(bench.root)]) == 2
         err = capsys.readouterr().err
         assert all(w in err for w in words), (bad, err)
 
@@ -167,14 +171,14 @@ def test_authors_stream_files_load_and_bad_entries_are_named(bench, tmp_path, ca
 def test_streams_from_the_info_dir_without_converting(tmp_path, capsys):
     fx = make_fif_root(tmp_path, datasets=("DTD", "CUB200"))
     out = tmp_path / "ti.json"
-    assert o.main(["--ordering", "time_incremental", "--info-dir", str(fx.info_dir), "--datasets", "DTD,CUB200",
-                   "--out", str(out)]) == 0
+    assert stream_main(["--ordering", "time_incremental", "--info-dir", str(fx.info_dir), "--datasets", "DTD,CUB200",
+                        "--out", str(out)]) == 0
     assert [e.split("+++")[0] for e in json.loads(out.read_text())] == ["CUB200"] * 2 + ["DTD"] * 3
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["DTD+++banded", "CUB200+++Sooty Albatross"]))
     check = ["--check", "--input", str(bad), "--info-dir", str(fx.info_dir), "--datasets", "DTD,CUB200"]
-    assert o.main(check) == 2
+    assert stream_main(check) == 2
     assert "entry 1 'CUB200+++Sooty Albatross': 'Sooty Albatross' is not a class of CUB200" in capsys.readouterr().err
     bad.write_text(json.dumps(["DTD+++banded", "fgvcaircraft+++707-320"]))
-    assert o.main(check) == 2
+    assert stream_main(check) == 2
     assert "dataset 'FGVCAircraft' is not one of the adaptation datasets here (DTD, CUB200)" in capsys.readouterr().err

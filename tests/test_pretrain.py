@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from fomo_ray import pretrain
+from fomo_ray import optim
 from fomo_ray.backbones import create_backbone
-from fomo_ray.pretrain import PretrainConfig, PretrainError
+from fomo_ray.cli import pretrain as pretrain_cli
+from fomo_ray.inputs import PretrainConfig
+from fomo_ray.prep import pretrain
+from fomo_ray.prep.pretrain import PretrainError
 
 logging.getLogger().setLevel(logging.ERROR)
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +49,7 @@ def test_digest_covers_recipe_arch_and_data():
 
 def test_decay_groups_follow_open_clip():
     model = create_backbone("fomo-tiny-s").model
-    decayed = {n for n, p in model.named_parameters() if pretrain.decays(n, p)}
+    decayed = {n for n, p in model.named_parameters() if optim.decays(n, p)}
     assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in decayed
     assert not decayed & {"logit_scale", "token_embedding.weight", "positional_embedding", "ln_final.weight",
                           "visual.transformer.resblocks.0.mlp.c_fc.bias"}
@@ -60,7 +63,7 @@ def _img(rgb, rng):
 @pytest.fixture(scope="module")
 def tiny_bench(tmp_path_factory):
     """A real (FFCV) benchmark: a 96-row pool of coloured images with captions, one eval-only colour dataset."""
-    from fomo_ray.data.format import BenchmarkWriter
+    from fomo_ray.data.writer import BenchmarkWriter
 
     rng = np.random.default_rng(0)
     w = BenchmarkWriter(tmp_path_factory.mktemp("pretrain_bench"), "tiny", 32)
@@ -130,14 +133,41 @@ def test_unknown_architecture_is_refused(tiny_bench):
 def test_pretrain_command(tiny_bench, capsys):
     args = ["--steps", "2", "--batch-size", "16", "--no-progress", f"data.root={tiny_bench.root}",
             "data.prepare_if_missing=false", "data.loader=memory"]
-    assert pretrain.main(args) == 0
+    assert pretrain_cli.main(args) == 0
     first = capsys.readouterr().out
     assert "2 steps x 16" in first and "COLOURS" in first and "chance" in first
-    assert pretrain.main(args) == 0                                   # cached: reports, does not retrain
+    assert pretrain_cli.main(args) == 0                               # cached: reports, does not retrain
     second = capsys.readouterr().out
     assert "steps x" not in second and "trained in" in second and "COLOURS" in second
-    assert pretrain.main(args + ["--arch", "ViT-B-32"]) == 2
+    assert pretrain_cli.main(args + ["--arch", "ViT-B-32"]) == 2
     assert "'ViT-B-32' is not a tiny architecture" in capsys.readouterr().err
+
+
+def test_ensure_inputs_pretrains_only_a_missing_base(tiny_bench, monkeypatch):
+    """``backbone.pretrained=auto``: prep.ensure_inputs trains the base when the run's look-up misses it, and only
+    then; an architecture without a recipe is refused as a run would refuse it."""
+    from fomo_ray.config import ConfigError, load_config
+    from fomo_ray.inputs import RECIPES, base_checkpoint_path
+    from fomo_ray.prep import ensure_inputs
+
+    calls = []
+    monkeypatch.setattr(pretrain, "ensure_base_checkpoint", lambda arch, bench, **kw: calls.append((arch, kw)))
+    base = {"data.root": str(tiny_bench.root), "data.prepare_if_missing": False, "data.loader": "memory"}
+    ensure_inputs(load_config(None, {**base, "backbone.pretrained": ""}))
+    assert calls == []
+    ensure_inputs(load_config(None, {**base, "backbone.pretrained": "auto"}))
+    assert calls == [("fomo-tiny-s", {"backend": "memory"})]
+    path = base_checkpoint_path(tiny_bench.root, "fomo-tiny-s", RECIPES["fomo-tiny-s"],
+                                tiny_bench.manifest["content_hash"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch()  # stands in for a cached base
+    try:
+        ensure_inputs(load_config(None, {**base, "backbone.pretrained": "auto"}))
+        assert len(calls) == 1
+    finally:
+        path.unlink()
+    with pytest.raises(ConfigError, match="'auto' only exists for the tiny architectures"):
+        ensure_inputs(load_config(None, {**base, "backbone.name": "ViT-B-32", "backbone.pretrained": "auto"}))
 
 
 # --------------------------------------------------------------------------------------------------- the real base
@@ -147,7 +177,7 @@ def fifmini_base():
     files every other consumer of ``backbone.pretrained=auto`` reuses): ~40 s + ~3-4 min on a quiet 2-core CPU the
     first time, a file lookup afterwards."""
     from fomo_ray.config import load_config
-    from fomo_ray.data.fifmini import ensure_fifmini
+    from fomo_ray.prep.fifmini import ensure_fifmini
 
     cfg = load_config()
     root = Path(cfg.data.root)

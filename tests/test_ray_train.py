@@ -9,18 +9,21 @@ import pandas as pd
 import pytest
 import torch
 
-from fomo_ray import loop, ray_train
+from fomo_ray import loop, ray_train, trial_report
+from fomo_ray.checkpoint import load_state
 from fomo_ray.config import load_config
+from fomo_ray.metrics import tidy_frame
 from fomo_ray.tracking import Tracker, default_uri
 
 from _data_util import SCALE, small_fifmini
+from _edges_util import Fault, register_by_value, train_worker_in_worker
 
 def test_pure_helpers():
     rec = [{"dataset": "D", "role": "adapt", "metric": "R@5", "value": 0.5},
            {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.25}]
-    rep = ray_train.eval_report(3, rec, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35})
+    rep = trial_report.eval_report(3, rec, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35})
     assert rep["kind"] == "eval" and rep["task"] == 3 and rep["ds/adapt/D/R@5"] == 0.5
-    assert ray_train.records_from_report({**rep, "ds/eval/X/top1": float("nan")}) == rec  # NaN fill-ins dropped
+    assert trial_report.records_from_report({**rep, "ds/eval/X/top1": float("nan")}) == rec  # NaN fill-ins dropped
     assert ray_train.summary_of(rec, "r", 3) == pytest.approx({"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.25 ** 0.5 * 0.5 ** 0.5})
     assert ray_train.checkpoint_name(2, 40) == "cursor_t002_s0000040"
     cfg = load_config(None, {"ray.num_workers": 4, "ray.min_workers": 2, "ray.gpus_per_worker": 1.0})
@@ -51,7 +54,7 @@ def _cfg(bench_root, out):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_factory):
+def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_factory, monkeypatch):
     bench = small_fifmini(tmp_path_factory)
     cfg = _cfg(bench.root, tmp_path)
     # the uninterrupted reference, in this process, with the worker's thread count (same float reduction order)
@@ -66,19 +69,21 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     run_id = tracker.start_child(None, "exact-resume", cfg.flat())
     marker = tmp_path / "killed.txt"
     # the worker dies 3 s after step 3 of the 2nd task, i.e. after the mid-task checkpoint at (task 1, step 2) was
-    # registered (Ray Train polls reports every 2 s)
-    fault = ray_train.FaultSpec(task=1, step=3, marker=str(marker), delay_s=3.0)
+    # registered (Ray Train polls reports every 2 s); the fault reaches the workers through a test-only wrapper
+    register_by_value()
+    fault = Fault(task=1, step=3, marker=str(marker), delay_s=3.0)
+    monkeypatch.setattr(ray_train, "train_worker", train_worker_in_worker(fault=fault))
     payload = ray_train.RunPayload(cfg=cfg, run_name="exact-resume", tracking_uri=tracker.uri, mlflow_run_id=run_id,
-                                   storage_uri=str(tmp_path / "train"), fault=fault)
+                                   storage_uri=str(tmp_path / "train"))
     t0 = time.time()
     outcome = ray_train.fit_train_run(payload, name="exact-resume", storage_path=str(tmp_path / "train"))
     wall = time.time() - t0
     assert marker.is_file(), "the fault was never injected"
     assert outcome.metrics["kind"] == "done"
 
-    final = loop.load_state(outcome.checkpoint)
+    final = load_state(outcome.checkpoint)
     assert (final.task, final.step) == (cfg.stream.num_tasks, 0)
-    resumed = loop.records_frame(final.results)
+    resumed = tidy_frame(final.results)
     pd.testing.assert_frame_equal(resumed, reference, check_exact=True)  # bitwise, every dataset and point
 
     run = tracker.client.get_run(run_id)
@@ -122,7 +127,7 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     run = tracker.client.get_run(run_id)
     assert run.data.tags[ray_train.WORLD_TAG] == "2"
     assert [s for s, _ in tracker.metric_history(run_id, "GM")] == [0, 1, 2]  # one writer, not two
-    ddp = loop.records_frame(loop.load_state(outcome.checkpoint).results)
+    ddp = tidy_frame(load_state(outcome.checkpoint).results)
     assert (ddp["value"] - reference["value"]).abs().max() <= 0.05
     assert ddp[ddp["task"] == 0]["value"].tolist() == reference[reference["task"] == 0]["value"].tolist()
     print(f"2-worker DDP TorchTrainer run: {wall:.1f} s; max |diff| vs one process "

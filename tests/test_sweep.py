@@ -13,11 +13,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import sweep
+from fomo_ray import sweep, sweep_spec
+from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.sweep import Dim, SweepError, parse_dim, parse_space, spec_from_dict
+from fomo_ray.sweep_spec import Dim, SweepError, parse_dim, parse_space, spec_from_dict
 
-from _edges_util import REPO, StandIn, register_by_value
+from _edges_util import REPO, StandIn, register_by_value, trial_in_worker
 
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("sweep_*.yaml"))
 
@@ -50,44 +51,45 @@ def test_overrides_labels_and_grid():
     space = parse_space({"variant": {"points": {"ft": {"method.name": "finetune"},
                                                 "ema": {"method.name": "ema_merge", "method.merge.weight": 0.3}}},
                          "optimizer.lr": {"grid": [1e-4, 3e-4]}})
-    combos = sweep.grid_points(space)
+    combos = sweep_spec.grid_points(space)
     assert len(combos) == 4
-    assert sweep.trial_overrides({"variant": "ema", "optimizer.lr": 1e-4}, space) == {
+    assert sweep_spec.trial_overrides({"variant": "ema", "optimizer.lr": 1e-4}, space) == {
         "method.name": "ema_merge", "method.merge.weight": 0.3, "optimizer.lr": 1e-4}
-    assert sweep.trial_label({"variant": "ema", "optimizer.lr": 1e-4}, space) == "ema,lr=0.0001"
-    assert sweep.short_key("backbone.name") == "backbone" and sweep.short_key("method.merge.weight") == "weight"
+    assert sweep_spec.trial_label({"variant": "ema", "optimizer.lr": 1e-4}, space) == "ema,lr=0.0001"
+    assert sweep_spec.short_key("backbone.name") == "backbone"
+    assert sweep_spec.short_key("method.merge.weight") == "weight"
 
 
 def test_validation_fails_fast_naming_key_value_or_point():
     base = load_config()
     with pytest.raises(ConfigError, match=r"unknown config key 'optimizer.learning_rate'.*did you mean"):
-        sweep.validate_space(base, parse_space({"optimizer.learning_rate": {"grid": [1e-4]}}))
+        sweep_spec.validate_space(base, parse_space({"optimizer.learning_rate": {"grid": [1e-4]}}))
     with pytest.raises(ConfigError, match=r"'method.merge.weight' value 1.5.*out of range"):
-        sweep.validate_space(base, parse_space({"method.merge.weight": {"grid": [0.5, 1.5]}}))
+        sweep_spec.validate_space(base, parse_space({"method.merge.weight": {"grid": [0.5, 1.5]}}))
     with pytest.raises(ConfigError, match=r"'optimizer.lr' value -1"):
-        sweep.validate_space(base, parse_space({"optimizer.lr": {"uniform": [-1, 1]}}))
+        sweep_spec.validate_space(base, parse_space({"optimizer.lr": {"uniform": [-1, 1]}}))
     with pytest.raises(ConfigError, match=r"point 'variant=bad'.*schedule.nmae"):
-        sweep.validate_space(base, parse_space({"variant": {"points": {"bad": {"schedule.nmae": "cosine"}}}}))
+        sweep_spec.validate_space(base, parse_space({"variant": {"points": {"bad": {"schedule.nmae": "cosine"}}}}))
     with pytest.raises(ConfigError, match=r"trial method=ema_merg.*unknown method 'ema_merg'"):
-        sweep.validate_space(base, parse_space({"method.name": {"grid": ["finetune", "ema_merg"]}}))
+        sweep_spec.validate_space(base, parse_space({"method.name": {"grid": ["finetune", "ema_merg"]}}))
     with pytest.raises(ConfigError, match=r"'backbone.name'.*fomo-tiny-x"):
-        sweep.validate_space(base, parse_space({"backbone.name": {"choice": ["fomo-tiny-x"]}}))
+        sweep_spec.validate_space(base, parse_space({"backbone.name": {"choice": ["fomo-tiny-x"]}}))
     # combinations are checked too: each share is valid alone, their sum is not
     with pytest.raises(ConfigError, match="must sum to 1"):
-        sweep.validate_space(base, parse_space({"mixture.pool": {"grid": [0.5]}}))
+        sweep_spec.validate_space(base, parse_space({"mixture.pool": {"grid": [0.5]}}))
 
 
 def test_points_need_a_free_name():
     with pytest.raises(SweepError, match="'method.name' is a config key"):
-        sweep.validate_space(load_config(), parse_space({"method.name": {"points": {"a": {}}}}))
+        sweep_spec.validate_space(load_config(), parse_space({"method.name": {"points": {"a": {}}}}))
 
 
 def test_trial_count():
     space = parse_space({"variant": {"points": {"a": {}, "b": {}}}, "seed": {"grid": [0, 1, 2]},
                          "optimizer.lr": {"loguniform": [1e-5, 1e-3]}, "method.merge.weight": {"choice": [0.1, 0.9]}})
-    assert sweep.trial_count(space, "grid", 1) == 6  # sampled dims do not multiply
-    assert sweep.trial_count(space, "random", 4) == 24
-    assert sweep.trial_count(space, "optuna", 5) == 5
+    assert sweep_spec.trial_count(space, "grid", 1) == 6  # sampled dims do not multiply
+    assert sweep_spec.trial_count(space, "random", 4) == 24
+    assert sweep_spec.trial_count(space, "optuna", 5) == 5
 
 
 def test_optuna_cannot_enumerate_a_grid():
@@ -102,7 +104,7 @@ def test_spec_keys_are_checked(tmp_path):
     with pytest.raises(SweepError, match="search 'bayes'"):
         spec_from_dict({"name": "x", "search": "bayes"})
     with pytest.raises(SweepError, match="not found"):
-        sweep.load_sweep(tmp_path / "missing.yaml")
+        sweep_spec.load_sweep(tmp_path / "missing.yaml")
 
 
 def test_run_sweep_fails_before_ray_or_any_directory(tmp_path):
@@ -132,30 +134,26 @@ def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- directories
 def test_directory_policy(tmp_path):
-    d, resume = sweep.sweep_directory(tmp_path, "s", "auto")
+    d, resume = sweep_spec.sweep_directory(tmp_path, "s", "auto")
     assert (d, resume) == (tmp_path / "s", False)
     (tmp_path / "s").mkdir()
     (tmp_path / "s" / "sweep.json").write_text("{}")  # started, not finished
-    assert sweep.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s", True)
-    assert sweep.sweep_directory(tmp_path, "s", "new") == (tmp_path / "s-2", False)
+    assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s", True)
+    assert sweep_spec.sweep_directory(tmp_path, "s", "new") == (tmp_path / "s-2", False)
     with pytest.raises(SweepError, match="interrupted"):
-        sweep.sweep_directory(tmp_path, "s", "refuse")
-    (tmp_path / "s" / sweep.SUMMARY_FILE).write_text("{}")  # finished: never reused
-    assert sweep.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-2", False)
+        sweep_spec.sweep_directory(tmp_path, "s", "refuse")
+    (tmp_path / "s" / sweep_spec.SUMMARY_FILE).write_text("{}")  # finished: never reused
+    assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-2", False)
     with pytest.raises(SweepError, match="already finished"):
-        sweep.sweep_directory(tmp_path, "s", "resume")
+        sweep_spec.sweep_directory(tmp_path, "s", "resume")
     with pytest.raises(SweepError, match="nothing to resume"):
-        sweep.sweep_directory(tmp_path, "t", "resume")
+        sweep_spec.sweep_directory(tmp_path, "t", "resume")
 
 
-def test_several_workers_per_run_need_a_data_parallel_loop():
-    from fomo_ray import ray_train
-
+def test_several_workers_per_run_make_torchtrainer_trials():
     spec = spec_from_dict({"name": "ddp", "base": {"ray.num_workers": 2, "tracking.enabled": False},
                            "space": {"seed": {"grid": [0]}}})
-    assert sweep.plan_sweep(spec).use_train  # the loop is data-parallel: N workers -> a TorchTrainer per trial
-    with pytest.raises(ConfigError, match="'ray.num_workers' = 2.*DDP"):
-        ray_train.check_workers(spec.base_config(), runner=StandIn)  # a runner without DISTRIBUTED
+    assert sweep_spec.plan_sweep(spec).use_train  # the loop is data-parallel: N workers -> a TorchTrainer per trial
 
 
 def test_train_concurrency_from_resources():
@@ -170,8 +168,8 @@ def test_train_concurrency_from_resources():
 # --------------------------------------------------------------------------------------------------- shipped configs
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_every_shipped_sweep_is_valid(path):
-    spec = sweep.load_sweep(path, {"tracking.enabled": False})
-    plan = sweep.plan_sweep(spec)
+    spec = sweep_spec.load_sweep(path, {"tracking.enabled": False})
+    plan = sweep_spec.plan_sweep(spec)
     assert plan.total >= 2 and not plan.use_train
     script = REPO / "experiments" / f"{path.stem}.py"
     assert script.is_file(), f"{path.name} has no experiment script {script.name}"
@@ -195,10 +193,29 @@ def test_experiment_dry_run_cli():
 
 def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
-    assert sweep.main([path, "--dry-run", "--no-mlflow", "method.merge.weight=0.3"]) == 0
+    assert sweep_cli.main([path, "--dry-run", "--no-mlflow", "method.merge.weight=0.3"]) == 0
     assert "budgets: 12 trial(s)" in capsys.readouterr().out
-    assert sweep.main([path, "method.merge.weight=3", "--dry-run", "--no-mlflow"]) == 2
+    assert sweep_cli.main([path, "method.merge.weight=3", "--dry-run", "--no-mlflow"]) == 2
     assert "method.merge.weight" in capsys.readouterr().err
+
+
+def test_validation_and_dry_run_import_no_ray():
+    """Validating a shipped sweep YAML and dry-running it need no Ray: sweep_spec and the CLI's dry run never
+    import it (a fresh interpreter, so nothing else in the test session imported it first)."""
+    path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
+    code = (
+        "import sys\n"
+        "from fomo_ray import sweep_spec\n"
+        "from fomo_ray.cli import sweep as sweep_cli\n"
+        f"spec = sweep_spec.load_sweep({path!r}, {{'tracking.enabled': False}})\n"
+        "assert sweep_spec.plan_sweep(spec).total == 8\n"
+        f"assert sweep_cli.main([{path!r}, '--dry-run', '--no-mlflow']) == 0\n"
+        "ray = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
+        "assert not ray, ray\n"
+        "print('no ray')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "merge_weights: 8 trial(s)" in out.stdout and out.stdout.rstrip().endswith("no ray")
 
 
 # --------------------------------------------------------------------------------------------------- real Ray
@@ -209,6 +226,14 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
     yield
     ray.shutdown()
+
+
+def _stand_in_trials(monkeypatch, runner):
+    """Trials run ``runner`` instead of the loop (a worker wrapper shipped to the Ray workers); a stand-in needs no
+    benchmark, base checkpoint or budget measurement, so the driver prepares none."""
+    register_by_value()
+    monkeypatch.setattr(sweep, "run_trial", trial_in_worker(runner))
+    monkeypatch.setattr(sweep, "ensure_sweep_inputs", lambda base, space: None)
 
 
 @pytest.mark.ray
@@ -259,7 +284,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
         assert "checkpoints/final/loop_state.pt" in arts
     report_arts = {f.path for f in tracker.client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/table.md", "report/trajectories.png", "report/pareto.png"} <= report_arts
-    assert (out.directory / "results.csv").is_file() and (out.directory / sweep.SUMMARY_FILE).is_file()
+    assert (out.directory / "results.csv").is_file() and (out.directory / sweep_spec.SUMMARY_FILE).is_file()
     pd.testing.assert_frame_equal(pd.read_csv(out.directory / "results.csv")[["run", "task", "GM"]],
                                   res[["run", "task", "GM"]], check_exact=False, rtol=1e-12)
 
@@ -268,18 +293,18 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     with pytest.raises(SweepError, match="already exists.*finished"):
         sweep.run_sweep(spec, if_exists="refuse")
     assert (out.directory / "results.csv").stat().st_mtime_ns == before
-    assert sweep.sweep_directory(tmp_path / "sweeps", "e2e", "auto") == (tmp_path / "sweeps" / "e2e-2", False)
+    assert sweep_spec.sweep_directory(tmp_path / "sweeps", "e2e", "auto") == (tmp_path / "sweeps" / "e2e-2", False)
     print(f"end-to-end sweep (2 trials x 2 tasks, real loop): {wall:.1f} s")
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep(ray_local, tmp_path):
+def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep(ray_local, tmp_path, monkeypatch):
     """Interrupted after its first trial, the sweep is restored with Tuner.restore; the finished trial is not run
     again, the diverging trial is FAILED in Tune and MLflow with its reason (and not retried), the last one runs."""
     from fomo_ray.tracking import REASON_TAG, Tracker
 
-    register_by_value()
+    _stand_in_trials(monkeypatch, StandIn)
     spec = spec_from_dict({
         "name": "restore",
         "base": {"output_dir": str(tmp_path), "stream.num_tasks": 2, "ray.max_concurrent_trials": 1,
@@ -287,10 +312,10 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
         "space": {"variant": {"points": {"a": {"seed": 1}, "diverges": {"optimizer.lr": 1.0e308},
                                          "b": {"seed": 2}}}}})
     t0 = time.time()
-    first = sweep.run_sweep(spec, runner=StandIn, prepare=False, stop_after_trials=1)
-    assert not (first.directory / sweep.SUMMARY_FILE).exists()  # interrupted: not marked finished
+    first = sweep.run_sweep(spec, stop_after_trials=1)
+    assert not (first.directory / sweep_spec.SUMMARY_FILE).exists()  # interrupted: not marked finished
     assert list(first.trials["run"]) == ["000-a"]
-    second = sweep.run_sweep(spec, runner=StandIn, prepare=False)
+    second = sweep.run_sweep(spec)
     wall = time.time() - t0
     assert second.directory == first.directory  # resumed in place
     calls = sorted(p.name.split("-")[0] for p in (tmp_path / "calls").iterdir())
@@ -300,7 +325,7 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
     assert status == {"000-a": "TERMINATED", "001-diverges": "ERROR", "002-b": "TERMINATED"}
     assert "diverged" in second.trials.set_index("run").loc["001-diverges", "error"]
     assert sorted(set(second.results["run"])) == ["000-a", "001-diverges", "002-b"]
-    assert (second.directory / sweep.SUMMARY_FILE).is_file()
+    assert (second.directory / sweep_spec.SUMMARY_FILE).is_file()
     tracker = Tracker(second.tracking_uri, "fomo_ray")
     runs = {r.info.run_name: r for r in tracker.children(second.parent_run_id)}
     assert sorted(runs) == ["000-a", "001-diverges", "002-b"]  # one run per trial, also across the restore
@@ -312,16 +337,16 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
 
 
 @pytest.mark.ray
-def test_optuna_samples_within_the_space(ray_local, tmp_path):
+def test_optuna_samples_within_the_space(ray_local, tmp_path, monkeypatch):
     """The model-based searcher (Optuna TPE, seeded) proposes trials inside the declared ranges and sees GM."""
-    register_by_value()
+    _stand_in_trials(monkeypatch, StandIn)
     spec = spec_from_dict({
         "name": "optuna", "search": "optuna", "num_samples": 3, "metric": "GM",
         "base": {"output_dir": str(tmp_path), "stream.num_tasks": 1, "tracking.enabled": False,
                  "ray.max_concurrent_trials": 2, "ray.cpus_per_worker": 0.5},
         "space": {"optimizer.lr": {"loguniform": [1.0e-5, 1.0e-2]},
                   "method.merge.weight": {"choice": [0.25, 0.75]}}})
-    out = sweep.run_sweep(spec, runner=StandIn, prepare=False, progress=False)
+    out = sweep.run_sweep(spec, progress=False)
     assert len(out.trials) == 3 and (out.trials["status"] == "TERMINATED").all()
     assert out.trials["optimizer.lr"].between(1e-5, 1e-2).all()
     assert set(out.trials["method.merge.weight"]) <= {0.25, 0.75}

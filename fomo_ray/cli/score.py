@@ -9,6 +9,7 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     """``fomo-ray score TABLE``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
+    from fomo_ray.data.format import DataError
     from fomo_ray.metrics import (MetricsError, format_report, learned_at_points, load_results,
                                   stream_task_datasets)
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = json.loads(Path(args.stream).read_text())
             learned_at = learned_at_points(stream_task_datasets(entries, args.num_tasks))
         print(format_report(df, learned_at))
-    except (MetricsError, OSError, json.JSONDecodeError) as e:
+    except (MetricsError, DataError, OSError, json.JSONDecodeError) as e:
         print(f"fomo-ray score: {e}", file=sys.stderr)
         return 2
     return 0

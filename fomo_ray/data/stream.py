@@ -25,14 +25,17 @@ def _closest(word: str, options: Sequence[str]) -> str:
 
 
 def parse_entries(raw: object, where: str = "stream") -> list[Entry]:
-    """A JSON-decoded stream (list of ``"DATASET+++classname"``) -> ``[(dataset, classname), ...]``."""
+    """A JSON-decoded stream (list of ``"DATASET+++classname"``) -> ``[(dataset, classname), ...]``.
+
+    The one parser of stream entries: runs (:func:`load_stream`) and the ordering tools (``orderings.read_stream``,
+    ``prepare stream --check``) all read entries through it. The dataset token is kept as written."""
     if not isinstance(raw, list):
         raise DataError(f"{where}: a stream must be a JSON list of 'DATASET{SEP}classname', got {type(raw).__name__}")
     out = []
     for i, e in enumerate(raw):
         if not isinstance(e, str) or SEP not in e:
             raise DataError(f"{where}: entry {i} {e!r} is not of the form 'DATASET{SEP}classname'")
-        d, c = e.split(SEP, 1)
+        d, c = e.split(SEP, 1)  # a dataset name never contains SEP (format checks it), so the first one splits
         out.append((d, c))
     return out
 

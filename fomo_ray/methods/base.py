@@ -32,6 +32,7 @@ from torch import nn
 from fomo_ray.config import MethodConfig
 from fomo_ray.costs import ExtraCost
 
+
 StateDict = dict[str, torch.Tensor]
 
 
@@ -127,7 +128,3 @@ def clone_state(state: Mapping[str, torch.Tensor], device: torch.device | str | 
     return {k: v.detach().to(device=device, copy=True) if device is not None else v.detach().clone()
             for k, v in state.items()}
 
-
-def trainable_named(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The parameters the optimizer updates, in a fixed (registration) order."""
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from fomo_ray.costs import PENALTY_FLOPS_PER_PARAM, ExtraCost
-from fomo_ray.methods.base import Method, StateDict, freeze_all_but, trainable_named
+from fomo_ray.methods.base import Method, StateDict, freeze_all_but
+from fomo_ray.optim import trainable_named
 
 Tensors = list[torch.Tensor]
 

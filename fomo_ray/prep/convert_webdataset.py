@@ -15,32 +15,33 @@ Pipeline (resumable, like ``convert_fif``):
    reported; a shard holding images but no caption at all is an error naming it.
 3. *Selection + assembly*: shards in name order, samples in tar order, the first occurrence of each image hash kept
    (exact-duplicate removal across the whole pool) until ``--max-samples``; then ``pool.beton`` + manifest.
+
+Parts are written and read back through :mod:`fomo_ray.prep.staging` (shared with ``convert_fif``, which embeds a
+finished pool with ``--pool``). The command is ``fomo-ray prepare pool`` (:mod:`fomo_ray.cli.prepare`).
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tarfile
-import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from fomo_ray.data.convert_fif import (
-    PARTS_DIR, ConversionError, PartWriter, StagedRows, decode_fit, encode_image, iter_rows, part_problem,
-    read_part_meta, write_json_atomic, _read_json, _sha256_file,
+from fomo_ray.atomic import write_json
+from fomo_ray.data.format import DataError, sha256_file
+from fomo_ray.data.writer import BenchmarkWriter
+from fomo_ray.prep.staging import (
+    PARTS_DIR, POOL_DATASET, SELECTION, ConversionError, PartWriter, decode_fit, encode_image, iter_rows,
+    part_problem, pool_rows, read_json, read_part_meta,
 )
 
 CONVERTER_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image extensions FiF's pool loader accepts
-POOL_DATASET = "POOL"
-SELECTION = "selection.json"  # rows kept per shard, written next to the parts at assembly
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def convert_shard(shard: Path, opts: PoolOptions) -> dict:
         _check_shard(shard, counts, bad, opts)
         meta = {"shard": shard.name, "fingerprint": shard_fingerprint(shard, opts), "counts": counts,
                 "files": files_sha, "bad": bad}
-        write_json_atomic(tmp / "part.json", meta)  # last: a part without it is never reused
+        write_json(tmp / "part.json", meta)  # last: a part without it is never reused
         shutil.rmtree(parts / stem, ignore_errors=True)
         os.replace(tmp, parts / stem)
     finally:
@@ -313,12 +314,10 @@ def _report(metas: dict, keep: dict, dups: int, n_shards: int) -> dict:
 
 def assemble_pool(parts: Path, keep: dict[str, list[int]], opts: PoolOptions, report: dict | None = None) -> None:
     """``pool.beton`` + manifest from the selected rows (skipped when selection and parts are unchanged)."""
-    from fomo_ray.data.format import BenchmarkWriter, DataError
-
-    stamp = {"parts": {s: _sha256_file(parts / s / "part.json") for s in keep},
+    stamp = {"parts": {s: sha256_file(parts / s / "part.json") for s in keep},
              "keep": hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest(),
              "name": opts.name, "image_size": opts.image_size, "write_mode": opts.write_mode}
-    if (opts.out / "manifest.json").is_file() and _read_json(parts / "assembled.json") == stamp:
+    if (opts.out / "manifest.json").is_file() and read_json(parts / "assembled.json") == stamp:
         return
     rows = pool_rows(parts, keep)
     if len(rows) == 0:
@@ -335,45 +334,11 @@ def assemble_pool(parts: Path, keep: dict[str, list[int]], opts: PoolOptions, re
     except DataError as e:
         writer.abort()
         raise ConversionError(f"assembling {opts.out} failed: {e}") from e
-    write_json_atomic(parts / SELECTION, {"keep": keep})  # lets `prepare fif --pool` embed this exact selection
-    write_json_atomic(parts / "assembled.json", stamp)
+    write_json(parts / SELECTION, {"keep": keep})  # lets `prepare fif --pool` embed this exact selection
+    write_json(parts / "assembled.json", stamp)
 
 
-def pool_rows(parts: Path, keep: dict[str, list[int]]) -> StagedRows:
-    """The selected staged rows of a pool, as (image, POOL, -1, [caption]) samples."""
-    return StagedRows([(parts / stem, "pool", POOL_DATASET, r) for stem, r in keep.items() if r])
-
-
-def staged_pool(root: Path) -> tuple[StagedRows, str]:
-    """The staged rows of a pool converted by this module (for ``prepare fif --pool``) and a hash of the selection."""
-    parts = Path(root) / PARTS_DIR
-    selection = _read_json(parts / SELECTION)
-    if not (Path(root) / "manifest.json").is_file() or selection is None:
-        raise ConversionError(f"{root} is not a finished pool conversion (run `fomo-ray prepare pool --out {root}` "
-                              "first; its .parts folder must still exist)")
-    keep = selection["keep"]
-    stamp = {s: _sha256_file(parts / s / "part.json") for s in keep if keep[s]}
-    return pool_rows(parts, keep), hashlib.sha256(json.dumps([keep, stamp], sort_keys=True).encode()).hexdigest()
-
-
-# =================================================================================================== CLI
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fomo-ray prepare pool", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shards", required=True, help="folder of webdataset .tar shards (img2dataset output)")
-    p.add_argument("--out", required=True, help="output pool root (pool.beton + manifest); use as data.pool")
-    p.add_argument("--max-samples", type=int, default=0, help="sample cap after de-duplication (0 = all)")
-    p.add_argument("--image-size", type=int, default=224, help="stored square size (shorter side, centre crop)")
-    p.add_argument("--jpeg-quality", type=int, default=95, help="staging JPEG quality (0 = lossless PNG)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="shards converted in parallel")
-    p.add_argument("--allow-gaps", action="store_true", help="accept non-contiguous shard names")
-    p.add_argument("--max-bad-fraction", type=float, default=0.05, help="fail a shard above this fraction corrupt")
-    p.add_argument("--name", default="pool")
-    p.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg", help="beton image storage")
-    p.add_argument("--writer-workers", type=int, default=1, help="FFCV writer processes (1 = deterministic bytes)")
-    p.add_argument("--no-progress", action="store_true")
-    return p
-
-
+# =================================================================================================== report
 def format_report(r: dict) -> str:
     lines = [f"shards: {r['shards']} ({r['shards_converted']} converted, {r['shards_cached']} reused from a "
              f"previous run, {r['shards_used']} used)",
@@ -382,27 +347,3 @@ def format_report(r: dict) -> str:
              f"{r.get('duplicate_in_shard', 0)} within shards + {r['duplicate_across_shards']} across shards"]
     lines += [f"  skipped e.g. {b}" for b in r["bad_examples"]]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    t0 = time.time()
-    if args.image_size < 8 or args.max_samples < 0:
-        print("fomo-ray prepare pool: error: --image-size must be >= 8 and --max-samples >= 0", file=sys.stderr)
-        return 2
-    opts = PoolOptions(shards=Path(args.shards), out=Path(args.out), max_samples=args.max_samples,
-                       image_size=args.image_size, jpeg_quality=args.jpeg_quality, workers=args.workers,
-                       allow_gaps=args.allow_gaps, max_bad_fraction=args.max_bad_fraction, name=args.name,
-                       progress=not args.no_progress, write_mode=args.write_mode, writer_workers=args.writer_workers)
-    try:
-        report = convert_pool(opts)
-    except ConversionError as e:
-        print(f"fomo-ray prepare pool: error: {e}", file=sys.stderr)
-        return 1
-    print(format_report(report))
-    print(f"wrote {opts.out} in {time.time() - t0:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

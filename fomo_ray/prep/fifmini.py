@@ -13,8 +13,9 @@ Pretraining", arXiv 2408.14471) at a scale a 2-core CPU handles:
   retention, and a **retrieval set** of held-out pool-style scenes;
 - FiF stream files ``streams/random.json`` and ``streams/dataset_incremental.json``.
 
-Everything is a deterministic function of ``(seed, image_size, scale, GENERATOR_VERSION)``: each dataset and
-split draws from its own seeded generators, so adding a dataset never changes another. No network is used.
+Everything is a deterministic function of ``inputs.fifmini_generator_info(seed, image_size, scale)`` (which
+includes the generator version): each dataset and split draws from its own seeded generators, so adding a dataset
+never changes another. No network is used.
 ``scale`` shrinks every dataset (tests build ``scale=0.05`` in seconds); the default ``scale=1`` is the product.
 """
 from __future__ import annotations
@@ -28,13 +29,13 @@ from typing import Callable
 
 import numpy as np
 
-from ..atomic import file_lock
-from . import fifmini_scenes as scenes
-from . import fifmini_text as text
-from .format import MANIFEST, SEP, Benchmark, BenchmarkWriter, DataError, DatasetInfo, open_benchmark
+from fomo_ray.atomic import file_lock
+from fomo_ray.data.format import MANIFEST, SEP, Benchmark, DataError, DatasetInfo, open_benchmark
+from fomo_ray.data.writer import BenchmarkWriter
+from fomo_ray.inputs import FIFMINI_NAME, fifmini_generator_info
+from fomo_ray.prep import fifmini_scenes as scenes
+from fomo_ray.prep import fifmini_text as text
 
-NAME = "fifmini"
-GENERATOR_VERSION = 1   # bump whenever the drawn content changes; a cached build with another version is rebuilt
 POOL_SIZE = 20_000
 POOL_CHUNK = 2_500      # the pool is drawn in fixed chunks (own seeds) so workers can share the work
 RETRIEVAL_SIZE = 500
@@ -223,11 +224,6 @@ def stream_entries(seed: int) -> dict[str, list[str]]:
 
 
 # --------------------------------------------------------------------------------------------------- build / ensure
-def generator_info(seed: int, image_size: int, scale: float) -> dict:
-    return {"name": NAME, "version": GENERATOR_VERSION, "seed": int(seed), "image_size": int(image_size),
-            "scale": float(scale)}
-
-
 def build_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, scale: float = 1.0,
                   workers: int | None = None, progress: bool = True) -> Benchmark:
     """Draw and write FiF-mini into ``root`` (replacing whatever is there); returns the opened benchmark."""
@@ -238,7 +234,8 @@ def build_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, 
     if not 0 < scale <= 2:
         raise DataError(f"FiF-mini scale must be in (0, 2], got {scale}")
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
-    writer = BenchmarkWriter(root, NAME, image_size, extra={"generator": generator_info(seed, image_size, scale)})
+    writer = BenchmarkWriter(root, FIFMINI_NAME, image_size,
+                             extra={"generator": fifmini_generator_info(seed, image_size, scale)})
     try:
         for spec in CATALOGUE:
             writer.add_dataset(spec.info())
@@ -273,7 +270,7 @@ def _reusable(root: Path, want: dict) -> Benchmark | None:
         bench = open_benchmark(root)
     except DataError:
         return None  # corrupt: rebuild
-    if bench.name != NAME:
+    if bench.name != FIFMINI_NAME:
         raise DataError(f"{root} holds benchmark '{bench.name}', not FiF-mini; refusing to overwrite it")
     return bench if bench.manifest.get("generator") == want else None
 
@@ -285,7 +282,7 @@ def ensure_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32,
     A missing, partial (no manifest) or corrupt directory is rebuilt; ``force`` always rebuilds.
     """
     root = Path(root)
-    want = generator_info(seed, image_size, scale)
+    want = fifmini_generator_info(seed, image_size, scale)
     with _build_lock(root):
         if not force and (bench := _reusable(root, want)) is not None:
             return bench
@@ -294,17 +291,11 @@ def ensure_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32,
 
 # --------------------------------------------------------------------------------------------------- summary
 def describe(bench: Benchmark) -> list[dict]:
-    """One row per dataset: name, role, task, #classes, train and test sizes."""
+    """One row per dataset: name, role, task, #classes, pool, train and test sizes (print with
+    ``tables.format_table``)."""
     out = []
     for name, info in bench.datasets.items():
         rows = {s: info.rows.get(s, (0, 0)) for s in ("pool", "train", "test")}
         out.append({"name": name, "role": info.role, "task": info.task, "classes": len(info.classnames),
                     **{s: e - b for s, (b, e) in rows.items()}})
     return out
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = ["name", "role", "task", "classes", "pool", "train", "test"]
-    lines = [" ".join(f"{c:>14}" if i else f"{c:<14}" for i, c in enumerate(cols))]
-    lines += [" ".join(f"{str(r[c]):>14}" if i else f"{str(r[c]):<14}" for i, c in enumerate(cols)) for r in rows]
-    return "\n".join(lines)

@@ -12,63 +12,29 @@ reruns reuse it. Training is deterministic (seeded init, seeded batch/caption or
 recipe's pinned CPU thread count, since matmul reductions split differently across threads). There is no augmentation: the pool's
 20,000 drawn scenes are each seen ~8 times, and flips or crops would contradict their position captions.
 
-Command line (``fomo-ray pretrain`` or ``python data_prep/pretrain_base.py``)::
-
-    fomo-ray pretrain [--config cfg.yaml] [--arch fomo-tiny-s] [--force] [--steps N] [key=value ...]
+The recipes (:class:`~fomo_ray.inputs.PretrainConfig`, ``RECIPES``) and the cache path
+(``inputs.base_checkpoint_path``) live in :mod:`fomo_ray.inputs`, where the runtime core finds the base without
+importing this module. Command line: ``fomo-ray pretrain`` (:mod:`fomo_ray.cli.pretrain`) or
+``python data_prep/pretrain_base.py``.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import hashlib
 import json
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .backbones import TINY_ARCHS, BackboneError, create_backbone, save_checkpoint
-from .atomic import file_lock
-from .losses import clamp_logit_scale_, clip_loss
-from .schedules import cosine_lr, warmup_steps
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """The pretraining recipe of one tiny architecture (every field enters the checkpoint hash)."""
-
-    # measured for fomo-tiny-s on FiF-mini (2-core CPU): 1200 steps -> whole command 3 min 43 s, SHAPES 59% top-1;
-    # 800 steps leave SHAPES at 43% and COUNTS at 46%; 1400 reach 57-95% but leave no margin to the 5-min budget
-    steps: int = 1200
-    batch_size: int = 128        # in-batch negatives; a step is ~0.15 s on 2 idle cores
-    lr: float = 1e-3             # from scratch; 2e-3 was worse at 800 steps (SHAPES 35% vs 43%)
-    weight_decay: float = 0.1    # on matrices only (open_clip convention: no decay on biases/norms/embeddings/scale)
-    warmup_frac: float = 0.1     # linear warmup then cosine, as the per-task schedule
-    min_lr_ratio: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float = 1.0
-    seed: int = 0
-    threads: int = 2             # CPU matmul reductions split by thread count: pinned so the base is a pure function
-                                 # of this recipe on any machine (same CPU ISA), not of the caller's thread setting
-
-    def digest(self, arch: str, content_hash: str) -> str:
-        """10 hex digits over the architecture, this recipe and the data's content hash."""
-        blob = json.dumps({"arch": arch, "recipe": dataclasses.asdict(self), "data": content_hash}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:10]
-
-
-#: per-architecture recipes; larger models get fewer steps so their one-off pretraining stays tolerable on a CPU
-RECIPES: dict[str, PretrainConfig] = {
-    "fomo-tiny-s": PretrainConfig(),
-    "fomo-tiny-m": PretrainConfig(steps=1200, lr=7e-4),
-    "fomo-tiny-l": PretrainConfig(steps=1200, lr=5e-4),
-}
+from fomo_ray.atomic import file_lock
+from fomo_ray.backbones import TINY_ARCHS, create_backbone, save_checkpoint
+from fomo_ray.inputs import RECIPES, PretrainConfig, base_checkpoint_path
+from fomo_ray.losses import clamp_logit_scale_, clip_loss
+from fomo_ray.optim import adamw_groups, trainable_named
+from fomo_ray.schedules import cosine_lr, warmup_steps
 
 
 class PretrainError(ValueError):
@@ -76,15 +42,6 @@ class PretrainError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
-def checkpoint_path(root: str | Path, arch: str, recipe: PretrainConfig, content_hash: str) -> Path:
-    return Path(root) / "base_models" / f"{arch}-{recipe.digest(arch, content_hash)}.pt"
-
-
-def decays(name: str, p: torch.Tensor) -> bool:
-    """AdamW decays matrices only: not biases, norm gains (1-D), embeddings or logit_scale (open_clip's rule)."""
-    return p.ndim >= 2 and "embedding" not in name and "logit_scale" not in name
-
-
 def batch_order(num_rows: int, steps: int, batch_size: int, rng: np.random.Generator) -> np.ndarray:
     """``[steps, batch_size]`` row positions: consecutive epochs of fresh permutations (no row twice per batch
     unless the pool is smaller than a batch)."""
@@ -121,7 +78,7 @@ def deterministic(threads: int | None = None) -> Iterator[None]:
 def load_pool(bench: Any, image_size: int, mean: Sequence[float], std: Sequence[float],
               backend: str = "memory") -> tuple[torch.Tensor, list[list[str]]]:
     """The whole pool in memory, decoded once: normalised images ``[N, 3, H, W]`` and each row's captions."""
-    from .data.loaders import make_loader
+    from fomo_ray.data.loaders import make_loader
 
     rows = np.arange(len(bench.meta("pool")[0]), dtype=np.int64)
     if len(rows) == 0:
@@ -158,11 +115,10 @@ def train_base(bb: Any, images: torch.Tensor, captions: list[list[str]], recipe:
     arch, model = bb.name, bb.model.train()
     tokens, starts, flat = caption_table(captions, bb.tokenizer)
     counts = np.diff(starts)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named if decays(n, p)], "weight_decay": recipe.weight_decay},
-         {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}],
-        lr=recipe.lr, betas=recipe.betas, eps=recipe.eps, fused=True)  # fused: one kernel per step, not per tensor
+    named = trainable_named(model)
+    # the loop's decay groups (optim.decays: matrices only); fused: one kernel per step, not one per tensor
+    opt = torch.optim.AdamW(adamw_groups(named, recipe.weight_decay), lr=recipe.lr, betas=recipe.betas,
+                            eps=recipe.eps, fused=True)
     rng = np.random.default_rng([recipe.seed, 1])
     order = batch_order(len(images), recipe.steps, recipe.batch_size, rng)
     # one random caption per sampled image and step, drawn up front so the run is a pure function of the seed
@@ -198,8 +154,8 @@ def train_base(bb: Any, images: torch.Tensor, captions: list[list[str]], recipe:
 def zero_shot_table(bench: Any, model: torch.nn.Module, bb: Any, backend: str = "memory",
                     seed: int = 0) -> list[dict[str, Any]]:
     """Full-test-set zero-shot records of every adapt/eval dataset, each with its chance level."""
-    from .config import EvalConfig
-    from .evaluation import Evaluator, chance_level
+    from fomo_ray.config import EvalConfig
+    from fomo_ray.evaluation import Evaluator, chance_level
 
     ev = Evaluator(bench, EvalConfig(), seed, bb.image_size, bb.mean, bb.std, backend=backend)
     records = ev.evaluate(model, bb.tokenizer, full=True, weights_version="")
@@ -229,7 +185,7 @@ def ensure_base_checkpoint(arch: str, bench: Any, *, recipe: PretrainConfig | No
         raise PretrainError(f"no pretraining recipe for '{arch}': base models are trained for {list(TINY_ARCHS)}; "
                             f"real architectures take an open_clip tag or a checkpoint file instead")
     recipe = recipe or RECIPES[arch]
-    path = checkpoint_path(bench.root, arch, recipe, bench.manifest["content_hash"])
+    path = base_checkpoint_path(bench.root, arch, recipe, bench.manifest["content_hash"])
     if path.is_file() and not force:
         return path
     with _lock(path):  # concurrent trials train it once; the others wait and reuse it
@@ -266,52 +222,3 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     """The ``meta`` of a base checkpoint (recipe, stats, zero-shot table)."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     return obj.get("meta", {}) if isinstance(obj, dict) else {}
-
-
-# --------------------------------------------------------------------------------------------------- command line
-def main(argv: list[str] | None = None) -> int:
-    """``fomo-ray pretrain``: build FiF-mini if needed, then pretrain (or reuse) the tiny base CLIP and print its
-    zero-shot accuracy next to chance."""
-    from .config import ConfigError, load_config
-
-    p = argparse.ArgumentParser(prog="fomo-ray pretrain", description=main.__doc__)
-    p.add_argument("--config", default=None, help="experiment YAML (data.* and backbone.name are used)")
-    p.add_argument("--arch", default="", help=f"tiny architecture, one of {list(TINY_ARCHS)} (default: backbone.name)")
-    p.add_argument("--all", action="store_true", help="pretrain every tiny architecture")
-    p.add_argument("--force", action="store_true", help="retrain even if the cached checkpoint exists")
-    p.add_argument("--steps", type=int, default=0, help="override the recipe's steps (changes the cache hash)")
-    p.add_argument("--lr", type=float, default=0.0, help="override the recipe's lr (changes the cache hash)")
-    p.add_argument("--batch-size", type=int, default=0, help="override the recipe's batch size")
-    p.add_argument("--seed", type=int, default=-1, help="override the recipe's seed (the base is shared by all "
-                   "experiment seeds by default)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.root=data/fifmini")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        archs = list(TINY_ARCHS) if args.all else [args.arch or cfg.backbone.name]
-        bench = _open_data(cfg)
-        for arch in archs:
-            if arch not in RECIPES:
-                raise PretrainError(f"'{arch}' is not a tiny architecture; valid: {list(TINY_ARCHS)}")
-            changes = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size)) if v}
-            if args.seed >= 0:
-                changes["seed"] = args.seed
-            recipe = dataclasses.replace(RECIPES[arch], **changes)
-            cached = checkpoint_path(bench.root, arch, recipe, bench.manifest["content_hash"]).is_file()
-            path = ensure_base_checkpoint(arch, bench, recipe=recipe, force=args.force,
-                                          progress=not args.no_progress, backend=cfg.data.loader)
-            if cached and not args.force:  # a fresh training run has printed its table already
-                meta = read_meta(path)
-                print(f"base model {arch} ({path}), trained in {meta.get('stats', {}).get('wall_seconds')} s:\n"
-                      f"{format_zero_shot(meta.get('zero_shot', []))}")
-    except (ConfigError, PretrainError, BackboneError, ValueError) as e:
-        print(f"fomo-ray pretrain: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _open_data(cfg: Any) -> Any:
-    from .loop import open_data  # one place decides how a config's benchmark is found or built
-
-    return open_data(cfg)

@@ -1,8 +1,10 @@
-"""The command line shared by ``experiments/*.py`` and ``fomo-ray sweep``: flags -> sweep spec -> run -> summary.
+"""``fomo-ray sweep SWEEP.yaml [key=value ...]`` and the ``experiments/*.py`` scripts: flags -> sweep spec -> run ->
+summary.
 
-Each experiment script is three lines: it names its sweep YAML and calls :func:`main`. Flags map onto dotted config
-overrides (``--backbone ViT-B-16`` is ``backbone.name=ViT-B-16``), and any ``key=value`` argument is passed through,
-so everything in ``fomo_ray.config`` can be set from the command line.
+Each experiment script is three lines: it names its sweep YAML and calls :func:`experiment_main`. Flags map onto
+dotted config overrides (``--backbone ViT-B-16`` is ``backbone.name=ViT-B-16``), and any ``key=value`` argument is
+passed through, so everything in ``fomo_ray.config`` can be set from the command line. ``--dry-run`` validates every
+trial's config and lists the trials without importing Ray (``fomo_ray.sweep_spec``); only a real run loads it.
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
+
+from fomo_ray.config import ConfigError, parse_override
+from fomo_ray.sweep_spec import SweepError, SweepSpec, grid_points, load_sweep, parse_space, plan_sweep, trial_label
 
 #: flag -> dotted config key (values are typed by argparse, validated by the config tree)
 FLAG_KEYS: dict[str, str] = {
@@ -61,11 +66,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
 
 
-def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> Any:
+def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpec:
     """The sweep spec with the flags applied (as base overrides)."""
-    from fomo_ray.config import parse_override
-    from fomo_ray.sweep import load_sweep
-
     extra: dict[str, Any] = dict(parse_override(o) for o in args.overrides)
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag, None)
@@ -79,9 +81,26 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> Any:
     return replace(spec, **changes) if changes else spec
 
 
+def print_dry_run(spec: SweepSpec) -> None:
+    """Validate every trial (no Ray) and the tracking store, and list the trials: the enumerated ones by label, the
+    sampled dimensions by range."""
+    plan = plan_sweep(spec)
+    if plan.base.tracking.enabled:
+        from fomo_ray.tracking import tracker_for
+
+        tracker_for(plan.base)  # opens the store, as a run would: an unreachable URI fails the dry run too
+    print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
+          f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
+    space = parse_space(spec.space)
+    fixed = {k: d for k, d in space.items() if d.kind in ("grid", "points")}
+    for combo in grid_points(fixed):
+        print(f"  {trial_label(combo, fixed)}")
+    for k, d in space.items():
+        if k not in fixed:
+            print(f"  sampled per trial: {k} ~ {d.kind}{list(d.values)}")
+
+
 def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_sweep: str | Path | None) -> int:
-    from fomo_ray.config import ConfigError
-    from fomo_ray.sweep import SweepError, grid_points, parse_space, plan_sweep, run_sweep, trial_label
     from fomo_ray.tracking import TrackingError
 
     add_arguments(ap)
@@ -92,17 +111,10 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
     try:
         spec = spec_from_args(args.sweep, args)
         if args.dry_run:
-            plan = plan_sweep(spec)
-            print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
-                  f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
-            space = parse_space(spec.space)
-            fixed = {k: d for k, d in space.items() if d.kind in ("grid", "points")}
-            for combo in grid_points(fixed):
-                print(f"  {trial_label(combo, fixed)}")
-            for k, d in space.items():
-                if k not in fixed:
-                    print(f"  sampled per trial: {k} ~ {d.kind}{list(d.values)}")
+            print_dry_run(spec)
             return 0
+        from fomo_ray.sweep import run_sweep  # Ray: only for a real run
+
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
         out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs)
     except (ConfigError, SweepError, TrackingError) as e:
@@ -113,7 +125,7 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
 
 
 def print_summary(out: Any) -> None:
-    """The results table and where everything is."""
+    """The results table and where everything is (``out``: a ``fomo_ray.sweep.SweepResult``)."""
     from fomo_ray.report import format_table, trial_table
     from fomo_ray.tracking import DB_NAME
 
@@ -139,7 +151,14 @@ def print_summary(out: Any) -> None:
             print(f"  browse with       fomo-ray ui --output-dir {out_dir}")
 
 
-def main(default_sweep: str | Path, argv: Sequence[str] | None = None, description: str = "") -> int:
-    """Entry point of an ``experiments/*.py`` script."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """``fomo-ray sweep SWEEP.yaml [key=value ...]``: run (or resume) a sweep."""
+    ap = argparse.ArgumentParser(prog="fomo-ray sweep", description=main.__doc__)
+    ap.add_argument("sweep", help="sweep YAML (see experiments/configs/)")
+    return run_cli(ap, argv, default_sweep=None)
+
+
+def experiment_main(default_sweep: str | Path, argv: Sequence[str] | None = None, description: str = "") -> int:
+    """Entry point of an ``experiments/*.py`` script: the same command with the script's sweep YAML as default."""
     ap = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=description)
     return run_cli(ap, argv, default_sweep)

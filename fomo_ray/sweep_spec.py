@@ -1,0 +1,356 @@
+"""Sweep specifications without Ray: parse, validate and plan a sweep YAML (``fomo_ray/sweep.py`` runs it on Tune).
+
+A sweep is a base config plus a *space*, written in YAML (``experiments/configs/*.yaml``) or Python::
+
+    name: merge_weights
+    config: ""                          # optional base config YAML
+    base: {method.name: ema_merge}      # dotted overrides applied to every trial
+    search: grid                        # grid | random | optuna
+    num_samples: 1                      # samples per grid point (random / optuna: the number of trials)
+    metric: GM                          # what optuna optimises (the final evaluation point's value)
+    space:
+      method.merge.weight: {grid: [0.1, 0.5, 0.9]}
+      optimizer.lr: {loguniform: [1.0e-5, 1.0e-3]}      # also: uniform, randint, choice
+      variant:                          # a name that is not a config key: labelled bundles of overrides
+        points: {finetune: {method.name: finetune}, zs: {method.name: zero_shot}}
+
+Every trial's config is built and validated before Ray starts (an unknown key or an invalid value fails fast with
+a :class:`~fomo_ray.config.ConfigError` naming it): :func:`plan_sweep` returns the validated :class:`SweepPlan`.
+This module never imports Ray, not even lazily, so ``fomo-ray sweep --dry-run`` and validating a shipped YAML work
+(and stay fast) without starting or importing it. It also owns the sweep directory policy (a finished sweep is never
+overwritten) and the deterministic trial labels and names.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
+
+SEARCHES = ("grid", "random", "optuna")
+TRAINERS = ("auto", "train", "function")
+DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "points")
+SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
+             "description")
+SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
+MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
+
+
+class SweepError(ValueError):
+    """A sweep cannot run as specified; the message names the key, file or directory."""
+
+
+# --------------------------------------------------------------------------------------------------- the space
+@dataclass(frozen=True)
+class Dim:
+    """One swept dimension. ``values``: grid/choice values; (lo, hi) for uniform/loguniform/randint (hi exclusive
+    for randint, as Tune); ((label, {dotted: value}), ...) for points."""
+    kind: str
+    values: tuple
+
+    def candidates(self) -> list[Any]:
+        """Values a trial can take that validation must check (both ends of a range)."""
+        if self.kind in ("grid", "choice", "points"):
+            return list(self.values)
+        lo, hi = self.values
+        return [lo, hi - 1] if self.kind == "randint" else [lo, hi]
+
+
+def parse_dim(key: str, raw: Any) -> Dim:
+    """``{grid: [...]}`` / ``{choice: [...]}`` / ``{uniform|loguniform|randint: [lo, hi]}`` / ``{points: {...}}``."""
+    if not isinstance(raw, Mapping) or len(raw) != 1:
+        raise SweepError(f"sweep space key '{key}': expected one of {{{', '.join(DIM_KINDS)}}}: ..., got {raw!r}")
+    (kind, values), = raw.items()
+    if kind not in DIM_KINDS:
+        raise SweepError(f"sweep space key '{key}': unknown kind '{kind}'; valid: {list(DIM_KINDS)}")
+    if kind == "points":
+        if not isinstance(values, Mapping) or not values:
+            raise SweepError(f"sweep space key '{key}': points must be a non-empty mapping label -> overrides")
+        pts = []
+        for label, ov in values.items():
+            if not isinstance(ov, Mapping):
+                raise SweepError(f"sweep space key '{key}': point '{label}' must map dotted keys to values")
+            pts.append((str(label), dict(ov)))
+        return Dim(kind, tuple(pts))
+    if not isinstance(values, (list, tuple)) or not values:
+        raise SweepError(f"sweep space key '{key}': {kind} needs a non-empty list, got {values!r}")
+    if kind in ("grid", "choice"):
+        return Dim(kind, tuple(values))
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise SweepError(f"sweep space key '{key}': {kind} needs [lo, hi] numbers, got {values!r}")
+    lo, hi = values
+    if not lo < hi or (kind == "loguniform" and lo <= 0) or (kind == "randint" and not all(
+            isinstance(v, int) for v in values)):
+        raise SweepError(f"sweep space key '{key}': invalid {kind} range {values!r}")
+    return Dim(kind, (lo, hi))
+
+
+def parse_space(raw: Mapping[str, Any] | None) -> dict[str, Dim]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SweepError(f"sweep 'space' must be a mapping of key -> dimension, got {raw!r}")
+    return {str(k): v if isinstance(v, Dim) else parse_dim(str(k), v) for k, v in raw.items()}
+
+
+def trial_overrides(config: Mapping[str, Any], space: Mapping[str, Dim]) -> dict[str, Any]:
+    """A trial's dotted overrides from its Tune config (a points label expands to its bundle)."""
+    out: dict[str, Any] = {}
+    for key, dim in space.items():
+        value = config[key]
+        if dim.kind == "points":
+            out.update(dict(dim.values)[value])
+        else:
+            out[key] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
+    return out
+
+
+def grid_points(space: Mapping[str, Dim]) -> list[dict[str, Any]]:
+    """The cartesian product of the enumerable dims (grid, choice, points) as Tune configs; ranges take their ends
+    (used for validation: every enumerable combination, each range end)."""
+    keys = list(space)
+    lists = []
+    for k in keys:
+        d = space[k]
+        lists.append([lbl for lbl, _ in d.values] if d.kind == "points" else d.candidates())
+    return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+
+
+def check_names(cfg: ExperimentConfig) -> None:
+    """Registry checks a config type cannot express: the method, the merge operator, the architecture.
+
+    Raises ConfigError naming the key, so a misspelt name fails before any trial starts rather than inside one.
+    """
+    from fomo_ray.merge_ops import OPERATORS
+    from fomo_ray.methods import build_method
+
+    build_method(cfg)  # UnknownMethodError (a ConfigError) lists the valid names
+    if cfg.method.merge.operator not in OPERATORS:
+        raise ConfigError(f"config key 'method.merge.operator': unknown operator {cfg.method.merge.operator!r}; "
+                          f"valid: {', '.join(OPERATORS)}")
+    from fomo_ray.backbones import BackboneError, _check_arch
+
+    try:
+        _check_arch(cfg.backbone.name)
+    except BackboneError as e:
+        raise ConfigError(f"config key 'backbone.name': {e}") from e
+
+
+def validate_space(base: ExperimentConfig, space: Mapping[str, Dim]) -> int:
+    """Build every trial config the space can produce (ranges at both ends) and validate it; return the count.
+
+    Raises ConfigError naming the culprit (key and, for points, the label) before any trial starts.
+    """
+    for key, dim in space.items():
+        if dim.kind == "points":
+            if key in base.flat():
+                raise SweepError(f"sweep space key '{key}' is a config key; points need a free name (e.g. 'variant')")
+            for label, ov in dim.values:
+                try:
+                    base.replace(ov)
+                except ConfigError as e:
+                    raise ConfigError(f"sweep point '{key}={label}': {e}") from e
+        else:
+            for v in dim.candidates():
+                try:
+                    base.replace({key: v})
+                except ConfigError as e:
+                    raise ConfigError(f"sweep space key '{key}' value {v!r}: {e}") from e
+    combos = grid_points(space)
+    if len(combos) <= MAX_VALIDATED:  # combinations too (e.g. mixture shares that must sum to 1)
+        checked: set[tuple[str, str, str]] = set()
+        for combo in combos:
+            try:
+                cfg = base.replace(trial_overrides(combo, space))
+                names = (cfg.method.name, cfg.method.merge.operator, cfg.backbone.name)
+                if names not in checked:
+                    checked.add(names)
+                    check_names(cfg)
+            except ConfigError as e:
+                raise ConfigError(f"sweep trial {trial_label(combo, space)}: {e}") from e
+    return len(combos)
+
+
+def trial_count(space: Mapping[str, Dim], search: str, num_samples: int) -> int:
+    """Trials Tune will run: every grid/points combination ``num_samples`` times (sampled dims are drawn per
+    trial); optuna runs ``num_samples`` trials in all."""
+    if search == "optuna":
+        return num_samples
+    return math.prod(len(d.values) for d in space.values() if d.kind in ("grid", "points")) * num_samples
+
+
+def check_search(space: Mapping[str, Dim], search: str) -> None:
+    """Refuse what the searcher cannot do: optuna samples, so it cannot enumerate a grid (points are fine: they
+    become a categorical)."""
+    if search != "optuna":
+        return
+    for key, d in space.items():
+        if d.kind == "grid":
+            raise SweepError(f"sweep space key '{key}': optuna samples, it cannot enumerate a grid; "
+                             f"write it as {{choice: [...]}}")
+
+
+# --------------------------------------------------------------------------------------------------- the spec
+@dataclass(frozen=True)
+class SweepSpec:
+    name: str
+    space: Mapping[str, Dim]
+    base: Mapping[str, Any] = field(default_factory=dict)   # dotted overrides applied to every trial
+    config: str = ""                                         # base config YAML ("" = defaults)
+    search: str = "grid"
+    num_samples: int = 1
+    metric: str = "GM"
+    mode: str = "max"
+    trainer: str = "auto"
+    report_x: str = ""          # numeric swept key the report plots final A_KA/A_ZS/GM against (e.g. merge weight)
+    description: str = ""
+
+    def base_config(self) -> ExperimentConfig:
+        """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
+        return load_config(self.config or None, dict(self.base)).resolved()
+
+
+def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
+    unknown = sorted(set(data) - set(SPEC_KEYS))
+    if unknown:
+        raise SweepError(f"{source}: unknown sweep key(s) {unknown}; valid: {list(SPEC_KEYS)}")
+    if not data.get("name"):
+        raise SweepError(f"{source}: a sweep needs a 'name'")
+    search = data.get("search", "grid")
+    if search not in SEARCHES:
+        raise SweepError(f"{source}: search '{search}' is not one of {list(SEARCHES)}")
+    trainer = data.get("trainer", "auto")
+    if trainer not in TRAINERS:
+        raise SweepError(f"{source}: trainer '{trainer}' is not one of {list(TRAINERS)}")
+    mode = data.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise SweepError(f"{source}: mode '{mode}' is not 'max' or 'min'")
+    base = data.get("base") or {}
+    if not isinstance(base, Mapping):
+        raise SweepError(f"{source}: 'base' must map dotted keys to values")
+    report = data.get("report") or {}
+    return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
+                     config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
+                     metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
+                     report_x=str(report.get("x", "")), description=str(data.get("description", "")))
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
+    """Read a sweep YAML; ``overrides`` (``k=v`` strings or a dict) are added to its ``base``.
+
+    A relative ``config:`` path resolves against the sweep file's directory.
+    """
+    p = Path(path)
+    data = read_yaml_mapping(p, "sweep file", SweepError)
+    spec = spec_from_dict(data, str(p))
+    if spec.config and not Path(spec.config).is_absolute():
+        spec = replace(spec, config=str((p.parent / spec.config).resolve()))
+    extra = overrides if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
+    return replace(spec, base={**spec.base, **extra}) if extra else spec
+
+
+# --------------------------------------------------------------------------------------------------- directories
+def is_finished(directory: str | Path) -> bool:
+    return Path(directory, SUMMARY_FILE).is_file()
+
+
+def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, bool]:
+    """(directory, resume?) for sweep ``name`` under ``root``; never reuses a finished sweep's directory.
+
+    ``if_exists``: ``auto`` resumes an interrupted sweep and starts ``name-2``, ``name-3``... after a finished one;
+    ``new`` always starts a fresh directory; ``resume`` requires an interrupted sweep; ``refuse`` requires none.
+    """
+    root = Path(root)
+    d = root / name
+    if not d.exists() or not any(d.iterdir()):
+        if if_exists == "resume":
+            raise SweepError(f"nothing to resume: no sweep directory {d}")
+        return d, False
+    finished = is_finished(d)
+    if if_exists == "refuse":
+        state = "finished (results in it)" if finished else "interrupted"
+        raise SweepError(f"sweep '{name}' already exists at {d} ({state}); choose another --name, or "
+                         f"{'delete it' if finished else 'resume it'}")
+    if if_exists in ("auto", "resume") and not finished:
+        return d, True
+    if if_exists == "resume":
+        raise SweepError(f"sweep '{name}' at {d} already finished; its results are kept, nothing to resume")
+    for i in itertools.count(2):
+        cand = root / f"{name}-{i}"
+        if not cand.exists():
+            return cand, False
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------------- trial names
+_LABEL_CHARS = re.compile(r"[^\w.,=+-]")
+
+
+def short_key(key: str) -> str:
+    """``method.merge.weight`` -> ``weight``; ``method.name`` -> ``method`` (a bare "name" would be ambiguous)."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
+def trial_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:
+    """Readable, deterministic trial label from its swept values, e.g. ``weight=0.3`` or ``finetune``."""
+    parts = []
+    for key, dim in space.items():
+        v = config.get(key)
+        if dim.kind == "points":
+            parts.append(str(v))
+        else:
+            v = v.item() if hasattr(v, "item") else v
+            parts.append(f"{short_key(key)}={v:.4g}" if isinstance(v, float) else f"{short_key(key)}={v}")
+    return _LABEL_CHARS.sub("_", ",".join(parts))[:80] or "trial"
+
+
+def trial_name(trial: Any, space: Mapping[str, Dim]) -> str:
+    """``<index>-<label>``: unique in the sweep, readable in the MLflow UI and plots. The index is the counter in
+    Tune's trial id (``5dd10_00003``); searchers that draw their own ids (Optuna) keep the id instead."""
+    suffix = str(trial.trial_id).rsplit("_", 1)[-1]
+    prefix = f"{int(suffix):03d}" if suffix.isdigit() else str(trial.trial_id)
+    return f"{prefix}-{trial_label(trial.config, space)}"
+
+
+def use_train_for(spec: SweepSpec, cfg: ExperimentConfig) -> bool:
+    """TorchTrainer for multi-worker (DDP / elastic) trials or on request; a plain function trial otherwise."""
+    if spec.trainer != "auto":
+        return spec.trainer == "train"
+    return cfg.ray.num_workers > 1 or cfg.ray.min_workers > 0
+
+
+# --------------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class SweepPlan:
+    """A validated sweep, before anything is launched (no Tune objects: ``sweep.to_tune`` makes the param space)."""
+    spec: SweepSpec
+    base: ExperimentConfig     # the validated base config (absolute paths; the tracking URI too once tracked)
+    space: Mapping[str, Dim]
+    total: int                 # trials Tune will run
+    use_train: bool            # TorchTrainer trials (else plain Tune function trials)
+    tracking_uri: str = ""     # "" = not tracked (tracking disabled, or the store not opened yet)
+
+    def tracked(self, uri: str) -> SweepPlan:
+        """The plan logging to the opened tracking store ``uri`` (absolute, so identical in every trial: Tune moves
+        each trial into its own directory)."""
+        return replace(self, base=self.base.replace({"tracking.uri": uri}), tracking_uri=uri)
+
+
+def plan_sweep(spec: SweepSpec) -> SweepPlan:
+    """Validate everything a sweep's trials need (config keys and values of every trial, names, the searcher)
+    without Ray; raises ConfigError / SweepError naming the culprit.
+
+    The tracking store is an edge (MLflow): whoever runs or dry-runs the sweep opens it (``tracking.tracker_for``,
+    which fails on an unreachable URI before any trial starts) and records it with :meth:`SweepPlan.tracked`.
+    """
+    base = spec.base_config()
+    space = parse_space(spec.space)
+    validate_space(base, space)
+    check_search(space, spec.search)
+    total = trial_count(space, spec.search, spec.num_samples)
+    return SweepPlan(spec, base, space, total, use_train_for(spec, base))

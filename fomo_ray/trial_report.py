@@ -1,0 +1,91 @@
+"""The report protocol between a running trial and the sweep driver: what a trial sends to Ray, and how it is read.
+
+A trial (``ray_train.py``, on either host) sends one flat dict per event, and Tune keeps one row per report in the
+trial's metrics table, which the driver reads back (``sweep.py``). Every report carries ``kind``:
+
+* ``eval``       -- one evaluation point: ``task``, the summary scores (``A_KA``, ``A_ZS``, ``GM``) and one value per
+                    dataset under ``ds/<role>/<dataset>/<metric>``;
+* ``checkpoint`` -- a checkpoint was taken at cursor (``task``, ``step``); carries the newest summary scores, so a
+                    searcher always reads the latest values;
+* ``done``       -- the stream finished (the run's final report, with the last summary scores);
+* ``failed``     -- the run failed deterministically (``reason``); it is not retried.
+
+The kinds' values are plain strings in every stored result (``progress.csv``, ``result.json``), as before the Enum.
+Encoding and decoding live side by side here, so the two ends cannot drift apart.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, Mapping
+
+KIND = "kind"  # the key every report carries
+SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
+DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>"
+
+
+class ReportKind(str, Enum):
+    """What a report says happened; ``.value`` is what is stored."""
+    EVAL = "eval"
+    CHECKPOINT = "checkpoint"
+    DONE = "done"
+    FAILED = "failed"
+
+
+# --------------------------------------------------------------------------------------------------- encode
+def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, Any]:
+    """The flat result reported to Ray for one evaluation point (Tune keeps one row per report)."""
+    out: dict[str, Any] = {KIND: ReportKind.EVAL.value, "task": int(task), **summary}
+    for r in records:
+        out[f"{DATASET_PREFIX}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
+    return out
+
+
+def checkpoint_report(task: int, step: int, last: Mapping[str, float]) -> dict[str, Any]:
+    """The report sent with a checkpoint at cursor (``task``, ``step``), carrying the newest summary scores."""
+    return {KIND: ReportKind.CHECKPOINT.value, "task": int(task), "step": int(step), **last}
+
+
+def done_report(last: Mapping[str, float]) -> dict[str, Any]:
+    """The final report of a run that finished its stream."""
+    return {KIND: ReportKind.DONE.value, **last}
+
+
+def failed_report(reason: str, last: Mapping[str, float]) -> dict[str, Any]:
+    """The final report of a run that failed deterministically (e.g. diverged)."""
+    return {KIND: ReportKind.FAILED.value, "reason": reason, **last}
+
+
+# --------------------------------------------------------------------------------------------------- decode
+def kind_of(report: Mapping[str, Any] | None) -> ReportKind | None:
+    """The report's kind, or None when it has none (no report yet, or a row Tune added itself)."""
+    value = (report or {}).get(KIND)
+    try:
+        return ReportKind(value)
+    except ValueError:
+        return None
+
+
+def is_kind(report: Mapping[str, Any] | None, kind: ReportKind) -> bool:
+    return kind_of(report) is kind
+
+
+def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Inverse of :func:`eval_report`'s per-dataset part: tidy records (dataset, role, metric, value)."""
+    out = []
+    for key, value in report.items():
+        if isinstance(key, str) and key.startswith(DATASET_PREFIX) and value == value:  # skip NaN fill-ins
+            role, dataset, metric = key[len(DATASET_PREFIX):].split("/", 2)
+            out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value)})
+    return out
+
+
+def eval_rows(metrics: Any) -> Any:
+    """A trial's evaluation points from its Tune metrics table (a DataFrame), one row per task in task order.
+
+    A point reported twice (a worker restarted between its evaluation and the next checkpoint) keeps the last copy.
+    None when the table has no reports of this protocol.
+    """
+    if metrics is None or KIND not in metrics.columns:
+        return None
+    evals = metrics[metrics[KIND] == ReportKind.EVAL.value]
+    return evals.drop_duplicates("task", keep="last").sort_values("task")

@@ -1,0 +1,185 @@
+"""The architecture map of docs/ARCHITECTURE.md, enforced: every module of fomo_ray belongs to a part, no part imports
+what the map forbids (lazy imports inside functions and "module:function" dispatch strings included), third-party
+packages stay in the modules allowed to use them, and no two modules import each other in a cycle."""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DOC = REPO / "docs" / "ARCHITECTURE.md"
+DISPATCH = re.compile(r"^(fomo_ray(?:\.\w+)+):\w+$")  # "fomo_ray.cli.run:main" names a module too
+
+
+def architecture_map() -> dict:
+    text = DOC.read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block, f"{DOC} must open with the parts map in a ```yaml block"
+    return yaml.safe_load(block.group(1))
+
+
+def modules(root: Path = REPO) -> dict[str, Path]:
+    """Dotted module name -> file, for every .py under fomo_ray/."""
+    out = {}
+    for f in sorted((root / "fomo_ray").rglob("*.py")):
+        rel = f.relative_to(root).with_suffix("")
+        out[".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)] = f
+    return out
+
+
+def imports_of(name: str, path: Path) -> set[str]:
+    """Every module name ``path`` imports, anywhere in the file, relative imports resolved, plus the fomo_ray modules
+    named in dispatch strings."""
+    found: set[str] = set()
+    is_pkg = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = name.split(".") if is_pkg else name.split(".")[:-1]
+                parts = parts[: len(parts) - (node.level - 1)]
+                base = ".".join(parts + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and (m := DISPATCH.match(node.value)):
+            found.add(m.group(1))
+    return found
+
+
+def internal(target: str, mods: dict[str, Path]) -> str | None:
+    """The fomo_ray module ``target`` resolves to (``from pkg import name`` may name a module or an attribute)."""
+    while target and target not in mods:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def part_of(path: Path, parts: dict[str, list[str]]) -> list[str]:
+    rel = path.relative_to(REPO).as_posix()
+    return [p for p, globs in parts.items() if any(fnmatch.fnmatch(rel, g) for g in globs)]
+
+
+def graph(mods: dict[str, Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {m: set() for m in mods}
+    for m, f in mods.items():
+        for t in imports_of(m, f):
+            t = internal(t, mods) if t.startswith("fomo_ray") else None
+            if t and t != m and not m.startswith(t + "."):  # a module importing its own package is not a cycle
+                edges[m].add(t)
+    return edges
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (iterative Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+    for root in edges:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(edges[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on.add(root)
+        while work:
+            v, it = work[-1]
+            for w in it:
+                if w not in index:
+                    index[w] = low[w] = len(index)
+                    stack.append(w)
+                    on.add(w)
+                    work.append((w, iter(sorted(edges[w]))))
+                    break
+                if w in on:
+                    low[v] = min(low[v], index[w])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[v])
+                if low[v] == index[v]:
+                    comp = []
+                    while True:
+                        w = stack.pop()
+                        on.discard(w)
+                        comp.append(w)
+                        if w == v:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the checks
+def test_every_module_belongs_to_exactly_one_part():
+    parts = architecture_map()["parts"]
+    for name, path in modules().items():
+        owners = part_of(path, parts)
+        assert len(owners) == 1, f"{path.relative_to(REPO)} belongs to {owners or 'no part'} of {DOC.name}'s map"
+
+
+def test_no_part_imports_what_the_map_forbids():
+    arch = architecture_map()
+    parts, never = arch["parts"], arch["never"]
+    mods = modules()
+    bad = []
+    for name, path in mods.items():
+        (owner,) = part_of(path, parts)
+        forbidden = set(never.get(owner, ()))
+        for target in sorted(imports_of(name, path)):
+            if target.startswith("fomo_ray"):
+                t = internal(target, mods)
+                if t is None:
+                    continue
+                (other,) = part_of(mods[t], parts)
+                if other in forbidden:
+                    bad.append(f"{name} ({owner}) imports {t} ({other})")
+            elif target.split(".")[0] in forbidden:
+                bad.append(f"{name} ({owner}) imports {target}")
+    assert not bad, "forbidden imports:\n" + "\n".join(bad)
+
+
+def test_third_party_packages_stay_in_their_modules():
+    only = architecture_map()["only"]
+    bad = []
+    for name, path in modules().items():
+        rel = path.relative_to(REPO).as_posix()
+        for target in imports_of(name, path):
+            top = target.split(".")[0]
+            if top in only and not any(fnmatch.fnmatch(rel, g) for g in only[top]):
+                bad.append(f"{rel} imports {top} (allowed only in {only[top]})")
+    assert not bad, "\n".join(sorted(set(bad)))
+
+
+def test_no_import_cycles():
+    found = cycles(graph(modules()))
+    assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def test_the_checker_sees_lazy_imports_dispatch_strings_and_cycles(tmp_path):
+    """The checks above can fail: a lazy import inside a function, a dispatch string and a two-module cycle are
+    found in a throw-away package."""
+    pkg = tmp_path / "fomo_ray"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from fomo_ray import b\n    return b\n")
+    (pkg / "b.py").write_text("TABLE = {'x': 'fomo_ray.a:main'}\nimport ray\n")
+    mods = modules(tmp_path)
+    assert imports_of("fomo_ray.a", mods["fomo_ray.a"]) >= {"fomo_ray", "fomo_ray.b"}
+    assert imports_of("fomo_ray.b", mods["fomo_ray.b"]) >= {"fomo_ray.a", "ray"}
+    assert cycles(graph(mods)) == [["fomo_ray.a", "fomo_ray.b"]]
+
+
+@pytest.mark.parametrize("limit", [600])
+def test_no_module_is_over_the_size_limit(limit):
+    big = {p.relative_to(REPO).as_posix(): n for p in modules().values()
+           if (n := len(p.read_text().splitlines())) > limit}
+    assert not big, f"modules over {limit} lines: {big}"
+    assert len((REPO / "fomo_ray" / "loop.py").read_text().splitlines()) <= 300  # the loop reads in one sitting
