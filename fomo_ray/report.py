@@ -26,7 +26,7 @@ matplotlib.use("Agg")  # files only; never a display (CI, cluster heads)
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from fomo_ray.metrics import MetricsError, load_results, summarize, trajectory_means  # noqa: E402
+from fomo_ray.metrics import load_results, summarize, trajectory_means  # noqa: E402
 
 SCORES = ("A_KA", "A_ZS", "GM")
 
