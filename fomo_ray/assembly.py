@@ -39,6 +39,7 @@ class Run:
     pool_rows: np.ndarray
     evaluator: Any
     buffer: Any
+    token_key: str  # which stored token ids the training batches read (fomo_ray/data/tokens.py)
 
     def new_scaler(self) -> torch.amp.GradScaler:
         """fp16 autocast needs loss scaling against gradient underflow; for bf16/fp32 it is a pass-through."""
@@ -140,5 +141,20 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     buffer = make_buffer(cfg.mixture.buffer_policy, cfg.mixture.buffer_size, derive_seed(cfg.seed, "buffer"))
     pool_bench = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
     pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)
+    token_key = stored_tokens(cfg, backbone, bench, pool_bench)
     return Run(cfg, run_name(cfg), device, bench, backbone, model, method, plan, pool_bench, pool_rows, evaluator,
-               buffer)
+               buffer, token_key)
+
+
+def stored_tokens(cfg: ExperimentConfig, backbone: Any, *benches: Any) -> str:
+    """The token-id key of the backbone's tokenizer, checked to be stored in every benchmark the run reads (the
+    training step runs no tokenizer); a missing one raises InputsMissing naming the upgrade command."""
+    from fomo_ray.data.tokens import has_tokens, tokenizer_key, upgrade_command
+
+    key = tokenizer_key(backbone.tokenizer, backbone.context_length)
+    for b in benches:
+        if not has_tokens(b, key):
+            raise InputsMissing(f"benchmark {b.root} has no token ids for the tokenizer of {cfg.backbone.name} "
+                                f"('{key}'; older fomo_ray versions did not write them); add them with: "
+                                f"{upgrade_command(b.root, cfg.backbone.name)}")
+    return key

@@ -210,6 +210,22 @@ def save_checkpoint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------- factory
+def tokenizer_for(name: str) -> tuple[Callable[..., torch.Tensor], int]:
+    """``(tokenizer, context_length)`` exactly as :func:`create_backbone` gives them for ``name``, without building the
+    model: preparation tokenises a benchmark's captions once with it, and the run finds them by the same key."""
+    import open_clip
+
+    _check_arch(name)
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    context_length = int(text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH))
+    try:
+        return open_clip.get_tokenizer(name, context_length=context_length), context_length
+    except Exception as e:  # noqa: BLE001 - HF tokenizers need the hub or a warm cache; name the model either way
+        offline = " (HF_HUB_OFFLINE=1: Hugging Face tokenizers need a warm cache)" if os.environ.get(
+            "HF_HUB_OFFLINE") == "1" else ""
+        raise BackboneError(f"could not load the tokenizer of '{name}'{offline}: {e}") from e
+
+
 def create_backbone(name: str, pretrained: str = "", device: str | torch.device = "cpu",
                     precision: str = "auto") -> Backbone:
     """Build architecture ``name`` with weights from ``pretrained`` (tag, checkpoint file or '' for random init).

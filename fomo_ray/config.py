@@ -45,7 +45,8 @@ class DataConfig:
     scale: float = F(1.0, "FiF-mini size multiplier (1.0 = 20k pool images); tests use 0.05 to stay fast")
     image_size: int = F(32, "training/eval resolution; 32 px keeps tiny CPU models fast, real backbones use 224")
     loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes once into RAM (machines without FFCV, e.g. the GPU check)")
-    num_workers: int = F(2, "loader threads; the 2-core reference machine has 2")
+    num_workers: int = F(2, "threads of the compiled decode/crop stage (and of FFCV's evaluation loaders); the 2-core reference machine has 2")
+    prefetch: int = F(2, "training batches built ahead on a background thread (pinned memory and async copies on CUDA); 0 builds each batch when the step needs it")
     prepare_if_missing: bool = F(True, "build FiF-mini automatically when a run needs it and it is missing")
 
 
@@ -412,6 +413,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("evaluation.subset_fraction", 0.0 < cfg.evaluation.subset_fraction <= 1.0, cfg.evaluation.subset_fraction),
         ("data.image_size", cfg.data.image_size >= 8, cfg.data.image_size),
         ("data.scale", 0.0 < cfg.data.scale <= 10.0, cfg.data.scale),
+        ("data.num_workers", cfg.data.num_workers >= 0, cfg.data.num_workers),
+        ("data.prefetch", cfg.data.prefetch >= 0, cfg.data.prefetch),
         ("ray.num_workers", cfg.ray.num_workers >= 1, cfg.ray.num_workers),
         ("mixture.buffer_size", m.buffer_size >= 1, m.buffer_size),
     ]

@@ -3,8 +3,9 @@
 How the loop uses it (``fomo_ray/loop.py``), when ``torch.distributed`` is initialised with world size W > 1 (Ray
 Train's ``TorchTrainer`` does so in every worker):
 
-- every rank builds the *same* global mixed batch of ``mixture.batch_size`` samples (``MixedBatches`` is a pure
-  function of (seed, task, step)) and encodes only its contiguous shard, rows ``[r*b/W, (r+1)*b/W)``;
+- every rank plans the *same* global mixed batch of ``mixture.batch_size`` samples (``MixedBatches`` is a pure
+  function of (seed, task, step)) and decodes and encodes only its contiguous shard, rows ``[r*b/W, (r+1)*b/W)``
+  (``fomo_ray.data.mixture.shard_bounds``);
 - the image/text features of all shards are all-gathered *with* gradient and every rank computes the symmetric
   InfoNCE over the whole global batch, so every sample still has the b-1 other samples as in-batch negatives
   (DESIGN §1; Radford et al. 2021) — as in open_clip's ``gather_with_grad`` training;
@@ -21,7 +22,7 @@ ranks (never behind a rank-0 branch).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -57,25 +58,6 @@ def check_batch_size(batch_size: int, world_size: int) -> None:
     if world_size > 1 and batch_size % world_size:
         raise ConfigError(f"config key 'mixture.batch_size' = {batch_size} is not divisible by the world size "
                           f"{world_size} (data-parallel ranks); use a multiple of {world_size}")
-
-
-def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows ``[lo, hi)`` of rank ``rank``'s contiguous shard of an ``n``-row global batch (``n % world_size == 0``)."""
-    per = n // world_size
-    return rank * per, (rank + 1) * per
-
-
-def shard_batch(batch: Mapping[str, Any], rank: int, world_size: int) -> dict[str, Any]:
-    """This rank's rows of a mixed batch: every per-row entry (tensors with ``b`` rows, the caption list) is sliced;
-    scalars such as ``step`` are kept."""
-    n = len(batch["texts"])
-    check_batch_size(n, world_size)
-    lo, hi = shard_bounds(n, rank, world_size)
-    out: dict[str, Any] = {}
-    for key, value in batch.items():
-        per_row = (isinstance(value, torch.Tensor) and value.ndim > 0 and len(value) == n) or isinstance(value, list)
-        out[key] = value[lo:hi] if per_row else value
-    return out
 
 
 # --------------------------------------------------------------------------------------------------- collectives

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import autocast_context, resolve_precision
+from .data.augment import model_input
 
 
 class EvaluationError(ValueError):
@@ -201,12 +202,12 @@ class Evaluator:
             union = np.unique(np.concatenate(list(self.rows(full).values())))
             self._loaders[full] = make_loader(
                 self.bench, "test", union, self.cfg.batch_size, train=False, seed=self.seed,
-                image_size=self.image_size, backend=self.backend, num_workers=self.num_workers,
-                mean=self.mean, std=self.std)
+                image_size=self.image_size, backend=self.backend, num_workers=self.num_workers)
         all_rows, feats = [], []
-        for images, rows in self._loaders[full]:
+        for images, rows in self._loaders[full]:  # uint8 on the host; resized (if needed) and normalised on the device
+            x = model_input(images.to(device, non_blocking=True), self.image_size, self.mean, self.std)
             with amp:
-                f = model.encode_image(images.to(device, non_blocking=True))
+                f = model.encode_image(x)
             feats.append(F.normalize(f.float(), dim=-1).cpu())
             all_rows.append(np.asarray(rows, dtype=np.int64))
         row_ids = np.concatenate(all_rows)

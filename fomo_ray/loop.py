@@ -10,7 +10,7 @@ Ray/MLflow edge plugs in)::
         seed everything from (cfg.seed, t)
         model <- method.training_weights(t, model)                 # None: continue from theta_{t-1}
         opt    = fresh AdamW (no decay on biases / norms / embeddings / logit_scale)
-        batches = MixedBatches(pool P, update D_t, buffer B)       # per-source sizes of DESIGN §1
+        batches = MixedBatches(pool P, update D_t, buffer B)       # per-source sizes of DESIGN §1, prefetched
         for step in range(task.steps):
             lr   = schedules.lr_at(step, ...)                       # per-task schedule x meta-schedule
             loss = clip_loss(model(batch)) + method.extra_loss(model, t)     # under autocast
@@ -31,8 +31,9 @@ the state's cursor, ending with metrics bitwise identical to the uninterrupted r
 (``fomo_ray/assembly.py``) gets a ready benchmark and base checkpoint; it never builds them.
 
 Data parallel (``fomo_ray/distributed.py``): when ``torch.distributed`` is initialised with world size W > 1 (Ray
-Train's ``TorchTrainer`` does it), the same loop runs on every rank. Each rank draws the same global batch of
-``mixture.batch_size`` (which W must divide), encodes its contiguous shard through a DDP-wrapped model, and computes
+Train's ``TorchTrainer`` does it), the same loop runs on every rank. Each rank plans the same global batch of
+``mixture.batch_size`` (which W must divide), decodes and encodes only its contiguous shard through a DDP-wrapped
+model, and computes
 the CLIP loss over the features of the whole global batch gathered with gradient, so the averaged gradient is the
 single-process one (equal up to floating-point summation order; measured in ``tests/test_ddp.py``). Everything else —
 method hooks, evaluation, snapshots — runs identically on every rank, so weights, method state and results stay
@@ -57,6 +58,7 @@ from fomo_ray import distributed
 from fomo_ray.assembly import Run, build_run, eval_plan
 from fomo_ray.checkpoint import LoopState, Resumed, restore, snapshot
 from fomo_ray.config import ExperimentConfig
+from fomo_ray.data.augment import model_input
 from fomo_ray.losses import clamp_logit_scale_, clip_loss
 from fomo_ray.metrics import tidy_frame
 from fomo_ray.optim import make_optimizer, trainable_named
@@ -115,32 +117,32 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             opt, scaler = (make_optimizer(model, cfg) if task.steps > 0 else None), run.new_scaler()
         model.train()
         params = [p for _, p in trainable_named(model)]
-        batches = task_batches(run, t, task.rows, first_step) if task.steps > first_step else iter(())
-        for step in range(first_step, task.steps):
-            lr = lr_at(step, task.steps, t, cfg.schedule, cfg.optimizer.lr)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss = batch_loss(run, next(batches), encoder)
-            extra = method.extra_loss(model, t)
-            if extra is not None:
-                loss = loss + extra
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDiverged(t, step, value, method.name)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)  # true gradients for the clip and for after_step (SI); a no-op unless fp16
-            if cfg.optimizer.grad_clip > 0:  # ONE global norm over every trainable parameter
-                torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            clamp_logit_scale_(model)
-            method.after_step(model, t, step, lr)
-            _emit(hooks.on_step, t, step, value, lr)
-            if every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint:
-                hooks.on_checkpoint(snapshot(run, t, step + 1, opt, scaler, results))
-            if _should_stop(hooks, run):
-                return tidy_frame(results)
+        with task_batches(run, t, task.rows, first_step, task.steps) as batches:  # prefetches; stops on exit
+            for step in range(first_step, task.steps):
+                lr = lr_at(step, task.steps, t, cfg.schedule, cfg.optimizer.lr)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = batch_loss(run, next(batches), encoder)
+                extra = method.extra_loss(model, t)
+                if extra is not None:
+                    loss = loss + extra
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingDiverged(t, step, value, method.name)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.unscale_(opt)  # true gradients for the clip and for after_step (SI); a no-op unless fp16
+                if cfg.optimizer.grad_clip > 0:  # ONE global norm over every trainable parameter
+                    torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                clamp_logit_scale_(model)
+                method.after_step(model, t, step, lr)
+                _emit(hooks.on_step, t, step, value, lr)
+                if every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint:
+                    hooks.on_checkpoint(snapshot(run, t, step + 1, opt, scaler, results))
+                if _should_stop(hooks, run):
+                    return tidy_frame(results)
 
         method.after_task(model, t, fisher_batches(run, t, task.rows))
         run.buffer.add(task.rows)
@@ -160,13 +162,13 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
 def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = None) -> torch.Tensor:
     """CLIP loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast.
 
-    ``encoder`` (data parallel: ``distributed.data_parallel``) encodes only this rank's shard; the loss then runs
-    over the features of the whole global batch gathered from all ranks, identical on every rank."""
+    The batch holds uint8 images and stored token ids; they are moved to the device (a no-op when the prefetcher
+    already did) and normalised there. ``encoder`` (data parallel: ``distributed.data_parallel``) encodes this
+    rank's shard; the loss then runs over the features of the whole global batch gathered from all ranks,
+    identical on every rank."""
     model, bb = run.model, run.backbone
-    if encoder is not None:
-        batch = distributed.shard_batch(batch, *distributed.world())
-    images = batch["images"].to(run.device, non_blocking=True)
-    tokens = bb.tokenizer(list(batch["texts"])).to(run.device, non_blocking=True)
+    images = model_input(batch["images"].to(run.device, non_blocking=True), bb.image_size, bb.mean, bb.std)
+    tokens = batch["tokens"].to(run.device, non_blocking=True)
     with bb.autocast(run.device):
         if encoder is not None:
             image_features, text_features, logit_scale = encoder(images, tokens)
@@ -177,23 +179,29 @@ def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = N
         return clip_loss(image_features, text_features, model.logit_scale.exp())
 
 
-def _mixed(run: Run, rows: np.ndarray, sizes: tuple[int, int, int], purpose: str, t: int, start_step: int):
+def _mixed(run: Run, rows: np.ndarray, sizes: tuple[int, int, int], purpose: str, t: int, start_step: int,
+           shard: tuple[int, int] = (0, 1)):
     from fomo_ray.data.mixture import MixedBatches
 
-    bb = run.backbone
     return MixedBatches(run.bench, run.pool_rows, rows, run.buffer.rows(), sizes, derive_seed(run.cfg.seed, purpose),
-                        t, start_step, backend=run.cfg.data.loader, image_size=bb.image_size, mean=bb.mean,
-                        std=bb.std, num_workers=run.cfg.data.num_workers, pool_bench=run.pool_bench)
+                        t, start_step, token_key=run.token_key, backend=run.cfg.data.loader,
+                        image_size=run.backbone.image_size, num_workers=run.cfg.data.num_workers,
+                        pool_bench=run.pool_bench, shard=shard)
 
 
-def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int) -> Iterator[dict[str, Any]]:
-    """The mixed P/D/B batches of task ``t`` from ``start_step`` on, with DESIGN §1's per-source sizes (the buffer's
-    share goes to P and D while it is empty). Exactly resumable: batch k is a function of (cfg.seed, t, k) only."""
+def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int, end_step: int):
+    """The mixed P/D/B batches of task ``t`` for steps ``[start_step, end_step)``, with DESIGN §1's per-source sizes
+    (the buffer's share goes to P and D while it is empty), this rank's shard only, built ``data.prefetch`` steps
+    ahead. Exactly resumable: batch k is a function of (cfg.seed, t, k) only. Use as a context manager."""
     from fomo_ray.data.mixture import mixture_sizes
+    from fomo_ray.data.prefetch import Prefetcher
 
     m = run.cfg.mixture
     sizes = mixture_sizes(m.batch_size, (m.pool, m.update, m.buffer), buffer_empty=len(run.buffer) == 0)
-    return iter(_mixed(run, rows, sizes, "batches", t, start_step))
+    mixed = _mixed(run, rows, sizes, "batches", t, start_step, shard=distributed.world())
+    lo, hi = mixed.shard
+    shape = (hi - lo, mixed.image_size, mixed.image_size, 3)
+    return Prefetcher(mixed.batch, range(start_step, end_step), run.device, run.cfg.data.prefetch, shape)
 
 
 def fisher_batches(run: Run, t: int, rows: np.ndarray) -> Iterator[torch.Tensor]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from _data_util import toy_images, write_toy
-from fomo_ray.data.augment import eval_transform, generator_for, resized_crop, rrc_boxes, to_float
+from fomo_ray.data.augment import CLIP_MEAN, CLIP_STD, generator_for, model_input, rrc_boxes
+from fomo_ray.data.decode import array_source, axis_taps, beton_source, crop_resize, full_boxes
 from fomo_ray.data.format import DataError, DatasetInfo, open_benchmark, read_images, read_row_meta
 from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.data.loaders import clear_caches, ffcv_batches, ffcv_random_order, make_loader
@@ -187,7 +188,7 @@ def test_ffcv_and_memory_backends_give_identical_batches(toy, train):
         assert len(fb) == len(mb) == (2 if train else 3)
         for (fi, fr), (mi, mr) in zip(fb, mb):
             assert torch.equal(fr, mr) and torch.equal(fi, mi)
-    assert fi.dtype == torch.float32 and fi.shape[1:] == (3, 16, 16)
+    assert fi.dtype == torch.uint8 and fi.shape[1:] == (16, 16, 3)
     if not train:
         assert torch.cat([r for _, r in fb]).tolist() == rows.tolist()  # every row once, in the given order
 
@@ -254,24 +255,69 @@ def test_make_loader_bad_input(toy):
 
 
 # --------------------------------------------------------------------------------------------------- augmentation
-def test_rrc_boxes_follow_torchvision_rules():
-    boxes = rrc_boxes(4000, 32, 32, generator_for(0, 0, 0))
+def test_rrc_boxes_follow_the_configured_scale_and_ratio_ranges():
+    """The crops the compiled stage receives: area fraction within scale (0.9, 1.0) and aspect ratio within
+    (3/4, 4/3), up to integer rounding of the box sides, also for images of different sizes in one batch."""
+    heights = torch.tensor([32, 224, 256, 300] * 1000)
+    widths = torch.tensor([32, 224, 256, 200] * 1000)
+    boxes = rrc_boxes(heights, widths, generator_for(0, 0, 0))
     top, left, h, w = boxes.T
-    assert ((top >= 0) & (left >= 0) & (top + h <= 32) & (left + w <= 32)).all()
-    area = (h * w).float() / 1024
-    assert area.min() >= 0.85 and area.max() <= 1.0  # scale 0.9-1.0 up to integer rounding
-    ratio = w.float() / h.float()
-    assert ratio.min() >= 0.7 and ratio.max() <= 1.45
-    assert torch.equal(boxes, rrc_boxes(4000, 32, 32, generator_for(0, 0, 0)))
-    assert not torch.equal(boxes, rrc_boxes(4000, 32, 32, generator_for(0, 0, 1)))
+    assert ((top >= 0) & (left >= 0) & (top + h <= heights) & (left + w <= widths)).all()
+    big = heights >= 200  # rounding a side of ~30 px moves the area by a few per cent; at 200+ px by < 1%
+    area = (h * w).double() / (heights * widths).double()
+    assert area[big].min() >= 0.9 - 0.01 and area.max() <= 1.0 and area[~big].min() >= 0.85
+    ratio = w.double() / h.double()
+    assert ratio[big].min() >= 0.75 - 0.01 and ratio[big].max() <= 4 / 3 + 0.01
+    assert area[big].max() - area[big].min() > 0.08 and ratio[big].max() - ratio[big].min() > 0.3  # ranges used
+    assert torch.equal(boxes, rrc_boxes(heights, widths, generator_for(0, 0, 0)))
+    assert not torch.equal(boxes, rrc_boxes(heights, widths, generator_for(0, 0, 1)))
+    assert torch.equal(rrc_boxes(32, 32, generator_for(1), n=5), rrc_boxes(torch.full((5,), 32), 32, generator_for(1)))
 
 
-def test_full_box_crop_is_identity_and_eval_resizes():
-    x = to_float(torch.from_numpy(toy_images(3, 16)))
-    out = resized_crop(x, torch.tensor([[0, 0, 16, 16]] * 3), 16)
-    assert torch.allclose(out, x, atol=1e-5)
-    y = eval_transform(torch.from_numpy(toy_images(2, 20)), 16, mean=(0, 0, 0), std=(1, 1, 1))
-    assert y.shape == (2, 3, 16, 16) and 0 <= y.min() and y.max() <= 1
+def test_crop_stage_full_box_is_identity_and_matches_antialiased_bilinear():
+    images = toy_images(6, 24)
+    source = array_source(images)
+    rows = np.arange(6)
+    assert np.array_equal(crop_resize(source, rows, full_boxes(source, rows), 24), images)
+    boxes = np.array([[1, 2, 20, 21]] * 3 + [[0, 0, 24, 24]] * 3)
+    for size in (16, 30):  # shrink (antialiased) and enlarge
+        got = crop_resize(source, rows, boxes, size)
+        for i, (t, l, h, w) in enumerate(boxes):
+            crop = torch.from_numpy(images[i, t:t + h, l:l + w]).permute(2, 0, 1)[None].float()
+            ref = torch.nn.functional.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False,
+                                                  antialias=True)
+            assert (ref.round().clamp(0, 255)[0].permute(1, 2, 0).numpy() - got[i]).__abs__().max() <= 1
+    idx, wgt = axis_taps(3, 40, 16)
+    assert np.allclose(wgt.sum(1), 1) and idx.min() >= 3 and idx.max() <= 42
+    with pytest.raises(DataError, match=r"crop box \[0, 0, 25, 24\] lies outside row 1's 24x24 image"):
+        crop_resize(source, np.array([0, 1]), np.array([[0, 0, 24, 24], [0, 0, 25, 24]]), 8)
+
+
+def test_crop_stage_reads_betons_like_memory_and_raw_and_jpeg_agree_with_ffcv(tmp_path, toy, images):
+    rows = np.array([3, 0, 11, 5])
+    boxes = np.array([[0, 0, 16, 16], [1, 1, 14, 15], [2, 0, 13, 16], [0, 3, 16, 12]])
+    mapped = crop_resize(beton_source(toy.split_path("pool")), rows, boxes, 12)
+    assert np.array_equal(mapped, crop_resize(array_source(images[:12]), rows, boxes, 12))
+    out = np.empty((4, 12, 12, 3), np.uint8)
+    assert crop_resize(array_source(images[:12]), rows, boxes, 12, out=out, num_threads=2) is out
+    assert np.array_equal(out, mapped)
+
+
+def test_model_input_normalises_on_the_device_and_eval_images_equal_the_centre_crop():
+    """Evaluation images: as stored, then (only when not at the model's size) today's CLIP test transform: bicubic
+    resize of the shorter side and a centre crop, then normalisation - the same float ops as before issue 11."""
+    at_size = torch.from_numpy(toy_images(3, 16))
+    x = model_input(at_size, 16)
+    expected = (at_size.permute(0, 3, 1, 2).float() / 255 - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) \
+        / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    assert x.dtype == torch.float32 and x.shape == (3, 3, 16, 16) and torch.equal(x, expected)
+    bigger = torch.from_numpy(toy_images(2, 20))
+    ref = torch.nn.functional.interpolate(bigger.permute(0, 3, 1, 2).float() / 255, size=(16, 16), mode="bicubic",
+                                          align_corners=False, antialias=True).clamp(0, 1)
+    assert torch.equal(model_input(bigger, 16, (0, 0, 0), (1, 1, 1)), ref)
+    assert model_input(at_size, 16, dtype=torch.bfloat16).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="expected uint8"):
+        model_input(x, 16)
 
 
 # --------------------------------------------------------------------------------------------------- jpg, no FFCV
@@ -289,7 +335,11 @@ def test_jpg_mode_with_max_resolution_and_mixed_sizes(tmp_path):
     kw = dict(train=False, seed=0, image_size=16, num_workers=1)
     f = list(make_loader(bench, "pool", np.arange(5), 2, backend="ffcv", **kw))
     m = list(make_loader(bench, "pool", np.arange(5), 2, backend="memory", **kw))
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(f, m)) and f[0][0].shape == (2, 3, 16, 16)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(f, m)) and f[0][0].shape == (2, 16, 16, 3)
+    t = dict(train=True, seed=0, image_size=16, num_workers=1)  # crops from each stored size, JPEG decoded by FFCV
+    ft = list(make_loader(bench, "pool", np.arange(5), 2, backend="ffcv", **t))
+    mt = list(make_loader(bench, "pool", np.arange(5), 2, backend="memory", **t))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(ft, mt)) and ft[0][0].shape == (2, 16, 16, 3)
     assert read_images(bench.split_path("pool"), size=16).shape == (5, 16, 16, 3)  # the PIL fallback
 
 
@@ -298,9 +348,9 @@ def test_memory_backend_runs_without_ffcv(toy, images, monkeypatch):
 
     clear_caches()
     monkeypatch.setitem(sys.modules, "ffcv", None)  # any `import ffcv...` now fails
-    loader = make_loader(toy, "pool", np.arange(12), 5, train=False, seed=0, image_size=16, backend="memory",
-                         mean=(0, 0, 0), std=(1, 1, 1))
-    got = torch.cat([im for im, _ in loader])
-    assert torch.allclose(got, torch.from_numpy(images[:12]).permute(0, 3, 1, 2).float() / 255)
+    loader = make_loader(toy, "pool", np.arange(12), 5, train=False, seed=0, image_size=16, backend="memory")
+    assert torch.equal(torch.cat([im for im, _ in loader]), torch.from_numpy(images[:12]))
+    train = make_loader(toy, "pool", np.arange(12), 4, train=True, seed=0, image_size=12, backend="memory")
+    assert next(iter(train))[0].shape == (4, 12, 12, 3)  # the crop stage needs neither FFCV nor its JPEG decoder
     with pytest.raises(DataError, match="needs the ffcv package"):
         make_loader(toy, "pool", np.arange(12), 5, train=False, seed=0, image_size=16, backend="ffcv")

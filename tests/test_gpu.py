@@ -249,7 +249,35 @@ def fifmini_small():
         from fomo_ray.prep.fifmini import ensure_fifmini
 
         ensure_fifmini(FIFMINI, seed=0, image_size=32, scale=0.05, progress=False)
-    return open_benchmark(FIFMINI)
+    from fomo_ray.backbones import tokenizer_for
+    from fomo_ray.data.tokens import add_tokens
+
+    open_benchmark(FIFMINI)
+    return add_tokens(FIFMINI, *tokenizer_for(TINY))  # a copy written before token ids: upgraded (no FFCV needed)
+
+
+@pytest.mark.gpu
+def test_training_images_reach_the_device_as_uint8_and_are_normalised_there(fifmini_small):
+    """Issue 11: the prefetcher copies uint8 batches (pinned, side stream on CUDA) and ``model_input`` converts and
+    normalises them on the device; what arrives equals the host batch, also after the pinned buffers are reused."""
+    from fomo_ray.backbones import tokenizer_for
+    from fomo_ray.data.augment import model_input
+    from fomo_ray.data.mixture import MixedBatches, mixture_sizes
+    from fomo_ray.data.prefetch import Prefetcher
+    from fomo_ray.data.tokens import tokenizer_key
+
+    key = tokenizer_key(*tokenizer_for(TINY))
+    mixed = MixedBatches(fifmini_small, None, np.arange(24), None, mixture_sizes(16, (0.5, 0.5, 0.0), True), 0, 0,
+                         token_key=key, backend="memory", image_size=32, num_workers=1)
+    with Prefetcher(mixed.batch, range(8), DEVICE, depth=2, image_shape=(16, 32, 32, 3)) as batches:
+        got = list(batches)
+    for step, b in enumerate(got):
+        host = mixed.batch(step)
+        assert b["images"].device.type == DEVICE.type and b["images"].dtype == torch.uint8
+        assert torch.equal(b["images"].cpu(), host["images"]) and torch.equal(b["tokens"].cpu(), host["tokens"])
+        x = model_input(b["images"], 32)
+        assert x.device.type == DEVICE.type and x.dtype == torch.float32 and x.shape == (16, 3, 32, 32)
+        assert torch.allclose(x.cpu(), model_input(host["images"], 32), atol=1e-6)
 
 
 @pytest.mark.gpu

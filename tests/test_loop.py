@@ -323,3 +323,22 @@ def test_state_file_round_trip_is_weights_only_safe(tmp_path):
     assert back.results == state.results
     with pytest.raises(FileNotFoundError, match="no loop state"):
         load_state(tmp_path / "missing")
+
+
+def test_prefetching_on_and_off_train_identically_also_across_a_mid_task_resume(tiny_cfg, tmp_path):
+    """Issue 11: batches built ahead on a thread are the batches built on demand, and a checkpoint counts consumed
+    batches (never prefetched ones), so a run resumed mid-task with prefetching equals one without it, bit for bit."""
+    steps = {"budget.total_ft_steps": 8, "ray.checkpoint_every_steps": 1, "evaluation.every_n_tasks": 2}
+    off_states: list[LoopState] = []
+    off = run_stream(tiny_cfg(**steps, **{"data.prefetch": 0}), hooks=RunHooks(on_checkpoint=off_states.append))
+    on_states: list[LoopState] = []
+    cfg = tiny_cfg(**steps, **{"data.prefetch": 3})
+    on = run_stream(cfg, hooks=RunHooks(on_checkpoint=on_states.append))
+    off = off.drop(columns="run")  # the run name hashes every key, data.prefetch included
+    _frame_equal(on.drop(columns="run"), off)
+    _assert_tree_equal(on_states[-1].model, off_states[-1].model)
+    mid = next(s for s in on_states if s.task == 0 and s.step == 2)  # 2 of 4 steps consumed, more prefetched
+    resumed_states: list[LoopState] = []
+    resumed = run_stream(cfg, resume=mid, hooks=RunHooks(on_checkpoint=resumed_states.append))
+    _frame_equal(resumed.drop(columns="run"), off)
+    _assert_tree_equal(resumed_states[-1].model, off_states[-1].model)

@@ -144,29 +144,41 @@ def _batches(mb, n):
 
 
 def _same(a, b):
-    return (torch.equal(a["images"], b["images"]) and a["texts"] == b["texts"] and torch.equal(a["source"], b["source"])
-            and torch.equal(a["rows"], b["rows"]))
+    return all(torch.equal(a[k], b[k]) for k in ("images", "tokens", "source", "rows")) and a["step"] == b["step"]
 
 
 @pytest.fixture(scope="module")
-def mixed(bench, tasks):
+def tokenizer():
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-16", context_length=32)  # the fomo-tiny-* tokenizer
+
+
+@pytest.fixture(scope="module")
+def mixed(bench, tasks, tokenizer):
+    from fomo_ray.data.tokens import add_tokens, tokenizer_key
+
+    bench = add_tokens(bench.root, tokenizer, 32)  # a no-op when the build already wrote them
     update, buffer = task_rows(bench, tasks[1]), task_rows(bench, tasks[0])
     return dict(bench=bench, pool_rows=None, update_rows=update, buffer_rows=buffer,
-                sizes=mixture_sizes(24, (0.33, 0.34, 0.33), False), seed=7, task=1, image_size=32)
+                sizes=mixture_sizes(24, (0.33, 0.34, 0.33), False), seed=7, task=1, image_size=32,
+                token_key=tokenizer_key(tokenizer, 32))
 
 
-def test_mixed_batches_composition_and_captions(mixed, bench):
+def test_mixed_batches_composition_and_captions(mixed, bench, tokenizer):
     batches = _batches(MixedBatches(**mixed, backend="memory"), 6)
     b_p, b_d, b_b = mixed["sizes"]
     pool_caps, train_caps = bench.captions("pool"), bench.captions("train")
     for b in batches:
-        assert b["images"].shape == (24, 3, 32, 32) and len(b["texts"]) == 24
+        assert b["images"].shape == (24, 32, 32, 3) and b["images"].dtype == torch.uint8
+        assert b["tokens"].shape == (24, 32) and b["tokens"].dtype == torch.int64
         assert b["source"].tolist() == [0] * b_p + [1] * b_d + [2] * b_b
         rows = b["rows"].numpy()
         assert set(rows[b_p:b_p + b_d]) <= set(mixed["update_rows"])
         assert set(rows[b_p + b_d:]) <= set(mixed["buffer_rows"])
-        assert all(t in pool_caps[r] for t, r in zip(b["texts"][:b_p], rows[:b_p]))
-        assert all(t in train_caps[r] for t, r in zip(b["texts"][b_p:], rows[b_p:]))
+        for i, r in enumerate(rows):  # each row's token ids are those of one of its own captions
+            caps = pool_caps[r] if i < b_p else train_caps[r]
+            assert any(torch.equal(b["tokens"][i], t) for t in tokenizer(caps))
     # each source cycles through all of its rows before repeating one
     n = len(mixed["update_rows"])
     seen = np.concatenate([b["rows"][b_p:b_p + b_d].numpy() for b in _batches(MixedBatches(**mixed, backend="memory"),
@@ -203,6 +215,63 @@ def test_mixed_batches_task0_without_buffer_and_bad_input(mixed, bench):
         MixedBatches(**{**mixed, "sizes": (1, 2)}, backend="memory")
     with pytest.raises(DataError, match="unknown loader backend"):
         MixedBatches(**mixed, backend="disk")
+    with pytest.raises(DataError, match="no token ids for tokenizer 'other'.*fomo-ray prepare tokens"):
+        MixedBatches(**{**mixed, "token_key": "other"}, backend="memory")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_rank_shards_together_are_exactly_the_global_batch(mixed, world):
+    """Each data-parallel rank decodes only its slice; the slices, in rank order, are the one-process batch."""
+    whole = MixedBatches(**mixed, backend="ffcv").batch(5)
+    parts = [MixedBatches(**mixed, backend="ffcv", shard=(r, world)).batch(5) for r in range(world)]
+    assert [len(p["rows"]) for p in parts] == [len(r) for r in np.array_split(np.arange(24), world)]
+    for key in ("images", "tokens", "source", "rows"):
+        assert torch.equal(torch.cat([p[key] for p in parts]), whole[key])
+    with pytest.raises(DataError, match="shard rank 2 is not in"):
+        MixedBatches(**mixed, backend="ffcv", shard=(2, 2))
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetching_gives_the_same_batches_also_across_a_resume(mixed, depth):
+    from fomo_ray.data.prefetch import Prefetcher
+
+    def run(depth, start, end):
+        mb = MixedBatches(**mixed, backend="ffcv", start_step=start)
+        with Prefetcher(mb.batch, range(start, end), "cpu", depth) as batches:
+            return list(batches)
+
+    plain = run(0, 0, 8)
+    assert [b["step"] for b in plain] == list(range(8))
+    assert all(_same(a, b) for a, b in zip(plain, run(depth, 0, 8)))
+    assert all(_same(a, b) for a, b in zip(plain[5:], run(depth, 5, 8)))  # a mid-task resume at step 5
+
+
+def test_prefetcher_raises_the_producers_error_and_stops_when_left_early():
+    import threading
+
+    from fomo_ray.data.prefetch import Prefetcher
+
+    def make(step, out):
+        if step == 3:
+            raise DataError("bad row at step 3")
+        return {"step": step}
+
+    with pytest.raises(DataError, match="bad row at step 3"):
+        list(Prefetcher(make, range(10), "cpu", 2))
+    made = []
+    ahead = threading.Event()
+
+    def slow(step, out):
+        made.append(step)
+        if len(made) > 2:
+            ahead.set()
+        return {"step": step}
+
+    with Prefetcher(slow, range(10 ** 6), "cpu", 2) as batches:
+        assert next(batches)["step"] == 0
+        assert ahead.wait(30)  # it builds ahead while the consumer holds batch 0 ...
+    n = len(made)
+    assert n <= 5 and made == list(range(n))  # ... at most depth + 2 batches, and stops once closed
 
 
 # --------------------------------------------------------------------------------------------------- buffers

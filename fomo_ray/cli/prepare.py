@@ -1,9 +1,13 @@
-"""``fomo-ray prepare``: build the embedded FiF-mini benchmark, convert real data, write stream files.
+"""``fomo-ray prepare``: build the embedded FiF-mini benchmark, convert real data, write stream files and token ids.
 
     fomo-ray prepare fifmini [--root data/fifmini] [--seed 0] [--image-size 32] [--scale 1] [--force]
     fomo-ray prepare fif ...      convert the real FoMo-in-Flux data   (fomo_ray.prep.convert_fif)
     fomo-ray prepare pool ...     convert web image-text shards to P  (fomo_ray.prep.convert_webdataset)
     fomo-ray prepare stream ...   write a stream ordering file        (fomo_ray.prep.stream_orderings)
+    fomo-ray prepare tokens ...   add caption token ids to a root     (fomo_ray.prep.tokenize)
+
+``fifmini``, ``fif`` and ``pool`` write the token ids of every caption for the default model's tokenizer and for each
+``--model``; ``tokens`` adds them to a benchmark written by an older fomo_ray or for another model.
 
 Each target's options and output live here; the work is done by the ``fomo_ray.prep`` module named beside it,
 imported only when its target runs.
@@ -21,12 +25,22 @@ TARGETS: dict[str, tuple[str, str]] = {
     "fif": ("fomo_ray.cli.prepare:fif_main", "convert the real FoMo-in-Flux datasets to FFCV"),
     "pool": ("fomo_ray.cli.prepare:pool_main", "convert webdataset image-text shards into a pool P"),
     "stream": ("fomo_ray.cli.prepare:stream_main", "write a FiF stream file for an ordering (random, similarity, ...)"),
+    "tokens": ("fomo_ray.cli.prepare:tokens_main", "add the caption token ids of a model's tokenizer to a benchmark"),
 }
+_MODEL_HELP = ("also write caption token ids for this model's tokenizer (repeatable; the default model's are always "
+               "written)")
 
 
 def _summary(module) -> str:
     """A target's ``--help`` description: the first paragraph of the docstring of the module doing its work."""
     return (module.__doc__ or "").split("\n\n")[0]
+
+
+def _models(given: list[str] | None) -> tuple[str, ...]:
+    """The default model first (every run of the default config needs its tokens), then each ``--model``."""
+    from fomo_ray.backbones import DEFAULT_ARCH
+
+    return tuple(dict.fromkeys([DEFAULT_ARCH, *(given or [])]))
 
 
 # --------------------------------------------------------------------------------------------------- fifmini
@@ -44,11 +58,12 @@ def fifmini_main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0, help="shrink every dataset by this factor (default: 1)")
     p.add_argument("--workers", type=int, default=None, help="processes drawing the pool (default: up to 2)")
     p.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    p.add_argument("--model", action="append", metavar="ARCH", help=_MODEL_HELP)
     a = p.parse_args(argv)
     t0 = time.time()
     try:
-        bench = ensure_fifmini(a.root, a.seed, a.image_size, a.force, a.scale, a.workers)
-    except DataError as e:
+        bench = ensure_fifmini(a.root, a.seed, a.image_size, a.force, a.scale, a.workers, models=_models(a.model))
+    except ValueError as e:  # DataError, or BackboneError for an unknown --model
         print(f"fomo-ray prepare fifmini: {e}", file=sys.stderr)
         return 1
     print(format_table(describe(bench)))
@@ -78,6 +93,7 @@ def _fif_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", help="a pool root from `fomo-ray prepare pool`: embedded as this benchmark's pool "
                                   "split, so data.root alone serves a run")
     p.add_argument("--dry-run", action="store_true", help="check folders and info files, print the table, write nothing")
+    p.add_argument("--model", action="append", metavar="ARCH", help=_MODEL_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -97,7 +113,7 @@ def _fif_options(args: argparse.Namespace):
                    max_bad_fraction=args.max_bad_fraction, jpeg_quality=args.jpeg_quality, workers=args.workers,
                    allow_missing=args.allow_missing, name=args.name, seed=args.seed, progress=not args.no_progress,
                    write_mode=args.write_mode, writer_workers=args.writer_workers,
-                   pool=Path(args.pool) if args.pool else None)
+                   pool=Path(args.pool) if args.pool else None, models=_models(args.model))
 
 
 def fif_main(argv: list[str] | None = None) -> int:
@@ -141,6 +157,7 @@ def _pool_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="pool")
     p.add_argument("--write-mode", choices=("jpg", "raw"), default="jpg", help="beton image storage")
     p.add_argument("--writer-workers", type=int, default=1, help="FFCV writer processes (1 = deterministic bytes)")
+    p.add_argument("--model", action="append", metavar="ARCH", help=_MODEL_HELP)
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -158,7 +175,8 @@ def pool_main(argv: list[str] | None = None) -> int:
     opts = PoolOptions(shards=Path(args.shards), out=Path(args.out), max_samples=args.max_samples,
                        image_size=args.image_size, jpeg_quality=args.jpeg_quality, workers=args.workers,
                        allow_gaps=args.allow_gaps, max_bad_fraction=args.max_bad_fraction, name=args.name,
-                       progress=not args.no_progress, write_mode=args.write_mode, writer_workers=args.writer_workers)
+                       progress=not args.no_progress, write_mode=args.write_mode, writer_workers=args.writer_workers,
+                       models=_models(args.model))
     try:
         report = convert_pool(opts)
     except ConversionError as e:
@@ -232,6 +250,26 @@ def stream_main(argv: list[str] | None = None) -> int:
     except (StreamError, fif_catalogue.CatalogueError, ValueError) as e:  # DataError is a ValueError
         print(f"fomo-ray prepare stream: error: {e}", file=sys.stderr)
         return 2
+
+
+# --------------------------------------------------------------------------------------------------- tokens
+def tokens_main(argv: list[str] | None = None) -> int:
+    """``fomo-ray prepare tokens``: add the caption token ids of each ``--model``'s tokenizer to a benchmark where
+    missing (idempotent, safe to interrupt and to run concurrently); print what was written or that nothing was."""
+    from fomo_ray.backbones import DEFAULT_ARCH
+    from fomo_ray.prep import tokenize
+
+    p = argparse.ArgumentParser(prog="fomo-ray prepare tokens", description=_summary(tokenize))
+    p.add_argument("--root", required=True, help="benchmark root (a manifest.json directory), or a pool root")
+    p.add_argument("--model", action="append", metavar="ARCH",
+                   help=f"architecture whose tokenizer to store ids for (repeatable; default: {DEFAULT_ARCH})")
+    a = p.parse_args(argv)
+    try:
+        tokenize.upgrade(a.root, tuple(a.model or ()), say_present=True)
+    except ValueError as e:  # DataError (names the directory), BackboneError (names the model)
+        print(f"fomo-ray prepare tokens: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------- dispatch

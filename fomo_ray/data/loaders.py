@@ -1,19 +1,23 @@
-"""Loaders over a benchmark split: batches of ``(images float32 [B,3,H,W] normalised, rows int64 [B])``.
+"""Loaders over a benchmark split: batches of ``(images uint8 [B, H, W, 3], rows int64 [B])``.
+
+Images stay uint8 on the host; the consumer moves them to its device and normalises them there
+(:func:`fomo_ray.data.augment.model_input`).
 
 Two backends give bit-identical batches:
 
-- ``"ffcv"``: an ``ffcv.loader.Loader`` over the split's beton with ``indices=`` (tasks and buffers are index
-  sets over one file, never copies), ``OrderOption.RANDOM`` with the seed for training and
-  ``OrderOption.SEQUENTIAL`` for evaluation. Images are decoded deterministically (``SimpleRGBImageDecoder`` for
-  constant-size files, ``CenterCropRGBImageDecoder`` otherwise); the random crop runs afterwards in torch
-  (:mod:`fomo_ray.data.augment`), seeded from ``(seed, epoch, batch)``.
-- ``"memory"``: the split is decoded once into a ``uint8`` tensor (cached per process; plain numpy for raw files,
-  so it runs without FFCV) and batches are gathered from it in the order FFCV would produce.
+- ``"ffcv"``: evaluation (``train=False``) runs an ``ffcv.loader.Loader`` over the split's beton with
+  ``indices=`` (index sets over one file, never copies) and ``OrderOption.SEQUENTIAL``; images are decoded
+  deterministically (``SimpleRGBImageDecoder`` for constant-size files, ``CenterCropRGBImageDecoder`` otherwise).
+  Training order (``train=True``) is FFCV's RANDOM order from the seed; its images go through the compiled
+  decode + RandomResizedCrop stage (:mod:`fomo_ray.data.decode`) with crop boxes seeded from ``(seed, epoch,
+  batch)``, reading the beton through a memory map.
+- ``"memory"``: the split is decoded once into RAM (cached per process; plain numpy for raw files, so it runs
+  without FFCV) and batches are gathered from it in the same order, through the same compiled crop stage.
 
 An FFCV ``Loader`` compiles its pipeline with numba on its first epoch (~2 s); compiled loaders are cached per
-(file, batch size, order, decoder) and re-pointed at new index sets and seeds, so building another task's loader
-or another evaluation subset costs nothing. Each batch's row ids are checked against the order computed here, so
-a change in FFCV's ordering would fail loudly instead of silently breaking backend equality or exact resume.
+(file, batch size, order, decoder) and re-pointed at new index sets, so building another evaluation subset costs
+nothing. Each batch's row ids are checked against the order computed here, so a change in FFCV's ordering would
+fail loudly instead of silently breaking backend equality or exact resume.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import CLIP_MEAN, CLIP_STD, eval_transform, generator_for, train_transform
+from .augment import RRC_RATIO, RRC_SCALE, generator_for, rrc_boxes
+from .decode import ImageSource, beton_source, crop_resize, decode_all
 from .format import Benchmark, DataError, read_images, read_row_meta
 
 BACKENDS = ("ffcv", "memory")
@@ -35,6 +40,7 @@ _FFCV_CACHE_SIZE = 16
 # trips a numba finalizer bug (KeyError in Dispatcher finalizer, printed as "Exception ignored").
 _RETIRED: list = []
 _DECODED: dict[tuple, torch.Tensor] = {}
+_SOURCES: dict[tuple, ImageSource] = {}
 _DECODE_SIZES: dict[tuple, int | None] = {}
 
 
@@ -52,6 +58,24 @@ def clear_caches() -> None:
     _FFCV_LOADERS.clear()
     _DECODED.clear()
     _DECODE_SIZES.clear()
+    _SOURCES.clear()
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise DataError(f"unknown loader backend {backend!r}; valid: {list(BACKENDS)}")
+    if backend == "ffcv" and not ffcv_available():
+        raise DataError("loader backend 'ffcv' needs the ffcv package; install it or use data.loader=memory")
+
+
+def image_source(path: Path, backend: str) -> ImageSource:
+    """What the compiled crop stage reads for ``backend``: the beton itself (memory-mapped), or, for the "memory"
+    backend and JPEG files, every image decoded once into RAM (cached per process)."""
+    key = (*_file_key(Path(path)), backend)
+    if key not in _SOURCES:
+        source = beton_source(path)
+        _SOURCES[key] = decode_all(source) if backend == "memory" and source.has_jpeg else source
+    return _SOURCES[key]
 
 
 def _file_key(path: Path) -> tuple:
@@ -187,19 +211,18 @@ def check_rows(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarray
 class BatchLoader:
     """Iterating gives one epoch of ``(images, rows)`` batches; each iteration starts the next epoch.
 
-    ``train=True``: random order from ``(seed, epoch)`` exactly as FFCV's RANDOM order, CLIP RandomResizedCrop
-    seeded from ``(seed, epoch, batch)``, incomplete last batch dropped. ``train=False``: ``indices`` in the given
-    order, deterministic resize/centre-crop, every row once. Resume: ``set_epoch(e)`` or
-    ``epoch_batches(e, start_batch=k)``.
+    ``train=True``: random order from ``(seed, epoch)`` exactly as FFCV's RANDOM order, CLIP RandomResizedCrop to
+    ``image_size`` seeded from ``(seed, epoch, batch)``, incomplete last batch dropped. ``train=False``:
+    ``indices`` in the given order, images as stored (centre-cropped to ``image_size`` for files of mixed sizes),
+    every row once. Resume: ``set_epoch(e)`` or ``epoch_batches(e, start_batch=k)``.
     """
 
     def __init__(self, bench: Benchmark, split: str, indices: np.ndarray, batch_size: int, *, train: bool, seed: int,
-                 image_size: int, backend: str, num_workers: int, mean: Sequence[float], std: Sequence[float],
-                 drop_last: bool):
+                 image_size: int, backend: str, num_workers: int, drop_last: bool):
         self.bench, self.split, self.indices = bench, split, indices
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
         self.image_size, self.backend, self.num_workers = int(image_size), backend, int(num_workers)
-        self.mean, self.std, self.drop_last = tuple(mean), tuple(std), bool(drop_last)
+        self.drop_last = bool(drop_last)
         self.path = bench.split_path(split)
         self.size = decode_size(self.path, self.image_size)
         self.epoch = 0
@@ -223,40 +246,40 @@ class BatchLoader:
 
     def epoch_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         expected = self.order(epoch)
-        for k, (images, rows) in enumerate(self._raw_batches(epoch, expected, start_batch), start=start_batch):
+        if self.train:
+            yield from self._train_batches(epoch, expected, start_batch)
+            return
+        for k, (images, rows) in enumerate(self._eval_batches(expected, start_batch), start=start_batch):
             want = expected[k * self.batch_size:(k + 1) * self.batch_size]
             if not np.array_equal(rows.numpy(), want):
                 raise DataError(f"{self.backend} loader over {self.path} returned rows out of the expected order "
                                 f"in epoch {epoch}, batch {k} (FFCV's order changed?)")
-            yield self.transform(images, epoch, k), rows
+            yield images, rows
 
-    def transform(self, images: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
-        if self.train:
-            return train_transform(images, self.image_size, generator_for(self.seed, epoch, batch), self.mean, self.std)
-        return eval_transform(images, self.image_size, self.mean, self.std)
+    def _train_batches(self, epoch: int, order: np.ndarray, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        source = image_source(self.path, self.backend)
+        for k in range(start, len(order) // self.batch_size):
+            rows = order[k * self.batch_size:(k + 1) * self.batch_size].astype(np.int64)
+            boxes = rrc_boxes(torch.from_numpy(source.height[rows]), torch.from_numpy(source.width[rows]),
+                              generator_for(self.seed, epoch, k), RRC_SCALE, RRC_RATIO)
+            images = crop_resize(source, rows, boxes.numpy(), self.image_size, num_threads=self.num_workers)
+            yield torch.from_numpy(images), torch.from_numpy(rows)
 
-    def _raw_batches(self, epoch: int, order: np.ndarray, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _eval_batches(self, order: np.ndarray, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.backend == "memory":
             return memory_batches(decoded_split(self.path, self.size, self.num_workers), order, self.batch_size, start)
-        batches = ffcv_batches(self.path, self.indices, self.batch_size, order="random" if self.train else "sequential",
-                               seed=self.seed, epoch=epoch, drop_last=self.drop_last, size=self.size,
-                               num_workers=self.num_workers)
+        batches = ffcv_batches(self.path, self.indices, self.batch_size, order="sequential", seed=self.seed,
+                               drop_last=self.drop_last, size=self.size, num_workers=self.num_workers)
         # FFCV has no "start at batch k": skipping decodes those batches (cheap; only used when resuming)
         return (b for k, b in enumerate(batches) if k >= start)
 
 
 def make_loader(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarray, batch_size: int, *, train: bool,
                 seed: int, image_size: int, backend: str = "ffcv", num_workers: int = 2,
-                mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                 drop_last: bool | None = None) -> BatchLoader:
-    """A loader over rows ``indices`` of ``split`` (docs/ARCHITECTURE.md "Data: loading").
-
-    ``mean``/``std`` default to CLIP's; ``drop_last`` defaults to ``train``.
-    """
-    if backend not in BACKENDS:
-        raise DataError(f"unknown loader backend {backend!r}; valid: {list(BACKENDS)}")
-    if backend == "ffcv" and not ffcv_available():
-        raise DataError("loader backend 'ffcv' needs the ffcv package; install it or use data.loader=memory")
+    """A loader over rows ``indices`` of ``split`` (docs/ARCHITECTURE.md "Data: loading"); ``drop_last`` defaults
+    to ``train``."""
+    check_backend(backend)
     if int(batch_size) < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if int(image_size) < 1:
@@ -269,4 +292,4 @@ def make_loader(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarra
         raise DataError(f"loader over split '{split}': {len(idx)} rows give no complete batch of {batch_size} "
                         f"(pass drop_last=False or a smaller batch_size)")
     return BatchLoader(bench, split, idx, batch_size, train=train, seed=seed, image_size=image_size, backend=backend,
-                       num_workers=num_workers, mean=mean or CLIP_MEAN, std=std or CLIP_STD, drop_last=drop_last)
+                       num_workers=num_workers, drop_last=drop_last)

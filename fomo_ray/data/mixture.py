@@ -7,8 +7,13 @@ the remainder handed out +1 each in the order P, D, B; while the buffer is empty
 ``MixedBatches`` yields one mixed batch per step. Each source cycles its rows endlessly, a fresh seeded
 permutation per pass, so the rows of step k are a pure function of ``(seed, task, k)``; the caption of each row
 and the random crops are seeded the same way. Starting at ``start_step=k`` therefore gives bit-for-bit the batches
-an uninterrupted iterator yields from step k on (exact resume). Pool rows index the pool split, update and buffer
-rows the train split; both are index sets over the betons, never copies.
+an uninterrupted iterator yields from step k on (exact resume), and a prefetcher that builds step k + 1 early
+(:mod:`fomo_ray.data.prefetch`) changes nothing. Pool rows index the pool split, update and buffer rows the train
+split; both are index sets over the betons, never copies.
+
+A batch is planned whole (rows, crop boxes and caption choices of all ``b`` samples) and then only the ``shard``
+slice ``[lo, hi)`` is decoded: under data parallelism each rank decodes its own rows of the one global batch, so
+what is trained on does not depend on the world size and no rank repeats another's work.
 """
 from __future__ import annotations
 
@@ -17,14 +22,14 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .augment import CLIP_MEAN, CLIP_STD, generator_for, train_transform
+from .augment import RRC_RATIO, RRC_SCALE, generator_for, rrc_boxes
+from .decode import crop_resize
 from .format import Benchmark, DataError
-from .loaders import BACKENDS, check_rows, decode_size, decoded_split, ffcv_available, ffcv_batches
+from .loaders import check_backend, check_rows, image_source
+from .tokens import load_tokens
 
 SOURCES = ("pool", "update", "buffer")  # "source" ids 0 = P, 1 = D, 2 = B
-_CHUNK_BYTES = 64 << 20                 # decoded uint8 images fetched per FFCV pass
 _MIXTURE_STREAM = 1                     # domain tag keeping mixture seeds apart from loader seeds
-_FETCH_BATCH = 256                      # rows per FFCV batch when fetching mixture images
 
 
 def mixture_sizes(b: int, lambdas: Sequence[float], buffer_empty: bool) -> tuple[int, int, int]:
@@ -76,22 +81,29 @@ def cycled_rows(rows: np.ndarray, count: int, step: int, key: Sequence[int],
     return np.concatenate(out)
 
 
-class MixedBatches:
-    """Endless iterator of mixed batches ``{"images", "texts", "source", "rows", "step"}`` for one task.
+def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[lo, hi)`` of rank ``rank``'s contiguous, near-equal shard of an ``n``-row global batch."""
+    if not 0 <= rank < world_size:
+        raise DataError(f"shard rank {rank} is not in [0, {world_size})")
+    return rank * n // world_size, (rank + 1) * n // world_size
 
-    ``images``: normalised float32 ``[b, 3, S, S]`` (CLIP RandomResizedCrop seeded per step); ``texts``: one
-    caption per row, chosen by a seeded RNG; ``source``: LongTensor of 0 (P), 1 (D), 2 (B), in that order;
-    ``rows``: row ids within each source's split. ``pool_bench`` serves the pool when it lives elsewhere.
+
+class MixedBatches:
+    """Endless iterator of mixed batches ``{"images", "tokens", "source", "rows", "step"}`` for one task.
+
+    ``images``: ``uint8 [n, S, S, 3]`` (CLIP RandomResizedCrop seeded per step; normalised later, on the device);
+    ``tokens``: ``int64 [n, L]``, one stored caption per row chosen by a seeded RNG (``token_key`` names the
+    tokenizer, :mod:`fomo_ray.data.tokens`); ``source``: 0 (P), 1 (D), 2 (B), in that order; ``rows``: row ids
+    within each source's split. ``n`` is the batch size, or the size of the ``shard = (rank, world size)`` slice.
+    ``pool_bench`` serves the pool when it lives elsewhere.
     """
 
     def __init__(self, bench: Benchmark, pool_rows: np.ndarray | None, update_rows: np.ndarray,
                  buffer_rows: np.ndarray | None, sizes: Sequence[int], seed: int, task: int, start_step: int = 0, *,
-                 backend: str = "ffcv", image_size: int, mean: Sequence[float] = CLIP_MEAN,
-                 std: Sequence[float] = CLIP_STD, num_workers: int = 2, pool_bench: Benchmark | None = None):
-        if backend not in BACKENDS:
-            raise DataError(f"unknown loader backend {backend!r}; valid: {list(BACKENDS)}")
-        if backend == "ffcv" and not ffcv_available():
-            raise DataError("loader backend 'ffcv' needs the ffcv package; install it or use data.loader=memory")
+                 token_key: str, backend: str = "ffcv", image_size: int, num_workers: int = 2,
+                 pool_bench: Benchmark | None = None, shard: tuple[int, int] = (0, 1),
+                 scale: Sequence[float] = RRC_SCALE, ratio: Sequence[float] = RRC_RATIO):
+        check_backend(backend)
         if len(sizes) != 3 or any(int(s) < 0 for s in sizes) or sum(int(s) for s in sizes) < 1:
             raise DataError(f"mixture sizes must be 3 non-negative ints with a positive sum, got {list(sizes)}")
         if int(start_step) < 0:
@@ -100,7 +112,8 @@ class MixedBatches:
         self.sizes = tuple(int(s) for s in sizes)
         self.seed, self.task, self.start_step = int(seed), int(task), int(start_step)
         self.backend, self.image_size, self.num_workers = backend, int(image_size), int(num_workers)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.shard = shard_bounds(self.batch_size, *shard)
         given = (pool_rows, update_rows, buffer_rows)
         benches = (self.pool_bench, bench, bench)
         splits = ("pool", "train", "train")
@@ -112,8 +125,9 @@ class MixedBatches:
             if size > 0 and len(rows) == 0:
                 raise DataError(f"mixture source '{name}' gets {size} samples per batch but has no rows")
             self.rows.append(rows)
-        self._paths = [b.split_path(s) if n > 0 else None for b, s, n in zip(benches, splits, self.sizes)]
-        self._captions = [benches[k].captions(splits[k]) if self.sizes[k] > 0 else None for k in range(3)]
+        self._images = [image_source(b.split_path(s), backend) if n > 0 else None
+                        for b, s, n in zip(benches, splits, self.sizes)]
+        self._tokens = [load_tokens(b, s, token_key) if n > 0 else None for b, s, n in zip(benches, splits, self.sizes)]
         self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     @property
@@ -139,72 +153,55 @@ class MixedBatches:
 
     def __iter__(self) -> Iterator[dict]:
         step = self.start_step
-        per_step = max(1, self.batch_size * self.image_size * self.image_size * 3)
-        chunk = int(np.clip(_CHUNK_BYTES // per_step, 1, 64))
         while True:
-            steps = list(range(step, step + chunk))
-            yield from self._assemble(steps, self._fetch(steps))
-            step += chunk
+            yield self.batch(step)
+            step += 1
 
-    def batch(self, step: int) -> dict:
-        """The batch of one ``step`` (random access; decodes only that step)."""
-        return next(self._assemble([step], self._fetch([step])))
+    def batch(self, step: int, out: torch.Tensor | None = None) -> dict:
+        """The batch of ``step`` (random access), this shard's slice only; ``out`` (e.g. a pinned
+        ``uint8 [n, S, S, 3]`` buffer) receives the images."""
+        rows = self.rows_at(step)
+        boxes = self._boxes(step, rows)
+        tokens = self._pick_tokens(step, rows)
+        source = np.concatenate([np.full(len(r), k, np.int64) for k, r in enumerate(rows)])
+        flat = np.concatenate(rows).astype(np.int64)
+        lo, hi = self.shard
+        if out is None:
+            out = torch.empty((hi - lo, self.image_size, self.image_size, 3), dtype=torch.uint8)
+        target = out.numpy()
+        for k, (a, b) in enumerate(self._spans()):  # decode this shard's part of each source
+            a, b = max(a, lo), min(b, hi)
+            if a < b:
+                crop_resize(self._images[k], flat[a:b], boxes[a:b], self.image_size, target[a - lo:b - lo],
+                            self.num_workers)
+        return {"images": out, "tokens": torch.from_numpy(tokens[lo:hi]), "source": torch.from_numpy(source[lo:hi]),
+                "rows": torch.from_numpy(flat[lo:hi]), "step": step}
 
     # ------------------------------------------------------------------------------------------- internals
-    def _fetch(self, steps: list[int]) -> tuple[list[list[np.ndarray]], list[list[torch.Tensor]]]:
-        """Rows and uint8 images of every source for ``steps``: P from its split, D and B together from train."""
-        plan = [self.rows_at(s) for s in steps]
-        images: list[list[torch.Tensor]] = [[] for _ in steps]
-        groups = [(0,), (1, 2)]  # sources sharing a file are decoded in one pass
-        for group in groups:
-            n = sum(self.sizes[k] for k in group)
-            if n == 0:
-                continue
-            path = self._paths[group[0]] or self._paths[group[-1]]
-            wanted = [np.concatenate([plan[i][k] for k in group]) for i in range(len(steps))]
-            for i, imgs in enumerate(self._decode(path, wanted, n)):
-                images[i].append(imgs)
-        return plan, images
+    def _spans(self) -> list[tuple[int, int]]:
+        ends = np.cumsum(self.sizes).tolist()
+        return [(e - n, e) for e, n in zip(ends, self.sizes)]
 
-    def _decode(self, path, wanted: list[np.ndarray], batch: int) -> Iterator[torch.Tensor]:
-        size = decode_size(path, self.image_size)
-        if self.backend == "memory":
-            cache = decoded_split(path, size, self.num_workers)
-            yield from (cache[torch.from_numpy(w)] for w in wanted)
-            return
-        # One sequential FFCV pass over the planned rows (duplicates allowed), fully consumed before yielding so
-        # no two FFCV iterators ever run at once. FFCV's batch size is fixed (not the step's), so one compiled
-        # loader per file serves every task whatever its mixture sizes.
-        flat = np.concatenate(wanted)
-        got = list(ffcv_batches(path, flat, _FETCH_BATCH, order="sequential", size=size,
-                                num_workers=self.num_workers))
-        rows = torch.cat([r for _, r in got]).numpy()
-        if not np.array_equal(rows, flat):
-            raise DataError(f"FFCV returned rows out of the requested order from {path}")
-        yield from torch.cat([im for im, _ in got]).split(batch)
+    def _boxes(self, step: int, rows: list[np.ndarray]) -> np.ndarray:
+        """Crop boxes of the whole global batch: P's, then D's and B's, from one generator (the world size never
+        changes a box)."""
+        gen = generator_for(self.seed, self.task, step, _MIXTURE_STREAM)
+        parts = []
+        for k, r in enumerate(rows):
+            if len(r):
+                src = self._images[k]
+                parts.append(rrc_boxes(torch.from_numpy(src.height[r]), torch.from_numpy(src.width[r]), gen,
+                                       self.scale, self.ratio).numpy())
+        return np.concatenate(parts)
 
-    def _assemble(self, steps: list[int], fetched) -> Iterator[dict]:
-        plan, images = fetched
-        for i, step in enumerate(steps):
-            gen = generator_for(self.seed, self.task, step, _MIXTURE_STREAM)
-            parts = []
-            for imgs in images[i]:  # P, then D+B: crops drawn in that order from one generator
-                parts.append(train_transform(imgs, self.image_size, gen, self.mean, self.std))
-            rows = [plan[i][k] for k in range(3)]
-            yield {"images": torch.cat(parts), "texts": self._texts(step, rows),
-                   "source": torch.cat([torch.full((len(r),), k, dtype=torch.long) for k, r in enumerate(rows)]),
-                   "rows": torch.from_numpy(np.concatenate(rows).astype(np.int64)), "step": step}
-
-    def _texts(self, step: int, rows: list[np.ndarray]) -> list[str]:
+    def _pick_tokens(self, step: int, rows: list[np.ndarray]) -> np.ndarray:
         rng = np.random.default_rng([self.seed % (1 << 63), self.task, step, 7])
         out = []
         for k, r in enumerate(rows):
             if len(r) == 0:
                 continue
-            caps = self._captions[k]
-            counts = np.array([len(caps[j]) for j in r])
+            counts = self._tokens[k].counts(r)
             if (counts == 0).any():
                 raise DataError(f"mixture source '{SOURCES[k]}': row {int(r[counts == 0][0])} has no caption")
-            pick = (rng.random(len(r)) * counts).astype(np.int64)
-            out += [caps[j][p] for j, p in zip(r.tolist(), pick.tolist())]
-        return out
+            out.append(self._tokens[k].pick(r, (rng.random(len(r)) * counts).astype(np.int64)))
+        return np.concatenate(out)

@@ -5,7 +5,8 @@ complete: every file is written under ``.staging-*`` and renamed into place by :
 manifest last; a rebuild deletes the old manifest *first*. FFCV's ``DatasetWriter`` hangs forever if a worker raises,
 so every sample is validated and converted to plain types (contiguous ``uint8`` HxWx3, Python ints) inside a guard
 that records failures instead of raising; they are raised as one :class:`DataError` naming split, row and culprit
-after the writer has returned.
+after the writer has returned. :meth:`BenchmarkWriter.finish` also writes the token ids of every caption for the
+tokenizers it is given, through the same function that upgrades an existing benchmark (:mod:`fomo_ray.data.tokens`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from fomo_ray.data.format import (FORMAT, MANIFEST, SEP, SPLITS, Benchmark, DataError, DatasetInfo, check_dataset_info,
                                   content_hash, open_benchmark, sha256_file)
+from fomo_ray.data.tokens import TOKENS_DIR, Tokenizer, move_staged, stage_tokens, tokenizer_key
 
 WRITE_MODES = ("raw", "jpg")
 _SPLIT_ROLES = {"pool": ("pool",), "train": ("adapt",), "test": ("adapt", "eval")}
@@ -148,6 +150,7 @@ class BenchmarkWriter:
         (self.root / MANIFEST).unlink(missing_ok=True)
         for stale in self.root.glob(".staging-*"):
             shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(self.root / TOKENS_DIR, ignore_errors=True)  # derived from the old captions, now unlisted
         self.staging = self.root / f".staging-{os.getpid()}"
         self.staging.mkdir()
         self._infos: list[DatasetInfo] = []
@@ -277,36 +280,57 @@ class BenchmarkWriter:
         self._streams[name] = f"streams/{name}.json"
 
     # ------------------------------------------------------------------------------------------- finish
-    def finish(self) -> Benchmark:
-        """Hash every file, move them into place and write the manifest last (atomic rename)."""
+    def finish(self, tokenizers: Sequence[tuple[Tokenizer, int]] = ()) -> Benchmark:
+        """Hash every file, move them into place and write the manifest last (atomic rename).
+
+        ``tokenizers`` (``(tokenizer, context_length)`` pairs) get the token ids of every caption written beside the
+        captions (:mod:`fomo_ray.data.tokens`), so runs with them never tokenise; the content hash covers the data
+        files only, not these derived ones, so it is the same with or without them.
+        """
         if not self._splits:
             raise DataError(f"benchmark {self.root}: no split was written")
         rels = [v for s in self._splits.values() for v in (s["file"], s["meta"], s["captions"])]
         rels += list(self._streams.values())
-        files = {}
-        for rel in rels:
-            path = self.staging / rel
-            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+        files = {rel: {"bytes": (self.staging / rel).stat().st_size, "sha256": sha256_file(self.staging / rel)}
+                 for rel in rels}
         for split, entry in self._splits.items():
             entry["sha256"] = files[entry["file"]]["sha256"]
         datasets = [DatasetInfo(d.name, d.role, d.task, d.classnames, d.template, self._ranges[d.name]).to_json()
                     for d in self._infos]
-        manifest = {"format": FORMAT, "name": self.name, "image_size": self.image_size,
-                    "content_hash": content_hash({k: v["sha256"] for k, v in files.items()}),
+        data_hash = content_hash({k: v["sha256"] for k, v in files.items()})  # before the derived token files join
+        tokens = self._stage_tokens(tokenizers, files)
+        manifest = {"format": FORMAT, "name": self.name, "image_size": self.image_size, "content_hash": data_hash,
                     "write_mode": self.write_mode, "splits": self._splits, "datasets": datasets,
-                    "streams": self._streams, "files": files}
+                    "streams": self._streams, "tokens": tokens, "files": files}
         clash = sorted(set(self.extra) & set(manifest))
         if clash:
             raise DataError(f"writer extra keys {clash} clash with manifest keys")
         manifest.update(self.extra)
         (self.root / "streams").mkdir(exist_ok=True)
-        for rel in rels:
-            os.replace(self.staging / rel, self.root / rel)
+        move_staged(self.staging, self.root, files)
         tmp = self.staging / MANIFEST
         tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, self.root / MANIFEST)
         shutil.rmtree(self.staging, ignore_errors=True)
         return open_benchmark(self.root)
+
+    def _stage_tokens(self, tokenizers: Sequence[tuple[Tokenizer, int]], files: dict[str, dict]) -> dict[str, dict]:
+        """Stage the token files of each distinct tokenizer from the staged captions; adds them to ``files`` and
+        returns the manifest's ``tokens`` entry."""
+        tokens: dict[str, dict] = {}
+        for tokenizer, context_length in tokenizers:
+            key = tokenizer_key(tokenizer, context_length)
+            if key in tokens:
+                continue  # e.g. fomo-tiny-s and fomo-tiny-m share one tokenizer
+            tokens[key], key_files = stage_tokens(self.staging, key, self._staged_captions, list(self._splits),
+                                                  tokenizer, context_length)
+            files.update(key_files)
+        return tokens
+
+    def _staged_captions(self, split: str) -> list[list[str]]:
+        """The captions of ``split`` exactly as written to its staged JSONL file (what the token ids must match)."""
+        with open(self.staging / self._splits[split]["captions"], encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
 
     def abort(self) -> None:
         """Drop the staging area (the directory stays without a manifest, i.e. visibly incomplete)."""

@@ -18,7 +18,9 @@ Pipeline (resumable; nothing half-written ever looks complete):
    summary and in ``<out>/.parts/<NAME>.bad.txt``) and counted; more than ``--max-bad-fraction`` fails the dataset.
 3. *Assembly*: the train betons of the adaptation datasets and the test betons of all datasets, the manifest and the
    default stream files (random, dataset-incremental, time-incremental) via ``format.BenchmarkWriter``; with
-   ``--pool`` also the pool split of a pool converted by ``convert_webdataset`` (a self-contained benchmark root).
+   ``--pool`` also the pool split of a pool converted by ``convert_webdataset`` (a self-contained benchmark root),
+   and the token ids of every caption for the tokenizer of each ``--model`` (default: the default model). A rerun
+   with another ``--model`` only adds its token ids (:mod:`fomo_ray.prep.tokenize`).
 
 ``--dry-run`` runs the pre-flight and validates every info file, then prints the table without writing anything.
 ``_224`` trees are only used when ``--image-size`` <= 224 (never upscale the authors' resized copies).
@@ -51,8 +53,8 @@ from fomo_ray.data.format import DataError, sha256_file
 from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.prep.fif_sources import Record, build_records, load_classnames, locate, open_source
 from fomo_ray.prep.staging import (
-    PARTS_DIR, POOL_DATASET, ConversionError, PartWriter, StagedRows, decode_fit, encode_image, part_problem,
-    read_json, read_part_meta, staged_pool,
+    PARTS_DIR, POOL_DATASET, ConversionError, PartWriter, StagedRows, add_model_tokens, decode_fit, encode_image,
+    model_tokenizers, part_problem, read_json, read_part_meta, staged_pool,
 )
 from fomo_ray.tables import format_table
 
@@ -79,6 +81,7 @@ class Options:
     write_mode: str = "jpg"  # beton image storage: jpg (~15 KB per 224-px image) or raw (exact, ~150 KB)
     pool: Path | None = None  # a pool converted by convert_webdataset, embedded as this benchmark's pool split
     writer_workers: int = 1  # FFCV writer processes; 1 keeps the betons byte-identical across reruns
+    models: tuple[str, ...] = ()  # caption token ids are written for these models' tokenizers (empty: the default)
 
 
 @dataclass
@@ -338,6 +341,7 @@ def convert(opts: Options, names: Sequence[str] | None = None) -> list[dict]:
     names = list(names) if names else list(fif_catalogue.CATALOGUE)
     plans, missing = preflight(names, opts)
     _pool(opts)  # a bad --pool fails now, not after hours of conversion
+    model_tokenizers(opts.models)  # so does a bad --model
     parts = opts.out / PARTS_DIR
     todo, rows = [], []
     for plan in plans:
@@ -401,7 +405,9 @@ def assemble(plans: Sequence[DatasetPlan], opts: Options, rows: Sequence[Mapping
              "name": opts.name, "seed": opts.seed, "image_size": opts.image_size, "write_mode": opts.write_mode,
              "pool": pool_hash}
     if (opts.out / "manifest.json").is_file() and read_json(parts / "assembled.json") == stamp:
+        add_model_tokens(opts.out, opts.models)  # another --model needs no re-assembly, only its token ids
         return
+    tokenizers = model_tokenizers(opts.models)
     report = [{k: r[k] for k in COLUMNS if k in r} for r in rows if r.get("status") in ("converted", "cached")]
     writer = BenchmarkWriter(opts.out, opts.name, opts.image_size, write_mode=opts.write_mode,
                              num_workers=opts.writer_workers,
@@ -422,7 +428,7 @@ def assemble(plans: Sequence[DatasetPlan], opts: Options, rows: Sequence[Mapping
         if concepts:
             for stream, entries in default_streams(concepts, opts.seed).items():
                 writer.add_stream(stream, orderings.to_entries(entries))
-        writer.finish()
+        writer.finish(tokenizers)
     except DataError as e:
         writer.abort()
         raise ConversionError(f"assembling {opts.out} failed: {e}") from e

@@ -14,7 +14,8 @@ Pipeline (resumable, like ``convert_fif``):
    original image bytes is kept. Samples without caption, without image, or with a corrupt image are counted and
    reported; a shard holding images but no caption at all is an error naming it.
 3. *Selection + assembly*: shards in name order, samples in tar order, the first occurrence of each image hash kept
-   (exact-duplicate removal across the whole pool) until ``--max-samples``; then ``pool.beton`` + manifest.
+   (exact-duplicate removal across the whole pool) until ``--max-samples``; then ``pool.beton``, the caption token
+   ids for each ``--model``'s tokenizer (default: the default model) and the manifest.
 
 Parts are written and read back through :mod:`fomo_ray.prep.staging` (shared with ``convert_fif``, which embeds a
 finished pool with ``--pool``). The command is ``fomo-ray prepare pool`` (:mod:`fomo_ray.cli.prepare`).
@@ -36,8 +37,8 @@ from fomo_ray.atomic import write_json
 from fomo_ray.data.format import DataError, sha256_file
 from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.prep.staging import (
-    PARTS_DIR, POOL_DATASET, SELECTION, ConversionError, PartWriter, decode_fit, encode_image, iter_rows,
-    part_problem, pool_rows, read_json, read_part_meta,
+    PARTS_DIR, POOL_DATASET, SELECTION, ConversionError, PartWriter, add_model_tokens, decode_fit, encode_image,
+    iter_rows, model_tokenizers, part_problem, pool_rows, read_json, read_part_meta,
 )
 
 CONVERTER_VERSION = 1
@@ -58,6 +59,7 @@ class PoolOptions:
     progress: bool = True
     write_mode: str = "jpg"  # beton image storage: jpg (small) or raw (exact)
     writer_workers: int = 1  # FFCV writer processes; 1 keeps the beton byte-identical across reruns
+    models: tuple[str, ...] = ()  # caption token ids are written for these models' tokenizers (empty: the default)
 
 
 # =================================================================================================== shard names
@@ -242,6 +244,7 @@ def convert_pool(opts: PoolOptions) -> dict:
 
     shards = list_shards(opts.shards)
     check_shard_names(shards, opts.allow_gaps)
+    model_tokenizers(opts.models)  # a bad --model fails now, not after the conversion
     parts = opts.out / PARTS_DIR
     parts.mkdir(parents=True, exist_ok=True)
     metas: dict[str, dict] = {}
@@ -318,7 +321,9 @@ def assemble_pool(parts: Path, keep: dict[str, list[int]], opts: PoolOptions, re
              "keep": hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest(),
              "name": opts.name, "image_size": opts.image_size, "write_mode": opts.write_mode}
     if (opts.out / "manifest.json").is_file() and read_json(parts / "assembled.json") == stamp:
+        add_model_tokens(opts.out, opts.models)  # another --model needs no re-assembly, only its token ids
         return
+    tokenizers = model_tokenizers(opts.models)
     rows = pool_rows(parts, keep)
     if len(rows) == 0:
         raise ConversionError(f"no usable sample in {opts.shards}")
@@ -330,7 +335,7 @@ def assemble_pool(parts: Path, keep: dict[str, list[int]], opts: PoolOptions, re
         writer.add_dataset({"name": POOL_DATASET, "role": "pool", "task": "retrieval", "classnames": [],
                             "template": "{}"})
         writer.write_split("pool", rows)
-        writer.finish()
+        writer.finish(tokenizers)
     except DataError as e:
         writer.abort()
         raise ConversionError(f"assembling {opts.out} failed: {e}") from e

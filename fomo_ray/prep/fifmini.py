@@ -25,12 +25,12 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
-from fomo_ray.atomic import file_lock
 from fomo_ray.data.format import MANIFEST, SEP, Benchmark, DataError, DatasetInfo, open_benchmark
+from fomo_ray.data.tokens import root_lock
 from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.inputs import FIFMINI_NAME, fifmini_generator_info
 from fomo_ray.prep import fifmini_scenes as scenes
@@ -225,15 +225,19 @@ def stream_entries(seed: int) -> dict[str, list[str]]:
 
 # --------------------------------------------------------------------------------------------------- build / ensure
 def build_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, scale: float = 1.0,
-                  workers: int | None = None, progress: bool = True) -> Benchmark:
-    """Draw and write FiF-mini into ``root`` (replacing whatever is there); returns the opened benchmark."""
+                  workers: int | None = None, progress: bool = True, models: Sequence[str] = ()) -> Benchmark:
+    """Draw and write FiF-mini into ``root`` (replacing whatever is there), with the caption token ids of ``models``
+    (empty: the default model); returns the opened benchmark."""
     from tqdm import tqdm
+
+    from fomo_ray.prep.tokenize import tokenizers_for
 
     if image_size < 8:
         raise DataError(f"FiF-mini image_size must be >= 8, got {image_size}")
     if not 0 < scale <= 2:
         raise DataError(f"FiF-mini scale must be in (0, 2], got {scale}")
     workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    tokenizers = tokenizers_for(models)  # an unknown model fails before anything is drawn
     writer = BenchmarkWriter(root, FIFMINI_NAME, image_size,
                              extra={"generator": fifmini_generator_info(seed, image_size, scale)})
     try:
@@ -251,15 +255,10 @@ def build_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, 
         bar.close()
         for name, entries in stream_entries(seed).items():
             writer.add_stream(name, entries)
-        return writer.finish()
+        return writer.finish(tokenizers)
     except BaseException:
         writer.abort()
         raise
-
-
-def _build_lock(root: Path):
-    """An exclusive lock beside ``root`` so concurrent runs (e.g. Ray trials) build it once."""
-    return file_lock(root.parent / f".{root.name}.lock")
 
 
 def _reusable(root: Path, want: dict) -> Benchmark | None:
@@ -276,17 +275,23 @@ def _reusable(root: Path, want: dict) -> Benchmark | None:
 
 
 def ensure_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, force: bool = False,
-                   scale: float = 1.0, workers: int | None = None, progress: bool = True) -> Benchmark:
+                   scale: float = 1.0, workers: int | None = None, progress: bool = True,
+                   models: Sequence[str] = ()) -> Benchmark:
     """FiF-mini at ``root``: reused if its manifest matches ``(seed, image_size, scale, version)``, else built.
 
-    A missing, partial (no manifest) or corrupt directory is rebuilt; ``force`` always rebuilds.
+    A missing, partial (no manifest) or corrupt directory is rebuilt; ``force`` always rebuilds. A reused build gets
+    the caption token ids of ``models`` (empty: the default model) it lacks, e.g. one written by an older fomo_ray;
+    its content hash stays the same (token files are derived data, see :mod:`fomo_ray.data.tokens`).
     """
+    from fomo_ray.prep.tokenize import upgrade
+
     root = Path(root)
     want = fifmini_generator_info(seed, image_size, scale)
-    with _build_lock(root):
-        if not force and (bench := _reusable(root, want)) is not None:
-            return bench
-        return build_fifmini(root, seed, image_size, scale, workers, progress)
+    with root_lock(root):  # concurrent runs (e.g. Ray trials) build it once
+        bench = None if force else _reusable(root, want)
+        if bench is None:
+            return build_fifmini(root, seed, image_size, scale, workers, progress, models)
+    return upgrade(root, models)[0]  # takes the root's lock itself (flock is not re-entrant)
 
 
 # --------------------------------------------------------------------------------------------------- summary

@@ -83,11 +83,12 @@ def load_pool(bench: Any, image_size: int, mean: Sequence[float], std: Sequence[
     rows = np.arange(len(bench.meta("pool")[0]), dtype=np.int64)
     if len(rows) == 0:
         raise PretrainError(f"benchmark {bench.root} has an empty pool: nothing to pretrain on")
-    loader = make_loader(bench, "pool", rows, 1024, train=False, seed=0, image_size=image_size, backend=backend,
-                         mean=mean, std=std)
+    from fomo_ray.data.augment import model_input
+
+    loader = make_loader(bench, "pool", rows, 1024, train=False, seed=0, image_size=image_size, backend=backend)
     images = torch.empty(len(rows), 3, image_size, image_size)
     for batch, ids in loader:
-        images[torch.as_tensor(np.asarray(ids, dtype=np.int64))] = batch
+        images[torch.as_tensor(np.asarray(ids, dtype=np.int64))] = model_input(batch, image_size, mean, std)
     captions = bench.captions("pool")
     empty = [r for r, c in enumerate(captions) if not c]
     if empty:

@@ -228,3 +228,26 @@ def staged_pool(root: Path) -> tuple[StagedRows, str]:
     keep = selection["keep"]
     stamp = {s: sha256_file(parts / s / "part.json") for s in keep if keep[s]}
     return pool_rows(parts, keep), hashlib.sha256(json.dumps([keep, stamp], sort_keys=True).encode()).hexdigest()
+
+
+# =================================================================================================== tokens
+def model_tokenizers(models: Sequence[str]) -> list:
+    """``(tokenizer, context_length)`` of ``models`` (empty: the default model) for ``BenchmarkWriter.finish``; a
+    ConversionError names an unknown model (checked before converting, not after hours of it)."""
+    from fomo_ray.prep.tokenize import tokenizers_for
+
+    try:
+        return tokenizers_for(models)
+    except ValueError as e:  # backbones.BackboneError: unknown architecture
+        raise ConversionError(f"--model: {e}") from e
+
+
+def add_model_tokens(out: Path, models: Sequence[str]) -> None:
+    """Add the caption token ids an assembled output lacks for ``models`` (a rerun with another ``--model`` needs no
+    re-assembly), printing a line per tokenizer added."""
+    from fomo_ray.prep.tokenize import upgrade
+
+    try:
+        upgrade(out, models)
+    except ValueError as e:  # DataError / BackboneError
+        raise ConversionError(f"adding caption token ids to {out} failed: {e}") from e

@@ -84,6 +84,7 @@ def zero_shot_accuracy_table(bench, backbone, *, split: str = "train", max_per_c
     """
     import torch
 
+    from fomo_ray.data.augment import model_input
     from fomo_ray.data.loaders import make_loader
 
     ds_ids, labels = bench.meta(split)
@@ -103,10 +104,11 @@ def zero_shot_accuracy_table(bench, backbone, *, split: str = "train", max_per_c
             text = prompt_embeddings(backbone, [(name, c) for c in info.classnames], templates)
             preds, labs = [], []
             loader = make_loader(bench, split, rows, batch_size, train=False, seed=seed,
-                                 image_size=backbone.image_size, backend=backend, mean=backbone.mean, std=backbone.std)
+                                 image_size=backbone.image_size, backend=backend)
             with torch.no_grad():
                 for images, batch_rows in loader:
-                    img = torch.nn.functional.normalize(model.encode_image(images).float(), dim=-1).numpy()
+                    x = model_input(images, backbone.image_size, backbone.mean, backbone.std)
+                    img = torch.nn.functional.normalize(model.encode_image(x).float(), dim=-1).numpy()
                     preds.append((img @ text.T).argmax(1))
                     labs.append(labels[np.asarray(batch_rows)])
             acc = np.nan_to_num(per_class_accuracy(np.concatenate(preds), np.concatenate(labs), len(acc)))
