@@ -46,7 +46,6 @@ def _models(given: list[str] | None) -> tuple[str, ...]:
 # --------------------------------------------------------------------------------------------------- fifmini
 def fifmini_main(argv: list[str] | None = None) -> int:
     """``fomo-ray prepare fifmini``: build FiF-mini unless a matching build exists; print its dataset table."""
-    from fomo_ray.data.format import DataError
     from fomo_ray.prep.fifmini import describe, ensure_fifmini
     from fomo_ray.tables import format_table
 
