@@ -354,3 +354,21 @@ def test_memory_backend_runs_without_ffcv(toy, images, monkeypatch):
     assert next(iter(train))[0].shape == (4, 12, 12, 3)  # the crop stage needs neither FFCV nor its JPEG decoder
     with pytest.raises(DataError, match="needs the ffcv package"):
         make_loader(toy, "pool", np.arange(12), 5, train=False, seed=0, image_size=16, backend="ffcv")
+
+
+def test_crop_stage_without_numba_gives_the_same_bytes():
+    """The GPU check's machine may lack numba (and FFCV): the same stage then runs as plain Python, byte-identical."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['numba'] = None; sys.modules['ffcv'] = None\n"
+            "import numpy as np\n"
+            "from fomo_ray.data.decode import array_source, crop_resize, numba\n"
+            "assert numba is None\n"
+            "images = np.random.default_rng(0).integers(0, 256, (3, 12, 14, 3), dtype=np.uint8)\n"
+            "boxes = np.array([[0, 0, 12, 14], [1, 2, 10, 9], [2, 1, 9, 12]])\n"
+            "sys.stdout.buffer.write(crop_resize(array_source(images), np.arange(3), boxes, 8).tobytes())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stdout
+    images = np.random.default_rng(0).integers(0, 256, (3, 12, 14, 3), dtype=np.uint8)
+    boxes = np.array([[0, 0, 12, 14], [1, 2, 10, 9], [2, 1, 9, 12]])
+    assert out == crop_resize(array_source(images), np.arange(3), boxes, 8).tobytes()
