@@ -137,7 +137,8 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     plan = method.task_plan(tasks, steps)
     evaluator = Evaluator(bench, cfg.evaluation, cfg.seed, backbone.image_size, backbone.mean, backbone.std,
                           backend=cfg.data.loader, num_workers=cfg.data.num_workers,
-                          precision=cfg.backbone.precision)
+                          precision=cfg.backbone.precision, ranks=distributed.world(),
+                          gather=lambda rows: distributed.gather_rows(rows, device))  # each rank evaluates a share
     buffer = make_buffer(cfg.mixture.buffer_policy, cfg.mixture.buffer_size, derive_seed(cfg.seed, "buffer"))
     pool_bench = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
     pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)

@@ -421,6 +421,19 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, ok, v in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' is out of range: {v!r}")
+    _check_workers(cfg)
+
+
+def _check_workers(cfg: ExperimentConfig) -> None:
+    """Refused before any worker starts: an elastic lower bound above the upper one, or more data-parallel workers
+    than samples in the global batch (every rank needs at least one)."""
+    r, b = cfg.ray, cfg.mixture.batch_size
+    if r.min_workers < 0 or r.min_workers > r.num_workers:
+        raise ConfigError(f"config key 'ray.min_workers' = {r.min_workers} must lie in [0, 'ray.num_workers' = "
+                          f"{r.num_workers}] (0 = a fixed worker count)")
+    if r.num_workers > b:
+        raise ConfigError(f"config key 'ray.num_workers' = {r.num_workers} is larger than 'mixture.batch_size' = {b}: "
+                          f"each data-parallel worker needs at least one sample of the global batch")
 
 
 # --------------------------------------------------------------------------------------------------- docs

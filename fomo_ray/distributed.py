@@ -4,17 +4,23 @@ How the loop uses it (``fomo_ray/loop.py``), when ``torch.distributed`` is initi
 Train's ``TorchTrainer`` does so in every worker):
 
 - every rank plans the *same* global mixed batch of ``mixture.batch_size`` samples (``MixedBatches`` is a pure
-  function of (seed, task, step)) and decodes and encodes only its contiguous shard, rows ``[r*b/W, (r+1)*b/W)``
-  (``fomo_ray.data.mixture.shard_bounds``);
-- the image/text features of all shards are all-gathered *with* gradient and every rank computes the symmetric
+  function of (seed, task, step)) and decodes and encodes only its contiguous shard, rows
+  ``[floor(r*b/W), floor((r+1)*b/W))`` (``fomo_ray.data.mixture.shard_bounds``): any W <= b works, so an elastic
+  run that resizes to a W not dividing b trains on the same global batches;
+- the image/text features of all shards are all-gathered *with* gradient (padded to the largest shard for the
+  collective, the padding dropped after it) and every rank computes the symmetric
   InfoNCE over the whole global batch, so every sample still has the b-1 other samples as in-batch negatives
   (DESIGN §1; Radford et al. 2021) — as in open_clip's ``gather_with_grad`` training;
 - the model is wrapped in ``DistributedDataParallel``. Every rank differentiates the same global loss, so the
   all-gather's backward sums W identical copies of each shard's feature gradient (W x the single-process share)
   and DDP averages over the W ranks: the averaged gradient equals the single-process gradient of the global batch
   (up to the order of floating-point sums);
-- everything else (method hooks, optimizer, clipping, evaluation, checkpoints) runs identically on every rank, so
-  the weights and all state stay replicated and any rank's ``LoopState`` is a valid checkpoint.
+- work that only reads the weights is shared: evaluation encodes every W-th batch of images and texts on each rank
+  and gathers the features (:func:`share`, :func:`gather_rows`), EWC's Fisher pass runs every W-th batch and sums
+  over the ranks (:func:`sum_over_ranks`); each unit is the computation one process would do, so the gathered
+  results equal one process's (the Fisher up to summation order);
+- everything else (method hooks, merges, optimizer, clipping) runs identically on every rank, so the weights and all
+  state stay replicated and any rank's ``LoopState`` is a valid checkpoint (rank 0 alone writes it: the edge).
 
 Collectives here must be entered by every rank in the same order: the loop calls them at the same points on all
 ranks (never behind a rank-0 branch).
@@ -54,22 +60,70 @@ def is_data_parallel() -> bool:
 
 # --------------------------------------------------------------------------------------------------- pure helpers
 def check_batch_size(batch_size: int, world_size: int) -> None:
-    """The global batch is split evenly over the ranks: refuse a batch size the world size does not divide."""
-    if world_size > 1 and batch_size % world_size:
-        raise ConfigError(f"config key 'mixture.batch_size' = {batch_size} is not divisible by the world size "
-                          f"{world_size} (data-parallel ranks); use a multiple of {world_size}")
+    """Every rank needs at least one sample of the global batch (shards are near-equal, any world size works)."""
+    if world_size > batch_size:
+        raise ConfigError(f"config key 'mixture.batch_size' = {batch_size} is smaller than the world size "
+                          f"{world_size} (data-parallel ranks, at most 'ray.num_workers'): every rank needs a sample")
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """Rows of each rank's contiguous, near-equal shard of an ``n``-row global batch, in rank order."""
+    from fomo_ray.data.mixture import shard_bounds
+
+    return [hi - lo for lo, hi in (shard_bounds(n, r, world_size) for r in range(world_size))]
+
+
+def share(items: int, rank: int, world_size: int) -> range:
+    """Which of ``items`` work units (evaluation batches, Fisher batches) rank ``rank`` does: every W-th one, so each
+    unit is the same computation as on one process and results gathered in unit order equal one process's."""
+    return range(rank, items, world_size)
 
 
 # --------------------------------------------------------------------------------------------------- collectives
-def gather_batch(features: torch.Tensor) -> torch.Tensor:
-    """All ranks' ``[b/W, D]`` features concatenated in rank order (= the global batch's row order), differentiable:
-    the backward sends each shard its gradient summed over the ranks."""
+def gather_batch(features: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """All ranks' shard features (``sizes[r]`` rows on rank r) concatenated in rank order (= the global batch's row
+    order), differentiable: the backward sends each shard its gradient summed over the ranks. Shards of unequal size
+    are padded to the largest for the collective and the padding is dropped after it (it gets no gradient)."""
     if not is_data_parallel():
         return features
     # differentiable (its backward reduce-scatters with SUM); replaces the deprecated torch.distributed.nn all_gather
     from torch.distributed._functional_collectives import all_gather_single
 
-    return all_gather_single(features.contiguous(), 0, torch.distributed.group.WORLD)
+    most = max(sizes)
+    if features.shape[0] < most:
+        features = torch.nn.functional.pad(features, (0, 0, 0, most - features.shape[0]))
+    gathered = all_gather_single(features.contiguous(), 0, torch.distributed.group.WORLD)
+    if all(n == most for n in sizes):
+        return gathered
+    return torch.cat([gathered[r * most:r * most + n] for r, n in enumerate(sizes)])
+
+
+def gather_rows(rows: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Every rank's ``[n_r, ...]`` tensor (sizes may differ) concatenated in rank order, on every rank; not
+    differentiable (evaluation features and keys). On one process ``rows`` itself."""
+    if not is_data_parallel():
+        return rows
+    dev = _collective_device(device)
+    n = torch.tensor([rows.shape[0]], dtype=torch.int64, device=dev)
+    counts = [torch.zeros_like(n) for _ in range(world()[1])]
+    torch.distributed.all_gather(counts, n)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=dev)
+    padded[:rows.shape[0]] = rows.to(dev)
+    parts = [torch.empty_like(padded) for _ in sizes]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([p[:k] for p, k in zip(parts, sizes)]).to(rows.device)
+
+
+def sum_over_ranks(tensors: list[torch.Tensor], device: torch.device | str) -> None:
+    """In place: each tensor becomes its sum over the ranks (the same on every rank)."""
+    if not is_data_parallel():
+        return
+    dev = _collective_device(device)
+    for t in tensors:
+        buf = t.to(dev)
+        torch.distributed.all_reduce(buf)
+        t.copy_(buf)
 
 
 def any_rank(flag: bool, device: torch.device | str) -> bool:

@@ -116,11 +116,20 @@ class Evaluator:
     Subsets for in-stream evaluation are drawn once here (from ``seed``) and reused at every call; class-text
     (and caption) embeddings are cached per ``(weights_version, dataset)`` and recomputed only when the version
     changes. ``backend`` selects the loader (``"ffcv"`` or ``"memory"``, see ``fomo_ray.data.loaders``).
+
+    Data parallel: with ``ranks = (rank, world size)`` each rank encodes every W-th batch of images and of texts and
+    ``gather`` (every rank's rows concatenated in rank order; ``fomo_ray.distributed.gather_rows``) collects the
+    features, which are then put back in one-process order. Each batch is the one a single process would encode, so
+    the results equal a single process's.
     """
 
     def __init__(self, bench: Any, eval_cfg: Any, seed: int, image_size: int, mean: Sequence[float],
                  std: Sequence[float], backend: str = "ffcv", *, num_workers: int = 2, precision: str = "auto",
-                 datasets: Sequence[str] | None = None):
+                 datasets: Sequence[str] | None = None, ranks: tuple[int, int] = (0, 1),
+                 gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if ranks[1] > 1 and gather is None:
+            raise ValueError(f"an evaluator shared by {ranks[1]} ranks needs a gather function")
+        self.ranks, self.gather = ranks, gather or (lambda t: t)
         self.bench, self.cfg, self.seed = bench, eval_cfg, int(seed)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.backend, self.num_workers, self.precision = backend, num_workers, precision
@@ -192,41 +201,60 @@ class Evaluator:
             model.train(was_training)
 
     # ------------------------------------------------------------------------------------------- internals
+    def _my_batches(self, n: int) -> list[tuple[int, int]]:
+        """``[lo, hi)`` of every W-th batch of ``n`` items, starting at this rank's (all of them on one process)."""
+        rank, world = self.ranks
+        bs = self.cfg.batch_size
+        return [(k * bs, min(n, (k + 1) * bs)) for k in range(rank, -(-n // bs), world)]
+
+    def _in_order(self, keys: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every rank's (keys, features) gathered and sorted by key: the one-process result on every rank."""
+        keys, feats = self.gather(keys), self.gather(feats)
+        order = torch.argsort(keys, stable=True)
+        return keys[order], feats[order]
+
     def _image_features(self, model, full: bool, device, amp) -> tuple[np.ndarray, torch.Tensor]:
         """Normalised image embeddings of every needed test row, as (sorted row ids, [rows, D] features), from one
-        loader over the union of rows (one loader per mode, built once: an FFCV loader's first epoch pays the
-        numba compilation)."""
+        loader over this rank's batches of the union of rows (one loader per mode, built once: an FFCV loader's
+        first epoch pays the numba compilation)."""
         if full not in self._loaders:
             from .data.loaders import make_loader
 
             union = np.unique(np.concatenate(list(self.rows(full).values())))
-            self._loaders[full] = make_loader(
-                self.bench, "test", union, self.cfg.batch_size, train=False, seed=self.seed,
+            mine = np.concatenate([union[lo:hi] for lo, hi in self._my_batches(len(union))] or [union[:0]])
+            self._loaders[full] = None if len(mine) == 0 else make_loader(
+                self.bench, "test", mine, self.cfg.batch_size, train=False, seed=self.seed,
                 image_size=self.image_size, backend=self.backend, num_workers=self.num_workers)
         all_rows, feats = [], []
-        for images, rows in self._loaders[full]:  # uint8 on the host; resized (if needed) and normalised on the device
+        for images, rows in self._loaders[full] or ():  # uint8 on the host; resized and normalised on the device
             x = model_input(images.to(device, non_blocking=True), self.image_size, self.mean, self.std)
             with amp:
                 f = model.encode_image(x)
             feats.append(F.normalize(f.float(), dim=-1).cpu())
-            all_rows.append(np.asarray(rows, dtype=np.int64))
-        row_ids = np.concatenate(all_rows)
-        order = np.argsort(row_ids, kind="stable")
-        return row_ids[order], torch.cat(feats)[torch.as_tensor(order)]
+            all_rows.append(torch.as_tensor(np.asarray(rows, dtype=np.int64)))
+        row_ids, feats = self._in_order(*self._mine(all_rows, feats, model))
+        return row_ids.numpy(), feats
 
     def _text_features(self, model, tokenizer, key: str, texts: list[str], device, amp) -> torch.Tensor:
         if key in self._text_cache:
             return self._text_cache[key]
-        out = []
-        bs = self.cfg.batch_size
-        for i in range(0, len(texts), bs):
+        positions, out = [], []
+        for lo, hi in self._my_batches(len(texts)):
             with amp:
-                f = model.encode_text(tokenizer(texts[i:i + bs]).to(device))
+                f = model.encode_text(tokenizer(texts[lo:hi]).to(device))
             out.append(F.normalize(f.float(), dim=-1).cpu())
-        feats = torch.cat(out)
+            positions.append(torch.arange(lo, hi))
+        _, feats = self._in_order(*self._mine(positions, out, model))
         if self._text_cache_version:
             self._text_cache[key] = feats
         return feats
+
+    @staticmethod
+    def _mine(keys: list[torch.Tensor], feats: list[torch.Tensor], model) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's keys and features as two tensors (empty, of the embedding width, when it had no batch)."""
+        if keys:
+            return torch.cat(keys), torch.cat(feats)
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, int(model.visual.output_dim))
 
     def _classification(self, model, tokenizer, name, info, rows, img, device, amp) -> list[dict[str, Any]]:
         cls = self._text_features(model, tokenizer, f"classes:{name}", list(info.prompts()), device, amp)

@@ -19,7 +19,7 @@ Ray/MLflow edge plugs in)::
             method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr)
             every cfg.ray.checkpoint_every_steps                    -> hooks.on_checkpoint(LoopState)
             hooks.should_stop()?                                    -> return the results so far
-        method.after_task(model, t, fisher_batches(D_t))            # Fisher / Omega / merges
+        method.after_task(model, t, TaskLosses(D_t))                # Fisher / Omega / merges
         buffer.add(D_t)
         with method.deployed_weights(t, model) swapped in:
             records = evaluate(subset in-stream, full after the last task)   -> hooks.on_eval(t + 1, records)
@@ -144,7 +144,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
                 if _should_stop(hooks, run):
                     return tidy_frame(results)
 
-        method.after_task(model, t, fisher_batches(run, t, task.rows))
+        method.after_task(model, t, TaskLosses(run, t, task.rows))
         run.buffer.add(task.rows)
         if t + 1 in points:
             with deployed(model, method.deployed_weights(t, model)):
@@ -172,8 +172,9 @@ def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = N
     with bb.autocast(run.device):
         if encoder is not None:
             image_features, text_features, logit_scale = encoder(images, tokens)
-            return clip_loss(distributed.gather_batch(image_features), distributed.gather_batch(text_features),
-                             logit_scale)
+            sizes = distributed.shard_sizes(run.cfg.mixture.batch_size, distributed.world()[1])
+            return clip_loss(distributed.gather_batch(image_features, sizes),
+                             distributed.gather_batch(text_features, sizes), logit_scale)
         image_features = model.encode_image(images, normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
         return clip_loss(image_features, text_features, model.logit_scale.exp())
@@ -204,14 +205,27 @@ def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int, end_step: 
     return Prefetcher(mixed.batch, range(start_step, end_step), run.device, run.cfg.data.prefetch, shape)
 
 
-def fisher_batches(run: Run, t: int, rows: np.ndarray) -> Iterator[torch.Tensor]:
-    """Lazily, the CLIP loss of successive batches of task ``t``'s update data D_t only (EWC's Fisher pass).
-    Never sharded: under data parallelism every rank computes the same Fisher (method state stays replicated)."""
-    batches = _mixed(run, rows, (0, run.cfg.mixture.batch_size, 0), "fisher", t, 0)
-    step = 0
-    while True:  # random access decodes one batch at a time: a consumer stops after the batches it needs
-        yield batch_loss(run, batches.batch(step))
-        step += 1
+class TaskLosses:
+    """The CLIP losses of batches of task ``t``'s update data D_t only, for ``method.after_task`` (EWC's Fisher):
+    ``sum_over(n, per_batch)`` sums ``per_batch(loss_k)`` over batches k < n. Under data parallelism each rank takes
+    every W-th batch (unsharded, encoded by the model itself) and the sums are added over the ranks, so every rank
+    holds the one-process sum and method state stays replicated."""
+
+    def __init__(self, run: Run, t: int, rows: np.ndarray):
+        self.run = run
+        self.batches = _mixed(run, rows, (0, run.cfg.mixture.batch_size, 0), "fisher", t, 0)
+
+    def sum_over(self, n: int, per_batch: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
+        rank, world = distributed.world()
+        total = None
+        for k in distributed.share(n, rank, world):  # random access decodes one batch at a time
+            part = per_batch(batch_loss(self.run, self.batches.batch(k)))
+            total = part if total is None else torch._foreach_add(total, part)
+        if n < world:  # ranks without a batch join the sum with zeros shaped like rank 0's (who always has one)
+            like = distributed.from_rank_zero([(tuple(x.shape), x.dtype) for x in total] if rank == 0 else None)
+            total = total or [torch.zeros(shape, dtype=dtype, device=self.run.device) for shape, dtype in like]
+        distributed.sum_over_ranks(total, self.run.device)
+        return total
 
 
 def evaluate_point(run: Run, point: int, full: bool) -> list[dict[str, Any]]:

@@ -2,10 +2,12 @@
 batch — real FiF-mini files, a real tiny open_clip model, real DDP and a differentiable all-gather.
 
 What must hold (fomo_ray/distributed.py): the gradient of the sharded, gathered global CLIP loss averaged by DDP is
-the single-process gradient (equal up to float summation order, not bitwise); weights and method state stay bitwise
-identical across ranks; a mid-task resume under DDP is bitwise exact and may even change the world size; every hook
-fires on every rank; early stopping is agreed; a batch size the world size does not divide is refused naming the key;
-every registered method trains only parameters its forward uses (DDP runs with find_unused_parameters=False).
+the single-process gradient (equal up to float summation order, not bitwise), also for a world size that does not
+divide the batch (W = 3, shards 3/3/2); weights and method state stay bitwise identical across ranks; evaluation and
+EWC's Fisher pass are shared out (each rank encodes part of the images, runs part of the Fisher batches) and still
+give the one-process results; a mid-task resume under DDP is bitwise exact and may even change the world size;
+every hook fires on every rank; early stopping is agreed; a world size larger than the batch is refused naming the
+key; every registered method trains only parameters its forward uses (DDP runs with find_unused_parameters=False).
 """
 import math
 import os
@@ -52,16 +54,50 @@ def _cfg(root, tmp, **overrides):
         "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 4,  # 2 tasks x 2 steps
         "budget.cache_dir": os.path.join(tmp, "budget"), "mixture.batch_size": BATCH,
         "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
-        "method.reg.ewc_fisher_batches": 1, "output_dir": os.path.join(tmp, "runs"), "tracking.enabled": False,
+        "evaluation.batch_size": 16,  # several evaluation batches, so that ranks can share them
+        "method.reg.ewc_fisher_batches": 2, "output_dir": os.path.join(tmp, "runs"), "tracking.enabled": False,
     }
     base.update(overrides)
     return load_config(None, base)
 
 
-def _observed_run(cfg, should_stop=None, resume=None):
+class WorkCounter:
+    """Counts what this process encodes for evaluation (images) and how many unsharded loss passes (EWC's Fisher
+    batches) it runs, by wrapping the two functions through which that work goes."""
+
+    def __init__(self, monkeypatch_like):
+        from fomo_ray import evaluation, loop
+
+        self.images = self.fisher = 0
+        self._in_fisher = False
+        real_input, real_loss, real_sum = evaluation.model_input, loop.batch_loss, loop.TaskLosses.sum_over
+
+        def counting_input(images, *a, **k):
+            self.images += images.shape[0]
+            return real_input(images, *a, **k)
+
+        def counting_loss(run, batch, encoder=None):
+            self.fisher += self._in_fisher
+            return real_loss(run, batch, encoder)
+
+        def counting_sum(losses, n, per_batch):
+            self._in_fisher = True
+            try:
+                return real_sum(losses, n, per_batch)
+            finally:
+                self._in_fisher = False
+
+        monkeypatch_like(evaluation, "model_input", counting_input)
+        monkeypatch_like(loop, "batch_loss", counting_loss)
+        monkeypatch_like(loop.TaskLosses, "sum_over", counting_sum)
+
+
+def _observed_run(cfg, should_stop=None, resume=None, counter=None):
     """run_stream with every hook recording; returns what the comparison needs (plain CPU objects)."""
     seen = {"losses": [], "evals": [], "states": []}
     GradSpy.grads = []
+    if counter is not None:
+        counter.images = counter.fisher = 0
     hooks = RunHooks(on_step=lambda t, s, loss, lr: seen["losses"].append(loss),
                      on_eval=lambda p, recs: seen["evals"].append((p, distributed.is_rank_zero())),
                      on_checkpoint=seen["states"].append, should_stop=should_stop)
@@ -70,53 +106,66 @@ def _observed_run(cfg, should_stop=None, resume=None):
             "mid_task_state": next((s for s in seen["states"] if (s.task, s.step) == (1, 1)), None),
             "final_model": seen["states"][-1].model if seen["states"] else None,
             "final_method": seen["states"][-1].method if seen["states"] else None, "grads": list(GradSpy.grads),
-            "theta0": dict(GradSpy.theta0)}
+            "theta0": dict(GradSpy.theta0),
+            "work": (counter.images, counter.fisher) if counter is not None else None}
 
 
-def _rank_main(rank, root, tmp, init_file, out_dir):
-    """One spawned rank: the scenarios of this file in one process group; results pickled to out_dir."""
+def _rank_main(rank, world, root, tmp, init_file, out_dir):
+    """One spawned rank: the scenarios of this file in one process group; results pickled to out_dir. W = 2 runs
+    all of them; W = 3 (a world size that does not divide the batch) the training and the shared work."""
     torch.set_num_threads(1)
     REGISTRY["grad_spy"] = GradSpy
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    counter = WorkCounter(setattr)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         out = {"rank": rank, "world": distributed.world()}
         spy = _cfg(root, tmp, **{"method.name": "grad_spy", "ray.checkpoint_every_steps": 1})
-        out["finetune"] = _observed_run(spy)
-        # a worker restarted mid-task (as by Ray's FailureConfig) continues from the same state on every rank
-        out["resumed"] = _observed_run(spy, resume=out["finetune"]["mid_task_state"])
-        out["ewc"] = _observed_run(_cfg(root, tmp, **{"method.name": "ewc"}))
-        # only rank 1 asks to stop, after its first step: both ranks must leave together
-        out["stop"] = _observed_run(_cfg(root, tmp), should_stop=lambda: rank == 1)
-        try:
-            run_stream(_cfg(root, tmp, **{"mixture.batch_size": BATCH + 1}), device="cpu")
-            out["odd_batch_error"] = None
-        except ConfigError as e:
-            out["odd_batch_error"] = str(e)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        out["finetune"] = _observed_run(spy, counter=counter)
+        out["ewc"] = _observed_run(_cfg(root, tmp, **{"method.name": "ewc"}), counter=counter)
+        if world == WORLD:
+            # a worker restarted mid-task (as by Ray's FailureConfig) continues from the same state on every rank
+            out["resumed"] = _observed_run(spy, resume=out["finetune"]["mid_task_state"])
+            # only rank 1 asks to stop, after its first step: both ranks must leave together
+            out["stop"] = _observed_run(_cfg(root, tmp), should_stop=lambda: rank == 1)
+            try:
+                run_stream(_cfg(root, tmp, **{"mixture.batch_size": 1}), device="cpu")
+                out["tiny_batch_error"] = None
+            except ConfigError as e:
+                out["tiny_batch_error"] = str(e)
+        torch.save(out, os.path.join(out_dir, f"w{world}_rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
+def _spawn(tmp, root, world):
+    mp.spawn(_rank_main, args=(world, str(root), str(tmp), str(tmp / f"pg_init{world}"), str(tmp)), nprocs=world,
+             join=True)
+    return [torch.load(tmp / f"w{world}_rank{r}.pt", weights_only=False) for r in range(world)]
+
+
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
-    """(per-rank outputs of 2 gloo ranks, single-process outputs on the same configs)."""
+    """(per-rank outputs of 2 gloo ranks, single-process outputs on the same configs, per-rank outputs of 3)."""
     tmp = tmp_path_factory.mktemp("ddp")
     root = tmp / "fifmini"
     ensure_fifmini(root, 0, 32, scale=0.05, progress=False)
-    mp.spawn(_rank_main, args=(str(root), str(tmp), str(tmp / "pg_init"), str(tmp)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = _spawn(tmp, root, WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same kernels, so differences come from the sharding alone
+    mp_ = pytest.MonkeyPatch()
     try:
         REGISTRY["grad_spy"] = GradSpy
+        counter = WorkCounter(mp_.setattr)
         spy = _cfg(root, str(tmp), **{"method.name": "grad_spy", "ray.checkpoint_every_steps": 1})
-        single = {"finetune": _observed_run(spy), "ewc": _observed_run(_cfg(root, str(tmp), **{"method.name": "ewc"})),
+        single = {"finetune": _observed_run(spy, counter=counter),
+                  "ewc": _observed_run(_cfg(root, str(tmp), **{"method.name": "ewc"}), counter=counter),
                   # the 2-rank run's mid-task checkpoint continued on one process (another world size)
                   "from_ddp_state": _observed_run(spy, resume=ranks[0]["finetune"]["mid_task_state"])}
     finally:
+        mp_.undo()
         REGISTRY.pop("grad_spy", None)
         torch.set_num_threads(threads)
-    return ranks, single
+    return ranks, single, _spawn(tmp, root, 3)
 
 
 def _max_rel_diff(a: dict, b: dict) -> float:
@@ -131,7 +180,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
 
 
 def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
-    ranks, single = ddp_runs
+    ranks, single, _ = ddp_runs
     assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
     for r in ranks:
         rank_zero = r["rank"] == 0
@@ -140,7 +189,7 @@ def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
 
 
 def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
-    ranks, single = ddp_runs
+    ranks, single, _ = ddp_runs
     want = single["finetune"]["grads"]
     assert len(want) == 4 and all(len(r["finetune"]["grads"]) == 4 for r in ranks)
     # step 0 starts from identical weights theta_0: the averaged DDP gradient must be the global-batch gradient.
@@ -158,7 +207,7 @@ def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
 
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_weights_replicated_and_equal_to_single_process(ddp_runs, method):
-    ranks, single = ddp_runs
+    ranks, single, _ = ddp_runs
     a, b = ranks[0][method], ranks[1][method]
     for k in a["final_model"]:
         assert torch.equal(a["final_model"][k], b["final_model"][k]), f"rank weights differ at {k}"
@@ -185,7 +234,7 @@ def _tensors(tree) -> list[torch.Tensor]:
 
 
 def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_runs):
-    ranks, single = ddp_runs
+    ranks, single, _ = ddp_runs
     for r in ranks:
         full, resumed = r["finetune"], r["resumed"]
         assert full["mid_task_state"] is not None and len(resumed["losses"]) == 1  # only task 1, step 1 was left
@@ -200,22 +249,61 @@ def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_ru
 
 
 def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
-    ranks, _ = ddp_runs
+    ranks, _, _ = ddp_runs
     assert [len(r["stop"]["losses"]) for r in ranks] == [1, 1]
     assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0], [0]]
 
 
-def test_batch_size_not_divisible_by_world_size_is_refused(ddp_runs):
-    ranks, _ = ddp_runs
+def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
+    ranks, _, _ = ddp_runs
     for r in ranks:
-        assert r["odd_batch_error"] is not None
-        assert "'mixture.batch_size' = 9" in r["odd_batch_error"] and "world size 2" in r["odd_batch_error"]
+        assert r["tiny_batch_error"] is not None
+        assert "'mixture.batch_size' = 1" in r["tiny_batch_error"] and "world size 2" in r["tiny_batch_error"]
 
 
-def test_batch_size_check_and_one_process_helpers():
-    with pytest.raises(ConfigError, match="mixture.batch_size"):
-        distributed.check_batch_size(6, 4)
+@pytest.mark.parametrize("method", ["finetune", "ewc"])
+def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method):
+    """W = 3 does not divide b = 8 (shards 3, 3, 2): padded gathers, the same global loss, the same training."""
+    _, single, three = ddp_runs
+    assert [r["world"] for r in three] == [(0, 3), (1, 3), (2, 3)]
+    for r in three[1:]:
+        for k, v in three[0][method]["final_model"].items():
+            assert torch.equal(r[method]["final_model"][k], v), f"rank weights differ at {k}"
+    np.testing.assert_allclose(three[0][method]["losses"], single[method]["losses"], rtol=1e-5)
+    assert _max_abs_diff(three[0][method]["final_model"], single[method]["final_model"]) < 2e-6
+    pd.testing.assert_frame_equal(three[0][method]["results"], single[method]["results"], check_exact=False,
+                                  atol=1e-6, rtol=0)
+    if method == "finetune":
+        assert _max_rel_diff(three[0]["finetune"]["grads"][0], single["finetune"]["grads"][0]) < 1e-5
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_evaluation_and_the_fisher_pass_are_shared_out_not_repeated(ddp_runs, world):
+    """Each rank encodes only its share of the evaluation images and runs only its share of EWC's Fisher batches
+    (2 here; with 3 ranks one rank has none); together exactly the one-process work."""
+    two, single, three = ddp_runs
+    ranks = two if world == 2 else three
+    images, fisher = single["ewc"]["work"]
+    assert images > 0 and fisher == 2 * 2  # 2 Fisher batches after each of the 2 tasks
+    per_rank = [r["ewc"]["work"] for r in ranks]
+    assert sum(i for i, _ in per_rank) == images and max(i for i, _ in per_rank) < images
+    assert sorted(f for _, f in per_rank) == ([2, 2] if world == 2 else [0, 2, 2])
+
+
+def test_batch_size_check_shards_and_one_process_helpers():
+    distributed.check_batch_size(6, 4)  # any world size up to b: near-equal shards
+    with pytest.raises(ConfigError, match="'mixture.batch_size' = 3 is smaller than the world size 4"):
+        distributed.check_batch_size(3, 4)
+    assert distributed.shard_sizes(8, 3) == [2, 3, 3] and distributed.shard_sizes(512, 5) == [102, 102, 103, 102, 103]
+    assert list(distributed.share(5, 1, 2)) == [1, 3] and list(distributed.share(1, 2, 3)) == []
+    x = torch.arange(6.0).view(3, 2)
+    assert distributed.gather_batch(x, [3]) is x and distributed.gather_rows(x, "cpu") is x
     assert distributed.world() == (0, 1) and distributed.data_parallel(torch.nn.Linear(2, 2), "cpu") is None
+    # refused when the config loads, before any worker starts
+    with pytest.raises(ConfigError, match="'ray.num_workers' = 9 is larger than 'mixture.batch_size' = 8"):
+        load_config(None, {"ray.num_workers": 9, "mixture.batch_size": 8})
+    with pytest.raises(ConfigError, match="'ray.min_workers' = 3 must lie in \\[0, 'ray.num_workers' = 2\\]"):
+        load_config(None, {"ray.num_workers": 2, "ray.min_workers": 3})
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))

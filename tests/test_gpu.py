@@ -38,6 +38,19 @@ if DEVICE.type == "cpu":  # the dry run shares a small CPU with other work
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+class _Losses:
+    """The loop's ``TaskLosses`` on one process: ``sum_over`` sums ``per_batch`` over n fresh losses."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+
+    def sum_over(self, n, per_batch):
+        total = per_batch(self.loss_fn())
+        for _ in range(n - 1):
+            total = [a + b for a, b in zip(total, per_batch(self.loss_fn()))]
+        return total
+
+
 def _bench_module(name: str):
     """Import ``bench/<name>.py`` (bench/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "bench" / f"{name}.py")
@@ -182,7 +195,7 @@ def test_device_placement_of_model_and_method_state(name):
         loss.backward()
         opt.step()
         method.after_step(model, t, 0, 1e-4)
-        method.after_task(model, t, (_loss(model, images, tokens) for _ in range(3)))
+        method.after_task(model, t, _Losses(lambda: _loss(model, images, tokens)))
     off = [n for n, v in _tensors(dict(model.state_dict())) if not _on_device(v)]
     assert not off, f"{name}: model tensors not on {DEVICE}: {off[:5]}"
     if name == "lora":  # the adapters are part of the model (and so of its placement and checkpoints)

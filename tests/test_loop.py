@@ -136,9 +136,13 @@ class Spy(Method):
         assert grads and lr > 0  # called after backward, before the next zero_grad
         self.calls.append(("after_step", t, step))
 
-    def after_task(self, model, t, fisher_batches):
-        loss = next(iter(fisher_batches))  # a real CLIP loss on D_t with a graph to differentiate
-        assert loss.requires_grad and math.isfinite(float(loss.detach()))
+    def after_task(self, model, t, task_losses):
+        def check(loss):  # a real CLIP loss on D_t with a graph to differentiate
+            assert loss.requires_grad and math.isfinite(float(loss.detach()))
+            return [loss.detach().reshape(1)]
+
+        total = task_losses.sum_over(2, check)
+        assert total[0].shape == (1,) and float(total[0]) > 0
         self.calls.append(("after_task", t))
 
     def deployed_weights(self, t, model):

@@ -8,7 +8,7 @@ or the results. Order of calls (see the loop's module docstring for the full pse
     for t:
         weights = method.training_weights(t, model)     # None = continue from the weights in the model
         for step: loss = clip + method.extra_loss(model, t); ...; method.after_step(model, t, step, lr)
-        method.after_task(model, t, fisher_batches)     # Fisher / Omega / merge bookkeeping
+        method.after_task(model, t, task_losses)        # Fisher / Omega / merge bookkeeping
         evaluate(method.deployed_weights(t, model))
 
 The budget (``fomo_ray/budget.py``) asks a method for its own costs through two more hooks: ``steady_state`` puts
@@ -23,7 +23,7 @@ Fisher, Omega, ...) goes through ``state_dict()`` / ``load_state_dict()``; adapt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -35,6 +35,16 @@ from fomo_ray.costs import ExtraCost
 
 StateDict = dict[str, torch.Tensor]
 
+
+
+class TaskLosses(Protocol):
+    """What ``after_task`` gets: sums over batches of the task's update data D_t, given how to reduce one batch."""
+
+    def sum_over(self, n: int, per_batch: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
+        """``sum(per_batch(loss_k) for k < n)``, ``loss_k`` the CLIP loss of batch k of D_t (a fresh forward pass
+        with a graph). Under data parallelism each rank computes every W-th batch and the sums are added over the
+        ranks, so every rank gets the one-process sum (up to summation order)."""
+        ...
 
 @dataclass(frozen=True)
 class TaskPlan:
@@ -77,10 +87,10 @@ class Method:
     def after_step(self, model: nn.Module, t: int, step: int, lr: float) -> None:
         """Method-internal bookkeeping after each optimizer step (gradients are still in ``p.grad``)."""
 
-    def after_task(self, model: nn.Module, t: int, fisher_batches: Iterable[torch.Tensor]) -> None:
-        """Bookkeeping after task ``t``. ``fisher_batches`` lazily yields, per batch of the task's update data,
-        that batch's CLIP loss (a fresh forward pass each): EWC's Fisher needs gradients of the task loss, and this
-        way no method needs the data, the tokenizer or the loss function itself."""
+    def after_task(self, model: nn.Module, t: int, task_losses: "TaskLosses") -> None:
+        """Bookkeeping after task ``t``. ``task_losses`` sums statistics of the CLIP loss over batches of the task's
+        update data (:class:`TaskLosses`): EWC's Fisher needs gradients of the task loss, and this way no method
+        needs the data, the tokenizer, the loss function or the data-parallel ranks."""
 
     def deployed_weights(self, t: int, model: nn.Module) -> StateDict:
         """The weights evaluated/served after task ``t``; by default the trained weights themselves."""

@@ -37,14 +37,14 @@ The presets fix init/deploy; the operator and its parameters always come from ``
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
 
 from fomo_ray import merge_ops
 from fomo_ray.config import MethodConfig
-from fomo_ray.methods.base import Method, StateDict, clone_state, freeze_all_but
+from fomo_ray.methods.base import Method, StateDict, TaskLosses, clone_state, freeze_all_but
 from fomo_ray.seeding import derive_seed
 
 INIT_RULES = ("previous_deployed", "previous_trained", "zero_shot")
@@ -104,7 +104,7 @@ class Merge(Method):
             return None  # task 0 starts from theta_0, which the model holds
         return self.deployed if self.init_rule == "previous_deployed" else self.theta0
 
-    def after_task(self, model: nn.Module, t: int, fisher_batches: Iterable[torch.Tensor]) -> None:
+    def after_task(self, model: nn.Module, t: int, task_losses: TaskLosses) -> None:
         theta_t = clone_state(model.state_dict())
         seed = derive_seed(self.seed, "merge", t)  # only operators that draw (DARE) use it
         w = self.cfg.merge.weight

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fomo_ray.costs import PENALTY_FLOPS_PER_PARAM, ExtraCost
-from fomo_ray.methods.base import Method, StateDict, freeze_all_but
+from fomo_ray.methods.base import Method, StateDict, TaskLosses, freeze_all_but
 from fomo_ray.optim import trainable_named
 
 Tensors = list[torch.Tensor]
@@ -94,19 +94,15 @@ class EWC(Method):
             return None
         return 0.5 * self.cfg.reg.ewc_lambda * quadratic_penalty(self._params(model), self.anchor, self.fisher)
 
-    def after_task(self, model: nn.Module, t: int, fisher_batches: Iterable[torch.Tensor]) -> None:
+    def after_task(self, model: nn.Module, t: int, task_losses: TaskLosses) -> None:
         params = self._params(model)
-        fisher_new = [torch.zeros_like(p) for p in params]
-        n = 0
-        for loss in fisher_batches:
-            if n >= self.cfg.reg.ewc_fisher_batches:
-                break
+        n = self.cfg.reg.ewc_fisher_batches
+
+        def squared_grads(loss: torch.Tensor) -> list[torch.Tensor]:
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
-            torch._foreach_addcmul_(fisher_new, grads, grads)
-            n += 1
-        if n == 0:
-            raise ValueError(f"EWC after task {t}: no batch of task data to estimate the Fisher from")
+            return [torch.zeros_like(p) if g is None else g.detach().square() for g, p in zip(grads, params)]
+
+        fisher_new = task_losses.sum_over(n, squared_grads)  # the empirical diagonal Fisher: mean squared gradient
         torch._foreach_div_(fisher_new, float(n))
         if self.fisher is None:
             self.fisher = fisher_new
@@ -169,7 +165,7 @@ class SI(Method):
             omegas, grads = map(list, zip(*pairs))
             torch._foreach_addcmul_(omegas, grads, grads, value=lr)
 
-    def after_task(self, model: nn.Module, t: int, fisher_batches: Iterable[torch.Tensor]) -> None:
+    def after_task(self, model: nn.Module, t: int, task_losses: TaskLosses) -> None:
         params = _detached(self._params(model))
         si_importance(self.omega_big, self.omega_small, params, self.anchor, self.cfg.reg.si_xi)
         self.anchor = params
