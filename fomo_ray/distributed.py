@@ -146,6 +146,15 @@ def from_rank_zero(value: Any) -> Any:
     return box[0]
 
 
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` on one process."""
+    if not is_data_parallel():
+        return [value]
+    out: list[Any] = [None] * world()[1]
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 @contextlib.contextmanager
 def rank_zero_first() -> Iterator[None]:
     """Rank 0 runs the block first (e.g. building FiF-mini or the pretrained base into a shared directory); the other

@@ -32,15 +32,16 @@ the state's cursor, ending with metrics bitwise identical to the uninterrupted r
 
 Data parallel (``fomo_ray/distributed.py``): when ``torch.distributed`` is initialised with world size W > 1 (Ray
 Train's ``TorchTrainer`` does it), the same loop runs on every rank. Each rank plans the same global batch of
-``mixture.batch_size`` (which W must divide), decodes and encodes only its contiguous shard through a DDP-wrapped
-model, and computes
-the CLIP loss over the features of the whole global batch gathered with gradient, so the averaged gradient is the
-single-process one (equal up to floating-point summation order; measured in ``tests/test_ddp.py``). Everything else —
-method hooks, evaluation, snapshots — runs identically on every rank, so weights, method state and results stay
-replicated, and **every ``hooks`` callback fires on every rank** with the same arguments: the edge decides who
-reports (``distributed.is_rank_zero()``; Ray Train V2 needs every rank to call ``ray.train.report``, rank 0 passing
-the checkpoint). ``hooks.should_stop`` is agreed across ranks (any rank stopping stops all). A resume may use another
-world size: the global batches do not depend on it. With W = 1 nothing of this runs and the loop is unchanged.
+``mixture.batch_size`` (any W up to it), decodes and encodes only its near-equal contiguous shard through a
+DDP-wrapped model, and computes the CLIP loss over the features of the whole global batch gathered with gradient, so
+the averaged gradient is the single-process one (equal up to floating-point summation order; measured in
+``tests/test_ddp.py``). Evaluation and the ``TaskLosses`` of ``after_task`` (EWC's Fisher) are shared out over the
+ranks and gathered. Everything else — method hooks, merges, snapshots — runs identically on every rank, so weights,
+method state and results stay replicated, and **every ``hooks`` callback fires on every rank** with the same
+arguments: the edge decides who reports (``distributed.is_rank_zero()``; Ray Train V2 needs every rank to call
+``ray.train.report``, rank 0 passing the checkpoint). ``hooks.should_stop`` is agreed across ranks (any rank stopping
+stops all). A resume may use another world size: the global batches do not depend on it. With W = 1 nothing of this
+runs and the loop is unchanged.
 """
 from __future__ import annotations
 

@@ -47,6 +47,7 @@ from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's checkpoints
 RESUMED_TAG = "fomo_ray.resumed_from"  # the cursor a restarted worker continued from
 WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attempt
+NODES_TAG = "fomo_ray.worker_nodes"  # the Ray node of each rank of the (latest) attempt, in rank order
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
 
@@ -205,19 +206,20 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     deterministic failure. Returns the final report (``done`` or ``failed``, :mod:`fomo_ray.trial_report`).
     Before the loop, the run's inputs are made sure of (:func:`ensure_inputs`).
     """
-    from fomo_ray import loop
+    from fomo_ray import distributed, loop
 
     resume, meta, ended = _resume_point(session)
     if ended is not None:  # relaunched after it ended (e.g. a restored sweep): nothing to redo
         return ended
     ensure_inputs(p.cfg)
+    nodes = distributed.gather_objects(_node_id())  # every rank takes part in the collective
     run_id = meta.get("mlflow_run_id") or p.mlflow_run_id
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
         from fomo_ray.tracking import Tracker
 
         tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
-        tracker.set_tags(run_id, {WORLD_TAG: session.world_size})
+        tracker.set_tags(run_id, {WORLD_TAG: session.world_size, NODES_TAG: ",".join(nodes)})
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)
