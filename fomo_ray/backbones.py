@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import logging
 import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -226,6 +227,24 @@ def tokenizer_for(name: str) -> tuple[Callable[..., torch.Tensor], int]:
         raise BackboneError(f"could not load the tokenizer of '{name}'{offline}: {e}") from e
 
 
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's "No pretrained weights loaded ... initialized randomly" while a model whose weights are
+    loaded right after is built (open_clip logs it on the root logger)."""
+    quiet = _DropRandomInitWarning()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def create_backbone(name: str, pretrained: str = "", device: str | torch.device = "cpu",
                     precision: str = "auto") -> Backbone:
     """Build architecture ``name`` with weights from ``pretrained`` (tag, checkpoint file or '' for random init).
@@ -238,7 +257,8 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
     _check_arch(name)
     resolved = resolve_precision(precision, device)
     if pretrained and _is_checkpoint_path(pretrained):
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        with _quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
+            model = open_clip.create_model(name, pretrained=None, device="cpu")
         load_checkpoint(model, pretrained, arch=name)
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)

@@ -57,7 +57,12 @@ class RunFailed(RuntimeError):
 
 
 class RunDiverged(RunFailed):
-    """The run failed deterministically (non-finite loss): running it again gives the same failure."""
+    """The run failed deterministically (its ``failed`` report): retrying cannot help. ``evals``: the evaluation
+    reports it made before (a TorchTrainer's, from its result), so a sweep can keep them."""
+
+    def __init__(self, message: str, evals: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.evals = list(evals or [])
 
 
 @dataclass(frozen=True)
@@ -327,7 +332,9 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
                         f"restart(s): {e}") from e
     metrics = dict(result.metrics or {})
     if trial_report.is_kind(metrics, ReportKind.FAILED):
-        raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}")
+        evals = trial_report.eval_rows(result.metrics_dataframe)
+        raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}",
+                          [] if evals is None else [r.dropna().to_dict() for _, r in evals.iterrows()])
     return TrainOutcome(metrics, result.checkpoint.path if result.checkpoint else None, str(result.path))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -47,13 +47,22 @@ def pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
 
 
 def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per trial: final and trajectory-mean A_KA, A_ZS, GM, the Pareto flag and the trial's swept values;
-    sorted by final GM (best first)."""
+    """One row per trial: its status, final and trajectory-mean A_KA, A_ZS, GM, the Pareto flag and the trial's
+    swept values; sorted by final GM (best first). Only a ``finished`` trial has final and mean scores and can be on
+    the Pareto front: a failed, stopped or interrupted trial's last point is not its final one (its partial
+    trajectory stays in the tidy table and the trajectory plot, marked)."""
     table = trajectory_means(summarize(tidy))
-    table["pareto"] = pareto_mask(table["final_A_KA"].tolist(), table["final_A_ZS"].tolist())
     if trials is not None and not trials.empty:
-        extra = [c for c in trials.columns if c not in table.columns and c != "error"]
+        extra = [c for c in trials.columns if c not in table.columns and c not in ("error", "reason")]
         table = table.merge(trials[["run", *extra]], on="run", how="left")
+    if "status" not in table.columns:  # a bare tidy table (a single run): complete by construction
+        table["status"] = "finished"
+    table["status"] = table["status"].fillna("interrupted")
+    unfinished = table["status"] != "finished"
+    table.loc[unfinished, [c for c in table.columns if c.startswith(("final_", "mean_"))]] = float("nan")
+    done = table[~unfinished]
+    table["pareto"] = False
+    table.loc[done.index, "pareto"] = pareto_mask(done["final_A_KA"].tolist(), done["final_A_ZS"].tolist())
     return table.sort_values("final_GM", ascending=False, na_position="last").reset_index(drop=True)
 
 
@@ -62,8 +71,9 @@ def format_table(table: pd.DataFrame) -> str:
     from fomo_ray.tables import format_table as render
 
     labels = [c for c in table.columns if "." in c or c in ("variant",)]
-    cols = ["run", *labels, *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], "pareto"]
-    head = ["run", *labels, "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM", "Pareto"]
+    cols = ["run", *labels, "status", *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], "pareto"]
+    head = ["run", *labels, "status", "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM",
+            "Pareto"]
 
     def text(c: str, v) -> str:
         if c.startswith(("final_", "mean_")):
@@ -85,12 +95,17 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     return path
 
 
-def plot_trajectories(summary: pd.DataFrame, path: Path) -> Path:
-    """A_KA (x) vs A_ZS (y): one line per trial from the zero-shot point through one point per task."""
+def plot_trajectories(summary: pd.DataFrame, path: Path, status: Mapping[str, str] | None = None) -> Path:
+    """A_KA (x) vs A_ZS (y): one line per trial from the zero-shot point through one point per task. A trial that
+    did not finish (``status``) is dashed, its last point an ``x``, and its label says why."""
+    status = status or {}
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for run, g in summary.sort_values("task").groupby("run", sort=True):
-        ax.plot(100 * g["A_KA"], 100 * g["A_ZS"], marker="o", ms=3, lw=1.2, label=run)
-        ax.scatter(100 * g["A_KA"].iloc[-1], 100 * g["A_ZS"].iloc[-1], s=30, zorder=3)
+        done = status.get(run, "finished") == "finished"
+        label = run if done else f"{run} ({status[run]})"
+        ax.plot(100 * g["A_KA"], 100 * g["A_ZS"], marker="o", ms=3, lw=1.2, ls="-" if done else "--", label=label)
+        ax.scatter(100 * g["A_KA"].iloc[-1], 100 * g["A_ZS"].iloc[-1], s=30 if done else 60, zorder=3,
+                   marker="o" if done else "x")
     zs = summary[summary["task"] == 0]
     if not zs.empty:
         ax.scatter(100 * zs["A_KA"].mean(), 100 * zs["A_ZS"].mean(), marker="*", s=200, c="k", zorder=4,
@@ -159,8 +174,8 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
     tmp.write_text(format_table(table) + "\n")
     os.replace(tmp, out / "table.md")
     files.append(out / "table.md")
-    files.append(plot_trajectories(summary, out / "trajectories.png"))
-    files.append(plot_pareto(table, out / "pareto.png"))
+    files.append(plot_trajectories(summary, out / "trajectories.png", dict(zip(table["run"], table["status"]))))
+    files.append(plot_pareto(table[table["status"] == "finished"], out / "pareto.png"))
     if x_key:
         if x_key not in table.columns:
             raise ReportError(f"report x key '{x_key}' is not a column of the trials table; "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import math
 import os
 import signal
@@ -86,24 +87,40 @@ class TrialSetup:
 
 
 class TuneSession:
-    """:class:`fomo_ray.ray_train.Session` for a plain Tune function trial (one process, rank 0)."""
+    """:class:`fomo_ray.ray_train.Session` for a plain Tune function trial (one process, rank 0); keeps the evaluation
+    reports it sent, so a deterministic failure can record them (see :func:`run_trial`)."""
     rank, world_size = 0, 1
+
+    def __init__(self) -> None:
+        self.evals: list[dict[str, Any]] = []
 
     def get_checkpoint(self) -> Any:
         return tune.get_checkpoint()
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
+        if trial_report.is_kind(metrics, ReportKind.EVAL):
+            self.evals.append(dict(metrics))
         ckpt = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         tune.report(metrics, checkpoint=ckpt)
 
 
 def _failure_marker(storage: str, trial_id: str) -> Path | None:
-    """Where a deterministic failure is recorded so that retries fail at once (local/shared filesystems only)."""
+    """Where a deterministic failure is recorded (reason and the evaluation reports made before it), so that a
+    relaunched trial replays them instead of redoing the work (local/shared filesystems only)."""
     return None if "://" in storage else Path(storage, "failed", f"{trial_id}.json")
 
 
+# Errors that repeat on every attempt: a retry cannot help, so the trial reports them and ends without raising (Tune
+# retries only raised errors). ValueError covers ConfigError, DataError, InputsMissing and EvaluationError.
+DETERMINISTIC = (ValueError,)
+
+
 def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
-    """The Tune function trainable: one continual run, tracked as a child MLflow run of the sweep."""
+    """The Tune function trainable: one continual run, tracked as a child MLflow run of the sweep.
+
+    A deterministic failure (divergence, bad input) is not raised: the trial sends a ``failed`` report with its
+    reason and ends, and its evaluation reports are written to a marker first. Tune therefore never retries it, and a
+    relaunch (a restored sweep) replays the same reports, so a failed trial's results are never lost."""
     from fomo_ray import ray_train
 
     ctx = tune.get_context()
@@ -111,8 +128,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     name = Path(ctx.get_trial_dir()).name  # the dirname creator made it the trial's name
     cfg = setup.base.replace(trial_overrides(config, setup.space))
     marker = _failure_marker(setup.storage, trial_id)
-    if marker is not None and marker.is_file():  # retried after a deterministic failure: do not redo the work
-        raise ray_train.RunFailed(json.loads(marker.read_text())["reason"])
+    if marker is not None and marker.is_file():  # relaunched after a deterministic failure: replay, do not redo
+        recorded = json.loads(marker.read_text())
+        for report in recorded.get("evals", []):
+            tune.report(report)
+        tune.report(trial_report.failed_report(recorded["reason"], recorded.get("last", {})))
+        return
     tracker, run_id = None, ""
     if setup.tracking_uri:
         from fomo_ray.tracking import Tracker
@@ -126,6 +147,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
         log_checkpoints=cfg.tracking.log_checkpoints,
         storage_uri=f"{train_root}/{trial_id}" if setup.use_train else ctx.get_trial_dir())
+    session = TuneSession()
     try:
         if setup.use_train:
             from ray.tune.integration.ray_train import TuneReportCallback
@@ -133,22 +155,36 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root, callbacks=[TuneReportCallback()])
         else:
             ray_train.set_threads(cfg.ray.cpus_per_worker)
-            last = ray_train.continual_run(payload, TuneSession())
+            last = ray_train.continual_run(payload, session)
             if trial_report.is_kind(last, ReportKind.FAILED):
                 raise ray_train.RunDiverged(f"run {name!r} failed: {last.get('reason')}")
-    except ray_train.RunFailed as e:
-        if marker is not None and isinstance(e, ray_train.RunDiverged):  # deterministic: retrying cannot help
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(marker, json.dumps({"reason": str(e)}))
+    except (ray_train.RunDiverged, *DETERMINISTIC) as e:
+        reason = str(e) if isinstance(e, ray_train.RunDiverged) else f"{type(e).__name__}: {e}"
+        evals = getattr(e, "evals", None) or session.evals  # a TorchTrainer's come with the error
+        _record_failure(marker, reason, evals)
         if tracker is not None:
-            tracker.finish(run_id, failure=str(e))
-        raise
+            tracker.finish(run_id, failure=reason)
+        if not setup.use_train and isinstance(e, ray_train.RunDiverged):
+            return  # the loop's bridge already sent the failed report
+        tune.report(trial_report.failed_report(reason, _last_scores(evals)))
+        return
     except BaseException as e:
         if tracker is not None:
             tracker.finish(run_id, failure=f"{type(e).__name__}: {e}")
         raise
     if tracker is not None:
         tracker.finish(run_id)
+
+
+def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
+    return {k: evals[-1][k] for k in SUMMARY_KEYS if evals and k in evals[-1]}
+
+
+def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]]) -> None:
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(marker, json.dumps({"reason": reason, "evals": evals, "last": _last_scores(evals)},
+                                         default=float))
 
 
 # --------------------------------------------------------------------------------------------------- callbacks
@@ -176,6 +212,11 @@ class Progress(tune.Callback):
                        + "  ".join(f"{k} {100 * result[k]:5.1f}" for k in SUMMARY_KEYS))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if trial_report.is_kind(last, ReportKind.FAILED):  # one line: the reason and where the trial's files are
+            self._line(f"FAILED {trial}  {str(last.get('reason', ''))[:300]}  {self._count(trials, trial)}  "
+                       f"(trial directory: {getattr(trial, 'path', '')})")
+            return
         self._line(f"done   {trial}  {self._count(trials, trial)}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -234,12 +275,26 @@ for _hook in _HOOKS:
 
 
 # --------------------------------------------------------------------------------------------------- results
+def trial_status(result: Any) -> tuple[str, str]:
+    """(status, reason) of a Tune result: ``finished`` (its final ``done`` report), ``failed`` (a ``failed`` report,
+    or an error Ray gave up on), else ``interrupted`` (it stopped before the end of its stream)."""
+    metrics = result.metrics or {}
+    if result.error:
+        return "failed", str(result.error).strip().splitlines()[-1][:500]
+    if trial_report.is_kind(metrics, ReportKind.FAILED):
+        return "failed", str(metrics.get("reason", ""))[:500]
+    if trial_report.is_kind(metrics, ReportKind.DONE):
+        return "finished", ""
+    return "interrupted", ""
+
+
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, tidy, trials) from a Tune ResultGrid.
 
     results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM, node_id, swept values);
-    tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with status and error.
-    A point reported twice (a worker restarted between its evaluation and the next checkpoint) keeps the last copy.
+    tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
+    failed, interrupted; :func:`trial_status`) and reason. A point reported twice (a worker restarted between its
+    evaluation and the next checkpoint) keeps the last copy.
     """
     rows, tidy, trials = [], [], []
     for r in grid:
@@ -249,9 +304,8 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         ov = trial_overrides(r.config, space)
         labels = {k: r.config[k] for k, d in space.items() if d.kind == "points"}
         trial_id = (r.metrics or {}).get("trial_id", "")
-        status = "ERROR" if r.error else "TERMINATED"
-        trials.append({"run": name, "trial_id": trial_id, "status": status,
-                       "error": str(r.error).strip().splitlines()[-1][:500] if r.error else "", **labels, **ov})
+        status, reason = trial_status(r)
+        trials.append({"run": name, "trial_id": trial_id, "status": status, "reason": reason, **labels, **ov})
         evals = trial_report.eval_rows(r.metrics_dataframe)
         if evals is None:
             continue
@@ -278,6 +332,8 @@ class SweepResult:
     tracking_uri: str
     report_files: tuple[Path, ...] = ()
     wall_s: float = 0.0
+    interrupted: bool = False  # stopped before every trial ended: partial, resumable, nothing called final
+    total: int = 0             # trials planned
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -365,18 +421,21 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     results, tidy, trials = collect_results(grid, plan.space)
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
-                      wall_s=time.time() - t0)
+                      wall_s=time.time() - t0, total=plan.total)
     _save_csv(results, directory / "results.csv")
     _save_csv(trials, directory / "trials.csv")
     if not tidy.empty:
         from fomo_ray.metrics import save_results
 
         save_results(tidy, directory / "tidy.csv")
-    if len(trials) < plan.total or not all(_trial_finished(r) for r in grid):
-        print(f"sweep {directory.name} interrupted: {len(trials)}/{plan.total} trial(s) started; "
-              f"rerun the same command to resume it", flush=True)
-        return out
-    failed = int((trials["status"] == "ERROR").sum())
+    counts = status_counts(trials, plan.total)
+    if counts["interrupted"] or counts["pending"]:
+        if tracker is not None and out.parent_run_id:  # reopened (RUNNING) when the sweep resumes
+            tracker.finish(out.parent_run_id, status="KILLED")
+        print(f"sweep {directory.name} interrupted: {format_counts(counts)}. Resume it with: "
+              f"{resume_command(directory.name)}", flush=True)
+        return replace(out, interrupted=True)
+    failed = counts["failed"]
     files = _report(out, spec, tracker)
     if tracker is not None:
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
@@ -404,9 +463,25 @@ def _space_json(space: Mapping[str, Dim]) -> str:
     return json.dumps({k: {d.kind: list(d.values)} for k, d in space.items()}, default=str)
 
 
-def _trial_finished(result: Any) -> bool:
-    """A trial finished when it failed or reported its final ``done`` result (not merely stopped by an interrupt)."""
-    return bool(result.error) or trial_report.is_kind(result.metrics, ReportKind.DONE)
+def status_counts(trials: pd.DataFrame, total: int) -> dict[str, int]:
+    """How many trials finished, failed, stopped, were interrupted, and never started (pending)."""
+    seen = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    counts = {k: int(seen.get(k, 0)) for k in ("finished", "failed", "stopped", "interrupted")}
+    counts["pending"] = max(0, total - len(trials))
+    return counts
+
+
+def format_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("finished", "failed"))
+
+
+def resume_command(directory_name: str) -> str:
+    """The command that resumes this sweep: the one that was run, naming the directory and asking to resume."""
+    program = f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+    argv = [program, *(a for a in sys.argv[1:] if a not in ("--fresh", "--resume"))]
+    drop = {i for i, a in enumerate(argv) if a == "--name"} | {i + 1 for i, a in enumerate(argv) if a == "--name"}
+    argv = [a for i, a in enumerate(argv) if i not in drop and not a.startswith("--name=")]
+    return " ".join([argv[0], *(shlex.quote(a) for a in [*argv[1:], "--name", directory_name, "--resume"])])
 
 
 def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool) -> Any:

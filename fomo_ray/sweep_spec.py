@@ -270,6 +270,11 @@ def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, 
         if if_exists == "resume":
             raise SweepError(f"nothing to resume: no sweep directory {d}")
         return d, False
+    if is_finished(d) and if_exists in ("auto", "resume"):  # a later run of the same sweep may be the unfinished one
+        later = sorted((p for p in root.glob(f"{name}-*") if p.name[len(name) + 1:].isdigit() and any(p.iterdir())),
+                       key=lambda p: int(p.name[len(name) + 1:]))
+        if later and not is_finished(later[-1]):
+            return later[-1], True
     finished = is_finished(d)
     if if_exists == "refuse":
         state = "finished (results in it)" if finished else "interrupted"

@@ -31,6 +31,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what the UI group
 TRIAL_TAG = "fomo_ray.trial_id"
 KIND_TAG = "fomo_ray.kind"
 REASON_TAG = "fomo_ray.failure_reason"
+STATUS_TAG = "fomo_ray.status"  # finished | failed | stopped | interrupted
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
 _BATCH = 1000  # MLflow's per-call limit for metrics; params/tags are limited to 100
@@ -69,16 +70,21 @@ def resolve_uri(configured: str, output_dir: str | Path, env: Mapping[str, str] 
     return uri
 
 
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast (seconds, not MLflow's minutes of retries) when the store cannot be used; names the URI."""
+def check_reachable(uri: str, timeout_s: float = 5.0, create: bool = True) -> None:
+    """Fail fast (seconds, not MLflow's minutes of retries) when the store cannot be used; names the URI.
+    ``create=False`` (a dry run) writes nothing: a database's nearest existing folder must then be writable."""
     if uri.startswith("sqlite:///"):
         db = Path(uri[len("sqlite:///"):])
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"MLflow tracking URI {uri!r}: cannot create directory {db.parent}: {e}") from e
-        if not os.access(db.parent, os.W_OK):
-            raise TrackingError(f"MLflow tracking URI {uri!r}: directory {db.parent} is not writable")
+        folder = db.parent
+        if create:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise TrackingError(f"MLflow tracking URI {uri!r}: cannot create directory {folder}: {e}") from e
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"MLflow tracking URI {uri!r}: directory {folder} is not writable")
         return
     if uri.startswith(("http://", "https://")):
         url = uri.rstrip("/") + "/health"
@@ -199,12 +205,15 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path=artifact_path)
 
-    def finish(self, run_id: str, failure: str | None = None) -> None:
-        """FINISHED, or FAILED with the reason as a tag (visible in the UI's run table)."""
+    def finish(self, run_id: str, failure: str | None = None, status: str = "") -> None:
+        """FINISHED, or FAILED with the reason as a tag (visible in the UI's run table), or ``status`` (e.g. KILLED
+        for an interrupted sweep; reopened as RUNNING when it resumes). The trial status (finished, failed, stopped,
+        interrupted) is also a tag, ``fomo_ray.status``."""
         if failure:
             self.set_tags(run_id, {REASON_TAG: failure})
-        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED if failure
-                                                                      else RunStatus.FINISHED))
+        status = status or ("FAILED" if failure else "FINISHED")
+        self.set_tags(run_id, {STATUS_TAG: {"FAILED": "failed", "KILLED": "interrupted"}.get(status, "finished")})
+        self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
     # -------------------------------------------------------------------------------------------- reading back
     def children(self, parent_run_id: str) -> list[Any]:

@@ -85,7 +85,7 @@ def eval_rows(metrics: Any) -> Any:
     A point reported twice (a worker restarted between its evaluation and the next checkpoint) keeps the last copy.
     None when the table has no reports of this protocol.
     """
-    if metrics is None or KIND not in metrics.columns:
-        return None
+    if metrics is None or KIND not in metrics.columns or "task" not in metrics.columns:
+        return None  # (a trial that failed before its first evaluation reports no task at all)
     evals = metrics[metrics[KIND] == ReportKind.EVAL.value]
     return evals.drop_duplicates("task", keep="last").sort_values("task")

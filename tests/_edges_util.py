@@ -38,6 +38,7 @@ class StandIn:
     """Toy continual run: per task, ``steps`` SGD steps on w toward a task target; A = adapt score, E = eval score."""
 
     steps = 4
+    bad_input_seed = 13
 
     @staticmethod
     def records(w: np.ndarray) -> list[dict]:
@@ -55,6 +56,10 @@ class StandIn:
         calls.mkdir(parents=True, exist_ok=True)
         (calls / f"seed{cfg.seed}-{'resume' if resume else 'start'}-{os.getpid()}-{time.time_ns()}").touch()
         hooks = hooks or loop.RunHooks()
+        if cfg.seed == StandIn.bad_input_seed:  # bad input found while running: the same on every attempt
+            from fomo_ray.data.format import DataError
+
+            raise DataError(f"stream file {cfg.output_dir}/missing.json does not exist (seed {cfg.seed})")
         lr, w_merge = cfg.optimizer.lr, cfg.method.merge.weight
         if resume is None:
             w, task, step, results = np.zeros(2), 0, 0, []

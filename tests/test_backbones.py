@@ -170,3 +170,20 @@ def test_clip_loss_trains_the_temperature(tiny):
     tiny.model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="two \\[B, D\\] feature matrices"):
         clip_loss(img[:3], txt, scale)
+
+
+def test_loading_a_checkpoint_does_not_claim_random_init(tmp_path, caplog):
+    """Issue 14, item 6: open_clip's "No pretrained weights loaded ... initialized randomly" is printed only when the
+    model really is random, not when our checkpoint is loaded right after building it."""
+    import logging
+
+    from fomo_ray.backbones import create_backbone, save_checkpoint
+
+    with caplog.at_level(logging.WARNING):
+        bb = create_backbone("fomo-tiny-s", "")
+    assert "initialized randomly" in caplog.text
+    save_checkpoint(bb.model, tmp_path / "base.pt")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        create_backbone("fomo-tiny-s", str(tmp_path / "base.pt"))
+    assert "initialized randomly" not in caplog.text

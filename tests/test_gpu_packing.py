@@ -48,5 +48,5 @@ def test_eight_half_gpu_trials_pack_onto_four_gpus(ray_4_logical_gpus, tmp_path,
     # two trials share each of the four logical GPUs
     assert collections.Counter(int(p["gpu_ids"][0]) for p in placed) == {0: 2, 1: 2, 2: 2, 3: 2}
     assert sorted(out.results["run"]) == sorted(out.trials["run"]) and len(out.trials) == 8
-    assert (out.trials["status"] == "TERMINATED").all()
+    assert (out.trials["status"] == "finished").all()
     print(f"8 x 0.5-GPU trials placed concurrently on 4 logical GPUs in {wall:.1f} s")

@@ -29,7 +29,7 @@ def _tidy() -> pd.DataFrame:
 
 
 def _trials() -> pd.DataFrame:
-    return pd.DataFrame({"run": ["a", "b", "c"], "status": ["TERMINATED"] * 3, "error": ["", "", ""],
+    return pd.DataFrame({"run": ["a", "b", "c"], "status": ["finished"] * 3, "reason": ["", "", ""],
                          "method.merge.weight": [float("nan"), 0.5, 0.9], "variant": ["finetune", "w0.5", "w0.9"]})
 
 
@@ -55,8 +55,8 @@ def test_trial_table_numbers():
 
 def test_format_table_in_percent():
     md = report.format_table(report.trial_table(_tidy(), _trials()))
-    assert "| run | method.merge.weight | variant | final A_KA |" in md
-    assert "| a |  | finetune | 75.0 | 60.0 |" in md
+    assert "| run | method.merge.weight | variant | status | final A_KA |" in md
+    assert "| a |  | finetune | finished | 75.0 | 60.0 |" in md
 
 
 def test_build_report_writes_table_and_plots(tmp_path):
@@ -80,7 +80,7 @@ def test_cli_from_a_saved_table(tmp_path, capsys):
     path = save_results(_tidy(), tmp_path / "results.csv")
     assert report_main([str(path)]) == 0
     out = capsys.readouterr().out
-    assert "| a | 75.0 | 60.0 |" in out and "trajectories.png" in out
+    assert "| a | finished | 75.0 | 60.0 |" in out and "trajectories.png" in out
     assert (tmp_path / "report" / "pareto.png").is_file()
 
 
@@ -94,3 +94,23 @@ def test_cli_from_a_sweep_directory(tmp_path, capsys):
 def test_cli_names_a_missing_table(tmp_path, capsys):
     assert report_main([str(tmp_path / "nope.csv")]) == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_only_finished_trials_have_final_scores_and_enter_the_pareto_front():
+    """Issue 14: an interrupted or failed trial's last point is not its final one: no final / mean scores, never on
+    the Pareto front, its status in the table."""
+    from fomo_ray.report import format_table, trial_table
+
+    rows = []
+    for run, ka, zs in (("done", 0.3, 0.6), ("cut", 0.9, 0.9), ("bad", 0.95, 0.95)):
+        for task in (0, 1):
+            rows += [{"run": run, "task": task, "dataset": "A", "role": "adapt", "metric": "top1", "value": ka},
+                     {"run": run, "task": task, "dataset": "E", "role": "eval", "metric": "top1", "value": zs}]
+    trials = pd.DataFrame({"run": ["done", "cut", "bad"], "status": ["finished", "interrupted", "failed"],
+                           "reason": ["", "", "TrainingDiverged"]})
+    table = trial_table(pd.DataFrame(rows), trials).set_index("run")
+    assert table.loc["done", "pareto"] and not table.loc["cut", "pareto"] and not table.loc["bad", "pareto"]
+    assert table.loc[["cut", "bad"], ["final_GM", "mean_GM"]].isna().all().all()
+    assert table.loc["done", "final_A_KA"] == pytest.approx(0.3)
+    text = format_table(trial_table(pd.DataFrame(rows), trials))
+    assert "| interrupted |" in text and "| failed |" in text and "n/a" in text

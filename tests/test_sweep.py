@@ -259,7 +259,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     t0 = time.time()
     out = sweep.run_sweep(spec)
     wall = time.time() - t0
-    assert list(out.trials["status"]) == ["TERMINATED", "TERMINATED"]
+    assert list(out.trials["status"]) == ["finished", "finished"]
     res = out.results
     assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
     assert res.groupby("run")["task"].apply(list).to_dict() == {"000-finetune": [0, 1, 2], "001-ema": [0, 1, 2]}
@@ -310,30 +310,68 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
         "base": {"output_dir": str(tmp_path), "stream.num_tasks": 2, "ray.max_concurrent_trials": 1,
                  "ray.max_failures": 1},
         "space": {"variant": {"points": {"a": {"seed": 1}, "diverges": {"optimizer.lr": 1.0e308},
-                                         "b": {"seed": 2}}}}})
+                                         "b": {"seed": 2}, "bad": {"seed": 13}}}}})
     t0 = time.time()
     first = sweep.run_sweep(spec, stop_after_trials=1)
     assert not (first.directory / sweep_spec.SUMMARY_FILE).exists()  # interrupted: not marked finished
-    assert list(first.trials["run"]) == ["000-a"]
+    assert list(first.trials["run"]) == ["000-a"] and first.interrupted
+    assert sweep.status_counts(first.trials, first.total) == {"finished": 1, "failed": 0, "stopped": 0,
+                                                                "interrupted": 0, "pending": 3}
+    from fomo_ray.tracking import Tracker as _T
+
+    assert _T(first.tracking_uri, "fomo_ray").client.get_run(first.parent_run_id).info.status == "KILLED"
     second = sweep.run_sweep(spec)
     wall = time.time() - t0
     assert second.directory == first.directory  # resumed in place
     calls = sorted(p.name.split("-")[0] for p in (tmp_path / "calls").iterdir())
     assert calls.count("seed1") == 1  # the finished trial was not redone
     assert calls.count("seed2") == 1
+    assert calls.count("seed13") == 1  # a deterministic error is not retried (ray.max_failures=1)
+    assert calls.count("seed0") == 1  # nor is a divergence
     status = second.trials.set_index("run")["status"].to_dict()
-    assert status == {"000-a": "TERMINATED", "001-diverges": "ERROR", "002-b": "TERMINATED"}
-    assert "diverged" in second.trials.set_index("run").loc["001-diverges", "error"]
-    assert sorted(set(second.results["run"])) == ["000-a", "001-diverges", "002-b"]
+    assert status == {"000-a": "finished", "001-diverges": "failed", "002-b": "finished", "003-bad": "failed"}
+    reasons = second.trials.set_index("run")["reason"]
+    assert "diverged" in reasons["001-diverges"] and "DataError: stream file" in reasons["003-bad"]
+    assert sorted(set(second.results["run"])) == ["000-a", "001-diverges", "002-b"]  # "bad" never evaluated
+    assert second.results.set_index("run").loc["001-diverges", "status"] == "failed"
     assert (second.directory / sweep_spec.SUMMARY_FILE).is_file()
     tracker = Tracker(second.tracking_uri, "fomo_ray")
     runs = {r.info.run_name: r for r in tracker.children(second.parent_run_id)}
-    assert sorted(runs) == ["000-a", "001-diverges", "002-b"]  # one run per trial, also across the restore
-    assert runs["001-diverges"].info.status == "FAILED"
+    assert sorted(runs) == ["000-a", "001-diverges", "002-b", "003-bad"]  # one per trial, also across the restore
+    assert runs["001-diverges"].info.status == runs["003-bad"].info.status == "FAILED"
+    assert runs["001-diverges"].data.tags["fomo_ray.status"] == "failed"
     assert "TrainingDiverged" in runs["001-diverges"].data.tags[REASON_TAG]
     assert runs["000-a"].info.status == runs["002-b"].info.status == "FINISHED"
-    assert tracker.client.get_run(second.parent_run_id).data.tags.get(REASON_TAG) == "1 trial(s) failed"
+    assert tracker.client.get_run(second.parent_run_id).data.tags.get(REASON_TAG) == "2 trial(s) failed"
     print(f"interrupt + Tuner.restore of 3 trials: {wall:.1f} s")
+
+
+def test_a_relaunched_failed_trial_replays_its_recorded_reports(tmp_path, monkeypatch):
+    """Issue 14, item 5: a trial that failed deterministically is relaunched when a sweep is restored before Tune
+    recorded its reports (seen under load: the diverged trial's rows were missing). It must send its evaluation
+    reports again, then its failed report, and not raise (so Tune neither loses the rows nor retries it)."""
+    from fomo_ray import trial_report
+
+    sent = []
+
+    class Context:
+        def get_trial_id(self):
+            return "t1"
+
+        def get_trial_dir(self):
+            return str(tmp_path / "003-bad")
+
+    monkeypatch.setattr(sweep.tune, "get_context", lambda: Context())
+    monkeypatch.setattr(sweep.tune, "report", lambda metrics, checkpoint=None: sent.append(metrics))
+    recs = [{"dataset": "A", "role": "adapt", "metric": "top1", "value": 0.5}]
+    evals = [trial_report.eval_report(0, recs, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35})]
+    sweep._record_failure(sweep._failure_marker(str(tmp_path), "t1"), "TrainingDiverged: loss is nan", evals)
+    setup = sweep.TrialSetup(base=load_config(None, {"output_dir": str(tmp_path)}), space={}, use_train=False,
+                             storage=str(tmp_path), tracking_uri="", parent_run_id="", sweep_name="s")
+    sweep.run_trial({}, setup)
+    assert sent[:-1] == evals
+    assert trial_report.is_kind(sent[-1], trial_report.ReportKind.FAILED) and "nan" in sent[-1]["reason"]
+    assert sent[-1]["GM"] == 0.35
 
 
 @pytest.mark.ray
@@ -347,7 +385,7 @@ def test_optuna_samples_within_the_space(ray_local, tmp_path, monkeypatch):
         "space": {"optimizer.lr": {"loguniform": [1.0e-5, 1.0e-2]},
                   "method.merge.weight": {"choice": [0.25, 0.75]}}})
     out = sweep.run_sweep(spec, progress=False)
-    assert len(out.trials) == 3 and (out.trials["status"] == "TERMINATED").all()
+    assert len(out.trials) == 3 and (out.trials["status"] == "finished").all()
     assert out.trials["optimizer.lr"].between(1e-5, 1e-2).all()
     assert set(out.trials["method.merge.weight"]) <= {0.25, 0.75}
     assert out.results.groupby("run")["task"].max().eq(1).all()
@@ -370,7 +408,7 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, tmp_path_factory):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary["cluster_nodes"]) == 2
     assert sorted(n for ns in summary["trial_nodes"].values() for n in ns) == summary["cluster_nodes"]
-    assert set(summary["trial_status"].values()) == {"TERMINATED"}
+    assert set(summary["trial_status"].values()) == {"finished"}
     assert summary["stopped_cleanly"], "some node processes needed SIGKILL"
     print(f"two-node cluster + 2-trial sweep: {time.time() - t0:.1f} s ({summary})")
 
@@ -388,3 +426,35 @@ def test_cluster_launcher_configs_validate_against_rays_schema(path):
     assert "mlflow server" in head and "--workers" in head and "ray start --head" in head
     assert any("/mnt/shared" in c for c in raw["setup_commands"])
     assert raw["available_node_types"][raw["head_node_type"]]["resources"] == {"CPU": 0}
+
+
+def test_rerunning_resumes_the_interrupted_later_run_of_a_sweep(tmp_path):
+    """Issue 14, item 3: after 'name' finished and 'name-2' was interrupted, the same command (and --resume) resume
+    'name-2' instead of starting 'name-3' or finding nothing to resume."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / sweep_spec.SUMMARY_FILE).write_text("{}")
+    (tmp_path / "s-2").mkdir()
+    (tmp_path / "s-2" / "sweep_state.json").write_text("{}")
+    assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-2", True)
+    assert sweep_spec.sweep_directory(tmp_path, "s", "resume") == (tmp_path / "s-2", True)
+    assert sweep_spec.sweep_directory(tmp_path, "s", "new") == (tmp_path / "s-3", False)
+    (tmp_path / "s-2" / sweep_spec.SUMMARY_FILE).write_text("{}")
+    assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-3", False)
+
+
+def test_dry_run_writes_nothing_and_still_checks_the_store(tmp_path, capsys):
+    """Issue 14, item 6: a dry run validates the tracking store without creating mlflow.db (or any folder)."""
+    path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
+    out = tmp_path / "runs"
+    assert sweep_cli.main([path, "--dry-run", f"output_dir={out}"]) == 0
+    assert not out.exists()
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions are not enforced
+            return
+        assert sweep_cli.main([path, "--dry-run", f"output_dir={locked / 'runs'}"]) == 2
+        assert "not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)

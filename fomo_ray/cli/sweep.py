@@ -86,9 +86,10 @@ def print_dry_run(spec: SweepSpec) -> None:
     sampled dimensions by range."""
     plan = plan_sweep(spec)
     if plan.base.tracking.enabled:
-        from fomo_ray.tracking import tracker_for
+        from fomo_ray.tracking import check_reachable, resolve_uri
 
-        tracker_for(plan.base)  # opens the store, as a run would: an unreachable URI fails the dry run too
+        # an unreachable URI fails the dry run too, but nothing is created (no database, no folder)
+        check_reachable(resolve_uri(plan.base.tracking.uri, plan.base.output_dir), create=False)
     print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
           f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
     space = parse_space(spec.space)
@@ -121,7 +122,9 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     print_summary(out)
-    return 0 if out.trials.empty or (out.trials["status"] != "ERROR").all() else 1
+    if out.interrupted:
+        return 3  # partial: resumable, nothing in it is final
+    return 0 if out.trials.empty or (out.trials["status"] == "finished").all() else 1
 
 
 def print_summary(out: Any) -> None:
@@ -129,15 +132,19 @@ def print_summary(out: Any) -> None:
     from fomo_ray.report import format_table, trial_table
     from fomo_ray.tracking import DB_NAME
 
+    from fomo_ray.sweep import format_counts, status_counts
+
     print()
     if not out.tidy.empty:
         print(format_table(trial_table(out.tidy, out.trials)))
-        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point; "
-              "* = on the A_KA/A_ZS Pareto front)")
-    failed = out.trials[out.trials["status"] == "ERROR"] if not out.trials.empty else out.trials
+        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both only "
+              "for finished trials; * = on the A_KA/A_ZS Pareto front of the finished trials)")
+    failed = out.trials[out.trials["status"] == "failed"] if not out.trials.empty else out.trials
     for _, r in failed.iterrows():
-        print(f"FAILED {r['run']}: {r['error']}")
-    print(f"\nwall time {out.wall_s / 60:.1f} min")
+        print(f"FAILED {r['run']}: {r['reason']}")
+    print(f"\ntrials: {format_counts(status_counts(out.trials, out.total or len(out.trials)))}"
+          + ("  (INTERRUPTED: partial results)" if out.interrupted else ""))
+    print(f"wall time {out.wall_s / 60:.1f} min")
     print(f"sweep directory     {out.directory}")
     for name in ("results.csv", "tidy.csv", "trials.csv"):
         if (out.directory / name).is_file():
