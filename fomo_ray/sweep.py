@@ -32,8 +32,9 @@ from fomo_ray import trial_report
 from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.metrics import COLUMNS
-from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepPlan, SweepSpec, check_search, grid_points, plan_sweep,
-                                 sweep_directory, trial_name, trial_overrides)
+from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec, check_search, grid_points,
+                                 identity_differences, plan_sweep, sweep_directory, sweep_identity, trial_name,
+                                 trial_overrides)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
@@ -400,6 +401,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     directory, resume = sweep_directory(Path(base.output_dir) / "sweeps", spec.name, if_exists)
     directory.mkdir(parents=True, exist_ok=True)
     state = _open_state(directory, plan, resume)
+    if resume:
+        _check_same_study(state, plan, directory)
     if tracker is not None:
         if not state.get("parent_run_id"):
             state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search})
@@ -454,9 +457,24 @@ def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any
     storage = (f"{base.ray.storage_path.rstrip('/')}/sweeps/{directory.name}" if base.ray.storage_path
                else str(directory))
     state = {"name": directory.name, "spec": plan.spec.name, "storage": storage, "tracking_uri": plan.tracking_uri,
-             "experiment": base.tracking.experiment, "parent_run_id": ""}
+             "experiment": base.tracking.experiment, "parent_run_id": "",
+             "identity": sweep_identity(base, _space_json(plan.space))}
     _write_atomic(path, json.dumps(state, indent=2))
     return state
+
+
+def _check_same_study(state: Mapping[str, Any], plan: SweepPlan, directory: Path) -> None:
+    """Refuse to resume an interrupted sweep with other settings: its finished trials would share one table with
+    trials of another config. Names every differing key."""
+    if "identity" not in state:  # a sweep started before this check existed: nothing to compare with
+        print(f"sweep {directory.name}: started by an older fomo_ray, its settings cannot be compared", flush=True)
+        return
+    diffs = identity_differences(state["identity"], sweep_identity(plan.base, _space_json(plan.space)))
+    if diffs:
+        raise SweepError(f"sweep '{directory.name}' at {directory} was started with other settings ("
+                         + "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
+                         + "). Resuming would mix them in one table: rerun with the original settings to resume it, "
+                         "or start a new sweep with --fresh")
 
 
 def _space_json(space: Mapping[str, Dim]) -> str:

@@ -23,6 +23,7 @@ overwritten) and the deterministic trial labels and names.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -289,6 +290,28 @@ def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, 
         if not cand.exists():
             return cand, False
     raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------------------------------- resume check
+# Keys that say how a sweep runs, not what it computes: they may change when a sweep is resumed (e.g. on a bigger
+# cluster). Every other key must match the interrupted sweep's, or one results table would mix two studies.
+EXECUTION_KEYS = ("ray.", "tracking.", "data.num_workers", "data.prefetch", "data.loader")
+
+
+def sweep_identity(base: ExperimentConfig, space_json: str) -> dict[str, Any]:
+    """What a resumed sweep must share with the interrupted one: every result-relevant key of the base config (the
+    flat config as JSON values) and the space."""
+    flat = json.loads(json.dumps(base.flat(), default=str))
+    return {"config": {k: v for k, v in flat.items() if not k.startswith(EXECUTION_KEYS)}, "space": space_json}
+
+
+def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every differing key (and the space), empty when the sweeps are the same study."""
+    old, new = saved.get("config", {}), now.get("config", {})
+    diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if saved.get("space") != now.get("space"):
+        diffs.append(f"space: {saved.get('space')} -> {now.get('space')}")
+    return diffs
 
 
 # --------------------------------------------------------------------------------------------------- trial names

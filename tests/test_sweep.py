@@ -2,6 +2,7 @@
 (marked ``ray``) an end-to-end sweep with MLflow, a failing trial, Tuner.restore and a two-node cluster."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -320,6 +321,10 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
     from fomo_ray.tracking import Tracker as _T
 
     assert _T(first.tracking_uri, "fomo_ray").client.get_run(first.parent_run_id).info.status == "KILLED"
+    # item 1: resuming with other settings is refused before anything runs, naming every differing key
+    changed = dataclasses.replace(spec, base={**spec.base, "stream.num_tasks": 3, "optimizer.lr": 5e-4})
+    with pytest.raises(SweepError, match=r"optimizer.lr: 0.0001 -> 0.0005; stream.num_tasks: 2 -> 3.*--fresh"):
+        sweep.run_sweep(changed)
     second = sweep.run_sweep(spec)
     wall = time.time() - t0
     assert second.directory == first.directory  # resumed in place
