@@ -346,3 +346,13 @@ def test_prefetching_on_and_off_train_identically_also_across_a_mid_task_resume(
     resumed = run_stream(cfg, resume=mid, hooks=RunHooks(on_checkpoint=resumed_states.append))
     _frame_equal(resumed.drop(columns="run"), off)
     _assert_tree_equal(resumed_states[-1].model, off_states[-1].model)
+
+
+def test_main_refusing_bad_input_leaves_no_run_directory(tiny_cfg, capsys, tmp_path):
+    """Issue 14, item 6: an error found after the config loads (here a stream file that does not exist) names the
+    culprit and leaves nothing under output_dir that looks like a run (no config.json)."""
+    cfg = tiny_cfg(**{"stream.file": str(tmp_path / "missing_stream.json")})
+    overrides = [f"{k}={v}" for k, v in cfg.flat().items() if not isinstance(v, tuple)]
+    assert main(overrides) == 2
+    assert "missing_stream.json" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / run_name(cfg)).exists()

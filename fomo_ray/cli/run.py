@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fomo-ray run: {e}", file=sys.stderr)
         return 2
     out = Path(cfg.output_dir) / run_name(cfg)
+    created = not out.exists()  # a run refused for bad input must not leave a directory that looks like a run
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg), indent=2, sort_keys=True)
     resume = load_state(out / "state") if args.resume and (out / "state" / LOOP_STATE_FILE).is_file() else None
@@ -62,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fomo-ray run: {e}", file=sys.stderr)
         return 1
     except input_errors() as e:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
         print(f"fomo-ray run: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     path = save_results(df, out / "results.parquet")
