@@ -132,15 +132,14 @@ def main(out: Path, data_root: str, scale: float) -> dict:
         helpers.wait_for_port(port, 60)
         nodes.append(helpers.start_node(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "0",
                                          "--temp-dir", temp_dir], out / "worker.log"))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=bool(os.environ.get("FOMO_TWO_NODE_LOGS")))
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         alive = helpers.wait_for_nodes(2, 90)
         summary["cluster_nodes"] = sorted(nd["NodeID"] for nd in alive)
         head_id = ray.get_runtime_context().get_node_id()
         summary["head_node"] = head_id
         tracker = Tracker(default_uri(out), "two_node")
 
-        if not os.environ.get("FOMO_TWO_NODE_LOGS"):
-            summary["ddp"] = _train(_config(out, data_root, scale), "ddp", out, tracker)
+        summary["ddp"] = _train(_config(out, data_root, scale), "ddp", out, tracker)
 
         done, kill_log = threading.Event(), {}
 
