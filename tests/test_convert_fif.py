@@ -196,7 +196,9 @@ def test_corrupt_and_missing_images_are_reported_and_counted(tmp_path, capsys):
     missing.unlink()
     assert run(fx, tmp_path / "strict", "DTD") == 1  # 2 of 9 bad > 1%
     err = capsys.readouterr().err
-    assert "DTD: 2 of 9 images missing or corrupt" in err and str(corrupt) in err
+    assert "DTD: 2 of 9 images missing or corrupt" in err and f"train:{corrupt}" in err
+    assert err.count(str(corrupt)) == 1  # named once, with its split
+    assert "2 skipped (missing/corrupt), 1 dataset(s) FAILED" in err  # the failed dataset's bad images count
     assert not (tmp_path / "strict" / "manifest.json").exists()
     assert not (tmp_path / "strict" / ".parts" / "DTD").exists()
     assert str(missing) in (tmp_path / "strict" / ".parts" / "DTD.bad.txt").read_text()

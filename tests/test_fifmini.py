@@ -129,9 +129,25 @@ def test_ensure_reuses_rebuilds_partial_and_mismatched(tmp_path, bench, tmp_path
     assert (root / "manifest.json").stat().st_mtime_ns == stamp  # reused, not rebuilt
     (root / "manifest.json").unlink()  # looks like an interrupted build
     assert fifmini.ensure_fifmini(root, seed=0, scale=SCALE, progress=False).content_hash == bench.content_hash
-    rebuilt = fifmini.ensure_fifmini(root, seed=1, scale=SCALE, progress=False)  # other seed -> rebuild
+    with pytest.raises(DataError, match=r"generated with seed 0, image_size 32, scale 0.05, not seed 1, "
+                                        r"image_size 32, scale 0.05.*--seed 1 .*--force"):
+        fifmini.ensure_fifmini(root, seed=1, scale=SCALE, progress=False)  # another study's data: refused
+    assert fifmini.ensure_fifmini(root, seed=0, scale=SCALE).content_hash == bench.content_hash  # left as it was
+    rebuilt = fifmini.ensure_fifmini(root, seed=1, scale=SCALE, force=True, progress=False)  # asked for: rebuilt
     assert rebuilt.content_hash == small_fifmini(tmp_path_factory, seed=1).content_hash
     assert rebuilt.manifest["generator"]["seed"] == 1
+
+
+def test_ensure_rebuilds_a_build_of_an_older_generator_version(tmp_path, bench):
+    import json
+
+    root = tmp_path / "fm"
+    shutil.copytree(bench.root, root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["generator"]["version"] = -1
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    again = fifmini.ensure_fifmini(root, seed=0, scale=SCALE, progress=False)
+    assert again.manifest["generator"]["version"] != -1 and again.content_hash == bench.content_hash
 
 
 def test_interrupted_generation_leaves_a_partial_dir_that_is_rebuilt(tmp_path, monkeypatch):

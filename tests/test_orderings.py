@@ -182,3 +182,8 @@ def test_streams_from_the_info_dir_without_converting(tmp_path, capsys):
     bad.write_text(json.dumps(["DTD+++banded", "fgvcaircraft+++707-320"]))
     assert stream_main(check) == 2
     assert "dataset 'FGVCAircraft' is not one of the adaptation datasets here (DTD, CUB200)" in capsys.readouterr().err
+    # without --datasets, a partial 00_info (only DTD and CUB200 here) checks the datasets the stream names
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(["dtd+++banded"]))  # a handle: mapped to DTD
+    assert stream_main(["--check", "--input", str(good), "--info-dir", str(fx.info_dir)]) == 0
+    assert "1 entries over 1 datasets, all valid" in capsys.readouterr().out

@@ -222,14 +222,26 @@ def _write_bad_list(path: Path, bad: list[dict]) -> None:
 def _check_bad(plan: DatasetPlan, bad: list[dict], split_meta: dict, opts: Options, parts: Path) -> None:
     total = plan.num_images
     if total and len(bad) / total > opts.max_bad_fraction:
-        examples = "; ".join(f"{b['path']} ({b['reason']})" for b in bad[:3])
-        raise ConversionError(
+        examples = "; ".join(f"{_bad_name(b)} ({b['reason']})" for b in bad[:3])
+        raise BadImages(bad,
             f"{plan.spec.name}: {len(bad)} of {total} images missing or corrupt "
             f"({len(bad) / total:.1%} > --max-bad-fraction {opts.max_bad_fraction:.1%}); e.g. {examples}. "
             f"Full list: {parts / (plan.spec.name + '.bad.txt')}")
     empty = [s for s, m in split_meta.items() if m["rows"] == 0]
     if empty:
-        raise ConversionError(f"{plan.spec.name}: no readable image in split(s) {', '.join(empty)}")
+        raise BadImages(bad, f"{plan.spec.name}: no readable image in split(s) {', '.join(empty)}")
+
+
+class BadImages(ConversionError):
+    """A dataset failed for its missing or corrupt images; carries them, so its summary row counts them."""
+
+    def __init__(self, bad: list[dict], message: str) -> None:
+        super().__init__(message)
+        self.bad = bad
+
+
+def _bad_name(b: Mapping) -> str:
+    return f"{b['split']}:{b['path']}"
 
 
 def _summary_row(plan: DatasetPlan, meta: dict, status: str) -> dict:
@@ -239,7 +251,7 @@ def _summary_row(plan: DatasetPlan, meta: dict, status: str) -> dict:
             "classes": len(plan.classnames), "train": splits.get("train", {}).get("rows", 0),
             "test": splits.get("test", {}).get("rows", 0), "skipped": len(meta.get("bad", [])),
             "primer": sum(m.get("primer_fallback", 0) for m in splits.values()), "status": status,
-            "bad_examples": [b["path"] for b in meta.get("bad", [])[:3]]}
+            "bad_examples": [_bad_name(b) for b in meta.get("bad", [])[:3]]}
 
 
 def _safe_convert(plan: DatasetPlan, opts: Options, progress: Callable[[int], None]) -> dict:
@@ -247,7 +259,7 @@ def _safe_convert(plan: DatasetPlan, opts: Options, progress: Callable[[int], No
     try:
         return convert_dataset(plan, opts, progress)
     except ConversionError as e:
-        row = _summary_row(plan, {}, "failed")
+        row = _summary_row(plan, {"bad": getattr(e, "bad", [])}, "failed")
         row["error"] = str(e)
     except Exception:  # noqa: BLE001 - unexpected bugs are reported with their traceback
         row = _summary_row(plan, {}, "failed")
@@ -464,9 +476,10 @@ def format_summary(rows: Sequence[Mapping]) -> str:
     and a few skipped files per dataset."""
     out = [format_table(rows, COLUMNS)] if rows else []
     totals = {k: sum(r.get(k, 0) for r in rows) for k in ("train", "test", "skipped")}
+    failed = sum(r.get("status") == "failed" for r in rows)
     out.append(f"total: {len(rows)} datasets, {totals['train']} train + {totals['test']} test images, "
-               f"{totals['skipped']} skipped (missing/corrupt)")
+               f"{totals['skipped']} skipped (missing/corrupt)" + (f", {failed} dataset(s) FAILED" if failed else ""))
     for r in rows:
-        if r.get("bad_examples"):
+        if r.get("bad_examples") and r.get("status") != "failed":  # a failed one's error names its own examples
             out.append(f"  {r['dataset']}: skipped e.g. {', '.join(r['bad_examples'])}")
     return "\n".join(out)

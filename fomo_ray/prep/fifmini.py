@@ -25,7 +25,7 @@ import random
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -271,7 +271,21 @@ def _reusable(root: Path, want: dict) -> Benchmark | None:
         return None  # corrupt: rebuild
     if bench.name != FIFMINI_NAME:
         raise DataError(f"{root} holds benchmark '{bench.name}', not FiF-mini; refusing to overwrite it")
-    return bench if bench.manifest.get("generator") == want else None
+    have = dict(bench.manifest.get("generator") or {})
+    if have == want:
+        return bench
+    asked = {k: want[k] for k in ("seed", "image_size", "scale")}
+    built = {k: have.get(k) for k in asked}
+    if built != asked:  # another study's data: rebuilding would silently change what its runs read
+        raise DataError(f"{root} holds FiF-mini generated with {_params(built)}, not {_params(asked)}: "
+                        f"set data.root to another directory, or replace it with `fomo-ray prepare fifmini --root "
+                        f"{root} --seed {asked['seed']} --image-size {asked['image_size']} --scale {asked['scale']} "
+                        f"--force`")
+    return None  # same parameters, older generator version: stale, rebuild
+
+
+def _params(gen: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k} {gen[k]}" for k in gen)
 
 
 def ensure_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32, force: bool = False,
@@ -279,7 +293,9 @@ def ensure_fifmini(root: str | os.PathLike, seed: int = 0, image_size: int = 32,
                    models: Sequence[str] = ()) -> Benchmark:
     """FiF-mini at ``root``: reused if its manifest matches ``(seed, image_size, scale, version)``, else built.
 
-    A missing, partial (no manifest) or corrupt directory is rebuilt; ``force`` always rebuilds. A reused build gets
+    A missing, partial (no manifest) or corrupt directory is rebuilt, and so is one of an older generator version;
+    ``force`` always rebuilds. A build with another seed, image size or scale is refused (``DataError`` naming both):
+    other runs read it. A reused build gets
     the caption token ids of ``models`` (empty: the default model) it lacks, e.g. one written by an older fomo_ray;
     its content hash stays the same (token files are derived data, see :mod:`fomo_ray.data.tokens`).
     """

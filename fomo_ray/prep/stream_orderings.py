@@ -9,7 +9,7 @@ computes their tables (prompt embeddings, per-class zero-shot accuracy, caption 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -241,6 +241,9 @@ def check_stream(req: StreamRequest) -> tuple[list[Concept], int]:
         raise StreamError("--check needs --input FILE and --bench ROOT (or --info-dir DIR)")
     raw = parse_entries(read_stream(req.input), req.input)
     entries = normalise(raw)
+    if req.info_dir and not req.datasets:
+        # a partial 00_info (only some datasets downloaded) checks the datasets the stream names, not every one
+        req = replace(req, datasets=",".join(dict.fromkeys(fif_catalogue.resolve(d) for d, _ in entries)))
     concepts, _, bench = load_concepts(req)
     if bench is not None:
         from fomo_ray.data.stream import validate_entries
