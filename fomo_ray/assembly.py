@@ -147,15 +147,40 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
                buffer, token_key)
 
 
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Everything :func:`build_run` reads, checked without building the run, so that a sweep refuses a bad trial
+    before any trial starts: the benchmark and pool, the stream (read, validated and cut into T tasks), the token ids
+    of the model's tokenizer and a base checkpoint file (read and matched against the architecture on the CPU).
+    Raises what ``build_run`` would raise (``InputsMissing``, ``DataError``, ``BackboneError``, ...)."""
+    from fomo_ray.backbones import create_backbone, is_checkpoint_path, tokenizer_for
+    from fomo_ray.data.format import open_benchmark
+    from fomo_ray.data.tokens import tokenizer_key
+
+    bench = open_data(cfg)
+    pool = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
+    stream_task_rows(cfg, bench)
+    tokenizer, context_length = tokenizer_for(cfg.backbone.name)
+    _check_tokens(cfg, tokenizer_key(tokenizer, context_length), bench, pool)
+    pretrained = resolve_pretrained(cfg, bench)
+    if pretrained and is_checkpoint_path(pretrained):  # a tag is fetched (and checked) by open_clip in the trial
+        create_backbone(cfg.backbone.name, pretrained, device="cpu")
+
+
 def stored_tokens(cfg: ExperimentConfig, backbone: Any, *benches: Any) -> str:
     """The token-id key of the backbone's tokenizer, checked to be stored in every benchmark the run reads (the
     training step runs no tokenizer); a missing one raises InputsMissing naming the upgrade command."""
-    from fomo_ray.data.tokens import has_tokens, tokenizer_key, upgrade_command
+    from fomo_ray.data.tokens import tokenizer_key
 
     key = tokenizer_key(backbone.tokenizer, backbone.context_length)
+    _check_tokens(cfg, key, *benches)
+    return key
+
+
+def _check_tokens(cfg: ExperimentConfig, key: str, *benches: Any) -> None:
+    from fomo_ray.data.tokens import has_tokens, upgrade_command
+
     for b in benches:
         if not has_tokens(b, key):
             raise InputsMissing(f"benchmark {b.root} has no token ids for the tokenizer of {cfg.backbone.name} "
                                 f"('{key}'; older fomo_ray versions did not write them); add them with: "
                                 f"{upgrade_command(b.root, cfg.backbone.name)}")
-    return key

@@ -118,7 +118,7 @@ def autocast_context(device: torch.device, precision: str):
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
-def _is_checkpoint_path(pretrained: str) -> bool:
+def is_checkpoint_path(pretrained: str) -> bool:
     """A local file was meant if it exists or looks like a path; otherwise it is an open_clip tag."""
     return os.path.isfile(pretrained) or os.sep in pretrained or pretrained.endswith(
         (".pt", ".pth", ".bin", ".ckpt", ".safetensors"))
@@ -256,7 +256,7 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
 
     _check_arch(name)
     resolved = resolve_precision(precision, device)
-    if pretrained and _is_checkpoint_path(pretrained):
+    if pretrained and is_checkpoint_path(pretrained):
         with _quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
             model = open_clip.create_model(name, pretrained=None, device="cpu")
         load_checkpoint(model, pretrained, arch=name)

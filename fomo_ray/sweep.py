@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import shlex
+import logging
 import math
+import shlex
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,8 +35,8 @@ from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.metrics import COLUMNS
 from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec, check_search, grid_points,
-                                 identity_differences, plan_sweep, sweep_directory, sweep_identity, trial_name,
-                                 trial_overrides)
+                                 identity_differences, plan_sweep, sweep_directory, sweep_identity, trial_label,
+                                 trial_name, trial_overrides)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
@@ -192,8 +194,8 @@ def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]
 class Progress(tune.Callback):
     """One line per evaluation point and per finished trial (Tune's own status tables are switched off)."""
 
-    def __init__(self, total: int, points: int, out: Any = None) -> None:
-        self.total, self.points, self.out, self.t0 = total, points, out, time.time()
+    def __init__(self, total: int, points: int, out: Any = None, attempts: int = 0) -> None:
+        self.total, self.points, self.out, self.t0, self.attempts = total, points, out, time.time(), attempts
 
     def _line(self, text: str) -> None:
         el = int(time.time() - self.t0)
@@ -220,8 +222,34 @@ class Progress(tune.Callback):
             return
         self._line(f"done   {trial}  {self._count(trials, trial)}")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        reason, log = trial_error(trial)
+        of = f" of {self.attempts}" if self.attempts else ""
+        self._line(f"retry  {trial}  {reason}  (attempt {trial.num_failures + 1}{of}; full log: {log})")
+
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"FAILED {trial}  {self._count(trials, trial)}; see {trial.path}")
+        reason, log = trial_error(trial)
+        self._line(f"FAILED {trial}  {reason}  {self._count(trials, trial)}  (full log: {log})")
+
+
+def trial_error(trial: Any) -> tuple[str, str]:
+    """(the last line of a trial's error, the path of its full log): what the sweep prints instead of Ray's
+    traceback (switched off by :func:`ensure_ray`)."""
+    log = f"{trial.path}/error.txt"  # in the sweep's storage (kept); Ray's session copy is temporary
+    text = ""
+    for path in (trial.error_file, log):  # the session copy exists first; storage receives it on the next sync
+        with contextlib.suppress(OSError, TypeError):
+            text = Path(path).read_text()
+            break
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1][:300] if lines else "(no error message)"), log
+
+
+class _QuietTune(logging.Filter):
+    """Drops Tune's closing "Trials did not complete" log line: the sweep's summary counts and names failed trials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trials did not complete")
 
 
 class StopAfter(tune.Callback):
@@ -320,7 +348,9 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
     if not results.empty:
         results = results.sort_values(["run", "task"]).reset_index(drop=True)
     tidy_df = pd.DataFrame(tidy, columns=list(COLUMNS))
-    return results, tidy_df, pd.DataFrame(trials).sort_values("run").reset_index(drop=True)
+    trials_df = pd.DataFrame(trials, columns=["run", "trial_id", "status", "reason", *dict.fromkeys(
+        k for t in trials for k in t if k not in ("run", "trial_id", "status", "reason"))])
+    return results, tidy_df, trials_df.sort_values("run").reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -362,11 +392,40 @@ def ensure_ray(cfg: ExperimentConfig, show_worker_logs: bool) -> bool:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Tune warns on every checkpoint of short trials that snapshotting "may become a bottleneck"; it is not here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # a failing trial prints one line (Progress: its reason and the path of its full log), not ~55 lines of Ray
+    # traceback per attempt; Tune's own banners and tables are replaced by Progress too
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if ray.is_initialized():
         return False
-    ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=show_worker_logs,
-             configure_logging=show_worker_logs)
+    try:
+        with deferred_interrupt():
+            ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=show_worker_logs,
+                     configure_logging=show_worker_logs)
+    except KeyboardInterrupt:
+        ray.shutdown()
+        raise
     return True
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block, then raise it after the block.
+
+    Raised inside ``ray.init``, a KeyboardInterrupt can land in a fork handler or a finalizer, where Python only
+    prints "Exception ignored in ..." and goes on: the sweep then ran to completion. Held, it stops the sweep once
+    Ray has started (a few seconds later), and the driver shuts Ray down and exits as interrupted."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 def _search_alg(spec: SweepSpec, seed: int, concurrency: int) -> Any:
@@ -399,6 +458,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         plan = plan.tracked(tracker.uri)
     base = plan.base
     directory, resume = sweep_directory(Path(base.output_dir) / "sweeps", spec.name, if_exists)
+    ensure_sweep_inputs(base, plan.space)  # bad input stops here: no sweep directory, parent run or trial
     directory.mkdir(parents=True, exist_ok=True)
     state = _open_state(directory, plan, resume)
     if resume:
@@ -409,7 +469,6 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
             tracker.log_params(state["parent_run_id"], {"sweep.search": spec.search, "sweep.trials": plan.total,
                                                         "sweep.space": _space_json(plan.space)[:6000]})
             _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
-    ensure_sweep_inputs(base, plan.space)
     print(f"sweep {directory.name}: {plan.total} trial(s) "
           f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
           f"{'resuming' if resume else 'starting'} in {directory}"
@@ -417,10 +476,15 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
                        sweep_name=directory.name)
-    cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks)] if progress else [])
+    attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
+    cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks, attempts=attempts)] if progress else [])
     if stop_after_trials:
         cbs.append(StopAfter(stop_after_trials))
-    grid = _fit(plan, setup, cbs, resume, show_worker_logs)
+    try:
+        grid = _fit(plan, setup, cbs, resume, show_worker_logs)
+    except KeyboardInterrupt:  # while Ray or the Tuner started (Tune itself turns a Ctrl-C into a partial grid)
+        grid = []
+        print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     results, tidy, trials = collect_results(grid, plan.space)
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
@@ -513,7 +577,10 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                                         trial_resources(plan.base, plan.use_train))
         param_space = to_tune(plan.space, plan.spec.search)
         exp_path = f"{setup.storage.rstrip('/')}/tune"
-        with DriverCallbacks.installed(cbs) as relay:
+        quiet = _QuietTune()
+        logging.getLogger("ray.tune.tune").addFilter(quiet)
+        with DriverCallbacks.installed(cbs) as relay, contextlib.ExitStack() as stack:
+            stack.callback(logging.getLogger("ray.tune.tune").removeFilter, quiet)
             if resume and tune.Tuner.can_restore(exp_path):
                 # finished trials keep their results; unfinished and errored ones continue from their checkpoints;
                 # the restored RunConfig's relay forwards to this run's callbacks (cbs)
@@ -560,22 +627,34 @@ def ensure_trial_inputs(cfg: ExperimentConfig) -> None:
     CPU trials, the budget's cached MAF measurement -- once, in the driver, so concurrent trials never race to
     build them. (GPU trials measure on their GPU: the budget cache is per device.)"""
     from fomo_ray import prep
+    from fomo_ray.assembly import check_inputs
     from fomo_ray.budget import steps_per_task
     from fomo_ray.methods import build_method
 
     prep.ensure_inputs(cfg)
+    check_inputs(cfg)
     if cfg.ray.gpus_per_worker == 0:
         method = build_method(cfg)
         steps_per_task(cfg, method.cost_as or method.name, cfg.stream.num_tasks, device="cpu")
 
 
+INPUT_KEYS = ("data.", "stream.", "backbone.", "budget.", "method.name", "mixture.batch_size")
+
+
 def ensure_sweep_inputs(base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
-    """:func:`ensure_trial_inputs` once per distinct input combination among the sweep's trial configs."""
+    """:func:`ensure_trial_inputs` once per distinct input combination among the sweep's trial configs: a bad input
+    (a stream file, a checkpoint, a data root) stops the sweep before any trial starts, with a ``SweepError`` that
+    names the trial and the culprit."""
     seen = set()
     for combo in grid_points(space) or [{}]:
         cfg = base.replace(trial_overrides(combo, space))
-        key = (cfg.data.root, cfg.data.generator_seed, cfg.backbone.name, cfg.backbone.pretrained, cfg.method.name,
-               cfg.mixture.batch_size, cfg.budget.total_ft_steps)
-        if key not in seen:
-            seen.add(key)
+        key = tuple(sorted((k, str(v)) for k, v in cfg.flat().items() if k.startswith(INPUT_KEYS)))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
             ensure_trial_inputs(cfg)
+        except ValueError as e:  # ConfigError, DataError, InputsMissing, BackboneError, BudgetError, ...
+            label = trial_label(combo, space) if combo else "every trial"
+            raise SweepError(f"trial {label}: {type(e).__name__}: {e} (checked before launch; no trial started)"
+                             ) from e

@@ -39,6 +39,7 @@ class StandIn:
 
     steps = 4
     bad_input_seed = 13
+    crash_seed = 17  # an error that is not bad input (a bug, a lost resource): retried, then reported
 
     @staticmethod
     def records(w: np.ndarray) -> list[dict]:
@@ -60,6 +61,8 @@ class StandIn:
             from fomo_ray.data.format import DataError
 
             raise DataError(f"stream file {cfg.output_dir}/missing.json does not exist (seed {cfg.seed})")
+        if cfg.seed == StandIn.crash_seed:
+            raise RuntimeError(f"simulated crash in the trial (seed {cfg.seed})")
         lr, w_merge = cfg.optimizer.lr, cfg.method.merge.weight
         if resume is None:
             w, task, step, results = np.zeros(2), 0, 0, []

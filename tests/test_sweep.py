@@ -133,6 +133,41 @@ def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path):
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("case", ["stream file", "checkpoint", "data root"])
+def test_bad_inputs_are_refused_before_launch_naming_trial_and_culprit(case, tmp_path, tmp_path_factory):
+    """A bad stream file, base checkpoint or data root of any trial stops the sweep before Ray starts or anything
+    is written, naming the trial and the file."""
+    import ray
+    import torch
+
+    from _data_util import SCALE, small_fifmini
+
+    bench = small_fifmini(tmp_path_factory)
+    base = {"output_dir": str(tmp_path / "out"), "data.root": str(bench.root), "data.scale": SCALE,
+            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 8,
+            "budget.cache_dir": str(tmp_path / "budget")}
+    space = {"optimizer.lr": {"grid": [1e-4, 1e-3]}}
+    if case == "stream file":
+        culprit = tmp_path / "stream.json"
+        culprit.write_text(json.dumps(["SHAPES+++no such class"]))
+        space["stream.file"] = {"grid": ["", str(culprit)]}
+        match = [r"trial lr=0\.0001,file=.*stream\.json", "no such class"]
+    elif case == "checkpoint":
+        culprit = tmp_path / "other_arch.pt"
+        torch.save({"visual.proj": torch.zeros(3, 3)}, culprit)
+        base["backbone.pretrained"] = str(culprit)
+        match = ["BackboneError", str(culprit), "does not match architecture"]
+    else:
+        culprit = tmp_path / "no_such_fif"
+        base.update({"data.benchmark": "fif", "data.root": str(culprit)})
+        match = ["DataError", str(culprit)]
+    with pytest.raises(SweepError) as err:
+        sweep.run_sweep(spec_from_dict({"name": "s", "base": base, "space": space}))
+    assert all(__import__("re").search(m, str(err.value)) for m in match), str(err.value)
+    assert "no trial started" in str(err.value)
+    assert not ray.is_initialized() and not (tmp_path / "out" / "sweeps").exists()
+
+
 # --------------------------------------------------------------------------------------------------- directories
 def test_directory_policy(tmp_path):
     d, resume = sweep_spec.sweep_directory(tmp_path, "s", "auto")
@@ -349,6 +384,86 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
     assert runs["000-a"].info.status == runs["002-b"].info.status == "FINISHED"
     assert tracker.client.get_run(second.parent_run_id).data.tags.get(REASON_TAG) == "2 trial(s) failed"
     print(f"interrupt + Tuner.restore of 3 trials: {wall:.1f} s")
+
+
+@pytest.mark.ray
+def test_a_crashing_trial_prints_one_line_per_attempt_not_a_traceback(ray_local, tmp_path, monkeypatch, capfd):
+    """Issue 14, item 4: an error that is not bad input is retried (max_failures), and each attempt prints one line
+    with its reason and the path of the full log, which is kept in the sweep's directory."""
+    _stand_in_trials(monkeypatch, StandIn)
+    spec = spec_from_dict({"name": "crash", "base": {"output_dir": str(tmp_path), "stream.num_tasks": 1,
+                                                     "ray.max_failures": 1, "tracking.enabled": False},
+                           "space": {"variant": {"points": {"crash": {"seed": StandIn.crash_seed}}}}})
+    out = sweep.run_sweep(spec)
+    printed = capfd.readouterr()
+    text = printed.out + printed.err
+    log = out.directory / "tune" / "000-crash" / "error.txt"
+    reason = f"RuntimeError: simulated crash in the trial (seed {StandIn.crash_seed})"
+    lines = [line for line in text.splitlines() if "000-crash" in line and reason in line]
+    assert [line.split()[1] for line in lines] == ["retry", "FAILED"], text
+    assert "attempt 2 of 2" in lines[0] and all(f"full log: {log}" in line for line in lines)
+    assert "Traceback" not in text and "Trials did not complete" not in text and "tensorboard" not in text
+    assert reason in log.read_text()  # the full traceback is kept where the line says
+    assert out.trials.set_index("run").loc["000-crash", ["status", "reason"]].tolist() == ["failed", reason]
+    assert len(list((tmp_path / "calls").iterdir())) == 2  # retried once, then failed
+
+
+_INTERRUPTIBLE = """
+import sys
+sys.path.insert(0, {tests!r})
+from fomo_ray import sweep
+from fomo_ray.cli import sweep as cli
+from _edges_util import StandIn, register_by_value, trial_in_worker
+register_by_value()
+sweep.run_trial = trial_in_worker(StandIn)
+sweep.ensure_sweep_inputs = lambda base, space: None
+sys.argv[0] = "sweep_intr.py"
+sys.exit(cli.main([{spec!r}, *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ctrl_c_while_ray_starts_stops_the_sweep_cleanly_and_it_resumes(tmp_path):
+    """Issue 14, item 4: a Ctrl-C while Ray starts stops the sweep (exit 3, no traceback, parent run KILLED) with the
+    command that resumes it; that command then runs every trial."""
+    import signal
+
+    import yaml
+
+    from fomo_ray.tracking import Tracker
+
+    spec = tmp_path / "intr.yaml"
+    spec.write_text(yaml.safe_dump({"name": "intr", "base": {"output_dir": str(tmp_path / "out"),
+                                                             "stream.num_tasks": 1},
+                                    "space": {"variant": {"points": {"a": {"seed": 1}, "b": {"seed": 2}}}}}))
+    script = tmp_path / "sweep_intr.py"
+    script.write_text(_INTERRUPTIBLE.format(tests=str(REPO / "tests"), spec=str(spec)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:  # the driver prints this line, then starts Ray
+        lines.append(line)
+        if "starting in" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    out = "".join(lines) + out
+    assert proc.returncode == 3, (out, err)
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert "interrupted before any trial (re)started" in out and "0 finished, 0 failed, 2 pending" in out
+    assert not (tmp_path / "out" / "calls").exists()  # no trial ran
+    resume = next(line for line in out.splitlines() if "Resume it with:" in line).split("Resume it with: ")[1]
+    assert resume == "python sweep_intr.py --name intr --resume"
+    parent = json.loads((tmp_path / "out" / "sweeps" / "intr" / "sweep.json").read_text())["parent_run_id"]
+    tracker = Tracker(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "fomo_ray")
+    assert tracker.client.get_run(parent).info.status == "KILLED"
+    again = subprocess.run([sys.executable, str(script), "--name", "intr", "--resume"], capture_output=True,
+                           text=True, env=env, cwd=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "trials: 2 finished, 0 failed" in again.stdout
+    assert tracker.client.get_run(parent).info.status == "FINISHED"
 
 
 def test_a_relaunched_failed_trial_replays_its_recorded_reports(tmp_path, monkeypatch):

@@ -121,6 +121,9 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
     except (ConfigError, SweepError, TrackingError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the sweep's directory existed (inputs being prepared), or while reporting
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     print_summary(out)
     if out.interrupted:
         return 3  # partial: resumable, nothing in it is final
