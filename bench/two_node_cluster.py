@@ -135,7 +135,7 @@ def sweep_spec(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
 def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
     import ray
 
-    from fomo_ray import sweep
+    from fomo_ray import tune_sweep as sweep
     from fomo_ray.sweep_spec import spec_from_dict
 
     port = free_port()

@@ -8,3 +8,16 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
+
+# The Python API (fomo_ray/api.py), loaded on first use: `import fomo_ray` stays cheap and sets the environment above
+# before torch, Ray or MLflow are imported.
+__all__ = ["run", "sweep", "load_results", "load_model", "Results", "__version__"]
+_API = ("run", "sweep", "load_results", "load_model", "Results")
+
+
+def __getattr__(name: str):
+    if name in _API:
+        from fomo_ray import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'fomo_ray' has no attribute {name!r}")

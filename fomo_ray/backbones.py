@@ -233,7 +233,7 @@ class _DropRandomInitWarning(logging.Filter):
 
 
 @contextlib.contextmanager
-def _quiet_random_init() -> Iterator[None]:
+def quiet_random_init() -> Iterator[None]:
     """Drop open_clip's "No pretrained weights loaded ... initialized randomly" while a model whose weights are
     loaded right after is built (open_clip logs it on the root logger)."""
     quiet = _DropRandomInitWarning()
@@ -257,7 +257,7 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
     _check_arch(name)
     resolved = resolve_precision(precision, device)
     if pretrained and is_checkpoint_path(pretrained):
-        with _quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
+        with quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
             model = open_clip.create_model(name, pretrained=None, device="cpu")
         load_checkpoint(model, pretrained, arch=name)
     elif pretrained:

@@ -21,6 +21,7 @@ table (:func:`main`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -429,20 +430,30 @@ def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
         backbones = None
     import open_clip
 
+    # measurement models are random by design (only shapes and FLOPs matter): open_clip's "No pretrained weights
+    # loaded ... initialized randomly" would be printed once per model built, i.e. per method measured
+    quiet = backbones.quiet_random_init if backbones is not None else contextlib.nullcontext
+
+    def random_model(make: Callable[[], Any]) -> Callable[[], Any]:
+        def build() -> Any:
+            with quiet():
+                return make()
+        return build
+
     if backbones is not None:
         backbones.register_tiny_archs()
-        probe = backbones.create_backbone(name, pretrained="")
+        probe = random_model(lambda: backbones.create_backbone(name, pretrained=""))()
         native, ctx = probe.image_size, probe.context_length
         if image_size in (None, native):
-            return BackboneSpec(name, lambda: backbones.create_backbone(name, pretrained="").model, native, ctx)
+            return BackboneSpec(name, random_model(lambda: backbones.create_backbone(name, pretrained="").model),
+                                native, ctx)
     if image_size is None:
-        probe = open_clip.create_model(name, pretrained=None)
-        return BackboneSpec(name, lambda: open_clip.create_model(name, pretrained=None),
-                            probe.visual.image_size[0] if isinstance(probe.visual.image_size, tuple)
+        make = random_model(lambda: open_clip.create_model(name, pretrained=None))
+        probe = make()
+        return BackboneSpec(name, make, probe.visual.image_size[0] if isinstance(probe.visual.image_size, tuple)
                             else probe.visual.image_size, probe.context_length)
-    probe = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
-    return BackboneSpec(name, lambda: open_clip.create_model(name, pretrained=None, force_image_size=image_size),
-                        image_size, probe.context_length)
+    make = random_model(lambda: open_clip.create_model(name, pretrained=None, force_image_size=image_size))
+    return BackboneSpec(name, make, image_size, make().context_length)
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -16,7 +16,8 @@ Ray/MLflow edge plugs in)::
             loss = clip_loss(model(batch)) + method.extra_loss(model, t)     # under autocast
             non-finite loss -> raise TrainingDiverged(task, step)
             backward; ONE global grad-norm clip; opt.step(); clamp logit_scale
-            method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr)
+            method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr, grad_norm,
+                                                                                    global_step)
             every cfg.ray.checkpoint_every_steps                    -> hooks.on_checkpoint(LoopState)
             hooks.should_stop()?                                    -> return the results so far
         method.after_task(model, t, TaskLosses(D_t))                # Fisher / Omega / merges
@@ -82,7 +83,10 @@ class RunHooks:
     importing either library."""
 
     on_eval: Callable[[int, list[dict[str, Any]]], None] | None = None  # (evaluation point, tidy records)
-    on_step: Callable[[int, int, float, float], None] | None = None  # (task, step, loss, lr)
+    # (task, step, loss, lr, grad_norm, global_step): grad_norm is the total gradient norm before the clip, a 0-d
+    # tensor left on the device (reading it waits for the step: read it only when logging); global_step counts
+    # the steps of every task so far (a continuous x axis over the stream)
+    on_step: Callable[[int, int, float, float, torch.Tensor | None, int], None] | None = None
     on_checkpoint: Callable[[LoopState], None] | None = None  # end of every task, every N steps
     should_stop: Callable[[], bool] | None = None  # cooperative early stopping (e.g. ASHA)
 
@@ -118,6 +122,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             opt, scaler = (make_optimizer(model, cfg) if task.steps > 0 else None), run.new_scaler()
         model.train()
         params = [p for _, p in trainable_named(model)]
+        offset = sum(earlier.steps for earlier in run.plan[:t])  # the global step of this task's step 0
         with task_batches(run, t, task.rows, first_step, task.steps) as batches:  # prefetches; stops on exit
             for step in range(first_step, task.steps):
                 lr = lr_at(step, task.steps, t, cfg.schedule, cfg.optimizer.lr)
@@ -133,13 +138,16 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.unscale_(opt)  # true gradients for the clip and for after_step (SI); a no-op unless fp16
+                norm = None  # the total gradient norm before the clip, for hooks.on_step
                 if cfg.optimizer.grad_clip > 0:  # ONE global norm over every trainable parameter
-                    torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+                elif hooks.on_step is not None:  # reads the gradients only: the step is unchanged
+                    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
                 scaler.step(opt)
                 scaler.update()
                 clamp_logit_scale_(model)
                 method.after_step(model, t, step, lr)
-                _emit(hooks.on_step, t, step, value, lr)
+                _emit(hooks.on_step, t, step, value, lr, norm, offset + step)
                 if every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint:
                     hooks.on_checkpoint(snapshot(run, t, step + 1, opt, scaler, results))
                 if _should_stop(hooks, run):

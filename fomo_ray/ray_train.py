@@ -9,7 +9,7 @@ Two ways to host a run, sharing :func:`continual_run`:
   Inside a Ray Tune trial it is launched from the trial's function (``Tuner(trainer)`` no longer exists) and forwards
   results with ``TuneReportCallback``; the Train run is named after the Tune trial id, so relaunching a trial with the
   same name and storage path resumes the Train run from its latest checkpoint.
-* the plain Tune function trainable of ``sweep.py`` for runs of one worker and <= 1 GPU (no Train controller, so
+* the plain Tune function trainable of ``tune_sweep.py`` for runs of one worker and <= 1 GPU (no Train controller, so
   trials start in ~1 s and fractional GPUs pack several trials per device).
 
 The worker makes sure the run's inputs exist first (``fomo_ray.prep.ensure_inputs``, rank 0 before the others), so
@@ -44,12 +44,13 @@ from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 # checkpoint module and the input preparation are imported where used too, and always called through their module
 # (``loop.run_stream``), never bound at import, so what runs is looked up when it runs.
 
-CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's checkpoints
+CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's newest ray.keep_checkpoints checkpoints
 RESUMED_TAG = "fomo_ray.resumed_from"  # the cursor a restarted worker continued from
 WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attempt
 NODES_TAG = "fomo_ray.worker_nodes"  # the Ray node of each rank of the (latest) attempt, in rank order
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
+EXPORT_ERROR_TAG = "fomo_ray.export_error"  # why a finished run's deployed model could not be logged
 
 
 class RunFailed(RuntimeError):
@@ -130,14 +131,29 @@ def set_threads(cpus: float) -> None:
 
 # --------------------------------------------------------------------------------------------------- the run body
 class _Bridge:
-    """The loop's hooks on one host: per-point reports to the session, MLflow logging (rank 0), checkpoints
-    (rank 0 writes, every rank reports)."""
+    """The loop's hooks on one host: per-point reports to the session, MLflow logging (rank 0: evaluation points
+    and, every ``tracking.log_every_n_steps`` steps, the training signal), checkpoints (rank 0 writes, every rank
+    reports)."""
 
     def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
         self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
         self.rank0 = session.rank == 0
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
+        self.steps = None  # the per-step training signal (tracking.StepLogger): rank 0, when tracked and asked for
+        if tracker is not None and p.cfg.tracking.log_every_n_steps > 0:
+            from fomo_ray.tracking import StepLogger
+
+            self.steps = StepLogger(tracker, run_id, p.cfg.tracking.log_every_n_steps, p.cfg.mixture.batch_size)
+
+    def on_step(self, task: int, step: int, loss: float, lr: float, grad_norm: Any, global_step: int) -> None:
+        if self.steps is not None:
+            self.steps.step(task, step, loss, lr, grad_norm, global_step)
+
+    def flush_steps(self) -> None:
+        """Send the buffered training steps (before an evaluation point, at a checkpoint, at the end)."""
+        if self.steps is not None:
+            self.steps.flush()
 
     def on_eval(self, task: int, records: list[Mapping[str, Any]]) -> None:
         summary = summary_of(records, self.p.run_name, task)
@@ -145,12 +161,15 @@ class _Bridge:
         if self.tracker is not None:
             from fomo_ray.tracking import eval_metrics
 
+            self.flush_steps()
+            # percent, as the reports; the session's report below keeps fractions (the results tables' unit)
             self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=task)
         self.session.report({**trial_report.eval_report(task, records, summary), "node_id": _node_id()}, None, None)
 
     def on_checkpoint(self, state: Any) -> None:
         from fomo_ray import checkpoint
 
+        self.flush_steps()  # every step before a checkpoint is in MLflow: a resumed run does not leave a gap
         task, step, boundary = checkpoint_position(state)
         tmp = tempfile.mkdtemp(prefix="fomo_ckpt_") if self.rank0 else None
         if tmp is not None:
@@ -170,6 +189,7 @@ class _Bridge:
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
         """Report the outcome *with a checkpoint* (Ray Train's result carries the metrics of its newest checkpoint):
         the newest task-end state plus a status file, so a relaunch of an ended run does not redo it."""
+        self.flush_steps()
         d = None
         if self.rank0:
             d = self.kept[-1] if self.kept else tempfile.mkdtemp(prefix="fomo_ckpt_")
@@ -177,16 +197,45 @@ class _Bridge:
             if not self.kept:
                 write_run_meta(d, self.run_id, self.p.run_name)
             done = trial_report.is_kind(final, ReportKind.DONE)
-            if self.tracker is not None and self.p.log_checkpoints and done and self.kept:
-                # the final state only: one full state per task and trial would multiply the store's size by T;
-                # every task-end checkpoint stays reachable through the fomo_ray.checkpoint_uri tag
-                self.tracker.log_artifacts(self.run_id, d, artifact_path="checkpoints/final")
+            if self.kept:  # the run's config beside its final state, so that state loads on its own (export)
+                from fomo_ray.atomic import write_json
+                from fomo_ray.config import to_dict
+
+                write_json(Path(d, "config.json"), to_dict(self.p.cfg), indent=2, sort_keys=True)
+            if self.tracker is not None and done and self.kept:
+                if self.p.log_checkpoints:
+                    # the final state only: one full state per task and trial would multiply the store's size by T.
+                    # Ray keeps only the newest ray.keep_checkpoints checkpoints (under the fomo_ray.checkpoint_uri
+                    # tag); earlier task ends are deleted, so this artifact is the one state that always stays
+                    self.tracker.log_artifacts(self.run_id, d, artifact_path="checkpoints/final")
+                log_deployed_model(self.tracker, self.run_id, self.p, d)
         try:
             self.session.report(final, d, f"final_{trial_report.kind_of(final).value}")
         finally:
             for k in {*self.kept, *([d] if d else [])}:
                 shutil.rmtree(k, ignore_errors=True)
         return final
+
+
+def log_deployed_model(tracker: Any, run_id: str, p: RunPayload, state_dir: str) -> None:
+    """Log the deployed model of a finished run, read from its final task-end state, as the MLflow artifact directory
+    ``model/`` in open_clip's format (``fomo_ray.export``). The results are in already: a failure here is reported
+    (a warning line and the ``fomo_ray.export_error`` tag) and never fails the run."""
+    from fomo_ray import checkpoint, export
+
+    tmp = tempfile.mkdtemp(prefix="fomo_model_")
+    try:
+        state = checkpoint.load_state(state_dir)
+        export.save_open_clip(tmp, p.cfg, export.deployed_state(p.cfg, state), run=p.run_name,
+                              source=f"final task-end state of MLflow run {run_id}")
+        tracker.log_artifacts(run_id, tmp, artifact_path=export.MODEL_ARTIFACT)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        reason = f"{type(e).__name__}: {e}"
+        print(f"run {p.run_name!r}: its deployed model was not logged to MLflow ({reason})", file=sys.stderr,
+              flush=True)
+        tracker.set_tags(run_id, {EXPORT_ERROR_TAG: reason})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resume_point(session: Session) -> tuple[Any, dict[str, str], dict[str, Any] | None]:
@@ -228,7 +277,8 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)
-    hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint)
+    hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
+                          on_step=bridge.on_step if bridge.steps is not None else None)
     try:
         loop.run_stream(p.cfg, hooks=hooks, resume=resume)
     except loop.TrainingDiverged as e:
@@ -320,8 +370,7 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
             name=name,
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
-            # two, so a crash while the newest is being written still leaves a complete one
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.ray.keep_checkpoints),
             callbacks=list(callbacks),
         ),
     )

@@ -29,6 +29,7 @@ import pandas as pd  # noqa: E402
 from fomo_ray.metrics import load_results, summarize, trajectory_means  # noqa: E402
 
 SCORES = ("A_KA", "A_ZS", "GM")
+RUN_TABLES = ("results.parquet", "results.csv")  # what `fomo-ray run` writes in its run directory
 
 
 class ReportError(ValueError):
@@ -96,6 +97,11 @@ def _save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_trajectories(summary: pd.DataFrame, path: Path, status: Mapping[str, str] | None = None) -> Path:
+    """:func:`trajectories_figure`, saved to ``path``."""
+    return _save(trajectories_figure(summary, status), path)
+
+
+def trajectories_figure(summary: pd.DataFrame, status: Mapping[str, str] | None = None) -> plt.Figure:
     """A_KA (x) vs A_ZS (y): one line per trial from the zero-shot point through one point per task. A trial that
     did not finish (``status``) is dashed, its last point an ``x``, and its label says why."""
     status = status or {}
@@ -115,10 +121,15 @@ def plot_trajectories(summary: pd.DataFrame, path: Path, status: Mapping[str, st
     ax.set_title("trajectories (zero-shot point, then one point per task)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, path)
+    return fig
 
 
 def plot_pareto(table: pd.DataFrame, path: Path) -> Path:
+    """:func:`pareto_figure`, saved to ``path``."""
+    return _save(pareto_figure(table), path)
+
+
+def pareto_figure(table: pd.DataFrame) -> plt.Figure:
     """Final (A_KA, A_ZS) per trial with the Pareto front connected."""
     fig, ax = plt.subplots(figsize=(6.5, 5))
     ax.scatter(100 * table["final_A_KA"], 100 * table["final_A_ZS"], c=["C3" if p else "C0" for p in table["pareto"]])
@@ -131,10 +142,15 @@ def plot_pareto(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("final A_ZS (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_vs_key(table: pd.DataFrame, key: str, path: Path) -> Path:
+    """:func:`vs_key_figure`, saved to ``path``."""
+    return _save(vs_key_figure(table, key), path)
+
+
+def vs_key_figure(table: pd.DataFrame, key: str) -> plt.Figure:
     """Final A_KA / A_ZS / GM against a numeric swept key (e.g. the merge weight w); trials without the key (the
     reference points: fine-tune, zero-shot, joint) are drawn as horizontal lines."""
     swept = table[table[key].notna()].sort_values(key)
@@ -151,7 +167,7 @@ def plot_vs_key(table: pd.DataFrame, key: str, path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"final scores vs {key}")
-    return _save(fig, path)
+    return fig
 
 
 def _ref_label(r: pd.Series) -> str:
@@ -186,11 +202,20 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
 
 
 def load_sweep_tables(path: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, dict]:
-    """(tidy, trials or None, summary.json or {}) from a sweep directory or a tidy table file."""
+    """(tidy, trials or None, summary.json or {}) from a sweep directory, a ``fomo-ray run`` directory or a tidy
+    table file (.csv / .parquet)."""
+    path = Path(path)
+    if path.is_dir() and not (path / "tidy.csv").is_file():
+        run_table = next((path / n for n in RUN_TABLES if (path / n).is_file()), None)
+        if run_table is None:
+            raise ReportError(f"{path} holds no tidy.csv (a sweep directory) and no results.parquet (a `fomo-ray "
+                              "run` directory)")
+        return load_results(run_table), None, {}
+    if path.is_file() and path.name == "results.csv" and (path.parent / "tidy.csv").is_file():
+        raise ReportError(f"{path} is a sweep's per-point summary (A_KA, A_ZS, GM); give the sweep directory "
+                          f"{path.parent} or its tidy.csv (per dataset), which the report and scores are made from")
     if path.is_dir():
         tidy_path = path / "tidy.csv"
-        if not tidy_path.is_file():
-            raise ReportError(f"{path} holds no tidy.csv (is it a finished sweep directory?)")
         trials = pd.read_csv(path / "trials.csv") if (path / "trials.csv").is_file() else None
         summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").is_file() else {}
         return load_results(tidy_path), trials, summary

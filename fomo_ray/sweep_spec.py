@@ -1,4 +1,4 @@
-"""Sweep specifications without Ray: parse, validate and plan a sweep YAML (``fomo_ray/sweep.py`` runs it on Tune).
+"""Sweep specifications without Ray: parse, validate and plan a sweep YAML (``fomo_ray/tune_sweep.py`` runs it on Tune).
 
 A sweep is a base config plus a *space*, written in YAML (``experiments/configs/*.yaml``) or Python::
 
@@ -382,3 +382,30 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)
     return SweepPlan(spec, base, space, total, use_train_for(spec, base))
+
+
+# --------------------------------------------------------------------------------------------------- MLflow note
+def _describe_dim(key: str, d: Dim) -> str:
+    if d.kind == "points":
+        return f"`{key}`: points " + ", ".join(f"`{label}` ({', '.join(f'{k}={v}' for k, v in bundle.items())})"
+                                               for label, bundle in d.values)
+    return f"`{key}`: {d.kind} {list(d.values)}"
+
+
+def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
+    """The parent run's note in the MLflow UI (markdown): what the sweep studies and how its runs read."""
+    b = plan.base
+    lines = [f"**Sweep `{name}`** (spec `{spec.name}`)" + (f": {spec.description}" if spec.description else ""),
+             "",
+             f"- search: {spec.search}, {plan.total} trial(s), searcher metric `{spec.metric}` ({spec.mode})",
+             "- space: " + "; ".join(_describe_dim(k, d) for k, d in plan.space.items()),
+             f"- base: method `{b.method.name}`, backbone `{b.backbone.name}`, {b.stream.num_tasks} tasks, "
+             f"budget {b.budget.total_ft_steps} fine-tune steps ({b.budget.mode}), lr {b.optimizer.lr}, "
+             f"batch {b.mixture.batch_size}, seed {b.seed}",
+             "- metrics in **percent**. Each child run (one trial): Summary/A_KA, Summary/A_ZS, Summary/GM per "
+             "evaluation point (step = point: 0 before any update, t after task t), datasets/<name>/<metric>, "
+             "Training/* per step; params = the settings that apply to its method, plus `variant`.",
+             "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
+             "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
+             "table.md) under the artifacts report/, the results tables under tables/."]
+    return "\n".join(lines)

@@ -2,11 +2,24 @@
 
 Layout in the store (DESIGN §8)::
 
-    experiment cfg.tracking.experiment
-      parent run  "<sweep name>"        tags fomo_ray.kind=sweep; report figures/tables as artifacts
-        child run "<trial id>"          tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash
-                                        params = cfg.flat(); metrics per evaluation point (step = task index):
-                                        A_KA, A_ZS, GM and "<dataset>/<metric>"; checkpoints as artifacts
+    experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
+      parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);
+                                        metrics Sweep/best_GM, Sweep/median_GM, ... Sweep/finished, Sweep/failed;
+                                        report figures/tables as artifacts
+        child run "<trial name>"        tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash;
+                                        params = the settings that apply to its method (methods.applicable_params)
+                                        + variant; the whole config as the artifact config.json;
+                                        metrics in PERCENT per evaluation point (step = task index):
+                                        Summary/A_KA, Summary/A_ZS, Summary/GM, datasets/<dataset>/<metric>;
+                                        per training step (step = global step): Training/loss, Training/lr,
+                                        Training/grad_norm, Training/samples_per_s; checkpoints as artifacts
+      run "<run name>"                  a `fomo-ray run` (fomo_ray.kind=run): a child run's params and metrics
+    every run: tags fomo_ray.version, fomo_ray.git_commit and mlflow.source.git.commit (the UI's Version column)
+
+Metric names decide MLflow 3's view: the run page groups charts into sections by the name before the last '/' and
+sorts the sections by code point, with unprefixed names ("Model metrics") LAST. Capitalised "Summary" and "Training"
+therefore come before the lower-case "datasets/<NAME>" sections (checked in the rendered UI by
+tests/test_ui_browser.py).
 
 The default store is SQLite at an *absolute* path under ``cfg.output_dir`` (Ray Tune changes the working directory
 of each trial, so MLflow's relative default would scatter one database per trial). Metrics are written with
@@ -14,8 +27,10 @@ of each trial, so MLflow's relative default would scatter one database per trial
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import statistics
 import sys
 import time
 import urllib.error
@@ -37,6 +52,16 @@ ARTIFACT_DIR = "mlartifacts"
 _BATCH = 1000  # MLflow's per-call limit for metrics; params/tags are limited to 100
 _BATCH_PARAMS = 100
 _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics, _ - . / space :
+NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
+VERSION_TAG = "fomo_ray.version"
+COMMIT_TAG = "fomo_ray.git_commit"
+MLFLOW_COMMIT_TAG = "mlflow.source.git.commit"  # what MLflow's runs table shows as "Version"
+PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and table printout
+SUMMARY = "Summary"  # sections of the run page's charts, see the module docstring for their order
+TRAINING = "Training"
+DATASETS = "datasets"
+SWEEP = "Sweep"
+TRAIN_KEYS = tuple(f"{TRAINING}/{k}" for k in ("loss", "lr", "grad_norm", "samples_per_s"))
 
 
 class TrackingError(RuntimeError):
@@ -98,16 +123,52 @@ def check_reachable(uri: str, timeout_s: float = 5.0, create: bool = True) -> No
 
 # --------------------------------------------------------------------------------------------------- pure helpers
 def metric_key(dataset: str, metric: str) -> str:
-    """Per-dataset metric name, e.g. ``SHAPES/top1``; '@' of ``R@5`` becomes ``R_at_5`` (MLflow's key alphabet)."""
-    return _INVALID_KEY_CHARS.sub("_", f"{dataset}/{metric.replace('@', '_at_')}")
+    """Per-dataset metric name, e.g. ``datasets/SHAPES/top1``; '@' of ``R@5`` becomes ``R_at_5`` (MLflow's key
+    alphabet). Each dataset is a section of the run page, after Summary and Training."""
+    return _INVALID_KEY_CHARS.sub("_", f"{DATASETS}/{dataset}/{metric.replace('@', '_at_')}")
+
+
+def summary_key(name: str) -> str:
+    """``A_KA`` -> ``Summary/A_KA``: the first section of the run page and the first columns of the study view."""
+    return f"{SUMMARY}/{name}"
+
+
+def as_percent(value: float) -> float:
+    return PERCENT * float(value)
 
 
 def eval_metrics(records: Iterable[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, float]:
-    """Flat ``{key: value}`` for one evaluation point: the summary (A_KA, A_ZS, GM) plus every record."""
-    out = {k: float(v) for k, v in summary.items()}
+    """Flat ``{key: percent}`` for one evaluation point: the summary (A_KA, A_ZS, GM, fractions in ``summary``)
+    plus every record."""
+    out = {summary_key(k): as_percent(v) for k, v in summary.items()}
     for r in records:
-        out[metric_key(str(r["dataset"]), str(r["metric"]))] = float(r["value"])
+        out[metric_key(str(r["dataset"]), str(r["metric"]))] = as_percent(r["value"])
     return out
+
+
+def sweep_metrics(finals: Mapping[str, Sequence[float]], counts: Mapping[str, int]) -> dict[str, float]:
+    """A sweep's parent-run metrics: best and median over its finished trials of each final score (``finals``:
+    ``{"GM": [fraction per trial], ...}``; the best A_KA and the best GM may come from different trials), in percent,
+    and how many trials ended in each state (``counts``: finished, failed, ...)."""
+    out: dict[str, float] = {}
+    for name, values in finals.items():
+        if len(values):
+            out[f"{SWEEP}/best_{name}"] = as_percent(max(values))
+            out[f"{SWEEP}/median_{name}"] = as_percent(statistics.median(values))
+    out.update({f"{SWEEP}/{state}": float(n) for state, n in counts.items()})
+    return out
+
+
+def provenance_tags() -> dict[str, str]:
+    """The code a run comes from (``provenance.code_version``); the clean commit also as MLflow's own tag, which the
+    UI shows as "Version"."""
+    from fomo_ray.provenance import code_version
+
+    version, commit = code_version()
+    tags = {VERSION_TAG: version, COMMIT_TAG: commit}
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        tags[MLFLOW_COMMIT_TAG] = commit
+    return tags
 
 
 def _param_value(v: Any) -> str:
@@ -158,32 +219,62 @@ class Tracker:
                                        order_by=["attributes.start_time DESC"])
         return runs[0].info.run_id if runs else None
 
-    def start_parent(self, sweep_name: str, tags: Mapping[str, str] = ()) -> str:
-        """The sweep's parent run (reused when the sweep is resumed)."""
+    def start_parent(self, sweep_name: str, tags: Mapping[str, str] = (), description: str = "") -> str:
+        """The sweep's parent run (reused when the sweep is resumed); ``description`` (markdown) is its note in the
+        UI. Also makes sure the experiment has the study views (:func:`study_views`)."""
+        self.ensure_views()
         found = self.find_run({KIND_TAG: "sweep", "fomo_ray.sweep": sweep_name})
         if found:
             self.client.update_run(found, status="RUNNING")
+            self.set_tags(found, provenance_tags())  # the code that last wrote to the run
             return found
+        note = {NOTE_TAG: description} if description else {}
         run = self.client.create_run(self.experiment_id, run_name=sweep_name,
-                                     tags={KIND_TAG: "sweep", "fomo_ray.sweep": sweep_name, **dict(tags)})
+                                     tags={KIND_TAG: "sweep", "fomo_ray.sweep": sweep_name, **dict(tags), **note,
+                                           **provenance_tags()})
         return run.info.run_id
 
     def start_child(self, parent_run_id: str | None, trial_id: str, params: Mapping[str, Any],
-                    tags: Mapping[str, str] = (), run_id: str | None = None, run_name: str = "") -> str:
+                    tags: Mapping[str, str] = (), run_id: str | None = None, run_name: str = "",
+                    config: Mapping[str, Any] | None = None) -> str:
         """A trial's run: ``run_id`` (from a checkpoint) or the trial's existing run (found by its trial id) is
-        reopened, else created with the name ``run_name`` (default: the trial id)."""
+        reopened, else created with the name ``run_name`` (default: the trial id), ``params`` and, as the artifact
+        ``config.json``, the whole nested ``config`` (params hold only what applies to the run's method)."""
         if run_id is None:
             want = {TRIAL_TAG: trial_id, **({PARENT_TAG: parent_run_id} if parent_run_id else {})}
             run_id = self.find_run(want)
         if run_id is not None:
             self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, provenance_tags())
             return run_id
         all_tags = {TRIAL_TAG: trial_id, KIND_TAG: "trial", **dict(tags)}
         if parent_run_id:
             all_tags[PARENT_TAG] = parent_run_id
-        run_id = self.client.create_run(self.experiment_id, run_name=run_name or trial_id, tags=all_tags).info.run_id
+        return self._create(run_name or trial_id, params, all_tags, config)
+
+    def start_run(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str] = (),
+                  config: Mapping[str, Any] | None = None, run_id: str | None = None) -> str:
+        """A `fomo-ray run`'s own run (no parent; ``fomo_ray.kind=run``): ``run_id`` (kept in its run directory)
+        is reopened when it resumes, else a new run is created as for a trial (:meth:`start_child`)."""
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, provenance_tags())
+            return run_id
+        return self._create(name, params, {KIND_TAG: "run", **dict(tags)}, config)
+
+    def _create(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str],
+                config: Mapping[str, Any] | None) -> str:
+        run_id = self.client.create_run(self.experiment_id, run_name=name,
+                                        tags={**dict(tags), **provenance_tags()}).info.run_id
         self.log_params(run_id, params)
+        if config is not None:
+            self.client.log_dict(run_id, dict(config), "config.json")
         return run_id
+
+    def ensure_views(self) -> None:
+        """Write the study views (:func:`study_views`) into the experiment's tags where they are missing or
+        differ (an older fomo_ray's, or none). Cheap when they are current: one read."""
+        ensure_views(self.client, self.experiment_id)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -224,15 +315,178 @@ class Tracker:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
 
+class StepLogger:
+    """The training signal of one run: loss, lr, the pre-clip gradient norm and samples/s of every step, buffered
+    and sent every ``every`` steps in ONE ``log_batch`` call (MLflow takes up to 1000 metrics a call, i.e. 250
+    steps; a SQLite write costs ~4 ms, too much per step). Call :meth:`flush` before anything else is logged (an
+    evaluation point) and when the run ends, so the tail is not lost.
+
+    samples/s = the global batch over the wall time since the previous step; it is left out for the first step of a
+    task or after a resume (the time since the previous step then holds an evaluation or the restart), but includes
+    a mid-task checkpoint written between two steps (the run really spent that time). ``grad_norm`` may be a 0-d
+    tensor still on the accelerator: it is read only here, when flushing, so logging adds no wait per step."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every: int, global_batch: int,
+                 clock: Any = time.perf_counter):
+        self.tracker, self.run_id, self.every, self.global_batch = tracker, run_id, every, global_batch
+        self.clock = clock
+        self.rows: list[tuple[int, int, float, float, Any, float | None]] = []
+        self.previous: tuple[int, int, float] | None = None  # (task, step, clock) of the step before
+
+    def step(self, task: int, step: int, loss: float, lr: float, grad_norm: Any, global_step: int) -> None:
+        now = self.clock()
+        rate = None
+        if self.previous is not None and self.previous[:2] == (task, step - 1) and now > self.previous[2]:
+            rate = self.global_batch / (now - self.previous[2])
+        self.previous = (task, step, now)
+        self.rows.append((int(global_step), int(time.time() * 1000), float(loss), float(lr), grad_norm, rate))
+        if len(self.rows) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        loss_key, lr_key, norm_key, rate_key = TRAIN_KEYS
+        items = []
+        for g, ts, loss, lr, norm, rate in self.rows:
+            items += [Metric(loss_key, loss, ts, g), Metric(lr_key, lr, ts, g)]
+            if norm is not None:
+                items.append(Metric(norm_key, float(norm), ts, g))
+            if rate is not None:
+                items.append(Metric(rate_key, rate, ts, g))
+        self.rows = []
+        for chunk in _chunks(items, _BATCH):
+            self.tracker.client.log_batch(self.run_id, metrics=list(chunk))
+
+
 def tracker_for(cfg: Any) -> Tracker:
     """The tracker a config asks for (URI resolved as in :func:`resolve_uri`)."""
     # a local database keeps its artifacts beside it (Tracker's default); a tracking server decides for itself
     return Tracker(resolve_uri(cfg.tracking.uri, cfg.output_dir), cfg.tracking.experiment)
 
 
+# --------------------------------------------------------------------------------------------------- the UI's views
+VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow 3 keeps the runs table's saved views as experiment tags
+TRIALS_VIEW = "fomo_ray-trials"
+SWEEPS_VIEW = "fomo_ray-sweeps"
+
+
+def _column(kind: str, key: str) -> str:
+    return f"{kind}.`{key}`"  # the runs table's column ids: metrics.`A`, params.`p`, tags.`t`, attributes.`Version`
+
+
+def study_views() -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{view id: (name, state)}``: the runs table as the study reads it. MLflow's default table shows no metric
+    column and folds a sweep's trials under its parent run; these views list the trials (and `fomo-ray run` runs)
+    with A_KA, A_ZS, GM first, then what varies, and the sweeps with their best / median scores and counts.
+    ``state`` is MLflow 3.17's view state: the columns (``columnOrder`` puts the metrics before the params) and the
+    search facets (``searchFilter``), as its "Save view" writes them."""
+    trial_cols = [*(_column("metrics", summary_key(k)) for k in ("A_KA", "A_ZS", "GM")),
+                  _column("params", "variant"), _column("params", "method.name"),
+                  _column("tags", STATUS_TAG), _column("attributes", "Version")]
+    sweep_cols = [*(_column("metrics", f"{SWEEP}/{stat}_{k}") for stat in ("best", "median")
+                    for k in ("A_KA", "A_ZS", "GM")),
+                  *(_column("metrics", f"{SWEEP}/{state}") for state in ("finished", "failed")),
+                  _column("params", "sweep.trials"), _column("tags", STATUS_TAG), _column("attributes", "Version")]
+    return {
+        TRIALS_VIEW: ("fomo_ray: trials (A_KA, A_ZS, GM in %)", {
+            "selectedColumns": trial_cols, "columnOrder": trial_cols,
+            "searchFilter": f"tags.`{KIND_TAG}` != 'sweep'",
+            # sorted by anything but the creation time, the table lists runs flat instead of folding a sweep's
+            # trials under its parent (which it then shows although the filter excludes it)
+            "orderByKey": _column("metrics", summary_key("GM")), "orderByAsc": False}),
+        SWEEPS_VIEW: ("fomo_ray: sweeps (best / median over finished trials, %)", {
+            "selectedColumns": sweep_cols, "columnOrder": sweep_cols,
+            "searchFilter": f"tags.`{KIND_TAG}` = 'sweep'"}),
+    }
+
+
+def ensure_views(client: MlflowClient, experiment_id: str) -> None:
+    """Set each study view's experiment tag unless it already holds the same state (keeping its creation time)."""
+    tags = client.get_experiment(experiment_id).tags
+    now = int(time.time() * 1000)
+    for view_id, (name, state) in study_views().items():
+        key, text = VIEW_TAG_PREFIX + view_id, json.dumps(state, sort_keys=True)
+        try:
+            old = json.loads(tags.get(key, ""))
+        except ValueError:
+            old = {}
+        if old.get("name") == name and old.get("state") == text:
+            continue
+        envelope = {"name": name, "createdAt": old.get("createdAt", now), "updatedAt": now, "state": text}
+        client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
+
+
+def runs_path(experiment_id: str | None, view: str = TRIALS_VIEW) -> str:
+    """The UI's page for an experiment's runs table in the training workflow, opened on ``view``
+    (``#/experiments/<id>/runs``: MLflow 3 otherwise opens an experiment on its GenAI overview); "/" without one."""
+    if not experiment_id:
+        return "/"
+    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view}"
+
+
+def prepare_ui(configured_uri: str, output_dir: str, experiment: str, port: int,
+               write: bool = True) -> dict[str, Any]:
+    """What `fomo-ray ui` needs from the store, computed in a short-lived process (importing MLflow would cost the
+    long-lived UI process ~200 MB): the resolved URI, the server command and the path of the runs page of
+    ``experiment`` ("/" when the store has none). ``write`` makes sure that experiment has the study views (a dry
+    run writes nothing). ``{"error": ...}`` when there is no store at the URI."""
+    try:
+        uri = resolve_uri(configured_uri, output_dir)
+    except TrackingError as e:
+        return {"error": str(e)}
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        return {"error": f"no MLflow database at {uri[len('sqlite:///'):]} (run a sweep first, or pass --uri)"}
+    experiment_id = None
+    if write:
+        try:
+            check_reachable(uri, create=False)
+            client = MlflowClient(tracking_uri=uri)
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                experiment_id = found.experiment_id
+                ensure_views(client, experiment_id)
+        except (TrackingError, MlflowException) as e:
+            return {"error": f"MLflow tracking URI {uri!r}: {str(e).splitlines()[0]}"}
+    return {"uri": uri, "command": ui_command(uri, port, Path(output_dir) / ARTIFACT_DIR),
+            "path": runs_path(experiment_id)}
+
+
+# --------------------------------------------------------------------------------------------------- reading a run
+def _reader(uri: str, run_id: str) -> MlflowClient:
+    """A client for reading ``run_id`` back (``fomo_ray.export``); a missing SQLite file or an unknown run raises
+    TrackingError naming both (MLflow would create an empty database instead)."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise TrackingError(f"MLflow tracking URI {uri!r}: no database at {uri[len('sqlite:///'):]}")
+    check_reachable(uri, create=False)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise TrackingError(f"MLflow run {run_id!r} not found at {uri!r}: {str(e).splitlines()[0]}") from e
+    return client
+
+
+def run_params(uri: str, run_id: str) -> dict[str, str]:
+    """The params of an MLflow run (a trial's flat config, values as strings)."""
+    return dict(_reader(uri, run_id).get_run(run_id).data.params)
+
+
+def download_run_artifacts(uri: str, run_id: str, artifact_path: str, dst: str | Path) -> Path | None:
+    """Download the artifact directory (or file) ``artifact_path`` of a run into ``dst``; ``None`` when the run has
+    no such artifact."""
+    client = _reader(uri, run_id)
+    parent = artifact_path.rstrip("/").rpartition("/")[0]
+    listed = {f.path for f in client.list_artifacts(run_id, parent or None)}
+    if artifact_path.rstrip("/") not in listed:
+        return None
+    return Path(client.download_artifacts(run_id, artifact_path.rstrip("/"), str(dst)))
+
+
 # --------------------------------------------------------------------------------------------------- `fomo-ray ui`
 def ui_command(uri: str, port: int, artifact_root: str | Path | None) -> list[str]:
-    """``mlflow server`` bound to loopback with one worker (~0.5 GB instead of ~2 GB for the defaults)."""
+    """``mlflow server`` bound to loopback with one worker (a few hundred MB instead of ~2 GB for the defaults;
+    the README's MLflow UI section gives the measured figure)."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     if artifact_root is not None:

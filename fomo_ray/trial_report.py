@@ -1,7 +1,7 @@
 """The report protocol between a running trial and the sweep driver: what a trial sends to Ray, and how it is read.
 
 A trial (``ray_train.py``, on either host) sends one flat dict per event, and Tune keeps one row per report in the
-trial's metrics table, which the driver reads back (``sweep.py``). Every report carries ``kind``:
+trial's metrics table, which the driver reads back (``tune_sweep.py``). Every report carries ``kind``:
 
 * ``eval``       -- one evaluation point: ``task``, the summary scores (``A_KA``, ``A_ZS``, ``GM``) and one value per
                     dataset under ``ds/<role>/<dataset>/<metric>``;

@@ -5,7 +5,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 PY="${PYTHON:-python3}"
-APT_PKGS="pkg-config libturbojpeg0-dev libopencv-dev"
+APT_PKGS="pkg-config libturbojpeg0-dev libopencv-dev ${EXTRA_APT_PKGS:-}"
 
 missing=()
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done

@@ -6,7 +6,7 @@ where a test is about scheduling or bookkeeping (placement, restore, directory p
 benchmark's numbers; the end-to-end and exact-resume tests use the real loop.
 
 Production code has no test seams: stand-ins and faults reach a Ray worker through a test-only *worker wrapper*
-(:func:`trial_in_worker`, :func:`train_worker_in_worker`). A test monkeypatches ``fomo_ray.sweep.run_trial`` or
+(:func:`trial_in_worker`, :func:`train_worker_in_worker`). A test monkeypatches ``fomo_ray.tune_sweep.run_trial`` or
 ``fomo_ray.ray_train.train_worker`` with it in the driver; Ray ships the wrapper to the worker by value (this module is
 registered with ``ray.cloudpickle``), where it patches ``fomo_ray.loop.run_stream`` (and, for stand-ins, turns
 ``fomo_ray.prep.ensure_inputs`` into a no-op: they need no data) and then calls the real function.
@@ -81,7 +81,7 @@ class StandIn:
                 w = w + lr * (np.array([1.0, 1.0]) + 0.1 * rng.standard_normal(2)) * w_merge
                 if not np.isfinite(w).all():
                     raise loop.TrainingDiverged(t, s, float("nan"), cfg.method.name)
-                hooks.on_step and hooks.on_step(t, s, float(w.sum()), lr)
+                hooks.on_step and hooks.on_step(t, s, float(w.sum()), lr, None, t * StandIn.steps + s)
                 k = cfg.ray.checkpoint_every_steps
                 if k and (s + 1) % k == 0 and s + 1 < StandIn.steps and hooks.on_checkpoint:
                     hooks.on_checkpoint(StandIn._state(cfg, w, t, s + 1, rng, results, mid=True))
@@ -171,9 +171,9 @@ def _with_fault(run_stream: Callable[..., Any], fault: Fault) -> Callable[..., A
         hooks = hooks or loop.RunHooks()
         inner = hooks.on_step
 
-        def on_step(task, step, loss, lr):
+        def on_step(task, step, *rest):
             if inner is not None:
-                inner(task, step, loss, lr)
+                inner(task, step, *rest)
             fault.after_step(task, step)
 
         return run_stream(cfg, hooks=dataclasses.replace(hooks, on_step=on_step), resume=resume, **kwargs)
@@ -201,10 +201,10 @@ def _real(module: str, name: str, wrapper: Any) -> Callable[..., Any]:
 
 
 def trial_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
-    """A stand-in for ``fomo_ray.sweep.run_trial`` that runs the real trial with ``runner`` / ``fault`` injected."""
+    """A stand-in for ``fomo_ray.tune_sweep.run_trial`` that runs the real trial with ``runner`` / ``fault`` injected."""
     def run_trial(config, setup):  # the real one's name and signature: Tune names the trainable after it
         _patch_worker(runner, fault)
-        return _real("fomo_ray.sweep", "run_trial", run_trial)(config, setup)
+        return _real("fomo_ray.tune_sweep", "run_trial", run_trial)(config, setup)
     return run_trial
 
 

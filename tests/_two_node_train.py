@@ -60,6 +60,7 @@ def _train(cfg, name: str, out: Path, tracker, on_started=None) -> dict:
     from fomo_ray import ray_train
     from fomo_ray.checkpoint import load_state
     from fomo_ray.metrics import tidy_frame
+    from fomo_ray.tracking import summary_key
 
     run_id = tracker.start_child(None, name, cfg.flat())
     payload = ray_train.RunPayload(cfg=cfg, run_name=name, tracking_uri=tracker.uri, mlflow_run_id=run_id,
@@ -73,7 +74,7 @@ def _train(cfg, name: str, out: Path, tracker, on_started=None) -> dict:
     run = tracker.client.get_run(run_id)
     return {"wall_s": round(time.time() - t0, 1), "mlflow_run_id": run_id, "status": run.info.status,
             "tags": {k: v for k, v in run.data.tags.items() if k.startswith("fomo_ray.")},
-            "gm_steps": [s for s, _ in tracker.metric_history(run_id, "GM")],
+            "gm_steps": [s for s, _ in tracker.metric_history(run_id, summary_key("GM"))],
             "results": tidy_frame(state.results).to_dict("records")}
 
 

@@ -237,6 +237,28 @@ def test_cli_prints_a_table(cfg, spec, capsys):
     assert rc == 0 and "finetune" in out and "bitfit" in out and "1420" in out
 
 
+def test_cli_uses_the_users_config_and_does_not_warn_per_model(cfg, capfd, caplog):
+    """Issue 13: positional config overrides reach the measurement (a LoRA rank changes the trainable count), the
+    table has a column for the config's own T and budget, and open_clip's random-init warning is not printed once per
+    model built."""
+    _methods_or_skip()
+    from fomo_ray import backbones  # noqa: F401
+
+    cache = f"budget.cache_dir={cfg.budget.cache_dir}"
+    counts = {}
+    for rank in (4, 16):
+        assert budget_main([f"method.peft.rank={rank}", "stream.num_tasks=3", "budget.total_ft_steps=90", cache,
+                            "--backbone", "fomo-tiny-s", "--batch-size", "2", "--device", "cpu",
+                            "--methods", "finetune", "lora"]) == 0
+        out = capfd.readouterr()
+        assert "No pretrained weights" not in out.out + out.err + caplog.text
+        lines = {line.split()[0]: line.split() for line in out.out.splitlines() if line.split()[:1] in (["finetune"],
+                                                                                                       ["lora"])}
+        assert "this config: T=3, total 90" in out.out and lines["finetune"][-1] == "30"  # 90 // 3
+        counts[rank] = float(lines["lora"][1])
+    assert counts[16] > counts[4]  # the override reached the measured model
+
+
 class ToyAnchor:
     """A regulariser the budget has never heard of (registered only in this test): an L2 pull towards theta_0 once a
     task has ended, plus three passes over the task data per task. Its costs come from its own hooks."""

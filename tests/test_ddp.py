@@ -98,7 +98,7 @@ def _observed_run(cfg, should_stop=None, resume=None, counter=None):
     GradSpy.grads = []
     if counter is not None:
         counter.images = counter.fisher = 0
-    hooks = RunHooks(on_step=lambda t, s, loss, lr: seen["losses"].append(loss),
+    hooks = RunHooks(on_step=lambda t, s, loss, lr, *_: seen["losses"].append(loss),
                      on_eval=lambda p, recs: seen["evals"].append((p, distributed.is_rank_zero())),
                      on_checkpoint=seen["states"].append, should_stop=should_stop)
     df = run_stream(cfg, hooks=hooks, resume=resume, device="cpu")

@@ -308,7 +308,7 @@ def test_loop_two_tasks_on_device(tmp_path, fifmini_small):
     steps = []
     if DEVICE.type == "cuda":
         torch.cuda.reset_peak_memory_stats(DEVICE)
-    df = run_stream(cfg, hooks=RunHooks(on_step=lambda t, s, loss, lr: steps.append((t, s, loss))), device=DEVICE)
+    df = run_stream(cfg, hooks=RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append((t, s, loss))), device=DEVICE)
     assert [(t, s) for t, s, _ in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert all(math.isfinite(loss) for *_, loss in steps)
     assert sorted(df["task"].unique()) == [0, 1, 2]

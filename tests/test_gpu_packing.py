@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fomo_ray import sweep
+from fomo_ray import tune_sweep as sweep
 from fomo_ray.sweep_spec import spec_from_dict
 
 from _edges_util import Placement, register_by_value, trial_in_worker

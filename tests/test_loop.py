@@ -160,13 +160,16 @@ def test_every_hook_fires_in_order(tiny_cfg, monkeypatch):
         return False
 
     hooks = RunHooks(on_eval=lambda p, recs: seen["eval"].append((p, len(recs))),
-                     on_step=lambda t, s, loss, lr: seen["step"].append((t, s, math.isfinite(loss), lr > 0)),
+                     on_step=lambda t, s, loss, lr, norm, g: seen["step"].append(
+                         (t, s, math.isfinite(loss), lr > 0, float(norm) > 0, g)),
                      on_checkpoint=lambda st: seen["checkpoint"].append((st.task, st.step, st.optimizer is None)),
                      should_stop=should_stop)
     df = run_stream(cfg, hooks=hooks)
     assert [p for p, _ in seen["eval"]] == [0, 1, 2] and all(n > 0 for _, n in seen["eval"])
     assert sum(n for _, n in seen["eval"]) == len(df)
-    assert seen["step"] == [(t, s, True, True) for t in range(2) for s in range(STEPS_PER_TASK)]
+    # the pre-clip gradient norm and the step counted over the whole stream come with every step
+    assert seen["step"] == [(t, s, True, True, True, t * STEPS_PER_TASK + s) for t in range(2)
+                            for s in range(STEPS_PER_TASK)]
     # mid-task states carry the optimizer; task-boundary states do not (the next task starts a fresh AdamW)
     assert seen["checkpoint"] == [(0, 1, False), (1, 0, True), (1, 1, False), (2, 0, True)]
     assert seen["should_stop"] >= 2 * STEPS_PER_TASK
@@ -178,9 +181,18 @@ def test_every_hook_fires_in_order(tiny_cfg, monkeypatch):
     assert Spy.last.calls == expected
 
 
+def test_step_hook_gets_the_gradient_norm_without_a_clip_and_changes_nothing(tiny_cfg):
+    """With optimizer.grad_clip = 0 the loop measures the norm only for an on_step hook; the run is the same."""
+    cfg = tiny_cfg(**{"optimizer.grad_clip": 0.0})
+    norms = []
+    with_hook = run_stream(cfg, hooks=RunHooks(on_step=lambda t, s, loss, lr, norm, g: norms.append(float(norm))))
+    assert len(norms) == 2 * STEPS_PER_TASK and all(math.isfinite(n) and n > 0 for n in norms)
+    _frame_equal(with_hook, run_stream(cfg))
+
+
 def test_should_stop_ends_the_run_cooperatively(tiny_cfg):
     steps = []
-    hooks = RunHooks(on_step=lambda t, s, loss, lr: steps.append((t, s)), should_stop=lambda: len(steps) >= 1)
+    hooks = RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append((t, s)), should_stop=lambda: len(steps) >= 1)
     df = run_stream(tiny_cfg(), hooks=hooks)
     assert steps == [(0, 0)]
     assert sorted(df["task"].unique()) == [0]  # only the zero-shot point was evaluated
@@ -197,7 +209,7 @@ def test_identical_runs_identical_metrics_and_seed_matters(tiny_cfg):
     def run(seed):
         rec = losses.setdefault(seed, [])
         return run_stream(tiny_cfg(**{"seed": seed, "data.loader": loader, "method.name": "ema_merge"}),
-                          hooks=RunHooks(on_step=lambda t, s, loss, lr: rec.append(loss)))
+                          hooks=RunHooks(on_step=lambda t, s, loss, lr, *_: rec.append(loss)))
 
     first = run(0)
     second_losses = losses.pop(0)
@@ -291,7 +303,7 @@ def test_maf_budget_gives_adapters_more_steps_than_finetune(tiny_cfg):
         steps = []
         run_stream(tiny_cfg(**{"method.name": name, "budget.mode": "maf", "stream.num_tasks": 1,
                                "budget.total_ft_steps": 2}),
-                   hooks=RunHooks(on_step=lambda t, s, loss, lr: steps.append(s)))
+                   hooks=RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append(s)))
         counts[name] = len(steps)
     assert counts["finetune"] == 2 and counts["lora"] > counts["finetune"]
 

@@ -13,7 +13,7 @@ from fomo_ray import loop, ray_train, trial_report
 from fomo_ray.checkpoint import load_state
 from fomo_ray.config import load_config
 from fomo_ray.metrics import tidy_frame
-from fomo_ray.tracking import Tracker, default_uri
+from fomo_ray.tracking import TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
 from _data_util import SCALE, small_fifmini
 from _edges_util import Fault, register_by_value, train_worker_in_worker
@@ -90,15 +90,19 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     # the restarted worker continued the same MLflow run from the mid-task checkpoint taken before the kill
     assert run.data.tags[ray_train.RESUMED_TAG] == "cursor_t001_s0000002"
     assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
-    gm = dict(tracker.metric_history(run_id, "GM"))
+    gm = dict(tracker.metric_history(run_id, summary_key("GM")))  # MLflow holds percent
     assert sorted(gm) == [0, 1, 2]
     from fomo_ray.metrics import summarize
 
-    ref_gm = summarize(reference).set_index("task")["GM"].to_dict()
+    ref_gm = {t: as_percent(v) for t, v in summarize(reference).set_index("task")["GM"].items()}
     assert gm == pytest.approx(ref_gm, abs=0, rel=0)
+    # every training step once: flushed at each checkpoint, so the steps replayed after the kill were never sent
+    assert [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])] == list(range(8))
     assert [f.path for f in tracker.client.list_artifacts(run_id, "checkpoints/final")] == \
-        ["checkpoints/final/fomo_ray_run.json", "checkpoints/final/fomo_ray_status.json",
-         "checkpoints/final/loop_state.pt"]
+        ["checkpoints/final/config.json", "checkpoints/final/fomo_ray_run.json",
+         "checkpoints/final/fomo_ray_status.json", "checkpoints/final/loop_state.pt"]
+    # the deployed model beside it, in open_clip's format (fomo_ray/export.py)
+    assert "model/open_clip_pytorch_model.bin" in {f.path for f in tracker.client.list_artifacts(run_id, "model")}
     print(f"exact resume through a worker kill: {wall:.1f} s; resumed from {run.data.tags[ray_train.RESUMED_TAG]}")
 
 
@@ -126,7 +130,9 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     wall = time.time() - t0
     run = tracker.client.get_run(run_id)
     assert run.data.tags[ray_train.WORLD_TAG] == "2"
-    assert [s for s, _ in tracker.metric_history(run_id, "GM")] == [0, 1, 2]  # one writer, not two
+    assert [s for s, _ in tracker.metric_history(run_id, summary_key("GM"))] == [0, 1, 2]  # one writer, not two
+    loss_steps = [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])]
+    assert loss_steps == sorted(set(loss_steps)) and loss_steps  # the training signal, from rank 0 alone
     ddp = tidy_frame(load_state(outcome.checkpoint).results)
     assert (ddp["value"] - reference["value"]).abs().max() <= 0.05
     assert ddp[ddp["task"] == 0]["value"].tolist() == reference[reference["task"] == 0]["value"].tolist()

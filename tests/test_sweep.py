@@ -14,7 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import sweep, sweep_spec
+from fomo_ray import sweep_spec
+from fomo_ray import tune_sweep as sweep
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import ConfigError, load_config
 from fomo_ray.sweep_spec import Dim, SweepError, parse_dim, parse_space, spec_from_dict
@@ -280,7 +281,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     files; a rerun never overwrites."""
     from _data_util import SCALE, small_fifmini
 
-    from fomo_ray.tracking import PARENT_TAG, Tracker
+    from fomo_ray.tracking import NOTE_TAG, PARENT_TAG, TRAIN_KEYS, Tracker, as_percent, summary_key
 
     bench = small_fifmini(tmp_path_factory)
     spec = spec_from_dict({
@@ -308,14 +309,25 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     tracker = Tracker(out.tracking_uri, "fomo_ray")
     parent = tracker.client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
+    assert "**Sweep `e2e`**" in parent.data.tags[NOTE_TAG] and "`variant`: points" in parent.data.tags[NOTE_TAG]
+    final = res[res["task"] == 2]
+    assert parent.data.metrics["Sweep/best_GM"] == as_percent(final["GM"].max())
+    assert parent.data.metrics["Sweep/median_A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
+    assert (parent.data.metrics["Sweep/finished"], parent.data.metrics["Sweep/failed"]) == (2, 0)
     children = {r.info.run_name: r for r in tracker.children(out.parent_run_id)}
     assert sorted(children) == ["000-finetune", "001-ema"]
     for name, run in children.items():
         assert run.info.status == "FINISHED" and run.data.tags[PARENT_TAG] == out.parent_run_id
         assert run.data.params["method.name"] == ("finetune" if name == "000-finetune" else "ema_merge")
-        gm = tracker.metric_history(run.info.run_id, "GM")
-        assert gm == list(zip(res.loc[res["run"] == name, "task"], res.loc[res["run"] == name, "GM"]))
-        assert len(tracker.metric_history(run.info.run_id, "SCENES/R_at_5")) == 3  # per-dataset, per task
+        assert run.data.params["variant"] == name.split("-", 1)[1]
+        # only what applies to the method: fine-tuning has no merge weight to plot at
+        assert ("method.merge.weight" in run.data.params) == (name == "001-ema")
+        # MLflow holds percent, the results table fractions: the same numbers
+        gm = tracker.metric_history(run.info.run_id, summary_key("GM"))
+        assert gm == [(t, as_percent(v)) for t, v in zip(res.loc[res["run"] == name, "task"],
+                                                        res.loc[res["run"] == name, "GM"])]
+        assert len(tracker.metric_history(run.info.run_id, "datasets/SCENES/R_at_5")) == 3  # per dataset, per task
+        assert [s for s, _ in tracker.metric_history(run.info.run_id, TRAIN_KEYS[0])] == list(range(8))
         arts = [f.path for f in tracker.client.list_artifacts(run.info.run_id, "checkpoints/final")]
         assert "checkpoints/final/loop_state.pt" in arts
     report_arts = {f.path for f in tracker.client.list_artifacts(out.parent_run_id, "report")}
@@ -411,7 +423,7 @@ def test_a_crashing_trial_prints_one_line_per_attempt_not_a_traceback(ray_local,
 _INTERRUPTIBLE = """
 import sys
 sys.path.insert(0, {tests!r})
-from fomo_ray import sweep
+from fomo_ray import tune_sweep as sweep
 from fomo_ray.cli import sweep as cli
 from _edges_util import StandIn, register_by_value, trial_in_worker
 register_by_value()

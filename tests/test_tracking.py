@@ -1,21 +1,29 @@
-"""MLflow tracking against a real SQLite store: URI rules, fail-fast, run layout, batching, FAILED runs, the UI."""
+"""MLflow tracking against a real SQLite store: URI rules, fail-fast, run layout, batching, FAILED runs, the view
+(metric names and units, study views, provenance, the training signal), `fomo-ray run` in MLflow, `fomo-ray ui`."""
 from __future__ import annotations
 
+import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
 from fomo_ray import tracking
 from fomo_ray.cli.ui import main as ui_main
 from fomo_ray.config import load_config
-from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, Tracker, TrackingError, check_reachable,
-                               default_uri, eval_metrics, metric_key, resolve_uri, tracker_for, ui_command)
+from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
+                               check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
+                               sweep_metrics, tracker_for, ui_command)
 
-from _edges_util import free_port
+from _edges_util import REPO, free_port
 
 
 def test_default_uri_is_absolute_sqlite_under_output_dir(tmp_path, monkeypatch):
@@ -65,23 +73,68 @@ def store(tmp_path_factory):
     return out
 
 
-def test_metric_keys_are_valid_mlflow_names():
-    assert metric_key("SHAPES", "top1") == "SHAPES/top1"
-    assert metric_key("RETRIEVAL", "R@5") == "RETRIEVAL/R_at_5"
-    assert metric_key("a b+c", "x") == "a b_c/x"
+def test_metric_keys_are_valid_mlflow_names_in_percent():
+    assert metric_key("SHAPES", "top1") == "datasets/SHAPES/top1"
+    assert metric_key("RETRIEVAL", "R@5") == "datasets/RETRIEVAL/R_at_5"
+    assert metric_key("a b+c", "x") == "datasets/a b_c/x"
     recs = [{"dataset": "D", "role": "adapt", "metric": "R@1", "value": 0.25}]
-    assert eval_metrics(recs, {"A_KA": 0.5, "A_ZS": 0.5, "GM": 0.5}) == {"A_KA": 0.5, "A_ZS": 0.5, "GM": 0.5,
-                                                                         "D/R_at_1": 0.25}
+    assert eval_metrics(recs, {"A_KA": 0.5, "A_ZS": 0.125, "GM": 0.25}) == {
+        "Summary/A_KA": 50.0, "Summary/A_ZS": 12.5, "Summary/GM": 25.0, "datasets/D/R_at_1": 25.0}
+
+
+def test_run_page_sections_sort_summary_and_training_before_the_datasets():
+    """MLflow 3 sorts chart sections (the name before the last '/') by code point and puts unprefixed names last;
+    the summary and the training signal must come before every per-dataset section (seen in the browser test)."""
+    keys = [summary_key("GM"), tracking.TRAIN_KEYS[0], metric_key("AIRCRAFT", "top1"), metric_key("aircraft", "x")]
+    sections = sorted({k.rsplit("/", 1)[0] for k in keys})
+    assert sections[:2] == ["Summary", "Training"] and all(s.startswith("datasets/") for s in sections[2:])
+
+
+def test_sweep_metrics_best_median_and_counts():
+    got = sweep_metrics({"A_KA": [0.1, 0.3, 0.2], "GM": [0.5], "A_ZS": []}, {"finished": 3, "failed": 1})
+    assert got == pytest.approx({"Sweep/best_A_KA": 30.0, "Sweep/median_A_KA": 20.0, "Sweep/best_GM": 50.0,
+                                 "Sweep/median_GM": 50.0, "Sweep/finished": 3.0, "Sweep/failed": 1.0})
+
+
+def test_provenance_is_this_checkout_and_version():
+    import fomo_ray
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                           text=True).stdout.strip()
+    tags = tracking.provenance_tags()
+    assert tags[tracking.VERSION_TAG] == fomo_ray.__version__ and len(head) == 40
+    if dirty:  # uncommitted changes: the commit alone would claim code that did not run
+        assert tags[tracking.COMMIT_TAG] == head + "+changes" and tracking.MLFLOW_COMMIT_TAG not in tags
+    else:
+        assert tags[tracking.COMMIT_TAG] == tags[tracking.MLFLOW_COMMIT_TAG] == head
+
+
+def test_provenance_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
+    """An installed copy (no .git above the package) says "unknown" and sets no MLflow commit tag."""
+    import fomo_ray
+
+    monkeypatch.setattr(fomo_ray, "__file__", str(tmp_path / "site-packages" / "fomo_ray" / "__init__.py"))
+    (tmp_path / "site-packages" / "fomo_ray").mkdir(parents=True)
+    from fomo_ray.provenance import code_version
+
+    code_version.cache_clear()
+    try:
+        tags = tracking.provenance_tags()
+    finally:
+        code_version.cache_clear()
+    assert tags[tracking.COMMIT_TAG] == "unknown" and tracking.MLFLOW_COMMIT_TAG not in tags
 
 
 def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_path):
     cfg = load_config(None, {"output_dir": str(store), "tracking.experiment": "layout"})
     tr = tracker_for(cfg)
     assert tr.uri == default_uri(store)
-    parent = tr.start_parent("sweep-a")
+    parent = tr.start_parent("sweep-a", description="**Sweep `sweep-a`**: what it studies")
     assert tr.start_parent("sweep-a") == parent  # a resumed sweep reuses its parent run
+    assert tr.client.get_run(parent).data.tags[tracking.NOTE_TAG] == "**Sweep `sweep-a`**: what it studies"
     flat = cfg.flat()
-    child = tr.start_child(parent, "abc_00000", flat, run_name="000-finetune")
+    child = tr.start_child(parent, "abc_00000", flat, run_name="000-finetune", config={"nested": {"a": 1}})
     metrics = {f"D{i}/top1": i / 100 for i in range(40)} | {"A_KA": 0.3, "A_ZS": 0.6, "GM": 0.42}
     for step in range(3):
         tr.log_metrics(child, {k: v + step for k, v in metrics.items()}, step=step)
@@ -95,11 +148,15 @@ def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_pat
     assert run.info.run_name == "000-finetune"
     assert run.data.tags[PARENT_TAG] == parent and run.data.tags[TRIAL_TAG] == "abc_00000"
     assert run.info.status == "FAILED" and "loss is nan" in run.data.tags[REASON_TAG]
-    assert len(run.data.params) == len(flat)  # params = the whole flat config
+    assert len(run.data.params) == len(flat)  # params = what the caller passes (a trial: applicable_params)
     assert run.data.params["optimizer.lr"] == str(cfg.optimizer.lr)
     assert run.data.params["optimizer.betas"] == "0.9,0.98"
     assert tr.metric_history(child, "GM") == [(0, 0.42), (1, 1.42), (2, 2.42)]
     assert len(run.data.metrics) == len(metrics)
+    assert run.data.tags[tracking.COMMIT_TAG] == tracking.provenance_tags()[tracking.COMMIT_TAG]
+    assert run.data.tags[tracking.VERSION_TAG] == tracking.provenance_tags()[tracking.VERSION_TAG]
+    assert json.loads(Path(tr.client.download_artifacts(child, "config.json", str(tmp_path))).read_text()) == \
+        {"nested": {"a": 1}}
     assert [f.path for f in tr.client.list_artifacts(child, "checkpoints/final")] == \
         ["checkpoints/final/loop_state.pt"]
     # artifacts live beside the database, not in whatever directory the process ran in
@@ -139,24 +196,194 @@ def test_ui_without_a_database_says_so(tmp_path, capsys):
     assert "no MLflow database" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_ui_serves_the_store(store):
-    """`fomo-ray ui` really starts an MLflow server on 127.0.0.1 that answers /health (stopped by its PID)."""
-    tmp_path = store
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen([sys.executable, "-m", "fomo_ray.cli", "ui", "--output-dir", str(tmp_path), "--port",
-                             str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+# -------------------------------------------------------------------------------------------------- the training signal
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_step_logger_sends_every_n_steps_in_one_call(store):
+    """Loss, lr, grad norm and samples/s of every step reach MLflow in one log_batch call per N steps; samples/s is
+    left out at a task's first step (the time before it holds an evaluation), the tail goes out on flush."""
+    tr = Tracker(default_uri(store), "steps")
+    run = tr.start_child(None, "t", {})
+    calls = []
+    real = tr.client.log_batch
+    tr.client.log_batch = lambda *a, **k: (calls.append(len(k.get("metrics", []))), real(*a, **k))[1]
+    clock = _Clock()
+    steps = StepLogger(tr, run, every=3, global_batch=64, clock=clock)
+    g = 0
+    for task in range(2):
+        clock.now += 30.0  # an evaluation between tasks
+        for step in range(4):
+            clock.now += 0.5
+            steps.step(task, step, loss=1.0 / (g + 1), lr=1e-3, grad_norm=2.0 + g, global_step=g)
+            g += 1
+    # steps 0-2 and 3-5, 4 metrics each, less the rate of each task's first step (0 and 4)
+    assert calls == [3 * 4 - 1, 3 * 4 - 1]
+    steps.flush()  # the tail: steps 6-7
+    steps.flush()  # nothing left: no call
+    assert calls == [11, 11, 8]
+    loss_key, lr_key, norm_key, rate_key = tracking.TRAIN_KEYS
+    assert [s for s, _ in tr.metric_history(run, loss_key)] == list(range(8))
+    assert tr.metric_history(run, norm_key)[5] == (5, 7.0)
+    assert tr.metric_history(run, rate_key) == [(s, 128.0) for s in (1, 2, 3, 5, 6, 7)]  # 64 samples / 0.5 s
+
+
+# --------------------------------------------------------------------------------------------------- the UI's views
+def test_study_views_are_saved_views_of_the_experiment(store):
+    """Each view is an experiment tag holding MLflow 3's saved-view envelope; writing them again changes nothing."""
+    tr = Tracker(default_uri(store), "views")
+    tr.ensure_views()
+    tags = tr.client.get_experiment(tr.experiment_id).tags
+    views = tracking.study_views()
+    for view_id, (name, state) in views.items():
+        envelope = json.loads(tags[tracking.VIEW_TAG_PREFIX + view_id])
+        assert envelope["name"] == name and json.loads(envelope["state"]) == state
+        assert isinstance(envelope["createdAt"], int) and isinstance(envelope["state"], str)
+    trials = views[tracking.TRIALS_VIEW][1]
+    assert trials["selectedColumns"][:3] == ["metrics.`Summary/A_KA`", "metrics.`Summary/A_ZS`", "metrics.`Summary/GM`"]
+    tr.ensure_views()
+    assert tr.client.get_experiment(tr.experiment_id).tags == tags
+    assert tracking.runs_path(tr.experiment_id) == (f"/#/experiments/{tr.experiment_id}/runs?workflowType="
+                                                    f"machine_learning&viewStateShareKey={tracking.TRIALS_VIEW}")
+
+
+# --------------------------------------------------------------------------------------------------- `fomo-ray run`
+def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_path_factory, capsys):
+    """A tracked `fomo-ray run`: one run (kind run) with the settings that apply to its method, per-point metrics in
+    percent that match the printed table, the training signal at every step; --resume reopens the same run."""
+    from _data_util import small_fifmini
+
+    from fomo_ray.assembly import run_name
+    from fomo_ray.cli.run import main as run_main
+    from fomo_ray.metrics import load_results, summarize
+
+    bench = small_fifmini(tmp_path_factory)
+    overrides = {"data.root": str(bench.root), "data.prepare_if_missing": False, "data.loader": "memory",
+                 "backbone.pretrained": "", "stream.num_tasks": 2, "budget.mode": "equal_steps",
+                 "budget.total_ft_steps": 6, "budget.cache_dir": str(tmp_path / "budget"), "mixture.batch_size": 8,
+                 "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
+                 "output_dir": str(tmp_path / "runs"), "method.name": "ema_merge", "method.merge.weight": 0.3,
+                 "tracking.log_every_n_steps": 2}
+    argv = [f"{k}={v}" for k, v in overrides.items()]
+    assert run_main(argv) == 0
+    cfg = load_config(None, overrides)
+    out = tmp_path / "runs" / run_name(cfg)
+    tr = tracker_for(cfg)
+    (run,) = tr.client.search_runs([tr.experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_name(cfg)
+    assert run.data.tags[tracking.KIND_TAG] == "run" and run.data.params["method.merge.weight"] == "0.3"
+    assert "method.peft.rank" not in run.data.params and "method.merge.init" not in run.data.params
+    expected = summarize(load_results(out / "results.parquet")).set_index("task")["GM"]
+    got = dict(tr.metric_history(run.info.run_id, summary_key("GM")))
+    assert got == {t: pytest.approx(100 * v, rel=1e-12) for t, v in expected.items()}
+    assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
+    assert len(tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
+    assert run_main(argv + ["--resume"]) == 0
+    assert [r.info.run_id for r in tr.client.search_runs([tr.experiment_id])] == [run.info.run_id]
+
+
+# --------------------------------------------------------------------------------------------------- `fomo-ray ui`
+def _start_ui(output_dir, port, *extra):
+    """`fomo-ray ui` in its own session (a stray server is then easy to find), with its output read on a thread."""
+    proc = subprocess.Popen([sys.executable, "-m", "fomo_ray.cli", "ui", "--output-dir", str(output_dir), "--port",
+                             str(port), *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    lines: list[str] = []
+    url = threading.Event()
+    found: dict[str, object] = {}
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"MLflow UI for \S+ at (http://\S+)", line)
+            if m and not url.is_set():
+                try:  # right when the URL is printed, the server must answer
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                        found["health"] = r.status
+                except OSError as e:
+                    found["health"] = repr(e)
+                found["url"] = m.group(1)
+                url.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return proc, url, found, lines
+
+
+def _serving(port):
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_ui_prints_the_runs_url_once_serving_and_sigterm_stops_the_whole_server(store):
+    tr = Tracker(default_uri(store), "fomo_ray")
+    port = free_port()
+    proc, url, found, lines = _start_ui(store, port)
     try:
-        deadline, ok = time.time() + 60, False
-        while time.time() < deadline and not ok:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    ok = r.status == 200
-            except OSError:
-                time.sleep(0.5)
-        assert ok, "the MLflow UI did not answer on /health within 60 s"
+        assert url.wait(timeout=180), "no URL within 180 s:\n" + "".join(lines)
+        assert found["health"] == 200
+        assert found["url"] == f"http://127.0.0.1:{port}" + tracking.runs_path(tr.experiment_id)
+        server = [p for p in _children(proc.pid)]
+        assert server, "fomo-ray ui started no server process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        assert not _serving(port), "a process still serves the port after SIGTERM"
+        assert not [p for p in server if _alive(p)], "the server or its worker outlived `fomo-ray ui`"
     finally:
-        os.killpg(proc.pid, 15)  # its own session: the server and its worker, nothing else
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def _children(pid):
+    """Every descendant of ``pid`` (from /proc)."""
+    kids = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            kids.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    out, todo = [], list(kids.get(pid, []))
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += kids.get(p, [])
+    return out
+
+
+def _alive(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ui_on_a_busy_port_fails_at_once(store):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "fomo_ray.cli", "ui", "--output-dir", str(store), "--port",
+                              str(port)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and f"port {port}" in out.stderr and "in use" in out.stderr
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.slow
+def test_ui_fails_when_the_server_dies_before_answering(store):
+    """The port is taken after the check (a race): the server dies, and `fomo-ray ui` says so with exit code 1."""
+    from fomo_ray.cli import ui
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        info = ui.prepare("", str(store), "fomo_ray", port, write=False)
+        assert ui.serve(info["command"], port, info["path"], info["uri"], startup_timeout_s=120) == 1

@@ -19,11 +19,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("fomo_ray.cli.score:main", "A_KA / A_ZS / GM and trajectories from a saved results table"),
     "budget": ("fomo_ray.cli.budget:main", "Tab.4-style MAF compute-budget table for a backbone"),
     "ui": ("fomo_ray.cli.ui:main", "start the MLflow UI on 127.0.0.1 for the project's store"),
+    "export": ("fomo_ray.cli.export:main", "write a run's deployed model in open_clip's format"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: fomo-ray <command> [args...]", "", "commands:"]
+    lines = ["usage: fomo-ray [--version] <command> [args...]", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'fomo-ray <command> --help' for a command's options."]
     return "\n".join(lines)
@@ -44,6 +45,12 @@ def dispatch(prog: str, noun: str, table: dict[str, tuple[str, str]], usage: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        from fomo_ray import __version__
+
+        print(f"fomo-ray {__version__}")
+        return 0
     return dispatch("fomo-ray", "command", COMMANDS, _usage(), argv)
 
 

@@ -1,4 +1,5 @@
-"""``fomo-ray budget``: the Tab. 4-style MAF compute-budget table of a backbone (DESIGN §4)."""
+"""``fomo-ray budget``: the Tab. 4-style MAF compute-budget table of a backbone (DESIGN section 4 of the design notes;
+the README's "Compute budget" section)."""
 from __future__ import annotations
 
 import argparse
@@ -7,30 +8,37 @@ from typing import Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fomo-ray budget --backbone NAME [--batch-size B] [--image-size P] [--methods m1 m2 ...]``."""
-    from fomo_ray.budget import FT_METHOD, PAPER_TOTAL_FT_STEPS, backbone_spec, budget_rows, method_record
+    """``fomo-ray budget [config.yaml] [key=value ...] [--backbone NAME] [--methods m1 m2 ...]``: per method, the
+    measured GFLOPs, memory, MAF and steps per task at T = 20/50/100/200 of the paper's budget, plus the steps per
+    task this config gets (its stream.num_tasks and budget.total_ft_steps)."""
+    from fomo_ray.budget import (FT_METHOD, PAPER_TOTAL_FT_STEPS, BudgetError, backbone_spec, budget_rows,
+                                 method_record, steps_per_task)
     from fomo_ray.config import load_config
     from fomo_ray.tables import format_table
 
-    p = argparse.ArgumentParser(prog="fomo-ray budget", description=__doc__.split("\n")[0])
-    p.add_argument("--backbone", required=True, help="open_clip architecture or fomo-tiny-*")
+    p = argparse.ArgumentParser(prog="fomo-ray budget", description=main.__doc__)
+    p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (method.peft.rank=64)")
+    p.add_argument("--backbone", default=None, help="open_clip architecture or fomo-tiny-* (default: backbone.name)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's mixture.batch_size")
     p.add_argument("--image-size", type=int, default=None, help="default: the backbone's native size")
     p.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu (analytic memory)")
     p.add_argument("--total-ft-steps", type=int, default=PAPER_TOTAL_FT_STEPS,
-                   help="full fine-tuning steps over the stream (paper: 28400)")
-    p.add_argument("--config", default=None, help="experiment YAML (method settings, cache_dir)")
+                   help="full fine-tuning steps over the stream for the T=20..200 columns (paper: 28400)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="dotted config override, repeatable (e.g. --set method.peft.rank=64)")
+                   help="dotted config override, repeatable (same as a key=value argument)")
     args = p.parse_args(list(argv) if argv is not None else None)
+    config = args.args[0] if args.args and "=" not in args.args[0] else None
+    overrides = [*(args.args[1:] if config else args.args), *args.overrides]
     try:
-        cfg = load_config(args.config, args.overrides).replace({"backbone.name": args.backbone})
+        cfg = load_config(config, overrides)
+        if args.backbone:
+            cfg = cfg.replace({"backbone.name": args.backbone})
         if args.methods is None:
             from fomo_ray.methods import REGISTRY
 
             args.methods = list(REGISTRY)
-        spec = backbone_spec(args.backbone, args.image_size)
+        spec = backbone_spec(cfg.backbone.name, args.image_size)
         bs = args.batch_size or cfg.mixture.batch_size
         kw = dict(backbone=spec, device=args.device, batch_size=bs)
         ft = method_record(cfg, FT_METHOD, **kw)
@@ -39,9 +47,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fomo-ray budget: {e}", file=sys.stderr)
         return 2
     print(f"backbone {spec.name}, batch {bs}, image {spec.image_size}px, device {ft.device_kind} "
-          f"({ft.memory_kind} memory), steps_ft(T) = {args.total_ft_steps} // T")
-    print(format_table(budget_rows(records, ft, args.total_ft_steps)))
+          f"({ft.memory_kind} memory), steps_ft(T) = {args.total_ft_steps} // T; models are built with random "
+          "weights (only their shapes and FLOPs matter)")
+    rows = budget_rows(records, ft, args.total_ft_steps)
+    t, mine = cfg.stream.num_tasks, f"this config: T={cfg.stream.num_tasks}, total {cfg.budget.total_ft_steps}"
+    cfg = cfg.replace({"mixture.batch_size": bs})
+    for row, r in zip(rows, records):  # exactly what a run of this config trains (budget.mode, cost_as included)
+        try:
+            row[mine] = steps_per_task(cfg, _cost_name(cfg, r.method), t, backbone=spec, device=args.device) \
+                if r.trainable_params else 0
+        except BudgetError:
+            row[mine] = "<1"
+    print(format_table(rows))
     return 0
+
+
+def _cost_name(cfg, method: str) -> str:
+    """The name a method's steps are budgeted under (its ``cost_as``, e.g. a merge is charged as fine-tuning)."""
+    from fomo_ray.methods import build_method
+
+    m = build_method(cfg.replace({"method.name": method}))
+    return m.cost_as or m.name
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fomo_ray.report import ReportError, build_report, load_sweep_tables
 
     ap = argparse.ArgumentParser(prog="fomo-ray report", description=main.__doc__)
-    ap.add_argument("path", help="sweep directory (tidy.csv, trials.csv) or a tidy table (.csv / .parquet)")
+    ap.add_argument("path", help="a sweep directory (tidy.csv, trials.csv), a `fomo-ray run` directory, or a tidy table "
+                                 "(.csv / .parquet)")
     ap.add_argument("--trials", default="", help="trials table with swept values per run (default: beside PATH)")
     ap.add_argument("--out", default="", help="output directory (default: PATH/report or beside the table)")
     ap.add_argument("--x", default="", help="numeric swept key to plot final scores against (e.g. method.merge.weight)")

@@ -1,4 +1,4 @@
-"""``fomo-ray score TABLE``: A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
+"""``fomo-ray score PATH``: A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
 from __future__ import annotations
 
 import argparse
@@ -10,17 +10,18 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     """``fomo-ray score TABLE``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
     from fomo_ray.data.format import DataError
-    from fomo_ray.metrics import (MetricsError, format_report, learned_at_points, load_results,
-                                  stream_task_datasets)
+    from fomo_ray.metrics import MetricsError, format_report, learned_at_points, stream_task_datasets
+    from fomo_ray.report import ReportError, load_sweep_tables
 
     p = argparse.ArgumentParser(prog="fomo-ray score", description=main.__doc__)
-    p.add_argument("table", help="results table written by a run (.parquet or .csv)")
+    p.add_argument("table", help="a sweep directory, a `fomo-ray run` directory, or a tidy results table "
+                                 "(.parquet or .csv: run, task, dataset, role, metric, value)")
     p.add_argument("--run", default="", help="only this run (default: every run in the table)")
     p.add_argument("--stream", default="", help="stream JSON the runs used; enables backward transfer of adapt sets")
     p.add_argument("--num-tasks", type=int, default=0, help="T the stream was cut into (with --stream)")
     args = p.parse_args(argv)
     try:
-        df = load_results(args.table)
+        df = load_sweep_tables(Path(args.table))[0]
         if args.run:
             if args.run not in set(df["run"]):
                 raise MetricsError(f"run {args.run!r} not in {args.table}; runs: {sorted(set(df['run']))}")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
             entries = json.loads(Path(args.stream).read_text())
             learned_at = learned_at_points(stream_task_datasets(entries, args.num_tasks))
         print(format_report(df, learned_at))
-    except (MetricsError, DataError, OSError, json.JSONDecodeError) as e:
+    except (MetricsError, ReportError, DataError, OSError, json.JSONDecodeError) as e:
         print(f"fomo-ray score: {e}", file=sys.stderr)
         return 2
     return 0

@@ -114,7 +114,7 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         if args.dry_run:
             print_dry_run(spec)
             return 0
-        from fomo_ray.sweep import run_sweep  # Ray: only for a real run
+        from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
 
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
         out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs)
@@ -131,11 +131,11 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
 
 
 def print_summary(out: Any) -> None:
-    """The results table and where everything is (``out``: a ``fomo_ray.sweep.SweepResult``)."""
+    """The results table and where everything is (``out``: a ``fomo_ray.tune_sweep.SweepResult``)."""
     from fomo_ray.report import format_table, trial_table
     from fomo_ray.tracking import DB_NAME
 
-    from fomo_ray.sweep import format_counts, status_counts
+    from fomo_ray.tune_sweep import format_counts, status_counts
 
     print()
     if not out.tidy.empty:

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 from fomo_ray.config import ConfigError, ExperimentConfig, MethodConfig
 from fomo_ray.methods.base import Method, TaskPlan
 from fomo_ray.methods.finetune import BitFit, FineTune, LNFit, LockedImage, LockedText
@@ -53,4 +55,21 @@ def build_method(cfg: ExperimentConfig | MethodConfig, seed: int | None = None) 
     return REGISTRY[method_cfg.name](method_cfg, seed=seed or 0)
 
 
-__all__ = ["Method", "TaskPlan", "REGISTRY", "build_method", "UnknownMethodError"]
+#: config sections that only shape training steps; they do not apply to a method that takes none (zero_shot)
+TRAINING_SECTIONS = ("optimizer.", "schedule.", "mixture.", "budget.")
+
+
+def applicable_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``cfg.flat()`` less what does not apply to ``cfg.method.name``: the ``method.*`` settings it does not read
+    (:meth:`Method.config_keys`) and, for a method that never trains, the training sections. What a run logs as its
+    MLflow params: a fine-tuning or zero-shot run must not show, or plot at, the default merge weight."""
+    cls = REGISTRY.get(cfg.method.name)
+    if cls is None:  # unknown names are refused where the method is built; log everything meanwhile
+        return cfg.flat()
+    own = {f"method.{k}" for k in cls.config_keys(cfg.method)} | {"method.name"}
+    return {k: v for k, v in cfg.flat().items()
+            if (k in own or not k.startswith("method.")) and (cls.trains or not k.startswith(TRAINING_SECTIONS))}
+
+
+__all__ = ["Method", "TaskPlan", "REGISTRY", "build_method", "UnknownMethodError", "applicable_params",
+           "TRAINING_SECTIONS"]

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fomo_ray.config import MethodConfig
+from fomo_ray.config import MethodConfig, flatten
 from fomo_ray.costs import ExtraCost
 
 
@@ -62,6 +62,20 @@ class Method:
     #: the registered method whose training step this one's costs exactly (budget.steps_per_task measures that one),
     #: e.g. merges and joint training train like full fine-tuning (merging is counted free, DESIGN §4)
     cost_as: ClassVar[str | None] = None
+    #: the ``method.*`` settings this method reads, relative to ``method.`` ("peft." covers a section, "reg.si_" a
+    #: family of keys): a run logs only the settings that apply to its method, so e.g. a fine-tuning run never shows
+    #: (or plots at) the default merge weight. tests/test_method_params.py checks the declaration of every registered
+    #: method against the keys its hooks really read.
+    reads: ClassVar[tuple[str, ...]] = ()
+    #: False for a method that never takes a training step (zero_shot): no optimizer / schedule / mixture / budget
+    #: setting applies to it then
+    trains: ClassVar[bool] = True
+
+    @classmethod
+    def config_keys(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        """The settings of ``cfg`` (dotted, relative to ``method.``) that change what this method does, besides its
+        name. Declared by :attr:`reads`; a method whose keys depend on other settings overrides this."""
+        return tuple(k for k in flatten(cfg) if k != "name" and k.startswith(cls.reads))
 
     def __init__(self, cfg: MethodConfig, seed: int = 0):
         self.cfg = cfg

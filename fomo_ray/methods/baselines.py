@@ -18,6 +18,7 @@ class ZeroShot(Method):
     (arXiv 2408.14471)."""
 
     name = "zero_shot"
+    trains = False
 
     def setup(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -87,8 +87,22 @@ class Merge(Method):
         if self.deploy_rule == "all_experts" and cfg.merge.operator == "slerp":
             raise ValueError("merge operator 'slerp' merges two models only; deploy rule 'all_experts' needs an "
                              "operator over many experts (interpolate, task_arithmetic, ties, ...)")
-        if not 0.0 <= cfg.merge.weight <= 1.0:
+        if self.deploy_rule != "all_experts" and not 0.0 <= cfg.merge.weight <= 1.0:  # all_experts has no weight
             raise ValueError(f"config key 'method.merge.weight' must be in [0, 1], got {cfg.merge.weight}")
+
+    @classmethod
+    def config_keys(cls, cfg: MethodConfig) -> tuple[str, ...]:
+        """What :meth:`after_task` reads: init/deploy only for ``merge`` (the presets fix them), the weight unless
+        the deploy rule merges all experts equally, the operator with the parameters it accepts (as
+        ``merge_ops.merge_from_config`` passes them), LiNeS' alpha and, when LiNeS is on, its beta."""
+        preset = MERGE_PRESETS.get(cfg.name)
+        deploy = preset[1] if preset else cfg.merge.deploy
+        keys = [] if preset else ["merge.init", "merge.deploy"]
+        keys += [] if deploy == "all_experts" else ["merge.weight"]
+        keys += ["merge.operator"]
+        keys += [f"merge.{k}" for k in ("density", "scale") if k in merge_ops.operator_params(cfg.merge.operator)]
+        keys += ["merge.lines_alpha"] + (["merge.lines_beta"] if cfg.merge.lines_alpha >= 0 else [])
+        return tuple(keys)
 
     def setup(self, model: nn.Module) -> nn.Module:
         freeze_all_but(model, lambda n, p: True)
@@ -107,10 +121,11 @@ class Merge(Method):
     def after_task(self, model: nn.Module, t: int, task_losses: TaskLosses) -> None:
         theta_t = clone_state(model.state_dict())
         seed = derive_seed(self.seed, "merge", t)  # only operators that draw (DARE) use it
-        w = self.cfg.merge.weight
         if self.deploy_rule == "ema":
+            w = self.cfg.merge.weight  # read only where it applies (config_keys: what a run logs)
             self.deployed = merge_ops.merge_from_config(self.cfg.merge, self.deployed, [theta_t], [w], seed=seed)
         elif self.deploy_rule == "zero_shot_anchor":
+            w = self.cfg.merge.weight
             self.deployed = merge_ops.merge_from_config(self.cfg.merge, self.theta0, [theta_t], [w], seed=seed)
         else:
             self.experts.append(clone_state(theta_t, "cpu"))

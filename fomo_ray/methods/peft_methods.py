@@ -58,6 +58,7 @@ class LoRA(Method):
     Models", ICLR). Ranks 4 and 64 in Roth et al. 2024 (arXiv 2408.14471)."""
 
     name = "lora"
+    reads = ("peft.",)
 
     def setup(self, model: nn.Module) -> nn.Module:
         return inject_adapters(model, "lora", self.cfg.peft)
@@ -68,6 +69,7 @@ class DoRA(Method):
     "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML)."""
 
     name = "dora"
+    reads = ("peft.",)
 
     def setup(self, model: nn.Module) -> nn.Module:
         return inject_adapters(model, "dora", self.cfg.peft)
@@ -78,6 +80,7 @@ class VeRA(Method):
     Blankevoort, Asano 2024, "VeRA: Vector-based Random Matrix Adaptation", ICLR)."""
 
     name = "vera"
+    reads = ("peft.rank", "peft.dropout")  # VeRA has no alpha: its scaling vectors are trained
 
     def setup(self, model: nn.Module) -> nn.Module:
         return inject_adapters(model, "vera", self.cfg.peft)

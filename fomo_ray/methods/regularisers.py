@@ -63,6 +63,7 @@ class EWC(Method):
     Compress", ICML). The Fisher pass is charged per task by the budget, not per step (DESIGN §4)."""
 
     name = "ewc"
+    reads = ("reg.ewc_",)
 
     def setup(self, model: nn.Module) -> nn.Module:
         freeze_all_but(model, lambda n, p: True)  # full fine-tuning plus the penalty
@@ -130,6 +131,7 @@ class SI(Method):
     follows the Mammoth library, Buzzega et al. 2020, "Dark Experience for General Continual Learning", NeurIPS)."""
 
     name = "si"
+    reads = ("reg.si_",)
 
     def setup(self, model: nn.Module) -> nn.Module:
         freeze_all_but(model, lambda n, p: True)  # full fine-tuning plus the penalty

@@ -32,12 +32,14 @@ from ray import tune
 
 from fomo_ray import trial_report
 from fomo_ray.atomic import atomic_path, write_text
-from fomo_ray.config import ExperimentConfig
+from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.metrics import COLUMNS
+from fomo_ray.provenance import code_version
 from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec, check_search, grid_points,
-                                 identity_differences, plan_sweep, sweep_directory, sweep_identity, trial_label,
-                                 trial_name, trial_overrides)
+                                 identity_differences, plan_sweep, sweep_description, sweep_directory,
+                                 sweep_identity, trial_label, trial_name, trial_overrides)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.tune_callbacks import DriverCallbacks, Progress, QuietTune, StopAfter
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
 SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id and storage, read back on resume
@@ -142,14 +144,17 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         from fomo_ray.tracking import Tracker
 
         tracker = Tracker(setup.tracking_uri, cfg.tracking.experiment)
-        run_id = tracker.start_child(setup.parent_run_id, trial_id, cfg.flat(), run_name=name,
+        run_id = tracker.start_child(setup.parent_run_id, trial_id, trial_params(config, setup.space, cfg),
+                                     run_name=name, config=to_dict(cfg),
                                      tags={"fomo_ray.config_hash": cfg.config_hash(),
                                            "fomo_ray.sweep": setup.sweep_name})
     train_root = ray_train.train_storage(setup.storage)
     payload = ray_train.RunPayload(
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
         log_checkpoints=cfg.tracking.log_checkpoints,
-        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else ctx.get_trial_dir())
+        # where Ray persists the checkpoints: Train runs under <storage>/train/<trial id>, Tune function trials under
+        # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
+        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}")
     session = TuneSession()
     try:
         if setup.use_train:
@@ -179,6 +184,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         tracker.finish(run_id)
 
 
+def trial_params(config: Mapping[str, Any], space: Mapping[str, Dim], cfg: ExperimentConfig) -> dict[str, Any]:
+    """A trial's MLflow params: the settings that apply to its method (``methods.applicable_params``: no merge
+    weight on a fine-tuning trial, so it does not plot at the default weight) and ``variant``, its point label in
+    the sweep space (``trial_label``, e.g. ``ema_w0.3``). The whole config goes to the run's ``config.json``."""
+    from fomo_ray.methods import applicable_params
+
+    return {**applicable_params(cfg), "variant": trial_label(config, space)}
+
+
 def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
     return {k: evals[-1][k] for k in SUMMARY_KEYS if evals and k in evals[-1]}
 
@@ -188,119 +202,6 @@ def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]
         marker.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(marker, json.dumps({"reason": reason, "evals": evals, "last": _last_scores(evals)},
                                          default=float))
-
-
-# --------------------------------------------------------------------------------------------------- callbacks
-class Progress(tune.Callback):
-    """One line per evaluation point and per finished trial (Tune's own status tables are switched off)."""
-
-    def __init__(self, total: int, points: int, out: Any = None, attempts: int = 0) -> None:
-        self.total, self.points, self.out, self.t0, self.attempts = total, points, out, time.time(), attempts
-
-    def _line(self, text: str) -> None:
-        el = int(time.time() - self.t0)
-        print(f"[{el // 60:02d}:{el % 60:02d}] {text}", file=self.out or sys.stdout, flush=True)
-
-    def _count(self, trials: list, trial: Any) -> str:
-        # from the trials' states, so a restored sweep counts the trials finished before the interrupt
-        n = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
-        return f"({n}/{self.total} trials)"
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._line(f"start  {trial}")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        if trial_report.is_kind(result, ReportKind.EVAL):
-            self._line(f"eval   {trial}  point {int(result['task'])}/{self.points}  "
-                       + "  ".join(f"{k} {100 * result[k]:5.1f}" for k in SUMMARY_KEYS))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        last = trial.last_result or {}
-        if trial_report.is_kind(last, ReportKind.FAILED):  # one line: the reason and where the trial's files are
-            self._line(f"FAILED {trial}  {str(last.get('reason', ''))[:300]}  {self._count(trials, trial)}  "
-                       f"(trial directory: {getattr(trial, 'path', '')})")
-            return
-        self._line(f"done   {trial}  {self._count(trials, trial)}")
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        reason, log = trial_error(trial)
-        of = f" of {self.attempts}" if self.attempts else ""
-        self._line(f"retry  {trial}  {reason}  (attempt {trial.num_failures + 1}{of}; full log: {log})")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        reason, log = trial_error(trial)
-        self._line(f"FAILED {trial}  {reason}  {self._count(trials, trial)}  (full log: {log})")
-
-
-def trial_error(trial: Any) -> tuple[str, str]:
-    """(the last line of a trial's error, the path of its full log): what the sweep prints instead of Ray's
-    traceback (switched off by :func:`ensure_ray`)."""
-    log = f"{trial.path}/error.txt"  # in the sweep's storage (kept); Ray's session copy is temporary
-    text = ""
-    for path in (trial.error_file, log):  # the session copy exists first; storage receives it on the next sync
-        with contextlib.suppress(OSError, TypeError):
-            text = Path(path).read_text()
-            break
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return (lines[-1][:300] if lines else "(no error message)"), log
-
-
-class _QuietTune(logging.Filter):
-    """Drops Tune's closing "Trials did not complete" log line: the sweep's summary counts and names failed trials."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Trials did not complete")
-
-
-class StopAfter(tune.Callback):
-    """Interrupt the sweep, as Ctrl-C would, once ``n`` trials completed (a drill for Tuner.restore)."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.done = n, 0
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.done += 1
-        if self.done >= self.n:
-            os.kill(os.getpid(), signal.SIGINT)  # Tune saves the experiment state and returns
-
-
-_HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
-          "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
-          "on_experiment_end")
-
-
-class DriverCallbacks(tune.Callback):
-    """The one callback a sweep's Tuner holds: it forwards every hook to the callbacks of the sweep this process is
-    driving now (:meth:`installed`).
-
-    Tune pickles its ``RunConfig`` (callbacks included) with the experiment, and ``Tuner.restore`` brings back the
-    pickled callbacks, not the ones of the resuming driver (Ray documents that only stateless callbacks are supported
-    for resumed runs). This one is stateless: the pickled copy forwards to the live callbacks of whichever driver
-    runs the experiment, so a restored sweep reports progress with a fresh clock and no drill of the interrupted run
-    (:class:`StopAfter`) is carried over. ``Tuner.fit`` blocks, so a process drives one sweep at a time.
-    """
-    _live: list[Any] = []  # the callbacks of the sweep this process is running now
-
-    @classmethod
-    @contextlib.contextmanager
-    def installed(cls, callbacks: Sequence[Any]) -> Iterator[DriverCallbacks]:
-        before, cls._live = cls._live, list(callbacks)
-        try:
-            yield cls()
-        finally:
-            cls._live = before
-
-
-def _forward(hook: str) -> Any:
-    def forward(self: DriverCallbacks, *args: Any, **info: Any) -> None:
-        for cb in DriverCallbacks._live:
-            getattr(cb, hook)(*args, **info)
-    forward.__name__ = hook
-    return forward
-
-
-for _hook in _HOOKS:
-    setattr(DriverCallbacks, _hook, _forward(_hook))
 
 
 # --------------------------------------------------------------------------------------------------- results
@@ -465,7 +366,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         _check_same_study(state, plan, directory)
     if tracker is not None:
         if not state.get("parent_run_id"):
-            state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search})
+            state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search},
+                                                          description=sweep_description(spec, plan, directory.name))
             tracker.log_params(state["parent_run_id"], {"sweep.search": spec.search, "sweep.trials": plan.total,
                                                         "sweep.space": _space_json(plan.space)[:6000]})
             _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
@@ -520,7 +422,9 @@ def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any
     base = plan.base
     storage = (f"{base.ray.storage_path.rstrip('/')}/sweeps/{directory.name}" if base.ray.storage_path
                else str(directory))
+    version, commit = code_version()
     state = {"name": directory.name, "spec": plan.spec.name, "storage": storage, "tracking_uri": plan.tracking_uri,
+             "fomo_ray_version": version, "commit": commit,
              "experiment": base.tracking.experiment, "parent_run_id": "",
              "identity": sweep_identity(base, _space_json(plan.space))}
     _write_atomic(path, json.dumps(state, indent=2))
@@ -577,7 +481,7 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                                         trial_resources(plan.base, plan.use_train))
         param_space = to_tune(plan.space, plan.spec.search)
         exp_path = f"{setup.storage.rstrip('/')}/tune"
-        quiet = _QuietTune()
+        quiet = QuietTune()
         logging.getLogger("ray.tune.tune").addFilter(quiet)
         with DriverCallbacks.installed(cbs) as relay, contextlib.ExitStack() as stack:
             stack.callback(logging.getLogger("ray.tune.tune").removeFilter, quiet)
@@ -600,7 +504,7 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                 run_config=tune.RunConfig(
                     name="tune", storage_path=setup.storage, callbacks=[relay], verbose=0,
                     failure_config=tune.FailureConfig(max_failures=plan.base.ray.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.base.ray.keep_checkpoints)))
             return tuner.fit()
     finally:
         if owns_ray:
@@ -614,11 +518,26 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         return []
     files = report.build_report(out.tidy, out.trials, out.directory / "report", x_key=spec.report_x)
     if tracker is not None:
+        from fomo_ray.tracking import sweep_metrics
+
+        counts = status_counts(out.trials, out.total)
+        tracker.log_metrics(out.parent_run_id, sweep_metrics(final_scores(out.results, out.trials),
+                                                             {k: counts[k] for k in ("finished", "failed")}), step=0)
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")
         for name in ("results.csv", "trials.csv", "tidy.csv"):
             if (out.directory / name).is_file():
                 tracker.client.log_artifact(out.parent_run_id, str(out.directory / name), artifact_path="tables")
     return files
+
+
+def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[float]]:
+    """``{"A_KA": [...], "A_ZS": [...], "GM": [...]}``: each finished trial's scores at its last evaluation point
+    (fractions, as in the results table)."""
+    finished = set(trials.loc[trials["status"] == "finished", "run"]) if not trials.empty else set()
+    if results.empty or not finished:
+        return {k: [] for k in SUMMARY_KEYS}
+    last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
+    return {k: [float(v) for v in last[k]] for k in SUMMARY_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------- inputs

@@ -1,0 +1,224 @@
+"""The Python API: what a notebook imports from ``fomo_ray``.
+
+    import fomo_ray
+
+    res = fomo_ray.run(stream__num_tasks=2, method__name="ema_merge")   # one continual run (plain PyTorch)
+    res = fomo_ray.sweep("experiments/configs/sweep_merge_weights.yaml", max_concurrent=2)
+    res = fomo_ray.load_results("merge_weights")                         # a saved sweep, by name or directory
+    res.tidy, res.trials, res.points, res.table, res.variants            # pandas DataFrames
+    res.trajectories_figure(); res.pareto_figure()                       # matplotlib figures
+    model, preprocess, tokenizer = fomo_ray.load_model("runs/<run>")     # open_clip, deployed weights
+
+Config overrides are dotted keys (``optimizer.lr``); as Python keywords, write ``__`` for the dot
+(``optimizer__lr=1e-4``), or pass a mapping (``overrides={"optimizer.lr": 1e-4}``). Everything here is a thin layer
+over what the ``fomo-ray`` commands run, so a notebook and the command line give the same numbers.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+
+from fomo_ray.config import ExperimentConfig, load_config
+
+SCORES = ("A_KA", "A_ZS", "GM")
+SWEEP_OPTIONS = {  # keyword -> dotted config key, as the command-line flags of `fomo-ray sweep`
+    "max_concurrent": "ray.max_concurrent_trials", "address": "ray.address", "storage_path": "ray.storage_path",
+    "tracking_uri": "tracking.uri", "output_dir": "output_dir", "num_tasks": "stream.num_tasks",
+    "backbone": "backbone.name", "data_root": "data.root",
+}
+
+
+def dotted(overrides: Mapping[str, Any] | None = None, **keywords: Any) -> dict[str, Any]:
+    """``{dotted.key: value}`` from a mapping plus ``a__b=value`` keywords (``__`` stands for the dot)."""
+    out = dict(overrides or {})
+    out.update({k.replace("__", "."): v for k, v in keywords.items()})
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Results:
+    """A run's or a sweep's results, as tables and figures.
+
+    ``tidy``: run, task, dataset, role, metric, value (one row per evaluation point x dataset x metric);
+    ``trials``: one row per run with its ``status`` (finished / failed / stopped / interrupted), ``reason`` and
+    swept values; ``summary``: the sweep's ``summary.json`` (empty for a single run or an unfinished sweep).
+    Scores are fractions in [0, 1]; the printed tables show percent."""
+    tidy: pd.DataFrame
+    trials: pd.DataFrame
+    directory: Path | None = None
+    summary: Mapping[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+    @property
+    def points(self) -> pd.DataFrame:
+        """A_KA, A_ZS, GM per run and evaluation point: the trajectories (task 0 = the zero-shot point)."""
+        from fomo_ray.metrics import summarize
+
+        return summarize(self.tidy)
+
+    trajectories = points
+
+    @property
+    def table(self) -> pd.DataFrame:
+        """One row per run: status, final and trajectory-mean scores (finished runs only), Pareto flag, swept
+        values; best final GM first (``fomo_ray.report.trial_table``)."""
+        from fomo_ray.report import trial_table
+
+        return trial_table(self.tidy, self.trials if not self.trials.empty else None)
+
+    @property
+    def variants(self) -> pd.DataFrame:
+        """Per variant (the trial's settings without its seed): how many finished seeds, and the mean and standard
+        deviation over them of final and trajectory-mean A_KA, A_ZS, GM. Unfinished runs are left out."""
+        return variant_summary(self.table)
+
+    def format(self) -> str:
+        """The results table as printed by the commands (percent)."""
+        from fomo_ray.report import format_table
+
+        return format_table(self.table)
+
+    def trajectories_figure(self) -> Any:
+        """A_KA vs A_ZS, one line per run (unfinished ones dashed)."""
+        from fomo_ray.report import trajectories_figure
+
+        table = self.table
+        return trajectories_figure(self.points, dict(zip(table["run"], table["status"])))
+
+    def pareto_figure(self) -> Any:
+        """Final (A_KA, A_ZS) of the finished runs with their Pareto front."""
+        from fomo_ray.report import pareto_figure
+
+        table = self.table
+        return pareto_figure(table[table["status"] == "finished"])
+
+    def vs_figure(self, key: str) -> Any:
+        """Final and mean A_KA / A_ZS / GM against a numeric swept key, e.g. ``method.merge.weight``."""
+        from fomo_ray.report import vs_key_figure
+
+        return vs_key_figure(self.table, key)
+
+    def load_model(self, run: str = "", device: str = "cpu") -> tuple[Any, Any, Any]:
+        """``(model, preprocess, tokenizer)`` of trial ``run``'s deployed model, found through the sweep's MLflow
+        store (its child run of that name); for a ``fomo-ray run`` directory, the run's own model."""
+        from fomo_ray.report import ReportError
+
+        if not self.summary.get("parent_run_id"):
+            if self.directory is not None and (self.directory / "config.json").is_file():
+                return load_model(self.directory, device=device)
+            raise ReportError(f"{self.directory}: no MLflow store recorded for this sweep (run with tracking on), "
+                              "so its trials' models cannot be found; give load_model a checkpoint instead")
+        from fomo_ray.tracking import Tracker
+
+        uri = self.summary["tracking_uri"]
+        tracker = Tracker(uri, self.summary.get("experiment", "fomo_ray"))
+        ids = {r.info.run_name: r.info.run_id for r in tracker.children(self.summary["parent_run_id"])}
+        if run not in ids:
+            raise ReportError(f"run {run!r} is not a trial of this sweep; trials: {sorted(ids)}")
+        return load_model(ids[run], device=device, tracking_uri=uri)
+
+    def report(self, out_dir: str | Path, x_key: str = "") -> list[Path]:
+        """Write the table and the plots (as ``fomo-ray report``)."""
+        from fomo_ray.report import build_report
+
+        return build_report(self.tidy, self.trials if not self.trials.empty else None, out_dir, x_key=x_key)
+
+
+def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Seed-aggregated scores of a ``trial_table``: groups by the swept columns other than ``seed`` (or by run when
+    nothing was swept); ``n`` finished seeds, ``<score>_mean`` and ``<score>_std`` (NaN for one seed)."""
+    done = table[table["status"] == "finished"]
+    keys = [c for c in table.columns if ("." in c or c == "variant") and c != "seed"] or ["run"]
+    scores = [f"{w}_{s}" for w in ("final", "mean") for s in SCORES]
+    if done.empty:
+        return pd.DataFrame(columns=[*keys, "n", *[f"{c}_{a}" for c in scores for a in ("mean", "std")]])
+    grouped = done.groupby(keys, dropna=False, sort=False)
+    out = grouped[scores].agg(["mean", "std"])
+    out.columns = [f"{c}_{a}" for c, a in out.columns]
+    out.insert(0, "n", grouped.size())
+    return out.reset_index().sort_values("final_GM_mean", ascending=False).reset_index(drop=True)
+
+
+def load_results(source: str | Path, output_dir: str | Path = "runs") -> Results:
+    """The results of a sweep (its directory, or its name under ``<output_dir>/sweeps``), of a ``fomo-ray run``
+    directory, or of a tidy table file. Raises ``fomo_ray.report.ReportError`` naming what is missing."""
+    from fomo_ray.report import ReportError, load_sweep_tables
+
+    path = Path(source)
+    if not path.exists() and (Path(output_dir) / "sweeps" / str(source)).exists():
+        path = Path(output_dir) / "sweeps" / str(source)
+    if not path.exists():
+        raise ReportError(f"no sweep, run directory or results table at {source!r} (nor "
+                          f"{Path(output_dir) / 'sweeps' / str(source)})")
+    path = path.resolve()
+    tidy, trials, summary = load_sweep_tables(path)
+    if trials is None:
+        trials = pd.DataFrame({"run": sorted(tidy["run"].unique()), "status": "finished", "reason": ""})
+    interrupted = path.is_dir() and (path / "sweep.json").is_file() and not (path / "summary.json").is_file()
+    if interrupted:  # its state still says where its MLflow runs are
+        summary = json.loads((path / "sweep.json").read_text())
+    return Results(tidy=tidy, trials=trials, directory=path if path.is_dir() else path.parent, summary=summary,
+                   interrupted=interrupted)
+
+
+# --------------------------------------------------------------------------------------------------- doing
+def run(config: str | Path | ExperimentConfig | None = None, *, overrides: Mapping[str, Any] | None = None,
+        resume: bool = False, device: str | None = None, **keywords: Any) -> Results:
+    """One continual run of the loop in this process (plain PyTorch, no Ray), as ``fomo-ray run``: prepares missing
+    inputs, writes ``<output_dir>/<run name>/`` (config, task-end state for ``resume=True``, results table,
+    deployed model; an MLflow run with ``tracking.enabled``) and returns its results. Raises the input errors
+    (``ConfigError``, ``DataError``, ...) and ``TrainingDiverged`` (``fomo_ray.local_run.execute_run``)."""
+    changes = dotted(overrides, **keywords)
+    if isinstance(config, ExperimentConfig):
+        cfg = config.replace(changes) if changes else config
+    else:
+        cfg = load_config(config, changes)
+    from fomo_ray.local_run import execute_run
+
+    out = execute_run(cfg, resume=resume, device=device)
+    df = out.results
+    return Results(tidy=df, trials=pd.DataFrame({"run": sorted(df["run"].unique()), "status": "finished",
+                                                  "reason": ""}), directory=out.directory)
+
+
+def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None,
+          name: str | None = None, search: str | None = None, num_samples: int | None = None,
+          fresh: bool = False, resume: bool = False, progress: bool = True, show_worker_logs: bool = False,
+          **keywords: Any) -> Results:
+    """Run (or resume) a Ray Tune sweep from a sweep YAML or its mapping, as ``fomo-ray sweep``; returns its results
+    (``interrupted`` set when it stopped early: rerun with ``resume=True``). Keywords are dotted overrides for every
+    trial (``optimizer__lr=1e-4``) or the flag names of the command (``max_concurrent=2``,
+    ``tracking_uri=...``)."""
+    from dataclasses import replace
+
+    from fomo_ray.tune_sweep import run_sweep
+    from fomo_ray.sweep_spec import load_sweep, spec_from_dict
+
+    changes = dotted(overrides, **{SWEEP_OPTIONS.get(k, k): v for k, v in keywords.items()})
+    if isinstance(spec, Mapping):
+        raw = dict(spec)
+        sweep_spec = spec_from_dict({**raw, "base": {**dict(raw.get("base") or {}), **changes}})
+    else:
+        sweep_spec = load_sweep(spec, changes)
+    named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples)) if v is not None}
+    sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
+    out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
+                    show_worker_logs=show_worker_logs)
+    summary = json.loads((out.directory / "summary.json").read_text()) if (out.directory / "summary.json").is_file() \
+        else {}
+    return Results(tidy=out.tidy, trials=out.trials, directory=out.directory, summary=summary,
+                   interrupted=out.interrupted)
+
+
+def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") -> tuple[Any, Any, Any]:
+    """``(model, preprocess, tokenizer)`` of a run's deployed model, ready for open_clip-style use: ``source`` is an
+    export directory, a ``fomo-ray run`` directory, a checkpoint directory, or an MLflow run id (with
+    ``tracking_uri``). See :mod:`fomo_ray.export`."""
+    from fomo_ray.export import load_model as load
+
+    return load(source, device=device, tracking_uri=tracking_uri)

@@ -1,0 +1,160 @@
+"""One continual run in this process (plain PyTorch, no Ray): what ``fomo-ray run`` and ``fomo_ray.run`` execute.
+
+``execute_run(cfg)`` prepares missing inputs, runs the loop with task-end states saved for ``--resume``, logs to MLflow
+when ``tracking.enabled`` (:class:`MlflowRun`), saves the tidy results and exports the deployed model in open_clip's
+format. A run refused for bad input leaves no run directory; a diverged one leaves ``FAILED.json``.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fomo_ray.config import ExperimentConfig
+
+
+def input_errors() -> tuple[type[Exception], ...]:
+    """The error types that mean bad input (config, data, backbone, budget, merge, evaluation, pretraining), not a
+    bug: the command prints them in one line instead of a traceback."""
+    from fomo_ray.backbones import BackboneError
+    from fomo_ray.budget import BudgetError
+    from fomo_ray.config import ConfigError
+    from fomo_ray.data.format import DataError
+    from fomo_ray.evaluation import EvaluationError
+    from fomo_ray.merge_ops import MergeError
+    from fomo_ray.prep.pretrain import PretrainError
+
+    return ConfigError, DataError, BackboneError, BudgetError, MergeError, EvaluationError, PretrainError
+
+
+def tracking_errors(cfg) -> tuple[type[Exception], ...]:
+    """An unusable MLflow store (``tracking.uri``) is bad input too, named in one line (MLflow is imported only for a
+    tracked run)."""
+    if not cfg.tracking.enabled:
+        return ()
+    from fomo_ray.tracking import TrackingError
+
+    return (TrackingError,)
+
+
+class MlflowRun:
+    """A `fomo-ray run` in MLflow (``tracking.enabled``): one run (``fomo_ray.kind=run``) with a sweep trial's view:
+    the settings that apply to its method as params, the whole config as ``config.json``, metrics in percent per
+    evaluation point and the training signal every ``tracking.log_every_n_steps`` steps. Its id is kept in the run
+    directory (``mlflow_run.json``), so ``--resume`` continues the same MLflow run."""
+
+    META = "mlflow_run.json"
+
+    def __init__(self, cfg, out: Path, resumed: bool):
+        import json
+
+        from fomo_ray.atomic import write_json
+        from fomo_ray.config import to_dict
+        from fomo_ray.methods import applicable_params
+        from fomo_ray.tracking import StepLogger, tracker_for
+
+        self.tracker = tracker_for(cfg)
+        self.tracker.ensure_views()
+        meta = out / self.META
+        previous = json.loads(meta.read_text()).get("run_id") if resumed and meta.is_file() else None
+        self.run_id = self.tracker.start_run(out.name, applicable_params(cfg), config=to_dict(cfg), run_id=previous,
+                                             tags={"fomo_ray.config_hash": cfg.config_hash()})
+        write_json(meta, {"run_id": self.run_id, "tracking_uri": self.tracker.uri}, indent=2)
+        every = cfg.tracking.log_every_n_steps
+        self.steps = StepLogger(self.tracker, self.run_id, every, cfg.mixture.batch_size) if every > 0 else None
+
+    def hooks(self, hooks):
+        """``hooks`` plus this run's logging (evaluation points, training steps)."""
+        import dataclasses
+
+        inner = hooks.on_eval
+
+        def on_eval(point, records):
+            if inner is not None:
+                inner(point, records)
+            self.on_eval(point, records)
+
+        return dataclasses.replace(hooks, on_eval=on_eval,
+                                   on_step=self.steps.step if self.steps is not None else hooks.on_step)
+
+    def on_eval(self, point: int, records) -> None:
+        import pandas as pd
+
+        from fomo_ray.metrics import summarize
+        from fomo_ray.tracking import eval_metrics
+        from fomo_ray.trial_report import SUMMARY_KEYS
+
+        row = summarize(pd.DataFrame([{**r, "run": "", "task": point} for r in records])).iloc[0]
+        if self.steps is not None:
+            self.steps.flush()
+        summary = {k: float(row[k]) for k in SUMMARY_KEYS}
+        self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=point)
+
+    def finish(self, failure: str | None = None, status: str = "") -> None:
+        if self.steps is not None:
+            self.steps.flush()
+        self.tracker.finish(self.run_id, failure=failure, status=status)
+
+
+@dataclass(frozen=True)
+class RunOutput:
+    directory: Path           # <output_dir>/<run name>
+    results: pd.DataFrame     # the tidy results (run, task, dataset, role, metric, value)
+    results_file: Path
+    model_dir: Path | None    # the deployed model in open_clip's format (None if the export failed)
+    export_error: str = ""
+
+
+def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None = None) -> RunOutput:
+    """Run ``cfg`` (continuing ``<run dir>/state`` when ``resume``). Raises the input errors (:func:`input_errors`,
+    :func:`tracking_errors`) with nothing of the run left behind, and ``TrainingDiverged`` after writing
+    ``FAILED.json``; the MLflow run is never left RUNNING."""
+    from fomo_ray.assembly import run_name
+    from fomo_ray.atomic import write_json
+    from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, save_state
+    from fomo_ray.config import to_dict
+    from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
+    from fomo_ray.metrics import save_results
+    from fomo_ray.prep import ensure_inputs
+
+    out = Path(cfg.output_dir) / run_name(cfg)
+    created = not out.exists()  # a run refused for bad input must not leave a directory that looks like a run
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg), indent=2, sort_keys=True)
+    state = load_state(out / "state") if resume and (out / "state" / LOOP_STATE_FILE).is_file() else None
+    hooks = RunHooks(on_checkpoint=lambda s: save_state(s, out / "state"))
+    mlrun = None  # the run in MLflow (tracking.enabled), opened once the inputs are ready
+    try:
+        ensure_inputs(cfg)
+        if cfg.tracking.enabled:
+            mlrun = MlflowRun(cfg, out, resumed=state is not None)
+            hooks = mlrun.hooks(hooks)
+        df = run_stream(cfg, hooks=hooks, resume=state, device=device)
+    except TrainingDiverged as e:
+        write_json(out / "FAILED.json", {"status": "failed", "task": e.task, "step": e.step, "error": str(e)},
+                   indent=2, sort_keys=True)
+        if mlrun is not None:
+            mlrun.finish(failure=f"{type(e).__name__}: {e}")
+        raise
+    except (*input_errors(), *tracking_errors(cfg)) as e:
+        if mlrun is not None:
+            mlrun.finish(failure=f"{type(e).__name__}: {e}")
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    except BaseException as e:  # a bug or Ctrl-C: the MLflow run must not stay RUNNING
+        if mlrun is not None:
+            mlrun.finish(status="KILLED") if isinstance(e, KeyboardInterrupt) else mlrun.finish(
+                failure=f"{type(e).__name__}: {e}")
+        raise
+    if mlrun is not None:
+        mlrun.finish()
+    path = save_results(df, out / "results.parquet")
+    from fomo_ray.export import ExportError, export
+
+    try:  # what the run deploys after its last task, for open_clip
+        return RunOutput(out, df, path, export(out, out / "model", config=cfg))
+    except ExportError as e:  # the results stand; the export can be redone on its own
+        return RunOutput(out, df, path, None, str(e))

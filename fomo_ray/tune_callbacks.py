@@ -1,0 +1,130 @@
+"""The sweep driver's Tune callbacks: one line of progress per event, the restore drill, and the relay that lets a
+restored experiment report to the driver that resumes it (``tune_sweep.py`` installs them; the only other ``ray.tune``
+import)."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from ray import tune
+
+from fomo_ray import trial_report
+from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+
+
+class Progress(tune.Callback):
+    """One line per evaluation point and per finished trial (Tune's own status tables are switched off)."""
+
+    def __init__(self, total: int, points: int, out: Any = None, attempts: int = 0) -> None:
+        self.total, self.points, self.out, self.t0, self.attempts = total, points, out, time.time(), attempts
+
+    def _line(self, text: str) -> None:
+        el = int(time.time() - self.t0)
+        print(f"[{el // 60:02d}:{el % 60:02d}] {text}", file=self.out or sys.stdout, flush=True)
+
+    def _count(self, trials: list, trial: Any) -> str:
+        # from the trials' states, so a restored sweep counts the trials finished before the interrupt
+        n = sum(1 for t in trials if t is trial or t.status in ("TERMINATED", "ERROR"))
+        return f"({n}/{self.total} trials)"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(f"start  {trial}")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial_report.is_kind(result, ReportKind.EVAL):
+            self._line(f"eval   {trial}  point {int(result['task'])}/{self.points}  "
+                       + "  ".join(f"{k} {100 * result[k]:5.1f}" for k in SUMMARY_KEYS))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if trial_report.is_kind(last, ReportKind.FAILED):  # one line: the reason and where the trial's files are
+            self._line(f"FAILED {trial}  {str(last.get('reason', ''))[:300]}  {self._count(trials, trial)}  "
+                       f"(trial directory: {getattr(trial, 'path', '')})")
+            return
+        self._line(f"done   {trial}  {self._count(trials, trial)}")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        reason, log = trial_error(trial)
+        of = f" of {self.attempts}" if self.attempts else ""
+        self._line(f"retry  {trial}  {reason}  (attempt {trial.num_failures + 1}{of}; full log: {log})")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        reason, log = trial_error(trial)
+        self._line(f"FAILED {trial}  {reason}  {self._count(trials, trial)}  (full log: {log})")
+
+
+def trial_error(trial: Any) -> tuple[str, str]:
+    """(the last line of a trial's error, the path of its full log): what the sweep prints instead of Ray's
+    traceback (switched off by :func:`ensure_ray`)."""
+    log = f"{trial.path}/error.txt"  # in the sweep's storage (kept); Ray's session copy is temporary
+    text = ""
+    for path in (trial.error_file, log):  # the session copy exists first; storage receives it on the next sync
+        with contextlib.suppress(OSError, TypeError):
+            text = Path(path).read_text()
+            break
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[-1][:300] if lines else "(no error message)"), log
+
+
+class QuietTune(logging.Filter):
+    """Drops Tune's closing "Trials did not complete" log line: the sweep's summary counts and names failed trials."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trials did not complete")
+
+
+class StopAfter(tune.Callback):
+    """Interrupt the sweep, as Ctrl-C would, once ``n`` trials completed (a drill for Tuner.restore)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.done = n, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.done += 1
+        if self.done >= self.n:
+            os.kill(os.getpid(), signal.SIGINT)  # Tune saves the experiment state and returns
+
+
+_HOOKS = ("setup", "on_step_begin", "on_step_end", "on_trial_start", "on_trial_restore", "on_trial_save",
+          "on_trial_result", "on_trial_complete", "on_trial_recover", "on_trial_error", "on_checkpoint",
+          "on_experiment_end")
+
+
+class DriverCallbacks(tune.Callback):
+    """The one callback a sweep's Tuner holds: it forwards every hook to the callbacks of the sweep this process is
+    driving now (:meth:`installed`).
+
+    Tune pickles its ``RunConfig`` (callbacks included) with the experiment, and ``Tuner.restore`` brings back the
+    pickled callbacks, not the ones of the resuming driver (Ray documents that only stateless callbacks are supported
+    for resumed runs). This one is stateless: the pickled copy forwards to the live callbacks of whichever driver
+    runs the experiment, so a restored sweep reports progress with a fresh clock and no drill of the interrupted run
+    (:class:`StopAfter`) is carried over. ``Tuner.fit`` blocks, so a process drives one sweep at a time.
+    """
+    _live: list[Any] = []  # the callbacks of the sweep this process is running now
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, callbacks: Sequence[Any]) -> Iterator[DriverCallbacks]:
+        before, cls._live = cls._live, list(callbacks)
+        try:
+            yield cls()
+        finally:
+            cls._live = before
+
+
+def _forward(hook: str) -> Any:
+    def forward(self: DriverCallbacks, *args: Any, **info: Any) -> None:
+        for cb in DriverCallbacks._live:
+            getattr(cb, hook)(*args, **info)
+    forward.__name__ = hook
+    return forward
+
+
+for _hook in _HOOKS:
+    setattr(DriverCallbacks, _hook, _forward(_hook))

@@ -1,0 +1,168 @@
+"""The MLflow view of a real sweep, rendered by a real browser: a tiny sweep logs to MLflow, `fomo-ray ui` serves
+it, and headless Chromium renders the address `fomo-ray ui` prints (the runs table of the study view) and a trial's
+chart page. Checks what a person sees: the training view, not MLflow 3's GenAI page; every trial with its
+A_KA / A_ZS / GM in percent, the same numbers as the results table; the chart sections Summary, then Training, then
+the per-dataset ones. Skipped without a ``chromium`` binary (Debian package ``chromium``)."""
+from __future__ import annotations
+
+import html
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from fomo_ray import tracking
+
+from _edges_util import free_port
+
+CHROMIUM = shutil.which("chromium")
+pytestmark = [pytest.mark.browser, pytest.mark.ray, pytest.mark.slow,
+              pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (Debian: apt-get install chromium)")]
+
+
+def render(url: str, budget_ms: int) -> str:
+    """The DOM of ``url`` after the page's scripts ran for ``budget_ms`` of virtual time."""
+    cmd = [CHROMIUM, "--headless", "--disable-gpu", "--window-size=1920,1200", f"--virtual-time-budget={budget_ms}",
+           "--dump-dom", url]
+    if os.geteuid() == 0:
+        cmd.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+
+
+def visible_text(dom: str) -> list[str]:
+    """The page's text, one item per text node, in document order."""
+    dom = re.sub(r"<(script|style)\b.*?</\1>", "", dom, flags=re.S)
+    return [html.unescape(t).strip() for t in re.split(r"<[^>]+>", dom) if t.strip()]
+
+
+def rendered(url: str, wanted: list[str]) -> tuple[str, list[str]]:
+    """(DOM, text) of ``url``, rendered again with more virtual time while a wanted string is missing (a slow API
+    answer on a busy machine)."""
+    dom, text = "", []
+    for budget in (20000, 40000, 80000):
+        dom = render(url, budget)
+        text = visible_text(dom)
+        if all(w in text for w in wanted):
+            break
+    return dom, text
+
+
+def column_positions(dom: str) -> dict[str, int]:
+    """``{column id: position}`` of the runs table's header cells. AG Grid places cells absolutely, so document
+    order is not what one sees; ``aria-colindex`` is."""
+    out = {}
+    for cell in re.findall(r"<div[^>]*role=\"columnheader\"[^>]*>", dom):
+        col, pos = re.search(r'col-id="([^"]*)"', cell), re.search(r'aria-colindex="(\d+)"', cell)
+        if col and pos:
+            out[html.unescape(col.group(1))] = int(pos.group(1))
+    return out
+
+
+def shows(text: list[str], value: float) -> bool:
+    """Whether a number on the page is ``value`` rounded as displayed (MLflow shortens long decimals)."""
+    for t in text:
+        if re.fullmatch(r"-?\d+(\.\d+)?", t):
+            decimals = len(t.split(".")[1]) if "." in t else 0
+            if abs(float(t) - value) <= 0.5 * 10 ** -decimals + 1e-9:
+                return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory):
+    """2 trials x 2 tasks of the real loop on the tiniest model, tracked in MLflow (as test_sweep's end-to-end test,
+    as function trials)."""
+    from _data_util import SCALE, small_fifmini
+
+    import fomo_ray.tune_sweep as sweep
+    from fomo_ray.sweep_spec import spec_from_dict
+
+    tmp = tmp_path_factory.mktemp("browser")
+    bench = small_fifmini(tmp_path_factory)
+    spec = spec_from_dict({
+        "name": "browser", "description": "the MLflow view, rendered",
+        "base": {"output_dir": str(tmp), "data.root": str(bench.root), "data.scale": SCALE, "backbone.pretrained": "",
+                 "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
+                 "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp / "budget"),
+                 "ray.cpus_per_worker": 1.0, "tracking.log_every_n_steps": 2},
+        "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
+                                         "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}})
+    out = sweep.run_sweep(spec, progress=False)
+    assert list(out.trials["status"]) == ["finished", "finished"]
+    return out, tmp
+
+
+@pytest.fixture(scope="module")
+def ui(finished_sweep):
+    """`fomo-ray ui` on the sweep's store: (the address it printed, its process); stopped by SIGTERM afterwards."""
+    out, tmp = finished_sweep
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "fomo_ray.cli", "ui", "--output-dir", str(tmp), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    printed = threading.Event()
+    found: dict[str, str] = {}
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"MLflow UI for \S+ at (http://\S+)", line)
+            if m:
+                found["url"] = m.group(1)
+                printed.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert printed.wait(timeout=180), "fomo-ray ui printed no address:\n" + "".join(lines)
+        yield found["url"], proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sweep, ui):
+    out, _ = finished_sweep
+    url, _ = ui
+    names = sorted(out.trials["run"])
+    heads = [tracking.summary_key(k) for k in ("A_KA", "A_ZS", "GM")]
+    dom, text = rendered(url, names + heads)
+    assert "Runs" in text and "Overview" not in text, "not the runs table of the training view"
+    for name in names:
+        assert name in text, f"trial {name} is not on the page"
+    assert out.parent_run_id and "browser" not in text, "the sweep's parent run is listed among its trials"
+    pos = column_positions(dom)
+    scores = [pos[f"metrics.`{h}`"] for h in heads]
+    others = [p for col, p in pos.items() if col.startswith(("params.", "tags.", "attributes.`Version`"))]
+    assert scores == sorted(scores) and others and max(scores) < min(others), \
+        f"A_KA, A_ZS, GM are not the first columns of the table, in that order: {pos}"
+    final = out.results.sort_values("task").groupby("run").tail(1).set_index("run")
+    for name in names:
+        for key in ("A_KA", "A_ZS", "GM"):
+            value = tracking.as_percent(final.loc[name, key])
+            assert shows(text, value), f"{name}: {key} = {value:.4f} % is not on the page"
+
+
+def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui):
+    out, tmp = finished_sweep
+    url, _ = ui
+    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    run = tr.children(out.parent_run_id)[0]
+    base = url.split("/#/")[0]
+    page = (f"{base}/#/experiments/{tr.experiment_id}/runs/{run.info.run_id}/model-metrics"
+            "?workflowType=machine_learning")
+    _, text = rendered(page, ["Summary", "Training"])
+    # a section's title is followed by its chart count, "(3)"; the tab "Model metrics" is not
+    sections = [t for t, after in zip(text, text[1:]) if re.fullmatch(r"\(\d+\)", after)]
+    assert sections[:2] == ["Summary", "Training"], sections
+    assert len([s for s in sections if s.startswith("datasets/")]) == len(set(out.tidy["dataset"]))
+    assert "Model metrics" not in sections[:-1], "unprefixed metrics would form a section"
