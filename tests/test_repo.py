@@ -71,3 +71,32 @@ def test_console_script_lists_commands():
         assert f"  {name}" in out.stdout
     bad = subprocess.run([str(exe), "trian"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown command 'trian'" in bad.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "report", "score", "budget", "ui", "export", "pretrain",
+                                     "prepare fifmini", "prepare fif", "prepare pool", "prepare stream",
+                                     "prepare tokens"])
+def test_help_texts_are_plain_and_name_only_files_in_the_repo(command, capsys):
+    """Issue 13: no rst/markdown backticks in --help, and every file a help text names exists in the repo."""
+    import re
+
+    from fomo_ray.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*command.split(), "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "`" not in text and "DESIGN" not in text, text
+    for name in re.findall(r"\b((?:docs|bench|scripts|experiments)/[\w./-]+\.\w+)", text):
+        assert (REPO / name).exists(), f"fomo-ray {command} --help names {name}, which is not in the repo"
+
+
+def test_version():
+    import subprocess
+    import sys
+
+    import fomo_ray
+
+    out = subprocess.run([sys.executable, "-m", "fomo_ray.cli", "--version"], capture_output=True, text=True,
+                         cwd=REPO)
+    assert out.returncode == 0 and out.stdout.strip() == f"fomo-ray {fomo_ray.__version__}"

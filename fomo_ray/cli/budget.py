@@ -2,9 +2,10 @@
 the README's "Compute budget" section)."""
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Sequence
+
+from fomo_ray.cli.text import Parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -16,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fomo_ray.config import load_config
     from fomo_ray.tables import format_table
 
-    p = argparse.ArgumentParser(prog="fomo-ray budget", description=main.__doc__)
+    p = Parser(prog="fomo-ray budget", description=main.__doc__)
     p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (method.peft.rank=64)")
     p.add_argument("--backbone", default=None, help="open_clip architecture or fomo-tiny-* (default: backbone.name)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's mixture.batch_size")

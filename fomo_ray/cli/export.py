@@ -1,8 +1,9 @@
 """``fomo-ray export RUN --out DIR [--tracking-uri URI] [--config PATH]``: a run's deployed model in open_clip's format."""
 from __future__ import annotations
 
-import argparse
 import sys
+
+from fomo_ray.cli.text import Parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     run id / runs:/<id> (with --tracking-uri or MLFLOW_TRACKING_URI)."""
     from fomo_ray.export import INFO_FILE, ExportError, export, load_lines
 
-    p = argparse.ArgumentParser(prog="fomo-ray export", description=main.__doc__)
+    p = Parser(prog="fomo-ray export", description=main.__doc__)
     p.add_argument("run", help="run directory, loop_state.pt (or its directory), export directory or MLflow run id")
     p.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI, for an MLflow run id")

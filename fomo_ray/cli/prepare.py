@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from fomo_ray.cli.text import Parser
+
 TARGETS: dict[str, tuple[str, str]] = {
     "fifmini": ("fomo_ray.cli.prepare:fifmini_main", "build (or reuse) the embedded FiF-mini benchmark"),
     "fif": ("fomo_ray.cli.prepare:fif_main", "convert the real FoMo-in-Flux datasets to FFCV"),
@@ -49,7 +51,7 @@ def fifmini_main(argv: list[str] | None = None) -> int:
     from fomo_ray.prep.fifmini import describe, ensure_fifmini
     from fomo_ray.tables import format_table
 
-    p = argparse.ArgumentParser(prog="fomo-ray prepare fifmini",
+    p = Parser(prog="fomo-ray prepare fifmini",
                                 description="Build the embedded FiF-mini benchmark (deterministic, offline).")
     p.add_argument("--root", default="data/fifmini", help="output directory (default: data/fifmini)")
     p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
@@ -74,7 +76,7 @@ def fifmini_main(argv: list[str] | None = None) -> int:
 def _fif_parser() -> argparse.ArgumentParser:
     from fomo_ray.prep import convert_fif
 
-    p = argparse.ArgumentParser(prog="fomo-ray prepare fif", description=_summary(convert_fif))
+    p = Parser(prog="fomo-ray prepare fif", description=_summary(convert_fif))
     p.add_argument("--root", required=True, help="FiF data root (one folder or .tar per dataset)")
     p.add_argument("--out", required=True, help="output benchmark root (betons + manifest)")
     p.add_argument("--info-dir", help="the authors' data_lib/00_info (default: <root>/00_info)")
@@ -144,7 +146,7 @@ def fif_main(argv: list[str] | None = None) -> int:
 def _pool_parser() -> argparse.ArgumentParser:
     from fomo_ray.prep import convert_webdataset
 
-    p = argparse.ArgumentParser(prog="fomo-ray prepare pool", description=_summary(convert_webdataset))
+    p = Parser(prog="fomo-ray prepare pool", description=_summary(convert_webdataset))
     p.add_argument("--shards", required=True, help="folder of webdataset .tar shards (img2dataset output)")
     p.add_argument("--out", required=True, help="output pool root (pool.beton + manifest); use as data.pool")
     p.add_argument("--max-samples", type=int, default=0, help="sample cap after de-duplication (0 = all)")
@@ -191,7 +193,7 @@ def _stream_parser() -> argparse.ArgumentParser:
     from fomo_ray.data import orderings
     from fomo_ray.prep.stream_orderings import BUILDERS
 
-    p = argparse.ArgumentParser(prog="fomo-ray prepare stream", description=_summary(orderings))
+    p = Parser(prog="fomo-ray prepare stream", description=_summary(orderings))
     p.add_argument("--ordering", choices=[*BUILDERS, "reverse"], help="which ordering to build")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--bench", help="converted benchmark root (its adaptation datasets give the concepts)")
@@ -258,7 +260,7 @@ def tokens_main(argv: list[str] | None = None) -> int:
     from fomo_ray.backbones import DEFAULT_ARCH
     from fomo_ray.prep import tokenize
 
-    p = argparse.ArgumentParser(prog="fomo-ray prepare tokens", description=_summary(tokenize))
+    p = Parser(prog="fomo-ray prepare tokens", description=_summary(tokenize))
     p.add_argument("--root", required=True, help="benchmark root (a manifest.json directory), or a pool root")
     p.add_argument("--model", action="append", metavar="ARCH",
                    help=f"architecture whose tokenizer to store ids for (repeatable; default: {DEFAULT_ARCH})")

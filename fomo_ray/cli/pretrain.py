@@ -6,9 +6,10 @@ same command)::
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
+
+from fomo_ray.cli.text import Parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     from fomo_ray.prep import ensure_benchmark
     from fomo_ray.prep.pretrain import PretrainError, ensure_base_checkpoint, format_zero_shot, read_meta
 
-    p = argparse.ArgumentParser(prog="fomo-ray pretrain", description=main.__doc__)
+    p = Parser(prog="fomo-ray pretrain", description=main.__doc__)
     p.add_argument("--config", default=None, help="experiment YAML (data.* and backbone.name are used)")
     p.add_argument("--arch", default="", help=f"tiny architecture, one of {list(TINY_ARCHS)} (default: backbone.name)")
     p.add_argument("--all", action="store_true", help="pretrain every tiny architecture")

@@ -1,10 +1,11 @@
 """``fomo-ray report PATH``: the results table and plots of a sweep directory or a tidy results table."""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from fomo_ray.cli.text import Parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -14,7 +15,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from fomo_ray.metrics import MetricsError
     from fomo_ray.report import ReportError, build_report, load_sweep_tables
 
-    ap = argparse.ArgumentParser(prog="fomo-ray report", description=main.__doc__)
+    ap = Parser(prog="fomo-ray report", description=main.__doc__)
     ap.add_argument("path", help="a sweep directory (tidy.csv, trials.csv), a `fomo-ray run` directory, or a tidy table "
                                  "(.csv / .parquet)")
     ap.add_argument("--trials", default="", help="trials table with swept values per run (default: beside PATH)")

@@ -1,8 +1,9 @@
 """``fomo-ray run [config.yaml] [dotted.key=value ...]``: one continual run of the loop, plain PyTorch, no Ray."""
 from __future__ import annotations
 
-import argparse
 import sys
+
+from fomo_ray.cli.text import Parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
     from fomo_ray.loop import TrainingDiverged
     from fomo_ray.metrics import format_report
 
-    p = argparse.ArgumentParser(prog="fomo-ray run", description=main.__doc__)
+    p = Parser(prog="fomo-ray run", description=main.__doc__)
     p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (optimizer.lr=1e-4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/<run name>/state if present")

@@ -1,19 +1,20 @@
 """``fomo-ray score PATH``: A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from fomo_ray.cli.text import Parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    """``fomo-ray score TABLE``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
+    """``fomo-ray score PATH``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
     from fomo_ray.data.format import DataError
     from fomo_ray.metrics import MetricsError, format_report, learned_at_points, stream_task_datasets
     from fomo_ray.report import ReportError, load_sweep_tables
 
-    p = argparse.ArgumentParser(prog="fomo-ray score", description=main.__doc__)
+    p = Parser(prog="fomo-ray score", description=main.__doc__)
     p.add_argument("table", help="a sweep directory, a `fomo-ray run` directory, or a tidy results table "
                                  "(.parquet or .csv: run, task, dataset, role, metric, value)")
     p.add_argument("--run", default="", help="only this run (default: every run in the table)")

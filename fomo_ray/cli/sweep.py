@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from fomo_ray.cli.text import Parser
 from fomo_ray.config import ConfigError, parse_override
 from fomo_ray.sweep_spec import SweepError, SweepSpec, grid_points, load_sweep, parse_space, plan_sweep, trial_label
 
@@ -163,12 +164,12 @@ def print_summary(out: Any) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fomo-ray sweep SWEEP.yaml [key=value ...]``: run (or resume) a sweep."""
-    ap = argparse.ArgumentParser(prog="fomo-ray sweep", description=main.__doc__)
+    ap = Parser(prog="fomo-ray sweep", description=main.__doc__)
     ap.add_argument("sweep", help="sweep YAML (see experiments/configs/)")
     return run_cli(ap, argv, default_sweep=None)
 
 
 def experiment_main(default_sweep: str | Path, argv: Sequence[str] | None = None, description: str = "") -> int:
     """Entry point of an ``experiments/*.py`` script: the same command with the script's sweep YAML as default."""
-    ap = argparse.ArgumentParser(prog=Path(sys.argv[0]).name, description=description)
+    ap = Parser(prog=Path(sys.argv[0]).name, description=description)
     return run_cli(ap, argv, default_sweep)

@@ -10,7 +10,6 @@ resolved store, the server command, the experiment's page, the study views) and 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -22,6 +21,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Sequence
+
+from fomo_ray.cli.text import Parser
 
 HOST = "127.0.0.1"
 # runs tracking.prepare_ui in a child process; its answer is one line of JSON
@@ -35,7 +36,7 @@ class Stopped(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fomo-ray ui``: browse the project's MLflow store at http://127.0.0.1:PORT (Ctrl-C stops it)."""
-    ap = argparse.ArgumentParser(prog="fomo-ray ui", description=main.__doc__)
+    ap = Parser(prog="fomo-ray ui", description=main.__doc__)
     ap.add_argument("--output-dir", default="runs", help="the experiments' output_dir (holds mlflow.db)")
     ap.add_argument("--uri", default="", help="tracking URI (default: MLFLOW_TRACKING_URI or OUTPUT_DIR/mlflow.db)")
     ap.add_argument("--experiment", default="fomo_ray", help="the experiment whose runs page is printed "
