@@ -14,6 +14,8 @@ from fomo_ray.backbones import create_backbone
 from fomo_ray.config import load_config
 from fomo_ray.methods import REGISTRY, TRAINING_SECTIONS, applicable_params
 
+from test_methods import _loss, _Losses  # the same stand-ins for the loop's loss and TaskLosses
+
 
 @pytest.fixture(scope="module")
 def base_model():
@@ -34,21 +36,6 @@ class _Reads:
             return _Reads(value, self._log, key + ".")
         self._log["keys"].add(key)
         return value
-
-
-class _Losses:
-    """The loop's ``TaskLosses`` over given losses (the real one runs in test_loop / test_ddp)."""
-
-    def __init__(self, losses):
-        self.losses = losses
-
-    def sum_over(self, n, per_batch):
-        parts = [per_batch(loss) for loss in self.losses[:n]]
-        return [sum(p[i] for p in parts) for i in range(len(parts[0]))]
-
-
-def _loss(model, images, texts):
-    return model.encode_image(images).square().mean() + model.encode_text(texts).square().mean()
 
 
 def _keys_read(name, overrides, base_model):
