@@ -45,9 +45,9 @@ StateDict = dict[str, torch.Tensor]
 Operator = Callable[..., StateDict]
 
 __all__ = [
-    "MergeError", "StateDict", "OPERATORS", "merge", "merge_from_config", "operator_params",
-    "task_vector", "add_task_vector", "interpolate", "slerp", "task_arithmetic", "ties", "dare", "breadcrumbs",
-    "magmax", "model_stock", "lines_depths", "lines_scales", "apply_lines",
+    "MergeError", "StateDict", "OPERATORS", "CONFIG_PARAMS", "merge", "merge_from_config", "config_params",
+    "operator_params", "task_vector", "add_task_vector", "interpolate", "slerp", "task_arithmetic", "ties", "dare",
+    "breadcrumbs", "magmax", "model_stock", "model_stock_t", "lines_depths", "lines_scales", "apply_lines",
 ]
 
 
@@ -337,28 +337,56 @@ def magmax(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torc
     return _merge_task_vectors(base, experts, combine)
 
 
-def model_stock_ratio(taus: torch.Tensor) -> float:
-    """Model Stock's ``t = k cos(theta) / (1 + (k-1) cos(theta))`` for stacked task vectors ``[k, ...]``.
-
-    ``cos(theta)`` is the mean pairwise cosine between the task vectors, clipped to [0, 1] (the paper assumes
-    fine-tuned weights at a positive angle; a zero task vector contributes cosine 0).
-    """
+def _mean_pairwise_cosine(taus: torch.Tensor) -> float:
+    """Mean cosine over the ``k (k-1)`` ordered pairs of stacked task vectors ``[k, ...]``; a zero task vector has
+    no direction and contributes cosine 0 (as in mergekit, whose norm clamp has the same effect)."""
     k = taus.shape[0]
     flat = taus.reshape(k, -1).double()
     unit = flat / flat.norm(dim=1, keepdim=True).clamp(min=1e-30)
     gram = unit @ unit.T
     cos = float((gram.sum() - gram.diagonal().sum()) / (k * (k - 1)))
-    cos = min(max(cos, 0.0), 1.0)
-    return k * cos / (1.0 + (k - 1) * cos)
+    return min(max(cos, -1.0), 1.0)  # rounding only: a mean of cosines is in [-1, 1]
+
+
+# 1 + (k-1) cos = |sum_i u_i|^2 / k for unit task vectors u_i, never negative: a value below this tolerance is
+# float64 rounding of a zero (the unit vectors cancel), and t = k cos / that, of order 1e9 or more, would be noise.
+_MODEL_STOCK_POLE_TOL = 1e-9
+
+
+def model_stock_t(cos: float, k: int, key: str = "") -> float:
+    """Model Stock's interpolation ratio ``t = k cos(theta) / (1 + (k-1) cos(theta))`` for ``k`` fine-tuned models
+    at (mean pairwise) angle ``theta`` of their task vectors (Jang et al. 2024, "Model Stock: All we need is just a
+    few fine-tuned models", arXiv 2403.19522), as the paper states it: not clipped.
+
+    The denominator is ``>= 0`` (``|sum_i u_i|^2 / k`` for the unit task vectors ``u_i``), so ``t <= 1`` always;
+    ``cos < 0`` gives ``t < 0`` (the merge steps from the base *away* from the experts' average), and ``t -> -inf``
+    as ``cos -> -1/(k-1)``, where the unit task vectors cancel (``k = 2``: antiparallel, e.g. a scalar such as
+    ``logit_scale`` moved in opposite directions). That pole raises :class:`MergeError` naming the tensor ``key``
+    and the cosine, where an unguarded implementation would return inf/NaN or huge weights.
+    """
+    den = 1.0 + (k - 1) * cos
+    if den <= _MODEL_STOCK_POLE_TOL:
+        raise MergeError(f"model_stock: tensor '{key}' has mean pairwise task-vector cosine {cos!r} = -1/(k-1) for "
+                         f"k={k} experts (their directions cancel), where t = k cos / (1 + (k-1) cos) has a pole; "
+                         f"use another operator for these experts")
+    return k * cos / den
+
+
+def model_stock_ratio(taus: torch.Tensor, key: str = "") -> float:
+    """:func:`model_stock_t` for stacked task vectors ``[k, ...]`` (``cos``: their mean pairwise cosine)."""
+    return model_stock_t(_mean_pairwise_cosine(taus), taus.shape[0], key)
 
 
 def model_stock(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                 weights: Sequence[float] | None = None) -> StateDict:
     """Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models").
 
-    Per tensor, ``base + t * mean_i tau_i`` with ``t`` from the angle between the experts' task vectors
-    (:func:`model_stock_ratio`), i.e. ``t * w_avg + (1 - t) * w_0``. ``weights`` (optional) weight the expert
-    average. With a single expert there is no angle: the operator is then ``interpolate(base, expert, w)`` with
+    Per tensor, ``base + t * mean_i tau_i`` with ``t = k cos / (1 + (k-1) cos)`` from the mean pairwise cosine of
+    the experts' task vectors (:func:`model_stock_t`), i.e. ``t * w_avg + (1 - t) * w_0``. As in the paper (and
+    mergekit) ``t`` is not clipped: a negative cosine gives ``t < 0``, a merge beyond the base away from the
+    experts' average; the pole ``cos = -1/(k-1)`` raises :class:`MergeError`. A one-number tensor (the logit scale)
+    has no angle and takes the weighted mean (``t = 1``). ``weights`` (optional) weight the
+    expert average. With a single expert there is no angle: the operator is then ``interpolate(base, expert, w)`` with
     ``w = weights[0]`` (default 1), which keeps the EMA-merge case expressible.
     """
     k = len(experts)
@@ -372,8 +400,11 @@ def model_stock(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str,
     w = [x / sum(w) for x in w]
     _check_compatible(base, experts)
 
-    def combine(taus: torch.Tensor, _key: str) -> torch.Tensor:
-        return model_stock_ratio(taus) * (taus * _per_expert(w, taus)).sum(0)
+    def combine(taus: torch.Tensor, key: str) -> torch.Tensor:
+        mean = (taus * _per_expert(w, taus)).sum(0)
+        # a one-number tensor (logit_scale) has no angle: its "cosine" is +-1, and -1 is the pole at k = 2, which
+        # two tasks moving the temperature both ways would hit; it takes the plain weighted mean (t = 1)
+        return mean if taus[0].numel() == 1 else model_stock_ratio(taus, key) * mean
 
     return _merge_task_vectors(base, experts, combine)
 
@@ -489,16 +520,27 @@ def merge(name: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping
     return merged
 
 
+# MergeConfig fields that are keyword parameters of the same name of some operators (config.py documents each);
+# the other fields (weight, operator, init, deploy, lines_*) are read by the merge methods or as ``lines=``.
+CONFIG_PARAMS = ("density", "drop_top", "scale")
+
+
+def config_params(operator: str) -> tuple[str, ...]:
+    """The ``MergeConfig`` fields :func:`merge_from_config` passes to ``operator``: those of :data:`CONFIG_PARAMS` it
+    accepts (so a merge method declares exactly the settings a run reads)."""
+    accepted = operator_params(operator)
+    return tuple(k for k in CONFIG_PARAMS if k in accepted)
+
+
 def merge_from_config(merge_cfg, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                       weights: Sequence[float] | None = None, *, seed: int | None = None) -> StateDict:
-    """:func:`merge` driven by a ``config.MergeConfig`` (``operator``, ``density``, ``scale``, ``lines_*``).
+    """:func:`merge` driven by a ``config.MergeConfig`` (``operator``, :func:`config_params`, ``lines_*``).
 
     Only the config fields the operator accepts are passed; ``seed`` reaches operators that draw (DARE).
     LiNeS is on when ``lines_alpha >= 0``.
     """
-    accepted = operator_params(merge_cfg.operator)
-    params = {k: getattr(merge_cfg, k) for k in ("density", "scale") if k in accepted}
-    if seed is not None and "seed" in accepted:
+    params = {k: getattr(merge_cfg, k) for k in config_params(merge_cfg.operator)}
+    if seed is not None and "seed" in operator_params(merge_cfg.operator):
         params["seed"] = int(seed)
     lines = (merge_cfg.lines_alpha, merge_cfg.lines_beta) if merge_cfg.lines_alpha >= 0 else None
     return merge(merge_cfg.operator, base, experts, weights, lines=lines, **params)

@@ -135,6 +135,24 @@ def test_model_stock_ratio_on_constructed_angle():
     close(mo.model_stock(base, [e1, e1])["w"], e1["w"])
 
 
+def test_model_stock_follows_the_unclipped_formula_for_a_negative_cosine():
+    # taus [4, 3] and [-4, 3]: cos = (-16 + 9) / 25 = -7/25, k = 2 -> t = 2(-7/25) / (1 - 7/25) = -7/9 (Jang et al.
+    # 2024 do not clip; the old clip to cos >= 0 returned the base [1, 1]); mean tau = [0, 3]
+    base, e1, e2 = sd(w=[1.0, 1.0]), sd(w=[5.0, 4.0]), sd(w=[-3.0, 4.0])
+    assert mo.model_stock_t(-7 / 25, 2) == pytest.approx(-7 / 9)
+    assert mo.model_stock_t(-0.25, 3) == pytest.approx(-1.5)  # 3(-1/4) / (1 + 2(-1/4))
+    close(mo.model_stock(base, [e1, e2])["w"], [1.0, 1.0 - 7 / 9 * 3])  # [1, -4/3]: past the base, away from avg
+
+
+def test_model_stock_pole_names_the_tensor_and_the_cosine():
+    opposite = [sd(w=[1.0, 0.0]), sd(w=[-2.0, 0.0])]  # cos = -1: the pole at k = 2
+    with pytest.raises(mo.MergeError, match=r"'w'.*cosine -1\.0 = -1/\(k-1\) for k=2"):
+        mo.model_stock(sd(w=[0.0, 0.0]), opposite)
+    third = [sd(w=[1.0, 0.0]), sd(w=[-0.5, math.sqrt(3) / 2]), sd(w=[-0.5, -math.sqrt(3) / 2])]  # 120 degrees apart
+    with pytest.raises(mo.MergeError, match=r"'w'.*k=3"):
+        mo.model_stock(sd(w=[0.0, 0.0]), third)
+
+
 def test_slerp_endpoints_norm_and_parallel_fallback():
     a, b = sd(w=[1.0, 0.0]), sd(w=[0.0, 1.0])
     close(mo.slerp(a, b, 0.0)["w"], a["w"])
@@ -245,3 +263,54 @@ def test_merge_from_config_passes_only_accepted_fields():
     close(out["visual.proj"], [0, -2.0, 3.0, 0])      # TIES at density 0.5 on the last layer
     interp = ExperimentConfig().method.merge            # default: interpolate, no LiNeS
     close(mo.merge_from_config(interp, base, [expert], [0.5])["visual.proj"], [0.5, -1.0, 1.5, 0.25])
+
+
+def _breadcrumbs_cfg(drop_top: float):
+    from fomo_ray.config import ExperimentConfig
+
+    return ExperimentConfig().replace({"method.merge.operator": "breadcrumbs",
+                                       "method.merge.drop_top": drop_top}).method.merge
+
+
+def _random_merge_inputs(k: int = 2) -> tuple[dict, list[dict]]:
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(10, 10, generator=g)}
+    return base, [{"w": base["w"] + torch.randn(10, 10, generator=g)} for _ in range(k)]
+
+
+def test_merge_from_config_passes_drop_top_to_breadcrumbs():
+    base, experts = _random_merge_inputs()
+    lo, hi = (mo.merge_from_config(_breadcrumbs_cfg(d), base, experts)["w"] for d in (0.01, 0.3))
+    assert not torch.equal(lo, hi)  # before the fix drop_top never reached the operator: both were drop_top=0.01
+    for d, out in ((0.01, lo), (0.3, hi)):
+        torch.testing.assert_close(out, mo.breadcrumbs(base, experts, density=0.2, drop_top=d)["w"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(mo.OPERATORS))
+def test_every_merge_config_field_reaches_the_operators_that_take_it(name):
+    import dataclasses
+
+    from fomo_ray.config import ExperimentConfig, MergeConfig
+
+    fields = {f.name for f in dataclasses.fields(MergeConfig)}
+    read_elsewhere = {"weight", "operator", "init", "deploy", "lines_alpha", "lines_beta"}  # methods/merging, lines=
+    assert set(mo.CONFIG_PARAMS) == fields - read_elsewhere  # a new field is either an operator keyword or declared
+    assert set(mo.config_params(name)) == fields & set(mo.operator_params(name))  # no same-named keyword left out
+    base, experts = _random_merge_inputs(1 if name == "slerp" else 2)
+    other = {"density": 0.6, "drop_top": 0.3, "scale": 0.5}
+    for key in mo.config_params(name):  # changing the config value changes the merge
+        cfg = ExperimentConfig().replace({"method.merge.operator": name})
+        a = mo.merge_from_config(cfg.method.merge, base, experts, seed=0)["w"]
+        b = mo.merge_from_config(cfg.replace({f"method.merge.{key}": other[key]}).method.merge, base, experts,
+                                 seed=0)["w"]
+        assert not torch.equal(a, b), f"method.merge.{key} does not reach operator {name}"
+
+
+def test_model_stock_gives_a_one_number_tensor_the_weighted_mean():
+    # the logit scale moved both ways by two tasks: its "cosine" is -1, the pole at k = 2; it takes the plain mean
+    base = {"logit_scale": torch.tensor(1.0), "w": torch.zeros(2)}
+    e1 = {"logit_scale": torch.tensor(1.5), "w": torch.tensor([1.0, 0.0])}
+    e2 = {"logit_scale": torch.tensor(0.75), "w": torch.tensor([0.0, 1.0])}
+    out = mo.model_stock(base, [e1, e2])
+    close(out["logit_scale"], torch.tensor(1.125))
+    close(out["w"], [0.0, 0.0])  # orthogonal task vectors: cos 0, t = 0

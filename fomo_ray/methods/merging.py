@@ -100,7 +100,7 @@ class Merge(Method):
         keys = [] if preset else ["merge.init", "merge.deploy"]
         keys += [] if deploy == "all_experts" else ["merge.weight"]
         keys += ["merge.operator"]
-        keys += [f"merge.{k}" for k in ("density", "scale") if k in merge_ops.operator_params(cfg.merge.operator)]
+        keys += [f"merge.{k}" for k in merge_ops.config_params(cfg.merge.operator)]
         keys += ["merge.lines_alpha"] + (["merge.lines_beta"] if cfg.merge.lines_alpha >= 0 else [])
         return tuple(keys)
 
