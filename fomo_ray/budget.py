@@ -337,8 +337,10 @@ def _write_atomic(path: Path, data: dict) -> None:
     write_json(path, data, indent=1, sort_keys=True)
 
 
-def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord]) -> CostRecord:
-    """The record at ``path`` if it exists and matches ``expected``; otherwise ``compute()`` and store it."""
+def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord],
+                   store: bool = True) -> CostRecord:
+    """The record at ``path`` if it exists and matches ``expected``; otherwise ``compute()`` and store it (unless
+    ``store`` is False: a dry run writes nothing)."""
     if path.is_file():
         try:
             record = CostRecord(**json.loads(path.read_text()))
@@ -347,9 +349,17 @@ def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[]
             log.warning("budget cache %s does not match %s; measuring again", path, dict(expected))
         except (ValueError, TypeError) as e:
             log.warning("budget cache %s is unreadable (%s); measuring again", path, e)
+    if not store and path in _UNSTORED:
+        return _UNSTORED[path]
     record = compute()
-    _write_atomic(path, dataclasses.asdict(record))
+    if store:
+        _write_atomic(path, dataclasses.asdict(record))
+    else:
+        _UNSTORED[path] = record
     return record
+
+
+_UNSTORED: dict[Path, CostRecord] = {}  # measured but not stored (dry runs): measured once per process
 
 
 # --------------------------------------------------------------------------------------------------- pure budget math
@@ -468,7 +478,8 @@ def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
 
 
 def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: BackboneSpec | None = None,
-                  device: str | torch.device | None = None, batch_size: int | None = None) -> CostRecord:
+                  device: str | torch.device | None = None, batch_size: int | None = None,
+                  store: bool = True) -> CostRecord:
     """The (cached) :class:`CostRecord` of method ``name`` for ``cfg``'s backbone and batch size."""
     dev = _device(device)
     spec = backbone or backbone_spec(cfg.backbone.name)
@@ -484,11 +495,12 @@ def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: B
                               context_length=spec.context_length, device=dev,
                               autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h)
 
-    return cached_measure(path, expected, compute)
+    return cached_measure(path, expected, compute, store)
 
 
 def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str, MethodCost] | None = None,
-                   backbone: BackboneSpec | None = None, device: str | torch.device | None = None) -> int:
+                   backbone: BackboneSpec | None = None, device: str | torch.device | None = None,
+                   store: bool = True) -> int:
     """Training steps per task for ``method_name`` under ``cfg.budget`` (the loop's entry point).
 
     ``mode == "equal_steps"`` gives every method ``steps_ft``; ``"maf"`` converts by measured MAFs. ``costs``
@@ -498,7 +510,7 @@ def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str,
     if cfg.budget.mode == "equal_steps" or method_name == FT_METHOD:
         return steps_ft
     costs = costs or {}
-    kw = dict(backbone=backbone or backbone_spec(cfg.backbone.name), device=device)
+    kw = dict(backbone=backbone or backbone_spec(cfg.backbone.name), device=device, store=store)
     ft = method_record(cfg, FT_METHOD, cost=costs.get(FT_METHOD), **kw)
     m = method_record(cfg, method_name, cost=costs.get(method_name), **kw)
     return steps_from_costs(steps_ft, ft, m)

@@ -169,6 +169,21 @@ class Evaluator:
         """The test rows each dataset is evaluated on (read-only arrays)."""
         return self.full_rows if full else self.subset_rows
 
+    def workload(self, full: bool) -> tuple[int, int]:
+        """(images, texts) one evaluation encodes: every needed test image once, and the class prompts and captions
+        (the text cache holds them for one weights version, i.e. one evaluation point)."""
+        rows = self.rows(full)
+        images = len(np.unique(np.concatenate(list(rows.values()))))
+        texts = 0
+        for name, info in self.infos.items():
+            if info.task == "classification":
+                texts += len(info.prompts())
+            else:
+                if self._captions is None:
+                    self._captions = self.bench.captions("test")
+                texts += sum(len(self._captions[int(r)]) for r in rows[name])
+        return images, texts
+
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], *, full: bool,
                  weights_version: str) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ Ray/MLflow edge plugs in)::
         with method.deployed_weights(t, model) swapped in:
             records = evaluate(subset in-stream, full after the last task)   -> hooks.on_eval(t + 1, records)
         -> hooks.on_checkpoint(LoopState at the start of task t + 1)
+        hooks.should_stop()? (not after the last task)              -> return the results so far (a sweep's rule)
     return tidy results (run, task, dataset, role, metric, value); task = evaluation point (0 = before any update)
 
 Resume (``fomo_ray/checkpoint.py``): ``run_stream(cfg, resume=state)`` restores the run in one call and continues at
@@ -88,7 +89,7 @@ class RunHooks:
     # the steps of every task so far (a continuous x axis over the stream)
     on_step: Callable[[int, int, float, float, torch.Tensor | None, int], None] | None = None
     on_checkpoint: Callable[[LoopState], None] | None = None  # end of every task, every N steps
-    should_stop: Callable[[], bool] | None = None  # cooperative early stopping (e.g. ASHA)
+    should_stop: Callable[[], bool] | None = None  # cooperative early stopping (a sweep's ``stopping`` rule)
 
 
 # --------------------------------------------------------------------------------------------------- THE loop
@@ -162,7 +163,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             _emit(hooks.on_eval, t + 1, records)
         if hooks.on_checkpoint:
             hooks.on_checkpoint(snapshot(run, t + 1, 0, None, None, results))
-        if _should_stop(hooks, run):
+        if t + 1 < len(run.plan) and _should_stop(hooks, run):  # after the last task there is nothing to stop
             break
     return tidy_frame(results)
 

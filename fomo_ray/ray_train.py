@@ -75,6 +75,8 @@ class RunPayload:
     mlflow_run_id: str = ""           # the trial's run, created by the driver; a checkpoint's id wins on resume
     log_checkpoints: bool = True
     storage_uri: str = ""             # where Ray persists this run's checkpoints (a pointer for MLflow)
+    stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (``stopping.StoppingRule`` fields)
+    stop_board: str = ""              # the name of the sweep's board actor the rule is asked through
 
 
 class Session(Protocol):
@@ -138,9 +140,13 @@ class _Bridge:
     def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
         self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
         self.rank0 = session.rank == 0
+        self.last_point = planned_tasks(p.cfg)  # the final evaluation point: never a stopping point
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
         self.steps = None  # the per-step training signal (tracking.StepLogger): rank 0, when tracked and asked for
+        self.trajectory: list[float] = []  # the stopping rule's metric at every evaluation point so far
+        self.stop_reason = ""  # the board's answer at the newest point ("" = go on); rank 0 asks, the loop agrees
+        self.stopped = False   # the loop left early because of it
         if tracker is not None and p.cfg.tracking.log_every_n_steps > 0:
             from fomo_ray.tracking import StepLogger
 
@@ -165,6 +171,33 @@ class _Bridge:
             # percent, as the reports; the session's report below keeps fractions (the results tables' unit)
             self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=task)
         self.session.report({**trial_report.eval_report(task, records, summary), "node_id": _node_id()}, None, None)
+        self._post(task, summary)
+
+    def seed_trajectory(self, results: list[Mapping[str, Any]]) -> None:
+        """The points a resumed run evaluated before its checkpoint, so the rule sees its whole trajectory."""
+        rule = self.p.stopping
+        if rule:
+            points = sorted({int(r["task"]) for r in results})
+            self.trajectory = [summary_of([r for r in results if int(r["task"]) == t], self.p.run_name, t)
+                               [rule["metric"]] for t in points]
+
+    def _post(self, point: int, summary: Mapping[str, float]) -> None:
+        """Ask the sweep's stopping rule at a task boundary (rank 0: the loop agrees across ranks)."""
+        rule = self.p.stopping
+        if not rule:
+            return
+        self.trajectory.append(summary[rule["metric"]])
+        if self.rank0 and rule["min_tasks"] <= point < self.last_point:
+            from fomo_ray import stop_board
+            from fomo_ray.stopping import trajectory_mean
+
+            self.stop_reason = stop_board.ask(self.p.stop_board, self.p.run_name, point,
+                                              trajectory_mean(self.trajectory))
+
+    def should_stop(self) -> bool:
+        if self.stop_reason:
+            self.stopped = True
+        return bool(self.stop_reason)
 
     def on_checkpoint(self, state: Any) -> None:
         from fomo_ray import checkpoint
@@ -277,13 +310,29 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)
+    if resume is not None:
+        bridge.seed_trajectory(resume.results)
     hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
-                          on_step=bridge.on_step if bridge.steps is not None else None)
+                          on_step=bridge.on_step if bridge.steps is not None else None,
+                          should_stop=bridge.should_stop if p.stopping else None)
     try:
-        loop.run_stream(p.cfg, hooks=hooks, resume=resume)
+        results = loop.run_stream(p.cfg, hooks=hooks, resume=resume)
     except loop.TrainingDiverged as e:
         return bridge.finish(trial_report.failed_report(f"{type(e).__name__}: {e}", bridge.last))
+    if bridge.stopped or (p.stopping and int(results["task"].max()) < bridge.last_point):
+        # every rank leaves together (the loop agrees on should_stop); rank 0 holds the reason
+        return bridge.finish(trial_report.stopped_report(bridge.stop_reason or "stopped by the sweep's rule",
+                                                         int(results["task"].max()), bridge.last))
     return bridge.finish(trial_report.done_report(bridge.last))
+
+
+def planned_tasks(cfg: ExperimentConfig) -> int:
+    """How many tasks the run's method trains (the stream's T; joint training: 1), i.e. its final point."""
+    import numpy as np
+
+    from fomo_ray.methods import build_method
+
+    return len(build_method(cfg).task_plan([np.zeros(0, dtype=np.int64)] * cfg.stream.num_tasks, 1))
 
 
 def ensure_inputs(cfg: ExperimentConfig) -> None:

@@ -8,6 +8,8 @@ A sweep is a base config plus a *space*, written in YAML (``experiments/configs/
     search: grid                        # grid | random | optuna
     num_samples: 1                      # samples per grid point (random / optuna: the number of trials)
     metric: GM                          # what optuna optimises (the final evaluation point's value)
+    order: cost                         # cost: longest trial first (default) | fifo: the grid's order
+    stopping: {rule: trails_best, min_tasks: 2, margin: 5}   # optional: cooperative early stopping (stopping.py)
     space:
       method.merge.weight: {grid: [0.1, 0.5, 0.9]}
       optimizer.lr: {loguniform: [1.0e-5, 1.0e-3]}      # also: uniform, randint, choice
@@ -31,12 +33,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
+from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
 
 SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "points")
 SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description")
+             "description", "order", "stopping")
+ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
 
@@ -209,6 +213,8 @@ class SweepSpec:
     trainer: str = "auto"
     report_x: str = ""          # numeric swept key the report plots final A_KA/A_ZS/GM against (e.g. merge weight)
     description: str = ""
+    order: str = "cost"         # cost: longest trial first (fomo_ray/cost_estimate.py); fifo: the grid's order
+    stopping: StoppingRule | None = None  # cooperative early stopping at task boundaries (fomo_ray/stopping.py)
 
     def base_config(self) -> ExperimentConfig:
         """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
@@ -234,10 +240,18 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     if not isinstance(base, Mapping):
         raise SweepError(f"{source}: 'base' must map dotted keys to values")
     report = data.get("report") or {}
+    order = data.get("order", "cost")
+    if order not in ORDERS:
+        raise SweepError(f"{source}: order '{order}' is not one of {list(ORDERS)}")
+    try:
+        stopping = parse_stopping(data.get("stopping"), source)
+    except StoppingError as e:
+        raise SweepError(str(e)) from e
     return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
                      config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
                      metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
-                     report_x=str(report.get("x", "")), description=str(data.get("description", "")))
+                     report_x=str(report.get("x", "")), description=str(data.get("description", "")),
+                     order=order, stopping=stopping)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:

@@ -46,6 +46,7 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what the UI group
 TRIAL_TAG = "fomo_ray.trial_id"
 KIND_TAG = "fomo_ray.kind"
 REASON_TAG = "fomo_ray.failure_reason"
+STOP_TAG = "fomo_ray.stop_reason"  # why the sweep's early-stopping rule ended a run
 STATUS_TAG = "fomo_ray.status"  # finished | failed | stopped | interrupted
 DB_NAME = "mlflow.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -296,14 +297,18 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path=artifact_path)
 
-    def finish(self, run_id: str, failure: str | None = None, status: str = "") -> None:
+    def finish(self, run_id: str, failure: str | None = None, status: str = "", stopped: str = "") -> None:
         """FINISHED, or FAILED with the reason as a tag (visible in the UI's run table), or ``status`` (e.g. KILLED
         for an interrupted sweep; reopened as RUNNING when it resumes). The trial status (finished, failed, stopped,
-        interrupted) is also a tag, ``fomo_ray.status``."""
+        interrupted) is also a tag, ``fomo_ray.status``. ``stopped``: why the sweep's early-stopping rule ended the
+        run (MLflow has no such state: the run ends FINISHED, tagged ``stopped``, the reason in ``fomo_ray.stop_reason``)."""
         if failure:
             self.set_tags(run_id, {REASON_TAG: failure})
+        if stopped:
+            self.set_tags(run_id, {STOP_TAG: stopped})
         status = status or ("FAILED" if failure else "FINISHED")
-        self.set_tags(run_id, {STATUS_TAG: {"FAILED": "failed", "KILLED": "interrupted"}.get(status, "finished")})
+        label = "stopped" if stopped else {"FAILED": "failed", "KILLED": "interrupted"}.get(status, "finished")
+        self.set_tags(run_id, {STATUS_TAG: label})
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
     # -------------------------------------------------------------------------------------------- reading back

@@ -8,7 +8,9 @@ trial's metrics table, which the driver reads back (``tune_sweep.py``). Every re
 * ``checkpoint`` -- a checkpoint was taken at cursor (``task``, ``step``); carries the newest summary scores, so a
                     searcher always reads the latest values;
 * ``done``       -- the stream finished (the run's final report, with the last summary scores);
-* ``failed``     -- the run failed deterministically (``reason``); it is not retried.
+* ``failed``     -- the run failed deterministically (``reason``); it is not retried;
+* ``stopped``    -- the sweep's early-stopping rule stopped the run at evaluation point ``task`` (``reason``); its
+                    trajectory is partial by design, and it is not retried.
 
 The kinds' values are plain strings in every stored result (``progress.csv``, ``result.json``), as before the Enum.
 Encoding and decoding live side by side here, so the two ends cannot drift apart.
@@ -29,6 +31,7 @@ class ReportKind(str, Enum):
     CHECKPOINT = "checkpoint"
     DONE = "done"
     FAILED = "failed"
+    STOPPED = "stopped"
 
 
 # --------------------------------------------------------------------------------------------------- encode
@@ -53,6 +56,11 @@ def done_report(last: Mapping[str, float]) -> dict[str, Any]:
 def failed_report(reason: str, last: Mapping[str, float]) -> dict[str, Any]:
     """The final report of a run that failed deterministically (e.g. diverged)."""
     return {KIND: ReportKind.FAILED.value, "reason": reason, **last}
+
+
+def stopped_report(reason: str, point: int, last: Mapping[str, float]) -> dict[str, Any]:
+    """The final report of a run the sweep's stopping rule stopped after evaluation point ``point``."""
+    return {KIND: ReportKind.STOPPED.value, "reason": reason, "stopped_at": int(point), **last}
 
 
 # --------------------------------------------------------------------------------------------------- decode

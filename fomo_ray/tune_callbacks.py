@@ -47,6 +47,9 @@ class Progress(tune.Callback):
             self._line(f"FAILED {trial}  {str(last.get('reason', ''))[:300]}  {self._count(trials, trial)}  "
                        f"(trial directory: {getattr(trial, 'path', '')})")
             return
+        if trial_report.is_kind(last, ReportKind.STOPPED):  # by the sweep's early-stopping rule, with its numbers
+            self._line(f"stop   {trial}  {str(last.get('reason', ''))[:300]}  {self._count(trials, trial)}")
+            return
         self._line(f"done   {trial}  {self._count(trials, trial)}")
 
     def on_trial_recover(self, iteration, trials, trial, **info):

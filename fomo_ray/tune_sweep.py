@@ -33,15 +33,20 @@ from ray import tune
 from fomo_ray import trial_report
 from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
-from fomo_ray.metrics import COLUMNS
+from fomo_ray.cost_estimate import (DeclaredDevice, cost_order, enumerated_trials, estimate_plan, estimate_rows,
+                                    estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version
 from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec, check_search, grid_points,
                                  identity_differences, plan_sweep, sweep_description, sweep_directory,
                                  sweep_identity, trial_label, trial_name, trial_overrides)
+from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
+                                    status_counts, with_estimates)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 from fomo_ray.tune_callbacks import DriverCallbacks, Progress, QuietTune, StopAfter
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
+ESTIMATE_FILE = "estimate.csv"  # the cost estimate made before launch, one row per trial
+STOP_BOARD = "fomo_ray_stop_board"  # the early-stopping board actor (one per driver job: names are per namespace)
 SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id and storage, read back on resume
 
 
@@ -89,6 +94,8 @@ class TrialSetup:
     tracking_uri: str          # "" = tracking disabled
     parent_run_id: str
     sweep_name: str
+    stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (fomo_ray/stopping.py)
+    stop_board: str = ""                       # the name of its board actor
 
 
 class TuneSession:
@@ -154,13 +161,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         log_checkpoints=cfg.tracking.log_checkpoints,
         # where Ray persists the checkpoints: Train runs under <storage>/train/<trial id>, Tune function trials under
         # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
-        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}")
+        storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}",
+        stopping=setup.stopping, stop_board=setup.stop_board)
     session = TuneSession()
     try:
         if setup.use_train:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root, callbacks=[TuneReportCallback()])
+            last = ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root,
+                                           callbacks=[TuneReportCallback()]).metrics
         else:
             ray_train.set_threads(cfg.ray.cpus_per_worker)
             last = ray_train.continual_run(payload, session)
@@ -181,7 +190,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             tracker.finish(run_id, failure=f"{type(e).__name__}: {e}")
         raise
     if tracker is not None:
-        tracker.finish(run_id)
+        stopped = trial_report.is_kind(last, ReportKind.STOPPED)
+        tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
 
 
 def trial_params(config: Mapping[str, Any], space: Mapping[str, Dim], cfg: ExperimentConfig) -> dict[str, Any]:
@@ -202,70 +212,6 @@ def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]
         marker.parent.mkdir(parents=True, exist_ok=True)
         _write_atomic(marker, json.dumps({"reason": reason, "evals": evals, "last": _last_scores(evals)},
                                          default=float))
-
-
-# --------------------------------------------------------------------------------------------------- results
-def trial_status(result: Any) -> tuple[str, str]:
-    """(status, reason) of a Tune result: ``finished`` (its final ``done`` report), ``failed`` (a ``failed`` report,
-    or an error Ray gave up on), else ``interrupted`` (it stopped before the end of its stream)."""
-    metrics = result.metrics or {}
-    if result.error:
-        return "failed", str(result.error).strip().splitlines()[-1][:500]
-    if trial_report.is_kind(metrics, ReportKind.FAILED):
-        return "failed", str(metrics.get("reason", ""))[:500]
-    if trial_report.is_kind(metrics, ReportKind.DONE):
-        return "finished", ""
-    return "interrupted", ""
-
-
-def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(results, tidy, trials) from a Tune ResultGrid.
-
-    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM, node_id, swept values);
-    tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
-    failed, interrupted; :func:`trial_status`) and reason. A point reported twice (a worker restarted between its
-    evaluation and the next checkpoint) keeps the last copy.
-    """
-    rows, tidy, trials = [], [], []
-    for r in grid:
-        if r.config is None:  # never started (an interrupted sweep): nothing to collect yet
-            continue
-        name = Path(r.path).name
-        ov = trial_overrides(r.config, space)
-        labels = {k: r.config[k] for k, d in space.items() if d.kind == "points"}
-        trial_id = (r.metrics or {}).get("trial_id", "")
-        status, reason = trial_status(r)
-        trials.append({"run": name, "trial_id": trial_id, "status": status, "reason": reason, **labels, **ov})
-        evals = trial_report.eval_rows(r.metrics_dataframe)
-        if evals is None:
-            continue
-        for _, e in evals.iterrows():
-            rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
-                         **{k: float(e[k]) for k in SUMMARY_KEYS},
-                         "node_id": e.get("node_id", ""), **labels, **ov})
-            tidy += [{"run": name, "task": int(e["task"]), **rec}
-                     for rec in trial_report.records_from_report(e.to_dict())]
-    results = pd.DataFrame(rows)
-    if not results.empty:
-        results = results.sort_values(["run", "task"]).reset_index(drop=True)
-    tidy_df = pd.DataFrame(tidy, columns=list(COLUMNS))
-    trials_df = pd.DataFrame(trials, columns=["run", "trial_id", "status", "reason", *dict.fromkeys(
-        k for t in trials for k in t if k not in ("run", "trial_id", "status", "reason"))])
-    return results, tidy_df, trials_df.sort_values("run").reset_index(drop=True)
-
-
-@dataclass(frozen=True)
-class SweepResult:
-    directory: Path
-    results: pd.DataFrame   # one row per trial x evaluation point
-    tidy: pd.DataFrame      # run, task, dataset, role, metric, value
-    trials: pd.DataFrame    # one row per trial: run, trial_id, status, error, swept values
-    parent_run_id: str
-    tracking_uri: str
-    report_files: tuple[Path, ...] = ()
-    wall_s: float = 0.0
-    interrupted: bool = False  # stopped before every trial ended: partial, resumable, nothing called final
-    total: int = 0             # trials planned
 
 
 # --------------------------------------------------------------------------------------------------- running
@@ -329,8 +275,10 @@ def deferred_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _search_alg(spec: SweepSpec, seed: int, concurrency: int) -> Any:
-    """The searcher, seeded (sampled trials are reproducible) and limited to ``concurrency`` running trials."""
+def _search_alg(spec: SweepSpec, seed: int, concurrency: int, starts: list[dict[str, Any]]) -> Any:
+    """The searcher, seeded (sampled trials are reproducible) and limited to ``concurrency`` running trials. Grid
+    and random searches start the enumerated configs in the order of ``starts`` (Tune's points to evaluate, one
+    trial each; sampled keys are still drawn per trial); optuna picks its own."""
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -339,15 +287,20 @@ def _search_alg(spec: SweepSpec, seed: int, concurrency: int) -> Any:
 
         optuna = OptunaSearch(metric=spec.metric, mode=spec.mode, seed=seed)
         return ConcurrencyLimiter(optuna, max_concurrent=concurrency) if concurrency else optuna
-    return BasicVariantGenerator(random_state=seed, max_concurrent=concurrency)
+    return BasicVariantGenerator(points_to_evaluate=[dict(p) for p in starts], random_state=seed,
+                                 max_concurrent=concurrency)
 
 
 def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[Any] = (), progress: bool = True,
-              show_worker_logs: bool = False, stop_after_trials: int = 0) -> SweepResult:
-    """Validate, prepare inputs, launch (or resume) and collect a sweep; write results, report and MLflow runs.
+              show_worker_logs: bool = False, stop_after_trials: int = 0,
+              device: DeclaredDevice | None = None) -> SweepResult:
+    """Validate, prepare inputs, estimate, launch (or resume) and collect a sweep; write results, report and MLflow
+    runs.
 
-    ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a restore drill).
-    Returns with partial results when interrupted (no summary.json: rerunning resumes it).
+    Before launch it prints the cost estimate (``fomo_ray/cost_estimate.py``; timed on this machine, or on the
+    declared ``device``), writes it to ``estimate.csv`` and the parent run, and starts trials longest first
+    (``spec.order``). ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a
+    restore drill). Returns with partial results when interrupted (no summary.json: rerunning resumes it).
     """
     t0 = time.time()
     plan = plan_sweep(spec)
@@ -360,6 +313,9 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     base = plan.base
     directory, resume = sweep_directory(Path(base.output_dir) / "sweeps", spec.name, if_exists)
     ensure_sweep_inputs(base, plan.space)  # bad input stops here: no sweep directory, parent run or trial
+    costs = estimate_plan(plan, device)
+    slots = local_slots(base, plan.use_train)
+    estimate = format_estimate(costs, slots, _source(device), spec.order)
     directory.mkdir(parents=True, exist_ok=True)
     state = _open_state(directory, plan, resume)
     if resume:
@@ -368,29 +324,40 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         if not state.get("parent_run_id"):
             state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search},
                                                           description=sweep_description(spec, plan, directory.name))
-            tracker.log_params(state["parent_run_id"], {"sweep.search": spec.search, "sweep.trials": plan.total,
-                                                        "sweep.space": _space_json(plan.space)[:6000]})
+            tracker.log_params(state["parent_run_id"], {
+                "sweep.search": spec.search, "sweep.trials": plan.total, "sweep.order": spec.order,
+                "sweep.stopping": json.dumps(spec.stopping.to_dict()) if spec.stopping else "none",
+                "sweep.space": _space_json(plan.space)[:6000]})
+            tracker.log_metrics(state["parent_run_id"], estimate_summary(costs, slots, spec.order), step=0)
+            tracker.client.log_text(state["parent_run_id"], estimate + "\n", "estimate.txt")
             _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
-    print(f"sweep {directory.name}: {plan.total} trial(s) "
-          f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
-          f"{'resuming' if resume else 'starting'} in {directory}"
-          + (f"; MLflow {plan.tracking_uri}" if plan.tracking_uri else ""), flush=True)
+    print(estimate, flush=True)
+    _save_csv(pd.DataFrame(estimate_rows(costs)), directory / ESTIMATE_FILE)
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
-                       sweep_name=directory.name)
+                       sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
+                       stop_board=STOP_BOARD if spec.stopping else "")
+    starts = [enumerated_trials(plan)[i] for i in cost_order(costs, spec.order)]
+    history = _stopping_history(directory, spec) if resume else {}
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
     cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks, attempts=attempts)] if progress else [])
     if stop_after_trials:
         cbs.append(StopAfter(stop_after_trials))
-    try:
-        grid = _fit(plan, setup, cbs, resume, show_worker_logs)
+    try:  # from the line that says the sweep starts: a Ctrl-C after it ends the sweep as interrupted (resumable)
+        print(f"sweep {directory.name}: {plan.total} trial(s) "
+              f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
+              f"{'resuming' if resume else 'starting'} in {directory}"
+              + (f"; MLflow {plan.tracking_uri}" if plan.tracking_uri else ""), flush=True)
+        grid = _fit(plan, setup, cbs, resume, show_worker_logs, starts, history)
     except KeyboardInterrupt:  # while Ray or the Tuner started (Tune itself turns a Ctrl-C into a partial grid)
         grid = []
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     results, tidy, trials = collect_results(grid, plan.space)
+    trials = with_estimates(trials, costs, plan)
+    est = estimate_summary(costs, slots, spec.order).get("Estimate/wall_seconds")
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
-                      wall_s=time.time() - t0, total=plan.total)
+                      wall_s=time.time() - t0, total=plan.total, estimate_s=est)
     _save_csv(results, directory / "results.csv")
     _save_csv(trials, directory / "trials.csv")
     if not tidy.empty:
@@ -410,9 +377,29 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
     out = replace(out, report_files=tuple(files), wall_s=time.time() - t0)
     _write_atomic(directory / SUMMARY_FILE, json.dumps({
-        **state, "trials": len(trials), "failed": failed, "wall_s": round(out.wall_s, 1),
+        **state, "trials": len(trials), "failed": failed, "stopped": counts["stopped"],
+        "compute_saved": compute_saved(trials), "wall_s": round(out.wall_s, 1),
+        "estimate_s": None if out.estimate_s is None else round(out.estimate_s, 1),
         "report_x": spec.report_x, "files": [str(f) for f in files]}, indent=2))
     return out
+
+
+def _source(device: DeclaredDevice | None) -> str:
+    return device.describe() if device is not None else "timed on this machine's device"
+
+
+def _stopping_history(directory: Path, spec: SweepSpec) -> dict[str, dict[int, float]]:
+    """The trajectory means an interrupted sweep's trials posted, from its partial results table, so the stopping
+    rule of the resumed sweep still compares against them."""
+    from fomo_ray.stopping import history_from_results
+
+    path = directory / "results.csv"
+    if spec.stopping is None or not path.is_file() or path.stat().st_size == 0:
+        return {}
+    try:
+        return history_from_results(pd.read_csv(path), spec.stopping.metric)
+    except pd.errors.EmptyDataError:
+        return {}
 
 
 def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any]:
@@ -449,18 +436,6 @@ def _space_json(space: Mapping[str, Dim]) -> str:
     return json.dumps({k: {d.kind: list(d.values)} for k, d in space.items()}, default=str)
 
 
-def status_counts(trials: pd.DataFrame, total: int) -> dict[str, int]:
-    """How many trials finished, failed, stopped, were interrupted, and never started (pending)."""
-    seen = trials["status"].value_counts().to_dict() if not trials.empty else {}
-    counts = {k: int(seen.get(k, 0)) for k in ("finished", "failed", "stopped", "interrupted")}
-    counts["pending"] = max(0, total - len(trials))
-    return counts
-
-
-def format_counts(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("finished", "failed"))
-
-
 def resume_command(directory_name: str) -> str:
     """The command that resumes this sweep: the one that was run, naming the directory and asking to resume."""
     program = f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
@@ -470,12 +445,21 @@ def resume_command(directory_name: str) -> str:
     return " ".join([argv[0], *(shlex.quote(a) for a in [*argv[1:], "--name", directory_name, "--resume"])])
 
 
-def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool) -> Any:
-    """Run the Tuner (a fresh one, or ``Tuner.restore`` of the interrupted experiment) and return its ResultGrid."""
+def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool,
+         starts: list[dict[str, Any]], history: Mapping[str, Mapping[int, float]]) -> Any:
+    """Run the Tuner (a fresh one, or ``Tuner.restore`` of the interrupted experiment) and return its ResultGrid.
+
+    ``starts``: the enumerated trial configs in the order they start; ``history``: what the stopping board starts
+    from (a resumed sweep's trajectory means)."""
     import ray
 
     owns_ray = ensure_ray(plan.base, show_worker_logs)
+    board = None  # held here: a named actor is still collected once no handle to it is left
     try:
+        if plan.spec.stopping is not None:
+            from fomo_ray.stop_board import start_board
+
+            board = start_board(STOP_BOARD, plan.spec.stopping, history)
         # run_trial is looked up here, when the sweep runs (tests substitute a wrapper for it)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         trial_resources(plan.base, plan.use_train))
@@ -496,8 +480,8 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
             tuner = tune.Tuner(
                 trainable, param_space=param_space,
                 tune_config=tune.TuneConfig(
-                    num_samples=plan.spec.num_samples,
-                    search_alg=_search_alg(plan.spec, plan.base.seed, concurrency),
+                    num_samples=plan.spec.num_samples if plan.spec.search == "optuna" else len(starts),
+                    search_alg=_search_alg(plan.spec, plan.base.seed, concurrency, starts),
                     reuse_actors=False,
                     trial_name_creator=lambda t: trial_name(t, space),
                     trial_dirname_creator=lambda t: trial_name(t, space)),
@@ -507,6 +491,8 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.base.ray.keep_checkpoints)))
             return tuner.fit()
     finally:
+        if board is not None:  # the name is free again for the next sweep of this driver (a notebook, a test)
+            ray.kill(board)
         if owns_ray:
             ray.shutdown()
 
@@ -521,23 +507,16 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         from fomo_ray.tracking import sweep_metrics
 
         counts = status_counts(out.trials, out.total)
-        tracker.log_metrics(out.parent_run_id, sweep_metrics(final_scores(out.results, out.trials),
-                                                             {k: counts[k] for k in ("finished", "failed")}), step=0)
+        saved = compute_saved(out.trials)
+        tracker.log_metrics(out.parent_run_id, {
+            **sweep_metrics(final_scores(out.results, out.trials),
+                            {k: counts[k] for k in ("finished", "failed", "stopped")}),
+            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {})}, step=0)
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")
         for name in ("results.csv", "trials.csv", "tidy.csv"):
             if (out.directory / name).is_file():
                 tracker.client.log_artifact(out.parent_run_id, str(out.directory / name), artifact_path="tables")
     return files
-
-
-def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[float]]:
-    """``{"A_KA": [...], "A_ZS": [...], "GM": [...]}``: each finished trial's scores at its last evaluation point
-    (fractions, as in the results table)."""
-    finished = set(trials.loc[trials["status"] == "finished", "run"]) if not trials.empty else set()
-    if results.empty or not finished:
-        return {k: [] for k in SUMMARY_KEYS}
-    last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
-    return {k: [float(v) for v in last[k]] for k in SUMMARY_KEYS}
 
 
 # --------------------------------------------------------------------------------------------------- inputs

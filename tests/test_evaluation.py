@@ -232,3 +232,23 @@ def test_bad_datasets_are_named(bench):
             _evaluator(bench)
     finally:
         bench.datasets["COLOURS"] = original
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_workload_counts_what_an_evaluation_encodes(bench, tok, full):
+    """The cost estimate's evaluation count (issue 15): every image and text one evaluation point encodes."""
+    class Counting(OracleCLIP):
+        images = texts = 0
+
+        def encode_image(self, images):
+            self.images += len(images)
+            return super().encode_image(images)
+
+        def encode_text(self, tokens):
+            self.texts += len(tokens)
+            return super().encode_text(tokens)
+
+    ev, model = _evaluator(bench), Counting(tok)
+    ev.evaluate(model, tok, full=full, weights_version="v")
+    assert ev.workload(full) == (model.images, model.texts)
+    assert ev.workload(full)[0] == (100 + 100 + 40 if full else 3 * 24)  # every test row of the sets (or subsets)

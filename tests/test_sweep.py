@@ -271,6 +271,16 @@ def _stand_in_trials(monkeypatch, runner):
     register_by_value()
     monkeypatch.setattr(sweep, "run_trial", trial_in_worker(runner))
     monkeypatch.setattr(sweep, "ensure_sweep_inputs", lambda base, space: None)
+    monkeypatch.setattr(sweep, "estimate_plan", _unit_costs)
+
+
+def _unit_costs(plan, device=None, store=True):
+    """Every trial costs the same (a stand-in trial has no model to measure): the grid's order is kept."""
+    from fomo_ray.cost_estimate import TrialCost, enumerated_trials
+
+    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    return [TrialCost(sweep_spec.trial_label(c, fixed), "stand-in", "stand-in", 1, 1, 1.0, 1.0, 1.0)
+            for c in enumerated_trials(plan)]
 
 
 @pytest.mark.ray
@@ -590,3 +600,74 @@ def test_dry_run_writes_nothing_and_still_checks_the_store(tmp_path, capsys):
         assert "not writable" in capsys.readouterr().err
     finally:
         locked.chmod(0o700)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local, tmp_path, tmp_path_factory):
+    """Issue 15: the longest trial starts first (its estimate is printed, saved and beside the actual wall time),
+    and the sweep's stopping rule stops trailing trials through the loop's should_stop hook at a task boundary:
+    status ``stopped`` (not failed) in the trials table, Tune's last result, MLflow and the report, a partial
+    trajectory, and decisions that replay the pure rule exactly."""
+    from _data_util import SCALE, small_fifmini
+
+    from fomo_ray.report import trial_table
+    from fomo_ray.stopping import StoppingRule, decide, history_from_results
+    from fomo_ray.tracking import STATUS_TAG, STOP_TAG, Tracker
+
+    bench = small_fifmini(tmp_path_factory)
+    rule = {"rule": "trails_best", "min_tasks": 1, "margin": 0.0, "min_trials": 2}
+    spec = spec_from_dict({
+        "name": "stops", "stopping": rule,
+        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
+                 "backbone.pretrained": "", "stream.num_tasks": 3, "budget.total_ft_steps": 9,
+                 "mixture.batch_size": 16, "evaluation.subset_min": 20, "data.num_workers": 1,
+                 "budget.cache_dir": str(tmp_path / "budget"), "ray.cpus_per_worker": 1.0,
+                 "ray.max_concurrent_trials": 1},  # one at a time: the start order is the comparison order
+        "space": {"variant": {"points": {"zs": {"method.name": "zero_shot"},
+                                         "lr3": {"method.name": "finetune", "optimizer.lr": 1e-3},
+                                         "lr2": {"method.name": "finetune", "optimizer.lr": 1e-2},
+                                         "lr1": {"method.name": "finetune", "optimizer.lr": 1e-1}}}}})
+    out = sweep.run_sweep(spec)
+    trials = out.trials.set_index("run")
+    # cost order: the zero-shot trial (evaluation only) is the cheapest and starts last, though first in the grid
+    assert sorted(trials.index)[-1].endswith("-zs")
+    est = pd.read_csv(out.directory / sweep.ESTIMATE_FILE).set_index("label")
+    assert est.loc["zs", "steps"] == 0 and (est.drop("zs")["steps"] == 9).all()
+    assert (est.loc["zs", "train_gflops"], est.loc["zs", "est_s"] > 0) == (0, True)
+    assert trials["est_s"].notna().all() and (trials["wall_s"] > 0).all()
+
+    # replay the pure rule over the trajectories in start order: every decision the sweep took, and only those
+    history = history_from_results(out.results, "GM")
+    board: dict[str, dict[int, float]] = {}
+    expected = {}
+    for run in sorted(history):
+        reason = ""
+        for point in sorted(history[run]):
+            if point == 3:  # the last point is never a stopping point
+                break
+            reason = decide(StoppingRule(**rule), run, point, history[run][point], board)
+            board.setdefault(run, {})[point] = history[run][point]
+            if reason:
+                break
+        expected[run] = ("stopped", max(history[run])) if reason else ("finished", 3)
+    got = {run: (t["status"], int(out.results[out.results["run"] == run]["task"].max())) for run, t in trials.iterrows()}
+    assert got == expected
+    stopped = trials[trials["status"] == "stopped"]
+    assert len(stopped) >= 1, "no trial trailed: this sweep no longer exercises stopping; pick other variants"
+    assert (stopped["stopped_at"] < 3).all() and stopped["reason"].str.contains("trails the best trial").all()
+    assert not (trials["status"] == "failed").any()
+
+    table = trial_table(out.tidy, out.trials).set_index("run")
+    assert table.loc[stopped.index, "final_GM"].isna().all()  # partial: no final score
+    tracker = Tracker(out.tracking_uri, "fomo_ray")
+    children = {r.info.run_name: r for r in tracker.children(out.parent_run_id)}
+    for run, t in trials.iterrows():
+        tags = children[run].data.tags
+        assert children[run].info.status == "FINISHED" and tags[STATUS_TAG] == t["status"]
+        assert (tags.get(STOP_TAG) == t["reason"]) if t["status"] == "stopped" else STOP_TAG not in tags
+    parent = tracker.client.get_run(out.parent_run_id)
+    assert parent.data.metrics["Sweep/stopped"] == len(stopped)
+    assert 0 < parent.data.metrics["Sweep/compute_saved"] < 100
+    assert parent.data.metrics["Estimate/train_gflops"] == pytest.approx(est["train_gflops"].sum(), rel=1e-3)
+    assert parent.data.params["sweep.order"] == "cost"

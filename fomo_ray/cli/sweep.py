@@ -63,7 +63,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ex = g.add_mutually_exclusive_group()
     ex.add_argument("--fresh", action="store_true", help="start a new directory even if an interrupted one exists")
     ex.add_argument("--resume", action="store_true", help="require an interrupted sweep to resume")
-    g.add_argument("--dry-run", action="store_true", help="validate and list the trials; start nothing")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate, list the trials and print their cost estimate; start nothing, write nothing")
+    g.add_argument("--order", choices=["cost", "fifo"],
+                   help="start order: longest trial first by estimated cost (default), or the grid's order")
+    g = ap.add_argument_group("cost estimate (default: timed on this machine's device)")
+    g.add_argument("--device-tflops", type=float,
+                   help="estimate for a declared device of this peak TFLOP/s at the run's precision instead, "
+                        "e.g. 989 for an H100 in bf16 (with --mfu)")
+    g.add_argument("--mfu", type=float, help="model FLOPs utilisation the declared device reaches, e.g. 0.4")
     g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
 
 
@@ -77,14 +85,26 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpe
     if args.no_mlflow:
         extra["tracking.enabled"] = False
     spec = load_sweep(sweep_file, extra)
-    changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer")
+    changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer", "order")
                if getattr(args, k, None) is not None}
     return replace(spec, **changes) if changes else spec
 
 
-def print_dry_run(spec: SweepSpec) -> None:
-    """Validate every trial (no Ray) and the tracking store, and list the trials: the enumerated ones by label, the
-    sampled dimensions by range."""
+def declared_device(args: argparse.Namespace) -> Any:
+    """The device ``--device-tflops``/``--mfu`` declare (both or neither), or None: time this machine's device."""
+    from fomo_ray.cost_estimate import DeclaredDevice
+
+    tflops, mfu = getattr(args, "device_tflops", None), getattr(args, "mfu", None)
+    if (tflops is None) != (mfu is None):
+        raise SweepError("--device-tflops and --mfu go together: the estimate needs the device's peak and the "
+                         "share of it a run reaches (e.g. --device-tflops 989 --mfu 0.4 for an H100 in bf16)")
+    return None if tflops is None else DeclaredDevice(tflops, mfu)
+
+
+def print_dry_run(spec: SweepSpec, device: Any = None) -> None:
+    """Validate every trial (no Ray) and the tracking store, list the trials (the enumerated ones by label, the
+    sampled dimensions by range) and print the cost estimate. Nothing is written: measurements it needs are made
+    and not cached."""
     plan = plan_sweep(spec)
     if plan.base.tracking.enabled:
         from fomo_ray.tracking import check_reachable, resolve_uri
@@ -100,9 +120,17 @@ def print_dry_run(spec: SweepSpec) -> None:
     for k, d in space.items():
         if k not in fixed:
             print(f"  sampled per trial: {k} ~ {d.kind}{list(d.values)}")
+    from fomo_ray.cost_estimate import estimate_plan, format_estimate, local_slots
+
+    costs = estimate_plan(plan, device, store=False)
+    source = device.describe() if device is not None else "timed on this machine's device"
+    print(format_estimate(costs, local_slots(plan.base, plan.use_train), source, spec.order))
+    if spec.search == "optuna":
+        print(f"  (optuna chooses {spec.num_samples} trial(s) among these combinations)")
 
 
 def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_sweep: str | Path | None) -> int:
+    from fomo_ray.cost_estimate import EstimateError
     from fomo_ray.tracking import TrackingError
 
     add_arguments(ap)
@@ -112,14 +140,15 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
     prog = ap.prog
     try:
         spec = spec_from_args(args.sweep, args)
+        device = declared_device(args)
         if args.dry_run:
-            print_dry_run(spec)
+            print_dry_run(spec, device)
             return 0
         from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
 
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
-        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs)
-    except (ConfigError, SweepError, TrackingError) as e:
+        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device)
+    except (ConfigError, SweepError, TrackingError, EstimateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # before the sweep's directory existed (inputs being prepared), or while reporting
@@ -132,11 +161,11 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
 
 
 def print_summary(out: Any) -> None:
-    """The results table and where everything is (``out``: a ``fomo_ray.tune_sweep.SweepResult``)."""
+    """The results table and where everything is (``out``: a ``fomo_ray.sweep_results.SweepResult``)."""
     from fomo_ray.report import format_table, trial_table
     from fomo_ray.tracking import DB_NAME
 
-    from fomo_ray.tune_sweep import format_counts, status_counts
+    from fomo_ray.sweep_results import format_counts, status_counts
 
     print()
     if not out.tidy.empty:
@@ -148,7 +177,13 @@ def print_summary(out: Any) -> None:
         print(f"FAILED {r['run']}: {r['reason']}")
     print(f"\ntrials: {format_counts(status_counts(out.trials, out.total or len(out.trials)))}"
           + ("  (INTERRUPTED: partial results)" if out.interrupted else ""))
-    print(f"wall time {out.wall_s / 60:.1f} min")
+    estimated = f" (estimated {out.estimate_s / 60:.1f} min)" if getattr(out, "estimate_s", None) else ""
+    print(f"wall time {out.wall_s / 60:.1f} min{estimated}")
+    from fomo_ray.sweep_results import compute_saved
+
+    saved = compute_saved(out.trials)
+    if saved is not None:
+        print(f"early stopping saved {100 * saved:.0f}% of the estimated compute of the trials that ended")
     print(f"sweep directory     {out.directory}")
     for name in ("results.csv", "tidy.csv", "trials.csv"):
         if (out.directory / name).is_file():

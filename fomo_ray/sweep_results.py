@@ -1,0 +1,144 @@
+"""A finished (or interrupted) sweep's results, read back without Ray: one row per trial x evaluation point, the tidy
+per-dataset table, one row per trial with its status (finished, failed, stopped, interrupted), the trials' cost
+estimates beside their actual wall times, the counts and the compute early stopping saved. ``tune_sweep.py`` hands
+Tune's ResultGrid here; the CLI prints what it returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from fomo_ray import trial_report
+from fomo_ray.metrics import COLUMNS
+from fomo_ray.sweep_spec import Dim, SweepPlan, trial_label, trial_overrides
+from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+
+
+def trial_status(result: Any) -> tuple[str, str]:
+    """(status, reason) of a Tune result: ``finished`` (its final ``done`` report), ``failed`` (a ``failed`` report,
+    or an error Ray gave up on), ``stopped`` (the sweep's early-stopping rule ended it: a ``stopped`` report), else
+    ``interrupted`` (it ended before the end of its stream for another reason)."""
+    metrics = result.metrics or {}
+    if result.error:
+        return "failed", str(result.error).strip().splitlines()[-1][:500]
+    if trial_report.is_kind(metrics, ReportKind.FAILED):
+        return "failed", str(metrics.get("reason", ""))[:500]
+    if trial_report.is_kind(metrics, ReportKind.STOPPED):
+        return "stopped", str(metrics.get("reason", ""))[:500]
+    if trial_report.is_kind(metrics, ReportKind.DONE):
+        return "finished", ""
+    return "interrupted", ""
+
+
+def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(results, tidy, trials) from a Tune ResultGrid.
+
+    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM, node_id, swept values);
+    tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
+    stopped, interrupted; :func:`trial_status`), reason, wall time in seconds (``wall_s``) and, when stopped, the
+    evaluation point it stopped at (``stopped_at``). A point reported twice (a worker restarted between its
+    evaluation and the next checkpoint) keeps the last copy.
+    """
+    rows, tidy, trials = [], [], []
+    for r in grid:
+        if r.config is None:  # never started (an interrupted sweep): nothing to collect yet
+            continue
+        name = Path(r.path).name
+        ov = trial_overrides(r.config, space)
+        labels = {k: r.config[k] for k, d in space.items() if d.kind == "points"}
+        trial_id = (r.metrics or {}).get("trial_id", "")
+        status, reason = trial_status(r)
+        metrics = r.metrics or {}
+        extra = {"wall_s": round(float(metrics.get("time_total_s", float("nan"))), 2)}
+        if status == "stopped":
+            extra["stopped_at"] = int(metrics.get("stopped_at", -1))
+        trials.append({"run": name, "trial_id": trial_id, "status": status, "reason": reason, **labels, **ov,
+                       **extra})
+        evals = trial_report.eval_rows(r.metrics_dataframe)
+        if evals is None:
+            continue
+        for _, e in evals.iterrows():
+            rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
+                         **{k: float(e[k]) for k in SUMMARY_KEYS},
+                         "node_id": e.get("node_id", ""), **labels, **ov})
+            tidy += [{"run": name, "task": int(e["task"]), **rec}
+                     for rec in trial_report.records_from_report(e.to_dict())]
+    results = pd.DataFrame(rows)
+    if not results.empty:
+        results = results.sort_values(["run", "task"]).reset_index(drop=True)
+    tidy_df = pd.DataFrame(tidy, columns=list(COLUMNS))
+    trials_df = pd.DataFrame(trials, columns=["run", "trial_id", "status", "reason", *dict.fromkeys(
+        k for t in trials for k in t if k not in ("run", "trial_id", "status", "reason"))])
+    return results, tidy_df, trials_df.sort_values("run").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    directory: Path
+    results: pd.DataFrame   # one row per trial x evaluation point
+    tidy: pd.DataFrame      # run, task, dataset, role, metric, value
+    trials: pd.DataFrame    # one row per trial: run, trial_id, status, error, swept values
+    parent_run_id: str
+    tracking_uri: str
+    report_files: tuple[Path, ...] = ()
+    wall_s: float = 0.0
+    interrupted: bool = False  # stopped before every trial ended: partial, resumable, nothing called final
+    total: int = 0             # trials planned
+    estimate_s: float | None = None  # the estimated wall time of the sweep (cost_estimate), when one was made
+
+
+
+def status_counts(trials: pd.DataFrame, total: int) -> dict[str, int]:
+    """How many trials finished, failed, stopped, were interrupted, and never started (pending)."""
+    seen = trials["status"].value_counts().to_dict() if not trials.empty else {}
+    counts = {k: int(seen.get(k, 0)) for k in ("finished", "failed", "stopped", "interrupted")}
+    counts["pending"] = max(0, total - len(trials))
+    return counts
+
+
+def format_counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("finished", "failed"))
+
+
+def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) -> pd.DataFrame:
+    """The trials table with each trial's estimate beside its actual wall time (``est_s``, ``est_gflops``), matched
+    by the trial's label; a stopped trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
+    if trials.empty:
+        return trials
+    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    by_label = {c.label: c for c in costs}
+    rows = []
+    for _, t in trials.iterrows():
+        combo = {k: t[k] for k in fixed if k in t}
+        c = by_label.get(trial_label(combo, fixed) if fixed else "trial")
+        done = None
+        if c is not None:
+            done = c.total_gflops if t["status"] == "finished" else (
+                c.total_gflops * min(1.0, max(0, int(t.get("stopped_at", 0))) / max(c.tasks, 1))
+                if t["status"] == "stopped" else None)
+        rows.append({"est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
+                     "est_gflops": None if c is None else round(c.total_gflops, 3),
+                     "done_gflops": None if done is None else round(done, 3)})
+    return pd.concat([trials.reset_index(drop=True), pd.DataFrame(rows)], axis=1)
+
+
+def compute_saved(trials: pd.DataFrame) -> float | None:
+    """The share of the sweep's estimated GFLOPs that early stopping saved (None when no trial was stopped or no
+    estimate is known): 1 - (GFLOPs run) / (GFLOPs planned), over the trials that finished or were stopped."""
+    if trials.empty or "est_gflops" not in trials or not (trials["status"] == "stopped").any():
+        return None
+    ended = trials[trials["status"].isin(["finished", "stopped"])].dropna(subset=["est_gflops", "done_gflops"])
+    planned = float(ended["est_gflops"].sum())
+    return 1.0 - float(ended["done_gflops"].sum()) / planned if planned > 0 else None
+
+
+def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[float]]:
+    """``{"A_KA": [...], "A_ZS": [...], "GM": [...]}``: each finished trial's scores at its last evaluation point
+    (fractions, as in the results table)."""
+    finished = set(trials.loc[trials["status"] == "finished", "run"]) if not trials.empty else set()
+    if results.empty or not finished:
+        return {k: [] for k in SUMMARY_KEYS}
+    last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
+    return {k: [float(v) for v in last[k]] for k in SUMMARY_KEYS}

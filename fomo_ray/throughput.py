@@ -1,0 +1,139 @@
+"""How fast this machine's device runs a trial's work: seconds per training step of a method on a backbone, and per
+image and per text encoded at evaluation. Timed on synthetic batches of the run's shapes, with the thread count a
+trial runs with, and cached as JSON beside the budget's MAF records (``budget.cache_dir``). The sweep's cost estimate
+(``fomo_ray/cost_estimate.py``) turns counted GFLOPs into wall time with these figures.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from fomo_ray import budget
+
+#: bump when what is timed changes, so cached figures of another measurement are retaken
+SPEED_VERSION = 1
+EVAL_SAMPLES = 64  # images (and texts) timed per evaluation encode: enough to amortise the call overhead
+
+
+@dataclass(frozen=True)
+class Speed:
+    """Measured seconds of one trial's units of work on one device kind with ``threads`` intra-op threads."""
+
+    backbone: str
+    method: str
+    batch_size: int
+    device_kind: str
+    threads: int
+    settings_hash: str
+    step_s: float    # one training step (forward, backward, optimizer) at ``batch_size``; 0 for a frozen model
+    image_s: float   # one image encoded at evaluation (no gradient)
+    text_s: float    # one text encoded at evaluation
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection are not the steady state
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repeats: int = 3) -> Speed:
+    """Time ``repeats`` training steps and evaluation encodes of ``method_name`` on ``cfg``'s backbone (medians).
+
+    The global RNG state is restored afterwards, as for the budget's measurements: estimating a sweep must not
+    change what its runs draw."""
+    spec = budget.backbone_spec(cfg.backbone.name)
+    cost = budget.registry_cost(cfg, method_name)
+    bs = cfg.mixture.batch_size
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), _threads(threads):
+        model = cost.prepare(spec.factory().to(device))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        vocab = int(getattr(model, "vocab_size", 0) or 49408)
+        step_s = 0.0
+        if trainable:
+            images, tokens = budget._clip_batch(bs, spec.image_size, spec.context_length, vocab, device)
+            opt = torch.optim.AdamW(trainable, lr=1e-5)
+
+            def step() -> None:
+                loss = budget._clip_loss(model(images, tokens))
+                extra = cost.extra_loss(model) if cost.extra_loss is not None else None
+                (loss if extra is None else loss + extra).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+
+            model.train()
+            step_s = _median_seconds(step, repeats)
+        n = min(EVAL_SAMPLES, cfg.evaluation.batch_size)
+        images, tokens = budget._clip_batch(n, spec.image_size, spec.context_length, vocab, device)
+        model.eval()
+        with torch.inference_mode():
+            image_s = _median_seconds(lambda: (model.encode_image(images), _sync(device)), repeats) / n
+            text_s = _median_seconds(lambda: (model.encode_text(tokens), _sync(device)), repeats) / n
+    return Speed(backbone=spec.name, method=method_name, batch_size=bs, device_kind=budget.device_kind(device),
+                 threads=threads, settings_hash=_hash(cfg, spec), step_s=step_s, image_s=image_s, text_s=text_s)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _hash(cfg, spec: budget.BackboneSpec) -> str:
+    return budget.settings_hash(cfg, {"context_length": spec.context_length, "image_size": spec.image_size,
+                                      "speed": SPEED_VERSION})
+
+
+def speed_path(cfg, method_name: str, device: torch.device, threads: int) -> Path:
+    spec_name = budget._safe(cfg.backbone.name)
+    return Path(cfg.budget.cache_dir) / (
+        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__"
+        f"{budget._safe(budget.device_kind(device))}__t{threads}__v{SPEED_VERSION}.json")
+
+
+def measured_speed(cfg, method_name: str, *, device: str | torch.device = "cpu", threads: int = 1,
+                   store: bool = True) -> Speed:
+    """The cached :class:`Speed` of ``method_name`` for ``cfg``, timed on a miss (and stored unless ``store`` is
+    False: a dry run writes nothing)."""
+    device = torch.device(device)
+    path = speed_path(cfg, method_name, device, threads)
+    if path in _UNSTORED:
+        return _UNSTORED[path]
+    if path.is_file():
+        try:
+            cached = Speed(**json.loads(path.read_text()))
+            spec = budget.backbone_spec(cfg.backbone.name)
+            if cached.settings_hash == _hash(cfg, spec):
+                return cached
+        except (ValueError, TypeError):
+            pass  # unreadable or of another layout: timed again below
+    speed = time_work(cfg, method_name, device=device, threads=threads)
+    if store:
+        budget._write_atomic(path, dataclasses.asdict(speed))
+    else:
+        _UNSTORED[path] = speed
+    return speed
+
+
+_UNSTORED: dict[Path, Speed] = {}  # timed but not stored (dry runs): timed once per process
