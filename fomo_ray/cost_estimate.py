@@ -155,11 +155,14 @@ def _measure_device(cfg: Any) -> str | None:
 
 
 def _eval_loads(cfg: Any, points: Mapping[int, bool]) -> list[tuple[int, int]] | None:
-    """(images, texts) encoded at each evaluation point; None when the benchmark is not built yet."""
+    """(images, texts) of every evaluation: the subsets at each point, the full test sets too where ``points`` says
+    so (``assembly.eval_plan``); None when the benchmark is not built yet."""
     fingerprint = json.dumps({"root": cfg.data.root, "eval": str(cfg.evaluation), "seed": cfg.seed,
                               "gen": [cfg.data.generator_seed, cfg.data.image_size, cfg.data.scale]})
     per_set = _workloads(fingerprint, cfg)
-    return None if per_set is None else [per_set[full] for full in points.values()]
+    if per_set is None:
+        return None
+    return [per_set[full] for full_too in points.values() for full in ((False, True) if full_too else (False,))]
 
 
 _WORKLOADS: dict[str, dict[bool, tuple[int, int]] | None] = {}  # per benchmark and evaluation settings

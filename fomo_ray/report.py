@@ -51,8 +51,14 @@ def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.Da
     """One row per trial: its status, final and trajectory-mean A_KA, A_ZS, GM, the Pareto flag and the trial's
     swept values; sorted by final GM (best first). Only a ``finished`` trial has final and mean scores and can be on
     the Pareto front: a failed, stopped or interrupted trial's last point is not its final one (its partial
-    trajectory stays in the tidy table and the trajectory plot, marked)."""
+    trajectory stays in the tidy table and the trajectory plot, marked). Final and mean scores are on the fixed
+    subsets every point shares; ``full_*`` are the final point's scores on the full test sets, where evaluated."""
     table = trajectory_means(summarize(tidy))
+    full = summarize(tidy, "full")
+    if not full.empty:  # the final point's full-test-set scores (a point 0 alone is not a final one)
+        last = full.sort_values("task").groupby("run").tail(1)
+        last = last[last["task"] > 0].set_index("run")
+        table = table.merge(last[list(SCORES)].add_prefix("full_").reset_index(), on="run", how="left")
     if trials is not None and not trials.empty:
         extra = [c for c in trials.columns if c not in table.columns and c not in ("error", "reason")]
         table = table.merge(trials[["run", *extra]], on="run", how="left")
@@ -60,7 +66,7 @@ def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.Da
         table["status"] = "finished"
     table["status"] = table["status"].fillna("interrupted")
     unfinished = table["status"] != "finished"
-    table.loc[unfinished, [c for c in table.columns if c.startswith(("final_", "mean_"))]] = float("nan")
+    table.loc[unfinished, [c for c in table.columns if c.startswith(("final_", "mean_", "full_"))]] = float("nan")
     done = table[~unfinished]
     table["pareto"] = False
     table.loc[done.index, "pareto"] = pareto_mask(done["final_A_KA"].tolist(), done["final_A_ZS"].tolist())
@@ -72,12 +78,14 @@ def format_table(table: pd.DataFrame) -> str:
     from fomo_ray.tables import format_table as render
 
     labels = [c for c in table.columns if "." in c or c in ("variant",)]
-    cols = ["run", *labels, "status", *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], "pareto"]
+    full = [f"full_{s}" for s in SCORES if f"full_{s}" in table.columns]
+    cols = ["run", *labels, "status", *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], *full,
+            "pareto"]
     head = ["run", *labels, "status", "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM",
-            "Pareto"]
+            *[f"full-set {c[5:]}" for c in full], "Pareto"]
 
     def text(c: str, v) -> str:
-        if c.startswith(("final_", "mean_")):
+        if c.startswith(("final_", "mean_", "full_")):
             return "n/a" if pd.isna(v) else f"{100 * v:.1f}"
         if c == "pareto":
             return "*" if v else ""

@@ -35,7 +35,8 @@ def trial_status(result: Any) -> tuple[str, str]:
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, tidy, trials) from a Tune ResultGrid.
 
-    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM, node_id, swept values);
+    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM on the fixed subsets, and
+    full_A_KA, full_A_ZS, full_GM where the full test sets were evaluated too, node_id, swept values);
     tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
     stopped, interrupted; :func:`trial_status`), reason, wall time in seconds (``wall_s``) and, when stopped, the
     evaluation point it stopped at (``stopped_at``). A point reported twice (a worker restarted between its
@@ -62,6 +63,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         for _, e in evals.iterrows():
             rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
                          **{k: float(e[k]) for k in SUMMARY_KEYS},
+                         **{f"full_{k}": float(e[f"full_{k}"]) for k in SUMMARY_KEYS if f"full_{k}" in e},
                          "node_id": e.get("node_id", ""), **labels, **ov})
             tidy += [{"run": name, "task": int(e["task"]), **rec}
                      for rec in trial_report.records_from_report(e.to_dict())]

@@ -170,7 +170,8 @@ def print_summary(out: Any) -> None:
     print()
     if not out.tidy.empty:
         print(format_table(trial_table(out.tidy, out.trials)))
-        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both only "
+        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both on "
+              "the fixed subsets every point shares; full-set = the full test sets after the last task; all only "
               "for finished trials; * = on the A_KA/A_ZS Pareto front of the finished trials)")
     failed = out.trials[out.trials["status"] == "failed"] if not out.trials.empty else out.trials
     for _, r in failed.iterrows():
