@@ -9,6 +9,7 @@ A sweep is a base config plus a *space*, written in YAML (``experiments/configs/
     num_samples: 1                      # samples per grid point (random / optuna: the number of trials)
     metric: GM                          # what optuna optimises (the final evaluation point's value)
     order: cost                         # cost: longest trial first (default) | fifo: the grid's order
+    seeds: 3                            # optional: every variant over seeds base.seed .. base.seed + 2 (default 1)
     stopping: {rule: trails_best, min_tasks: 2, margin: 5}   # optional: cooperative early stopping (stopping.py)
     space:
       method.merge.weight: {grid: [0.1, 0.5, 0.9]}
@@ -39,7 +40,7 @@ SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "points")
 SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description", "order", "stopping")
+             "description", "order", "stopping", "seeds")
 ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
@@ -215,6 +216,7 @@ class SweepSpec:
     description: str = ""
     order: str = "cost"         # cost: longest trial first (fomo_ray/cost_estimate.py); fifo: the grid's order
     stopping: StoppingRule | None = None  # cooperative early stopping at task boundaries (fomo_ray/stopping.py)
+    seeds: int = 1              # every variant repeated over seeds base.seed .. base.seed + seeds - 1 (seed_dim)
 
     def base_config(self) -> ExperimentConfig:
         """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
@@ -247,11 +249,12 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         stopping = parse_stopping(data.get("stopping"), source)
     except StoppingError as e:
         raise SweepError(str(e)) from e
+    seeds = check_seeds(data.get("seeds", 1), source)
     return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
                      config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
                      metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
                      report_x=str(report.get("x", "")), description=str(data.get("description", "")),
-                     order=order, stopping=stopping)
+                     order=order, stopping=stopping, seeds=seeds)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
@@ -366,6 +369,34 @@ def use_train_for(spec: SweepSpec, cfg: ExperimentConfig) -> bool:
     return cfg.ray.num_workers > 1 or cfg.ray.min_workers > 0
 
 
+# --------------------------------------------------------------------------------------------------- seeds
+SEED_KEY = "seed"  # the config key a multi-seed sweep adds as its last grid dimension
+
+
+def check_seeds(value: Any, source: str = "sweep") -> int:
+    """``seeds`` as an int >= 1 (a bool, a float or a string is refused, naming ``source``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"{source}: seeds must be an integer >= 1 (runs per variant), got {value!r}")
+    return value
+
+
+def seed_dim(seeds: int, base_seed: int, space: Mapping[str, Dim]) -> Dim | None:
+    """The grid ``seed: [base_seed, ..., base_seed + seeds - 1]`` that repeats every variant over ``seeds`` seeds,
+    or None for one seed (the space is left as it is). Refuses a space that already sets ``seed`` (a swept ``seed``
+    key or a point that overrides it): the two would fight over the same key."""
+    seeds = check_seeds(seeds)
+    if seeds == 1:
+        return None
+    if SEED_KEY in space:
+        raise SweepError(f"sweep 'seeds: {seeds}' and the space key '{SEED_KEY}' both sweep the seed; use one")
+    for key, dim in space.items():
+        for label, bundle in (dim.values if dim.kind == "points" else ()):
+            if SEED_KEY in bundle:
+                raise SweepError(f"sweep 'seeds: {seeds}' and point '{key}={label}' (which sets '{SEED_KEY}') both "
+                                 "set the seed; use one")
+    return Dim("grid", tuple(range(base_seed, base_seed + seeds)))
+
+
 # --------------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class SweepPlan:
@@ -385,13 +416,20 @@ class SweepPlan:
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
     """Validate everything a sweep's trials need (config keys and values of every trial, names, the searcher)
-    without Ray; raises ConfigError / SweepError naming the culprit.
+    without Ray; raises ConfigError / SweepError naming the culprit. ``spec.seeds`` > 1 adds the grid dimension
+    ``seed`` (:func:`seed_dim`) last, so the plan's space is the spec's plus the seeds.
 
     The tracking store is an edge (MLflow): whoever runs or dry-runs the sweep opens it (``tracking.tracker_for``,
     which fails on an unreachable URI before any trial starts) and records it with :meth:`SweepPlan.tracked`.
     """
     base = spec.base_config()
     space = parse_space(spec.space)
+    seeds = seed_dim(spec.seeds, base.seed, space)
+    if seeds is not None:  # appended last: trial labels read `variant,seed=1`
+        if spec.search == "optuna":
+            raise SweepError(f"sweep 'seeds: {spec.seeds}' repeats every variant over the same seeds, but optuna "
+                             "chooses its own trials; search with seeds: 1, then repeat the chosen configs in a grid")
+        space = {**space, SEED_KEY: seeds}
     validate_space(base, space)
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)
@@ -422,4 +460,9 @@ def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
              "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
              "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
              "table.md) under the artifacts report/, the results tables under tables/."]
+    if spec.seeds > 1:
+        lines.append(f"- {spec.seeds} seeds per variant (the grid `seed`): this run also carries "
+                     "Variants/<variant>/final_GM_mean, final_GM_ci, mean_GM_mean, mean_GM_ci (mean over the finished "
+                     "seeds, 95% Student-t half-width), and report/variants.md and report/vs_baseline.md (each "
+                     "variant minus fine-tuning, paired by seed).")
     return "\n".join(lines)

@@ -5,6 +5,7 @@ Layout in the store (DESIGN §8)::
     experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
       parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);
                                         metrics Sweep/best_GM, Sweep/median_GM, ... Sweep/finished, Sweep/failed;
+                                        over several seeds Variants/<variant>/final_GM_mean, ..._ci, mean_GM_*;
                                         report figures/tables as artifacts
         child run "<trial name>"        tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash;
                                         params = the settings that apply to its method (methods.applicable_params)
@@ -65,6 +66,7 @@ TRAINING = "Training"
 DATASETS = "datasets"
 FULL = "Summary_full"  # the summary on the full test sets (at the ends): the section right after Summary
 SWEEP = "Sweep"
+VARIANTS = "Variants"  # a multi-seed sweep's per-variant seed statistics on its parent run
 TRAIN_KEYS = tuple(f"{TRAINING}/{k}" for k in ("loss", "lr", "grad_norm", "samples_per_s"))
 
 
@@ -167,6 +169,23 @@ def sweep_metrics(finals: Mapping[str, Sequence[float]], counts: Mapping[str, in
             out[f"{SWEEP}/best_{name}"] = as_percent(max(values))
             out[f"{SWEEP}/median_{name}"] = as_percent(statistics.median(values))
     out.update({f"{SWEEP}/{state}": float(n) for state, n in counts.items()})
+    return out
+
+
+def variant_metrics(variants: Iterable[Mapping[str, Any]],
+                    scores: Sequence[str] = ("final_GM", "mean_GM")) -> dict[str, float]:
+    """A multi-seed sweep's parent-run metrics per variant (``variants``: rows of ``aggregate.variant_table`` with
+    ``label``, ``<score>_mean``, ``<score>_ci``): ``Variants/<label>/<score>_mean`` and ``..._ci`` (the 95%
+    confidence half-width) in percent, for the final and trajectory-mean GM. The label is put into MLflow's key
+    alphabet (``/`` too, so a label is one section); NaN values (the interval of one seed) are left out."""
+    out: dict[str, float] = {}
+    for row in variants:
+        label = _INVALID_KEY_CHARS.sub("_", str(row["label"])).replace("/", "_")[:120]
+        for score in scores:
+            for stat in ("mean", "ci"):
+                value = row.get(f"{score}_{stat}")
+                if value is not None and value == value:
+                    out[f"{VARIANTS}/{label}/{score}_{stat}"] = as_percent(value)
     return out
 
 

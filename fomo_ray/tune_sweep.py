@@ -504,14 +504,18 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         return []
     files = report.build_report(out.tidy, out.trials, out.directory / "report", x_key=spec.report_x)
     if tracker is not None:
-        from fomo_ray.tracking import sweep_metrics
+        from fomo_ray.aggregate import seeds_per_variant, variant_table
+        from fomo_ray.tracking import sweep_metrics, variant_metrics
 
         counts = status_counts(out.trials, out.total)
         saved = compute_saved(out.trials)
+        table = report.trial_table(out.tidy, out.trials)
+        per_variant = variant_metrics(variant_table(table).to_dict("records")) if seeds_per_variant(table) > 1 else {}
         tracker.log_metrics(out.parent_run_id, {
             **sweep_metrics(final_scores(out.results, out.trials),
                             {k: counts[k] for k in ("finished", "failed", "stopped")}),
-            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {})}, step=0)
+            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {}), **per_variant}, step=0)
+        # report/ holds variants.md and vs_baseline.md too when the sweep ran several seeds
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")
         for name in ("results.csv", "trials.csv", "tidy.csv"):
             if (out.directory / name).is_file():
