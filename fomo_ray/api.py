@@ -185,14 +185,18 @@ def run(config: str | Path | ExperimentConfig | None = None, *, overrides: Mappi
 
 def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None,
           name: str | None = None, search: str | None = None, num_samples: int | None = None,
-          seeds: int | None = None, fresh: bool = False, resume: bool = False, progress: bool = True,
-          show_worker_logs: bool = False, **keywords: Any) -> Results:
+          seeds: int | None = None, order: str | None = None, fresh: bool = False, resume: bool = False,
+          progress: bool = True, show_worker_logs: bool = False, no_cache: bool = False,
+          device_tflops: float | None = None, mfu: float | None = None, **keywords: Any) -> Results:
     """Run (or resume) a Ray Tune sweep from a sweep YAML or its mapping, as ``fomo-ray sweep``; returns its results
     (``interrupted`` set when it stopped early: rerun with ``resume=True``). Keywords are dotted overrides for every
     trial (``optimizer__lr=1e-4``) or the flag names of the command (``max_concurrent=2``,
-    ``tracking_uri=...``); ``seeds=N`` runs every variant over N seeds, as the sweep key ``seeds``."""
+    ``tracking_uri=...``); ``seeds=N`` runs every variant over N seeds, as the sweep key ``seeds``; ``order``,
+    ``no_cache``, ``device_tflops`` and ``mfu`` are the command's ``--order``, ``--no-cache``, ``--device-tflops`` and
+    ``--mfu`` (the cost estimate for a declared device)."""
     from dataclasses import replace
 
+    from fomo_ray.cost_estimate import DeclaredDevice
     from fomo_ray.tune_sweep import run_sweep
     from fomo_ray.sweep_spec import load_sweep, spec_from_dict
 
@@ -202,11 +206,12 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
         sweep_spec = spec_from_dict({**raw, "base": {**dict(raw.get("base") or {}), **changes}})
     else:
         sweep_spec = load_sweep(spec, changes)
-    named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples), ("seeds", seeds))
-             if v is not None}
+    named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples), ("seeds", seeds),
+                               ("order", order)) if v is not None}
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
+    device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
-                    show_worker_logs=show_worker_logs)
+                    show_worker_logs=show_worker_logs, device=device, use_cache=not no_cache)
     summary = json.loads((out.directory / "summary.json").read_text()) if (out.directory / "summary.json").is_file() \
         else {}
     return Results(tidy=out.tidy, trials=out.trials, directory=out.directory, summary=summary,

@@ -267,22 +267,12 @@ def estimate_summary(costs: Sequence[TrialCost], slots: int | None, order: str) 
 
 
 # --------------------------------------------------------------------------------------------------- a sweep
-def enumerated_trials(plan: Any) -> list[dict[str, Any]]:
-    """The Tune configs of a sweep plan's enumerated dimensions (grid and points), once per sample, in the grid's
-    order: what Tune would start (FIFO). Sampled dimensions are left out (each trial draws them)."""
-    from fomo_ray.sweep_spec import grid_points
-
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
-    repeats = 1 if plan.spec.search == "optuna" else plan.spec.num_samples
-    return [combo for combo in grid_points(fixed) for _ in range(repeats)]
-
-
 def estimate_plan(plan: Any, device: DeclaredDevice | None = None, store: bool = True) -> list[TrialCost]:
-    """One :class:`TrialCost` per entry of :func:`enumerated_trials` (sampled keys at their base values: they rarely
+    """One :class:`TrialCost` per entry of ``sweep_spec.enumerated_trials`` (sampled keys at their base values: they rarely
     change the cost); identical configs are estimated once."""
-    from fomo_ray.sweep_spec import trial_label, trial_overrides
+    from fomo_ray.sweep_spec import enumerated_dims, enumerated_trials, trial_label, trial_overrides
 
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    fixed = enumerated_dims(plan.space)
     seen: dict[str, TrialCost] = {}
     out = []
     for combo in enumerated_trials(plan):

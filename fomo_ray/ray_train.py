@@ -37,7 +37,7 @@ import ray
 
 from fomo_ray import trial_report
 from fomo_ray.config import ExperimentConfig
-from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.trial_report import ReportKind
 
 # ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
 # needs them, and eight such trials starting on two cores should not each pay seconds of imports. The loop, the

@@ -12,7 +12,7 @@ import pandas as pd
 
 from fomo_ray import trial_report
 from fomo_ray.metrics import COLUMNS
-from fomo_ray.sweep_spec import Dim, SweepPlan, trial_label, trial_overrides
+from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, trial_label, trial_overrides
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -48,7 +48,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
             continue
         name = Path(r.path).name
         ov = trial_overrides(r.config, space)
-        labels = {k: r.config[k] for k, d in space.items() if d.kind == "points"}
+        labels = {k: r.config.get(k) for k, d in space.items() if d.kind in ("points", REFERENCES_KIND)}
         trial_id = (r.metrics or {}).get("trial_id", "")
         status, reason = trial_status(r)
         metrics = r.metrics or {}
@@ -109,7 +109,7 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
     by the trial's label; a stopped trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
     if trials.empty:
         return trials
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    fixed = enumerated_dims(plan.space)
     by_label = {c.label: c for c in costs}
     rows = []
     for _, t in trials.iterrows():

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from fomo_ray.cli.text import Parser
 from fomo_ray.config import ConfigError, parse_override
-from fomo_ray.sweep_spec import SweepError, SweepSpec, grid_points, load_sweep, plan_sweep, trial_label
+from fomo_ray.sweep_spec import (SweepError, SweepSpec, enumerated_dims, grid_points, load_sweep, plan_sweep,
+                                 trial_label)
 
 #: flag -> dotted config key (values are typed by argparse, validated by the config tree)
 FLAG_KEYS: dict[str, str] = {
@@ -76,6 +77,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                         "e.g. 989 for an H100 in bf16 (with --mfu)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation the declared device reaches, e.g. 0.4")
     g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
+    g.add_argument("--no-cache", action="store_true",
+                   help="run every trial, also one that an identical finished trial in OUTPUT_DIR/trial_cache "
+                        "(same config and seed, same clean commit) would replay")
 
 
 def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpec:
@@ -117,7 +121,7 @@ def print_dry_run(spec: SweepSpec, device: Any = None) -> None:
     print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
           f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
     space = plan.space  # the spec's space plus the seeds dimension (seeds > 1)
-    fixed = {k: d for k, d in space.items() if d.kind in ("grid", "points")}
+    fixed = enumerated_dims(space)
     for combo in grid_points(fixed):
         print(f"  {trial_label(combo, fixed)}")
     for k, d in space.items():
@@ -150,7 +154,8 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
 
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
-        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device)
+        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device,
+                        use_cache=not args.no_cache)
     except (ConfigError, SweepError, TrackingError, EstimateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
