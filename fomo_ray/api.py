@@ -44,7 +44,8 @@ def dotted(overrides: Mapping[str, Any] | None = None, **keywords: Any) -> dict[
 class Results:
     """A run's or a sweep's results, as tables and figures.
 
-    ``tidy``: run, task, dataset, role, metric, value (one row per evaluation point x dataset x metric);
+    ``tidy``: run, task, dataset, role, metric, value, eval_set (one row per evaluation point x dataset x metric x
+    evaluation set: ``subset``, the trajectory, or ``full``);
     ``trials``: one row per run with its ``status`` (finished / failed / stopped / interrupted), ``reason`` and
     swept values; ``summary``: the sweep's ``summary.json`` (empty for a single run or an unfinished sweep).
     Scores are fractions in [0, 1]; the printed tables show percent."""

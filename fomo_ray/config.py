@@ -135,6 +135,9 @@ class BudgetConfig:
     total_ft_steps: int = F(240, "full fine-tuning steps over the whole stream; steps_ft(T) = total // T (paper 28,400)")
     mode: Literal["maf", "equal_steps"] = F("maf", "maf: steps_m = steps_ft * MAF(ft)/MAF(m); equal_steps: every method gets steps_ft")
     cache_dir: str = F("data/budget_cache", "where measured MAFs are cached per (backbone, method, batch size)")
+    reference_backbone: str = F("", "compute-fair budgets across backbones: a task's budget is the compute of "
+                                    "fine-tuning this backbone for steps_ft steps, and every backbone gets the steps "
+                                    "that spend it ('' = each backbone's own fine-tuning steps)")
 
 
 @dataclass(frozen=True)

@@ -63,6 +63,7 @@ class TrialCost:
     eval_gflops: float | None
     seconds: float | None
     workers: int = 1
+    maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; DESIGN §4)
 
     @property
     def total_gflops(self) -> float:
@@ -107,9 +108,11 @@ def eval_gflops(workloads: Sequence[tuple[int, int]], image_gflops: float, text_
 
 
 # --------------------------------------------------------------------------------------------------- estimating
-def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None, store: bool = True) -> TrialCost:
+def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None, store: bool = True,
+                   timed: bool = True) -> TrialCost:
     """The :class:`TrialCost` of one trial config. Reads (or measures, storing unless ``store`` is False) the
-    budget's cost records and, without a declared device, this machine's timed throughput."""
+    budget's cost records and, without a declared device, this machine's timed throughput (``timed=False``: no
+    time, only steps and GFLOPs, e.g. to log a run's compute)."""
     import numpy as np
 
     from fomo_ray import budget
@@ -125,13 +128,15 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     steps = sum(p.steps for p in plan)
     record = budget.method_record(cfg, cost_name, device=where or "cpu", store=store)
     trained = train_gflops(steps, len(plan), record.step_gflops, record.task_gflops) if steps else 0.0
+    ft = budget.method_record(cfg, budget.FT_METHOD, device=where or "cpu", store=store)
+    maf = budget.maf(record, ft) if record.trainable_params else 0.0
     loads = _eval_loads(cfg, eval_plan(len(plan), cfg))
     image_g, text_g = forward_gflops(cfg.backbone.name)
     evals = None if loads is None else eval_gflops(loads, image_g, text_g)
     workers = max(1, cfg.ray.num_workers)
     if device is not None:
         seconds = device.seconds(trained + (evals or 0.0)) / workers
-    elif where is None:
+    elif where is None or not timed:
         seconds = None
     else:
         from fomo_ray.throughput import measured_speed
@@ -141,7 +146,7 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers
     return TrialCost(label=label, backbone=cfg.backbone.name, method=cfg.method.name, tasks=len(plan), steps=steps,
-                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers)
+                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf)
 
 
 def _measure_device(cfg: Any) -> str | None:
@@ -251,6 +256,12 @@ def format_estimate(costs: Sequence[TrialCost], slots: int | None, source: str, 
     return "\n".join(lines)
 
 
+def budget_params(c: TrialCost) -> dict[str, Any]:
+    """What a run logs about the compute it spends (MLflow params): steps over the stream, the MAF of one step and
+    the training GFLOPs (the budget's own count)."""
+    return {"budget.steps": c.steps, "budget.maf": round(c.maf, 4), "budget.train_gflops": round(c.train_gflops, 1)}
+
+
 def estimate_summary(costs: Sequence[TrialCost], slots: int | None, order: str) -> dict[str, float]:
     """The totals the sweep's parent MLflow run records (``Estimate/*``)."""
     out = {"Estimate/train_gflops": sum(c.train_gflops for c in costs),
@@ -312,6 +323,6 @@ def local_slots(cfg: Any, use_train: bool) -> int | None:
 def estimate_rows(costs: Sequence[TrialCost]) -> list[dict[str, Any]]:
     """The estimate as table rows (``estimate.csv`` in the sweep directory, and the trials table's ``est_*``)."""
     return [{"label": c.label, "backbone": c.backbone, "method": c.method, "tasks": c.tasks, "steps": c.steps,
-             "train_gflops": round(c.train_gflops, 3),
+             "maf": round(c.maf, 4), "train_gflops": round(c.train_gflops, 3),
              "eval_gflops": None if c.eval_gflops is None else round(c.eval_gflops, 3),
              "est_s": None if c.seconds is None else round(c.seconds, 2)} for c in costs]

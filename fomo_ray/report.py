@@ -83,16 +83,19 @@ def format_table(table: pd.DataFrame) -> str:
 
     labels = [c for c in table.columns if "." in c or c in ("variant",)]
     full = [f"full_{s}" for s in SCORES if f"full_{s}" in table.columns]
+    compute = ["train_gflops"] if "train_gflops" in table.columns else []
     cols = ["run", *labels, "status", *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], *full,
-            "pareto"]
+            *compute, "pareto"]
     head = ["run", *labels, "status", "final A_KA", "final A_ZS", "final GM", "mean A_KA", "mean A_ZS", "mean GM",
-            *[f"full-set {c[5:]}" for c in full], "Pareto"]
+            *[f"full-set {c[5:]}" for c in full], *(["train TFLOPs"] if compute else []), "Pareto"]
 
     def text(c: str, v) -> str:
         if c.startswith(("final_", "mean_", "full_")):
             return "n/a" if pd.isna(v) else f"{100 * v:.1f}"
         if c == "pareto":
             return "*" if v else ""
+        if c == "train_gflops":
+            return "" if pd.isna(v) else f"{v / 1e3:,.1f}"
         return "" if pd.isna(v) else str(v)
 
     rows = [{c: text(c, r[c]) for c in cols} for _, r in table[cols].iterrows()]

@@ -105,8 +105,9 @@ def format_counts(counts: Mapping[str, int]) -> str:
 
 
 def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) -> pd.DataFrame:
-    """The trials table with each trial's estimate beside its actual wall time (``est_s``, ``est_gflops``), matched
-    by the trial's label; a stopped trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
+    """The trials table with each trial's compute (``steps`` over the stream, ``maf`` of one step, ``train_gflops``)
+    and its estimate beside its actual wall time (``est_s``, ``est_gflops``), matched by the trial's label; a stopped
+    trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
     if trials.empty:
         return trials
     fixed = enumerated_dims(plan.space)
@@ -120,7 +121,9 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
             done = c.total_gflops if t["status"] == "finished" else (
                 c.total_gflops * min(1.0, max(0, int(t.get("stopped_at", 0))) / max(c.tasks, 1))
                 if t["status"] == "stopped" else None)
-        rows.append({"est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
+        rows.append({"steps": None if c is None else c.steps, "maf": None if c is None else round(c.maf, 4),
+                     "train_gflops": None if c is None else round(c.train_gflops, 1),
+                     "est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
                      "est_gflops": None if c is None else round(c.total_gflops, 3),
                      "done_gflops": None if done is None else round(done, 3)})
     return pd.concat([trials.reset_index(drop=True), pd.DataFrame(rows)], axis=1)

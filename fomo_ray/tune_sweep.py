@@ -33,11 +33,11 @@ from ray import tune
 from fomo_ray import trial_cache, trial_report
 from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
-from fomo_ray.cost_estimate import (DeclaredDevice, cost_order, estimate_plan, estimate_rows, estimate_summary,
-                                    format_estimate, local_slots)
+from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
+                                    estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version
 from fomo_ray.sweep_spec import (REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec,
-                                 check_search, enumerated_trials, grid_points, identity_differences, plan_sweep, sweep_description, sweep_directory,
+                                 check_search, enumerated_dims, enumerated_trials, grid_points, identity_differences, plan_sweep, sweep_description, sweep_directory,
                                  sweep_identity, trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, with_estimates)
@@ -99,6 +99,7 @@ class TrialSetup:
     stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (fomo_ray/stopping.py)
     stop_board: str = ""                       # the name of its board actor
     cache_commit: str = ""                     # reuse identical finished trials of this commit ("" = no reuse)
+    budgets: Mapping[str, Mapping[str, Any]] | None = None  # label -> the compute it spends (cost_estimate)
 
 
 class TuneSession:
@@ -154,7 +155,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         from fomo_ray.tracking import Tracker
 
         tracker = Tracker(setup.tracking_uri, cfg.tracking.experiment)
-        run_id = tracker.start_child(setup.parent_run_id, trial_id, trial_params(config, setup.space, cfg),
+        spent = (setup.budgets or {}).get(trial_label(config, enumerated_dims(setup.space)) or "trial", {})
+        run_id = tracker.start_child(setup.parent_run_id, trial_id, {**trial_params(config, setup.space, cfg), **spent},
                                      run_name=name, config=to_dict(cfg),
                                      tags={"fomo_ray.config_hash": cfg.config_hash(),
                                            "fomo_ray.sweep": setup.sweep_name})
@@ -351,7 +353,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
                        sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
-                       stop_board=STOP_BOARD if spec.stopping else "", cache_commit=commit if use_cache else "")
+                       stop_board=STOP_BOARD if spec.stopping else "", cache_commit=commit if use_cache else "",
+                       budgets={c.label: budget_params(c) for c in costs})
     starts = [enumerated_trials(plan)[i] for i in cost_order(costs, spec.order)]
     history = _stopping_history(directory, spec) if resume else {}
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
