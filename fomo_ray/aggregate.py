@@ -27,6 +27,8 @@ SCORES = ("A_KA", "A_ZS", "GM")
 SCORE_COLUMNS = tuple(f"{when}_{s}" for when in ("final", "mean") for s in SCORES)
 SEED = "seed"
 VARIANT = "variant"  # the free name a points dimension usually has
+REFERENCE = "reference"  # the reference trials' label (sweep key ``references``)
+LABELS = (VARIANT, REFERENCE)  # label columns: their values are names, shown as they are
 ALL = "all"  # the one variant of a sweep that swept nothing but its seeds
 BASELINE_METHOD = "finetune"
 
@@ -66,8 +68,9 @@ def describe(values: Iterable[Any], confidence: float = CONFIDENCE) -> dict[str,
 
 # --------------------------------------------------------------------------------------------------- variants
 def variant_keys(table: pd.DataFrame) -> list[str]:
-    """The columns that name a trial's variant: swept dotted config keys and ``variant``, never ``seed``."""
-    return [c for c in table.columns if ("." in c or c == VARIANT) and c != SEED]
+    """The columns that name a trial's variant: swept dotted config keys, ``variant`` and ``reference``, never
+    ``seed``."""
+    return [c for c in table.columns if ("." in c or c in LABELS) and c != SEED]
 
 
 def _keyed(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -90,18 +93,19 @@ def _part(key: str, value: Any) -> str:
     if _missing(value):
         return ""
     value = value.item() if hasattr(value, "item") else value
-    if key in (VARIANT, "run"):
+    if key in (*LABELS, "run"):
         return str(value)
     return f"{_short(key)}={value:.4g}" if isinstance(value, float) else f"{_short(key)}={value}"
 
 
 def label_columns(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:
-    """The key columns a variant's label shows: with a ``variant`` column, the columns it determines (a point's
-    overrides, e.g. ``method.name`` of point ``finetune``) are left out."""
-    if VARIANT not in keys or table.empty:
+    """The key columns a variant's label shows: with a ``variant`` (or ``reference``) column, the columns it
+    determines (a point's overrides, e.g. ``method.name`` of point ``finetune``) are left out."""
+    names = [c for c in keys if c in LABELS]
+    if not names or table.empty:
         return list(keys)
-    by = table.groupby(VARIANT, dropna=False)
-    return [c for c in keys if c == VARIANT or not (by[c].nunique(dropna=False) <= 1).all()]
+    by = table.groupby(names, dropna=False)
+    return [c for c in keys if c in names or not (by[c].nunique(dropna=False) <= 1).all()]
 
 
 def variant_labels(table: pd.DataFrame, keys: Sequence[str] | None = None) -> pd.Series:
@@ -153,8 +157,9 @@ def baseline_mask(variants: pd.DataFrame, baseline: str = "") -> pd.Series:
     mask = pd.Series(False, index=variants.index)
     if "method.name" in variants.columns:
         mask |= variants["method.name"] == BASELINE_METHOD
-    if VARIANT in variants.columns:
-        mask |= variants[VARIANT].map(lambda v: isinstance(v, str) and BASELINE_METHOD in v)
+    for key in LABELS:
+        if key in variants.columns:
+            mask |= variants[key].map(lambda v: isinstance(v, str) and BASELINE_METHOD in v)
     return mask
 
 

@@ -81,7 +81,7 @@ def format_table(table: pd.DataFrame) -> str:
     """Markdown table of the scores in percent (what the experiments print and MLflow shows)."""
     from fomo_ray.tables import format_table as render
 
-    labels = [c for c in table.columns if "." in c or c in ("variant",)]
+    labels = [c for c in table.columns if "." in c or c in ("variant", "reference")]
     full = [f"full_{s}" for s in SCORES if f"full_{s}" in table.columns]
     compute = ["train_gflops"] if "train_gflops" in table.columns else []
     cols = ["run", *labels, "status", *[f"final_{s}" for s in SCORES], *[f"mean_{s}" for s in SCORES], *full,

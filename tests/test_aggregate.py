@@ -238,3 +238,26 @@ def test_seeds_flag_and_every_shipped_study(capsys):
         assert spec.seeds == 1
         one, two = sweep_spec.plan_sweep(spec), sweep_spec.plan_sweep(replace(spec, seeds=2))
         assert two.total == 2 * one.total and list(two.space)[-1] == "seed", path.name
+
+
+def test_reference_trials_are_variants_of_their_own_and_finetune_is_the_baseline():
+    """``references:`` trials carry a ``reference`` label and no swept value: each is a variant of its own."""
+    from fomo_ray.aggregate import compare_to_baseline, variant_table
+
+    def _scores(x):
+        return {f"{w}_{k}": x for w in ("final", "mean") for k in ("A_KA", "A_ZS", "GM")}
+
+    rows = []
+    for seed in (0, 1):
+        rows += [{"run": f"w{seed}", "status": "finished", "variant": "ema_w0.5", "reference": None,
+                  "method.name": "ema_merge", "seed": seed, **_scores(0.5 + seed / 10)},
+                 {"run": f"z{seed}", "status": "finished", "variant": None, "reference": "zero_shot",
+                  "method.name": "zero_shot", "seed": seed, **_scores(0.3)},
+                 {"run": f"f{seed}", "status": "finished", "variant": None, "reference": "finetune",
+                  "method.name": "finetune", "seed": seed, **_scores(0.4 + seed / 10)}]
+    table = pd.DataFrame(rows)
+    v = variant_table(table)
+    assert sorted(v["label"]) == ["ema_w0.5", "finetune", "zero_shot"] and set(v["n"]) == {2}
+    d, note = compare_to_baseline(table)
+    assert note == "" and sorted(d["variant"]) == ["ema_w0.5", "zero_shot"] and set(d["baseline"]) == {"finetune"}
+    assert d.set_index("variant").loc["ema_w0.5", "final_GM_diff"] == pytest.approx(0.1)
