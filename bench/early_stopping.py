@@ -34,7 +34,7 @@ def sweep(a: argparse.Namespace, out: str, stopping: dict | None):
     if stopping:
         raw["stopping"] = stopping
         raw["name"] += "_stopped"
-    return fomo_ray.sweep(raw, progress=False)
+    return fomo_ray.sweep(raw, progress=False, no_cache=True)  # both runs really train: nothing replayed
 
 
 def best(res) -> tuple[str, float]:

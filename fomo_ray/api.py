@@ -44,7 +44,8 @@ def dotted(overrides: Mapping[str, Any] | None = None, **keywords: Any) -> dict[
 class Results:
     """A run's or a sweep's results, as tables and figures.
 
-    ``tidy``: run, task, dataset, role, metric, value (one row per evaluation point x dataset x metric);
+    ``tidy``: run, task, dataset, role, metric, value, eval_set (one row per evaluation point x dataset x metric x
+    evaluation set: ``subset``, the trajectory, or ``full``);
     ``trials``: one row per run with its ``status`` (finished / failed / stopped / interrupted), ``reason`` and
     swept values; ``summary``: the sweep's ``summary.json`` (empty for a single run or an unfinished sweep).
     Scores are fractions in [0, 1]; the printed tables show percent."""
@@ -73,8 +74,9 @@ class Results:
 
     @property
     def variants(self) -> pd.DataFrame:
-        """Per variant (the trial's settings without its seed): how many finished seeds, and the mean and standard
-        deviation over them of final and trajectory-mean A_KA, A_ZS, GM. Unfinished runs are left out."""
+        """Per variant (the trial's settings without its seed): how many finished seeds, and the mean, standard
+        deviation and 95% confidence half-width (``_ci``) over them of final and trajectory-mean A_KA, A_ZS, GM.
+        Unfinished runs are left out (:func:`variant_summary`)."""
         return variant_summary(self.table)
 
     def format(self) -> str:
@@ -130,18 +132,14 @@ class Results:
 
 
 def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
-    """Seed-aggregated scores of a ``trial_table``: groups by the swept columns other than ``seed`` (or by run when
-    nothing was swept); ``n`` finished seeds, ``<score>_mean`` and ``<score>_std`` (NaN for one seed)."""
-    done = table[table["status"] == "finished"]
-    keys = [c for c in table.columns if ("." in c or c == "variant") and c != "seed"] or ["run"]
-    scores = [f"{w}_{s}" for w in ("final", "mean") for s in SCORES]
-    if done.empty:
-        return pd.DataFrame(columns=[*keys, "n", *[f"{c}_{a}" for c in scores for a in ("mean", "std")]])
-    grouped = done.groupby(keys, dropna=False, sort=False)
-    out = grouped[scores].agg(["mean", "std"])
-    out.columns = [f"{c}_{a}" for c, a in out.columns]
-    out.insert(0, "n", grouped.size())
-    return out.reset_index().sort_values("final_GM_mean", ascending=False).reset_index(drop=True)
+    """Seed-aggregated scores of a ``trial_table``: groups by the swept columns other than ``seed`` (a sweep of seeds
+    alone is one variant, ``variant`` = ``all``; by run when nothing was swept); ``n`` finished seeds,
+    ``<score>_mean``, ``<score>_std`` (NaN for one seed) and ``<score>_ci``, the half-width of the mean's 95%
+    Student-t confidence interval, t_{0.975, n-1} · std / √n (NaN for one seed); best mean final GM first
+    (``fomo_ray.aggregate.variant_table`` without its ``label``)."""
+    from fomo_ray.aggregate import variant_table
+
+    return variant_table(table).drop(columns="label")
 
 
 def load_results(source: str | Path, output_dir: str | Path = "runs") -> Results:
@@ -188,14 +186,18 @@ def run(config: str | Path | ExperimentConfig | None = None, *, overrides: Mappi
 
 def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] | None = None,
           name: str | None = None, search: str | None = None, num_samples: int | None = None,
-          fresh: bool = False, resume: bool = False, progress: bool = True, show_worker_logs: bool = False,
-          **keywords: Any) -> Results:
+          seeds: int | None = None, order: str | None = None, fresh: bool = False, resume: bool = False,
+          progress: bool = True, show_worker_logs: bool = False, no_cache: bool = False,
+          device_tflops: float | None = None, mfu: float | None = None, **keywords: Any) -> Results:
     """Run (or resume) a Ray Tune sweep from a sweep YAML or its mapping, as ``fomo-ray sweep``; returns its results
     (``interrupted`` set when it stopped early: rerun with ``resume=True``). Keywords are dotted overrides for every
     trial (``optimizer__lr=1e-4``) or the flag names of the command (``max_concurrent=2``,
-    ``tracking_uri=...``)."""
+    ``tracking_uri=...``); ``seeds=N`` runs every variant over N seeds, as the sweep key ``seeds``; ``order``,
+    ``no_cache``, ``device_tflops`` and ``mfu`` are the command's ``--order``, ``--no-cache``, ``--device-tflops`` and
+    ``--mfu`` (the cost estimate for a declared device)."""
     from dataclasses import replace
 
+    from fomo_ray.cost_estimate import DeclaredDevice
     from fomo_ray.tune_sweep import run_sweep
     from fomo_ray.sweep_spec import load_sweep, spec_from_dict
 
@@ -205,10 +207,12 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
         sweep_spec = spec_from_dict({**raw, "base": {**dict(raw.get("base") or {}), **changes}})
     else:
         sweep_spec = load_sweep(spec, changes)
-    named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples)) if v is not None}
+    named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples), ("seeds", seeds),
+                               ("order", order)) if v is not None}
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
+    device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
-                    show_worker_logs=show_worker_logs)
+                    show_worker_logs=show_worker_logs, device=device, use_cache=not no_cache)
     summary = json.loads((out.directory / "summary.json").read_text()) if (out.directory / "summary.json").is_file() \
         else {}
     return Results(tidy=out.tidy, trials=out.trials, directory=out.directory, summary=summary,

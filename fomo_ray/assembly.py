@@ -105,13 +105,13 @@ def stream_task_rows(cfg: ExperimentConfig, bench: Any) -> list[np.ndarray]:
 
 
 def eval_plan(num_tasks: int, cfg: ExperimentConfig) -> dict[int, bool]:
-    """``{evaluation point: full?}``: 0 and the last point full (if ``full_at_ends``), subsets in between."""
+    """``{evaluation point: full test sets too?}``. Every point (0, every n-th task, the last) is evaluated on the same
+    fixed subsets, so a trajectory is one evaluation set; the full test sets are evaluated as well at 0 and the last
+    point (``full_at_ends``) and every ``full_every_n_tasks`` tasks, and reported as ``eval_set == "full"``."""
     e = cfg.evaluation
-    points = {0: e.full_at_ends, num_tasks: e.full_at_ends}
-    for p in range(1, num_tasks):
-        if p % e.every_n_tasks == 0:
-            points[p] = False
-    return points
+    points = sorted({0, num_tasks, *(p for p in range(1, num_tasks) if p % e.every_n_tasks == 0)})
+    k = e.full_every_n_tasks
+    return {p: (e.full_at_ends and p in (0, num_tasks)) or (k > 0 and p % k == 0) for p in points}
 
 
 def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -> Run:

@@ -391,7 +391,7 @@ def task_charge_steps(m: CostRecord) -> float:
     return m.task_gflops / m.step_gflops if m.step_gflops > 0 else 0.0
 
 
-def steps_from_costs(steps_ft: int, ft: CostRecord, m: CostRecord) -> int:
+def steps_from_costs(steps_ft: float, ft: CostRecord, m: CostRecord) -> int:
     """``floor(steps_ft * MAF(ft) / MAF(m) - per-task charge)``; 0 for a method that trains nothing.
 
     Raises :class:`BudgetError` naming the method and the budget when fewer than one step remains.
@@ -503,17 +503,41 @@ def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str,
                    store: bool = True) -> int:
     """Training steps per task for ``method_name`` under ``cfg.budget`` (the loop's entry point).
 
-    ``mode == "equal_steps"`` gives every method ``steps_ft``; ``"maf"`` converts by measured MAFs. ``costs``
-    overrides the registry (tests, custom methods); ``backbone`` overrides ``cfg.backbone.name``.
+    ``mode == "equal_steps"`` gives every method ``steps_ft``; ``"maf"`` converts by measured MAFs. With
+    ``budget.reference_backbone`` the budget is the compute of fine-tuning that backbone for ``steps_ft`` steps, so a
+    larger backbone gets fewer steps (:func:`reference_steps`; Roth et al. 2024 compare model sizes at equal compute).
+    ``costs`` overrides the registry (tests, custom methods); ``backbone`` overrides ``cfg.backbone.name``.
     """
-    steps_ft = ft_steps(cfg.budget.total_ft_steps, num_tasks)
-    if cfg.budget.mode == "equal_steps" or method_name == FT_METHOD:
-        return steps_ft
+    steps_ft: float = ft_steps(cfg.budget.total_ft_steps, num_tasks)
+    spec = backbone or backbone_spec(cfg.backbone.name)
     costs = costs or {}
-    kw = dict(backbone=backbone or backbone_spec(cfg.backbone.name), device=device, store=store)
-    ft = method_record(cfg, FT_METHOD, cost=costs.get(FT_METHOD), **kw)
-    m = method_record(cfg, method_name, cost=costs.get(method_name), **kw)
+    kw = dict(device=device, store=store)
+    ref = cfg.budget.reference_backbone
+    ft = None
+    if ref and ref != spec.name:
+        ft = method_record(cfg, FT_METHOD, cost=costs.get(FT_METHOD), backbone=spec, **kw)
+        ft_ref = method_record(cfg.replace({"backbone.name": ref}), FT_METHOD, backbone=backbone_spec(ref), **kw)
+        steps_ft = reference_steps(steps_ft, ft_ref, ft)
+    if cfg.budget.mode == "equal_steps" or method_name == FT_METHOD:
+        return _whole_steps(steps_ft, method_name, cfg)
+    ft = ft or method_record(cfg, FT_METHOD, cost=costs.get(FT_METHOD), backbone=spec, **kw)
+    m = method_record(cfg, method_name, cost=costs.get(method_name), backbone=spec, **kw)
     return steps_from_costs(steps_ft, ft, m)
+
+
+def reference_steps(steps_ft: float, ft_ref: CostRecord, ft: CostRecord) -> float:
+    """Full fine-tuning steps of this backbone that spend the budget of ``steps_ft`` fine-tuning steps of the
+    reference backbone: ``steps_ft * GFLOPs(ft_ref) / GFLOPs(ft)`` (fine-tuning's memory multiplier is 1)."""
+    return steps_ft * ft_ref.step_gflops / ft.step_gflops
+
+
+def _whole_steps(steps: float, method_name: str, cfg) -> int:
+    out = math.floor(steps + 1e-9)
+    if out < 1:
+        raise BudgetError(f"method '{method_name}' on {cfg.backbone.name} gets fewer than one step per task "
+                          f"({steps:.2f}) under the budget of {cfg.budget.reference_backbone} (budget."
+                          f"reference_backbone); raise budget.total_ft_steps or lower stream.num_tasks")
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- table / CLI

@@ -135,6 +135,9 @@ class BudgetConfig:
     total_ft_steps: int = F(240, "full fine-tuning steps over the whole stream; steps_ft(T) = total // T (paper 28,400)")
     mode: Literal["maf", "equal_steps"] = F("maf", "maf: steps_m = steps_ft * MAF(ft)/MAF(m); equal_steps: every method gets steps_ft")
     cache_dir: str = F("data/budget_cache", "where measured MAFs are cached per (backbone, method, batch size)")
+    reference_backbone: str = F("", "compute-fair budgets across backbones: a task's budget is the compute of "
+                                    "fine-tuning this backbone for steps_ft steps, and every backbone gets the steps "
+                                    "that spend it ('' = each backbone's own fine-tuning steps)")
 
 
 @dataclass(frozen=True)
@@ -143,7 +146,9 @@ class EvalConfig:
     subset_fraction: float = F(0.1, "f in n = min(len, max(2C, min_samples, floor(f*len))) for in-stream subsets")
     subset_min: int = F(300, "the 300 of DESIGN section 3")
     every_n_tasks: int = F(1, "evaluate deployed weights after every n-th task (the last task always)")
-    full_at_ends: bool = F(True, "full test sets before the first and after the last task")
+    full_at_ends: bool = F(True, "also the full test sets before the first and after the last task (eval_set full; "
+                                 "the trajectory is always on the fixed subsets)")
+    full_every_n_tasks: int = F(0, "also the full test sets after every n-th task (0: only at the ends)")
     retrieval_k: tuple[int, ...] = F((1, 5), "recall@k reported; R@5 enters A_KA/A_ZS")
 
 
@@ -414,6 +419,8 @@ def validate(cfg: ExperimentConfig) -> None:
         ("schedule.warmup_frac", 0.0 <= cfg.schedule.warmup_frac < 1.0, cfg.schedule.warmup_frac),
         ("budget.total_ft_steps", cfg.budget.total_ft_steps >= 1, cfg.budget.total_ft_steps),
         ("evaluation.subset_fraction", 0.0 < cfg.evaluation.subset_fraction <= 1.0, cfg.evaluation.subset_fraction),
+        ("evaluation.every_n_tasks", cfg.evaluation.every_n_tasks >= 1, cfg.evaluation.every_n_tasks),
+        ("evaluation.full_every_n_tasks", cfg.evaluation.full_every_n_tasks >= 0, cfg.evaluation.full_every_n_tasks),
         ("data.image_size", cfg.data.image_size >= 8, cfg.data.image_size),
         ("data.scale", 0.0 < cfg.data.scale <= 10.0, cfg.data.scale),
         ("data.num_workers", cfg.data.num_workers >= 0, cfg.data.num_workers),
@@ -426,6 +433,10 @@ def validate(cfg: ExperimentConfig) -> None:
     for key, ok, v in checks:
         if not ok:
             raise ConfigError(f"config key '{key}' is out of range: {v!r}")
+    merge = cfg.method.merge
+    if merge.density + merge.drop_top > 1.0 + 1e-12:  # Breadcrumbs keeps `density` after dropping `drop_top`
+        raise ConfigError(f"config keys 'method.merge.density' ({merge.density}) + 'method.merge.drop_top' "
+                          f"({merge.drop_top}) must be <= 1")
     _check_workers(cfg)
 
 

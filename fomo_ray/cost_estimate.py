@@ -63,6 +63,7 @@ class TrialCost:
     eval_gflops: float | None
     seconds: float | None
     workers: int = 1
+    maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; DESIGN §4)
 
     @property
     def total_gflops(self) -> float:
@@ -107,9 +108,11 @@ def eval_gflops(workloads: Sequence[tuple[int, int]], image_gflops: float, text_
 
 
 # --------------------------------------------------------------------------------------------------- estimating
-def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None, store: bool = True) -> TrialCost:
+def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None, store: bool = True,
+                   timed: bool = True) -> TrialCost:
     """The :class:`TrialCost` of one trial config. Reads (or measures, storing unless ``store`` is False) the
-    budget's cost records and, without a declared device, this machine's timed throughput."""
+    budget's cost records and, without a declared device, this machine's timed throughput (``timed=False``: no
+    time, only steps and GFLOPs, e.g. to log a run's compute)."""
     import numpy as np
 
     from fomo_ray import budget
@@ -125,13 +128,15 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     steps = sum(p.steps for p in plan)
     record = budget.method_record(cfg, cost_name, device=where or "cpu", store=store)
     trained = train_gflops(steps, len(plan), record.step_gflops, record.task_gflops) if steps else 0.0
+    ft = budget.method_record(cfg, budget.FT_METHOD, device=where or "cpu", store=store)
+    maf = budget.maf(record, ft) if record.trainable_params else 0.0
     loads = _eval_loads(cfg, eval_plan(len(plan), cfg))
     image_g, text_g = forward_gflops(cfg.backbone.name)
     evals = None if loads is None else eval_gflops(loads, image_g, text_g)
     workers = max(1, cfg.ray.num_workers)
     if device is not None:
         seconds = device.seconds(trained + (evals or 0.0)) / workers
-    elif where is None:
+    elif where is None or not timed:
         seconds = None
     else:
         from fomo_ray.throughput import measured_speed
@@ -141,7 +146,7 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers
     return TrialCost(label=label, backbone=cfg.backbone.name, method=cfg.method.name, tasks=len(plan), steps=steps,
-                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers)
+                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf)
 
 
 def _measure_device(cfg: Any) -> str | None:
@@ -155,11 +160,14 @@ def _measure_device(cfg: Any) -> str | None:
 
 
 def _eval_loads(cfg: Any, points: Mapping[int, bool]) -> list[tuple[int, int]] | None:
-    """(images, texts) encoded at each evaluation point; None when the benchmark is not built yet."""
+    """(images, texts) of every evaluation: the subsets at each point, the full test sets too where ``points`` says
+    so (``assembly.eval_plan``); None when the benchmark is not built yet."""
     fingerprint = json.dumps({"root": cfg.data.root, "eval": str(cfg.evaluation), "seed": cfg.seed,
                               "gen": [cfg.data.generator_seed, cfg.data.image_size, cfg.data.scale]})
     per_set = _workloads(fingerprint, cfg)
-    return None if per_set is None else [per_set[full] for full in points.values()]
+    if per_set is None:
+        return None
+    return [per_set[full] for full_too in points.values() for full in ((False, True) if full_too else (False,))]
 
 
 _WORKLOADS: dict[str, dict[bool, tuple[int, int]] | None] = {}  # per benchmark and evaluation settings
@@ -248,6 +256,12 @@ def format_estimate(costs: Sequence[TrialCost], slots: int | None, source: str, 
     return "\n".join(lines)
 
 
+def budget_params(c: TrialCost) -> dict[str, Any]:
+    """What a run logs about the compute it spends (MLflow params): steps over the stream, the MAF of one step and
+    the training GFLOPs (the budget's own count)."""
+    return {"budget.steps": c.steps, "budget.maf": round(c.maf, 4), "budget.train_gflops": round(c.train_gflops, 1)}
+
+
 def estimate_summary(costs: Sequence[TrialCost], slots: int | None, order: str) -> dict[str, float]:
     """The totals the sweep's parent MLflow run records (``Estimate/*``)."""
     out = {"Estimate/train_gflops": sum(c.train_gflops for c in costs),
@@ -264,22 +278,12 @@ def estimate_summary(costs: Sequence[TrialCost], slots: int | None, order: str) 
 
 
 # --------------------------------------------------------------------------------------------------- a sweep
-def enumerated_trials(plan: Any) -> list[dict[str, Any]]:
-    """The Tune configs of a sweep plan's enumerated dimensions (grid and points), once per sample, in the grid's
-    order: what Tune would start (FIFO). Sampled dimensions are left out (each trial draws them)."""
-    from fomo_ray.sweep_spec import grid_points
-
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
-    repeats = 1 if plan.spec.search == "optuna" else plan.spec.num_samples
-    return [combo for combo in grid_points(fixed) for _ in range(repeats)]
-
-
 def estimate_plan(plan: Any, device: DeclaredDevice | None = None, store: bool = True) -> list[TrialCost]:
-    """One :class:`TrialCost` per entry of :func:`enumerated_trials` (sampled keys at their base values: they rarely
+    """One :class:`TrialCost` per entry of ``sweep_spec.enumerated_trials`` (sampled keys at their base values: they rarely
     change the cost); identical configs are estimated once."""
-    from fomo_ray.sweep_spec import trial_label, trial_overrides
+    from fomo_ray.sweep_spec import enumerated_dims, enumerated_trials, trial_label, trial_overrides
 
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    fixed = enumerated_dims(plan.space)
     seen: dict[str, TrialCost] = {}
     out = []
     for combo in enumerated_trials(plan):
@@ -319,6 +323,6 @@ def local_slots(cfg: Any, use_train: bool) -> int | None:
 def estimate_rows(costs: Sequence[TrialCost]) -> list[dict[str, Any]]:
     """The estimate as table rows (``estimate.csv`` in the sweep directory, and the trials table's ``est_*``)."""
     return [{"label": c.label, "backbone": c.backbone, "method": c.method, "tasks": c.tasks, "steps": c.steps,
-             "train_gflops": round(c.train_gflops, 3),
+             "maf": round(c.maf, 4), "train_gflops": round(c.train_gflops, 3),
              "eval_gflops": None if c.eval_gflops is None else round(c.eval_gflops, 3),
              "est_s": None if c.seconds is None else round(c.seconds, 2)} for c in costs]

@@ -80,17 +80,13 @@ class MlflowRun:
                                    on_step=self.steps.step if self.steps is not None else hooks.on_step)
 
     def on_eval(self, point: int, records) -> None:
-        import pandas as pd
-
-        from fomo_ray.metrics import summarize
+        from fomo_ray.metrics import point_summary
         from fomo_ray.tracking import eval_metrics
-        from fomo_ray.trial_report import SUMMARY_KEYS
 
-        row = summarize(pd.DataFrame([{**r, "run": "", "task": point} for r in records])).iloc[0]
         if self.steps is not None:
             self.steps.flush()
-        summary = {k: float(row[k]) for k in SUMMARY_KEYS}
-        self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=point)
+        self.tracker.log_metrics(self.run_id, eval_metrics(records, point_summary(records),
+                                                           point_summary(records, "full")), step=point)
 
     def finish(self, failure: str | None = None, status: str = "") -> None:
         if self.steps is not None:
@@ -101,7 +97,7 @@ class MlflowRun:
 @dataclass(frozen=True)
 class RunOutput:
     directory: Path           # <output_dir>/<run name>
-    results: pd.DataFrame     # the tidy results (run, task, dataset, role, metric, value)
+    results: pd.DataFrame     # the tidy results (run, task, dataset, role, metric, value, eval_set)
     results_file: Path
     model_dir: Path | None    # the deployed model in open_clip's format (None if the export failed)
     export_error: str = ""

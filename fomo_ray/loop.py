@@ -5,7 +5,7 @@ Ray/MLflow edge plugs in)::
 
     run     = build_run(cfg)     # bench, CLIP with theta_0, method.setup(model), task plan, evaluator, buffer
     plan    = method.task_plan(task_rows, budget.steps_per_task(cfg))
-    records = evaluate(theta_0, full)                              -> hooks.on_eval(0, records)
+    records = evaluate(theta_0: fixed subsets, + full test sets)   -> hooks.on_eval(0, records)
     for t, task in enumerate(plan):
         seed everything from (cfg.seed, t)
         model <- method.training_weights(t, model)                 # None: continue from theta_{t-1}
@@ -23,7 +23,7 @@ Ray/MLflow edge plugs in)::
         method.after_task(model, t, TaskLosses(D_t))                # Fisher / Omega / merges
         buffer.add(D_t)
         with method.deployed_weights(t, model) swapped in:
-            records = evaluate(subset in-stream, full after the last task)   -> hooks.on_eval(t + 1, records)
+            records = evaluate(fixed subsets, + full sets after the last task)  -> hooks.on_eval(t + 1, records)
         -> hooks.on_checkpoint(LoopState at the start of task t + 1)
         hooks.should_stop()? (not after the last task)              -> return the results so far (a sweep's rule)
     return tidy results (run, task, dataset, role, metric, value); task = evaluation point (0 = before any update)
@@ -238,12 +238,16 @@ class TaskLosses:
         return total
 
 
-def evaluate_point(run: Run, point: int, full: bool) -> list[dict[str, Any]]:
-    """Tidy records of evaluating the weights the model holds now at evaluation point ``point``."""
-    records = run.evaluator.evaluate(run.model, run.backbone.tokenizer, full=full,
-                                     weights_version=f"{run.name}/point{point}")
-    return [{"run": run.name, "task": point, "dataset": r["dataset"], "role": r["role"], "metric": r["metric"],
-             "value": float(r["value"])} for r in records]
+def evaluate_point(run: Run, point: int, full_too: bool) -> list[dict[str, Any]]:
+    """Tidy records of evaluating the weights the model holds now at evaluation point ``point``: on the fixed subsets
+    (the trajectory: the same samples at every point), and on the full test sets as well when ``full_too``."""
+    out = []
+    for eval_set in ("subset", "full") if full_too else ("subset",):
+        records = run.evaluator.evaluate(run.model, run.backbone.tokenizer, full=eval_set == "full",
+                                         weights_version=f"{run.name}/point{point}")
+        out += [{"run": run.name, "task": point, "dataset": r["dataset"], "role": r["role"], "metric": r["metric"],
+                 "value": float(r["value"]), "eval_set": eval_set} for r in records]
+    return out
 
 
 @contextlib.contextmanager

@@ -10,6 +10,11 @@ Memory", BWT = final - value right after the dataset was last trained on).
 
 Every function here is pure: DataFrame in, DataFrame out. Values are fractions in [0, 1].
 
+One evaluation set per trajectory: every point of a run (0..T) is measured on the same fixed class-balanced subsets
+(``eval_set == "subset"``, a fixed gallery for retrieval), so an unchanged model has an exactly flat trajectory; the
+full test sets, evaluated as well at the ends (``evaluation.full_at_ends``, optionally every k tasks), are rows with
+``eval_set == "full"``. Every score below reads one set (``eval_set``, default ``subset``), never both mixed.
+
 Command line (``fomo-ray score``)::
 
     fomo-ray score runs/default/results.parquet [--run NAME] [--stream streams/random.json --num-tasks 4]
@@ -23,15 +28,19 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from fomo_ray.atomic import atomic_path
-COLUMNS = ("run", "task", "dataset", "role", "metric", "value")
+COLUMNS = ("run", "task", "dataset", "role", "metric", "value", "eval_set")
+REQUIRED = COLUMNS[:6]  # a table without eval_set (older fomo_ray, hand-made) reads as subsets
 ROLES = ("adapt", "eval")
+EVAL_SETS = ("subset", "full")
 #: the metric that enters A_KA / A_ZS for a dataset, in order of preference (retrieval sets report R@5)
 HEADLINE_METRICS = ("R@5", "top1")
 
 
 def tidy_frame(records: Iterable[Mapping]) -> pd.DataFrame:
-    """The tidy results table (:data:`COLUMNS`, in order) of result records; extra keys are dropped."""
-    return pd.DataFrame([{c: r[c] for c in COLUMNS} for r in records], columns=list(COLUMNS))
+    """The tidy results table (:data:`COLUMNS`, in order) of result records; extra keys are dropped, a record
+    without ``eval_set`` is a subset one."""
+    return pd.DataFrame([{**{c: r[c] for c in REQUIRED}, "eval_set": r.get("eval_set", "subset")} for r in records],
+                        columns=list(COLUMNS))
 
 
 class MetricsError(ValueError):
@@ -41,10 +50,14 @@ class MetricsError(ValueError):
 # --------------------------------------------------------------------------------------------------- validation
 def validate_table(df: pd.DataFrame) -> pd.DataFrame:
     """Check columns, roles, task indices and duplicates; return the table with canonical dtypes."""
-    missing = [c for c in COLUMNS if c not in df.columns]
+    missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise MetricsError(f"results table lacks column(s) {missing}; expected at least {list(COLUMNS)}")
+        raise MetricsError(f"results table lacks column(s) {missing}; expected at least {list(REQUIRED)}")
     out = df.copy()
+    out["eval_set"] = out["eval_set"].fillna("subset").astype(str) if "eval_set" in out else "subset"
+    bad_sets = sorted(set(out["eval_set"]) - set(EVAL_SETS))
+    if bad_sets:
+        raise MetricsError(f"results table: eval_set value(s) {bad_sets} are not one of {list(EVAL_SETS)}")
     out["run"] = out["run"].astype(str)
     out["dataset"] = out["dataset"].astype(str)
     out["role"] = out["role"].astype(str)
@@ -59,11 +72,12 @@ def validate_table(df: pd.DataFrame) -> pd.DataFrame:
         raise MetricsError(f"results table: non-numeric 'task' or 'value' entries ({e})") from e
     if (out["task"] < 0).any():
         raise MetricsError("results table: 'task' is the evaluation point (0 = before any update) and must be >= 0")
-    dup = out.duplicated(["run", "task", "dataset", "metric"], keep=False)
+    dup = out.duplicated(["run", "task", "dataset", "metric", "eval_set"], keep=False)
     if dup.any():
         first = out[dup].iloc[0]
         raise MetricsError(f"results table: duplicate rows for run={first['run']!r} task={first['task']} "
-                           f"dataset={first['dataset']!r} metric={first['metric']!r}")
+                           f"dataset={first['dataset']!r} metric={first['metric']!r} "
+                           f"eval_set={first['eval_set']!r}")
     roles = out.groupby("dataset")["role"].nunique()
     if (roles > 1).any():
         raise MetricsError(f"results table: dataset(s) {sorted(roles[roles > 1].index)} appear with both roles")
@@ -71,10 +85,11 @@ def validate_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------------- scores
-def headline(df: pd.DataFrame) -> pd.DataFrame:
-    """One number per (run, task, dataset): R@5 for retrieval sets, top-1 otherwise (columns run, task, dataset,
-    role, value)."""
+def headline(df: pd.DataFrame, eval_set: str = "subset") -> pd.DataFrame:
+    """One number per (run, task, dataset) of one evaluation set: R@5 for retrieval sets, top-1 otherwise (columns
+    run, task, dataset, role, value)."""
     df = validate_table(df)
+    df = df[df["eval_set"] == eval_set]
     parts = []
     for metric in HEADLINE_METRICS:
         parts.append(df[df["metric"] == metric])
@@ -90,9 +105,10 @@ def geometric_mean(a_ka: float, a_zs: float) -> float:
     return math.sqrt(a_ka * a_zs)
 
 
-def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """A_KA, A_ZS and GM per (run, task): columns run, task, A_KA, A_ZS, GM (NaN where a role has no dataset)."""
-    h = headline(df)
+def summarize(df: pd.DataFrame, eval_set: str = "subset") -> pd.DataFrame:
+    """A_KA, A_ZS and GM per (run, task) of one evaluation set: columns run, task, A_KA, A_ZS, GM (NaN where a role
+    has no dataset). The default, the subsets, is the trajectory; ``full`` gives the full-test-set points."""
+    h = headline(df, eval_set)
     rows = []
     for (run, task), g in h.groupby(["run", "task"], sort=True):
         a_ka = g.loc[g["role"] == "adapt", "value"].mean()
@@ -101,6 +117,13 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
         a_zs = float(a_zs) if not pd.isna(a_zs) else float("nan")
         rows.append({"run": run, "task": int(task), "A_KA": a_ka, "A_ZS": a_zs, "GM": geometric_mean(a_ka, a_zs)})
     return pd.DataFrame(rows, columns=["run", "task", "A_KA", "A_ZS", "GM"])
+
+
+def point_summary(records: Iterable[Mapping], eval_set: str = "subset") -> dict[str, float]:
+    """``{"A_KA", "A_ZS", "GM"}`` of one evaluation point's records (dataset, role, metric, value, eval_set) on one
+    evaluation set; empty when the point has no record of that set."""
+    summary = summarize(pd.DataFrame([{**r, "run": "", "task": 0} for r in records]), eval_set)
+    return {k: float(summary.iloc[0][k]) for k in ("A_KA", "A_ZS", "GM")} if len(summary) else {}
 
 
 def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
@@ -117,16 +140,18 @@ def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def forgetting(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None) -> pd.DataFrame:
+def forgetting(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None,
+               eval_set: str = "subset") -> pd.DataFrame:
     """Per (run, dataset): initial, best earlier, final value, forgetting and backward transfer.
 
     forgetting = max over evaluation points before the final one - final (Chaudhry et al. 2018).
     backward_transfer = final - value at ``learned_at[dataset]`` (the evaluation point right after the last task that
     trained on it; Lopez-Paz & Ranzato 2017). Evaluation-only datasets are never trained on, so their reference point
     is 0 and BWT is the change against zero-shot. Adaptation datasets missing from ``learned_at``, and datasets whose
-    reference point is the final one (GEM leaves the last task out), get NaN.
+    reference point is the final one (GEM leaves the last task out), get NaN. Over the subset trajectory by default:
+    comparing a subset point with a full-set one would report the change of sample as forgetting.
     """
-    h = headline(df)
+    h = headline(df, eval_set)
     learned_at = dict(learned_at or {})
     rows = []
     for (run, dataset), g in h.groupby(["run", "dataset"], sort=True):
@@ -212,6 +237,7 @@ def _pct(x: float) -> str:
 def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None) -> str:
     """Human-readable report of a results table (percentages)."""
     summ = summarize(df)
+    full = summarize(df, "full")
     means = trajectory_means(summ).set_index("run")
     forg = forgetting(df, learned_at)
     lines = []
@@ -222,6 +248,10 @@ def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None)
         lines.append(f"  {'mean':>5}  {_pct(m.mean_A_KA)}  {_pct(m.mean_A_ZS)}  {_pct(m.mean_GM)}   "
                      f"(trajectory of {int(m.points)} points)")
         lines.append(f"  {'final':>5}  {_pct(m.final_A_KA)}  {_pct(m.final_A_ZS)}  {_pct(m.final_GM)}")
+        lines.append("  (every point on the same fixed subsets)")
+        for r in full[full["run"] == run].itertuples():
+            lines.append(f"  {'full':>5}  {_pct(r.A_KA)}  {_pct(r.A_ZS)}  {_pct(r.GM)}   (full test sets at point "
+                         f"{int(r.task)})")
         lines.append(f"  {'dataset':<24} {'role':<5} {'initial':>7} {'best':>7} {'final':>7} {'forget':>7} {'BWT':>7}")
         for r in forg[forg["run"] == run].itertuples():
             lines.append(f"  {r.dataset:<24} {r.role:<5} {_pct(r.initial):>7} {_pct(r.best_earlier):>7} "

@@ -37,7 +37,7 @@ import ray
 
 from fomo_ray import trial_report
 from fomo_ray.config import ExperimentConfig
-from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.trial_report import ReportKind
 
 # ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
 # needs them, and eight such trials starting on two cores should not each pay seconds of imports. The loop, the
@@ -90,17 +90,6 @@ class Session(Protocol):
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
-def summary_of(records: list[Mapping[str, Any]], run: str, task: int) -> dict[str, float]:
-    """A_KA, A_ZS, GM of one evaluation point (metrics.summarize over the point's records)."""
-    import pandas as pd
-
-    from fomo_ray.metrics import summarize
-
-    df = pd.DataFrame([{**r, "run": run, "task": task} for r in records])
-    row = summarize(df).iloc[0]
-    return {k: float(row[k]) for k in SUMMARY_KEYS}
-
-
 def checkpoint_position(state: Any) -> tuple[int, int, bool]:
     """(task, step, at_boundary) of a LoopState. Its cursor is the *next* (task, step) to run, so a task-end
     checkpoint after task t reads (t + 1, 0) with no optimizer state (the next task starts a fresh AdamW)."""
@@ -162,24 +151,30 @@ class _Bridge:
             self.steps.flush()
 
     def on_eval(self, task: int, records: list[Mapping[str, Any]]) -> None:
-        summary = summary_of(records, self.p.run_name, task)
+        from fomo_ray.metrics import point_summary
+
+        summary = point_summary(records)
+        full = point_summary(records, "full")  # {} where only the subsets were evaluated
         self.last.update(summary)
         if self.tracker is not None:
             from fomo_ray.tracking import eval_metrics
 
             self.flush_steps()
             # percent, as the reports; the session's report below keeps fractions (the results tables' unit)
-            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary), step=task)
-        self.session.report({**trial_report.eval_report(task, records, summary), "node_id": _node_id()}, None, None)
+            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary, full), step=task)
+        self.session.report({**trial_report.eval_report(task, records, summary, full), "node_id": _node_id()},
+                            None, None)
         self._post(task, summary)
 
     def seed_trajectory(self, results: list[Mapping[str, Any]]) -> None:
         """The points a resumed run evaluated before its checkpoint, so the rule sees its whole trajectory."""
+        from fomo_ray.metrics import point_summary
+
         rule = self.p.stopping
         if rule:
             points = sorted({int(r["task"]) for r in results})
-            self.trajectory = [summary_of([r for r in results if int(r["task"]) == t], self.p.run_name, t)
-                               [rule["metric"]] for t in points]
+            self.trajectory = [point_summary([r for r in results if int(r["task"]) == t])[rule["metric"]]
+                               for t in points]  # (the subsets: the trajectory)
 
     def _post(self, point: int, summary: Mapping[str, float]) -> None:
         """Ask the sweep's stopping rule at a task boundary (rank 0: the loop agrees across ranks)."""

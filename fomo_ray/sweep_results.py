@@ -12,7 +12,7 @@ import pandas as pd
 
 from fomo_ray import trial_report
 from fomo_ray.metrics import COLUMNS
-from fomo_ray.sweep_spec import Dim, SweepPlan, trial_label, trial_overrides
+from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, trial_label, trial_overrides
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -35,7 +35,8 @@ def trial_status(result: Any) -> tuple[str, str]:
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, tidy, trials) from a Tune ResultGrid.
 
-    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM, node_id, swept values);
+    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM on the fixed subsets, and
+    full_A_KA, full_A_ZS, full_GM where the full test sets were evaluated too, node_id, swept values);
     tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
     stopped, interrupted; :func:`trial_status`), reason, wall time in seconds (``wall_s``) and, when stopped, the
     evaluation point it stopped at (``stopped_at``). A point reported twice (a worker restarted between its
@@ -47,7 +48,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
             continue
         name = Path(r.path).name
         ov = trial_overrides(r.config, space)
-        labels = {k: r.config[k] for k, d in space.items() if d.kind == "points"}
+        labels = {k: r.config.get(k) for k, d in space.items() if d.kind in ("points", REFERENCES_KIND)}
         trial_id = (r.metrics or {}).get("trial_id", "")
         status, reason = trial_status(r)
         metrics = r.metrics or {}
@@ -62,6 +63,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         for _, e in evals.iterrows():
             rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
                          **{k: float(e[k]) for k in SUMMARY_KEYS},
+                         **{f"full_{k}": float(e[f"full_{k}"]) for k in SUMMARY_KEYS if f"full_{k}" in e},
                          "node_id": e.get("node_id", ""), **labels, **ov})
             tidy += [{"run": name, "task": int(e["task"]), **rec}
                      for rec in trial_report.records_from_report(e.to_dict())]
@@ -103,11 +105,12 @@ def format_counts(counts: Mapping[str, int]) -> str:
 
 
 def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) -> pd.DataFrame:
-    """The trials table with each trial's estimate beside its actual wall time (``est_s``, ``est_gflops``), matched
-    by the trial's label; a stopped trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
+    """The trials table with each trial's compute (``steps`` over the stream, ``maf`` of one step, ``train_gflops``)
+    and its estimate beside its actual wall time (``est_s``, ``est_gflops``), matched by the trial's label; a stopped
+    trial's GFLOPs are the share of its tasks it ran (``done_gflops``)."""
     if trials.empty:
         return trials
-    fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
+    fixed = enumerated_dims(plan.space)
     by_label = {c.label: c for c in costs}
     rows = []
     for _, t in trials.iterrows():
@@ -118,7 +121,9 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
             done = c.total_gflops if t["status"] == "finished" else (
                 c.total_gflops * min(1.0, max(0, int(t.get("stopped_at", 0))) / max(c.tasks, 1))
                 if t["status"] == "stopped" else None)
-        rows.append({"est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
+        rows.append({"steps": None if c is None else c.steps, "maf": None if c is None else round(c.maf, 4),
+                     "train_gflops": None if c is None else round(c.train_gflops, 1),
+                     "est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
                      "est_gflops": None if c is None else round(c.total_gflops, 3),
                      "done_gflops": None if done is None else round(done, 3)})
     return pd.concat([trials.reset_index(drop=True), pd.DataFrame(rows)], axis=1)

@@ -9,6 +9,7 @@ A sweep is a base config plus a *space*, written in YAML (``experiments/configs/
     num_samples: 1                      # samples per grid point (random / optuna: the number of trials)
     metric: GM                          # what optuna optimises (the final evaluation point's value)
     order: cost                         # cost: longest trial first (default) | fifo: the grid's order
+    seeds: 3                            # optional: every variant over seeds base.seed .. base.seed + 2 (default 1)
     stopping: {rule: trails_best, min_tasks: 2, margin: 5}   # optional: cooperative early stopping (stopping.py)
     space:
       method.merge.weight: {grid: [0.1, 0.5, 0.9]}
@@ -38,8 +39,14 @@ from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
 SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
 DIM_KINDS = ("grid", "choice", "uniform", "loguniform", "randint", "points")
+REFERENCES_KIND = "references"  # the dimension ``references:`` adds (not written in a space: not in DIM_KINDS)
+REFERENCE_KEY = "reference"
+#: the reference points of every study (Roth et al. 2024): the untouched base, plain fine-tuning, joint training
+REFERENCES: dict[str, dict[str, Any]] = {"zero_shot": {"method.name": "zero_shot"},
+                                         "finetune": {"method.name": "finetune"},
+                                         "joint": {"method.name": "joint"}}
 SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description", "order", "stopping")
+             "description", "order", "stopping", "seeds", "references")
 ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
@@ -106,22 +113,48 @@ def trial_overrides(config: Mapping[str, Any], space: Mapping[str, Dim]) -> dict
     """A trial's dotted overrides from its Tune config (a points label expands to its bundle)."""
     out: dict[str, Any] = {}
     for key, dim in space.items():
-        value = config[key]
-        if dim.kind == "points":
+        value = config.get(key)
+        if value is None:  # a reference trial leaves the swept keys at the base config's values
+            continue
+        if dim.kind in ("points", REFERENCES_KIND):
             out.update(dict(dim.values)[value])
         else:
             out[key] = value.item() if hasattr(value, "item") else value  # numpy scalars from samplers
     return out
 
 
+def enumerated_dims(space: Mapping[str, Dim]) -> dict[str, Dim]:
+    """The dimensions whose values are listed, not sampled (grid, points, references): they make the trials Tune
+    starts one by one, in an order the sweep chooses (``cost_estimate``)."""
+    return {k: d for k, d in space.items() if d.kind in ("grid", "points", REFERENCES_KIND)}
+
+
+def enumerated_trials(plan: Any) -> list[dict[str, Any]]:
+    """The Tune configs of a sweep plan's enumerated dimensions, once per sample, in the grid's order (the
+    references last): what Tune would start in FIFO order. Sampled dimensions are left out (each trial draws them)."""
+    repeats = 1 if plan.spec.search == "optuna" else plan.spec.num_samples
+    return [combo for combo in grid_points(enumerated_dims(plan.space)) for _ in range(repeats)]
+
+
 def grid_points(space: Mapping[str, Dim]) -> list[dict[str, Any]]:
     """The cartesian product of the enumerable dims (grid, choice, points) as Tune configs; ranges take their ends
-    (used for validation: every enumerable combination, each range end)."""
+    (used for validation: every enumerable combination, each range end). The reference trials (:data:`REFERENCES`,
+    the ``references`` dimension) come after them, crossed with the seeds only: every other key is None there (not
+    set: the base config's value), and None is the reference key of every other trial."""
+    crossed = {k: d for k, d in space.items() if d.kind != REFERENCES_KIND}
+    extra = {k: d for k, d in space.items() if d.kind == REFERENCES_KIND}
+    out = [{**combo, **dict.fromkeys(extra)} for combo in _product(crossed)]
+    for key, d in extra.items():
+        seeds = {k: v for k, v in crossed.items() if k == SEED_KEY}
+        for label, _ in d.values:
+            out += [{**dict.fromkeys(crossed), **dict.fromkeys(extra), **combo, key: label}
+                    for combo in _product(seeds)]
+    return out
+
+
+def _product(space: Mapping[str, Dim]) -> list[dict[str, Any]]:
     keys = list(space)
-    lists = []
-    for k in keys:
-        d = space[k]
-        lists.append([lbl for lbl, _ in d.values] if d.kind == "points" else d.candidates())
+    lists = [[lbl for lbl, _ in space[k].values] if space[k].kind == "points" else space[k].candidates() for k in keys]
     return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
 
 
@@ -151,7 +184,7 @@ def validate_space(base: ExperimentConfig, space: Mapping[str, Dim]) -> int:
     Raises ConfigError naming the culprit (key and, for points, the label) before any trial starts.
     """
     for key, dim in space.items():
-        if dim.kind == "points":
+        if dim.kind in ("points", REFERENCES_KIND):
             if key in base.flat():
                 raise SweepError(f"sweep space key '{key}' is a config key; points need a free name (e.g. 'variant')")
             for label, ov in dim.values:
@@ -185,7 +218,10 @@ def trial_count(space: Mapping[str, Dim], search: str, num_samples: int) -> int:
     trial); optuna runs ``num_samples`` trials in all."""
     if search == "optuna":
         return num_samples
-    return math.prod(len(d.values) for d in space.values() if d.kind in ("grid", "points")) * num_samples
+    crossed = math.prod(len(d.values) for d in space.values() if d.kind in ("grid", "points"))
+    seeds = len(space[SEED_KEY].values) if SEED_KEY in space else 1
+    refs = sum(len(d.values) for d in space.values() if d.kind == REFERENCES_KIND)
+    return (crossed + refs * seeds) * num_samples
 
 
 def check_search(space: Mapping[str, Dim], search: str) -> None:
@@ -215,6 +251,8 @@ class SweepSpec:
     description: str = ""
     order: str = "cost"         # cost: longest trial first (fomo_ray/cost_estimate.py); fifo: the grid's order
     stopping: StoppingRule | None = None  # cooperative early stopping at task boundaries (fomo_ray/stopping.py)
+    seeds: int = 1              # every variant repeated over seeds base.seed .. base.seed + seeds - 1 (seed_dim)
+    references: tuple[str, ...] = ()  # reference trials added at the base config (REFERENCES), crossed with seeds
 
     def base_config(self) -> ExperimentConfig:
         """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
@@ -247,11 +285,13 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         stopping = parse_stopping(data.get("stopping"), source)
     except StoppingError as e:
         raise SweepError(str(e)) from e
+    seeds = check_seeds(data.get("seeds", 1), source)
+    references = check_references(data.get("references"), source)
     return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
                      config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
                      metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
                      report_x=str(report.get("x", "")), description=str(data.get("description", "")),
-                     order=order, stopping=stopping)
+                     order=order, stopping=stopping, seeds=seeds, references=references)
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
@@ -343,7 +383,9 @@ def trial_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:
     parts = []
     for key, dim in space.items():
         v = config.get(key)
-        if dim.kind == "points":
+        if v is None or (isinstance(v, float) and math.isnan(v)):  # not set (a reference trial's swept keys)
+            continue
+        if dim.kind in ("points", REFERENCES_KIND):
             parts.append(str(v))
         else:
             v = v.item() if hasattr(v, "item") else v
@@ -366,6 +408,62 @@ def use_train_for(spec: SweepSpec, cfg: ExperimentConfig) -> bool:
     return cfg.ray.num_workers > 1 or cfg.ray.min_workers > 0
 
 
+# --------------------------------------------------------------------------------------------------- seeds
+SEED_KEY = "seed"  # the config key a multi-seed sweep adds as its last grid dimension
+
+
+def check_seeds(value: Any, source: str = "sweep") -> int:
+    """``seeds`` as an int >= 1 (a bool, a float or a string is refused, naming ``source``)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SweepError(f"{source}: seeds must be an integer >= 1 (runs per variant), got {value!r}")
+    return value
+
+
+def check_references(value: Any, source: str = "sweep") -> tuple[str, ...]:
+    """``references: true`` (all of :data:`REFERENCES`), a list of their names, or false/absent (none)."""
+    if value in (None, False):
+        return ()
+    if value is True:
+        return tuple(REFERENCES)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise SweepError(f"{source}: references must be true or a list of {list(REFERENCES)}, got {value!r}")
+    unknown = [v for v in value if v not in REFERENCES]
+    if unknown:
+        raise SweepError(f"{source}: unknown reference(s) {unknown}; valid: {list(REFERENCES)}")
+    return tuple(dict.fromkeys(value))
+
+
+def reference_dim(names: tuple[str, ...], space: Mapping[str, Dim], search: str) -> dict[str, Dim]:
+    """``{"reference": Dim}`` of the reference trials; refuses what would make them ambiguous."""
+    if search == "optuna":
+        raise SweepError("sweep 'references' adds fixed trials, but optuna chooses its own; add them to a grid sweep")
+    if REFERENCE_KEY in space:
+        raise SweepError(f"sweep 'references' and the space key '{REFERENCE_KEY}' clash; rename the space key")
+    for key, d in space.items():
+        clash = [label for label, _ in d.values if label in names] if d.kind == "points" else []
+        if clash:
+            raise SweepError(f"sweep point(s) {clash} of '{key}' are also references: drop them from the points "
+                             f"(references: true runs them once)")
+    return {REFERENCE_KEY: Dim(REFERENCES_KIND, tuple((n, REFERENCES[n]) for n in names))}
+
+
+def seed_dim(seeds: int, base_seed: int, space: Mapping[str, Dim]) -> Dim | None:
+    """The grid ``seed: [base_seed, ..., base_seed + seeds - 1]`` that repeats every variant over ``seeds`` seeds,
+    or None for one seed (the space is left as it is). Refuses a space that already sets ``seed`` (a swept ``seed``
+    key or a point that overrides it): the two would fight over the same key."""
+    seeds = check_seeds(seeds)
+    if seeds == 1:
+        return None
+    if SEED_KEY in space:
+        raise SweepError(f"sweep 'seeds: {seeds}' and the space key '{SEED_KEY}' both sweep the seed; use one")
+    for key, dim in space.items():
+        for label, bundle in (dim.values if dim.kind == "points" else ()):
+            if SEED_KEY in bundle:
+                raise SweepError(f"sweep 'seeds: {seeds}' and point '{key}={label}' (which sets '{SEED_KEY}') both "
+                                 "set the seed; use one")
+    return Dim("grid", tuple(range(base_seed, base_seed + seeds)))
+
+
 # --------------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class SweepPlan:
@@ -385,13 +483,22 @@ class SweepPlan:
 
 def plan_sweep(spec: SweepSpec) -> SweepPlan:
     """Validate everything a sweep's trials need (config keys and values of every trial, names, the searcher)
-    without Ray; raises ConfigError / SweepError naming the culprit.
+    without Ray; raises ConfigError / SweepError naming the culprit. ``spec.seeds`` > 1 adds the grid dimension
+    ``seed`` (:func:`seed_dim`) last, so the plan's space is the spec's plus the seeds.
 
     The tracking store is an edge (MLflow): whoever runs or dry-runs the sweep opens it (``tracking.tracker_for``,
     which fails on an unreachable URI before any trial starts) and records it with :meth:`SweepPlan.tracked`.
     """
     base = spec.base_config()
     space = parse_space(spec.space)
+    if spec.references:  # before the seeds: labels read `finetune,seed=1`
+        space = {**space, **reference_dim(spec.references, space, spec.search)}
+    seeds = seed_dim(spec.seeds, base.seed, space)
+    if seeds is not None:  # appended last: trial labels read `variant,seed=1`
+        if spec.search == "optuna":
+            raise SweepError(f"sweep 'seeds: {spec.seeds}' repeats every variant over the same seeds, but optuna "
+                             "chooses its own trials; search with seeds: 1, then repeat the chosen configs in a grid")
+        space = {**space, SEED_KEY: seeds}
     validate_space(base, space)
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)
@@ -400,8 +507,8 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
 
 # --------------------------------------------------------------------------------------------------- MLflow note
 def _describe_dim(key: str, d: Dim) -> str:
-    if d.kind == "points":
-        return f"`{key}`: points " + ", ".join(f"`{label}` ({', '.join(f'{k}={v}' for k, v in bundle.items())})"
+    if d.kind in ("points", REFERENCES_KIND):
+        return f"`{key}`: {d.kind} " + ", ".join(f"`{label}` ({', '.join(f'{k}={v}' for k, v in bundle.items())})"
                                                for label, bundle in d.values)
     return f"`{key}`: {d.kind} {list(d.values)}"
 
@@ -422,4 +529,9 @@ def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
              "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
              "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
              "table.md) under the artifacts report/, the results tables under tables/."]
+    if spec.seeds > 1:
+        lines.append(f"- {spec.seeds} seeds per variant (the grid `seed`): this run also carries "
+                     "Variants/<variant>/final_GM_mean, final_GM_ci, mean_GM_mean, mean_GM_ci (mean over the finished "
+                     "seeds, 95% Student-t half-width), and report/variants.md and report/vs_baseline.md (each "
+                     "variant minus fine-tuning, paired by seed).")
     return "\n".join(lines)

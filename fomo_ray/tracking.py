@@ -5,12 +5,15 @@ Layout in the store (DESIGN §8)::
     experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
       parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);
                                         metrics Sweep/best_GM, Sweep/median_GM, ... Sweep/finished, Sweep/failed;
+                                        over several seeds Variants/<variant>/final_GM_mean, ..._ci, mean_GM_*;
                                         report figures/tables as artifacts
         child run "<trial name>"        tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash;
                                         params = the settings that apply to its method (methods.applicable_params)
                                         + variant; the whole config as the artifact config.json;
                                         metrics in PERCENT per evaluation point (step = task index):
-                                        Summary/A_KA, Summary/A_ZS, Summary/GM, datasets/<dataset>/<metric>;
+                                        Summary/A_KA, Summary/A_ZS, Summary/GM, datasets/<dataset>/<metric>
+                                        (the fixed subsets: the trajectory); at the ends also Summary_full/* and
+                                        datasets_full/<dataset>/<metric> (the full test sets);
                                         per training step (step = global step): Training/loss, Training/lr,
                                         Training/grad_norm, Training/samples_per_s; checkpoints as artifacts
       run "<run name>"                  a `fomo-ray run` (fomo_ray.kind=run): a child run's params and metrics
@@ -61,7 +64,9 @@ PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and
 SUMMARY = "Summary"  # sections of the run page's charts, see the module docstring for their order
 TRAINING = "Training"
 DATASETS = "datasets"
+FULL = "Summary_full"  # the summary on the full test sets (at the ends): the section right after Summary
 SWEEP = "Sweep"
+VARIANTS = "Variants"  # a multi-seed sweep's per-variant seed statistics on its parent run
 TRAIN_KEYS = tuple(f"{TRAINING}/{k}" for k in ("loss", "lr", "grad_norm", "samples_per_s"))
 
 
@@ -123,10 +128,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0, create: bool = True) -> No
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
-def metric_key(dataset: str, metric: str) -> str:
-    """Per-dataset metric name, e.g. ``datasets/SHAPES/top1``; '@' of ``R@5`` becomes ``R_at_5`` (MLflow's key
-    alphabet). Each dataset is a section of the run page, after Summary and Training."""
-    return _INVALID_KEY_CHARS.sub("_", f"{DATASETS}/{dataset}/{metric.replace('@', '_at_')}")
+def metric_key(dataset: str, metric: str, full: bool = False) -> str:
+    """Per-dataset metric name, e.g. ``datasets/SHAPES/top1`` (``datasets_full/...`` on the full test sets); '@' of
+    ``R@5`` becomes ``R_at_5`` (MLflow's key alphabet). Each dataset is a section of the run page, after Summary and
+    Training."""
+    section = f"{DATASETS}_full" if full else DATASETS
+    return _INVALID_KEY_CHARS.sub("_", f"{section}/{dataset}/{metric.replace('@', '_at_')}")
 
 
 def summary_key(name: str) -> str:
@@ -138,12 +145,17 @@ def as_percent(value: float) -> float:
     return PERCENT * float(value)
 
 
-def eval_metrics(records: Iterable[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, float]:
-    """Flat ``{key: percent}`` for one evaluation point: the summary (A_KA, A_ZS, GM, fractions in ``summary``)
-    plus every record."""
+def eval_metrics(records: Iterable[Mapping[str, Any]], summary: Mapping[str, float],
+                 full: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Flat ``{key: percent}`` for one evaluation point: the summary on the fixed subsets (A_KA, A_ZS, GM, fractions
+    in ``summary``: the trajectory) plus every subset record; where the full test sets were evaluated too, their
+    summary under ``Summary_full/`` and their records under ``datasets_full/`` (never under the trajectory's
+    names)."""
     out = {summary_key(k): as_percent(v) for k, v in summary.items()}
+    out.update({f"{FULL}/{k}": as_percent(v) for k, v in (full or {}).items()})
     for r in records:
-        out[metric_key(str(r["dataset"]), str(r["metric"]))] = as_percent(r["value"])
+        full_set = r.get("eval_set", "subset") == "full"
+        out[metric_key(str(r["dataset"]), str(r["metric"]), full_set)] = as_percent(r["value"])
     return out
 
 
@@ -157,6 +169,23 @@ def sweep_metrics(finals: Mapping[str, Sequence[float]], counts: Mapping[str, in
             out[f"{SWEEP}/best_{name}"] = as_percent(max(values))
             out[f"{SWEEP}/median_{name}"] = as_percent(statistics.median(values))
     out.update({f"{SWEEP}/{state}": float(n) for state, n in counts.items()})
+    return out
+
+
+def variant_metrics(variants: Iterable[Mapping[str, Any]],
+                    scores: Sequence[str] = ("final_GM", "mean_GM")) -> dict[str, float]:
+    """A multi-seed sweep's parent-run metrics per variant (``variants``: rows of ``aggregate.variant_table`` with
+    ``label``, ``<score>_mean``, ``<score>_ci``): ``Variants/<label>/<score>_mean`` and ``..._ci`` (the 95%
+    confidence half-width) in percent, for the final and trajectory-mean GM. The label is put into MLflow's key
+    alphabet (``/`` too, so a label is one section); NaN values (the interval of one seed) are left out."""
+    out: dict[str, float] = {}
+    for row in variants:
+        label = _INVALID_KEY_CHARS.sub("_", str(row["label"])).replace("/", "_")[:120]
+        for score in scores:
+            for stat in ("mean", "ci"):
+                value = row.get(f"{score}_{stat}")
+                if value is not None and value == value:
+                    out[f"{VARIANTS}/{label}/{score}_{stat}"] = as_percent(value)
     return out
 
 

@@ -3,8 +3,9 @@
 A trial (``ray_train.py``, on either host) sends one flat dict per event, and Tune keeps one row per report in the
 trial's metrics table, which the driver reads back (``tune_sweep.py``). Every report carries ``kind``:
 
-* ``eval``       -- one evaluation point: ``task``, the summary scores (``A_KA``, ``A_ZS``, ``GM``) and one value per
-                    dataset under ``ds/<role>/<dataset>/<metric>``;
+* ``eval``       -- one evaluation point: ``task``, the summary scores on the fixed subsets (``A_KA``, ``A_ZS``,
+                    ``GM``) and one value per dataset under ``ds/<role>/<dataset>/<metric>``; where the full test sets
+                    were evaluated too, their scores as ``full_A_KA``... and ``full/<role>/<dataset>/<metric>``;
 * ``checkpoint`` -- a checkpoint was taken at cursor (``task``, ``step``); carries the newest summary scores, so a
                     searcher always reads the latest values;
 * ``done``       -- the stream finished (the run's final report, with the last summary scores);
@@ -22,7 +23,9 @@ from typing import Any, Mapping
 
 KIND = "kind"  # the key every report carries
 SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
-DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>"
+DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>" (the fixed subsets)
+FULL_PREFIX = "full/"  # the same on the full test sets: "full/<role>/<dataset>/<metric>"
+FULL_SUMMARY = "full_"  # full_A_KA, full_A_ZS, full_GM
 
 
 class ReportKind(str, Enum):
@@ -35,11 +38,14 @@ class ReportKind(str, Enum):
 
 
 # --------------------------------------------------------------------------------------------------- encode
-def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float]) -> dict[str, Any]:
+def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float],
+                full_summary: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The flat result reported to Ray for one evaluation point (Tune keeps one row per report)."""
-    out: dict[str, Any] = {KIND: ReportKind.EVAL.value, "task": int(task), **summary}
+    out: dict[str, Any] = {KIND: ReportKind.EVAL.value, "task": int(task), **summary,
+                           **{f"{FULL_SUMMARY}{k}": v for k, v in (full_summary or {}).items()}}
     for r in records:
-        out[f"{DATASET_PREFIX}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
+        prefix = FULL_PREFIX if r.get("eval_set", "subset") == "full" else DATASET_PREFIX
+        out[f"{prefix}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
     return out
 
 
@@ -81,9 +87,13 @@ def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Inverse of :func:`eval_report`'s per-dataset part: tidy records (dataset, role, metric, value)."""
     out = []
     for key, value in report.items():
-        if isinstance(key, str) and key.startswith(DATASET_PREFIX) and value == value:  # skip NaN fill-ins
-            role, dataset, metric = key[len(DATASET_PREFIX):].split("/", 2)
-            out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value)})
+        if not isinstance(key, str) or value != value:  # skip NaN fill-ins
+            continue
+        for prefix, eval_set in ((DATASET_PREFIX, "subset"), (FULL_PREFIX, "full")):
+            if key.startswith(prefix):
+                role, dataset, metric = key[len(prefix):].split("/", 2)
+                out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value),
+                            "eval_set": eval_set})
     return out
 
 

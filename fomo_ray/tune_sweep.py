@@ -30,14 +30,14 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 from ray import tune
 
-from fomo_ray import trial_report
+from fomo_ray import trial_cache, trial_report
 from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
-from fomo_ray.cost_estimate import (DeclaredDevice, cost_order, enumerated_trials, estimate_plan, estimate_rows,
+from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version
-from fomo_ray.sweep_spec import (SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec, check_search, grid_points,
-                                 identity_differences, plan_sweep, sweep_description, sweep_directory,
+from fomo_ray.sweep_spec import (REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec,
+                                 check_search, enumerated_dims, enumerated_trials, grid_points, identity_differences, plan_sweep, sweep_description, sweep_directory,
                                  sweep_identity, trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, with_estimates)
@@ -53,15 +53,17 @@ SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id and s
 # --------------------------------------------------------------------------------------------------- the space
 def to_tune(space: Mapping[str, Dim], search: str) -> dict[str, Any]:
     """The Tune param_space: grids (and points, by label) become grid_search; optuna, which samples, takes points
-    as a categorical and refuses grids."""
+    as a categorical and refuses grids. With reference trials every listed dimension also holds None (a reference
+    trial leaves it unset; the others have no reference)."""
     check_search(space, search)
     out: dict[str, Any] = {}
+    unset = [None] if any(d.kind == REFERENCES_KIND for d in space.values()) else []
     for key, d in space.items():
-        vals = [lbl for lbl, _ in d.values] if d.kind == "points" else list(d.values)
+        vals = [lbl for lbl, _ in d.values] if d.kind in ("points", REFERENCES_KIND) else list(d.values)
         if d.kind == "points" and search == "optuna":
             out[key] = tune.choice(vals)  # a categorical over the labelled bundles
-        elif d.kind in ("grid", "points"):
-            out[key] = tune.grid_search(vals)
+        elif d.kind in ("grid", "points", REFERENCES_KIND):
+            out[key] = tune.grid_search(vals + unset)
         elif d.kind == "choice":
             out[key] = tune.choice(vals)
         elif d.kind == "uniform":
@@ -96,6 +98,8 @@ class TrialSetup:
     sweep_name: str
     stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (fomo_ray/stopping.py)
     stop_board: str = ""                       # the name of its board actor
+    cache_commit: str = ""                     # reuse identical finished trials of this commit ("" = no reuse)
+    budgets: Mapping[str, Mapping[str, Any]] | None = None  # label -> the compute it spends (cost_estimate)
 
 
 class TuneSession:
@@ -151,10 +155,15 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         from fomo_ray.tracking import Tracker
 
         tracker = Tracker(setup.tracking_uri, cfg.tracking.experiment)
-        run_id = tracker.start_child(setup.parent_run_id, trial_id, trial_params(config, setup.space, cfg),
+        spent = (setup.budgets or {}).get(trial_label(config, enumerated_dims(setup.space)) or "trial", {})
+        run_id = tracker.start_child(setup.parent_run_id, trial_id, {**trial_params(config, setup.space, cfg), **spent},
                                      run_name=name, config=to_dict(cfg),
                                      tags={"fomo_ray.config_hash": cfg.config_hash(),
                                            "fomo_ray.sweep": setup.sweep_name})
+    cached = trial_cache.lookup(cfg, setup.cache_commit) if setup.cache_commit else None
+    if cached is not None:  # an identical trial finished before: its results, not a rerun
+        trial_cache.replay(cached, tune.report, tracker, run_id)
+        return
     train_root = ray_train.train_storage(setup.storage)
     payload = ray_train.RunPayload(
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
@@ -293,14 +302,16 @@ def _search_alg(spec: SweepSpec, seed: int, concurrency: int, starts: list[dict[
 
 def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[Any] = (), progress: bool = True,
               show_worker_logs: bool = False, stop_after_trials: int = 0,
-              device: DeclaredDevice | None = None) -> SweepResult:
+              device: DeclaredDevice | None = None, use_cache: bool = True) -> SweepResult:
     """Validate, prepare inputs, estimate, launch (or resume) and collect a sweep; write results, report and MLflow
     runs.
 
     Before launch it prints the cost estimate (``fomo_ray/cost_estimate.py``; timed on this machine, or on the
     declared ``device``), writes it to ``estimate.csv`` and the parent run, and starts trials longest first
-    (``spec.order``). ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a
-    restore drill). Returns with partial results when interrupted (no summary.json: rerunning resumes it).
+    (``spec.order``). An identical trial that finished before (``fomo_ray/trial_cache.py``; same config and seed,
+    same clean commit) is replayed, not rerun, unless ``use_cache`` is False; every trial that finishes is kept there.
+    ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a restore drill). Returns
+    with partial results when interrupted (no summary.json: rerunning resumes it).
     """
     t0 = time.time()
     plan = plan_sweep(spec)
@@ -333,10 +344,17 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
             _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
     print(estimate, flush=True)
     _save_csv(pd.DataFrame(estimate_rows(costs)), directory / ESTIMATE_FILE)
+    commit = trial_cache.cache_commit()
+    reused = trial_cache.reused_trials(plan, commit) if use_cache and commit else {}
+    if reused:
+        print(f"reusing {len(reused)} finished trial(s) from the trial cache {trial_cache.cache_root(base)} (same "
+              f"config and seed, commit {commit[:10]}; --no-cache runs them again): "
+              + "; ".join(f"{label} (from {src})" for label, src in reused.items()), flush=True)
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
                        sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
-                       stop_board=STOP_BOARD if spec.stopping else "")
+                       stop_board=STOP_BOARD if spec.stopping else "", cache_commit=commit if use_cache else "",
+                       budgets={c.label: budget_params(c) for c in costs})
     starts = [enumerated_trials(plan)[i] for i in cost_order(costs, spec.order)]
     history = _stopping_history(directory, spec) if resume else {}
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
@@ -354,6 +372,10 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     results, tidy, trials = collect_results(grid, plan.space)
     trials = with_estimates(trials, costs, plan)
+    if commit:
+        run_ids = {r.info.run_name: r.info.run_id for r in tracker.children(state["parent_run_id"])} \
+            if tracker is not None and state.get("parent_run_id") else {}
+        trial_cache.keep_finished(grid, plan, commit, directory.name, reused, run_ids)
     est = estimate_summary(costs, slots, spec.order).get("Estimate/wall_seconds")
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
@@ -504,14 +526,18 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         return []
     files = report.build_report(out.tidy, out.trials, out.directory / "report", x_key=spec.report_x)
     if tracker is not None:
-        from fomo_ray.tracking import sweep_metrics
+        from fomo_ray.aggregate import seeds_per_variant, variant_table
+        from fomo_ray.tracking import sweep_metrics, variant_metrics
 
         counts = status_counts(out.trials, out.total)
         saved = compute_saved(out.trials)
+        table = report.trial_table(out.tidy, out.trials)
+        per_variant = variant_metrics(variant_table(table).to_dict("records")) if seeds_per_variant(table) > 1 else {}
         tracker.log_metrics(out.parent_run_id, {
             **sweep_metrics(final_scores(out.results, out.trials),
                             {k: counts[k] for k in ("finished", "failed", "stopped")}),
-            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {})}, step=0)
+            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {}), **per_variant}, step=0)
+        # report/ holds variants.md and vs_baseline.md too when the sweep ran several seeds
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")
         for name in ("results.csv", "trials.csv", "tidy.csv"):
             if (out.directory / name).is_file():

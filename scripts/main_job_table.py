@@ -24,9 +24,18 @@ def commit(summary: dict) -> str:
     return str(summary.get("commit") or "not recorded")[:12]
 
 
+def variant(row) -> str:
+    """Its variant's label, or the reference it is (``references: true``), or the run's name."""
+    for key in ("variant", "reference"):
+        value = row.get(key)
+        if isinstance(value, str) and value:
+            return value
+    return str(row["run"])
+
+
 def label(row) -> str:
     """The trial as the study names it: its variant, the merge weight spelled out, joint marked as the bound."""
-    variant = str(row.get("variant", row["run"]))
+    variant = globals()["variant"](row)
     if variant.startswith("ema_w"):
         return f"ema_merge w={variant[len('ema_w'):]}"
     return "joint (upper bound)" if variant == "joint" else variant
@@ -40,7 +49,7 @@ def block(sweep_dir: Path) -> str:
         raise SystemExit(f"{sweep_dir} is not a finished sweep (no summary.json)")
     table = res.table
     order = {"zero_shot": 0, "finetune": 2, "joint": 3}
-    table = table.assign(_k=[order.get(str(v), 1) for v in table.get("variant", table["run"])])
+    table = table.assign(_k=[order.get(variant(r), 1) for _, r in table.iterrows()])
     table = table.sort_values(["_k", "run"])
     cfg = res.summary.get("identity", {}).get("config", {})
     lines = [f"What the main job showed on {os.cpu_count()} CPU cores ({time.strftime('%Y-%m-%d')}, commit {commit(res.summary)}, "

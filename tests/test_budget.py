@@ -301,3 +301,22 @@ def test_a_new_regulariser_is_charged_through_its_own_hooks(cfg, spec, monkeypat
     assert toy.elementwise_gflops == pytest.approx((B.ADAMW_FLOPS_PER_PARAM + 4.0) * toy.trainable_params / 1e9)
     assert toy.peak_bytes > ft.peak_bytes + 4 * toy.trainable_params  # its anchor is held during training
     assert B.steps_per_task(cfg, "toy_anchor", 10, **kw) < B.steps_per_task(cfg, "finetune", 10, **kw)
+
+
+def test_a_reference_backbone_gives_every_backbone_the_steps_of_the_same_compute(tmp_path):
+    """Issue 17, item 4: with budget.reference_backbone a task's budget is fine-tuning the reference for steps_ft
+    steps; a larger backbone gets the fewer steps that spend it, and so does every method on it."""
+    from fomo_ray.budget import maf, method_record, steps_per_task
+    from fomo_ray.config import load_config
+
+    cfg = load_config(None, {"budget.cache_dir": str(tmp_path), "stream.num_tasks": 4, "budget.total_ft_steps": 400,
+                             "mixture.batch_size": 8, "budget.reference_backbone": "fomo-tiny-s"})
+    m = cfg.replace({"backbone.name": "fomo-tiny-m"})
+    ft_s, ft_m = (method_record(c, "finetune", device="cpu") for c in (cfg, m))
+    assert steps_per_task(cfg, "finetune", 4, device="cpu") == 100  # the reference itself: steps_ft
+    fair = 100 * ft_s.step_gflops / ft_m.step_gflops
+    assert steps_per_task(m, "finetune", 4, device="cpu") == int(fair) < 100
+    lora_m = method_record(m.replace({"method.name": "lora"}), "lora", device="cpu")
+    assert steps_per_task(m, "lora", 4, device="cpu") == int(fair * maf(ft_m, ft_m) / maf(lora_m, ft_m))
+    assert steps_per_task(m.replace({"budget.reference_backbone": ""}), "finetune", 4, device="cpu") == 100
+    assert steps_per_task(m.replace({"budget.mode": "equal_steps"}), "lora", 4, device="cpu") == int(fair)

@@ -368,3 +368,34 @@ def test_main_refusing_bad_input_leaves_no_run_directory(tiny_cfg, capsys, tmp_p
     assert main(overrides) == 2
     assert "missing_stream.json" in capsys.readouterr().err
     assert not (tmp_path / "runs" / run_name(cfg)).exists()
+
+
+# --------------------------------------------------------------------------------------------------- one eval set
+def test_eval_plan_puts_every_point_on_the_subsets_and_the_full_sets_where_asked(tiny_cfg):
+    from fomo_ray.assembly import eval_plan
+
+    assert eval_plan(4, tiny_cfg(**{"evaluation.full_at_ends": True})) == {0: True, 1: False, 2: False, 3: False,
+                                                                          4: True}
+    assert eval_plan(4, tiny_cfg(**{"evaluation.every_n_tasks": 2, "evaluation.full_every_n_tasks": 2})) == {
+        0: True, 2: True, 4: True}
+    assert eval_plan(3, tiny_cfg()) == {0: False, 1: False, 2: False, 3: False}
+
+
+def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tiny_cfg):
+    """Issue 17, item 1: every point on the same fixed subsets (the retrieval gallery too); the full test sets at the
+    ends under their own eval_set, never mixed into the trajectory or the scores."""
+    from fomo_ray.metrics import forgetting, summarize
+
+    cfg = tiny_cfg(**{"method.name": "zero_shot", "stream.num_tasks": 3, "evaluation.full_at_ends": True})
+    df = run_stream(cfg)
+    assert set(df["eval_set"]) == {"subset", "full"}
+    sub = df[df["eval_set"] == "subset"]
+    assert sorted(sub["task"].unique()) == [0, 1, 2, 3]
+    per_point = sub.pivot_table(index=["dataset", "metric"], columns="task", values="value")
+    assert (per_point.nunique(axis=1) == 1).all(), per_point  # identical at every point, every dataset and metric
+    assert sorted(df.loc[df["eval_set"] == "full", "task"].unique()) == [0, 3]
+    traj = summarize(df)
+    assert traj[["A_KA", "A_ZS", "GM"]].nunique().eq(1).all()
+    assert summarize(df, "full")["task"].tolist() == [0, 3]
+    f = forgetting(df)
+    assert f["forgetting"].eq(0.0).all() and f["backward_transfer"].dropna().eq(0.0).all()

@@ -12,7 +12,7 @@ import torch
 from fomo_ray import loop, ray_train, trial_report
 from fomo_ray.checkpoint import load_state
 from fomo_ray.config import load_config
-from fomo_ray.metrics import tidy_frame
+from fomo_ray.metrics import point_summary, tidy_frame
 from fomo_ray.tracking import TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
 from _data_util import SCALE, small_fifmini
@@ -21,10 +21,15 @@ from _edges_util import Fault, register_by_value, train_worker_in_worker
 def test_pure_helpers():
     rec = [{"dataset": "D", "role": "adapt", "metric": "R@5", "value": 0.5},
            {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.25}]
-    rep = trial_report.eval_report(3, rec, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35})
+    full = [{**r, "value": r["value"] / 2, "eval_set": "full"} for r in rec]
+    rep = trial_report.eval_report(3, rec + full, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35}, {"GM": 0.2})
     assert rep["kind"] == "eval" and rep["task"] == 3 and rep["ds/adapt/D/R@5"] == 0.5
-    assert trial_report.records_from_report({**rep, "ds/eval/X/top1": float("nan")}) == rec  # NaN fill-ins dropped
-    assert ray_train.summary_of(rec, "r", 3) == pytest.approx({"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.25 ** 0.5 * 0.5 ** 0.5})
+    assert (rep["full/adapt/D/R@5"], rep["full_GM"]) == (0.25, 0.2)  # the full sets under their own names
+    back = trial_report.records_from_report({**rep, "ds/eval/X/top1": float("nan")})  # NaN fill-ins dropped
+    assert back == [{**r, "eval_set": "subset"} for r in rec] + full
+    assert point_summary(back) == pytest.approx({"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.25 ** 0.5 * 0.5 ** 0.5})
+    assert point_summary(back, "full") == pytest.approx({"A_KA": 0.25, "A_ZS": 0.125, "GM": 0.125 ** 0.5 * 0.25 ** 0.5})
+    assert point_summary(rec, "full") == {}
     assert ray_train.checkpoint_name(2, 40) == "cursor_t002_s0000040"
     cfg = load_config(None, {"ray.num_workers": 4, "ray.min_workers": 2, "ray.gpus_per_worker": 1.0})
     sc = ray_train.scaling_config(cfg)

@@ -276,7 +276,8 @@ def _stand_in_trials(monkeypatch, runner):
 
 def _unit_costs(plan, device=None, store=True):
     """Every trial costs the same (a stand-in trial has no model to measure): the grid's order is kept."""
-    from fomo_ray.cost_estimate import TrialCost, enumerated_trials
+    from fomo_ray.cost_estimate import TrialCost
+    from fomo_ray.sweep_spec import enumerated_trials
 
     fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
     return [TrialCost(sweep_spec.trial_label(c, fixed), "stand-in", "stand-in", 1, 1, 1.0, 1.0, 1.0)
@@ -671,3 +672,44 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     assert 0 < parent.data.metrics["Sweep/compute_saved"] < 100
     assert parent.data.metrics["Estimate/train_gflops"] == pytest.approx(est["train_gflops"].sum(), rel=1e-3)
     assert parent.data.params["sweep.order"] == "cost"
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local, tmp_path, tmp_path_factory,
+                                                                      monkeypatch, capsys):
+    """Issue 17, item 3: a later sweep replays the finished trials it shares with an earlier one (same config and
+    seed, same commit), with the same numbers, says so, and tags their MLflow runs; its new trial runs."""
+    from _data_util import SCALE, small_fifmini
+
+    from fomo_ray import trial_cache
+    from fomo_ray.tracking import Tracker
+
+    monkeypatch.setattr(trial_cache, "cache_commit", lambda: "ab" * 20)  # the tree under test may be uncommitted
+    bench = small_fifmini(tmp_path_factory)
+    base = {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
+            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 4, "mixture.batch_size": 16,
+            "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
+            "ray.cpus_per_worker": 1.0}
+    first = sweep.run_sweep(spec_from_dict({"name": "c1", "references": ["zero_shot"], "base": base,
+                                            "space": {"optimizer.lr": {"grid": [1e-3]}}}))
+    assert set(first.trials["status"]) == {"finished"}
+    capsys.readouterr()
+    second = sweep.run_sweep(spec_from_dict({"name": "c2", "references": ["zero_shot"], "base": base,
+                                             "space": {"optimizer.lr": {"grid": [1e-3, 3e-4]}}}))
+    out = capsys.readouterr().out
+    assert "reusing 2 finished trial(s)" in out and "zero_shot (from c1/" in out and "lr=0.001 (from c1/" in out
+    assert set(second.trials["status"]) == {"finished"} and len(second.trials) == 3
+
+    def by_label(res):
+        t = res.tidy.merge(res.trials[["run"]], on="run")
+        return {run.split("-", 1)[1]: g.drop(columns="run").sort_values(["task", "dataset", "metric", "eval_set"])
+                .reset_index(drop=True) for run, g in t.groupby("run")}
+
+    a, b = by_label(first), by_label(second)
+    for label in ("zero_shot", "lr=0.001"):
+        pd.testing.assert_frame_equal(a[label], b[label])  # replayed: exactly the first sweep's numbers
+    tracker = Tracker(second.tracking_uri, "fomo_ray")
+    tags = {r.info.run_name.split("-", 1)[1]: r.data.tags for r in tracker.children(second.parent_run_id)}
+    assert tags["zero_shot"][trial_cache.SOURCE_TAG].startswith("c1/")
+    assert trial_cache.SOURCE_TAG not in tags["lr=0.0003"]

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 from fomo_ray.cli.text import Parser
 from fomo_ray.config import ConfigError, parse_override
-from fomo_ray.sweep_spec import SweepError, SweepSpec, grid_points, load_sweep, parse_space, plan_sweep, trial_label
+from fomo_ray.sweep_spec import (SweepError, SweepSpec, enumerated_dims, grid_points, load_sweep, plan_sweep,
+                                 trial_label)
 
 #: flag -> dotted config key (values are typed by argparse, validated by the config tree)
 FLAG_KEYS: dict[str, str] = {
@@ -67,12 +68,18 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="validate, list the trials and print their cost estimate; start nothing, write nothing")
     g.add_argument("--order", choices=["cost", "fifo"],
                    help="start order: longest trial first by estimated cost (default), or the grid's order")
+    g.add_argument("--seeds", type=int, metavar="N",
+                   help="run every variant over N seeds (seed, seed+1, ...); the report adds means and 95%% "
+                        "confidence intervals per variant and paired differences to fine-tuning")
     g = ap.add_argument_group("cost estimate (default: timed on this machine's device)")
     g.add_argument("--device-tflops", type=float,
                    help="estimate for a declared device of this peak TFLOP/s at the run's precision instead, "
                         "e.g. 989 for an H100 in bf16 (with --mfu)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation the declared device reaches, e.g. 0.4")
     g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
+    g.add_argument("--no-cache", action="store_true",
+                   help="run every trial, also one that an identical finished trial in OUTPUT_DIR/trial_cache "
+                        "(same config and seed, same clean commit) would replay")
 
 
 def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpec:
@@ -85,7 +92,7 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpe
     if args.no_mlflow:
         extra["tracking.enabled"] = False
     spec = load_sweep(sweep_file, extra)
-    changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer", "order")
+    changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer", "order", "seeds")
                if getattr(args, k, None) is not None}
     return replace(spec, **changes) if changes else spec
 
@@ -113,8 +120,8 @@ def print_dry_run(spec: SweepSpec, device: Any = None) -> None:
         check_reachable(resolve_uri(plan.base.tracking.uri, plan.base.output_dir), create=False)
     print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
           f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
-    space = parse_space(spec.space)
-    fixed = {k: d for k, d in space.items() if d.kind in ("grid", "points")}
+    space = plan.space  # the spec's space plus the seeds dimension (seeds > 1)
+    fixed = enumerated_dims(space)
     for combo in grid_points(fixed):
         print(f"  {trial_label(combo, fixed)}")
     for k, d in space.items():
@@ -147,7 +154,8 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
 
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
-        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device)
+        out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device,
+                        use_cache=not args.no_cache)
     except (ConfigError, SweepError, TrackingError, EstimateError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 2
@@ -169,9 +177,12 @@ def print_summary(out: Any) -> None:
 
     print()
     if not out.tidy.empty:
-        print(format_table(trial_table(out.tidy, out.trials)))
-        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both only "
+        table = trial_table(out.tidy, out.trials)
+        print(format_table(table))
+        print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both on "
+              "the fixed subsets every point shares; full-set = the full test sets after the last task; all only "
               "for finished trials; * = on the A_KA/A_ZS Pareto front of the finished trials)")
+        print_variants(table)
     failed = out.trials[out.trials["status"] == "failed"] if not out.trials.empty else out.trials
     for _, r in failed.iterrows():
         print(f"FAILED {r['run']}: {r['reason']}")
@@ -195,6 +206,22 @@ def print_summary(out: Any) -> None:
         if out.tracking_uri.endswith(DB_NAME):
             out_dir = Path(out.tracking_uri[len("sqlite:///"):]).parent
             print(f"  browse with       fomo-ray ui --output-dir {out_dir}")
+
+
+def print_variants(table: Any) -> None:
+    """With several seeds per variant: the variants' means ± 95% confidence intervals, and each variant minus
+    fine-tuning paired by seed (``fomo_ray.aggregate``); nothing for a single-seed sweep."""
+    from fomo_ray.aggregate import compare_to_baseline, seeds_per_variant, variant_table
+    from fomo_ray.report import format_comparison, format_variants
+
+    if seeds_per_variant(table) < 2:
+        return
+    print()
+    print(format_variants(variant_table(table)))
+    print("(percent; mean over the finished seeds ± the half-width of its 95% Student-t confidence interval)")
+    print()
+    print(format_comparison(*compare_to_baseline(table)))
+    print("(percentage points: variant minus baseline, paired by seed over the seeds both finished, ± 95% CI)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
