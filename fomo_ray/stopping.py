@@ -8,6 +8,7 @@ trial posts the trajectory mean of ``metric`` over its points 0..t and learns wh
   median stopping rule of Golovin et al. 2017, "Google Vizier", on running means).
 
 Only trials that already reached the point are compared, and only once ``min_trials`` (this one included) have. The
+reference trials (``references:``: zero-shot, fine-tune, joint) are left out: never stopped, never compared with. The
 trial then leaves its loop through the ``should_stop`` hook, at a task boundary, with its checkpoint and partial
 trajectory; no scheduler kills its workers. The decision depends on which trials reached the point first, so with
 concurrent trials it can differ between two runs of a sweep; every decision is written down with its numbers.

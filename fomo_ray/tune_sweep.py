@@ -36,9 +36,10 @@ from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version
-from fomo_ray.sweep_spec import (REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan, SweepSpec,
-                                 check_search, enumerated_dims, enumerated_trials, grid_points, identity_differences, plan_sweep, sweep_description, sweep_directory,
-                                 sweep_identity, trial_label, trial_name, trial_overrides)
+from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
+                                 SweepSpec, check_search, enumerated_dims, enumerated_trials, grid_points,
+                                 identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
+                                 trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, with_estimates)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
@@ -171,7 +172,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         # where Ray persists the checkpoints: Train runs under <storage>/train/<trial id>, Tune function trials under
         # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
         storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}",
-        stopping=setup.stopping, stop_board=setup.stop_board)
+        # a reference trial (references:) is never stopped, and never a trial the others are compared with
+        stopping=None if config.get(REFERENCE_KEY) else setup.stopping, stop_board=setup.stop_board)
     session = TuneSession()
     try:
         if setup.use_train:

@@ -619,27 +619,30 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     bench = small_fifmini(tmp_path_factory)
     rule = {"rule": "trails_best", "min_tasks": 1, "margin": 0.0, "min_trials": 2}
     spec = spec_from_dict({
-        "name": "stops", "stopping": rule,
+        "name": "stops", "stopping": rule, "references": ["zero_shot"],
         "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
                  "backbone.pretrained": "", "stream.num_tasks": 3, "budget.total_ft_steps": 9,
                  "mixture.batch_size": 16, "evaluation.subset_min": 20, "data.num_workers": 1,
                  "budget.cache_dir": str(tmp_path / "budget"), "ray.cpus_per_worker": 1.0,
                  "ray.max_concurrent_trials": 1},  # one at a time: the start order is the comparison order
-        "space": {"variant": {"points": {"zs": {"method.name": "zero_shot"},
-                                         "lr3": {"method.name": "finetune", "optimizer.lr": 1e-3},
+        "space": {"variant": {"points": {"lr3": {"method.name": "finetune", "optimizer.lr": 1e-3},
                                          "lr2": {"method.name": "finetune", "optimizer.lr": 1e-2},
                                          "lr1": {"method.name": "finetune", "optimizer.lr": 1e-1}}}}})
     out = sweep.run_sweep(spec)
     trials = out.trials.set_index("run")
-    # cost order: the zero-shot trial (evaluation only) is the cheapest and starts last, though first in the grid
-    assert sorted(trials.index)[-1].endswith("-zs")
+    # cost order: the zero-shot reference (evaluation only) is the cheapest and starts last
+    assert sorted(trials.index)[-1].endswith("-zero_shot")
     est = pd.read_csv(out.directory / sweep.ESTIMATE_FILE).set_index("label")
-    assert est.loc["zs", "steps"] == 0 and (est.drop("zs")["steps"] == 9).all()
-    assert (est.loc["zs", "train_gflops"], est.loc["zs", "est_s"] > 0) == (0, True)
+    assert est.loc["zero_shot", "steps"] == 0 and (est.drop("zero_shot")["steps"] == 9).all()
+    assert (est.loc["zero_shot", "train_gflops"], est.loc["zero_shot", "est_s"] > 0) == (0, True)
+    # a reference trial is never stopped nor compared with: it runs to the end, and the replay leaves it out
+    zs = [r for r in trials.index if r.endswith("-zero_shot")]
+    assert trials.loc[zs, "status"].tolist() == ["finished"]
+    trials = trials.drop(zs)
     assert trials["est_s"].notna().all() and (trials["wall_s"] > 0).all()
 
     # replay the pure rule over the trajectories in start order: every decision the sweep took, and only those
-    history = history_from_results(out.results, "GM")
+    history = history_from_results(out.results[~out.results["run"].isin(zs)], "GM")
     board: dict[str, dict[int, float]] = {}
     expected = {}
     for run in sorted(history):
