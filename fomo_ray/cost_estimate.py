@@ -250,7 +250,7 @@ def format_estimate(costs: Sequence[TrialCost], slots: int | None, source: str, 
         lines.append(f"  on {slots} slot(s): est. sweep wall time {_duration(makespan(durations, slots, starts))} "
                      f"(bound max(total/K, longest) = {_duration(makespan_bound(durations, slots))})")
     if None in evals:
-        lines.append("  eval ?: the benchmark is not built yet (a real run builds it first)")
+        lines.append("  eval ?: the benchmark is not built yet (a real run builds it first); the times leave evaluation out")
     if total_s is None:
         lines.append("  time ?: no throughput for these trials here; declare one with --device-tflops and --mfu")
     return "\n".join(lines)

@@ -190,11 +190,7 @@ def pareto_figure(table: pd.DataFrame) -> plt.Figure:
                     xytext=(3, 3), textcoords="offset points")
     front = table[table["pareto"]].sort_values("final_A_KA")
     ax.plot(100 * front["final_A_KA"], 100 * front["final_A_ZS"], c="C3", lw=1, label="Pareto front")
-    ax.set_xlabel("final A_KA (%)")
-    ax.set_ylabel("final A_ZS (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return fig
+    return _pareto_axes(fig, ax, "final A_KA (%)", "final A_ZS (%)")
 
 
 def plot_vs_key(table: pd.DataFrame, key: str, path: Path) -> Path:
@@ -223,7 +219,8 @@ def vs_key_figure(table: pd.DataFrame, key: str) -> plt.Figure:
 
 
 def _ref_label(r: pd.Series) -> str:
-    return str(r.get("variant") if isinstance(r.get("variant"), str) else r["run"])
+    """A reference line's name: its point's label (``variant``), the reference it is (``references:``), or its run."""
+    return next((str(r[k]) for k in ("variant", "reference") if isinstance(r.get(k), str)), str(r["run"]))
 
 
 def _bars(ci: Sequence[float]) -> list[float]:
@@ -244,8 +241,13 @@ def variant_pareto_figure(variants: pd.DataFrame) -> plt.Figure:
                     fontsize=7, xytext=(3, 3), textcoords="offset points")
     pts = v[front].sort_values("final_A_KA_mean")
     ax.plot(100 * pts["final_A_KA_mean"], 100 * pts["final_A_ZS_mean"], c="C3", lw=1, label="Pareto front of means")
-    ax.set_xlabel("final A_KA (%), mean over seeds ± 95% CI")
-    ax.set_ylabel("final A_ZS (%), mean over seeds ± 95% CI")
+    return _pareto_axes(fig, ax, "final A_KA (%), mean over seeds ± 95% CI",
+                        "final A_ZS (%), mean over seeds ± 95% CI")
+
+
+def _pareto_axes(fig: plt.Figure, ax: plt.Axes, xlabel: str, ylabel: str) -> plt.Figure:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig

@@ -381,7 +381,7 @@ def test_eval_plan_puts_every_point_on_the_subsets_and_the_full_sets_where_asked
     assert eval_plan(3, tiny_cfg()) == {0: False, 1: False, 2: False, 3: False}
 
 
-def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tiny_cfg):
+def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tiny_cfg, tmp_path, capsys):
     """Issue 17, item 1: every point on the same fixed subsets (the retrieval gallery too); the full test sets at the
     ends under their own eval_set, never mixed into the trajectory or the scores."""
     from fomo_ray.metrics import forgetting, summarize
@@ -399,3 +399,10 @@ def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tin
     assert summarize(df, "full")["task"].tolist() == [0, 3]
     f = forgetting(df)
     assert f["forgetting"].eq(0.0).all() and f["backward_transfer"].dropna().eq(0.0).all()
+    from fomo_ray.cli.score import main as score
+    from fomo_ray.metrics import save_results
+
+    assert score([str(save_results(df, tmp_path / "zs.csv"))]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in set(df["dataset"])]
+    assert len(rows) == df["dataset"].nunique() and all(r[5] == "0.00" for r in rows), out  # the forget column

@@ -231,7 +231,7 @@ def test_experiment_dry_run_cli():
 def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
     assert sweep_cli.main([path, "--dry-run", "--no-mlflow", "method.merge.weight=0.3"]) == 0
-    assert "budgets: 12 trial(s)" in capsys.readouterr().out
+    assert "budgets: 14 trial(s)" in capsys.readouterr().out  # 4 budgets x 3 methods + zero-shot and joint
     assert sweep_cli.main([path, "method.merge.weight=3", "--dry-run", "--no-mlflow"]) == 2
     assert "method.merge.weight" in capsys.readouterr().err
 

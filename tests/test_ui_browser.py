@@ -1,8 +1,8 @@
 """The MLflow view of a real sweep, rendered by a real browser: a tiny sweep logs to MLflow, `fomo-ray ui` serves
 it, and headless Chromium renders the address `fomo-ray ui` prints (the runs table of the study view) and a trial's
 chart page. Checks what a person sees: the training view, not MLflow 3's GenAI page; every trial with its
-A_KA / A_ZS / GM in percent, the same numbers as the results table; the chart sections Summary, then Training, then
-the per-dataset ones. Skipped without a ``chromium`` binary (Debian package ``chromium``)."""
+A_KA / A_ZS / GM in percent, the same numbers as the results table; the chart sections Summary, then Summary_full (the
+full test sets at the ends), then Training, then the per-dataset ones. Skipped without a ``chromium`` binary (Debian package ``chromium``)."""
 from __future__ import annotations
 
 import html
@@ -163,6 +163,8 @@ def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui)
     _, text = rendered(page, ["Summary", "Training"])
     # a section's title is followed by its chart count, "(3)"; the tab "Model metrics" is not
     sections = [t for t, after in zip(text, text[1:]) if re.fullmatch(r"\(\d+\)", after)]
-    assert sections[:2] == ["Summary", "Training"], sections
+    # the trajectory's summary, then the full test sets' (at the ends), then the training signal
+    assert sections[:3] == ["Summary", "Summary_full", "Training"], sections
     assert len([s for s in sections if s.startswith("datasets/")]) == len(set(out.tidy["dataset"]))
+    assert len([s for s in sections if s.startswith("datasets_full/")]) == len(set(out.tidy["dataset"]))
     assert "Model metrics" not in sections[:-1], "unprefixed metrics would form a section"

@@ -1,0 +1,95 @@
+"""Check the paper's qualitative findings on this engine's own results (Roth et al. 2024, arXiv 2408.14471).
+
+Runs each study that tests a finding over ``--seeds`` seeds (``runs/sweeps/findings_<study>``; a finished one is read,
+an interrupted one resumed, and the trial cache replays trials other sweeps already finished), then prints, per
+finding, the effect with its 95% Student-t interval over the seeds and whether FiF-mini confirms it
+(``fomo_ray/findings.py``). ``--write-readme`` puts the table, with the date and commit, into README.md between
+``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the engine shows: nothing here is tuned to
+agree with the paper. Usage::
+
+    python experiments/check_findings.py [--seeds 3] [--studies merge_weights methods ...] [--write-readme]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+START, END = "<!-- findings:start -->", "<!-- findings:end -->"
+
+
+def study_table(study: str, seeds: int, overrides: dict, output_dir: str):
+    """The trial table of ``findings_<study>``: read when finished, else run (or resumed) over ``seeds`` seeds."""
+    import fomo_ray
+
+    name = f"findings_{study}"
+    directory = Path(output_dir) / "sweeps" / name
+    if (directory / "summary.json").is_file():
+        return fomo_ray.load_results(directory).table
+    res = fomo_ray.sweep(CONFIGS / f"sweep_{study}.yaml", name=name, seeds=seeds, resume=directory.is_dir(),
+                         overrides={**overrides, "output_dir": output_dir})
+    if res.interrupted:
+        raise SystemExit(f"{name} was interrupted; rerun this command to resume it")
+    return res.table
+
+
+def rows_for(studies: list[str], seeds: int, output_dir: str) -> list[dict]:
+    from fomo_ray.findings import FINDINGS, check, order_vs_method
+
+    rows = []
+    for f in FINDINGS:
+        if f.study in studies:
+            rows += check(f, study_table(f.study, seeds, dict(f.overrides), output_dir))
+    if "stream_orders" in studies:
+        rows += order_vs_method(study_table("stream_orders", seeds, {}, output_dir))
+    return rows
+
+
+def markdown(rows: list[dict], seeds: int) -> str:
+    from fomo_ray.provenance import code_version
+
+    version, commit = code_version()
+    head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
+            f"commit {commit[:12]}{' with uncommitted changes' if version.endswith('+changes') else ''}, "
+            f"{os.cpu_count()} CPU cores; effects in percent points, mean over seeds ± 95% CI):", "",
+            "| finding | effect (study) | paper | this engine | verdict |", "| --- | --- | --- | --- | --- |"]
+    body = []
+    for r in rows:
+        value = "n/a" if r["mean"] != r["mean"] else (
+            f"{100 * r['mean']:+.1f}" + ("" if r["ci"] != r["ci"] else f" ± {100 * r['ci']:.1f}") + f" (n={r['n_seeds']})")
+        body.append(f"| {r['claim']} | {r['effect']} ({r['study']}) | {r['paper']} | {value} | {r['verdict']} |")
+    return "\n".join(head + body)
+
+
+def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
+    body = readme.read_text()
+    if START not in body or END not in body:
+        raise SystemExit(f"{readme} has no {START} ... {END} block")
+    before, rest = body.split(START, 1)
+    readme.write_text(before + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fomo_ray.findings import FINDINGS
+
+    studies = sorted({f.study for f in FINDINGS} | {"stream_orders"})
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
+    ap.add_argument("--studies", nargs="+", choices=studies, default=studies, help="which studies to run or read")
+    ap.add_argument("--output-dir", default="runs", help="where the sweeps and the trial cache live")
+    ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    text = markdown(rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve())), a.seeds)
+    print(text)
+    if a.write_readme:
+        write_readme(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
