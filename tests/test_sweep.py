@@ -312,7 +312,9 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
     assert res.groupby("run")["task"].apply(list).to_dict() == {"000-finetune": [0, 1, 2], "001-ema": [0, 1, 2]}
     assert res.loc[res["run"] == "001-ema", "method.merge.weight"].eq(0.5).all()
-    assert out.tidy.groupby(["run", "task"]).size().eq(len(out.tidy.query("run == '000-finetune' and task == 0"))).all()
+    sub = out.tidy[out.tidy["eval_set"] == "subset"]  # every point on the same subsets, the full sets at the ends
+    assert sub.groupby(["run", "task"]).size().eq(len(sub.query("run == '000-finetune' and task == 0"))).all()
+    assert sorted(out.tidy.loc[out.tidy["eval_set"] == "full", "task"].unique()) == [0, 2]
     # both trials start from the same theta_0: identical zero-shot points
     zs = res[res["task"] == 0].set_index("run")[["A_KA", "A_ZS", "GM"]]
     assert zs.iloc[0].tolist() == zs.iloc[1].tolist()
