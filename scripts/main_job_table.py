@@ -56,10 +56,10 @@ def block(sweep_dir: Path) -> str:
              f"`scripts/main_job_table.py`; {res.summary.get('wall_s', 0) / 60:.1f} min for the {len(table)} trials "
              f"once data and base were cached; T = {cfg.get('stream.num_tasks', '?')}, lr {cfg.get('optimizer.lr', '?')}"
              f", the tiny base; percent):", "",
-             "| trial | status | final A_KA | final A_ZS | final GM | trajectory-mean GM |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| trial | status | final A_KA | final A_ZS | final GM | trajectory-mean GM | final GM, full test sets |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for _, r in table.iterrows():
-        scores = [r["final_A_KA"], r["final_A_ZS"], r["final_GM"], r["mean_GM"]]
+        scores = [r["final_A_KA"], r["final_A_ZS"], r["final_GM"], r["mean_GM"], r.get("full_GM", float("nan"))]
         lines.append(f"| {label(r)} | {r['status']} | " + " | ".join(
             "n/a" if s != s else f"{100 * s:.1f}" for s in scores) + " |")
     return "\n".join(lines)
