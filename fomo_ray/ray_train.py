@@ -129,7 +129,8 @@ class _Bridge:
     def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
         self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
         self.rank0 = session.rank == 0
-        self.last_point = planned_tasks(p.cfg)  # the final evaluation point: never a stopping point
+        # the final evaluation point, never a stopping point (only needed, and only built, under a stopping rule)
+        self.last_point = planned_tasks(p.cfg) if p.stopping else 0
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
         self.steps = None  # the per-step training signal (tracking.StepLogger): rank 0, when tracked and asked for

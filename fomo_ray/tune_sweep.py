@@ -357,7 +357,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
                        sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
                        stop_board=STOP_BOARD if spec.stopping else "", cache_commit=commit if use_cache else "",
                        budgets={c.label: budget_params(c) for c in costs})
-    starts = [enumerated_trials(plan)[i] for i in cost_order(costs, spec.order)]
+    enumerated = enumerated_trials(plan)
+    starts = [enumerated[i] for i in cost_order(costs, spec.order)]
     history = _stopping_history(directory, spec) if resume else {}
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
     cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks, attempts=attempts)] if progress else [])
