@@ -50,11 +50,10 @@ def rows_for(studies: list[str], seeds: int, output_dir: str) -> list[dict]:
 
 
 def markdown(rows: list[dict], seeds: int) -> str:
-    from fomo_ray.provenance import code_version
+    from fomo_ray.provenance import commit_stamp
 
-    version, commit = code_version()
     head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
-            f"commit {commit[:12]}{' with uncommitted changes' if version.endswith('+changes') else ''}, "
+            f"{commit_stamp()}, "
             f"{os.cpu_count()} CPU cores; effects in percent points, mean over seeds ± 95% CI):", "",
             "| finding | effect (study) | paper | this engine | verdict |", "| --- | --- | --- | --- | --- |"]
     body = []
@@ -66,11 +65,9 @@ def markdown(rows: list[dict], seeds: int) -> str:
 
 
 def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
-    body = readme.read_text()
-    if START not in body or END not in body:
-        raise SystemExit(f"{readme} has no {START} ... {END} block")
-    before, rest = body.split(START, 1)
-    readme.write_text(before + START + "\n" + text + "\n" + END + rest.split(END, 1)[1])
+    from fomo_ray.provenance import write_block
+
+    write_block(readme, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

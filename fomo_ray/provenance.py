@@ -32,3 +32,21 @@ def code_version() -> tuple[str, str]:
     except (OSError, subprocess.SubprocessError):  # no git on this machine
         return version, "unknown"
     return version, head.stdout.strip() + ("+changes" if dirty else "")
+
+
+def commit_stamp() -> str:
+    """How a generated table names the code it ran: ``commit <12 hex>``, plus ``with uncommitted changes`` when the
+    checkout differed from that commit."""
+    commit = code_version()[1]
+    return f"commit {commit[:12]}" + (" with uncommitted changes" if commit.endswith("+changes") else "")
+
+
+def write_block(path: str | Path, start: str, end: str, text: str) -> None:
+    """Replace what lies between the markers ``start`` and ``end`` in the file ``path`` by ``text`` (the README's
+    generated tables: every number in them is the output of a script, never typed in)."""
+    path = Path(path)
+    body = path.read_text()
+    if body.count(start) != 1 or body.count(end) != 1:
+        raise SystemExit(f"{path} needs exactly one {start} ... {end} block")
+    before, rest = body.split(start, 1)
+    path.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")

@@ -66,11 +66,9 @@ def block(sweep_dir: Path) -> str:
 
 
 def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
-    body = readme.read_text()
-    if START not in body or END not in body:
-        raise SystemExit(f"{readme} has no {START} ... {END} markers")
-    head, rest = body.split(START, 1)
-    readme.write_text(f"{head}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
+    from fomo_ray.provenance import write_block
+
+    write_block(readme, START, END, text)
 
 
 def main(argv: list[str] | None = None) -> int:

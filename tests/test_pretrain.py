@@ -1,6 +1,7 @@
 """Base-model pretraining: recipe hashing, determinism, the checkpoint cache, and the real FiF-mini base."""
 import dataclasses
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -219,3 +220,51 @@ def test_base_is_a_meaningful_zero_shot_model(fifmini_base):
         assert table[k]["value"] <= 0.40, f"{k} already near its ceiling: nothing left to accumulate\n{report}"
     mean_gap = np.mean([table[k]["value"] - chance[k] for k in adapts])
     assert mean_gap <= 0.10, f"adaptation sets {mean_gap:.3f} above chance on average\n{report}"
+
+
+# --------------------------------------------------------------------------------------------------- the size ladder
+def test_pretraining_compute_grows_with_size():
+    """Issue 17: a real CLIP ladder spends more pretraining compute on a larger model (more FLOPs per step and at
+    least as many steps), so its base starts better; equal steps left fomo-tiny-m's base below fomo-tiny-s's."""
+    from fomo_ray.backbones import TINY_ARCHS
+    from fomo_ray.budget import measure_step
+    from fomo_ray.inputs import RECIPES
+
+    steps = [RECIPES[a].steps for a in TINY_ARCHS]
+    assert steps == sorted(steps) and steps[0] < steps[-1], steps
+    compute = []
+    for arch in TINY_ARCHS:
+        bb = create_backbone(arch)
+        m = measure_step(bb.model, list(bb.model.parameters()), 8, bb.image_size, bb.context_length)
+        compute.append(m.gflops / 8 * RECIPES[arch].batch_size * RECIPES[arch].steps)
+    assert compute == sorted(compute) and compute[1] > 2 * compute[0], compute
+
+
+def test_ladder_table_reads_each_cached_base(tiny_bench, tmp_path):
+    """scripts/ladder_table.py: one row per size with its recipe, counted pretraining PFLOPs and zero-shot scores,
+    written only between its README markers; a missing base names the command that makes it."""
+    import importlib.util
+
+    from fomo_ray.backbones import TINY_ARCHS
+
+    spec = importlib.util.spec_from_file_location("ladder_table", REPO / "scripts" / "ladder_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recipes = {a: dataclasses.replace(TINY_RECIPE, steps=2 + i) for i, a in enumerate(TINY_ARCHS)}
+    with pytest.raises(SystemExit, match="fomo-ray pretrain --all"):
+        script.ladder_rows(tiny_bench, recipes)
+    for arch in TINY_ARCHS:
+        pretrain.ensure_base_checkpoint(arch, tiny_bench, recipe=recipes[arch], progress=False, report=False)
+    rows = script.ladder_rows(tiny_bench, recipes)
+    assert [r["arch"] for r in rows] == list(TINY_ARCHS) and [r["steps"] for r in rows] == [2, 3, 4]
+    assert rows[0]["pflops"] < rows[1]["pflops"] < rows[2]["pflops"]
+    assert all(0 <= r["A_ZS"] <= 1 and r["eval"] == {"COLOURS": r["A_ZS"]} for r in rows)
+    text = script.markdown(rows)
+    assert re.search(r"\(\d{4}-\d\d-\d\d, commit [0-9a-f]{12}", text)
+    assert [line.split(" | ")[0] for line in text.splitlines()[-3:]] == [f"| {a}" for a in TINY_ARCHS]
+    readme = tmp_path / "README.md"
+    readme.write_text(f"a\n{script.START}\nold\n{script.END}\nb\n")
+    script.write_readme("new", readme)
+    assert readme.read_text() == f"a\n{script.START}\nnew\n{script.END}\nb\n"
+    real = (REPO / "README.md").read_text()
+    assert real.count(script.START) == 1 and "scripts/ladder_table.py" in real.split(script.START)[1]
