@@ -22,38 +22,48 @@ CONFIGS = REPO / "experiments" / "configs"
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 
-def study_table(study: str, seeds: int, overrides: dict, output_dir: str):
-    """The trial table of ``findings_<study>``: read when finished, else run (or resumed) over ``seeds`` seeds."""
+def study_results(study: str, seeds: int, overrides: dict, output_dir: str):
+    """The results of ``findings_<study>``: read when finished, else run (or resumed) over ``seeds`` seeds."""
     import fomo_ray
 
     name = f"findings_{study}"
     directory = Path(output_dir) / "sweeps" / name
-    if (directory / "summary.json").is_file():
-        return fomo_ray.load_results(directory).table
-    res = fomo_ray.sweep(CONFIGS / f"sweep_{study}.yaml", name=name, seeds=seeds, resume=directory.is_dir(),
-                         overrides={**overrides, "output_dir": output_dir})
-    if res.interrupted:
-        raise SystemExit(f"{name} was interrupted; rerun this command to resume it")
-    return res.table
+    if not (directory / "summary.json").is_file():
+        res = fomo_ray.sweep(CONFIGS / f"sweep_{study}.yaml", name=name, seeds=seeds, resume=directory.is_dir(),
+                             overrides={**overrides, "output_dir": output_dir})
+        if res.interrupted:
+            raise SystemExit(f"{name} was interrupted; rerun this command to resume it")
+    return fomo_ray.load_results(directory)
 
 
-def rows_for(studies: list[str], seeds: int, output_dir: str) -> list[dict]:
+def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict], dict[str, str]]:
+    """The finding rows, and per study the commit its sweep ran at (as its driver recorded it)."""
     from fomo_ray.findings import FINDINGS, check, order_vs_method
 
-    rows = []
-    for f in FINDINGS:
-        if f.study in studies:
-            rows += check(f, study_table(f.study, seeds, dict(f.overrides), output_dir))
-    if "stream_orders" in studies:
-        rows += order_vs_method(study_table("stream_orders", seeds, {}, output_dir))
-    return rows
+    rows, commits = [], {}
+    for f in [*FINDINGS, None]:
+        study = f.study if f else "stream_orders"
+        if study not in studies:
+            continue
+        res = study_results(study, seeds, dict(f.overrides) if f else {}, output_dir)
+        commits[study] = str(res.summary.get("commit") or "not recorded")
+        rows += check(f, res.table) if f else order_vs_method(res.table)
+    return rows, commits
 
 
-def markdown(rows: list[dict], seeds: int) -> str:
-    from fomo_ray.provenance import commit_stamp
+def commits_text(commits: dict[str, str]) -> str:
+    """``commit abc`` when every study ran at one commit, else each study's; ``+changes`` marks a dirty checkout."""
+    def one(c: str) -> str:
+        return c[:12] + (" with uncommitted changes" if c.endswith("+changes") else "")
 
+    if len(set(commits.values())) == 1:
+        return f"commit {one(next(iter(commits.values())))}"
+    return "commits " + ", ".join(f"{one(c)} ({s})" for s, c in commits.items())
+
+
+def markdown(rows: list[dict], seeds: int, commits: dict[str, str]) -> str:
     head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
-            f"{commit_stamp()}, "
+            f"sweeps run at {commits_text(commits)}, "
             f"{os.cpu_count()} CPU cores; effects in percent points, mean over seeds ± 95% CI):", "",
             "| finding | effect (study) | paper | this engine | verdict |", "| --- | --- | --- | --- | --- |"]
     body = []
@@ -81,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text = markdown(rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve())), a.seeds)
+    rows, commits = rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve()))
+    text = markdown(rows, a.seeds, commits)
     print(text)
     if a.write_readme:
         write_readme(text)

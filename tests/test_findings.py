@@ -72,8 +72,11 @@ def test_the_script_renders_its_table_and_writes_only_between_its_markers(tmp_pa
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     text = script.markdown([{"claim": "c", "study": "s", "effect": "e", "n_seeds": 3, "mean": 0.012, "ci": 0.004,
-                             "paper": "+", "verdict": "confirmed"}], 3)
+                             "paper": "+", "verdict": "confirmed"}], 3, {"s": "a" * 40})
     assert text.splitlines()[-1] == "| c | e (s) | + | +1.2 ± 0.4 (n=3) | confirmed |"
+    assert f"sweeps run at commit {'a' * 12}, " in text  # the commit the sweeps ran at, not the reader's checkout
+    two = script.commits_text({"s": "a" * 40, "t": "b" * 40 + "+changes"})
+    assert two == f"commits {'a' * 12} (s), {'b' * 12} with uncommitted changes (t)"
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{script.START}\nold\n{script.END}\nb\n")
     script.write_readme("new", readme)
