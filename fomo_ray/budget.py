@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -432,6 +433,7 @@ class BackboneSpec:
     context_length: int
 
 
+@functools.lru_cache(maxsize=32)  # its probe model costs seconds for real architectures; the spec only holds builders
 def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
     """Fresh random-init copies of ``name`` (``fomo_ray.backbones`` when it exists, else open_clip directly)."""
     try:
