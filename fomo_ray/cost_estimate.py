@@ -281,13 +281,13 @@ def estimate_summary(costs: Sequence[TrialCost], slots: int | None, order: str) 
 def estimate_plan(plan: Any, device: DeclaredDevice | None = None, store: bool = True) -> list[TrialCost]:
     """One :class:`TrialCost` per entry of ``sweep_spec.enumerated_trials`` (sampled keys at their base values: they rarely
     change the cost); identical configs are estimated once."""
-    from fomo_ray.sweep_spec import enumerated_dims, enumerated_trials, trial_label, trial_overrides
+    from fomo_ray.sweep_spec import enumerated_dims, enumerated_trials, point_label, trial_overrides
 
     fixed = enumerated_dims(plan.space)
     seen: dict[str, TrialCost] = {}
     out = []
     for combo in enumerated_trials(plan):
-        label = trial_label(combo, fixed) if fixed else "trial"
+        label = point_label(combo, plan.space)
         if label not in seen:
             try:
                 seen[label] = estimate_trial(plan.base.replace(trial_overrides(combo, fixed)), label, device=device,

@@ -12,7 +12,7 @@ import pandas as pd
 
 from fomo_ray import trial_report
 from fomo_ray.metrics import COLUMNS
-from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, trial_label, trial_overrides
+from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, point_label, trial_overrides
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -115,7 +115,7 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
     rows = []
     for _, t in trials.iterrows():
         combo = {k: t[k] for k in fixed if k in t}
-        c = by_label.get(trial_label(combo, fixed) if fixed else "trial")
+        c = by_label.get(point_label(combo, plan.space))
         done = None
         if c is not None:
             done = c.total_gflops if t["status"] == "finished" else (

@@ -393,6 +393,12 @@ def trial_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:
     return _LABEL_CHARS.sub("_", ",".join(parts))[:80] or "trial"
 
 
+def point_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:
+    """The label of the enumerated point a trial config belongs to (sampled keys ignored; ``trial`` when nothing is
+    enumerated): how the estimate, the trial cache and the budgets name a trial before Tune names it."""
+    return trial_label(config, enumerated_dims(space))
+
+
 def trial_name(trial: Any, space: Mapping[str, Dim]) -> str:
     """``<index>-<label>``: unique in the sweep, readable in the MLflow UI and plots. The index is the counter in
     Tune's trial id (``5dd10_00003``); searchers that draw their own ids (Optuna) keep the id instead."""

@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fomo_ray.atomic import write_json
-from fomo_ray.sweep_spec import (EXECUTION_KEYS, enumerated_dims, enumerated_trials, trial_label,
-                                 trial_overrides)
+from fomo_ray.sweep_spec import EXECUTION_KEYS, enumerated_trials, point_label, trial_overrides
 
 CACHE_DIR = "trial_cache"
 SOURCE_TAG = "fomo_ray.reused_from"  # on a reused trial's MLflow run: the sweep/trial whose results it replays
@@ -78,13 +77,12 @@ def cache_commit() -> str:
 
 def reused_trials(plan: Any, commit: str) -> dict[str, str]:
     """``{trial label: "<sweep>/<trial>"}`` of the enumerated trials the cache will replay."""
-    fixed = enumerated_dims(plan.space)
     out = {}
     for combo in enumerated_trials(plan):
         entry = lookup(plan.base.replace(trial_overrides(combo, plan.space)), commit)
         if entry is not None:
             src = entry.get("source", {})
-            out[trial_label(combo, fixed) if fixed else "trial"] = f"{src.get('sweep')}/{src.get('trial')}"
+            out[point_label(combo, plan.space)] = f"{src.get('sweep')}/{src.get('trial')}"
     return out
 
 
@@ -94,11 +92,10 @@ def keep_finished(grid: Any, plan: Any, commit: str, sweep: str, reused: Mapping
     from fomo_ray import trial_report
     from fomo_ray.sweep_results import trial_status
 
-    fixed = enumerated_dims(plan.space)
     for r in grid:
         if r.config is None or trial_status(r)[0] != "finished":
             continue
-        if (trial_label(r.config, fixed) if fixed else "trial") in reused:
+        if point_label(r.config, plan.space) in reused:
             continue
         evals = trial_report.eval_rows(r.metrics_dataframe)
         if evals is None:

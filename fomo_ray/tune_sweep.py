@@ -37,7 +37,7 @@ from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, e
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
-                                 SweepSpec, check_search, enumerated_dims, enumerated_trials, grid_points,
+                                 SweepSpec, check_search, enumerated_trials, grid_points, point_label,
                                  identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
                                  trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
@@ -156,7 +156,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         from fomo_ray.tracking import Tracker
 
         tracker = Tracker(setup.tracking_uri, cfg.tracking.experiment)
-        spent = (setup.budgets or {}).get(trial_label(config, enumerated_dims(setup.space)) or "trial", {})
+        spent = (setup.budgets or {}).get(point_label(config, setup.space), {})
         run_id = tracker.start_child(setup.parent_run_id, trial_id, {**trial_params(config, setup.space, cfg), **spent},
                                      run_name=name, config=to_dict(cfg),
                                      tags={"fomo_ray.config_hash": cfg.config_hash(),
