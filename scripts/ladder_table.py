@@ -18,6 +18,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- size-ladder:start -->", "<!-- size-ladder:end -->"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny architectures need no download; never wait on the network
 
 
 def step_gflops(arch: str, batch_size: int) -> tuple[float, int]:
@@ -72,10 +73,11 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(head + body)
 
 
-def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
+def write_readme(text: str, readme: Path = REPO / "README.md") -> int:
     from fomo_ray.provenance import write_block
 
     write_block(readme, START, END, text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=str(REPO / "data" / "fifmini"), help="the benchmark the bases were trained on")
     ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
     a = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fomo_ray.data.format import open_benchmark
 
     text = markdown(ladder_rows(open_benchmark(a.data_root)))
     print(text)
-    if a.write_readme:
-        write_readme(text)
-    return 0
+    return write_readme(text) if a.write_readme else 0
 
 
 if __name__ == "__main__":
