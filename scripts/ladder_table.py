@@ -47,7 +47,8 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
         meta = read_meta(path)
         gflops, params = step_gflops(arch, recipe.batch_size)
         records = [{**r, "run": arch, "task": 0, "eval_set": "full"} for r in meta["zero_shot"]]
-        by_name = {r["dataset"]: r["value"] for r in records if r["metric"] in ("top1", "R@5")}
+        by_name = {r["dataset"] + (" R@5" if r["metric"] == "R@5" else ""): r["value"] for r in records
+                   if r["metric"] in ("top1", "R@5")}
         rows.append({"arch": arch, "params": params, "steps": recipe.steps, "batch": recipe.batch_size,
                      "lr": recipe.lr, "pflops": gflops * recipe.steps / 1e6, "minutes": meta["stats"]["wall_seconds"] / 60,
                      **point_summary(records, "full"), "eval": {d: v for d, v in by_name.items()
@@ -56,7 +57,7 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
 
 
 def _role(meta: dict, dataset: str) -> str:
-    return next(r["role"] for r in meta["zero_shot"] if r["dataset"] == dataset)
+    return next(r["role"] for r in meta["zero_shot"] if r["dataset"] == dataset.removesuffix(" R@5"))
 
 
 def markdown(rows: list[dict]) -> str:
