@@ -61,7 +61,8 @@ def commits_text(commits: dict[str, str]) -> str:
     return "commits " + ", ".join(f"{one(c)} ({s})" for s, c in commits.items())
 
 
-def markdown(rows: list[dict], seeds: int, commits: dict[str, str]) -> str:
+def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dict[str, str] | None = None) -> str:
+    """The README block; ``missing`` (``{study: claim}``) names the findings whose studies were left out."""
     head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
             f"sweeps run at {commits_text(commits)}, "
             f"{os.cpu_count()} CPU cores; effects in percent points, mean over seeds ± 95% CI):", "",
@@ -71,6 +72,7 @@ def markdown(rows: list[dict], seeds: int, commits: dict[str, str]) -> str:
         value = "n/a" if r["mean"] != r["mean"] else (
             f"{100 * r['mean']:+.1f}" + ("" if r["ci"] != r["ci"] else f" ± {100 * r['ci']:.1f}") + f" (n={r['n_seeds']})")
         body.append(f"| {r['claim']} | {r['effect']} ({r['study']}) | {r['paper']} | {value} | {r['verdict']} |")
+    body += [f"| {claim} | ({study}) | | not run yet | |" for study, claim in (missing or {}).items()]
     return "\n".join(head + body)
 
 
@@ -81,7 +83,7 @@ def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fomo_ray.findings import FINDINGS
+    from fomo_ray.findings import FINDINGS, ORDER_CLAIM
 
     studies = sorted({f.study for f in FINDINGS} | {"stream_orders"})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -92,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows, commits = rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve()))
-    text = markdown(rows, a.seeds, commits)
+    claims = {**{f.study: f.claim for f in FINDINGS}, "stream_orders": ORDER_CLAIM}
+    text = markdown(rows, a.seeds, commits, {s: claims[s] for s in studies if s not in a.studies})
     print(text)
     if a.write_readme:
         write_readme(text)

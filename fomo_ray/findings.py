@@ -121,6 +121,9 @@ FINDINGS: tuple[Finding, ...] = (
 )
 
 
+ORDER_CLAIM = "stream order matters less than the method"  # checked by order_vs_method on the stream-order study
+
+
 def order_vs_method(table: pd.DataFrame) -> list[dict[str, object]]:
     """"Stream order matters less than the method": per seed, |order effect| - |method effect| on trajectory-mean
     GM in the stream-order study (ordering x method), where the order effect is the mean over methods of
@@ -131,6 +134,6 @@ def order_vs_method(table: pd.DataFrame) -> list[dict[str, object]]:
     method = per_seed_difference(table, Effect("", "mean_GM", method_is("ema_merge"), method_is("finetune"), +1))
     common = order.index.intersection(method.index)
     d = describe(order.loc[common].abs() - method.loc[common].abs())
-    return [{"claim": "stream order matters less than the method", "study": "stream_orders",
+    return [{"claim": ORDER_CLAIM, "study": "stream_orders",
              "effect": "|order effect| - |method effect|, trajectory-mean GM", "n_seeds": d["n"], "mean": d["mean"],
              "ci": d["ci"], "paper": "-", "verdict": verdict(d["mean"], d["ci"], -1)}]

@@ -75,6 +75,8 @@ def test_the_script_renders_its_table_and_writes_only_between_its_markers(tmp_pa
                              "paper": "+", "verdict": "confirmed"}], 3, {"s": "a" * 40})
     assert text.splitlines()[-1] == "| c | e (s) | + | +1.2 ± 0.4 (n=3) | confirmed |"
     assert f"sweeps run at commit {'a' * 12}, " in text  # the commit the sweeps ran at, not the reader's checkout
+    left = script.markdown([], 3, {"s": "a" * 40}, {"methods": "PEFT retains"})
+    assert left.splitlines()[-1] == "| PEFT retains | (methods) | | not run yet | |"
     two = script.commits_text({"s": "a" * 40, "t": "b" * 40 + "+changes"})
     assert two == f"commits {'a' * 12} (s), {'b' * 12} with uncommitted changes (t)"
     readme = tmp_path / "README.md"
