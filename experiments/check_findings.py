@@ -71,7 +71,8 @@ def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dic
     for r in rows:
         value = "n/a" if r["mean"] != r["mean"] else (
             f"{100 * r['mean']:+.1f}" + ("" if r["ci"] != r["ci"] else f" ± {100 * r['ci']:.1f}") + f" (n={r['n_seeds']})")
-        body.append(f"| {r['claim']} | {r['effect']} ({r['study']}) | {r['paper']} | {value} | {r['verdict']} |")
+        effect = str(r["effect"]).replace("|", "\\|")  # |x| in an effect's name would split the table's cells
+        body.append(f"| {r['claim']} | {effect} ({r['study']}) | {r['paper']} | {value} | {r['verdict']} |")
     body += [f"| {claim} | ({study}) | | not run yet | |" for study, claim in (missing or {}).items()]
     return "\n".join(head + body)
 

@@ -75,6 +75,9 @@ def test_the_script_renders_its_table_and_writes_only_between_its_markers(tmp_pa
                              "paper": "+", "verdict": "confirmed"}], 3, {"s": "a" * 40})
     assert text.splitlines()[-1] == "| c | e (s) | + | +1.2 ± 0.4 (n=3) | confirmed |"
     assert f"sweeps run at commit {'a' * 12}, " in text  # the commit the sweeps ran at, not the reader's checkout
+    piped = script.markdown([{"claim": "c", "study": "s", "effect": "|a| - |b|", "n_seeds": 3, "mean": 0.01,
+                              "ci": 0.01, "paper": "-", "verdict": "v"}], 3, {"s": "a" * 40})
+    assert piped.splitlines()[-1].count(" | ") == 4  # five cells: the effect's own bars are escaped
     left = script.markdown([], 3, {"s": "a" * 40}, {"methods": "PEFT retains"})
     assert left.splitlines()[-1] == "| PEFT retains | (methods) | | not run yet | |"
     two = script.commits_text({"s": "a" * 40, "t": "b" * 40 + "+changes"})
