@@ -53,12 +53,11 @@ def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict
 
 def commits_text(commits: dict[str, str]) -> str:
     """``commit abc`` when every study ran at one commit, else each study's; ``+changes`` marks a dirty checkout."""
-    def one(c: str) -> str:
-        return c[:12] + (" with uncommitted changes" if c.endswith("+changes") else "")
+    from fomo_ray.provenance import short_commit
 
     if len(set(commits.values())) == 1:
-        return f"commit {one(next(iter(commits.values())))}"
-    return "commits " + ", ".join(f"{one(c)} ({s})" for s, c in commits.items())
+        return f"commit {short_commit(next(iter(commits.values())))}"
+    return "commits " + ", ".join(f"{short_commit(c)} ({s})" for s, c in commits.items())
 
 
 def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dict[str, str] | None = None) -> str:

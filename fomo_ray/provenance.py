@@ -34,11 +34,15 @@ def code_version() -> tuple[str, str]:
     return version, head.stdout.strip() + ("+changes" if dirty else "")
 
 
+def short_commit(commit: str) -> str:
+    """A recorded commit as generated tables show it: 12 hex digits, plus ``with uncommitted changes`` for a
+    ``+changes`` one."""
+    return commit[:12] + (" with uncommitted changes" if commit.endswith("+changes") else "")
+
+
 def commit_stamp() -> str:
-    """How a generated table names the code it ran: ``commit <12 hex>``, plus ``with uncommitted changes`` when the
-    checkout differed from that commit."""
-    commit = code_version()[1]
-    return f"commit {commit[:12]}" + (" with uncommitted changes" if commit.endswith("+changes") else "")
+    """How a generated table names the code it ran: ``commit`` and this checkout's :func:`short_commit`."""
+    return f"commit {short_commit(code_version()[1])}"
 
 
 def write_block(path: str | Path, start: str, end: str, text: str) -> None:
