@@ -212,11 +212,19 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
     device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
-                    show_worker_logs=show_worker_logs, device=device, use_cache=not no_cache)
+                    show_worker_logs=show_worker_logs, device=device, use_cache=not no_cache,
+                    resume_hint=lambda directory_name: resume_call(spec, directory_name))
     summary = json.loads((out.directory / "summary.json").read_text()) if (out.directory / "summary.json").is_file() \
         else {}
     return Results(tidy=out.tidy, trials=out.trials, directory=out.directory, summary=summary,
                    interrupted=out.interrupted)
+
+
+def resume_call(spec: str | Path | Mapping[str, Any], directory_name: str) -> str:
+    """How to resume an interrupted ``sweep()`` from Python: the same call, naming its directory (the hint a CLI
+    user gets is the command line instead)."""
+    what = repr(str(spec)) if isinstance(spec, (str, Path)) else "<the same spec mapping>"
+    return f"fomo_ray.sweep({what}, <the same arguments>, name={directory_name!r}, resume=True)"
 
 
 def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") -> tuple[Any, Any, Any]:

@@ -82,6 +82,30 @@ class QuietTune(logging.Filter):
         return not record.getMessage().startswith("Trials did not complete")
 
 
+class QuietPending(logging.Filter):
+    """Drops the lines of Tune's "Failed to fetch metrics" warning that name a trial which never started (no trial
+    directory yet): a restored or interrupted sweep lists every pending trial there, and the sweep's own counts say
+    which are pending. A started trial whose results are missing keeps its line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if not text.startswith("Failed to fetch metrics"):
+            return True
+        kept = [line for line in text.splitlines()[1:] if not _never_started(line)]
+        if not kept:
+            return False
+        record.msg, record.args = f"Failed to fetch metrics for {len(kept)} started trial(s):\n" + "\n".join(kept), ()
+        return True
+
+
+def _never_started(line: str) -> bool:
+    """``- <trial>: FileNotFoundError('... were not found at <dir>')`` naming a trial directory that does not exist in
+    an experiment directory that does (remote storage is not judged here: its lines are kept)."""
+    where = line.rsplit(" were not found at ", 1)
+    trial_dir = Path(where[-1].rstrip("')\""))
+    return len(where) == 2 and trial_dir.parent.is_dir() and not trial_dir.exists()
+
+
 class StopAfter(tune.Callback):
     """Interrupt the sweep, as Ctrl-C would, once ``n`` trials completed (a drill for Tuner.restore)."""
 

@@ -25,7 +25,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import pandas as pd
 from ray import tune
@@ -43,7 +43,7 @@ from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, D
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, with_estimates)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
-from fomo_ray.tune_callbacks import DriverCallbacks, Progress, QuietTune, StopAfter
+from fomo_ray.tune_callbacks import DriverCallbacks, Progress, QuietPending, QuietTune, StopAfter
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
 ESTIMATE_FILE = "estimate.csv"  # the cost estimate made before launch, one row per trial
@@ -304,7 +304,8 @@ def _search_alg(spec: SweepSpec, seed: int, concurrency: int, starts: list[dict[
 
 def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[Any] = (), progress: bool = True,
               show_worker_logs: bool = False, stop_after_trials: int = 0,
-              device: DeclaredDevice | None = None, use_cache: bool = True) -> SweepResult:
+              device: DeclaredDevice | None = None, use_cache: bool = True,
+              resume_hint: Callable[[str], str] | None = None) -> SweepResult:
     """Validate, prepare inputs, estimate, launch (or resume) and collect a sweep; write results, report and MLflow
     runs.
 
@@ -313,7 +314,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     (``spec.order``). An identical trial that finished before (``fomo_ray/trial_cache.py``; same config and seed,
     same clean commit) is replayed, not rerun, unless ``use_cache`` is False; every trial that finishes is kept there.
     ``stop_after_trials`` interrupts the sweep like Ctrl-C once that many trials finished (a restore drill). Returns
-    with partial results when interrupted (no summary.json: rerunning resumes it).
+    with partial results when interrupted (no summary.json: rerunning resumes it), after printing
+    ``resume_hint(<sweep directory name>)`` (default: the command line that was run, see ``resume_command``).
     """
     t0 = time.time()
     plan = plan_sweep(spec)
@@ -394,7 +396,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         if tracker is not None and out.parent_run_id:  # reopened (RUNNING) when the sweep resumes
             tracker.finish(out.parent_run_id, status="KILLED")
         print(f"sweep {directory.name} interrupted: {format_counts(counts)}. Resume it with: "
-              f"{resume_command(directory.name)}", flush=True)
+              f"{(resume_hint or resume_command)(directory.name)}", flush=True)
         return replace(out, interrupted=True)
     failed = counts["failed"]
     files = _report(out, spec, tracker)
@@ -490,10 +492,11 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                                         trial_resources(plan.base, plan.use_train))
         param_space = to_tune(plan.space, plan.spec.search)
         exp_path = f"{setup.storage.rstrip('/')}/tune"
-        quiet = QuietTune()
-        logging.getLogger("ray.tune.tune").addFilter(quiet)
         with DriverCallbacks.installed(cbs) as relay, contextlib.ExitStack() as stack:
-            stack.callback(logging.getLogger("ray.tune.tune").removeFilter, quiet)
+            for logger, quiet in (("ray.tune.tune", QuietTune()),
+                                  ("ray.tune.analysis.experiment_analysis", QuietPending())):
+                logging.getLogger(logger).addFilter(quiet)
+                stack.callback(logging.getLogger(logger).removeFilter, quiet)
             if resume and tune.Tuner.can_restore(exp_path):
                 # finished trials keep their results; unfinished and errored ones continue from their checkpoints;
                 # the restored RunConfig's relay forwards to this run's callbacks (cbs)

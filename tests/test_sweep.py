@@ -360,7 +360,8 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep(ray_local, tmp_path, monkeypatch):
+def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep(ray_local, tmp_path, monkeypatch,
+                                                                                     capfd):
     """Interrupted after its first trial, the sweep is restored with Tuner.restore; the finished trial is not run
     again, the diverging trial is FAILED in Tune and MLflow with its reason (and not retried), the last one runs."""
     from fomo_ray.tracking import REASON_TAG, Tracker
@@ -373,7 +374,10 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
         "space": {"variant": {"points": {"a": {"seed": 1}, "diverges": {"optimizer.lr": 1.0e308},
                                          "b": {"seed": 2}, "bad": {"seed": 13}}}}})
     t0 = time.time()
-    first = sweep.run_sweep(spec, stop_after_trials=1)
+    first = sweep.run_sweep(spec, stop_after_trials=1, resume_hint=lambda name: f"resume {name} like this")
+    printed = "".join(capfd.readouterr())
+    assert "interrupted: 1 finished" in printed and "Resume it with: resume restore like this" in printed
+    assert "Failed to fetch metrics" not in printed  # the 3 pending trials never started: the counts say so
     assert not (first.directory / sweep_spec.SUMMARY_FILE).exists()  # interrupted: not marked finished
     assert list(first.trials["run"]) == ["000-a"] and first.interrupted
     assert sweep.status_counts(first.trials, first.total) == {"finished": 1, "failed": 0, "stopped": 0,
@@ -386,6 +390,7 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
     with pytest.raises(SweepError, match=r"optimizer.lr: 0.0001 -> 0.0005; stream.num_tasks: 2 -> 3.*--fresh"):
         sweep.run_sweep(changed)
     second = sweep.run_sweep(spec)
+    assert "Failed to fetch metrics" not in "".join(capfd.readouterr())  # nor on restore
     wall = time.time() - t0
     assert second.directory == first.directory  # resumed in place
     calls = sorted(p.name.split("-")[0] for p in (tmp_path / "calls").iterdir())
@@ -718,3 +723,37 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     tags = {r.info.run_name.split("-", 1)[1]: r.data.tags for r in tracker.children(second.parent_run_id)}
     assert tags["zero_shot"][trial_cache.SOURCE_TAG].startswith("c1/")
     assert trial_cache.SOURCE_TAG not in tags["lr=0.0003"]
+
+
+def test_tunes_metrics_warning_keeps_only_trials_that_started(tmp_path):
+    """A restored or interrupted sweep makes Tune warn "Failed to fetch metrics" for every pending trial; the lines of
+    trials that never started (no directory) are dropped, a started trial with missing results keeps its line."""
+    import logging
+
+    from fomo_ray.tune_callbacks import QuietPending
+
+    (tmp_path / "000-a").mkdir()
+
+    def record(*names):
+        lines = [f"- {n}: FileNotFoundError('Could not fetch metrics for {n}: both result.json and progress.csv were "
+                 f"not found at {tmp_path / n}')" for n in names]
+        text = f"Failed to fetch metrics for {len(names)} trial(s):\n" + "\n".join(lines)
+        return logging.LogRecord("ray.tune.analysis.experiment_analysis", logging.WARNING, "", 0, text, (), None)
+
+    quiet = QuietPending()
+    assert not quiet.filter(record("001-b", "002-c"))
+    kept = record("000-a", "001-b")
+    assert quiet.filter(kept)
+    assert kept.getMessage().splitlines()[0] == "Failed to fetch metrics for 1 started trial(s):"
+    assert "000-a" in kept.getMessage() and "001-b" not in kept.getMessage()
+    other = logging.LogRecord("x", logging.WARNING, "", 0, "something else", (), None)
+    assert quiet.filter(other)
+
+
+def test_an_interrupted_python_sweep_names_the_call_that_resumes_it():
+    from fomo_ray.api import resume_call
+
+    assert resume_call("experiments/configs/sweep_methods.yaml", "findings_methods") == (
+        "fomo_ray.sweep('experiments/configs/sweep_methods.yaml', <the same arguments>, name='findings_methods', "
+        "resume=True)")
+    assert resume_call({"name": "x"}, "x-2").startswith("fomo_ray.sweep(<the same spec mapping>")
