@@ -196,7 +196,7 @@ def compare_to_baseline(table: pd.DataFrame, baseline: str = "",
     is_base = baseline_mask(variants, baseline)
     if not is_base.any():
         wanted = f"baseline {baseline!r} is" if baseline else (
-            f"no variant runs method.name={BASELINE_METHOD} or is named *{BASELINE_METHOD}*, so it")
+            f"no variant runs method.name={BASELINE_METHOD} or is named *{BASELINE_METHOD}*, so a baseline is")
         return empty, (f"no comparison: {wanted} not among the variants ({', '.join(variants['label'])}); "
                        "choose one with baseline=<variant label>")
     bases = variants[is_base]

@@ -124,11 +124,14 @@ class Results:
             raise ReportError(f"run {run!r} is not a trial of this sweep; trials: {sorted(ids)}")
         return load_model(ids[run], device=device, tracking_uri=uri)
 
-    def report(self, out_dir: str | Path, x_key: str = "") -> list[Path]:
-        """Write the table and the plots (as ``fomo-ray report``)."""
+    def report(self, out_dir: str | Path, x_key: str = "", baseline: str = "") -> list[Path]:
+        """Write the table and the plots (as ``fomo-ray report``; ``baseline``: the variant the paired comparison
+        subtracts, default the sweep's ``report.baseline``, else fine-tuning)."""
         from fomo_ray.report import build_report
 
-        return build_report(self.tidy, self.trials if not self.trials.empty else None, out_dir, x_key=x_key)
+        return build_report(self.tidy, self.trials if not self.trials.empty else None, out_dir,
+                            x_key=x_key or self.summary.get("report_x", ""),
+                            baseline=baseline or self.summary.get("report_baseline", ""))
 
 
 def variant_summary(table: pd.DataFrame) -> pd.DataFrame:

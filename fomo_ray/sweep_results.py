@@ -89,6 +89,7 @@ class SweepResult:
     interrupted: bool = False  # stopped before every trial ended: partial, resumable, nothing called final
     total: int = 0             # trials planned
     estimate_s: float | None = None  # the estimated wall time of the sweep (cost_estimate), when one was made
+    baseline: str = ""         # the variant the report's paired comparison subtracts ("" = fine-tuning)
 
 
 

@@ -248,6 +248,7 @@ class SweepSpec:
     mode: str = "max"
     trainer: str = "auto"
     report_x: str = ""          # numeric swept key the report plots final A_KA/A_ZS/GM against (e.g. merge weight)
+    report_baseline: str = ""   # the variant label (or label part) vs_baseline.md subtracts; "" = fine-tuning
     description: str = ""
     order: str = "cost"         # cost: longest trial first (fomo_ray/cost_estimate.py); fifo: the grid's order
     stopping: StoppingRule | None = None  # cooperative early stopping at task boundaries (fomo_ray/stopping.py)
@@ -277,7 +278,7 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     base = data.get("base") or {}
     if not isinstance(base, Mapping):
         raise SweepError(f"{source}: 'base' must map dotted keys to values")
-    report = data.get("report") or {}
+    report = check_report(data.get("report"), source)
     order = data.get("order", "cost")
     if order not in ORDERS:
         raise SweepError(f"{source}: order '{order}' is not one of {list(ORDERS)}")
@@ -290,8 +291,25 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
                      config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
                      metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
-                     report_x=str(report.get("x", "")), description=str(data.get("description", "")),
+                     report_x=str(report.get("x", "")), report_baseline=str(report.get("baseline", "")),
+                     description=str(data.get("description", "")),
                      order=order, stopping=stopping, seeds=seeds, references=references)
+
+
+REPORT_KEYS = ("x", "baseline")
+
+
+def check_report(report: Any, source: str) -> Mapping[str, Any]:
+    """The ``report:`` mapping: ``x`` (the swept key final scores are plotted against) and ``baseline`` (the variant
+    the paired comparison subtracts, e.g. ``cosine`` in a schedule study that fine-tunes in every variant)."""
+    if report is None:
+        return {}
+    if not isinstance(report, Mapping):
+        raise SweepError(f"{source}: 'report' must be a mapping with keys {list(REPORT_KEYS)}, not {report!r}")
+    unknown = sorted(set(report) - set(REPORT_KEYS))
+    if unknown:
+        raise SweepError(f"{source}: unknown report key(s) {unknown}; valid: {list(REPORT_KEYS)}")
+    return report
 
 
 def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:

@@ -402,12 +402,12 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     files = _report(out, spec, tracker)
     if tracker is not None:
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
-    out = replace(out, report_files=tuple(files), wall_s=time.time() - t0)
+    out = replace(out, report_files=tuple(files), wall_s=time.time() - t0, baseline=spec.report_baseline)
     _write_atomic(directory / SUMMARY_FILE, json.dumps({
         **state, "trials": len(trials), "failed": failed, "stopped": counts["stopped"],
         "compute_saved": compute_saved(trials), "wall_s": round(out.wall_s, 1),
         "estimate_s": None if out.estimate_s is None else round(out.estimate_s, 1),
-        "report_x": spec.report_x, "files": [str(f) for f in files]}, indent=2))
+        "report_x": spec.report_x, "report_baseline": spec.report_baseline, "files": [str(f) for f in files]}, indent=2))
     return out
 
 
@@ -530,7 +530,8 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
 
     if out.tidy.empty:
         return []
-    files = report.build_report(out.tidy, out.trials, out.directory / "report", x_key=spec.report_x)
+    files = report.build_report(out.tidy, out.trials, out.directory / "report", x_key=spec.report_x,
+                                baseline=spec.report_baseline)
     if tracker is not None:
         from fomo_ray.aggregate import seeds_per_variant, variant_table
         from fomo_ray.tracking import sweep_metrics, variant_metrics

@@ -170,6 +170,34 @@ def test_multi_seed_report_writes_variant_tables_and_error_bar_plots(tmp_path):
     assert "note: no comparison" in (tmp_path / "no_ft" / "vs_baseline.md").read_text()
 
 
+def test_a_sweeps_report_baseline_is_the_variant_its_comparison_subtracts(tmp_path, capsys):
+    """A study whose every variant fine-tunes (the schedule study) names its baseline in the sweep YAML
+    (``report: {baseline: ...}``); the sweep records it, ``fomo-ray report`` uses it, and ``--baseline`` overrides it."""
+    import json
+
+    from fomo_ray.cli.report import main as report_main
+    from fomo_ray.metrics import save_results
+
+    spec = spec_from_dict({"name": "s", "space": {"method.name": {"grid": ["finetune"]}},
+                           "report": {"x": "method.merge.weight", "baseline": "ema_w0.9"}})
+    assert (spec.report_x, spec.report_baseline) == ("method.merge.weight", "ema_w0.9")
+    with pytest.raises(SweepError, match=r"unknown report key\(s\) \['baselin'\]; valid: \['x', 'baseline'\]"):
+        spec_from_dict({"name": "s", "space": {}, "report": {"baselin": "cosine"}})
+    with pytest.raises(SweepError, match="'report' must be a mapping"):
+        spec_from_dict({"name": "s", "space": {}, "report": "cosine"})
+    save_results(_tidy(), tmp_path / "tidy.csv")
+    _trials().to_csv(tmp_path / "trials.csv", index=False)
+    (tmp_path / "summary.json").write_text(json.dumps({"report_baseline": "ema_w0.9"}))
+    assert report_main([str(tmp_path)]) == 0
+    vs = (tmp_path / "report" / "vs_baseline.md").read_text()
+    assert "| ema_w0.5 | ema_w0.9 | 3 | +6.7 ± 7.2 |" in vs and "| finetune | ema_w0.9 | 3 |" in vs
+    assert report_main([str(tmp_path), "--baseline", "finetune"]) == 0
+    assert "| ema_w0.5 | finetune | 3 | +10.7 ± 2.9 |" in (tmp_path / "report" / "vs_baseline.md").read_text()
+    capsys.readouterr()
+    sweep_cli.print_variants(_table(), "ema_w0.9")  # the sweep command's own summary uses it too
+    assert "| ema_w0.5 | ema_w0.9 | 3 | +6.7 ± 7.2 |" in capsys.readouterr().out
+
+
 def test_single_seed_report_is_unchanged(tmp_path):
     one = _trials()[_trials()["seed"] == 0]
     files = report.build_report(_tidy()[_tidy()["run"].isin(one["run"])], one, tmp_path, x_key="method.merge.weight")

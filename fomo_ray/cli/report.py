@@ -21,6 +21,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--trials", default="", help="trials table with swept values per run (default: beside PATH)")
     ap.add_argument("--out", default="", help="output directory (default: PATH/report or beside the table)")
     ap.add_argument("--x", default="", help="numeric swept key to plot final scores against (e.g. method.merge.weight)")
+    ap.add_argument("--baseline", default="", help="variant label (or label part, e.g. cosine) that vs_baseline.md "
+                                                   "subtracts (default: the sweep's report.baseline, else fine-tuning)")
     ap.add_argument("--mlflow", action="store_true", help="attach the files to the sweep's MLflow parent run")
     args = ap.parse_args(argv)
     path = Path(args.path)
@@ -29,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.trials:
             trials = pd.read_csv(args.trials)
         out = Path(args.out) if args.out else (path / "report" if path.is_dir() else path.parent / "report")
-        files = build_report(tidy, trials, out, x_key=args.x or summary.get("report_x", ""))
+        files = build_report(tidy, trials, out, x_key=args.x or summary.get("report_x", ""),
+                             baseline=args.baseline or summary.get("report_baseline", ""))
     except (ReportError, MetricsError, OSError) as e:
         print(f"fomo-ray report: {e}", file=sys.stderr)
         return 2

@@ -182,7 +182,7 @@ def print_summary(out: Any) -> None:
         print("(percent; final = after the last task, mean = over the trajectory incl. the zero-shot point, both on "
               "the fixed subsets every point shares; full-set = the full test sets after the last task; all only "
               "for finished trials; * = on the A_KA/A_ZS Pareto front of the finished trials)")
-        print_variants(table)
+        print_variants(table, out.baseline)
     failed = out.trials[out.trials["status"] == "failed"] if not out.trials.empty else out.trials
     for _, r in failed.iterrows():
         print(f"FAILED {r['run']}: {r['reason']}")
@@ -208,9 +208,9 @@ def print_summary(out: Any) -> None:
             print(f"  browse with       fomo-ray ui --output-dir {out_dir}")
 
 
-def print_variants(table: Any) -> None:
+def print_variants(table: Any, baseline: str = "") -> None:
     """With several seeds per variant: the variants' means ± 95% confidence intervals, and each variant minus
-    fine-tuning paired by seed (``fomo_ray.aggregate``); nothing for a single-seed sweep."""
+    ``baseline`` (default fine-tuning) paired by seed (``fomo_ray.aggregate``); nothing for a single-seed sweep."""
     from fomo_ray.aggregate import compare_to_baseline, seeds_per_variant, variant_table
     from fomo_ray.report import format_comparison, format_variants
 
@@ -220,7 +220,7 @@ def print_variants(table: Any) -> None:
     print(format_variants(variant_table(table)))
     print("(percent; mean over the finished seeds ± the half-width of its 95% Student-t confidence interval)")
     print()
-    print(format_comparison(*compare_to_baseline(table)))
+    print(format_comparison(*compare_to_baseline(table, baseline)))
     print("(percentage points: variant minus baseline, paired by seed over the seeds both finished, ± 95% CI)")
 
 
