@@ -36,34 +36,44 @@ def study_results(study: str, seeds: int, overrides: dict, output_dir: str):
     return fomo_ray.load_results(directory)
 
 
-def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict], dict[str, str]]:
-    """The finding rows, and per study the commit its sweep ran at (as its driver recorded it)."""
+def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict], dict[str, str], dict[str, str]]:
+    """The finding rows, and per study the commit and the platform its sweep ran at (as its driver recorded them)."""
     from fomo_ray.findings import FINDINGS, check, order_vs_method
+    from fomo_ray.provenance import platform_label
 
-    rows, commits = [], {}
+    rows, commits, platforms = [], {}, {}
     for f in [*FINDINGS, None]:
         study = f.study if f else "stream_orders"
         if study not in studies:
             continue
         res = study_results(study, seeds, dict(f.overrides) if f else {}, output_dir)
         commits[study] = str(res.summary.get("commit") or "not recorded")
+        platforms[study] = platform_label(res.summary["platform"]) if res.summary.get("platform") else "not recorded"
         rows += check(f, res.table) if f else order_vs_method(res.table)
-    return rows, commits
+    return rows, commits, platforms
+
+
+def per_study(values: dict[str, str], show=str) -> str:
+    """One value when every study shares it, else each study's."""
+    if len(set(values.values())) == 1:
+        return show(next(iter(values.values())))
+    return ", ".join(f"{show(v)} ({s})" for s, v in values.items())
 
 
 def commits_text(commits: dict[str, str]) -> str:
     """``commit abc`` when every study ran at one commit, else each study's; ``+changes`` marks a dirty checkout."""
     from fomo_ray.provenance import short_commit
 
-    if len(set(commits.values())) == 1:
-        return f"commit {short_commit(next(iter(commits.values())))}"
-    return "commits " + ", ".join(f"{short_commit(c)} ({s})" for s, c in commits.items())
+    return ("commit " if len(set(commits.values())) == 1 else "commits ") + per_study(commits, short_commit)
 
 
-def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dict[str, str] | None = None) -> str:
-    """The README block; ``missing`` (``{study: claim}``) names the findings whose studies were left out."""
+def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dict[str, str] | None = None,
+             platforms: dict[str, str] | None = None) -> str:
+    """The README block; ``missing`` (``{study: claim}``) names the findings whose studies were left out,
+    ``platforms`` (``{study: label}``) where their sweeps ran (the numbers hold there: README "Reproducibility")."""
+    where = f"platform {per_study(platforms)}, " if platforms else ""
     head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
-            f"sweeps run at {commits_text(commits)}, "
+            f"sweeps run at {commits_text(commits)}, {where}"
             f"{os.cpu_count()} CPU cores; effects in percent points, mean over seeds ± 95% CI):", "",
             "| finding | effect (study) | paper | this engine | verdict |", "| --- | --- | --- | --- | --- |"]
     body = []
@@ -93,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    rows, commits = rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve()))
+    rows, commits, platforms = rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve()))
     claims = {**{f.study: f.claim for f in FINDINGS}, "stream_orders": ORDER_CLAIM}
-    text = markdown(rows, a.seeds, commits, {s: claims[s] for s in studies if s not in a.studies})
+    text = markdown(rows, a.seeds, commits, {s: claims[s] for s in studies if s not in a.studies}, platforms)
     print(text)
     if a.write_readme:
         write_readme(text)

@@ -1,4 +1,5 @@
-"""Where a result comes from: fomo_ray's version and the git commit of the checkout the code runs from."""
+"""Where a result comes from: fomo_ray's version, the git commit of the checkout the code runs from, and the
+platform (CPU or GPU and the kernels torch runs on it) that computed it."""
 from __future__ import annotations
 
 import functools
@@ -32,6 +33,44 @@ def code_version() -> tuple[str, str]:
     except (OSError, subprocess.SubprocessError):  # no git on this machine
         return version, "unknown"
     return version, head.stdout.strip() + ("+changes" if dirty else "")
+
+
+@functools.lru_cache(maxsize=None)
+def platform() -> dict[str, str]:
+    """What a run's numbers depend on besides config, seed and code: the CPU model, the kernel path torch dispatches
+    to on it (``AVX512``, ``AVX2``, ...), the GPU (``none`` on CPU) and torch's version.
+
+    One config and seed give bitwise the same numbers on one platform. Another CPU runs other kernels (another ISA,
+    or a vendor-specific BLAS path) whose float sums differ in the last bits; over thousands of steps that moves every
+    score, the pretrained tiny bases' included (README "Reproducibility").
+    """
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"cpu": _cpu_model(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": gpu,
+            "torch": torch.__version__}
+
+
+def platform_label(p: dict[str, str] | None = None) -> str:
+    """A platform as tables and tags show it, e.g. ``AMD EPYC, AVX512 kernels, torch 2.14.1``."""
+    p = platform() if p is None else p
+    where = p.get("cpu", "unknown CPU") + f", {p.get('cpu_kernels', '?')} kernels"
+    if p.get("gpu", "none") != "none":
+        where = f"{p['gpu']} ({where})"
+    return f"{where}, torch {p.get('torch', '?')}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else what :mod:`platform` knows)."""
+    import platform as stdlib_platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return stdlib_platform.processor() or stdlib_platform.machine() or "unknown CPU"
 
 
 def short_commit(commit: str) -> str:

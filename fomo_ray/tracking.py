@@ -59,6 +59,7 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics,
 NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
 VERSION_TAG = "fomo_ray.version"
 COMMIT_TAG = "fomo_ray.git_commit"
+PLATFORM_TAG = "fomo_ray.platform"  # the CPU/GPU and kernels the run computed on (provenance.platform_label)
 MLFLOW_COMMIT_TAG = "mlflow.source.git.commit"  # what MLflow's runs table shows as "Version"
 PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and table printout
 SUMMARY = "Summary"  # sections of the run page's charts, see the module docstring for their order
@@ -190,12 +191,12 @@ def variant_metrics(variants: Iterable[Mapping[str, Any]],
 
 
 def provenance_tags() -> dict[str, str]:
-    """The code a run comes from (``provenance.code_version``); the clean commit also as MLflow's own tag, which the
-    UI shows as "Version"."""
-    from fomo_ray.provenance import code_version
+    """The code a run comes from (``provenance.code_version``) and the platform it computes on; the clean commit also
+    as MLflow's own tag, which the UI shows as "Version"."""
+    from fomo_ray.provenance import code_version, platform_label
 
     version, commit = code_version()
-    tags = {VERSION_TAG: version, COMMIT_TAG: commit}
+    tags = {VERSION_TAG: version, COMMIT_TAG: commit, PLATFORM_TAG: platform_label()}
     if re.fullmatch(r"[0-9a-f]{40}", commit):
         tags[MLFLOW_COMMIT_TAG] = commit
     return tags

@@ -35,7 +35,7 @@ from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
-from fomo_ray.provenance import code_version
+from fomo_ray.provenance import code_version, platform, platform_label
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
                                  SweepSpec, check_search, enumerated_trials, grid_points, point_label,
                                  identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
@@ -99,7 +99,7 @@ class TrialSetup:
     sweep_name: str
     stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (fomo_ray/stopping.py)
     stop_board: str = ""                       # the name of its board actor
-    cache_commit: str = ""                     # reuse identical finished trials of this commit ("" = no reuse)
+    cache_origin: Any = None                   # reuse identical finished trials of this trial_cache.Origin (None: no)
     budgets: Mapping[str, Mapping[str, Any]] | None = None  # label -> the compute it spends (cost_estimate)
 
 
@@ -161,7 +161,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                                      run_name=name, config=to_dict(cfg),
                                      tags={"fomo_ray.config_hash": cfg.config_hash(),
                                            "fomo_ray.sweep": setup.sweep_name})
-    cached = trial_cache.lookup(cfg, setup.cache_commit) if setup.cache_commit else None
+    cached = trial_cache.lookup(cfg, setup.cache_origin) if setup.cache_origin else None
     if cached is not None:  # an identical trial finished before: its results, not a rerun
         trial_cache.replay(cached, tune.report, tracker, run_id)
         return
@@ -348,16 +348,16 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
             _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
     print(estimate, flush=True)
     _save_csv(pd.DataFrame(estimate_rows(costs)), directory / ESTIMATE_FILE)
-    commit = trial_cache.cache_commit()
-    reused = trial_cache.reused_trials(plan, commit) if use_cache and commit else {}
+    origin = trial_cache.cache_origin()
+    reused = trial_cache.reused_trials(plan, origin) if use_cache and origin else {}
     if reused:
         print(f"reusing {len(reused)} finished trial(s) from the trial cache {trial_cache.cache_root(base)} (same "
-              f"config and seed, commit {commit[:10]}; --no-cache runs them again): "
+              f"config and seed, commit {origin.commit[:10]}, this platform; --no-cache runs them again): "
               + "; ".join(f"{label} (from {src})" for label, src in reused.items()), flush=True)
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
                        sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
-                       stop_board=STOP_BOARD if spec.stopping else "", cache_commit=commit if use_cache else "",
+                       stop_board=STOP_BOARD if spec.stopping else "", cache_origin=origin if use_cache else None,
                        budgets={c.label: budget_params(c) for c in costs})
     enumerated = enumerated_trials(plan)
     starts = [enumerated[i] for i in cost_order(costs, spec.order)]
@@ -377,10 +377,10 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     results, tidy, trials = collect_results(grid, plan.space)
     trials = with_estimates(trials, costs, plan)
-    if commit:
+    if origin:
         run_ids = {r.info.run_name: r.info.run_id for r in tracker.children(state["parent_run_id"])} \
             if tracker is not None and state.get("parent_run_id") else {}
-        trial_cache.keep_finished(grid, plan, commit, directory.name, reused, run_ids)
+        trial_cache.keep_finished(grid, plan, origin, directory.name, reused, run_ids)
     est = estimate_summary(costs, slots, spec.order).get("Estimate/wall_seconds")
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
@@ -432,13 +432,19 @@ def _stopping_history(directory: Path, spec: SweepSpec) -> dict[str, dict[int, f
 def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any]:
     path = directory / SWEEP_STATE_FILE
     if resume and path.is_file():
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
+        started_on = state.get("platform")
+        if started_on and started_on != platform():  # not refused: a cluster's nodes may change between tries
+            print(f"sweep {directory.name}: started on {platform_label(started_on)}, resumed on {platform_label()}; "
+                  "the trials run now will not be bitwise comparable with those finished before (README "
+                  "\"Reproducibility\")", flush=True)
+        return state
     base = plan.base
     storage = (f"{base.ray.storage_path.rstrip('/')}/sweeps/{directory.name}" if base.ray.storage_path
                else str(directory))
     version, commit = code_version()
     state = {"name": directory.name, "spec": plan.spec.name, "storage": storage, "tracking_uri": plan.tracking_uri,
-             "fomo_ray_version": version, "commit": commit,
+             "fomo_ray_version": version, "commit": commit, "platform": platform(),
              "experiment": base.tracking.experiment, "parent_run_id": "",
              "identity": sweep_identity(base, _space_json(plan.space))}
     _write_atomic(path, json.dumps(state, indent=2))

@@ -37,6 +37,7 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
     from fomo_ray.inputs import RECIPES, base_checkpoint_path
     from fomo_ray.metrics import point_summary
     from fomo_ray.prep.pretrain import read_meta
+    from fomo_ray.provenance import platform_label
 
     rows = []
     for arch in TINY_ARCHS:
@@ -52,7 +53,8 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
         rows.append({"arch": arch, "params": params, "steps": recipe.steps, "batch": recipe.batch_size,
                      "lr": recipe.lr, "pflops": gflops * recipe.steps / 1e6, "minutes": meta["stats"]["wall_seconds"] / 60,
                      **point_summary(records, "full"), "eval": {d: v for d, v in by_name.items()
-                                                                if _role(meta, d) == "eval"}})
+                                                                if _role(meta, d) == "eval"},
+                     "platform": platform_label(meta["platform"]) if "platform" in meta else "platform not recorded"})
     return rows
 
 
@@ -64,8 +66,10 @@ def markdown(rows: list[dict]) -> str:
     from fomo_ray.provenance import commit_stamp
 
     names = list(rows[0]["eval"])
+    # the bases' numbers hold for the platform that trained them (README "Reproducibility")
+    where = "; ".join(sorted({r["platform"] for r in rows}))
     head = [f"The size ladder's bases on FiF-mini ({time.strftime('%Y-%m-%d')}, {commit_stamp()}, {os.cpu_count()} CPU cores, "
-            f"`scripts/ladder_table.py`; zero-shot on the full test sets, percent):", "",
+            f"{where}, `scripts/ladder_table.py`; zero-shot on the full test sets, percent):", "",
             "| base | params | pretraining (steps x batch, lr) | PFLOPs | minutes here | A_KA | A_ZS | GM | "
             + " | ".join(names) + " |", "| --- " * (8 + len(names)) + "|"]
     body = [f"| {r['arch']} | {r['params'] / 1e6:.1f} M | {r['steps']:,} x {r['batch']}, {r['lr']:g} | {r['pflops']:.2f} "

@@ -4,8 +4,8 @@
     python scripts/main_job_table.py /tmp/fresh/sweeps/merge_weights --write-readme
 
 Prints the block (and with ``--write-readme`` replaces the one between the README's ``main-job-results`` markers),
-so the numbers in the README are always the output of a run, never typed in. The commit is the one the sweep ran
-at, as its driver recorded it (``+changes`` when that checkout had uncommitted changes).
+so the numbers in the README are always the output of a run, never typed in. The commit and the platform are the ones
+the sweep ran at, as its driver recorded them (``+changes`` when that checkout had uncommitted changes).
 """
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ START, END = "<!-- main-job-results:start -->", "<!-- main-job-results:end -->"
 def commit(summary: dict) -> str:
     """The commit the sweep ran at (recorded in its state by the driver); never the checkout reading it."""
     return str(summary.get("commit") or "not recorded")[:12]
+
+
+def where(summary: dict) -> str:
+    """The platform the sweep's driver ran on (its numbers hold there: README "Reproducibility")."""
+    from fomo_ray.provenance import platform_label
+
+    return platform_label(summary["platform"]) if summary.get("platform") else "platform not recorded"
 
 
 def variant(row) -> str:
@@ -52,7 +59,8 @@ def block(sweep_dir: Path) -> str:
     table = table.assign(_k=[order.get(variant(r), 1) for _, r in table.iterrows()])
     table = table.sort_values(["_k", "run"])
     cfg = res.summary.get("identity", {}).get("config", {})
-    lines = [f"What the main job showed on {os.cpu_count()} CPU cores ({time.strftime('%Y-%m-%d')}, commit {commit(res.summary)}, "
+    lines = [f"What the main job showed on {os.cpu_count()} CPU cores ({where(res.summary)}; "
+             f"{time.strftime('%Y-%m-%d')}, commit {commit(res.summary)}, "
              f"`scripts/main_job_table.py`; {res.summary.get('wall_s', 0) / 60:.1f} min for the {len(table)} trials "
              f"once data and base were cached; T = {cfg.get('stream.num_tasks', '?')}, lr {cfg.get('optimizer.lr', '?')}"
              f", the tiny base; percent):", "",

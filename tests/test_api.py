@@ -148,8 +148,8 @@ def test_overrides_and_seed_aggregation():
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_readme_results_table_is_made_by_a_script(finished_sweep, tmp_path):
-    """Issue 13: the main-job table comes from scripts/main_job_table.py (stamped with date and commit), and the
-    README holds exactly one such block."""
+    """Issue 13: the main-job table comes from scripts/main_job_table.py (stamped with platform, date and commit), and
+    the README holds exactly one such block."""
     import importlib.util
 
     _, res = finished_sweep
@@ -159,7 +159,10 @@ def test_the_readme_results_table_is_made_by_a_script(finished_sweep, tmp_path):
     text = script.block(res.directory)
     rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(res.trials) and all("| finished |" in r for r in rows)
-    assert re.search(r"\(\d{4}-\d\d-\d\d, commit [0-9a-f]{12}", text)
+    from fomo_ray.provenance import platform_label
+
+    # stamped with where it ran (its numbers hold on that platform), when, and at which commit
+    assert f"({platform_label()}; " in text and re.search(r"; \d{4}-\d\d-\d\d, commit [0-9a-f]{12}", text)
     readme = (REPO / "README.md").read_text()
     assert readme.count(script.START) == 1 and readme.count(script.END) == 1
     assert "scripts/main_job_table.py" in readme.split(script.START)[1].split(script.END)[0]

@@ -82,6 +82,9 @@ def test_the_script_renders_its_table_and_writes_only_between_its_markers(tmp_pa
     assert left.splitlines()[-1] == "| PEFT retains | (methods) | | not run yet | |"
     two = script.commits_text({"s": "a" * 40, "t": "b" * 40 + "+changes"})
     assert two == f"commits {'a' * 12} (s), {'b' * 12} with uncommitted changes (t)"
+    where = script.markdown([], 3, {"s": "a" * 40, "t": "a" * 40}, platforms={"s": "CPU X", "t": "CPU Y"})
+    # where each study's numbers hold
+    assert f"sweeps run at commit {'a' * 12}, platform CPU X (s), CPU Y (t), " in where
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{script.START}\nold\n{script.END}\nb\n")
     script.write_readme("new", readme)

@@ -261,6 +261,9 @@ def test_ladder_table_reads_each_cached_base(tiny_bench, tmp_path):
     assert all(0 <= r["A_ZS"] <= 1 and r["eval"] == {"COLOURS": r["A_ZS"]} for r in rows)
     text = script.markdown(rows)
     assert re.search(r"\(\d{4}-\d\d-\d\d, commit [0-9a-f]{12}", text)
+    from fomo_ray.provenance import platform_label
+
+    assert all(r["platform"] == platform_label() for r in rows) and f"{platform_label()}, `scripts/" in text
     assert [line.split(" | ")[0] for line in text.splitlines()[-3:]] == [f"| {a}" for a in TINY_ARCHS]
     readme = tmp_path / "README.md"
     readme.write_text(f"a\n{script.START}\nold\n{script.END}\nb\n")

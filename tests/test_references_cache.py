@@ -68,17 +68,20 @@ def test_the_result_key_ignores_where_and_how_a_trial_runs_but_not_what_it_compu
         assert trial_cache.result_key(cfg.replace(change)) != trial_cache.result_key(cfg), change
 
 
-def test_only_a_finished_trial_of_the_same_clean_commit_is_reused(tmp_path):
+def test_only_a_finished_trial_of_the_same_clean_commit_and_platform_is_reused(tmp_path):
     cfg = load_config(None, {"output_dir": str(tmp_path)})
+    here = trial_cache.Origin(COMMIT, "AMD EPYC, AVX512 kernels, torch 2.14.1")
     evals = [{"kind": "eval", "task": 0, "A_KA": 0.1, "A_ZS": 0.2, "GM": 0.14, "ds/adapt/D/top1": 0.1}]
-    assert trial_cache.lookup(cfg, COMMIT) is None
-    path = trial_cache.store(cfg, COMMIT, evals, {"sweep": "s", "trial": "000-x", "mlflow_run_id": "r"})
+    assert trial_cache.lookup(cfg, here) is None
+    path = trial_cache.store(cfg, here, evals, {"sweep": "s", "trial": "000-x", "mlflow_run_id": "r"})
     assert path.parent == tmp_path / "trial_cache"
-    assert trial_cache.lookup(cfg, COMMIT)["evals"] == evals
-    assert trial_cache.lookup(cfg, "f" * 40) is None                   # another commit: results may differ
-    assert trial_cache.lookup(cfg.replace({"seed": 3}), COMMIT) is None
+    assert trial_cache.lookup(cfg, here)["evals"] == evals
+    assert trial_cache.lookup(cfg, trial_cache.Origin("f" * 40, here.platform)) is None  # another commit
+    # another CPU runs other kernels, so its numbers differ: an output folder copied there is not replayed
+    assert trial_cache.lookup(cfg, trial_cache.Origin(COMMIT, "AMD EPYC, AVX2 kernels, torch 2.14.1")) is None
+    assert trial_cache.lookup(cfg.replace({"seed": 3}), here) is None
     assert trial_cache.reusable_commit(COMMIT, "0.4.0") and not trial_cache.reusable_commit(COMMIT, "0.4.0+changes")
     assert not trial_cache.reusable_commit("unknown", "0.4.0")
     sent = []
-    trial_cache.replay(trial_cache.lookup(cfg, COMMIT), sent.append, None, "")
+    trial_cache.replay(trial_cache.lookup(cfg, here), sent.append, None, "")
     assert sent == [*evals, {"kind": "done", "A_KA": 0.1, "A_ZS": 0.2, "GM": 0.14}]

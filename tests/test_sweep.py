@@ -695,7 +695,10 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     from fomo_ray import trial_cache
     from fomo_ray.tracking import Tracker
 
-    monkeypatch.setattr(trial_cache, "cache_commit", lambda: "ab" * 20)  # the tree under test may be uncommitted
+    from fomo_ray.provenance import platform, platform_label
+
+    # the tree under test may be uncommitted
+    monkeypatch.setattr(trial_cache, "cache_origin", lambda: trial_cache.Origin("ab" * 20, platform_label()))
     bench = small_fifmini(tmp_path_factory)
     base = {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
             "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 4, "mixture.batch_size": 16,
@@ -723,6 +726,26 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     tags = {r.info.run_name.split("-", 1)[1]: r.data.tags for r in tracker.children(second.parent_run_id)}
     assert tags["zero_shot"][trial_cache.SOURCE_TAG].startswith("c1/")
     assert trial_cache.SOURCE_TAG not in tags["lr=0.0003"]
+    # where the numbers were computed: the summary names the driver's platform, every entry the platform it is for
+    summary = json.loads((first.directory / sweep_spec.SUMMARY_FILE).read_text())
+    assert summary["platform"] == platform()
+    entries = [json.loads(f.read_text()) for f in (tmp_path / trial_cache.CACHE_DIR).glob("*.json")]
+    assert len(entries) == 3 and {e["platform"] for e in entries} == {platform_label()}
+
+
+def test_a_sweep_resumed_on_another_platform_says_its_numbers_will_not_compare(tmp_path, capsys):
+    """A resumed sweep whose driver now runs on another CPU (or kernel path) goes on, and says that the trials it
+    runs now are not bitwise comparable with the ones finished before."""
+    from fomo_ray.provenance import platform
+    from fomo_ray.tune_sweep import _open_state
+
+    state = {"name": "s", "platform": {**platform(), "cpu_kernels": "OTHER"}, "parent_run_id": ""}
+    (tmp_path / "sweep.json").write_text(json.dumps(state))
+    assert _open_state(tmp_path, None, resume=True) == state
+    assert "resumed on" in capsys.readouterr().out
+    (tmp_path / "sweep.json").write_text(json.dumps({**state, "platform": platform()}))
+    _open_state(tmp_path, None, resume=True)
+    assert capsys.readouterr().out == ""
 
 
 def test_tunes_metrics_warning_keeps_only_trials_that_started(tmp_path):

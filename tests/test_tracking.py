@@ -19,6 +19,7 @@ import pytest
 from fomo_ray import tracking
 from fomo_ray.cli.ui import main as ui_main
 from fomo_ray.config import load_config
+from fomo_ray.provenance import platform_label
 from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
                                check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
                                sweep_metrics, tracker_for, ui_command)
@@ -110,6 +111,20 @@ def test_provenance_is_this_checkout_and_version():
         assert tags[tracking.COMMIT_TAG] == tags[tracking.MLFLOW_COMMIT_TAG] == head
 
 
+def test_the_platform_names_the_cpu_its_kernel_path_and_torch():
+    import torch
+
+    from fomo_ray.provenance import platform
+
+    p = platform()
+    assert p["cpu_kernels"] == torch.backends.cpu.get_cpu_capability() and p["torch"] == torch.__version__
+    assert p["cpu"] and p["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    cpu = {**p, "gpu": "none"}
+    assert platform_label(cpu) == f"{p['cpu']}, {p['cpu_kernels']} kernels, torch {p['torch']}"
+    on_gpu = platform_label({**p, "gpu": "NVIDIA H200"})
+    assert on_gpu == f"NVIDIA H200 ({p['cpu']}, {p['cpu_kernels']} kernels), torch {p['torch']}"
+
+
 def test_provenance_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
     """An installed copy (no .git above the package) says "unknown" and sets no MLflow commit tag."""
     import fomo_ray
@@ -155,6 +170,8 @@ def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_pat
     assert len(run.data.metrics) == len(metrics)
     assert run.data.tags[tracking.COMMIT_TAG] == tracking.provenance_tags()[tracking.COMMIT_TAG]
     assert run.data.tags[tracking.VERSION_TAG] == tracking.provenance_tags()[tracking.VERSION_TAG]
+    # the platform the run computed on: its numbers are bitwise reproducible there, not on another CPU
+    assert run.data.tags[tracking.PLATFORM_TAG] == platform_label() and "kernels, torch " in platform_label()
     assert json.loads(Path(tr.client.download_artifacts(child, "config.json", str(tmp_path))).read_text()) == \
         {"nested": {"a": 1}}
     assert [f.path for f in tr.client.list_artifacts(child, "checkpoints/final")] == \

@@ -34,6 +34,7 @@ from fomo_ray.backbones import TINY_ARCHS, create_backbone, save_checkpoint
 from fomo_ray.inputs import RECIPES, PretrainConfig, base_checkpoint_path
 from fomo_ray.losses import clamp_logit_scale_, clip_loss
 from fomo_ray.optim import adamw_groups, trainable_named
+from fomo_ray.provenance import platform
 from fomo_ray.schedules import cosine_lr, warmup_steps
 
 
@@ -179,8 +180,8 @@ def ensure_base_checkpoint(arch: str, bench: Any, *, recipe: PretrainConfig | No
                            progress: bool = True, backend: str = "memory", report: bool = True) -> Path:
     """The cached base checkpoint of ``arch`` for ``bench``; trains (and caches) it first if missing.
 
-    The file is ``{"state_dict", "meta"}`` with meta holding the recipe, data hash, wall time and the zero-shot
-    table; it is written atomically, so a half-written checkpoint never looks complete.
+    The file is ``{"state_dict", "meta"}`` with meta holding the recipe, data hash, wall time, the zero-shot table
+    and the platform it was trained on; it is written atomically, so a half-written checkpoint never looks complete.
     """
     if arch not in RECIPES:
         raise PretrainError(f"no pretraining recipe for '{arch}': base models are trained for {list(TINY_ARCHS)}; "
@@ -209,8 +210,9 @@ def _train_and_save(arch: str, bench: Any, recipe: PretrainConfig, path: Path, p
     model = bb.model
     table = zero_shot_table(bench, model, bb, backend=backend, seed=recipe.seed)
     stats["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    # the platform too: the recipe fixes the base only on one CPU kernel path (provenance.platform)
     meta = {"arch": arch, "recipe": dataclasses.asdict(recipe), "content_hash": bench.manifest["content_hash"],
-            "stats": stats, "zero_shot": table}
+            "stats": stats, "zero_shot": table, "platform": platform()}
     save_checkpoint(model, path, meta=json.loads(json.dumps(meta)))  # plain data only (weights_only loadable)
     if report:
         print(f"base model {arch}: {recipe.steps} steps x {recipe.batch_size} in {stats['train_seconds']} s "
