@@ -46,8 +46,7 @@ def platform() -> dict[str, str]:
     """
     import torch
 
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return {"cpu": _cpu_model(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": gpu,
+    return {"cpu": _cpu_model(), "cpu_kernels": torch.backends.cpu.get_cpu_capability(), "gpu": _gpu_model(),
             "torch": torch.__version__}
 
 
@@ -58,6 +57,23 @@ def platform_label(p: dict[str, str] | None = None) -> str:
     if p.get("gpu", "none") != "none":
         where = f"{p['gpu']} ({where})"
     return f"{where}, torch {p.get('torch', '?')}"
+
+
+def _gpu_model() -> str:
+    """The visible GPUs' model names (``none`` without CUDA), without initialising CUDA in a process that has not: a
+    sweep driver that did would hold a context on a GPU its trials need."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "none"
+    if torch.cuda.is_initialized():
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "CUDA GPU"
+    return ", ".join(sorted({line.strip() for line in out.splitlines() if line.strip()})) or "CUDA GPU"
 
 
 def _cpu_model() -> str:
