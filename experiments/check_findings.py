@@ -39,7 +39,7 @@ def study_results(study: str, seeds: int, overrides: dict, output_dir: str):
 def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict], dict[str, str], dict[str, str]]:
     """The finding rows, and per study the commit and the platform its sweep ran at (as its driver recorded them)."""
     from fomo_ray.findings import FINDINGS, check, order_vs_method
-    from fomo_ray.provenance import platform_label
+    from fomo_ray.provenance import recorded_platform
 
     rows, commits, platforms = [], {}, {}
     for f in [*FINDINGS, None]:
@@ -48,7 +48,7 @@ def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict
             continue
         res = study_results(study, seeds, dict(f.overrides) if f else {}, output_dir)
         commits[study] = str(res.summary.get("commit") or "not recorded")
-        platforms[study] = platform_label(res.summary["platform"]) if res.summary.get("platform") else "not recorded"
+        platforms[study] = recorded_platform(res.summary)
         rows += check(f, res.table) if f else order_vs_method(res.table)
     return rows, commits, platforms
 

@@ -59,6 +59,12 @@ def platform_label(p: dict[str, str] | None = None) -> str:
     return f"{where}, torch {p.get('torch', '?')}"
 
 
+def recorded_platform(record: dict) -> str:
+    """The platform a result's record (``summary.json``, a base checkpoint's meta) names, as tables show it;
+    ``platform not recorded`` for one written before platforms were recorded."""
+    return platform_label(record["platform"]) if record.get("platform") else "platform not recorded"
+
+
 def _gpu_model() -> str:
     """The visible GPUs' model names (``none`` without CUDA), without initialising CUDA in a process that has not: a
     sweep driver that did would hold a context on a GPU its trials need."""

@@ -37,7 +37,7 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
     from fomo_ray.inputs import RECIPES, base_checkpoint_path
     from fomo_ray.metrics import point_summary
     from fomo_ray.prep.pretrain import read_meta
-    from fomo_ray.provenance import platform_label
+    from fomo_ray.provenance import recorded_platform
 
     rows = []
     for arch in TINY_ARCHS:
@@ -54,7 +54,7 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
                      "lr": recipe.lr, "pflops": gflops * recipe.steps / 1e6, "minutes": meta["stats"]["wall_seconds"] / 60,
                      **point_summary(records, "full"), "eval": {d: v for d, v in by_name.items()
                                                                 if _role(meta, d) == "eval"},
-                     "platform": platform_label(meta["platform"]) if "platform" in meta else "platform not recorded"})
+                     "platform": recorded_platform(meta)})
     return rows
 
 

@@ -24,13 +24,6 @@ def commit(summary: dict) -> str:
     return str(summary.get("commit") or "not recorded")[:12]
 
 
-def where(summary: dict) -> str:
-    """The platform the sweep's driver ran on (its numbers hold there: README "Reproducibility")."""
-    from fomo_ray.provenance import platform_label
-
-    return platform_label(summary["platform"]) if summary.get("platform") else "platform not recorded"
-
-
 def variant(row) -> str:
     """Its variant's label, or the reference it is (``references: true``), or the run's name."""
     for key in ("variant", "reference"):
@@ -50,6 +43,7 @@ def label(row) -> str:
 
 def block(sweep_dir: Path) -> str:
     import fomo_ray
+    from fomo_ray.provenance import recorded_platform  # the driver's: the numbers hold there (README "Reproducibility")
 
     res = fomo_ray.load_results(sweep_dir)
     if res.interrupted or not res.summary:
@@ -59,7 +53,7 @@ def block(sweep_dir: Path) -> str:
     table = table.assign(_k=[order.get(variant(r), 1) for _, r in table.iterrows()])
     table = table.sort_values(["_k", "run"])
     cfg = res.summary.get("identity", {}).get("config", {})
-    lines = [f"What the main job showed on {os.cpu_count()} CPU cores ({where(res.summary)}; "
+    lines = [f"What the main job showed on {os.cpu_count()} CPU cores ({recorded_platform(res.summary)}; "
              f"{time.strftime('%Y-%m-%d')}, commit {commit(res.summary)}, "
              f"`scripts/main_job_table.py`; {res.summary.get('wall_s', 0) / 60:.1f} min for the {len(table)} trials "
              f"once data and base were cached; T = {cfg.get('stream.num_tasks', '?')}, lr {cfg.get('optimizer.lr', '?')}"
