@@ -299,10 +299,13 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     run_id = meta.get("mlflow_run_id") or p.mlflow_run_id
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
-        from fomo_ray.tracking import Tracker
+        from fomo_ray.provenance import platform_label
+        from fomo_ray.tracking import PLATFORM_TAG, Tracker
 
         tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
-        tracker.set_tags(run_id, {WORLD_TAG: session.world_size, NODES_TAG: ",".join(nodes)})
+        # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
+        tracker.set_tags(run_id, {WORLD_TAG: session.world_size, NODES_TAG: ",".join(nodes),
+                                  PLATFORM_TAG: platform_label()})
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)

@@ -13,7 +13,8 @@ from fomo_ray import loop, ray_train, trial_report
 from fomo_ray.checkpoint import load_state
 from fomo_ray.config import load_config
 from fomo_ray.metrics import point_summary, tidy_frame
-from fomo_ray.tracking import TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
+from fomo_ray.provenance import platform_label
+from fomo_ray.tracking import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
 from _data_util import SCALE, small_fifmini
 from _edges_util import Fault, register_by_value, train_worker_in_worker
@@ -131,10 +132,11 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     payload = ray_train.RunPayload(cfg=cfg, run_name="ddp", tracking_uri=tracker.uri, mlflow_run_id=run_id,
                                    storage_uri=str(tmp_path / "train"))
     t0 = time.time()
+    tracker.set_tags(run_id, {PLATFORM_TAG: "the opener's"})  # rank 0 tags where the training computes
     outcome = ray_train.fit_train_run(payload, name="ddp", storage_path=str(tmp_path / "train"))
     wall = time.time() - t0
     run = tracker.client.get_run(run_id)
-    assert run.data.tags[ray_train.WORLD_TAG] == "2"
+    assert run.data.tags[ray_train.WORLD_TAG] == "2" and run.data.tags[PLATFORM_TAG] == platform_label()
     assert [s for s, _ in tracker.metric_history(run_id, summary_key("GM"))] == [0, 1, 2]  # one writer, not two
     loss_steps = [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps  # the training signal, from rank 0 alone
