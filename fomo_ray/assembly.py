@@ -132,7 +132,8 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
         steps = steps_per_task(cfg, method.cost_as or method.name, len(tasks), device=device)
     steps = distributed.from_rank_zero(steps)  # ranks must agree on the step count or the all-reduces deadlock
     seed_everything(derive_seed(cfg.seed, "setup"))  # random init ('' pretrained) and adapter init draw here
-    backbone = create_backbone(cfg.backbone.name, pretrained, device=device, precision=cfg.backbone.precision)
+    backbone = create_backbone(cfg.backbone.name, pretrained, device=device, precision=cfg.backbone.precision,
+                               quick_gelu=cfg.backbone.quick_gelu)
     model = method.setup(backbone.model)
     plan = method.task_plan(tasks, steps)
     evaluator = Evaluator(bench, cfg.evaluation, cfg.seed, backbone.image_size, backbone.mean, backbone.std,
@@ -152,7 +153,7 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     before any trial starts: the benchmark and pool, the stream (read, validated and cut into T tasks), the token ids
     of the model's tokenizer and a base checkpoint file (read and matched against the architecture on the CPU).
     Raises what ``build_run`` would raise (``InputsMissing``, ``DataError``, ``BackboneError``, ...)."""
-    from fomo_ray.backbones import create_backbone, is_checkpoint_path, tokenizer_for
+    from fomo_ray.backbones import create_backbone, is_checkpoint_path, resolve_quick_gelu, tokenizer_for
     from fomo_ray.data.format import open_benchmark
     from fomo_ray.data.tokens import tokenizer_key
 
@@ -163,7 +164,9 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     _check_tokens(cfg, tokenizer_key(tokenizer, context_length), bench, pool)
     pretrained = resolve_pretrained(cfg, bench)
     if pretrained and is_checkpoint_path(pretrained):  # a tag is fetched (and checked) by open_clip in the trial
-        create_backbone(cfg.backbone.name, pretrained, device="cpu")
+        create_backbone(cfg.backbone.name, pretrained, device="cpu", quick_gelu=cfg.backbone.quick_gelu)
+    else:  # a tag: its activation against backbone.quick_gelu, from open_clip's registry (no download)
+        resolve_quick_gelu(cfg.backbone.name, pretrained, cfg.backbone.quick_gelu)
 
 
 def stored_tokens(cfg: ExperimentConfig, backbone: Any, *benches: Any) -> str:

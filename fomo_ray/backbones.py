@@ -8,8 +8,18 @@ its tokenizer and image preprocessing numbers. ``pretrained`` is one of
 - an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b79k"``, ...): downloaded by open_clip (needs the network;
   with ``HF_HUB_OFFLINE=1`` it fails fast with a clear message);
 - a local checkpoint file: a plain state dict, a training-style ``{"state_dict": ...}`` dict (``module.`` prefixes
-  from DDP are stripped) or a ``.safetensors`` file. Pickles are read with ``torch.load(weights_only=True)`` so a
-  checkpoint can never execute code; keys and shapes are checked against the architecture before loading.
+  from DDP are stripped), a ``.safetensors`` file, or OpenAI's original TorchScript ``.pt`` (its tensors only).
+  Pickles are read with ``torch.load(weights_only=True)`` so a checkpoint can never execute code; keys and shapes
+  are checked against the architecture before loading.
+
+**Built as the weights were trained.** OpenAI's CLIPs and several later ones (DFN, MetaCLIP, some LAION-400M tags)
+were trained with QuickGELU (``x * sigmoid(1.702 x)``), the plain architecture configs use ``nn.GELU``, and
+``open_clip.create_model(arch, pretrained=tag)`` only warns about the difference. :func:`resolve_quick_gelu` takes
+the activation from open_clip's own pretrained registry for a tag (``get_pretrained_cfg(arch, tag)["quick_gelu"]``,
+the only architecture flag it carries; the rest is preprocessing), from the ``meta`` of a checkpoint written by
+:func:`save_checkpoint` (which records it), from OpenAI's TorchScript (always QuickGELU), or from what the user
+declares (``backbone.quick_gelu`` or an open_clip ``*-quickgelu`` architecture) for a file that records nothing. A
+declaration that contradicts the weights' own record is refused.
 
 The tiny architectures live in ``fomo_ray/model_configs/*.json`` and are registered with
 ``open_clip.factory.add_model_config``. They keep open_clip's ``vocab_size=49408`` (the SimpleTokenizer's range, which
@@ -60,6 +70,7 @@ class Backbone:
     std: tuple[float, float, float]
     context_length: int
     precision: str = "fp32"  # resolved autocast dtype name ("fp32" means no autocast)
+    quick_gelu: bool = False  # the activation the model was built with (resolve_quick_gelu); recorded with the weights
 
     def autocast(self, device: str | torch.device | None = None):
         """Autocast context for this backbone's precision on ``device`` (default: where the model lives)."""
@@ -125,14 +136,30 @@ def is_checkpoint_path(pretrained: str) -> bool:
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file: plain state dict, ``{"state_dict": ...}`` or ``.safetensors``.
+    """Tensors of a checkpoint file (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path)[0]
+
+
+#: what a checkpoint file may be; named in the error for anything else
+CHECKPOINT_FORMATS = ("a state dict saved with torch.save (plain, or as {'state_dict': ...})", ".safetensors",
+                      "OpenAI's original TorchScript .pt")
+#: entries of OpenAI's TorchScript state dicts that are not parameters (open_clip drops them the same way)
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, meta)`` of a checkpoint file: a plain state dict, ``{"state_dict": ..., "meta": ...}`` (what
+    :func:`save_checkpoint` writes; ``meta`` may record ``quick_gelu``), a ``.safetensors`` file, or OpenAI's
+    TorchScript ``.pt`` (meta ``{"quick_gelu": True, "format": "openai_torchscript"}``).
 
     Pickled files are loaded with ``weights_only=True``: a file holding arbitrary Python objects is refused
-    (it could run code on load) with an error naming the file.
+    (it could run code on load) with an error naming the file. A TorchScript archive is TorchScript, not a pickle of
+    Python objects: it is loaded with ``torch.jit.load`` and only its tensors are kept.
     """
     path = Path(path)
     if not path.is_file():
         raise BackboneError(f"checkpoint file not found: {path}")
+    meta: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -140,6 +167,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             obj: Any = load_file(str(path), device="cpu")
         except Exception as e:  # safetensors raises its own SafetensorError
             raise BackboneError(f"checkpoint {path} is not a valid .safetensors file: {e}") from e
+    elif _is_torchscript(path):
+        obj, meta = _read_torchscript(path), {"quick_gelu": True, "format": "openai_torchscript"}
     else:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -147,18 +176,57 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise BackboneError(
                 f"checkpoint {path} is not a plain tensor file: torch.load(weights_only=True) refused it "
-                f"({first}). Save weights with torch.save(model.state_dict(), path)."
+                f"({first}). Supported: {'; '.join(CHECKPOINT_FORMATS)}."
             ) from e
         except (RuntimeError, EOFError, OSError) as e:
-            raise BackboneError(f"checkpoint {path} could not be read as a torch file: {e}") from e
+            raise BackboneError(f"checkpoint {path} could not be read as a torch file: {e}. Supported: "
+                                f"{'; '.join(CHECKPOINT_FORMATS)}.") from e
     if isinstance(obj, Mapping) and "state_dict" in obj:
+        meta = dict(obj.get("meta") or {}) if isinstance(obj.get("meta"), Mapping) else {}
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
         raise BackboneError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict of tensors")
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise BackboneError(f"checkpoint {path}: entries that are not tensors: {bad[:5]}")
-    return {_strip_wrappers(k): v for k, v in obj.items()}
+    return {_strip_wrappers(k): v for k, v in obj.items()}, meta
+
+
+def checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The ``meta`` a checkpoint file records ({} for files that record none); tensors are memory-mapped, not read."""
+    path = Path(path)
+    if path.suffix == ".safetensors" or not path.is_file():
+        return {}
+    if _is_torchscript(path):
+        return {"quick_gelu": True, "format": "openai_torchscript"}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by read_checkpoint when the model is built
+        return {}
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    return dict(meta) if isinstance(meta, Mapping) else {}
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive is a zip holding compiled code (``*/code/``) beside its tensors."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any("/code/" in n or n.endswith("constants.pkl") for n in z.namelist())
+
+
+def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    """OpenAI's released ``.pt`` files are TorchScript modules in fp16; their state dict has open_clip's key layout
+    (open_clip mirrors OpenAI's modules) plus three non-parameter entries."""
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - name the file and the supported formats
+        raise BackboneError(f"checkpoint {path} is a TorchScript archive torch.jit.load could not read ({e}). "
+                            f"Supported: {'; '.join(CHECKPOINT_FORMATS)}.") from e
+    return {k: (v.float() if v.is_floating_point() else v) for k, v in module.state_dict().items()
+            if k not in _OPENAI_EXTRA_KEYS}
 
 
 def _strip_wrappers(key: str) -> str:
@@ -188,6 +256,10 @@ def load_checkpoint(model: torch.nn.Module, path: str | Path, arch: str = "") ->
     if "logit_scale" in state and state["logit_scale"].ndim != model.logit_scale.ndim:
         # open_clip has both scalar and 1-element logit_scale variants; same value, different shape
         state["logit_scale"] = state["logit_scale"].reshape(model.logit_scale.shape)
+    own = model.state_dict()
+    for name, _ in model.named_buffers():  # non-persistent buffers (attention masks) are rebuilt by the architecture;
+        if name not in own:                # TorchScript archives carry them like parameters
+            state.pop(name, None)
     problems = {k: v for k, v in state_dict_mismatch(model, state).items() if v}
     if problems:
         parts = [f"{kind} keys ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
@@ -201,7 +273,9 @@ def save_checkpoint(model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]
                     meta: Mapping[str, Any] | None = None) -> Path:
     """Write ``{"state_dict": ..., "meta": ...}`` atomically (temp file + rename); readable by ``read_state_dict``.
 
-    ``meta`` must be plain data (str/int/float/bool/lists/dicts) so the file stays ``weights_only``-loadable.
+    ``meta`` must be plain data (str/int/float/bool/lists/dicts) so the file stays ``weights_only``-loadable. A
+    :class:`Backbone`'s activation goes in as ``meta["quick_gelu"]`` (:func:`base_meta`), so the file is rebuilt the
+    way it was trained when it is loaded later.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,20 +319,70 @@ def quiet_random_init() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+def arch_quick_gelu(name: str) -> bool:
+    """Whether architecture ``name``'s own config builds QuickGELU (open_clip's ``*-quickgelu`` variants do)."""
+    import open_clip
+
+    register_tiny_archs()
+    return bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+
+
+def resolve_quick_gelu(name: str, pretrained: str = "", declared: bool | None = None) -> bool:
+    """The activation the weights ``pretrained`` of ``name`` were trained with: True = QuickGELU, False = GELU.
+
+    From, in order: open_clip's pretrained registry for a tag; the checkpoint's recorded ``meta["quick_gelu"]``
+    (:func:`save_checkpoint` records it; OpenAI's TorchScript is always QuickGELU); else ``declared``
+    (``backbone.quick_gelu``); else the architecture's own config. A ``declared`` value or a ``*-quickgelu``
+    architecture that contradicts the weights' record raises :class:`BackboneError`: the run would compute with
+    another activation than the weights were trained with.
+    """
+    import open_clip
+
+    arch = arch_quick_gelu(name)
+    recorded, source = None, ""
+    if pretrained and pretrained != "auto" and not is_checkpoint_path(pretrained):
+        recorded = bool(open_clip.get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+        source = f"open_clip's pretrained config of '{name}/{pretrained}'"
+    elif pretrained and pretrained != "auto":
+        meta = checkpoint_meta(pretrained)
+        if "quick_gelu" in meta:
+            recorded, source = bool(meta["quick_gelu"]), f"checkpoint {pretrained} (its meta)"
+    for value, what in ((declared, "backbone.quick_gelu"), (arch or None, f"architecture '{name}'")):
+        if recorded is not None and value is not None and value != recorded:
+            raise BackboneError(
+                f"{what} says {'QuickGELU' if value else 'GELU'}, but {source} says the weights were trained with "
+                f"{'QuickGELU' if recorded else 'GELU'}: drop the setting (the weights' record decides) or use other "
+                f"weights")
+    if recorded is not None:
+        return recorded
+    if declared is not None and arch and not declared:
+        raise BackboneError(f"backbone.quick_gelu=false contradicts architecture '{name}' (a -quickgelu config); use "
+                            f"'{name.removesuffix('-quickgelu')}' for GELU")
+    return bool(declared) if declared is not None else arch
+
+
+def base_meta(backbone: "Backbone") -> dict[str, Any]:
+    """What a checkpoint of ``backbone`` must record to be rebuilt as trained (merged into ``save_checkpoint``'s
+    meta): the architecture and its activation."""
+    return {"arch": backbone.name, "quick_gelu": bool(backbone.quick_gelu)}
+
+
 def create_backbone(name: str, pretrained: str = "", device: str | torch.device = "cpu",
-                    precision: str = "auto") -> Backbone:
+                    precision: str = "auto", quick_gelu: bool | None = None) -> Backbone:
     """Build architecture ``name`` with weights from ``pretrained`` (tag, checkpoint file or '' for random init).
 
     Weights stay fp32 (master weights for training); ``precision`` only selects the autocast dtype that
-    ``Backbone.autocast`` uses.
+    ``Backbone.autocast`` uses. The activation is the one the weights were trained with
+    (:func:`resolve_quick_gelu`; ``quick_gelu`` is the user's declaration, ``backbone.quick_gelu``).
     """
     import open_clip
 
     _check_arch(name)
     resolved = resolve_precision(precision, device)
+    qg = resolve_quick_gelu(name, pretrained, quick_gelu)
     if pretrained and is_checkpoint_path(pretrained):
         with quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
-            model = open_clip.create_model(name, pretrained=None, device="cpu")
+            model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=qg)
         load_checkpoint(model, pretrained, arch=name)
     elif pretrained:
         tags = open_clip.list_pretrained_tags_by_model(name)
@@ -267,14 +391,14 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
                 f"'{pretrained}' is neither a checkpoint file nor an open_clip pretrained tag of '{name}' "
                 f"(tags: {', '.join(tags) or 'none'})")
         try:
-            model = open_clip.create_model(name, pretrained=pretrained, device="cpu")
+            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=qg)
         except RuntimeError as e:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise BackboneError(
                 f"could not fetch open_clip weights '{name}/{pretrained}'"
                 f"{' (HF_HUB_OFFLINE=1: tags need the network or a warm cache)' if offline else ''}: {e}") from e
     else:
-        model = open_clip.create_model(name, pretrained=None, device="cpu")
+        model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=qg)
     model = model.to(device)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", model.visual.image_size)
@@ -289,4 +413,5 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
         std=tuple(float(x) for x in pp["std"]),
         context_length=context_length,
         precision=resolved,
+        quick_gelu=qg,
     )

@@ -17,7 +17,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -63,6 +63,7 @@ class BackboneConfig:
     pretrained: str = F("auto", "open_clip tag, a local checkpoint file, 'auto' (cached CPU-pretrained base for tiny archs) or '' (random init)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = F("auto", "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU")
 
+    quick_gelu: Optional[bool] = F(None, "activation: null = as the weights were trained (a tag's open_clip pretrained config, a checkpoint's recorded meta; GELU for a file that records nothing); true/false declares it for such a file (OpenAI, DFN and MetaCLIP weights use QuickGELU)")
 
 @dataclass(frozen=True)
 class MergeConfig:
@@ -277,6 +278,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+    if origin is Union:  # Optional[X]: null (None) or an X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
         return value

@@ -135,6 +135,25 @@ def model_config(arch: str) -> dict[str, Any]:
     return found
 
 
+def trained_quick_gelu(cfg: ExperimentConfig) -> bool:
+    """The activation the run's model was built with (``backbones.resolve_quick_gelu`` of its config): from the tag's
+    open_clip pretrained config or the base checkpoint's meta. A base file that is gone leaves only
+    ``backbone.quick_gelu`` (or a tiny architecture, always GELU) to say it; otherwise the export is refused rather
+    than written with a guessed activation."""
+    from fomo_ray.backbones import TINY_ARCHS, is_checkpoint_path, resolve_quick_gelu
+
+    name, pretrained, declared = cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu
+    if pretrained == "auto" or name in TINY_ARCHS and not Path(pretrained).is_file():
+        return resolve_quick_gelu(name, "", declared)
+    if pretrained and is_checkpoint_path(pretrained) and not Path(pretrained).is_file():
+        if declared is None:
+            raise ExportError(f"the run's base checkpoint {pretrained} (backbone.pretrained) is gone, so the activation "
+                              f"its weights were trained with cannot be read: set backbone.quick_gelu (true for "
+                              f"OpenAI/DFN/MetaCLIP-style QuickGELU weights, false for GELU) in the run's config")
+        return resolve_quick_gelu(name, "", declared)
+    return resolve_quick_gelu(name, pretrained, declared)
+
+
 def preprocess_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """The evaluation preprocessing open_clip gave the run's backbone: defaults, the pretrained tag's mean/std/
     interpolation when ``backbone.pretrained`` is a tag, and the model's image size (as ``open_clip.create_model``)."""
@@ -176,7 +195,10 @@ def save_open_clip(directory: str | Path, cfg: ExperimentConfig, state_dict: Map
     d = Path(directory)
     previous = _previous_export(d)
     arch = cfg.backbone.name
-    model_cfg = model_config(arch)
+    quick_gelu = trained_quick_gelu(cfg)
+    model_cfg = dict(model_config(arch))
+    if quick_gelu:  # open_clip rebuilds the export from model_cfg alone: it must say how the weights were trained
+        model_cfg["quick_gelu"] = True
     for stale in previous:
         (d / stale).unlink(missing_ok=True)
     torch_save({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}, d / WEIGHTS_FILE)
@@ -189,6 +211,7 @@ def save_open_clip(directory: str | Path, cfg: ExperimentConfig, state_dict: Map
     write_json(d / INFO_FILE, {
         "format": EXPORT_FORMAT, "arch": arch, "fomo_ray_version": __version__, "run": run or run_name(cfg),
         "config_hash": cfg.config_hash(), "method": cfg.method.name, "pretrained": cfg.backbone.pretrained,
+        "quick_gelu": quick_gelu,
         "source": source, "files": files, "load": load_lines("<this directory>", resolve=False),
         "config": to_dict(cfg)}, indent=2)
     return d
@@ -288,7 +311,7 @@ def _open_clip_model(cfg: ExperimentConfig, state_dict: Mapping[str, torch.Tenso
 
     model_config(cfg.backbone.name)  # registers tiny archs
     with quiet_random_init():  # the deployed weights are loaded next
-        model = open_clip.create_model(cfg.backbone.name, pretrained=None)
+        model = open_clip.create_model(cfg.backbone.name, pretrained=None, force_quick_gelu=trained_quick_gelu(cfg))
     model.load_state_dict(state_dict, strict=True)
     preprocess = image_transform_v2(PreprocessCfg(**preprocess_config(cfg)), is_train=False)
     return model, preprocess, open_clip.get_tokenizer(cfg.backbone.name)

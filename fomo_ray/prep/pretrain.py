@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from fomo_ray.atomic import file_lock
-from fomo_ray.backbones import TINY_ARCHS, create_backbone, save_checkpoint
+from fomo_ray.backbones import TINY_ARCHS, base_meta, create_backbone, save_checkpoint
 from fomo_ray.inputs import RECIPES, PretrainConfig, base_checkpoint_path
 from fomo_ray.losses import clamp_logit_scale_, clip_loss
 from fomo_ray.optim import adamw_groups, trainable_named
@@ -211,7 +211,7 @@ def _train_and_save(arch: str, bench: Any, recipe: PretrainConfig, path: Path, p
     table = zero_shot_table(bench, model, bb, backend=backend, seed=recipe.seed)
     stats["wall_seconds"] = round(time.perf_counter() - t0, 1)
     # the platform too: the recipe fixes the base only on one CPU kernel path (provenance.platform)
-    meta = {"arch": arch, "recipe": dataclasses.asdict(recipe), "content_hash": bench.manifest["content_hash"],
+    meta = {**base_meta(bb), "recipe": dataclasses.asdict(recipe), "content_hash": bench.manifest["content_hash"],
             "stats": stats, "zero_shot": table, "platform": platform()}
     save_checkpoint(model, path, meta=json.loads(json.dumps(meta)))  # plain data only (weights_only loadable)
     if report:
