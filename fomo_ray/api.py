@@ -191,27 +191,31 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
           name: str | None = None, search: str | None = None, num_samples: int | None = None,
           seeds: int | None = None, order: str | None = None, fresh: bool = False, resume: bool = False,
           progress: bool = True, show_worker_logs: bool = False, no_cache: bool = False,
-          device_tflops: float | None = None, mfu: float | None = None, **keywords: Any) -> Results:
+          device_tflops: float | None = None, mfu: float | None = None, preset: str | None = None,
+          keep_sizing: bool = False, **keywords: Any) -> Results:
     """Run (or resume) a Ray Tune sweep from a sweep YAML or its mapping, as ``fomo-ray sweep``; returns its results
     (``interrupted`` set when it stopped early: rerun with ``resume=True``). Keywords are dotted overrides for every
     trial (``optimizer__lr=1e-4``) or the flag names of the command (``max_concurrent=2``,
     ``tracking_uri=...``); ``seeds=N`` runs every variant over N seeds, as the sweep key ``seeds``; ``order``,
     ``no_cache``, ``device_tflops`` and ``mfu`` are the command's ``--order``, ``--no-cache``, ``--device-tflops`` and
-    ``--mfu`` (the cost estimate for a declared device)."""
+    ``--mfu`` (the cost estimate for a declared device); ``preset="paper"`` and ``keep_sizing`` are ``--preset`` and
+    ``--keep-sizing`` (fomo_ray/presets.py)."""
     from dataclasses import replace
 
     from fomo_ray.cost_estimate import DeclaredDevice
     from fomo_ray.tune_sweep import run_sweep
-    from fomo_ray.sweep_spec import load_sweep, spec_from_dict
+    from fomo_ray.sweep_spec import apply_preset, load_sweep, spec_from_dict
 
     changes = dotted(overrides, **{SWEEP_OPTIONS.get(k, k): v for k, v in keywords.items()})
     if isinstance(spec, Mapping):
         raw = dict(spec)
-        sweep_spec = spec_from_dict({**raw, "base": {**dict(raw.get("base") or {}), **changes}})
+        sweep_spec = spec_from_dict(raw)
+        sweep_spec = apply_preset(sweep_spec, preset) if preset else sweep_spec
+        sweep_spec = replace(sweep_spec, base={**sweep_spec.base, **changes})
     else:
-        sweep_spec = load_sweep(spec, changes)
+        sweep_spec = load_sweep(spec, changes, preset=preset or "")
     named = {k: v for k, v in (("name", name), ("search", search), ("num_samples", num_samples), ("seeds", seeds),
-                               ("order", order)) if v is not None}
+                               ("order", order), ("keep_sizing", keep_sizing or None)) if v is not None}
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
     device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,

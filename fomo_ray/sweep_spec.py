@@ -34,6 +34,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
+from fomo_ray.presets import (PresetError, check_presets, check_sized_for, preset_overrides, preset_path, sizing_error,
+                              swept_backbones)
 from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
 
 SEARCHES = ("grid", "random", "optuna")
@@ -46,7 +48,7 @@ REFERENCES: dict[str, dict[str, Any]] = {"zero_shot": {"method.name": "zero_shot
                                          "finetune": {"method.name": "finetune"},
                                          "joint": {"method.name": "joint"}}
 SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description", "order", "stopping", "seeds", "references")
+             "description", "order", "stopping", "seeds", "references", "sized_for", "presets")
 ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
@@ -254,6 +256,10 @@ class SweepSpec:
     stopping: StoppingRule | None = None  # cooperative early stopping at task boundaries (fomo_ray/stopping.py)
     seeds: int = 1              # every variant repeated over seeds base.seed .. base.seed + seeds - 1 (seed_dim)
     references: tuple[str, ...] = ()  # reference trials added at the base config (REFERENCES), crossed with seeds
+    sized_for: str = ""         # the backbone scale the sweep's numbers were chosen for ("tiny" | "real"; fomo_ray/presets.py)
+    presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {base: ..., space: ...} at that scale
+    preset: str = ""            # the preset applied (load_sweep(preset=...)); "" = none
+    keep_sizing: bool = False   # run a tiny-sized sweep on a real backbone anyway (--keep-sizing)
 
     def base_config(self) -> ExperimentConfig:
         """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
@@ -288,12 +294,40 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         raise SweepError(str(e)) from e
     seeds = check_seeds(data.get("seeds", 1), source)
     references = check_references(data.get("references"), source)
+    try:
+        sized_for, presets = check_sized_for(data.get("sized_for"), source), check_presets(data.get("presets"), source)
+    except PresetError as e:
+        raise SweepError(str(e)) from e
     return SweepSpec(name=str(data["name"]), space=parse_space(data.get("space")), base=dict(base),
                      config=str(data.get("config") or ""), search=search, num_samples=int(data.get("num_samples", 1)),
                      metric=str(data.get("metric", "GM")), mode=mode, trainer=trainer,
                      report_x=str(report.get("x", "")), report_baseline=str(report.get("baseline", "")),
                      description=str(data.get("description", "")),
-                     order=order, stopping=stopping, seeds=seeds, references=references)
+                     order=order, stopping=stopping, seeds=seeds, references=references, sized_for=sized_for,
+                     presets=presets)
+
+
+def apply_preset(spec: SweepSpec, preset: str, near: Path | None = None) -> SweepSpec:
+    """``spec`` at the scale of ``preset`` (a name or a YAML file; fomo_ray/presets.py): the preset file's keys over
+    the sweep's base, then the sweep's own ``presets.<name>`` base keys and space dimensions."""
+    try:
+        path = preset_path(preset, near)
+        keys = preset_overrides(path)
+    except PresetError as e:
+        raise SweepError(str(e)) from e
+    section = spec.presets.get(preset, spec.presets.get(path.stem, {}))
+    space = {**parse_space(spec.space), **parse_space(section.get("space"))}  # the preset's dimensions replace
+    return replace(spec, base={**spec.base, **keys, **dict(section.get("base") or {})}, space=space,
+                   preset=path.stem if path.parent.name == "presets" else str(path))
+
+
+def check_sizing(spec: SweepSpec, base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
+    """A sweep sized for the tiny CPU models does not run on a real backbone unless a preset moved it there or the
+    user said --keep-sizing; the error names the sweep's sizing, the backbones and both flags."""
+    problem = None if spec.preset or spec.keep_sizing else sizing_error(
+        spec.name, spec.sized_for, swept_backbones(base.backbone.name, space), base.flat())
+    if problem:
+        raise SweepError(problem)
 
 
 REPORT_KEYS = ("x", "baseline")
@@ -312,8 +346,9 @@ def check_report(report: Any, source: str) -> Mapping[str, Any]:
     return report
 
 
-def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
-    """Read a sweep YAML; ``overrides`` (``k=v`` strings or a dict) are added to its ``base``.
+def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = (), preset: str = "") -> SweepSpec:
+    """Read a sweep YAML; ``preset`` (a name or YAML file) moves it to that preset's scale (:func:`apply_preset`);
+    ``overrides`` (``k=v`` strings or a dict) are then added to its ``base``.
 
     A relative ``config:`` path resolves against the sweep file's directory.
     """
@@ -322,6 +357,8 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
     spec = spec_from_dict(data, str(p))
     if spec.config and not Path(spec.config).is_absolute():
         spec = replace(spec, config=str((p.parent / spec.config).resolve()))
+    if preset:
+        spec = apply_preset(spec, preset, p.parent)
     extra = overrides if isinstance(overrides, Mapping) else dict(parse_override(o) for o in overrides)
     return replace(spec, base={**spec.base, **extra}) if extra else spec
 
@@ -523,6 +560,7 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
             raise SweepError(f"sweep 'seeds: {spec.seeds}' repeats every variant over the same seeds, but optuna "
                              "chooses its own trials; search with seeds: 1, then repeat the chosen configs in a grid")
         space = {**space, SEED_KEY: seeds}
+    check_sizing(spec, base, space)
     validate_space(base, space)
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)

@@ -9,9 +9,9 @@ from fomo_ray.cli.text import Parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``fomo-ray budget [config.yaml] [key=value ...] [--backbone NAME] [--methods m1 m2 ...]``: per method, the
-    measured GFLOPs, memory, MAF and steps per task at T = 20/50/100/200 of the paper's budget, plus the steps per
-    task this config gets (its stream.num_tasks and budget.total_ft_steps)."""
+    """``fomo-ray budget [config.yaml | --preset paper] [key=value ...] [--backbone NAME] [--methods m1 m2 ...]``: per
+    method, the measured GFLOPs, memory, MAF and steps per task at T = 20/50/100/200 of the paper's budget, plus the
+    steps per task this config gets (its stream.num_tasks and budget.total_ft_steps)."""
     from fomo_ray.budget import (FT_METHOD, PAPER_TOTAL_FT_STEPS, BudgetError, backbone_spec, budget_rows,
                                  method_record, steps_per_task)
     from fomo_ray.config import load_config
@@ -19,6 +19,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = Parser(prog="fomo-ray budget", description=main.__doc__)
     p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (method.peft.rank=64)")
+    p.add_argument("--preset", default=None,
+                   help="start from a preset instead of a config file: 'paper' (experiments/configs/presets/paper.yaml)")
     p.add_argument("--backbone", default=None, help="open_clip architecture or fomo-tiny-* (default: backbone.name)")
     p.add_argument("--batch-size", type=int, default=None, help="default: the config's mixture.batch_size")
     p.add_argument("--image-size", type=int, default=None, help="default: the backbone's native size")
@@ -28,10 +30,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="full fine-tuning steps over the stream for the T=20..200 columns (paper: 28400)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted config override, repeatable (same as a key=value argument)")
-    args = p.parse_args(list(argv) if argv is not None else None)
+    args = p.parse_intermixed_args(list(argv) if argv is not None else None)  # key=value before or after flags
     config = args.args[0] if args.args and "=" not in args.args[0] else None
     overrides = [*(args.args[1:] if config else args.args), *args.overrides]
     try:
+        if args.preset:
+            from fomo_ray.presets import preset_path
+
+            if config:
+                raise ValueError(f"give a config file ({config}) or --preset {args.preset}, not both")
+            config = preset_path(args.preset)
         cfg = load_config(config, overrides)
         if args.backbone:
             cfg = cfg.replace({"backbone.name": args.backbone})

@@ -41,6 +41,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="dotted config overrides for every trial, e.g. optimizer.lr=1e-4 stream.num_tasks=8")
     g = ap.add_argument_group("data and model")
+    g.add_argument("--preset", help="run the study at a preset's scale: 'paper' = the paper's setting "
+                                    "(experiments/configs/presets/paper.yaml: ViT-B-16, batch 512, T 20, lr 1e-5, "
+                                    "28,400 fine-tuning steps, bf16), or a preset YAML file; flags still win")
+    g.add_argument("--keep-sizing", action="store_true",
+                   help="run a sweep sized for the tiny CPU models on a real backbone as it is (refused otherwise)")
     g.add_argument("--data-root", help="converted benchmark directory (data.root)")
     g.add_argument("--benchmark", choices=["fifmini", "fif"], help="embedded FiF-mini or converted real FiF data")
     g.add_argument("--backbone", help="open_clip architecture, e.g. fomo-tiny-s (CPU) or ViT-B-16")
@@ -91,9 +96,11 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpe
             extra[key] = value
     if args.no_mlflow:
         extra["tracking.enabled"] = False
-    spec = load_sweep(sweep_file, extra)
+    spec = load_sweep(sweep_file, extra, preset=getattr(args, "preset", None) or "")
     changes = {k: getattr(args, k) for k in ("name", "search", "num_samples", "trainer", "order", "seeds")
                if getattr(args, k, None) is not None}
+    if getattr(args, "keep_sizing", False):
+        changes["keep_sizing"] = True
     return replace(spec, **changes) if changes else spec
 
 

@@ -1,0 +1,94 @@
+"""The paper preset, and the guard that keeps a sweep sized for the tiny CPU models off a real backbone (no Ray: all of
+it is sweep planning)."""
+from pathlib import Path
+
+import pytest
+
+from fomo_ray.cli.sweep import main as sweep_main
+from fomo_ray.config import load_config
+from fomo_ray.presets import PRESET_DIR, preset_overrides
+from fomo_ray.sweep_spec import SweepError, load_sweep, plan_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+STUDIES = sorted(CONFIGS.glob("sweep_*.yaml"))
+PAPER = PRESET_DIR / "paper.yaml"
+
+
+def test_the_paper_preset_holds_the_papers_setting():
+    """DESIGN section 2 / Roth et al. 2024: ViT-B/16 at 224 px, b = 512 (P 169 / D 175 / B 168), T = 20, 1,420
+    fine-tuning steps per task, AdamW 1e-5 with weight decay 0.2 on every parameter, cosine with 10% warm-up and a
+    1e-3 floor restarted per task, one global clip at 1.0, bf16 autocast."""
+    from fomo_ray.data.mixture import mixture_sizes
+
+    cfg = load_config(PAPER)
+    assert (cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.precision) == ("ViT-B-16", "openai", "bf16")
+    assert (cfg.data.benchmark, cfg.data.image_size, cfg.stream.num_tasks) == ("fif", 224, 20)
+    assert cfg.budget.total_ft_steps // cfg.stream.num_tasks == 1420
+    m = cfg.mixture
+    assert mixture_sizes(m.batch_size, (m.pool, m.update, m.buffer), buffer_empty=False) == (169, 175, 168)
+    o, s = cfg.optimizer, cfg.schedule
+    assert (o.lr, o.weight_decay, o.exempt_no_decay, o.grad_clip) == (1e-5, 0.2, False, 1.0)
+    assert (s.name, s.warmup_frac, s.min_lr_ratio, s.meta) == ("cosine", 0.1, 1e-3, "none")
+
+
+@pytest.mark.parametrize("study", STUDIES, ids=lambda p: p.stem)
+def test_every_study_is_sized_for_tiny_and_runs_on_the_preset(study):
+    spec = load_sweep(study)
+    assert spec.sized_for == "tiny"
+    plan_sweep(spec)  # the tiny models it was sized for: fine
+
+    on_vit = load_sweep(study, {"backbone.name": "ViT-B-16", "backbone.pretrained": "openai"})
+    if "backbone.name" in spec.space:  # the study sweeps its backbones: the base's is never run
+        plan_sweep(on_vit)
+    else:
+        with pytest.raises(SweepError, match=rf"sweep '{spec.name}' is sized for the tiny CPU models .*backbone "
+                                             r"ViT-B-16.*--preset paper.*--keep-sizing"):
+            plan_sweep(on_vit)
+
+    plan = plan_sweep(load_sweep(study, preset="paper"))
+    paper, flat = load_config(PAPER).resolved().flat(), plan.base.flat()
+    kept = [k for k in preset_overrides(PAPER) if k not in plan.space and k != "budget.reference_backbone"]
+    assert {k: flat[k] for k in kept} == {k: paper[k] for k in kept}
+    assert plan.base.name == spec.name  # the study's own keys stay
+
+
+def test_the_model_size_study_grids_real_architectures_on_the_preset():
+    plan = plan_sweep(load_sweep(CONFIGS / "sweep_model_sizes.yaml", preset="paper"))
+    assert plan.space["backbone.name"].values == ("ViT-B-32", "ViT-B-16", "ViT-L-14")
+    assert plan.base.budget.reference_backbone == "ViT-B-16"
+
+
+def test_flags_win_over_the_preset_and_keep_sizing_overrides_the_guard():
+    spec = load_sweep(CONFIGS / "sweep_methods.yaml", {"optimizer.lr": 2e-5, "stream.num_tasks": 50},
+                      preset="paper")
+    assert (spec.base["optimizer.lr"], spec.base["stream.num_tasks"]) == (2e-5, 50)
+    from dataclasses import replace
+
+    tiny_on_real = load_sweep(CONFIGS / "sweep_methods.yaml", {"backbone.name": "ViT-B-32", "backbone.pretrained": ""})
+    assert plan_sweep(replace(tiny_on_real, keep_sizing=True)).base.optimizer.lr == 1e-4
+
+
+def test_a_swept_real_backbone_is_caught_too():
+    spec = load_sweep(CONFIGS / "sweep_model_sizes.yaml")
+    from dataclasses import replace
+
+    from fomo_ray.sweep_spec import parse_space
+
+    spec = replace(spec, space={**parse_space(spec.space), **parse_space({"backbone.name": {"grid": ["fomo-tiny-s",
+                                                                                                       "ViT-L-14"]}})})
+    with pytest.raises(SweepError, match="would run backbone ViT-L-14"):
+        plan_sweep(spec)
+
+
+def test_the_command_refuses_in_one_line_and_names_the_flag(capsys):
+    code = sweep_main([str(CONFIGS / "sweep_merge_weights.yaml"), "--dry-run", "--backbone", "ViT-B-16",
+                       "--pretrained", "openai"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "sized for the tiny CPU models" in err and "--preset paper" in err and "ViT-B-16" in err
+
+
+def test_an_unknown_preset_names_the_known_ones():
+    with pytest.raises(SweepError, match="unknown preset 'papr'.*paper"):
+        load_sweep(CONFIGS / "sweep_methods.yaml", preset="papr")
