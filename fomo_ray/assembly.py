@@ -3,7 +3,8 @@
 :func:`build_run` opens the benchmark, creates the backbone with theta_0, builds and sets up the method, asks the
 budget for the steps per task, and makes the evaluator and the replay buffer. It never *prepares* inputs: a missing
 or stale FiF-mini build or tiny base checkpoint raises :class:`~fomo_ray.inputs.InputsMissing` naming the command
-that makes it (``fomo-ray run`` and sweeps call ``prep.ensure_inputs`` first, so users rarely see it).
+that makes it (``fomo-ray run`` and sweeps call ``prep.ensure_inputs`` first, so users rarely see it), and so does
+data stored at another size than the backbone takes (:class:`ImageSizeMismatch`, unless ``data.allow_resize``).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from fomo_ray import distributed
 from fomo_ray.config import ExperimentConfig
-from fomo_ray.inputs import InputsMissing, auto_base_path, fifmini_generator_info
+from fomo_ray.inputs import FIFMINI_NAME, InputsMissing, auto_base_path, fifmini_generator_info
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan
 from fomo_ray.seeding import derive_seed, seed_everything
@@ -79,6 +80,76 @@ def open_data(cfg: ExperimentConfig) -> Any:
     return open_benchmark(root)
 
 
+class ImageSizeMismatch(InputsMissing):
+    """The backbone's input size differs from the stored image size of the benchmark or pool it would read (and
+    ``data.allow_resize`` is off); the message names both sizes and the command that stores the data at the right
+    size."""
+
+
+def backbone_input_size(name: str) -> tuple[int, int] | None:
+    """(height, width) of the images architecture ``name`` takes, read from open_clip's model config
+    (``vision_cfg.image_size``, what ``create_backbone`` gives as ``Backbone.image_size``) without building the model;
+    None for an architecture open_clip does not know (``create_backbone`` / ``tokenizer_for`` name it)."""
+    import open_clip
+
+    from fomo_ray.backbones import register_tiny_archs
+
+    register_tiny_archs()
+    size = ((open_clip.get_model_config(name) or {}).get("vision_cfg") or {}).get("image_size")
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(h), int(w)
+
+
+def check_image_size(cfg: ExperimentConfig, bench: Any, pool: Any | None = None) -> None:
+    """Refuse a backbone whose input size differs from the stored image size of ``bench`` (``data.root``) or of the
+    pool (``pool``, else ``data.pool`` opened here): the loaders would resize every image to the model's size, e.g.
+    upsample FiF-mini's 32 px to a 224 px ViT, and the numbers would not be the ones the model gets at its own
+    resolution. ``data.allow_resize`` accepts it. Raises :class:`ImageSizeMismatch` naming both sizes, the backbone,
+    the directory and the ``fomo-ray prepare`` command that stores the data at the backbone's size."""
+    if cfg.data.allow_resize:
+        return
+    want = backbone_input_size(cfg.backbone.name)
+    if want is None:
+        return
+    stores = [("data.root", "benchmark", bench)]
+    if cfg.data.pool:
+        from fomo_ray.data.format import open_benchmark
+
+        stores.append(("data.pool", "pool", pool if pool is not None else open_benchmark(cfg.data.pool)))
+    for key, what, store in stores:
+        have = int(store.image_size)
+        if want == (have, have):
+            continue
+        shown = f"{want[0]}" if want[0] == want[1] else f"{want[0]}x{want[1]}"
+        raise ImageSizeMismatch(
+            f"backbone '{cfg.backbone.name}' takes {shown} px images but the {what} at {store.root} (config key "
+            f"'{key}') stores {have} px images; {_store_at(cfg, store, key, max(want))}, or set "
+            f"data.allow_resize=true to resize every image from {have} to {shown} px on the fly")
+
+
+def _store_at(cfg: ExperimentConfig, store: Any, key: str, size: int) -> str:
+    """How to get the data of ``store`` (read through config key ``key``) stored at ``size`` px: the ``fomo-ray
+    prepare`` command that writes it (beside the old directory, which other runs may read) and the key to set."""
+    root = Path(store.root)
+    new = root.with_name(f"{root.name}_{size}px")
+    gen = store.manifest.get("generator") or {}
+    if gen.get("name") == FIFMINI_NAME:
+        command = (f"`fomo-ray prepare fifmini --root {new} --seed {gen.get('seed', cfg.data.generator_seed)} "
+                   f"--image-size {size} --scale {gen.get('scale', cfg.data.scale)}`")
+        if key == "data.root" and cfg.data.benchmark == FIFMINI_NAME and cfg.data.prepare_if_missing:
+            return (f"set data.image_size={size} data.root={new} to use FiF-mini at {size} px (`fomo-ray run` and "
+                    f"sweeps build it; by hand: {command})")
+        return f"store FiF-mini at {size} px with {command} and set {key}={new}"
+    if any(d.role in ("adapt", "eval") for d in store.datasets.values()):
+        return (f"convert FiF at {size} px with `fomo-ray prepare fif --root <FiF data root> --out {new} "
+                f"--image-size {size}` (with your other options; a --pool converted at {size} px too) and set "
+                f"{key}={new}")
+    return (f"convert the pool at {size} px with `fomo-ray prepare pool --shards <webdataset shards> --out {new} "
+            f"--image-size {size}` and set {key}={new}")
+
+
 def resolve_pretrained(cfg: ExperimentConfig, bench: Any) -> str:
     """``backbone.pretrained``; ``auto`` means the cached CPU-pretrained base of a tiny architecture (never trained
     here: a missing one raises InputsMissing naming ``fomo-ray pretrain``)."""
@@ -125,6 +196,7 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     device = torch.device(device) if device is not None else default_device()
     with distributed.rank_zero_first():  # the budget cache is measured once, not W times
         bench = open_data(cfg)
+        check_image_size(cfg, bench)  # before anything is built or measured
         pretrained = resolve_pretrained(cfg, bench)
         method = build_method(cfg)
         tasks = stream_task_rows(cfg, bench)
@@ -151,7 +223,8 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
 def check_inputs(cfg: ExperimentConfig) -> None:
     """Everything :func:`build_run` reads, checked without building the run, so that a sweep refuses a bad trial
     before any trial starts: the benchmark and pool, the stream (read, validated and cut into T tasks), the token ids
-    of the model's tokenizer and a base checkpoint file (read and matched against the architecture on the CPU).
+    of the model's tokenizer, the model's input size against the stored image size (:func:`check_image_size`) and a
+    base checkpoint file (read and matched against the architecture on the CPU).
     Raises what ``build_run`` would raise (``InputsMissing``, ``DataError``, ``BackboneError``, ...)."""
     from fomo_ray.backbones import create_backbone, is_checkpoint_path, resolve_quick_gelu, tokenizer_for
     from fomo_ray.data.format import open_benchmark
@@ -160,7 +233,8 @@ def check_inputs(cfg: ExperimentConfig) -> None:
     bench = open_data(cfg)
     pool = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
     stream_task_rows(cfg, bench)
-    tokenizer, context_length = tokenizer_for(cfg.backbone.name)
+    tokenizer, context_length = tokenizer_for(cfg.backbone.name)  # (an unknown architecture is named here)
+    check_image_size(cfg, bench, pool)
     _check_tokens(cfg, tokenizer_key(tokenizer, context_length), bench, pool)
     pretrained = resolve_pretrained(cfg, bench)
     if pretrained and is_checkpoint_path(pretrained):  # a tag is fetched (and checked) by open_clip in the trial

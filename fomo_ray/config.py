@@ -43,7 +43,8 @@ class DataConfig:
     pool: str = F("", "directory of a converted pretraining pool; empty = the benchmark's own pool")
     generator_seed: int = F(0, "seed of the FiF-mini generator; the content hash changes with it")
     scale: float = F(1.0, "FiF-mini size multiplier (1.0 = 20k pool images); tests use 0.05 to stay fast")
-    image_size: int = F(32, "training/eval resolution; 32 px keeps tiny CPU models fast, real backbones use 224")
+    image_size: int = F(32, "FiF-mini's stored image size (`fomo-ray prepare fifmini --image-size`); 32 px keeps tiny CPU models fast. The backbone's input size must equal the stored size (fomo-tiny-* 32, ViT-B-16 224): set both, or data.allow_resize")
+    allow_resize: bool = F(False, "let a backbone whose input size differs from the stored image size of the benchmark (or of data.pool) resize every image to the backbone's size on the fly (training crops and evaluation images alike); off, such a run is refused, since e.g. 32 px images upsampled for a 224 px ViT are not the data its zero-shot numbers mean: store the data at the backbone's size instead (`fomo-ray prepare ... --image-size N`)")
     loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes once into RAM (machines without FFCV, e.g. the GPU check)")
     num_workers: int = F(2, "threads of the compiled decode/crop stage (and of FFCV's evaluation loaders); the 2-core reference machine has 2")
     prefetch: int = F(2, "training batches built ahead on a background thread (pinned memory and async copies on CUDA); 0 builds each batch when the step needs it")
@@ -62,8 +63,8 @@ class BackboneConfig:
     name: str = F("fomo-tiny-s", "open_clip architecture; fomo-tiny-* are CPU-sized registered configs, e.g. ViT-B-16 for real runs")
     pretrained: str = F("auto", "open_clip tag, a local checkpoint file, 'auto' (cached CPU-pretrained base for tiny archs) or '' (random init)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = F("auto", "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU")
-
     quick_gelu: Optional[bool] = F(None, "activation: null = as the weights were trained (a tag's open_clip pretrained config, a checkpoint's recorded meta; GELU for a file that records nothing); true/false declares it for such a file (OpenAI, DFN and MetaCLIP weights use QuickGELU)")
+
 
 @dataclass(frozen=True)
 class MergeConfig:
@@ -151,6 +152,7 @@ class EvalConfig:
                                  "the trajectory is always on the fixed subsets)")
     full_every_n_tasks: int = F(0, "also the full test sets after every n-th task (0: only at the ends)")
     retrieval_k: tuple[int, ...] = F((1, 5), "recall@k reported; R@5 enters A_KA/A_ZS")
+    prompts: Literal["primer", "openai_imagenet", "simple_imagenet"] = F("primer", "zero-shot class texts: 'primer' = each dataset's one primer template (the reference, DESIGN section 3); 'openai_imagenet' / 'simple_imagenet' = open_clip's 80 / 7 ImageNet template ensembles (a class's embedding is the normalised mean of its templates' normalised embeddings, as open_clip's build_zero_shot_classifier), to compare with open_clip's published zero-shot numbers; the tidy table's prompts column names it")
 
 
 @dataclass(frozen=True)
@@ -276,11 +278,12 @@ def _suggest(key: str, candidates: Sequence[str]) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
+    if origin is Union:  # Optional[X]: null (None; also the text None / auto, as str(None) and flags write it) or an X
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        unset = value is None or isinstance(value, str) and value.strip().lower() in ("none", "null", "auto")
+        return None if unset else _coerce(value, args[0], key)
     if origin is Literal:
         choices = typing.get_args(tp)
-    if origin is Union:  # Optional[X]: null (None) or an X
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], key)
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
         return value

@@ -1,12 +1,17 @@
 """Zero-shot classification and image<->text retrieval of a CLIP model on a benchmark's test split.
 
 Zero-shot classification as in CLIP (Radford et al. 2021): one primer prompt per class (the dataset's template, e.g.
-"A photo of a {}."), L2-normalised image and text embeddings, top-1 over the dataset's *full* class set. Retrieval:
-recall@k in both directions, averaged (image->text: a hit if any of the image's captions is among the top k;
-text->image: for every caption, a hit if its image is among the top k). FoMo-in-Flux (Roth, Udandarao et al. 2024,
-arXiv 2408.14471) evaluates on class-balanced subsets during the stream and on the full test sets at its ends; unlike
-the reference code, the subsets here are index sets drawn once at construction -- the data are never mutated, so
-every in-stream evaluation sees the same samples and the final full evaluation really is full (DESIGN section 3).
+"A photo of a {}."), L2-normalised image and text embeddings, top-1 over the dataset's *full* class set. With
+``evaluation.prompts`` set to one of open_clip's template ensembles (``openai_imagenet``: CLIP's 80 ImageNet
+templates, ``simple_imagenet``: a 7-template subset of them) a class's embedding is instead the mean of the
+normalised embeddings of all its templates, re-normalised, exactly as ``open_clip.build_zero_shot_classifier``: the
+setting of open_clip's published zero-shot numbers. Every record names the texts it used (``prompts``: the setting
+for classification, ``captions`` for retrieval). Retrieval: recall@k in both directions, averaged (image->text: a hit
+if any of the image's captions is among the top k; text->image: for every caption, a hit if its image is among the
+top k). FoMo-in-Flux (Roth, Udandarao et al. 2024, arXiv 2408.14471) evaluates on class-balanced subsets during the
+stream and on the full test sets at its ends; unlike the reference code, the subsets here are index sets drawn once
+at construction -- the data are never mutated, so every in-stream evaluation sees the same samples and the final full
+evaluation really is full (DESIGN section 3).
 """
 from __future__ import annotations
 
@@ -23,6 +28,32 @@ from .data.augment import model_input
 
 class EvaluationError(ValueError):
     """An evaluation dataset cannot be evaluated (no classes, no test rows, ...); the message names it."""
+
+
+#: ``evaluation.prompts``: each dataset's one primer template (the reference), or a template ensemble of open_clip
+#: (the only two it ships, in ``open_clip.zero_shot_metadata``)
+PRIMER = "primer"
+ENSEMBLES = {"openai_imagenet": "OPENAI_IMAGENET_TEMPLATES", "simple_imagenet": "SIMPLE_IMAGENET_TEMPLATES"}
+PROMPT_SETS = (PRIMER, *ENSEMBLES)
+CAPTIONS = "captions"  # the prompts of a retrieval record: each image's own captions, whatever evaluation.prompts
+
+
+def prompt_templates(prompts: str) -> tuple[Callable[[str], str], ...] | None:
+    """The templates (``classname -> text``) of a template ensemble, in open_clip's order; None for the primer."""
+    if prompts == PRIMER:
+        return None
+    if prompts not in ENSEMBLES:
+        raise EvaluationError(f"unknown zero-shot prompts '{prompts}' (config key 'evaluation.prompts'); "
+                              f"choose one of {list(PROMPT_SETS)}")
+    from open_clip import zero_shot_metadata
+
+    return tuple(getattr(zero_shot_metadata, ENSEMBLES[prompts]))
+
+
+def ensemble_class_embeddings(text_features: torch.Tensor, num_templates: int) -> torch.Tensor:
+    """``[C*T, D]`` L2-normalised embeddings of every (class, template) text, class-major, to ``[C, D]`` class
+    embeddings: per class the mean over its T templates, re-normalised (open_clip's ``build_zero_shot_classifier``)."""
+    return F.normalize(text_features.reshape(-1, num_templates, text_features.shape[-1]).mean(dim=1), dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------- pure math
@@ -133,6 +164,8 @@ class Evaluator:
         self.bench, self.cfg, self.seed = bench, eval_cfg, int(seed)
         self.image_size, self.mean, self.std = int(image_size), tuple(mean), tuple(std)
         self.backend, self.num_workers, self.precision = backend, num_workers, precision
+        self.prompts = getattr(eval_cfg, "prompts", PRIMER)  # the class texts; an unknown name is refused here
+        prompt_templates(self.prompts)
         names = list(datasets) if datasets is not None else [
             n for n, d in bench.datasets.items() if d.role in ("adapt", "eval")]
         if not names:
@@ -177,7 +210,7 @@ class Evaluator:
         texts = 0
         for name, info in self.infos.items():
             if info.task == "classification":
-                texts += len(info.prompts())
+                texts += len(info.classnames) * len(prompt_templates(self.prompts) or (None,))
             else:
                 if self._captions is None:
                     self._captions = self.bench.captions("test")
@@ -187,7 +220,8 @@ class Evaluator:
     @torch.inference_mode()
     def evaluate(self, model: torch.nn.Module, tokenizer: Callable[..., torch.Tensor], *, full: bool,
                  weights_version: str) -> list[dict[str, Any]]:
-        """Records ``{dataset, role, metric, value, n}``: ``top1`` per classification set, ``R@k`` per retrieval set.
+        """Records ``{dataset, role, metric, value, n, prompts}``: ``top1`` per classification set (``prompts``: the
+        class texts, ``evaluation.prompts``), ``R@k`` per retrieval set (``prompts``: ``captions``).
 
         ``weights_version`` names the weights (e.g. ``"task3-deployed"``); text embeddings computed for one version
         are reused until a different version is passed. An empty version disables the cache.
@@ -216,10 +250,11 @@ class Evaluator:
             model.train(was_training)
 
     # ------------------------------------------------------------------------------------------- internals
-    def _my_batches(self, n: int) -> list[tuple[int, int]]:
-        """``[lo, hi)`` of every W-th batch of ``n`` items, starting at this rank's (all of them on one process)."""
+    def _my_batches(self, n: int, bs: int | None = None) -> list[tuple[int, int]]:
+        """``[lo, hi)`` of every W-th batch (of ``bs`` items, default the eval batch size) of ``n`` items, starting at
+        this rank's (all of them on one process)."""
         rank, world = self.ranks
-        bs = self.cfg.batch_size
+        bs = bs or self.cfg.batch_size
         return [(k * bs, min(n, (k + 1) * bs)) for k in range(rank, -(-n // bs), world)]
 
     def _in_order(self, keys: torch.Tensor, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,11 +306,42 @@ class Evaluator:
             return torch.cat(keys), torch.cat(feats)
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0, int(model.visual.output_dim))
 
+    def _ensemble_features(self, model, tokenizer, key: str, classnames: Sequence[str],
+                           templates: Sequence[Callable[[str], str]], device, amp) -> torch.Tensor:
+        """``[C, D]`` class embeddings from the template ensemble (:func:`ensemble_class_embeddings`). Classes go in
+        groups of whole classes, ``batch_size // T`` a group (at least one), each encoded in batches of at most
+        ``batch_size`` texts and reduced to its classes' embeddings at once, so at most ``max(batch_size, T)`` text
+        embeddings are held at a time; each rank takes every W-th group (computed as one process would) and the
+        class embeddings are gathered in class order."""
+        if key in self._text_cache:
+            return self._text_cache[key]
+        bs = self.cfg.batch_size
+        classes, out = [], []
+        for lo, hi in self._my_batches(len(classnames), max(1, bs // len(templates))):
+            texts = [template(c) for c in classnames[lo:hi] for template in templates]
+            feats = []
+            for a in range(0, len(texts), bs):
+                with amp:
+                    f = model.encode_text(tokenizer(texts[a:a + bs]).to(device))
+                feats.append(F.normalize(f.float(), dim=-1))
+            out.append(ensemble_class_embeddings(torch.cat(feats), len(templates)).cpu())
+            classes.append(torch.arange(lo, hi))
+        _, feats = self._in_order(*self._mine(classes, out, model))
+        if self._text_cache_version:
+            self._text_cache[key] = feats
+        return feats
+
     def _classification(self, model, tokenizer, name, info, rows, img, device, amp) -> list[dict[str, Any]]:
-        cls = self._text_features(model, tokenizer, f"classes:{name}", list(info.prompts()), device, amp)
+        key = f"classes:{self.prompts}:{name}"  # primer and ensemble embeddings never share an entry
+        templates = prompt_templates(self.prompts)
+        if templates is None:
+            cls = self._text_features(model, tokenizer, key, list(info.prompts()), device, amp)
+        else:
+            cls = self._ensemble_features(model, tokenizer, key, list(info.classnames), templates, device, amp)
         _, labels = self.bench.meta("test")
         y = torch.as_tensor(labels[rows].astype(np.int64))
-        return [dict(dataset=name, role=info.role, metric="top1", value=top1_accuracy(img @ cls.T, y), n=len(rows))]
+        return [dict(dataset=name, role=info.role, metric="top1", value=top1_accuracy(img @ cls.T, y), n=len(rows),
+                     prompts=self.prompts)]
 
     def _retrieval(self, model, tokenizer, name, info, rows, img, device, amp) -> list[dict[str, Any]]:
         if self._captions is None:
@@ -290,4 +356,5 @@ class Evaluator:
         key = f"captions:{name}:{'full' if len(rows) == len(self.full_rows[name]) else 'subset'}"
         txt = self._text_features(model, tokenizer, key, texts, device, amp)
         recalls = retrieval_recalls(img @ txt.T, owner, self.cfg.retrieval_k)
-        return [dict(dataset=name, role=info.role, metric=m, value=v, n=len(rows)) for m, v in recalls.items()]
+        return [dict(dataset=name, role=info.role, metric=m, value=v, n=len(rows), prompts=CAPTIONS)
+                for m, v in recalls.items()]

@@ -246,7 +246,7 @@ def evaluate_point(run: Run, point: int, full_too: bool) -> list[dict[str, Any]]
         records = run.evaluator.evaluate(run.model, run.backbone.tokenizer, full=eval_set == "full",
                                          weights_version=f"{run.name}/point{point}")
         out += [{"run": run.name, "task": point, "dataset": r["dataset"], "role": r["role"], "metric": r["metric"],
-                 "value": float(r["value"]), "eval_set": eval_set} for r in records]
+                 "value": float(r["value"]), "eval_set": eval_set, "prompts": r["prompts"]} for r in records]
     return out
 
 

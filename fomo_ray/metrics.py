@@ -14,6 +14,9 @@ One evaluation set per trajectory: every point of a run (0..T) is measured on th
 (``eval_set == "subset"``, a fixed gallery for retrieval), so an unchanged model has an exactly flat trajectory; the
 full test sets, evaluated as well at the ends (``evaluation.full_at_ends``, optionally every k tasks), are rows with
 ``eval_set == "full"``. Every score below reads one set (``eval_set``, default ``subset``), never both mixed.
+The ``prompts`` column says which texts the scores were computed with (``evaluation.prompts`` for zero-shot top-1:
+``primer``, ``openai_imagenet`` or ``simple_imagenet``; ``captions`` for retrieval); one run uses one setting, so it
+labels rows and never splits a score.
 
 Command line (``fomo-ray score``)::
 
@@ -28,19 +31,33 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from fomo_ray.atomic import atomic_path
-COLUMNS = ("run", "task", "dataset", "role", "metric", "value", "eval_set")
-REQUIRED = COLUMNS[:6]  # a table without eval_set (older fomo_ray, hand-made) reads as subsets
+COLUMNS = ("run", "task", "dataset", "role", "metric", "value", "eval_set", "prompts")
+REQUIRED = COLUMNS[:6]  # a table without eval_set (older fomo_ray, hand-made) reads as subsets, without prompts as
+                        # the primer prompts (classification) and captions (retrieval), all older fomo_ray evaluated
 ROLES = ("adapt", "eval")
 EVAL_SETS = ("subset", "full")
 #: the metric that enters A_KA / A_ZS for a dataset, in order of preference (retrieval sets report R@5)
 HEADLINE_METRICS = ("R@5", "top1")
 
 
+def default_prompts(metric: str) -> str:
+    """The ``prompts`` of a result that does not name them (written before ``evaluation.prompts`` existed): the
+    dataset's primer template for zero-shot top-1, the images' captions for retrieval recall."""
+    return "captions" if str(metric).startswith("R@") else "primer"
+
+
 def tidy_frame(records: Iterable[Mapping]) -> pd.DataFrame:
     """The tidy results table (:data:`COLUMNS`, in order) of result records; extra keys are dropped, a record
-    without ``eval_set`` is a subset one."""
-    return pd.DataFrame([{**{c: r[c] for c in REQUIRED}, "eval_set": r.get("eval_set", "subset")} for r in records],
-                        columns=list(COLUMNS))
+    without ``eval_set`` is a subset one, one without ``prompts`` gets :func:`default_prompts`. ``prompts`` names the
+    texts the model's text tower encoded: ``evaluation.prompts`` (``primer``, ``openai_imagenet``, ...) for
+    classification, ``captions`` for retrieval."""
+    return pd.DataFrame([{**{c: r[c] for c in REQUIRED}, "eval_set": r.get("eval_set", "subset"),
+                          "prompts": _prompts_of(r)} for r in records], columns=list(COLUMNS))
+
+
+def _prompts_of(record: Mapping) -> str:
+    given = record.get("prompts")
+    return given if isinstance(given, str) and given else default_prompts(record["metric"])
 
 
 class MetricsError(ValueError):
@@ -62,6 +79,8 @@ def validate_table(df: pd.DataFrame) -> pd.DataFrame:
     out["dataset"] = out["dataset"].astype(str)
     out["role"] = out["role"].astype(str)
     out["metric"] = out["metric"].astype(str)
+    given = out["prompts"] if "prompts" in out else pd.Series(None, index=out.index, dtype=object)
+    out["prompts"] = given.where(given.notna(), out["metric"].map(default_prompts)).astype(str)
     bad_roles = sorted(set(out["role"]) - set(ROLES))
     if bad_roles:
         raise MetricsError(f"results table: role(s) {bad_roles} are not one of {list(ROLES)}")

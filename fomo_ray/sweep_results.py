@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from fomo_ray import trial_report
-from fomo_ray.metrics import COLUMNS
+from fomo_ray.metrics import tidy_frame
 from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, point_label, trial_overrides
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
@@ -70,7 +70,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
     results = pd.DataFrame(rows)
     if not results.empty:
         results = results.sort_values(["run", "task"]).reset_index(drop=True)
-    tidy_df = pd.DataFrame(tidy, columns=list(COLUMNS))
+    tidy_df = tidy_frame(tidy)  # a record without prompts (an older trial's report) gets the default
     trials_df = pd.DataFrame(trials, columns=["run", "trial_id", "status", "reason", *dict.fromkeys(
         k for t in trials for k in t if k not in ("run", "trial_id", "status", "reason"))])
     return results, tidy_df, trials_df.sort_values("run").reset_index(drop=True)

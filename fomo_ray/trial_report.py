@@ -26,6 +26,7 @@ SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
 DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>" (the fixed subsets)
 FULL_PREFIX = "full/"  # the same on the full test sets: "full/<role>/<dataset>/<metric>"
 FULL_SUMMARY = "full_"  # full_A_KA, full_A_ZS, full_GM
+PROMPTS = "prompts"  # the zero-shot class texts of an eval report's top-1 values (evaluation.prompts)
 
 
 class ReportKind(str, Enum):
@@ -46,6 +47,9 @@ def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[st
     for r in records:
         prefix = FULL_PREFIX if r.get("eval_set", "subset") == "full" else DATASET_PREFIX
         out[f"{prefix}{r['role']}/{r['dataset']}/{r['metric']}"] = float(r["value"])
+    classes = {r["prompts"] for r in records if r.get("prompts") and r["metric"] == "top1"}
+    if classes:  # one setting per run: evaluation.prompts (retrieval rows always use the captions)
+        out[PROMPTS] = classes.pop()
     return out
 
 
@@ -92,8 +96,9 @@ def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         for prefix, eval_set in ((DATASET_PREFIX, "subset"), (FULL_PREFIX, "full")):
             if key.startswith(prefix):
                 role, dataset, metric = key[len(prefix):].split("/", 2)
+                prompts = report.get(PROMPTS) if metric == "top1" else None
                 out.append({"dataset": dataset, "role": role, "metric": metric, "value": float(value),
-                            "eval_set": eval_set})
+                            "eval_set": eval_set, **({"prompts": prompts} if isinstance(prompts, str) else {})})
     return out
 
 

@@ -292,7 +292,8 @@ def test_converted_fif_runs_in_the_loop_with_one_switch(converted, tmp_path):
                              "data.loader": "memory", "backbone.pretrained": "", "stream.num_tasks": 2,
                              "stream.ordering": "time_incremental", "budget.mode": "equal_steps",
                              "budget.total_ft_steps": 2, "mixture.batch_size": 8, "tracking.enabled": False,
-                             "output_dir": str(tmp_path / "runs")})
+                             "output_dir": str(tmp_path / "runs"),
+                             "data.allow_resize": True})  # converted at 16 px to stay small; fomo-tiny-s takes 32
     df = run_stream(cfg)
     assert sorted(df.task.unique()) == [0, 1, 2]  # before any update + after each of the 2 tasks
     last = df[df.task == 2]

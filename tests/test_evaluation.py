@@ -252,3 +252,146 @@ def test_workload_counts_what_an_evaluation_encodes(bench, tok, full):
     ev.evaluate(model, tok, full=full, weights_version="v")
     assert ev.workload(full) == (model.images, model.texts)
     assert ev.workload(full)[0] == (100 + 100 + 40 if full else 3 * 24)  # every test row of the sets (or subsets)
+
+
+# --------------------------------------------------------------------------------------------------- zero-shot prompts
+def test_default_prompts_are_the_primer_and_unchanged(bench):
+    """evaluation.prompts defaults to the reference's one primer prompt per class: the class embeddings are exactly
+    the normalised embeddings of ``DatasetInfo.prompts()``, and every record says which texts it used."""
+    from fomo_ray.backbones import create_backbone
+    from fomo_ray.metrics import tidy_frame
+
+    assert EvalConfig().prompts == "primer"
+    torch.manual_seed(0)
+    bb = create_backbone("fomo-tiny-s")
+    ev = _evaluator(bench)
+    recs = ev.evaluate(bb.model, bb.tokenizer, full=False, weights_version="w")
+    assert {(r["metric"], r["prompts"]) for r in recs} == {("top1", "primer"), ("R@1", "captions"),
+                                                          ("R@5", "captions")}
+    with torch.no_grad():
+        for name in ("COLOURS", "SWAPPED"):
+            want = F.normalize(bb.model.encode_text(bb.tokenizer(bench.datasets[name].prompts())), dim=-1)
+            torch.testing.assert_close(ev._text_cache[f"classes:primer:{name}"], want, rtol=1e-5, atol=1e-6)
+    # what loop.evaluate_point makes of the records: the tidy table names the prompts
+    tidy = tidy_frame([{**r, "run": "x", "task": 0, "eval_set": "subset"} for r in recs])
+    assert dict(zip(tidy["dataset"] + "/" + tidy["metric"], tidy["prompts"])) == {
+        "COLOURS/top1": "primer", "SWAPPED/top1": "primer", "SCENES/R@1": "captions", "SCENES/R@5": "captions"}
+
+
+@pytest.mark.parametrize("prompts,batch_size", [("simple_imagenet", 5), ("openai_imagenet", 256)])
+def test_ensemble_class_embedding_is_the_normalised_mean_of_normalised_templates(bench, prompts, batch_size):
+    """A class's embedding under a template ensemble: mean over its templates of the L2-normalised text embeddings,
+    re-normalised -- as open_clip's build_zero_shot_classifier -- whatever the batching (5 texts: one class's 7
+    templates split over two batches; 256: several classes a batch)."""
+    import open_clip
+
+    from fomo_ray.backbones import create_backbone
+    from fomo_ray.evaluation import prompt_templates
+
+    templates = prompt_templates(prompts)
+    assert len(templates) == {"simple_imagenet": 7, "openai_imagenet": 80}[prompts]
+    torch.manual_seed(0)
+    bb = create_backbone("fomo-tiny-s")
+    model = bb.model.eval()
+    ev = _evaluator(bench, cfg=dataclasses.replace(CFG, prompts=prompts, batch_size=batch_size))
+    recs = ev.evaluate(model, bb.tokenizer, full=True, weights_version="w")
+    assert {r["prompts"] for r in recs if r["metric"] == "top1"} == {prompts}
+    assert {r["prompts"] for r in recs if r["metric"] != "top1"} == {"captions"}
+    for name in ("COLOURS", "SWAPPED"):
+        classes = list(bench.datasets[name].classnames)
+        with torch.no_grad():
+            by_hand = torch.stack([
+                F.normalize(F.normalize(model.encode_text(bb.tokenizer([t(c) for t in templates])), dim=-1)
+                            .mean(dim=0), dim=0) for c in classes])
+            theirs = open_clip.build_zero_shot_classifier(model, bb.tokenizer, classes, templates,
+                                                          num_classes_per_batch=2).T
+            primer = F.normalize(model.encode_text(bb.tokenizer(bench.datasets[name].prompts())), dim=-1)
+        got = ev._text_cache[f"classes:{prompts}:{name}"]
+        torch.testing.assert_close(got, by_hand, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, theirs, rtol=1e-5, atol=1e-5)
+        assert (got - primer).abs().max() > 1e-2  # the ensemble changes the class embeddings
+
+
+def test_prompt_settings_never_share_cached_features_and_oracle_scores_hold(bench, tok):
+    class Counting(OracleCLIP):
+        texts = largest = 0
+
+        def encode_text(self, tokens):
+            self.texts += len(tokens)
+            self.largest = max(self.largest, len(tokens))
+            return super().encode_text(tokens)
+
+    ev, model = _evaluator(bench), Counting(tok)
+    ev.evaluate(model, tok, full=False, weights_version="v")
+    primer = {k: v.clone() for k, v in ev._text_cache.items()}
+    ev.prompts = "openai_imagenet"
+    before = model.texts
+    recs = {(r["dataset"], r["metric"]): r for r in ev.evaluate(model, tok, full=False, weights_version="v")}
+    # same weights version, other prompts: the class texts are encoded (every template), the captions reused
+    assert model.texts - before == 2 * 3 * 80 and model.largest <= CFG.batch_size
+    assert all(torch.equal(ev._text_cache[k], v) for k, v in primer.items())
+    assert {"classes:openai_imagenet:COLOURS", "classes:openai_imagenet:SWAPPED"} <= set(ev._text_cache)
+    # every template names the class, so the oracle still scores exactly 1 and 0
+    assert recs["COLOURS", "top1"]["value"] == 1.0 and recs["SWAPPED", "top1"]["value"] == 0.0
+    assert recs["COLOURS", "top1"]["prompts"] == "openai_imagenet"
+    fresh, counted = _evaluator(bench, cfg=dataclasses.replace(CFG, prompts="openai_imagenet")), Counting(tok)
+    fresh.evaluate(counted, tok, full=False, weights_version="v")
+    assert fresh.workload(False) == (3 * 24, counted.texts)  # the cost estimate counts every template too
+    with pytest.raises(EvaluationError, match="unknown zero-shot prompts 'nope'.*evaluation.prompts"):
+        _evaluator(bench, cfg=dataclasses.replace(CFG, prompts="nope"))
+
+
+class _Ranks:
+    """``gather`` for W threads standing in for W data-parallel ranks: the k-th call of every rank returns all ranks'
+    k-th tensors concatenated in rank order (``distributed.gather_rows``)."""
+
+    def __init__(self, world: int):
+        import threading
+
+        self.world, self.barrier, self.slots = world, threading.Barrier(world, timeout=120), {}
+        self.calls = [0] * world
+
+    def gather(self, rank: int):
+        def gather(t):
+            k = self.calls[rank]
+            self.calls[rank] += 1
+            self.slots.setdefault(k, [None] * self.world)[rank] = t
+            self.barrier.wait()
+            return torch.cat(self.slots[k])
+        return gather
+
+
+def test_ensemble_evaluation_shared_over_ranks_equals_one_process(bench):
+    """Two ranks each encode every other group of classes (16 texts a batch: 2 classes of 7 templates a group) and
+    every other image batch; the gathered class embeddings and the scores are the one-process ones, bit for bit."""
+    import copy
+    import threading
+
+    from fomo_ray.backbones import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone("fomo-tiny-s")
+    cfg = dataclasses.replace(CFG, prompts="simple_imagenet", batch_size=16)
+    one = _evaluator(bench, cfg=cfg)
+    want = one.evaluate(model.model, model.tokenizer, full=True, weights_version="w")
+    ranks, out, errors = _Ranks(2), {}, []
+
+    def rank(r):
+        try:
+            ev = Evaluator(bench, cfg, 0, 32, MEAN, STD, backend="memory", num_workers=1, ranks=(r, 2),
+                           gather=ranks.gather(r))
+            out[r] = (ev, ev.evaluate(copy.deepcopy(model.model), model.tokenizer, full=True, weights_version="w"))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test
+            errors.append(e)
+            ranks.barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errors, errors
+    for r in range(2):
+        ev, recs = out[r]
+        assert recs == want
+        for name in ("COLOURS", "SWAPPED"):
+            key = f"classes:simple_imagenet:{name}"
+            assert torch.equal(ev._text_cache[key], one._text_cache[key])

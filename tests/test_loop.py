@@ -406,3 +406,11 @@ def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tin
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in set(df["dataset"])]
     assert len(rows) == df["dataset"].nunique() and all(r[5] == "0.00" for r in rows), out  # the forget column
+
+
+def test_the_tidy_table_names_the_zero_shot_prompts(tiny_cfg):
+    """evaluation.prompts reaches the tidy table: top-1 rows name the class texts, retrieval rows the captions."""
+    df = run_stream(tiny_cfg(**{"evaluation.prompts": "simple_imagenet"}))
+    assert set(df.loc[df["metric"] == "top1", "prompts"]) == {"simple_imagenet"}
+    assert set(df.loc[df["metric"].str.startswith("R@"), "prompts"]) == {"captions"}
+    assert set(run_stream(tiny_cfg()).loc[lambda d: d["metric"] == "top1", "prompts"]) == {"primer"}

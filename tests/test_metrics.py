@@ -102,3 +102,23 @@ def test_score_command_prints_the_numbers(tmp_path, capsys):
     assert "mean   50.00   60.00" in out
     assert score_main([str(path), "--run", "zzz"]) == 2
     assert "run 'zzz' not in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suffix):
+    from fomo_ray.metrics import COLUMNS, tidy_frame
+
+    records = [dict(run="r", task=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
+               dict(run="r", task=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),
+               dict(run="r", task=0, dataset="D", role="adapt", metric="top1", value=0.4)]  # names no prompts
+    df = tidy_frame(records)
+    assert list(df.columns) == list(COLUMNS) and "prompts" in COLUMNS
+    assert df["prompts"].tolist() == ["openai_imagenet", "captions", "primer"]
+    back = metrics.load_results(metrics.save_results(df, tmp_path / f"t{suffix}"))
+    assert back["prompts"].tolist() == df["prompts"].tolist()
+    # a table written before the column existed: its zero-shot used the primer, its retrieval the captions
+    old = df.drop(columns=["prompts", "eval_set"])
+    old.to_csv(tmp_path / "old.csv", index=False)
+    loaded = metrics.load_results(tmp_path / "old.csv")
+    assert loaded["prompts"].tolist() == ["primer", "captions", "primer"]
+    assert metrics.summarize(loaded).iloc[0][["A_KA", "A_ZS"]].tolist() == pytest.approx([0.4, 0.4])

@@ -92,3 +92,20 @@ def test_the_command_refuses_in_one_line_and_names_the_flag(capsys):
 def test_an_unknown_preset_names_the_known_ones():
     with pytest.raises(SweepError, match="unknown preset 'papr'.*paper"):
         load_sweep(CONFIGS / "sweep_methods.yaml", preset="papr")
+
+
+def test_budget_on_the_preset_prints_steps_per_task_at_t20_beside_the_paper(tmp_path, capsys):
+    """`fomo-ray budget --preset paper` measures ViT-B-16 (random weights, a CPU step at a small batch here) and prints
+    every method's steps per task at T = 20 beside the paper's Tab. 4."""
+    from fomo_ray.cli.budget import main as budget_main
+
+    code = budget_main([f"budget.cache_dir={tmp_path}", "--preset", "paper", "--batch-size", "1",
+                        "--methods", "finetune", "bitfit"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "backbone ViT-B-16, batch 1, image 224px" in out and "paper ViT-B/16 T=20" in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[3:]}
+    header = out.splitlines()[1].split()
+    t20 = header.index("T=20")
+    assert rows["finetune"][t20] == "1420" and "1420" in rows["finetune"][t20 + 4:]
+    assert int(rows["bitfit"][t20]) > 1420  # biases only: cheaper steps, more of them
