@@ -110,14 +110,14 @@ def _clip_batch(batch_size: int, image_size: int, context_length: int, vocab_siz
 
 
 def _clip_loss(out) -> torch.Tensor:
-    """The loop's symmetric InfoNCE (``losses.clip_loss``) on the model output (tuple or dict form)."""
-    from fomo_ray.losses import clip_loss
+    """The loop's training loss (``losses.contrastive_loss``: InfoNCE, or SigLIP's sigmoid loss for a model with a
+    ``logit_bias``) on the model output (open_clip's tuple or dict form)."""
+    from fomo_ray.losses import contrastive_loss
 
     if isinstance(out, dict):
-        img, txt, scale = out["image_features"], out["text_features"], out["logit_scale"]
-    else:
-        img, txt, scale = out[0], out[1], out[2]
-    return clip_loss(img, txt, scale)
+        return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"],
+                                out.get("logit_bias"))
+    return contrastive_loss(*out[:4])
 
 
 def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], batch_size: int, image_size: int,

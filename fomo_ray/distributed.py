@@ -8,9 +8,14 @@ Train's ``TorchTrainer`` does so in every worker):
   ``[floor(r*b/W), floor((r+1)*b/W))`` (``fomo_ray.data.mixture.shard_bounds``): any W <= b works, so an elastic
   run that resizes to a W not dividing b trains on the same global batches;
 - the image/text features of all shards are all-gathered *with* gradient (padded to the largest shard for the
-  collective, the padding dropped after it) and every rank computes the symmetric
-  InfoNCE over the whole global batch, so every sample still has the b-1 other samples as in-batch negatives
-  (DESIGN §1; Radford et al. 2021) — as in open_clip's ``gather_with_grad`` training;
+  collective, the padding dropped after it) and every rank computes the model's contrastive loss (symmetric
+  InfoNCE, or SigLIP's sigmoid loss for a model with a ``logit_bias``: ``losses.contrastive_loss``) over the whole
+  global batch, so every sample still has the b-1 other samples as in-batch negatives (DESIGN §1; Radford et al.
+  2021) — as in open_clip's ``gather_with_grad`` training; for the sigmoid loss this is exactly the one-process loss
+  of the global batch (open_clip's SigLIP exchanges text shards between neighbours instead, same value);
+- BatchNorm layers become ``nn.SyncBatchNorm`` on CUDA ranks (global-batch statistics, identical running statistics
+  on every rank, as one process); on CPU ranks (gloo, where SyncBatchNorm does not run) a BatchNorm model is refused
+  (:func:`data_parallel`);
 - the model is wrapped in ``DistributedDataParallel``. Every rank differentiates the same global loss, so the
   all-gather's backward sums W identical copies of each shard's feature gradient (W x the single-process share)
   and DDP averages over the W ranks: the averaged gradient equals the single-process gradient of the global batch
@@ -180,16 +185,83 @@ def _collective_device(device: torch.device | str) -> torch.device:
 
 # --------------------------------------------------------------------------------------------------- the model
 class PairEncoder(nn.Module):
-    """``(images, tokens) -> (image features, text features, exp(logit_scale))`` of a CLIP model, L2-normalised:
-    the one forward DDP wraps (DDP syncs gradients only of what runs through its ``forward``)."""
+    """``(images, tokens) -> (image features, text features, exp(logit_scale)[, logit_bias])`` of a CLIP model,
+    L2-normalised: the one forward DDP wraps (DDP syncs gradients only of what runs through its ``forward``). A
+    SigLIP-style model's ``logit_bias`` is returned too (as open_clip's forward does), so that its sigmoid loss uses
+    it inside the wrapped forward and DDP sees the bias take part."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        from fomo_ray.losses import logit_terms
+
         m = self.model
-        return m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), m.logit_scale.exp()
+        scale, bias = logit_terms(m)
+        features = (m.encode_image(images, normalize=True), m.encode_text(tokens, normalize=True), scale)
+        return features if bias is None else (*features, bias)
+
+
+class BatchNormError(ValueError):
+    """A model with BatchNorm layers cannot train data-parallel here; the message names the layers and the way out."""
+
+
+def batchnorm_layers(model: nn.Module) -> list[str]:
+    """Names of ``model``'s BatchNorm layers (``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm``) in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def needs_sync_batchnorm(layers: list[str], world_size: int, device: torch.device | str) -> bool:
+    """Whether a model with BatchNorm layers ``layers`` must have them synchronised for ``world_size`` ranks on
+    ``device``: True for several CUDA ranks, False for one rank or no BatchNorm; raises :class:`BatchNormError` for
+    several CPU ranks (torch's SyncBatchNorm runs on GPUs only, and per-rank statistics would drift apart)."""
+    if world_size <= 1 or not layers:
+        return False
+    if torch.device(device).type != "cuda":
+        shown = ", ".join(layers[:4]) + (", ..." if len(layers) > 4 else "")
+        raise BatchNormError(
+            f"the model has {len(layers)} BatchNorm layers ({shown}): on {world_size} data-parallel ranks their batch "
+            f"statistics must be synchronised (SyncBatchNorm), which torch runs on GPUs only; train on GPU workers "
+            f"('ray.gpus_per_worker' > 0) or one worker ('ray.num_workers' = 1)")
+    return True
+
+
+def sync_batchnorm(model: nn.Module) -> int:
+    """Replace every BatchNorm layer of ``model`` by an ``nn.SyncBatchNorm`` sharing its parameters and buffers, in
+    place (``torch.nn.SyncBatchNorm.convert_sync_batchnorm``): names, and so state-dict keys, stay the same, and the
+    parameters stay the same objects (optimizers and methods keep working). Returns how many were converted."""
+    plain = [n for n, m in model.named_modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)]
+    if isinstance(model, nn.modules.batchnorm._BatchNorm):
+        raise ValueError("sync_batchnorm converts the BatchNorm layers inside a model, not a bare BatchNorm layer")
+    if plain:
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)  # returns ``model`` itself, its children replaced
+    return len(plain)
+
+
+@contextlib.contextmanager
+def rank_local(model: nn.Module) -> Iterator[None]:
+    """For a forward each rank runs on its own whole batches (EWC's Fisher pass, not the sharded training step):
+    ``nn.SyncBatchNorm`` layers normalise with this batch's own statistics, as on one process, and enter no
+    collective (the ranks run different numbers of such batches: a collective would hang); their running statistics
+    are restored afterwards, so they stay replicated across ranks. A no-op on one process and for models without
+    SyncBatchNorm."""
+    layers = [m for m in model.modules() if isinstance(m, nn.SyncBatchNorm)] if is_data_parallel() else []
+    if not layers:
+        yield
+        return
+    saved = [{k: b.detach().clone() for k, b in m.named_buffers(recurse=False) if b is not None} for m in layers]
+    for m in layers:  # the plain BatchNorm forward (F.batch_norm with this rank's statistics)
+        m.forward = nn.modules.batchnorm._BatchNorm.forward.__get__(m)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, buffers in zip(layers, saved):
+                del m.forward
+                for k, b in buffers.items():
+                    getattr(m, k).copy_(b)
 
 
 def data_parallel(model: nn.Module, device: torch.device | str) -> nn.Module | None:
@@ -198,16 +270,26 @@ def data_parallel(model: nn.Module, device: torch.device | str) -> nn.Module | N
     unchanged).
 
     ``find_unused_parameters=False`` (no autograd-graph walk per step): every registered method's trainable
-    parameters all take part in the CLIP forward — locked towers and PEFT freeze what they leave out, so frozen
-    parameters are simply not synchronised (``tests/test_ddp.py`` checks this for the whole registry; a method
-    breaking it fails at its second step with DDP's "find_unused_parameters" error). ``forward_sync_buffers=False``:
-    buffers are constants (attention masks), identical on every rank and synced once at construction.
+    parameters all take part in the contrastive forward — locked towers and PEFT freeze what they leave out, so
+    frozen parameters are simply not synchronised, and a SigLIP model's ``logit_bias`` is returned by
+    :class:`PairEncoder` and used by its sigmoid loss (``tests/test_ddp.py`` checks this for the whole registry; a
+    method breaking it fails at its second step with DDP's "find_unused_parameters" error).
+
+    BatchNorm (open_clip's ModifiedResNet RN50..., timm convnets): each rank's batch statistics would be its shard's,
+    and its running statistics would drift apart from the other ranks'. On CUDA the layers become ``nn.SyncBatchNorm``
+    (:func:`sync_batchnorm`, in place, same state-dict keys): they normalise with the statistics of the whole global
+    batch, as one process does, and update identical running statistics on every rank. On CPU (gloo) torch's
+    SyncBatchNorm does not run: such a model is refused (:class:`BatchNormError`, naming the layers).
+    ``forward_sync_buffers=False``: buffers are then either constants (attention masks) or running statistics that
+    SyncBatchNorm keeps identical, all synced once at construction.
     """
     if not is_data_parallel() or not any(p.requires_grad for p in model.parameters()):
         return None
     from torch.nn.parallel import DistributedDataParallel
 
     device = torch.device(device)
+    if needs_sync_batchnorm(batchnorm_layers(model), world()[1], device):
+        sync_batchnorm(model)
     ids = None
     if device.type == "cuda":
         ids = [device.index if device.index is not None else torch.cuda.current_device()]

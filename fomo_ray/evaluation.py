@@ -304,7 +304,9 @@ class Evaluator:
         """This rank's keys and features as two tensors (empty, of the embedding width, when it had no batch)."""
         if keys:
             return torch.cat(keys), torch.cat(feats)
-        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, int(model.visual.output_dim))
+        # the embedding width: open_clip's own towers say it as output_dim; a timm image tower does not, its text does
+        width = getattr(model.visual, "output_dim", None) or model.text.output_dim
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, int(width))
 
     def _ensemble_features(self, model, tokenizer, key: str, classnames: Sequence[str],
                            templates: Sequence[Callable[[str], str]], device, amp) -> torch.Tensor:

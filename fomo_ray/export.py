@@ -397,7 +397,9 @@ def config_from_params(params: Mapping[str, str]) -> ExperimentConfig:
         if key not in params:
             continue
         raw = params[key]
-        if isinstance(default, bool):
+        if default is None:  # an Optional setting (backbone.quick_gelu): None, or the value's own text
+            typed[key] = None if raw in ("None", "") else raw == "True" if raw in ("True", "False") else raw
+        elif isinstance(default, bool):
             typed[key] = raw == "True"
         elif isinstance(default, tuple):
             kind = type(default[0]) if default else str

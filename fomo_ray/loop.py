@@ -13,7 +13,7 @@ Ray/MLflow edge plugs in)::
         batches = MixedBatches(pool P, update D_t, buffer B)       # per-source sizes of DESIGN §1, prefetched
         for step in range(task.steps):
             lr   = schedules.lr_at(step, ...)                       # per-task schedule x meta-schedule
-            loss = clip_loss(model(batch)) + method.extra_loss(model, t)     # under autocast
+            loss = contrastive_loss(model(batch)) + method.extra_loss(model, t)  # autocast; InfoNCE/SigLIP
             non-finite loss -> raise TrainingDiverged(task, step)
             backward; ONE global grad-norm clip; opt.step(); clamp logit_scale
             method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr, grad_norm,
@@ -62,7 +62,7 @@ from fomo_ray.assembly import Run, build_run, eval_plan
 from fomo_ray.checkpoint import LoopState, Resumed, restore, snapshot
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.data.augment import model_input
-from fomo_ray.losses import clamp_logit_scale_, clip_loss
+from fomo_ray.losses import clamp_logit_scale_, contrastive_loss, logit_terms
 from fomo_ray.metrics import tidy_frame
 from fomo_ray.optim import make_optimizer, trainable_named
 from fomo_ray.schedules import lr_at
@@ -170,24 +170,28 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
 
 # --------------------------------------------------------------------------------------------------- steps
 def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = None) -> torch.Tensor:
-    """CLIP loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast.
+    """Contrastive loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast:
+    the model's own loss (``losses.contrastive_loss``: SigLIP's sigmoid loss for a model with a ``logit_bias``,
+    else InfoNCE).
 
     The batch holds uint8 images and stored token ids; they are moved to the device (a no-op when the prefetcher
     already did) and normalised there. ``encoder`` (data parallel: ``distributed.data_parallel``) encodes this
     rank's shard; the loss then runs over the features of the whole global batch gathered from all ranks,
-    identical on every rank."""
+    identical on every rank. Without ``encoder`` under data parallelism (EWC's Fisher pass: each rank its own whole
+    batches) BatchNorm layers stay rank-local (``distributed.rank_local``)."""
     model, bb = run.model, run.backbone
     images = model_input(batch["images"].to(run.device, non_blocking=True), bb.image_size, bb.mean, bb.std)
     tokens = batch["tokens"].to(run.device, non_blocking=True)
     with bb.autocast(run.device):
         if encoder is not None:
-            image_features, text_features, logit_scale = encoder(images, tokens)
+            image_features, text_features, *logit = encoder(images, tokens)  # (scale,) or (scale, bias)
             sizes = distributed.shard_sizes(run.cfg.mixture.batch_size, distributed.world()[1])
-            return clip_loss(distributed.gather_batch(image_features, sizes),
-                             distributed.gather_batch(text_features, sizes), logit_scale)
-        image_features = model.encode_image(images, normalize=True)
-        text_features = model.encode_text(tokens, normalize=True)
-        return clip_loss(image_features, text_features, model.logit_scale.exp())
+            return contrastive_loss(distributed.gather_batch(image_features, sizes),
+                                    distributed.gather_batch(text_features, sizes), *logit)
+        with distributed.rank_local(model):
+            image_features = model.encode_image(images, normalize=True)
+            text_features = model.encode_text(tokens, normalize=True)
+        return contrastive_loss(image_features, text_features, *logit_terms(model))
 
 
 def _mixed(run: Run, rows: np.ndarray, sizes: tuple[int, int, int], purpose: str, t: int, start_step: int,
