@@ -361,6 +361,15 @@ def resolve_quick_gelu(name: str, pretrained: str = "", declared: bool | None = 
     return bool(declared) if declared is not None else arch
 
 
+def run_quick_gelu(name: str, pretrained: str, declared: bool | None = None) -> bool | None:
+    """The activation a run of ``backbone.name/pretrained/quick_gelu`` builds, read without building it (for
+    records: MLflow tags, exports); ``auto`` is a tiny base (GELU unless declared). None when it cannot be known: a
+    base file that is gone and no declaration."""
+    if pretrained and pretrained != "auto" and is_checkpoint_path(pretrained) and not Path(pretrained).is_file():
+        return declared if declared is not None else (arch_quick_gelu(name) if name in TINY_ARCHS else None)
+    return resolve_quick_gelu(name, "" if pretrained == "auto" else pretrained, declared)
+
+
 def base_meta(backbone: "Backbone") -> dict[str, Any]:
     """What a checkpoint of ``backbone`` must record to be rebuilt as trained (merged into ``save_checkpoint``'s
     meta): the architecture and its activation."""

@@ -140,18 +140,14 @@ def trained_quick_gelu(cfg: ExperimentConfig) -> bool:
     open_clip pretrained config or the base checkpoint's meta. A base file that is gone leaves only
     ``backbone.quick_gelu`` (or a tiny architecture, always GELU) to say it; otherwise the export is refused rather
     than written with a guessed activation."""
-    from fomo_ray.backbones import TINY_ARCHS, is_checkpoint_path, resolve_quick_gelu
+    from fomo_ray.backbones import run_quick_gelu
 
-    name, pretrained, declared = cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu
-    if pretrained == "auto" or name in TINY_ARCHS and not Path(pretrained).is_file():
-        return resolve_quick_gelu(name, "", declared)
-    if pretrained and is_checkpoint_path(pretrained) and not Path(pretrained).is_file():
-        if declared is None:
-            raise ExportError(f"the run's base checkpoint {pretrained} (backbone.pretrained) is gone, so the activation "
-                              f"its weights were trained with cannot be read: set backbone.quick_gelu (true for "
-                              f"OpenAI/DFN/MetaCLIP-style QuickGELU weights, false for GELU) in the run's config")
-        return resolve_quick_gelu(name, "", declared)
-    return resolve_quick_gelu(name, pretrained, declared)
+    found = run_quick_gelu(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu)
+    if found is None:
+        raise ExportError(f"the run's base checkpoint {cfg.backbone.pretrained} (backbone.pretrained) is gone, so the "
+                          f"activation its weights were trained with cannot be read: set backbone.quick_gelu (true "
+                          f"for OpenAI/DFN/MetaCLIP-style QuickGELU weights, false for GELU) in the run's config")
+    return found
 
 
 def preprocess_config(cfg: ExperimentConfig) -> dict[str, Any]:

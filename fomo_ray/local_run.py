@@ -53,14 +53,14 @@ class MlflowRun:
         from fomo_ray.atomic import write_json
         from fomo_ray.config import to_dict
         from fomo_ray.methods import applicable_params
-        from fomo_ray.tracking import StepLogger, tracker_for
+        from fomo_ray.tracking import StepLogger, activation_tags, tracker_for
 
         self.tracker = tracker_for(cfg)
         self.tracker.ensure_views()
         meta = out / self.META
         previous = json.loads(meta.read_text()).get("run_id") if resumed and meta.is_file() else None
         self.run_id = self.tracker.start_run(out.name, applicable_params(cfg), config=to_dict(cfg), run_id=previous,
-                                             tags={"fomo_ray.config_hash": cfg.config_hash()})
+                                             tags={"fomo_ray.config_hash": cfg.config_hash(), **activation_tags(cfg)})
         write_json(meta, {"run_id": self.run_id, "tracking_uri": self.tracker.uri}, indent=2)
         every = cfg.tracking.log_every_n_steps
         self.steps = StepLogger(self.tracker, self.run_id, every, cfg.mixture.batch_size) if every > 0 else None

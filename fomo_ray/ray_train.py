@@ -300,12 +300,12 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
         from fomo_ray.provenance import platform_label
-        from fomo_ray.tracking import PLATFORM_TAG, Tracker
+        from fomo_ray.tracking import PLATFORM_TAG, Tracker, activation_tags
 
         tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
         # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
         tracker.set_tags(run_id, {WORLD_TAG: session.world_size, NODES_TAG: ",".join(nodes),
-                                  PLATFORM_TAG: platform_label()})
+                                  PLATFORM_TAG: platform_label(), **activation_tags(p.cfg)})
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)

@@ -59,6 +59,7 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics,
 NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
 VERSION_TAG = "fomo_ray.version"
 COMMIT_TAG = "fomo_ray.git_commit"
+ACTIVATION_TAG = "fomo_ray.quick_gelu"  # the activation the run's model was built with (backbones.run_quick_gelu)
 PLATFORM_TAG = "fomo_ray.platform"  # the CPU/GPU and kernels the run computed on (provenance.platform_label)
 MLFLOW_COMMIT_TAG = "mlflow.source.git.commit"  # what MLflow's runs table shows as "Version"
 PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and table printout
@@ -188,6 +189,15 @@ def variant_metrics(variants: Iterable[Mapping[str, Any]],
                 if value is not None and value == value:
                     out[f"{VARIANTS}/{label}/{score}_{stat}"] = as_percent(value)
     return out
+
+
+def activation_tags(cfg: Any) -> dict[str, str]:
+    """``fomo_ray.quick_gelu``: true / false (QuickGELU / GELU) as the run's model was built, or unknown; the config
+    only says null when the weights decide."""
+    from fomo_ray.backbones import run_quick_gelu
+
+    found = run_quick_gelu(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu)
+    return {ACTIVATION_TAG: "unknown" if found is None else str(found).lower()}
 
 
 def provenance_tags() -> dict[str, str]:

@@ -143,3 +143,18 @@ def test_an_unreadable_file_names_the_supported_formats(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(BackboneError, match="garbage.pt.*Supported: .*safetensors.*TorchScript"):
         create_backbone("fomo-tiny-s", str(bad))
+
+
+def test_tracking_names_the_activation_a_run_builds(tmp_path):
+    """MLflow's fomo_ray.quick_gelu tag says how the run's model was built (the config says null: the weights decide)."""
+    from fomo_ray.tracking import activation_tags
+
+    def tag(**keys):
+        return activation_tags(load_config(None, keys))["fomo_ray.quick_gelu"]
+
+    assert tag() == "false"  # the tiny base (pretrained auto)
+    assert tag(**{"backbone.name": "ViT-B-16", "backbone.pretrained": "openai"}) == "true"
+    assert tag(**{"backbone.name": "ViT-B-16", "backbone.pretrained": "laion2b_s34b_b88k"}) == "false"
+    gone = str(tmp_path / "gone.pt")
+    assert tag(**{"backbone.name": "ViT-B-16", "backbone.pretrained": gone}) == "unknown"
+    assert tag(**{"backbone.name": "ViT-B-16", "backbone.pretrained": gone, "backbone.quick_gelu": True}) == "true"

@@ -137,6 +137,7 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     wall = time.time() - t0
     run = tracker.client.get_run(run_id)
     assert run.data.tags[ray_train.WORLD_TAG] == "2" and run.data.tags[PLATFORM_TAG] == platform_label()
+    assert run.data.tags["fomo_ray.quick_gelu"] == "false"  # the tiny base: GELU, as it was trained
     assert [s for s, _ in tracker.metric_history(run_id, summary_key("GM"))] == [0, 1, 2]  # one writer, not two
     loss_steps = [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps  # the training signal, from rank 0 alone
