@@ -109,3 +109,13 @@ def test_budget_on_the_preset_prints_steps_per_task_at_t20_beside_the_paper(tmp_
     t20 = header.index("T=20")
     assert rows["finetune"][t20] == "1420" and "1420" in rows["finetune"][t20 + 4:]
     assert int(rows["bitfit"][t20]) > 1420  # biases only: cheaper steps, more of them
+
+
+def test_the_paper_budget_table_extends_along_the_line_through_two_batches():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_budget_table", REPO / "scripts" / "paper_budget_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.extend(10.0, 18.0, 4, 8, 512) == 18.0 + 2.0 * 504  # state 2 + 2 per sample
+    assert set(mod.PAPER_T20) == set(mod.METHODS) and mod.PAPER_T20["finetune"] == 1420
