@@ -45,8 +45,8 @@ class DataConfig:
     scale: float = F(1.0, "FiF-mini size multiplier (1.0 = 20k pool images); tests use 0.05 to stay fast")
     image_size: int = F(32, "FiF-mini's stored image size (`fomo-ray prepare fifmini --image-size`); 32 px keeps tiny CPU models fast. The backbone's input size must equal the stored size (fomo-tiny-* 32, ViT-B-16 224): set both, or data.allow_resize")
     allow_resize: bool = F(False, "let a backbone whose input size differs from the stored image size of the benchmark (or of data.pool) resize every image to the backbone's size on the fly (training crops and evaluation images alike); off, such a run is refused, since e.g. 32 px images upsampled for a 224 px ViT are not the data its zero-shot numbers mean: store the data at the backbone's size instead (`fomo-ray prepare ... --image-size N`)")
-    loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes once into RAM (machines without FFCV, e.g. the GPU check)")
-    num_workers: int = F(2, "threads of the compiled decode/crop stage (and of FFCV's evaluation loaders); the 2-core reference machine has 2")
+    loader: Literal["ffcv", "memory"] = F("ffcv", "FFCV loaders feed accelerators; 'memory' decodes whole splits once into each process's RAM (machines without FFCV, e.g. the GPU check) and refuses a split that would take more than 25% of the machine's RAM (the real FiF test sets need 100+ GB)")
+    num_workers: int = F(0, "threads of the compiled decode/crop stage (and of FFCV's evaluation loaders); 0 = follow the run's CPUs: ray.cpus_per_worker in a Ray trial (at least 1), torch's thread count (the machine's cores, or OMP_NUM_THREADS) in a local `fomo-ray run`; one H100 at 40% MFU needs about 2 decode cores for ViT-B/16, so reserve them with ray.cpus_per_worker")
     prefetch: int = F(2, "training batches built ahead on a background thread (pinned memory and async copies on CUDA); 0 builds each batch when the step needs it")
     prepare_if_missing: bool = F(True, "build FiF-mini automatically when a run needs it and it is missing")
 
@@ -155,6 +155,7 @@ class EvalConfig:
     prompts: Literal["primer", "openai_imagenet", "simple_imagenet"] = F("primer", "zero-shot class texts: 'primer' = each dataset's one primer template (the reference, DESIGN section 3); 'openai_imagenet' / 'simple_imagenet' = open_clip's 80 / 7 ImageNet template ensembles (a class's embedding is the normalised mean of its templates' normalised embeddings, as open_clip's build_zero_shot_classifier), to compare with open_clip's published zero-shot numbers; the tidy table's prompts column names it")
 
 
+    cache_mb: int = F(4096, "decoded evaluation images kept in RAM per process (uint8, as the loader gives them): the fixed subsets are decoded at the first evaluation point and reused at every later one (each data-parallel rank keeps only its share), the full test sets too if they fit in what the subsets leave; a set over the budget is decoded at every point; 0 = decode every time (224 px: about 0.15 MB an image)")
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = F("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite at an absolute path under output_dir")
@@ -439,6 +440,7 @@ def validate(cfg: ExperimentConfig) -> None:
     ]
     for key, ok, v in checks:
         if not ok:
+        ("evaluation.cache_mb", cfg.evaluation.cache_mb >= 0, cfg.evaluation.cache_mb),
             raise ConfigError(f"config key '{key}' is out of range: {v!r}")
     merge = cfg.method.merge
     if merge.density + merge.drop_top > 1.0 + 1e-12:  # Breadcrumbs keeps `density` after dropping `drop_top`

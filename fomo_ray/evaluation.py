@@ -12,6 +12,12 @@ top k). FoMo-in-Flux (Roth, Udandarao et al. 2024, arXiv 2408.14471) evaluates o
 stream and on the full test sets at its ends; unlike the reference code, the subsets here are index sets drawn once
 at construction -- the data are never mutated, so every in-stream evaluation sees the same samples and the final full
 evaluation really is full (DESIGN section 3).
+
+Decoded images are kept: the first evaluation of a mode (subsets, or full test sets) keeps the images its loader gave
+(``uint8``, this rank's share only) when they fit in ``evaluation.cache_mb`` per process, the subsets first and the
+full test sets in what they leave, and every later evaluation of that mode reads them instead of decoding again.
+The model input is computed from the same bytes either way, so the numbers do not change. A mode over the budget is
+decoded at every evaluation, as is everything with the "memory" loader (it holds the decoded split already).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import autocast_context, resolve_precision
+from .config import EvalConfig
 from .data.augment import model_input
 
 
@@ -146,7 +153,9 @@ class Evaluator:
 
     Subsets for in-stream evaluation are drawn once here (from ``seed``) and reused at every call; class-text
     (and caption) embeddings are cached per ``(weights_version, dataset)`` and recomputed only when the version
-    changes. ``backend`` selects the loader (``"ffcv"`` or ``"memory"``, see ``fomo_ray.data.loaders``).
+    changes; decoded images are kept within ``evaluation.cache_mb`` (module docstring). ``backend`` selects the
+    loader (``"ffcv"`` or ``"memory"``, see ``fomo_ray.data.loaders``); ``num_workers`` its decode threads (0: the
+    process's CPUs, ``fomo_ray.data.loaders.decode_threads``).
 
     Data parallel: with ``ranks = (rank, world size)`` each rank encodes every W-th batch of images and of texts and
     ``gather`` (every rank's rows concatenated in rank order; ``fomo_ray.distributed.gather_rows``) collects the
@@ -155,7 +164,7 @@ class Evaluator:
     """
 
     def __init__(self, bench: Any, eval_cfg: Any, seed: int, image_size: int, mean: Sequence[float],
-                 std: Sequence[float], backend: str = "ffcv", *, num_workers: int = 2, precision: str = "auto",
+                 std: Sequence[float], backend: str = "ffcv", *, num_workers: int = 0, precision: str = "auto",
                  datasets: Sequence[str] | None = None, ranks: tuple[int, int] = (0, 1),
                  gather: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if ranks[1] > 1 and gather is None:
@@ -166,6 +175,10 @@ class Evaluator:
         self.backend, self.num_workers, self.precision = backend, num_workers, precision
         self.prompts = getattr(eval_cfg, "prompts", PRIMER)  # the class texts; an unknown name is refused here
         prompt_templates(self.prompts)
+        cache_mb = getattr(eval_cfg, "cache_mb", EvalConfig.cache_mb)  # (the default for a bare namespace)
+        if cache_mb < 0:
+            raise EvaluationError(f"config key 'evaluation.cache_mb' must be >= 0 (0 = no cache), got {cache_mb}")
+        self.cache_bytes = int(cache_mb * 2 ** 20)
         names = list(datasets) if datasets is not None else [
             n for n, d in bench.datasets.items() if d.role in ("adapt", "eval")]
         if not names:
@@ -196,6 +209,8 @@ class Evaluator:
         self._text_cache: dict[str, torch.Tensor] = {}
         self._text_cache_version: str | None = None
         self._loaders: dict[bool, Any] = {}
+        self._images: dict[bool, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # kept decoded batches per mode
+        self._keep: dict[bool, bool] | None = None  # which modes fit in cache_bytes (decided once)
 
     # ------------------------------------------------------------------------------------------- public
     def rows(self, full: bool) -> dict[str, np.ndarray]:
@@ -263,20 +278,55 @@ class Evaluator:
         order = torch.argsort(keys, stable=True)
         return keys[order], feats[order]
 
-    def _image_features(self, model, full: bool, device, amp) -> tuple[np.ndarray, torch.Tensor]:
-        """Normalised image embeddings of every needed test row, as (sorted row ids, [rows, D] features), from one
-        loader over this rank's batches of the union of rows (one loader per mode, built once: an FFCV loader's
-        first epoch pays the numba compilation)."""
+    def _my_rows(self, full: bool) -> np.ndarray:
+        """This rank's rows of a mode: its batches of the sorted union of every dataset's rows."""
+        union = np.unique(np.concatenate(list(self.rows(full).values())))
+        return np.concatenate([union[lo:hi] for lo, hi in self._my_batches(len(union))] or [union[:0]])
+
+    def cache_plan(self) -> dict[bool, bool]:
+        """``{full: keep the decoded images?}``, decided once from the bytes of this rank's share of each mode:
+        the subsets (read at every point) if they fit in ``cache_bytes``, the full test sets if they fit in what the
+        kept subsets leave. Nothing with the "memory" backend, which holds the decoded split anyway."""
+        if self._keep is None:
+            from .data.loaders import decode_size, decoded_nbytes
+
+            if self.backend == "memory" or self.cache_bytes <= 0:
+                self._keep = {False: False, True: False}
+            else:
+                path = self.bench.split_path("test")
+                size = decode_size(path, self.image_size)
+                need = {full: decoded_nbytes(path, self._my_rows(full), size) for full in (False, True)}
+                subset = need[False] <= self.cache_bytes
+                self._keep = {False: subset,
+                              True: need[True] <= self.cache_bytes - (need[False] if subset else 0)}
+        return self._keep
+
+    def _decoded_images(self, full: bool):
+        """This rank's ``(uint8 images, rows)`` batches of a mode: the kept ones, or from the mode's loader (built
+        once: an FFCV loader's first epoch pays the numba compilation), kept when :meth:`cache_plan` says so."""
+        if full in self._images:
+            yield from self._images[full]
+            return
         if full not in self._loaders:
             from .data.loaders import make_loader
 
-            union = np.unique(np.concatenate(list(self.rows(full).values())))
-            mine = np.concatenate([union[lo:hi] for lo, hi in self._my_batches(len(union))] or [union[:0]])
+            mine = self._my_rows(full)
             self._loaders[full] = None if len(mine) == 0 else make_loader(
                 self.bench, "test", mine, self.cfg.batch_size, train=False, seed=self.seed,
                 image_size=self.image_size, backend=self.backend, num_workers=self.num_workers)
+        keep = [] if self.cache_plan()[full] else None
+        for images, rows in self._loaders[full] or ():
+            if keep is not None:
+                keep.append((images, rows))
+            yield images, rows
+        if keep is not None:  # only a complete pass is kept
+            self._images[full] = keep
+
+    def _image_features(self, model, full: bool, device, amp) -> tuple[np.ndarray, torch.Tensor]:
+        """Normalised image embeddings of every needed test row, as (sorted row ids, [rows, D] features), from this
+        rank's batches of the union of rows (:meth:`_decoded_images`)."""
         all_rows, feats = [], []
-        for images, rows in self._loaders[full] or ():  # uint8 on the host; resized and normalised on the device
+        for images, rows in self._decoded_images(full):  # uint8 on the host; resized and normalised on the device
             x = model_input(images.to(device, non_blocking=True), self.image_size, self.mean, self.std)
             with amp:
                 f = model.encode_image(x)

@@ -404,7 +404,7 @@ def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, 
 # --------------------------------------------------------------------------------------------------- resume check
 # Keys that say how a sweep runs, not what it computes: they may change when a sweep is resumed (e.g. on a bigger
 # cluster). Every other key must match the interrupted sweep's, or one results table would mix two studies.
-EXECUTION_KEYS = ("ray.", "tracking.", "data.num_workers", "data.prefetch", "data.loader")
+EXECUTION_KEYS = ("ray.", "tracking.", "data.num_workers", "data.prefetch", "data.loader", "evaluation.cache_mb")
 
 
 def sweep_identity(base: ExperimentConfig, space_json: str) -> dict[str, Any]:

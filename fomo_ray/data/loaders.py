@@ -12,7 +12,13 @@ Two backends give bit-identical batches:
   decode + RandomResizedCrop stage (:mod:`fomo_ray.data.decode`) with crop boxes seeded from ``(seed, epoch,
   batch)``, reading the beton through a memory map.
 - ``"memory"``: the split is decoded once into RAM (cached per process; plain numpy for raw files, so it runs
-  without FFCV) and batches are gathered from it in the same order, through the same compiled crop stage.
+  without FFCV) and batches are gathered from it in the same order, through the same compiled crop stage. A split
+  whose decoded images (plus the splits this process already holds decoded) would take more than
+  :data:`MEMORY_LOADER_RAM_SHARE` of the machine's RAM is refused (:class:`MemoryLoaderTooLarge`): the real FiF test
+  sets decode to 100+ GB per process; ``data.loader=ffcv`` decodes each batch as it is read instead.
+
+Decode threads (``num_workers``, the config's ``data.num_workers``): a positive value is used as given; 0 follows the
+CPUs the process runs with (:func:`decode_threads`).
 
 An FFCV ``Loader`` compiles its pipeline with numba on its first epoch (~2 s); compiled loaders are cached per
 (file, batch size, order, decoder) and re-pointed at new index sets, so building another evaluation subset costs
@@ -22,6 +28,7 @@ fail loudly instead of silently breaking backend equality or exact resume.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,7 +38,7 @@ import torch
 
 from .augment import RRC_RATIO, RRC_SCALE, generator_for, rrc_boxes
 from .decode import ImageSource, beton_source, crop_resize, decode_all
-from .format import Benchmark, DataError, read_images, read_row_meta
+from .format import Benchmark, DataError, beton_num_rows, read_images, read_row_meta
 
 BACKENDS = ("ffcv", "memory")
 _FFCV_LOADERS: "OrderedDict[tuple, object]" = OrderedDict()
@@ -42,6 +49,28 @@ _RETIRED: list = []
 _DECODED: dict[tuple, torch.Tensor] = {}
 _SOURCES: dict[tuple, ImageSource] = {}
 _DECODE_SIZES: dict[tuple, int | None] = {}
+_HELD: dict[tuple, int] = {}  # bytes of every split the "memory" backend holds decoded in this process
+
+#: The "memory" backend refuses to decode a split when this process would then hold more than this share of the
+#: machine's RAM (:func:`machine_ram_bytes`) in decoded splits. Per process: W data-parallel ranks on one node hold
+#: W copies, so 25% already allows a 4-rank node to fill its RAM.
+MEMORY_LOADER_RAM_SHARE = 0.25
+
+
+class MemoryLoaderTooLarge(DataError):
+    """``data.loader=memory`` would decode a split larger than :data:`MEMORY_LOADER_RAM_SHARE` of the machine's RAM
+    into this process; the message names the split, its decoded size, the limit and ``data.loader=ffcv``."""
+
+
+def decode_threads(num_workers: int) -> int:
+    """Threads of the decode/crop stage (and of FFCV's evaluation loaders) for ``data.num_workers``: a positive
+    value as given; 0 follows the CPUs the process runs with, i.e. torch's intra-op thread count, which a Ray trial
+    pins to ``ray.cpus_per_worker`` (at least 1; ``fomo_ray.ray_train.set_threads``) and a local ``fomo-ray run``
+    leaves at torch's default (the machine's cores, or ``OMP_NUM_THREADS``). Always at least 1."""
+    n = int(num_workers)
+    if n < 0:
+        raise DataError(f"data.num_workers must be >= 0 (0 = follow the process's CPUs), got {n}")
+    return n if n > 0 else max(1, torch.get_num_threads())
 
 
 def ffcv_available() -> bool:
@@ -59,6 +88,7 @@ def clear_caches() -> None:
     _DECODED.clear()
     _DECODE_SIZES.clear()
     _SOURCES.clear()
+    _HELD.clear()
 
 
 def check_backend(backend: str) -> None:
@@ -74,8 +104,59 @@ def image_source(path: Path, backend: str) -> ImageSource:
     key = (*_file_key(Path(path)), backend)
     if key not in _SOURCES:
         source = beton_source(path)
-        _SOURCES[key] = decode_all(source) if backend == "memory" and source.has_jpeg else source
+        if backend == "memory" and source.has_jpeg:
+            nbytes = decoded_nbytes(Path(path))
+            check_memory_split(path, len(source), nbytes)
+            source = decode_all(source)
+            _HELD[key] = nbytes
+        _SOURCES[key] = source
     return _SOURCES[key]
+
+
+# --------------------------------------------------------------------------------------------------- RAM guard
+def machine_ram_bytes() -> int:
+    """The RAM this process's machine has: physical memory, or a smaller cgroup (container) limit."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < total:
+            total = int(text)
+    return int(total)
+
+
+def decoded_nbytes(path: Path, rows: np.ndarray | None = None, size: int | None = None) -> int:
+    """Bytes of ``rows`` (default: all) of a beton decoded to ``uint8``: stored height x width x 3 each, or
+    ``size`` x ``size`` x 3 when decoding crops and resizes them (:func:`decode_size`)."""
+    if size is not None:
+        n = beton_num_rows(path) if rows is None else len(rows)
+        return int(n) * int(size) * int(size) * 3
+    img = read_row_meta(path)["image"]
+    h, w = img["height"].astype(np.int64), img["width"].astype(np.int64)
+    if rows is not None:
+        h, w = h[rows], w[rows]
+    return int((h * w).sum()) * 3
+
+
+def check_memory_split(path: Path, rows: int, nbytes: int) -> None:
+    """Refuse (:class:`MemoryLoaderTooLarge`) to decode a whole split of ``nbytes`` into this process when it would
+    then hold more than :data:`MEMORY_LOADER_RAM_SHARE` of the machine's RAM in decoded splits."""
+    held = sum(_HELD.values())
+    ram = machine_ram_bytes()
+    limit = int(MEMORY_LOADER_RAM_SHARE * ram)
+    if held + nbytes <= limit:
+        return
+    path = Path(path)
+    gb = 1e9
+    already = f" (this process already holds {held / gb:.1f} GB of decoded splits)" if held else ""
+    raise MemoryLoaderTooLarge(
+        f"data.loader=memory refuses to decode split '{path.stem}' of {path.parent} ({rows:,} images): it would take "
+        f"{nbytes / gb:.1f} GB of RAM in this process{already}, over the limit of {limit / gb:.1f} GB "
+        f"({MEMORY_LOADER_RAM_SHARE:.0%} of this machine's {ram / gb:.1f} GB, per process; "
+        f"fomo_ray.data.loaders.MEMORY_LOADER_RAM_SHARE); use data.loader=ffcv, which decodes each batch as it is "
+        f"read")
 
 
 def _file_key(path: Path) -> tuple:
@@ -144,11 +225,12 @@ def _ffcv_loader(path: Path, indices: np.ndarray, batch_size: int, order: str, s
 
 
 def ffcv_batches(path: Path, indices: np.ndarray, batch_size: int, *, order: str, seed: int = 0, epoch: int = 0,
-                 drop_last: bool = False, size: int | None = None, num_workers: int = 2
+                 drop_last: bool = False, size: int | None = None, num_workers: int = 0
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One FFCV epoch over ``indices``: ``(uint8 [b,H,W,3], rows int64 [b])`` per batch, copied out of FFCV's
-    reused buffers."""
+    reused buffers. ``num_workers``: :func:`decode_threads`."""
     indices = np.asarray(indices, dtype=np.uint64)
+    num_workers = decode_threads(num_workers)
     with _keep_torch_threads():
         loader = _ffcv_loader(path, indices, batch_size, order, seed, drop_last, size, num_workers)
         loader.next_epoch = epoch
@@ -166,16 +248,19 @@ def ffcv_batches(path: Path, indices: np.ndarray, batch_size: int, *, order: str
 
 
 # --------------------------------------------------------------------------------------------------- memory backend
-def decoded_split(path: Path, size: int | None = None, num_workers: int = 2) -> torch.Tensor:
+def decoded_split(path: Path, size: int | None = None, num_workers: int = 0) -> torch.Tensor:
     """All images of a beton as one ``uint8 [N, H, W, 3]`` tensor, decoded once per process.
 
     Raw constant-size files are read with numpy (bit-exact, no FFCV needed). Other files are decoded by FFCV
     when it is installed (so pixels equal the ffcv backend's), else by PIL (JPEG decoders may differ slightly).
+    A split larger than :data:`MEMORY_LOADER_RAM_SHARE` of the RAM is refused (:func:`check_memory_split`).
     """
     path = Path(path)
     key = (*_file_key(path), size)
     if key not in _DECODED:
         meta = read_row_meta(path)
+        nbytes = decoded_nbytes(path, size=size)
+        check_memory_split(path, len(meta), nbytes)
         raw = bool(np.all(meta["image"]["mode"] == 1))
         if (raw and size is None) or not ffcv_available():
             images = torch.from_numpy(read_images(path, size=size))
@@ -184,6 +269,7 @@ def decoded_split(path: Path, size: int | None = None, num_workers: int = 2) -> 
             batches = ffcv_batches(path, rows, 1024, order="sequential", size=size, num_workers=num_workers)
             images = torch.cat([im for im, _ in batches])
         _DECODED[key] = images
+        _HELD[("decoded", *key)] = images.numel()
     return _DECODED[key]
 
 
@@ -221,7 +307,7 @@ class BatchLoader:
                  image_size: int, backend: str, num_workers: int, drop_last: bool):
         self.bench, self.split, self.indices = bench, split, indices
         self.batch_size, self.train, self.seed = int(batch_size), bool(train), int(seed)
-        self.image_size, self.backend, self.num_workers = int(image_size), backend, int(num_workers)
+        self.image_size, self.backend, self.num_workers = int(image_size), backend, decode_threads(num_workers)
         self.drop_last = bool(drop_last)
         self.path = bench.split_path(split)
         self.size = decode_size(self.path, self.image_size)
@@ -275,10 +361,10 @@ class BatchLoader:
 
 
 def make_loader(bench: Benchmark, split: str, indices: Sequence[int] | np.ndarray, batch_size: int, *, train: bool,
-                seed: int, image_size: int, backend: str = "ffcv", num_workers: int = 2,
+                seed: int, image_size: int, backend: str = "ffcv", num_workers: int = 0,
                 drop_last: bool | None = None) -> BatchLoader:
     """A loader over rows ``indices`` of ``split`` (docs/ARCHITECTURE.md "Data: loading"); ``drop_last`` defaults
-    to ``train``."""
+    to ``train``; ``num_workers`` decode threads (:func:`decode_threads`: 0 follows the process's CPUs)."""
     check_backend(backend)
     if int(batch_size) < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")

@@ -25,7 +25,7 @@ import torch
 from .augment import RRC_RATIO, RRC_SCALE, generator_for, rrc_boxes
 from .decode import crop_resize
 from .format import Benchmark, DataError
-from .loaders import check_backend, check_rows, image_source
+from .loaders import check_backend, check_rows, decode_threads, image_source
 from .tokens import load_tokens
 
 SOURCES = ("pool", "update", "buffer")  # "source" ids 0 = P, 1 = D, 2 = B
@@ -95,12 +95,13 @@ class MixedBatches:
     ``tokens``: ``int64 [n, L]``, one stored caption per row chosen by a seeded RNG (``token_key`` names the
     tokenizer, :mod:`fomo_ray.data.tokens`); ``source``: 0 (P), 1 (D), 2 (B), in that order; ``rows``: row ids
     within each source's split. ``n`` is the batch size, or the size of the ``shard = (rank, world size)`` slice.
-    ``pool_bench`` serves the pool when it lives elsewhere.
+    ``pool_bench`` serves the pool when it lives elsewhere. ``num_workers``: threads of the decode/crop stage
+    (:func:`~fomo_ray.data.loaders.decode_threads`; 0 follows the process's CPUs).
     """
 
     def __init__(self, bench: Benchmark, pool_rows: np.ndarray | None, update_rows: np.ndarray,
                  buffer_rows: np.ndarray | None, sizes: Sequence[int], seed: int, task: int, start_step: int = 0, *,
-                 token_key: str, backend: str = "ffcv", image_size: int, num_workers: int = 2,
+                 token_key: str, backend: str = "ffcv", image_size: int, num_workers: int = 0,
                  pool_bench: Benchmark | None = None, shard: tuple[int, int] = (0, 1),
                  scale: Sequence[float] = RRC_SCALE, ratio: Sequence[float] = RRC_RATIO):
         check_backend(backend)
@@ -111,7 +112,8 @@ class MixedBatches:
         self.bench, self.pool_bench = bench, pool_bench or bench
         self.sizes = tuple(int(s) for s in sizes)
         self.seed, self.task, self.start_step = int(seed), int(task), int(start_step)
-        self.backend, self.image_size, self.num_workers = backend, int(image_size), int(num_workers)
+        self.backend, self.image_size = backend, int(image_size)
+        self.num_workers = decode_threads(num_workers)  # 0: the process's CPUs (ray.cpus_per_worker in a trial)
         self.scale, self.ratio = tuple(scale), tuple(ratio)
         self.shard = shard_bounds(self.batch_size, *shard)
         given = (pool_rows, update_rows, buffer_rows)
