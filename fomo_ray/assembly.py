@@ -19,6 +19,7 @@ from torch import nn
 from fomo_ray import distributed
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.inputs import FIFMINI_NAME, InputsMissing, auto_base_path, fifmini_generator_info
+from fomo_ray.memory_saving import check_accumulation, enable_grad_checkpointing
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan
 from fomo_ray.seeding import derive_seed, seed_everything
@@ -53,7 +54,66 @@ def run_name(cfg: ExperimentConfig) -> str:
 
 
 def default_device() -> torch.device:
+    """CUDA when this process can use it, else the CPU. A run that *asked* for a GPU (``ray.gpus_per_worker`` > 0)
+    never gets here silently: :func:`check_gpu` refuses it first (the Ray edge calls it before any step)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class DeviceUnavailable(ValueError):
+    """A run asked for a GPU that this process cannot use (CUDA unavailable); the message names the torch build, its
+    CUDA version and the NVIDIA driver's. Deterministic: the same image fails every retry the same way."""
+
+
+NVIDIA_PROC_VERSION = "/proc/driver/nvidia/version"  # the kernel module's version, readable without CUDA
+
+
+def nvidia_driver(run: Any = None, proc_version: str = NVIDIA_PROC_VERSION) -> str:
+    """The NVIDIA driver of this machine in words, read without CUDA: ``nvidia-smi``'s driver version and the highest
+    CUDA version it supports, else the kernel module's version from /proc, else "no NVIDIA driver found"."""
+    import re
+    import subprocess
+
+    run = run or subprocess.run
+    try:
+        out = run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout or ""
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    driver, cuda = re.search(r"Driver Version:\s*([\d.]+)", out), re.search(r"CUDA Version:\s*([\d.]+)", out)
+    if driver:
+        return (f"NVIDIA driver {driver.group(1)}" + (f" (supports CUDA up to {cuda.group(1)})" if cuda else "")
+                + " per nvidia-smi")
+    try:
+        text = Path(proc_version).read_text()
+    except OSError:
+        return "no NVIDIA driver found (no nvidia-smi, no " + proc_version + ")"
+    found = re.search(r"Kernel Module(?: for \S+)?\s+([\d.]+)", text)
+    return f"NVIDIA kernel module {found.group(1) if found else text.strip().splitlines()[0]} per {proc_version}"
+
+
+def gpu_problem(gpus: float, driver: Any = nvidia_driver) -> str:
+    """Why a process that reserved ``gpus`` GPUs (``ray.gpus_per_worker``) cannot train on one; "" when it can (or
+    asked for none). Names the torch build, its CUDA version and the driver's, and the ways out."""
+    if gpus <= 0 or torch.cuda.is_available():
+        return ""
+    import os
+
+    built = torch.version.cuda
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"ray.gpus_per_worker = {gpus:g} asks for a GPU, but CUDA is not available in this process: torch "
+            f"{torch.__version__} is " + (f"built for CUDA {built}" if built else "a CPU-only build")
+            + f"; {driver()}"
+            + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+            + ". The run would train on the CPU while Ray holds the GPU, so it is refused before any step: install "
+            "the torch CUDA variant that this driver supports (scripts/setup.sh picks it from nvidia-smi; a CUDA 13 "
+            "build needs driver >= 580), use an image with a newer driver (cluster/*.yaml), or set "
+            "ray.gpus_per_worker=0 to train on CPUs")
+
+
+def check_gpu(gpus: float) -> None:
+    """Raise :class:`DeviceUnavailable` when ``gpus`` > 0 GPUs were asked for and CUDA is unavailable here."""
+    problem = gpu_problem(gpus)
+    if problem:
+        raise DeviceUnavailable(problem)
 
 
 def _prepare_hint(cfg: ExperimentConfig) -> str:
@@ -206,7 +266,10 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     seed_everything(derive_seed(cfg.seed, "setup"))  # random init ('' pretrained) and adapter init draw here
     backbone = create_backbone(cfg.backbone.name, pretrained, device=device, precision=cfg.backbone.precision,
                                quick_gelu=cfg.backbone.quick_gelu)
+    if cfg.backbone.grad_checkpointing:  # a flag on open_clip's transformers: adapters injected below are inside
+        enable_grad_checkpointing(backbone.model)
     model = method.setup(backbone.model)
+    check_accumulation(model, cfg.optimizer.accum_steps)
     plan = method.task_plan(tasks, steps)
     evaluator = Evaluator(bench, cfg.evaluation, cfg.seed, backbone.image_size, backbone.mean, backbone.std,
                           backend=cfg.data.loader, num_workers=cfg.data.num_workers,

@@ -370,6 +370,13 @@ def run_quick_gelu(name: str, pretrained: str, declared: bool | None = None) -> 
     return resolve_quick_gelu(name, "" if pretrained == "auto" else pretrained, declared)
 
 
+def activation_tags(cfg: Any) -> dict[str, str]:
+    """MLflow's ``fomo_ray.quick_gelu`` tag of a run of ``cfg``: true / false (QuickGELU / GELU) as its model is
+    built, or unknown; the config itself says null when the weights decide."""
+    found = run_quick_gelu(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu)
+    return {"fomo_ray.quick_gelu": "unknown" if found is None else str(found).lower()}
+
+
 def base_meta(backbone: "Backbone") -> dict[str, Any]:
     """What a checkpoint of ``backbone`` must record to be rebuilt as trained (merged into ``save_checkpoint``'s
     meta): the architecture and its activation."""

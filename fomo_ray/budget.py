@@ -2,10 +2,10 @@
 
 Every method gets the compute that full fine-tuning uses per task. For a method ``m``:
 
-- ``GFLOPs(m)``: one *real* training step (CLIP loss forward + backward + AdamW step, plus the method's per-step
-  penalty) counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention), plus an
-  analytic count of the elementwise optimizer-side work per trainable parameter (AdamW's update, EWC/SI's penalty,
-  SI's path integral) that the counter does not see;
+- ``GFLOPs(m)``: one training step (CLIP loss forward + backward + AdamW step, plus the method's per-step penalty)
+  counted by ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention), plus an analytic
+  count of the elementwise optimizer-side work per trainable parameter (AdamW's update, EWC/SI's penalty, SI's
+  path integral) that the counter does not see;
 - ``PeakMem(m)``: on CUDA ``torch.cuda.max_memory_allocated`` over that step; on CPU a deterministic analytic count:
   parameters and buffers + gradients of the trainable parameters + AdamW state (2x trainable) + the method's state
   tensors + every tensor saved for backward (``torch.autograd.graph.saved_tensors_hooks``, deduplicated by storage);
@@ -13,6 +13,22 @@ Every method gets the compute that full fine-tuning uses per task. For a method 
 - ``steps_m = floor(steps_ft * MAF(finetune) / MAF(m) - extra_m)`` where ``extra_m`` is the method's per-task work
   (EWC's Fisher pass: ``ewc_fisher_batches`` forward+backward passes; SI's importance update) in equivalent steps of
   ``m``. The reference charged EWC's Fisher on every step (its Tab. 4 gives EWC 14 steps); it is charged per task here.
+
+Which batch: the MAF is a step at the *global* batch ``mixture.batch_size`` as if on one device, as the paper
+defines it (b = 512 on one GPU). The steps are then a property of the experiment, the same whatever the number of
+data-parallel ranks (a rank holds its shard's activations but the whole state, so per-rank ratios would change with
+W). No measurement runs a real pass larger than a rank's batch (:func:`rank_batch`), yet the figures are exactly
+those of one step at the global batch:
+
+- on a CPU (analytic memory) the step is *counted*: the prepared model's parameters become fake tensors
+  (``FakeTensorMode``: shapes without data) and the same forward and backward dispatch through FlopCounterMode and
+  the saved-tensor hooks at the global batch, allocating nothing (seconds for ViT-B/16 at b = 512);
+- otherwise (CUDA, or a model that cannot run fake) real steps at two small batches ``b1 < b2`` (at most a rank's
+  batch, :func:`sample_batches`) are extended along the line: FLOPs and saved activations are linear in the batch
+  except the loss's ``b x b`` logits, which is measured alone at the global batch and added back
+  (:func:`scale_step`); parameter, gradient, optimizer and method state do not grow with the batch. Exact for the
+  analytic figures (``tests/test_budget_scaling.py``: every registered method, every engine, equal to one real step
+  at the full batch); on CUDA as linear as the allocator's peak is.
 
 Merging is counted free, as in the paper: merge methods train like full fine-tuning and get its steps.
 Measurements are cached as JSON per (backbone, method, batch size, image size, device kind, method settings) under
@@ -24,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import glob
 import hashlib
 import json
 import logging
@@ -35,15 +52,34 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from fomo_ray.atomic import write_json
 from fomo_ray.costs import ADAMW_FLOPS_PER_PARAM, PENALTY_FLOPS_PER_PARAM  # noqa: F401  (re-exported)
+from fomo_ray.step_measure import (  # noqa: F401  (the measurement, re-exported where callers expect it)
+    BudgetError,
+    StepMeasure,
+    _CPU_ATTENTION_FLOPS,
+    _CpuKernelDtypes,
+    _clip_batch,
+    _clip_loss,
+    _cpu_sdpa_backward_flops,
+    _cpu_sdpa_flops,
+    _fake_mode,
+    _loss_terms,
+    _on_line,
+    _storage_key,
+    _unique_bytes,
+    fake_model,
+    measure_loss,
+    measure_step,
+    scale_step,
+)
 log = logging.getLogger(__name__)
 
 FT_METHOD = "finetune"
 #: what a measurement means: bump when the measured step changes, so cached records of another step are remeasured
-MEASURE_VERSION = 2  # 2: the loop's own loss (losses.clip_loss) and the method's real extra_loss and state
+MEASURE_VERSION = 3  # 2: the loop's own loss and the method's real extra_loss and state; 3: no pass larger than a
+# rank's batch (counted on fake tensors, or small real batches scaled), records say how (CostRecord.measured)
 #: DESIGN §4: 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
 PAPER_TOTAL_FT_STEPS = 28_400
 TABLE_TASKS = (20, 50, 100, 200)
@@ -54,144 +90,17 @@ REFERENCE_STEPS_VITB16_T20: dict[str, str] = {
     "ewc": "14 (Fisher per step)", "ema_merge": "1420", "zs_merge": "1420", "ft_merge": "1420",
     "offline_merge": "1420", "merge": "1420",
 }
-# FlopCounterMode knows the CUDA attention kernels but not the CPU flash kernel that nn.MultiheadAttention uses on
-# CPU; the same formulas apply (they only read the q/k/v shapes), so CPU and GPU counts agree.
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
-                             **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-_CPU_ATTENTION_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
-class BudgetError(ValueError):
-    """A budget that cannot be met (fewer than one step per task) or an unusable measurement; names the method."""
-
-
-# --------------------------------------------------------------------------------------------------- measurement
-@dataclass(frozen=True)
-class StepMeasure:
-    """One training step of one prepared model."""
-
-    gflops: float          # counted by FlopCounterMode over forward + backward + optimizer step
-    peak_bytes: int        # see memory_kind
-    memory_kind: str       # "cuda_max_allocated" | "cpu_analytic"
-    trainable_params: int
-    total_params: int
-
-
-def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
-
-
-def _unique_bytes(tensors, skip: set | None = None) -> int:
-    seen: dict[tuple[str, int], int] = {}
-    for t in tensors:
-        key = _storage_key(t)
-        if skip is None or key not in skip:
-            seen[key] = t.untyped_storage().nbytes()
-    return sum(seen.values())
-
-
-def _clip_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device):
-    """A fixed synthetic batch: FLOPs and memory do not depend on the values, only on the shapes."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(batch_size, 3, image_size, image_size, generator=g)
-    tokens = torch.randint(1, vocab_size - 1, (batch_size, context_length), generator=g)
-    tokens[:, -1] = vocab_size - 1  # the end-of-text token (largest id) is where open_clip pools the text
-    return images.to(device), tokens.to(device)
-
-
-def _clip_loss(out) -> torch.Tensor:
-    """The loop's training loss (``losses.contrastive_loss``: InfoNCE, or SigLIP's sigmoid loss for a model with a
-    ``logit_bias``) on the model output (open_clip's tuple or dict form)."""
-    from fomo_ray.losses import contrastive_loss
-
-    if isinstance(out, dict):
-        return contrastive_loss(out["image_features"], out["text_features"], out["logit_scale"],
-                                out.get("logit_bias"))
-    return contrastive_loss(*out[:4])
-
-
-def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], batch_size: int, image_size: int,
-                 context_length: int, extra_loss_fn: Callable[[nn.Module], torch.Tensor] | None = None,
-                 device: str | torch.device = "cpu", *, method_state: Sequence[torch.Tensor] = (),
-                 autocast_dtype: torch.dtype | None = None) -> StepMeasure:
-    """Run one real training step of ``model`` (CLIP loss + ``extra_loss_fn`` forward/backward, AdamW step over
-    ``trainable_params``) and return its FLOPs and peak memory. The model is trained by one step: pass a copy.
-
-    ``method_state``: tensors the method keeps during training (e.g. EWC's Fisher and anchor), counted in the CPU
-    memory figure (on CUDA they are part of the allocated memory anyway).
-    """
-    device = torch.device(device)
-    trainable = list(trainable_params)
-    if not trainable:
-        raise BudgetError("measure_step: no trainable parameter, nothing to train")
-    model.train()
-    vocab = int(getattr(model, "vocab_size", 0) or 49408)
-    images, tokens = _clip_batch(batch_size, image_size, context_length, vocab, device)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
-    # parameters and method state are counted once below, not again when autograd saves them
-    counted_keys = {_storage_key(t) for t in [*model.parameters(), *model.buffers(), *method_state]}
-    saved: dict[tuple[str, int], int] = {}
-    alive: list[torch.Tensor] = []  # hold every saved tensor until the count is done: a freed storage's address
-    # can be reused by a later tensor (seen with DoRA's dropped graph branches), which made the dedup undercount
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not cuda:  # on CUDA the allocator's peak is the figure; holding tensors would inflate it
-            alive.append(t)
-        key = _storage_key(t)
-        if key not in counted_keys and t.device.type != "meta":
-            saved[key] = t.untyped_storage().nbytes()
-        return t
-
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-            loss = _clip_loss(model(images, tokens))
-            extra = extra_loss_fn(model) if extra_loss_fn is not None else None
-            if extra is not None:
-                loss = loss + extra
-        loss.backward()
-        optimizer.step()
-    if not torch.isfinite(loss.detach()):
-        raise BudgetError(f"measure_step: the measured step's loss is not finite ({float(loss)})")
-    if cuda:
-        torch.cuda.synchronize(device)
-        peak, kind = int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
-    else:
-        model_bytes = _unique_bytes(list(model.parameters()) + list(model.buffers()))
-        trainable_bytes = sum(p.numel() * p.element_size() for p in trainable)
-        state_bytes = _unique_bytes(method_state)
-        # params + grads + AdamW (exp_avg, exp_avg_sq) + method state + activations saved for backward
-        peak = model_bytes + 3 * trainable_bytes + state_bytes + sum(saved.values())
-        kind = "cpu_analytic"
-    return StepMeasure(gflops=counter.get_total_flops() / 1e9, peak_bytes=peak, memory_kind=kind,
-                       trainable_params=sum(p.numel() for p in trainable),
-                       total_params=sum(p.numel() for p in model.parameters()))
-
-
 # --------------------------------------------------------------------------------------------------- method costs
 @dataclass(frozen=True)
 class MethodCost:
     """What the budget needs to know about a method beyond its training step.
 
-    ``prepare`` freezes / wraps the model (trainable = ``requires_grad``). A registered method brings its own per-step
-    term (``extra_loss``) and state tensors (``state``); a hand-written cost may instead model a regulariser's penalty
-    as ``sum c (theta - a)^2`` over the trainable parameters with ``penalty_state`` trainable-sized state tensors.
-    Per-task work is ``task_passes`` extra forward+backward passes plus ``task_flops_per_param`` elementwise FLOPs
-    per trainable parameter.
+    ``prepare`` freezes / wraps the model (trainable = ``requires_grad``); ``steady`` (optional) then puts the method
+    in its steady state (e.g. EWC's Fisher and anchor), after the model is made fake for a count, so that state is
+    fake too. A registered method brings its own per-step term (``extra_loss``) and state tensors (``state``); a
+    hand-written cost may instead model a regulariser's penalty as ``sum c (theta - a)^2`` over the trainable
+    parameters with ``penalty_state`` trainable-sized state tensors. Per-task work is ``task_passes`` extra
+    forward+backward passes plus ``task_flops_per_param`` elementwise FLOPs per trainable parameter.
     """
 
     prepare: Callable[[nn.Module], nn.Module]
@@ -201,6 +110,15 @@ class MethodCost:
     task_flops_per_param: float = 0.0
     extra_loss: Callable[[nn.Module], torch.Tensor | None] | None = None
     state: Callable[[], Sequence[torch.Tensor]] | None = None
+    steady: Callable[[nn.Module], None] | None = None
+
+
+def prepared(cost: MethodCost, model: nn.Module) -> nn.Module:
+    """``model`` prepared as ``cost`` trains it: ``prepare``, then ``steady``."""
+    model = cost.prepare(model)
+    if cost.steady is not None:
+        cost.steady(model)
+    return model
 
 
 def registry_cost(cfg, name: str) -> MethodCost:
@@ -213,14 +131,9 @@ def registry_cost(cfg, name: str) -> MethodCost:
     method = build_method(cfg.replace({"method.name": name}))
     if method.cost_as:  # e.g. merges train like full fine-tuning and merging is counted free (DESIGN §4)
         return registry_cost(cfg, method.cost_as)
-
-    def prepare(model: nn.Module) -> nn.Module:
-        model = method.setup(model)
-        method.steady_state(model)
-        return model
-
     extra = method.extra_cost()
-    return MethodCost(prepare=prepare, step_flops_per_param=extra.step_flops_per_param,
+    return MethodCost(prepare=method.setup, steady=method.steady_state,
+                      step_flops_per_param=extra.step_flops_per_param,
                       task_passes=extra.task_passes, task_flops_per_param=extra.task_flops_per_param,
                       extra_loss=lambda model: method.extra_loss(model, 1),
                       state=lambda: _tensors(method.state_dict()))
@@ -254,7 +167,10 @@ def _penalty(trainable: Sequence[nn.Parameter], n_state: int):
 # --------------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class CostRecord:
-    """A cached measurement of one method on one backbone / batch / image size / device."""
+    """A cached measurement of one method on one backbone / batch / image size / device: one training step at the
+    *global* batch ``batch_size`` as if on one device (the paper's definition of the MAF; what a data-parallel rank
+    holds at its shard differs, but the budget, a property of the experiment, must not depend on the world size).
+    ``measured`` says how it was obtained without running a pass larger than a rank's shard."""
 
     backbone: str
     method: str
@@ -270,50 +186,118 @@ class CostRecord:
     total_params: int
     task_gflops: float          # per-task extra work
     torch_version: str = torch.__version__
+    measured: str = ""          # "counted at b=512 (fake tensors)" | "scaled from b=1, 2" | "one step at b=8"
 
     @property
     def step_gflops(self) -> float:
         return self.counted_gflops + self.elementwise_gflops
 
 
+#: how :func:`measure_method` obtains a step at the global batch (tests and benchmarks may set it):
+#: "auto": on a CPU, counted on fake tensors (exact, allocates nothing; "scale" where a model cannot run fake),
+#: on CUDA "scale"; "count"; "scale": real steps at two small batches of at most a rank's batch, extended along
+#: the line (:func:`scale_step`); "direct": one real step at the global batch (what MEASURE_VERSION 2 did)
+ENGINE = "auto"
+#: the larger of the two real batches "scale" runs, when a rank's batch is larger: on a CPU the analytic figures are
+#: exactly linear (small is enough); on CUDA larger batches make the allocator's rounding a smaller share of the slope
+SAMPLE_BATCH = 4
+CUDA_SAMPLE_BATCH = 16
+
+
+def sample_batches(batch_size: int, rank_batch: int, largest: int = SAMPLE_BATCH) -> tuple[int, ...]:
+    """The real batches "scale" measures for a step at ``batch_size`` when one rank runs ``rank_batch`` samples per
+    forward pass: ``batch_size`` itself if that is no larger, else two batches ``b1 < b2`` with
+    ``b2 = min(rank_batch, largest)`` and ``b1 = b2 // 2``, at least 2 where ``b2`` allows (a batch of one is
+    special: BatchNorm refuses it in training, and size-1 dimensions change some layouts). A line needs two points:
+    a rank batch of 1 is measured at 1 and 2."""
+    b2 = min(rank_batch, largest, batch_size)
+    if batch_size <= b2:
+        return (batch_size,)
+    if b2 < 2:
+        return (1, 2)
+    return (max(b2 // 2, min(2, b2 - 1)), b2)
+
+
 def measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.Module], *, backbone: str,
                    batch_size: int, image_size: int, context_length: int, device: str | torch.device = "cpu",
-                   autocast_dtype: torch.dtype | None = None, settings_hash: str = "") -> CostRecord:
-    """Build a fresh model, ``cost.prepare`` it and measure one training step (:func:`measure_step`).
+                   autocast_dtype: torch.dtype | None = None, settings_hash: str = "",
+                   rank_batch: int | None = None, engine: str | None = None) -> CostRecord:
+    """Build a fresh model, prepare it as ``cost`` says and measure one training step at ``batch_size`` without a
+    real pass larger than ``rank_batch`` (default ``batch_size``), by ``engine`` (default :data:`ENGINE`).
 
     The global RNG state is restored afterwards: a run that measures (cache miss) and one that reads the cache must
     draw the same random numbers afterwards, or "same seed, same metrics" would depend on the cache.
     """
     device = torch.device(device)
+    engine = engine or ENGINE
+    if engine not in ("auto", "count", "scale", "direct"):
+        raise BudgetError(f"unknown measurement engine {engine!r}: auto, count, scale or direct")
+    if engine == "auto":
+        engine = "count" if device.type == "cpu" else "scale"
+    if engine == "count" and device.type != "cpu":
+        raise BudgetError(f"a count on fake tensors gives CPU (analytic) memory, not {device.type}'s: measure with "
+                          "engine 'scale' there")
     cuda = [device.index or 0] if device.type == "cuda" else []
+    common = dict(name=name, cost=cost, model_factory=model_factory, backbone=backbone, batch_size=batch_size,
+                  image_size=image_size, context_length=context_length, device=device,
+                  autocast_dtype=autocast_dtype, settings_hash=settings_hash)
     with torch.random.fork_rng(devices=cuda):
-        return _measure_method(name, cost, model_factory, backbone=backbone, batch_size=batch_size,
-                               image_size=image_size, context_length=context_length, device=device,
-                               autocast_dtype=autocast_dtype, settings_hash=settings_hash)
+        if engine == "count":
+            try:
+                return _measure_method(**common, batches=(), fake=True)
+            except BudgetError:
+                raise
+            except Exception as e:  # an operation that needs data (e.g. a tower that branches on values)
+                log.warning("budget: '%s' on %s cannot be counted on fake tensors (%s: %s); measuring real steps at "
+                            "small batches instead", name, backbone, type(e).__name__, e)
+            engine = "scale"
+        largest = CUDA_SAMPLE_BATCH if device.type == "cuda" else SAMPLE_BATCH
+        batches = (batch_size,) if engine == "direct" else sample_batches(batch_size, rank_batch or batch_size,
+                                                                          largest)
+        return _measure_method(**common, batches=batches, fake=False)
 
 
 def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.Module], *, backbone: str,
                     batch_size: int, image_size: int, context_length: int, device: torch.device,
-                    autocast_dtype: torch.dtype | None, settings_hash: str) -> CostRecord:
-    model = cost.prepare(model_factory().to(device))
+                    autocast_dtype: torch.dtype | None, settings_hash: str, batches: tuple[int, ...],
+                    fake: bool) -> CostRecord:
+    if fake:  # made fake before ``prepare`` and ``steady``: method state made from the parameters is fake as well
+        try:
+            model = fake_model(cost.prepare(fake_model(model_factory().to(device))))  # (adapters it adds: fake too)
+        except Exception:  # a preparation that needs real tensors (e.g. modules moved with .to()): real, then fake
+            model = fake_model(cost.prepare(model_factory().to(device)))
+    else:
+        model = cost.prepare(model_factory().to(device))
+    if cost.steady is not None:
+        cost.steady(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     common = dict(backbone=backbone, method=name, batch_size=batch_size, image_size=image_size,
                   device_kind=device_kind(device), settings_hash=settings_hash)
     if not trainable:  # e.g. zero_shot: no training, no compute
         return CostRecord(**common, counted_gflops=0.0, elementwise_gflops=0.0, peak_bytes=0, memory_kind="none",
                           trainable_params=0, total_params=sum(p.numel() for p in model.parameters()),
-                          task_gflops=0.0)
+                          task_gflops=0.0, measured="nothing trainable")
     if cost.extra_loss is not None:
         penalty_fn, state = cost.extra_loss, list(cost.state() if cost.state else ())
     else:
         penalty_fn, state = _penalty(trainable, cost.penalty_state)
-    m = measure_step(model, trainable, batch_size, image_size, context_length, penalty_fn, device,
-                     method_state=state, autocast_dtype=autocast_dtype)
+
+    def step(b: int) -> StepMeasure:
+        return measure_step(model, trainable, b, image_size, context_length, penalty_fn, device, method_state=state,
+                            autocast_dtype=autocast_dtype)
+
+    if fake:
+        m, how = step(batch_size), f"counted at b={batch_size} (fake tensors)"
+    elif len(batches) == 1:
+        m, how = step(batches[0]), f"one step at b={batches[0]}"
+    else:
+        m = scale_step({b: step(b) for b in batches}, batch_size, device, autocast_dtype)
+        how = f"scaled from b={', '.join(map(str, batches))}"
     elementwise = (ADAMW_FLOPS_PER_PARAM + cost.step_flops_per_param) * m.trainable_params / 1e9
     task = cost.task_passes * m.gflops + cost.task_flops_per_param * m.trainable_params / 1e9
     return CostRecord(**common, counted_gflops=m.gflops, elementwise_gflops=elementwise, peak_bytes=m.peak_bytes,
                       memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
-                      task_gflops=task)
+                      task_gflops=task, measured=how)
 
 
 def device_kind(device: str | torch.device) -> str:
@@ -479,41 +463,88 @@ def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+def _world_size() -> int:
+    """The live data-parallel world size (1 outside ``torch.distributed``), read without the loop's module."""
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank_batch(cfg, batch_size: int | None = None) -> int:
+    """The most samples one rank runs in one forward pass: its shard of the global batch, ``ceil(b / W)`` with W the
+    larger of ``ray.num_workers`` and the live world size (an elastic run at fewer workers has larger shards), divided
+    further by gradient accumulation's micro-batches where the config has ``optimizer.accum_steps``."""
+
+    b = batch_size or cfg.mixture.batch_size
+    shard = -(-b // max(1, cfg.ray.num_workers, _world_size()))
+    accum = max(1, int(getattr(cfg.optimizer, "accum_steps", 1) or 1))
+    return max(1, -(-shard // accum))
+
+
+def _record_key(cfg, name: str, spec: BackboneSpec, bs: int) -> tuple[str, dict[str, Any]]:
+    h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION})
+    return h, dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size, settings_hash=h)
+
+
 def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: BackboneSpec | None = None,
                   device: str | torch.device | None = None, batch_size: int | None = None,
-                  store: bool = True) -> CostRecord:
-    """The (cached) :class:`CostRecord` of method ``name`` for ``cfg``'s backbone and batch size."""
+                  store: bool = True, kind: str | None = None) -> CostRecord:
+    """The (cached) :class:`CostRecord` of method ``name`` for ``cfg``'s backbone and batch size: one step at the
+    global batch, measured on ``device`` without a real pass larger than a rank's batch (:func:`rank_batch`).
+
+    ``kind``: read the record another device kind measured (e.g. the trials' GPU, for a driver without one) from
+    the cache, never measure; :class:`BudgetError` when there is none (:func:`cached_kinds` lists them)."""
     dev = _device(device)
     spec = backbone or backbone_spec(cfg.backbone.name)
     bs = batch_size or cfg.mixture.batch_size
-    h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION})
-    path = cache_path(cfg.budget.cache_dir, spec.name, name, bs, spec.image_size, device_kind(dev), h)
-    expected = dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size,
-                    device_kind=device_kind(dev), settings_hash=h)
+    h, expected = _record_key(cfg, name, spec, bs)
+    expected["device_kind"] = kind or device_kind(dev)
+    path = cache_path(cfg.budget.cache_dir, spec.name, name, bs, spec.image_size, expected["device_kind"], h)
 
     def compute() -> CostRecord:
+        if kind is not None and kind != device_kind(dev):
+            raise BudgetError(f"no cached budget record of '{name}' on {spec.name} at b={bs} measured on {kind} "
+                              f"({path})")
         c = cost or registry_cost(cfg, name)
         return measure_method(name, c, spec.factory, backbone=spec.name, batch_size=bs, image_size=spec.image_size,
                               context_length=spec.context_length, device=dev,
-                              autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h)
+                              autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h,
+                              rank_batch=rank_batch(cfg, bs))
 
     return cached_measure(path, expected, compute, store)
 
 
+def cached_kinds(cfg, name: str, *, backbone: BackboneSpec | None = None, batch_size: int | None = None) -> list[str]:
+    """The device kinds that have a cached, current record of method ``name`` for ``cfg`` (sorted)."""
+    spec = backbone or backbone_spec(cfg.backbone.name)
+    bs = batch_size or cfg.mixture.batch_size
+    h, expected = _record_key(cfg, name, spec, bs)
+    prefix = cache_path(cfg.budget.cache_dir, spec.name, name, bs, spec.image_size, "KIND", h).name.split("KIND")
+    out = []
+    for path in Path(cfg.budget.cache_dir).glob(f"{glob.escape(prefix[0])}*{glob.escape(prefix[1])}"):
+        try:
+            record = CostRecord(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if all(getattr(record, k) == v for k, v in expected.items()):
+            out.append(record.device_kind)
+    return sorted(set(out))
+
+
 def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str, MethodCost] | None = None,
                    backbone: BackboneSpec | None = None, device: str | torch.device | None = None,
-                   store: bool = True) -> int:
+                   store: bool = True, kind: str | None = None) -> int:
     """Training steps per task for ``method_name`` under ``cfg.budget`` (the loop's entry point).
 
     ``mode == "equal_steps"`` gives every method ``steps_ft``; ``"maf"`` converts by measured MAFs. With
     ``budget.reference_backbone`` the budget is the compute of fine-tuning that backbone for ``steps_ft`` steps, so a
     larger backbone gets fewer steps (:func:`reference_steps`; Roth et al. 2024 compare model sizes at equal compute).
-    ``costs`` overrides the registry (tests, custom methods); ``backbone`` overrides ``cfg.backbone.name``.
+    ``costs`` overrides the registry (tests, custom methods); ``backbone`` overrides ``cfg.backbone.name``; ``kind``
+    reads cached records of another device kind (:func:`method_record`).
     """
     steps_ft: float = ft_steps(cfg.budget.total_ft_steps, num_tasks)
     spec = backbone or backbone_spec(cfg.backbone.name)
     costs = costs or {}
-    kw = dict(device=device, store=store)
+    kw = dict(device=device, store=store, kind=kind)
     ref = cfg.budget.reference_backbone
     ft = None
     if ref and ref != spec.name:

@@ -5,14 +5,23 @@ buffer, all RNG states, the (task, step) cursor, results so far). ``run_stream(c
 and ends with metrics bitwise identical to the uninterrupted run on CPU (DESIGN §9: the reference lost its merge
 history, adapters, RNG state and stream position on resume). Files are read with ``torch.load(weights_only=True)``:
 numpy arrays travel wrapped as tensors, never pickled.
+
+Off the critical path: under data parallelism only rank 0 takes a snapshot (:func:`take_snapshot`; the weights and
+method state are replicated, so rank 0's state is every rank's), the others get a :class:`CheckpointMarker` (the
+cursor, no tensors). Writing a state happens in a background thread (:func:`save_state_in_background`, or a writer
+registered with :func:`register_write`, e.g. Ray Train's checkpoint upload thread), and the run's next snapshot waits
+for it first (:func:`wait_for_write`): at most one host copy of a run's state is in flight, and a write never
+overlaps the next snapshot.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -102,10 +111,44 @@ def load_state(directory: str | Path) -> LoopState:
     return LoopState(**_unplain(payload))
 
 
+@dataclass(frozen=True)
+class CheckpointMarker:
+    """What a data-parallel rank other than 0 gets instead of a :class:`LoopState`: where the checkpoint was taken
+    (the same cursor as rank 0's state), no tensors. Every rank still reports the checkpoint (Ray Train V2's report
+    is a barrier); rank 0 alone writes the state."""
+
+    run: str
+    task: int
+    step: int
+    optimizer: None = None  # like a task-boundary LoopState's, for code that reads the cursor only
+
+    @property
+    def mid_task(self) -> bool:
+        return self.step > 0
+
+
+def snapshots_here() -> bool:
+    """Whether this process takes checkpoint snapshots: rank 0 of a data-parallel run, and a single process."""
+    from fomo_ray import distributed
+
+    return distributed.is_rank_zero()
+
+
+def take_snapshot(run: Any, task: int, step: int, optimizer: torch.optim.Optimizer | None,
+                  scaler: torch.amp.GradScaler | None, results: list[dict[str, Any]]) -> LoopState | CheckpointMarker:
+    """:func:`snapshot` on the rank that writes checkpoints (:func:`snapshots_here`), a :class:`CheckpointMarker`
+    elsewhere (no host copy of the state on ranks that would only drop it)."""
+    if not snapshots_here():
+        return CheckpointMarker(run.name, task, step)
+    return snapshot(run, task, step, optimizer, scaler, results)
+
+
 def snapshot(run: Any, task: int, step: int, optimizer: torch.optim.Optimizer | None,
              scaler: torch.amp.GradScaler | None, results: list[dict[str, Any]]) -> LoopState:
     """A detached CPU copy of everything an exact resume of ``run`` (an ``assembly.Run``) needs; safe to keep while
-    training continues."""
+    training continues. Waits first for the background write of this run's previous snapshot (and raises its
+    error), so a run never holds two snapshots in flight."""
+    wait_for_write(run.name)
     return LoopState(run=run.name, task=task, step=step, model=_plain(run.model.state_dict()),
                      optimizer=_plain(optimizer.state_dict()) if optimizer is not None else None,
                      method=_plain(run.method.state_dict()), buffer=_plain(run.buffer.state_dict()),
@@ -136,3 +179,48 @@ def restore(run: Any, state: LoopState) -> Resumed:
             resumed.scaler.load_state_dict(state.scaler)
         set_rng_state(state.rng)
     return resumed
+
+
+# --------------------------------------------------------------------------------------------------- background writes
+_WRITES: dict[str, Future] = {}  # run name -> the write of its newest snapshot (done or not)
+_WRITES_LOCK = threading.Lock()
+_WRITER: list[ThreadPoolExecutor] = []  # one thread: writes leave in the order they were taken
+
+
+def register_write(run: str, future: Future) -> None:
+    """Record ``future`` as the write of run ``run``'s newest snapshot (whatever thread performs it): the run's next
+    :func:`snapshot` (and :func:`wait_for_write`) waits for it. The previous one must have been waited for."""
+    with _WRITES_LOCK:
+        _WRITES[run] = future
+
+
+def wait_for_write(run: str) -> None:
+    """Wait for the background write of run ``run``'s newest snapshot, if any, and raise its error here (on the
+    training thread: a checkpoint that failed to be written fails the run, as a synchronous write would)."""
+    with _WRITES_LOCK:
+        future = _WRITES.pop(run, None)
+    if future is not None:
+        future.result()
+
+
+def write_in_background(run: str, job: Callable[[], Any]) -> Future:
+    """Run ``job`` (writing a snapshot of run ``run``) on the checkpoint writer thread, after the run's previous write
+    finished; returns its future (also registered: :func:`register_write`)."""
+    wait_for_write(run)
+    with _WRITES_LOCK:
+        if not _WRITER:
+            _WRITER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="fomo_ray-checkpoint"))
+        future = _WRITER[0].submit(job)
+        _WRITES[run] = future
+    return future
+
+
+def save_state_in_background(state: LoopState, directory: str | Path,
+                             then: Callable[[], Any] | None = None) -> Future:
+    """:func:`save_state` on the writer thread (``then`` after it, e.g. an upload of the written files)."""
+    def job() -> None:
+        save_state(state, directory)
+        if then is not None:
+            then()
+
+    return write_in_background(state.run, job)

@@ -64,6 +64,7 @@ class BackboneConfig:
     pretrained: str = F("auto", "open_clip tag, a local checkpoint file, 'auto' (cached CPU-pretrained base for tiny archs) or '' (random init)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = F("auto", "autocast dtype; auto = bf16 on GPUs that support it, fp32 on CPU")
     quick_gelu: Optional[bool] = F(None, "activation: null = as the weights were trained (a tag's open_clip pretrained config, a checkpoint's recorded meta; GELU for a file that records nothing); true/false declares it for such a file (OpenAI, DFN and MetaCLIP weights use QuickGELU)")
+    grad_checkpointing: bool = F(False, "recompute each transformer block's activations in the backward instead of keeping them (open_clip's set_grad_checkpointing, non-reentrant torch.utils.checkpoint): activation memory drops to the blocks' inputs plus one block, the step costs about one more forward (the budget charges it), the gradient is the same; open_clip's ModifiedResNet image tower ignores it")
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class OptimizerConfig:
     eps: float = F(1.0e-6, "AdamW epsilon as in open_clip")
     grad_clip: float = F(1.0, "one global grad-norm clip over all trainable params (paper value)")
     exempt_no_decay: bool = F(True, "exempt biases, norms, embeddings and logit_scale from decay, as open_clip")
+    accum_steps: int = F(1, "gradient accumulation: each rank's shard of the global batch runs as this many near-equal micro-batches, keeping the whole global batch as in-batch negatives as open_clip's accum_freq (a no-grad pass caches all features, then each micro-batch is re-encoded with gradient against the cached rest): the same loss and gradient, the activation memory of one micro-batch, one more forward per step (the budget charges it); needs mixture.batch_size >= accum_steps x ray.num_workers; refused for BatchNorm towers")
 
 
 @dataclass(frozen=True)
@@ -153,9 +155,9 @@ class EvalConfig:
     full_every_n_tasks: int = F(0, "also the full test sets after every n-th task (0: only at the ends)")
     retrieval_k: tuple[int, ...] = F((1, 5), "recall@k reported; R@5 enters A_KA/A_ZS")
     prompts: Literal["primer", "openai_imagenet", "simple_imagenet"] = F("primer", "zero-shot class texts: 'primer' = each dataset's one primer template (the reference, DESIGN section 3); 'openai_imagenet' / 'simple_imagenet' = open_clip's 80 / 7 ImageNet template ensembles (a class's embedding is the normalised mean of its templates' normalised embeddings, as open_clip's build_zero_shot_classifier), to compare with open_clip's published zero-shot numbers; the tidy table's prompts column names it")
-
-
     cache_mb: int = F(4096, "decoded evaluation images kept in RAM per process (uint8, as the loader gives them): the fixed subsets are decoded at the first evaluation point and reused at every later one (each data-parallel rank keeps only its share), the full test sets too if they fit in what the subsets leave; a set over the budget is decoded at every point; 0 = decode every time (224 px: about 0.15 MB an image)")
+
+
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str = F("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite at an absolute path under output_dir")
@@ -419,6 +421,7 @@ def validate(cfg: ExperimentConfig) -> None:
         ("optimizer.lr", cfg.optimizer.lr > 0, cfg.optimizer.lr),
         ("optimizer.weight_decay", cfg.optimizer.weight_decay >= 0, cfg.optimizer.weight_decay),
         ("optimizer.grad_clip", cfg.optimizer.grad_clip >= 0, cfg.optimizer.grad_clip),
+        ("optimizer.accum_steps", cfg.optimizer.accum_steps >= 1, cfg.optimizer.accum_steps),
         ("method.merge.weight", 0.0 <= cfg.method.merge.weight <= 1.0, cfg.method.merge.weight),
         ("method.merge.density", 0.0 < cfg.method.merge.density <= 1.0, cfg.method.merge.density),
         ("method.merge.drop_top", 0.0 <= cfg.method.merge.drop_top < 1.0, cfg.method.merge.drop_top),
@@ -437,10 +440,10 @@ def validate(cfg: ExperimentConfig) -> None:
         ("tracking.log_every_n_steps", cfg.tracking.log_every_n_steps >= 0, cfg.tracking.log_every_n_steps),
         ("ray.keep_checkpoints", cfg.ray.keep_checkpoints >= 1, cfg.ray.keep_checkpoints),
         ("mixture.buffer_size", m.buffer_size >= 1, m.buffer_size),
+        ("evaluation.cache_mb", cfg.evaluation.cache_mb >= 0, cfg.evaluation.cache_mb),
     ]
     for key, ok, v in checks:
         if not ok:
-        ("evaluation.cache_mb", cfg.evaluation.cache_mb >= 0, cfg.evaluation.cache_mb),
             raise ConfigError(f"config key '{key}' is out of range: {v!r}")
     merge = cfg.method.merge
     if merge.density + merge.drop_top > 1.0 + 1e-12:  # Breadcrumbs keeps `density` after dropping `drop_top`
@@ -451,7 +454,7 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def _check_workers(cfg: ExperimentConfig) -> None:
     """Refused before any worker starts: an elastic lower bound above the upper one, or more data-parallel workers
-    than samples in the global batch (every rank needs at least one)."""
+    (times accumulation micro-batches) than samples in the global batch (every rank, and micro-batch, needs one)."""
     r, b = cfg.ray, cfg.mixture.batch_size
     if r.min_workers < 0 or r.min_workers > r.num_workers:
         raise ConfigError(f"config key 'ray.min_workers' = {r.min_workers} must lie in [0, 'ray.num_workers' = "
@@ -459,6 +462,10 @@ def _check_workers(cfg: ExperimentConfig) -> None:
     if r.num_workers > b:
         raise ConfigError(f"config key 'ray.num_workers' = {r.num_workers} is larger than 'mixture.batch_size' = {b}: "
                           f"each data-parallel worker needs at least one sample of the global batch")
+    k = cfg.optimizer.accum_steps
+    if r.num_workers * k > b:  # shards of floor(b / W) rows or more, each cut into k micro-batches
+        raise ConfigError(f"config key 'optimizer.accum_steps' = {k} times 'ray.num_workers' = {r.num_workers} is "
+                          f"larger than 'mixture.batch_size' = {b}: every micro-batch of every worker needs a sample")
 
 
 # --------------------------------------------------------------------------------------------------- docs

@@ -7,6 +7,13 @@ evaluation point x the forward GFLOPs of one), and a wall time. The time comes f
 the run's shapes (``fomo_ray/throughput.py``), or from a declared device: GFLOPs / (TFLOP/s x MFU), e.g. an H100 at
 ``--device-tflops 989 --mfu 0.4``.
 
+Nothing here runs a real pass at a trial's full batch: the budget counts a step on fake tensors (no memory, seconds
+for ViT-B/16 at b = 512) or scales small real batches (``fomo_ray/budget.py``), and the timing scales a small timed
+batch by FLOPs. A driver without the trials' device (GPU trials, a CPU-only head node) reads the step counts from
+the budget records the trials' GPU cached, if there are any for one GPU kind; otherwise it counts the step on its
+CPU and marks the steps *provisional* (``*``): FLOPs are the same on every device, but GPU trials budget by their
+allocator's peak memory, which a CPU cannot measure, so their memory multipliers (and steps) may differ.
+
 Trials start longest first (LPT list scheduling: each next trial takes the first free slot; Graham 1969 bounds its
 makespan by 4/3 of the optimum), so a long trial never starts last and runs alone. :func:`makespan` simulates a
 start order on K slots and :func:`makespan_bound` gives max(total / K, longest), below which no order can finish.
@@ -64,6 +71,7 @@ class TrialCost:
     seconds: float | None
     workers: int = 1
     maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; DESIGN §4)
+    provisional: bool = False  # steps from this CPU's count for GPU trials: their own measurement may differ
 
     @property
     def total_gflops(self) -> float:
@@ -123,12 +131,17 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     cost_name = method.cost_as or method.name
     T = cfg.stream.num_tasks
     where = _measure_device(cfg)
-    steps_per_task = budget.steps_per_task(cfg, cost_name, T, device=where or "cpu", store=store)
+    kind = trials_kind(cfg, cost_name) if where is None else None  # what the trials' own GPU cached, if anything
+    kw = dict(device=where or "cpu", store=store, kind=kind)
+    steps_per_task = budget.steps_per_task(cfg, cost_name, T, **kw)
     plan = method.task_plan([np.zeros(0, dtype=np.int64)] * T, steps_per_task)
     steps = sum(p.steps for p in plan)
-    record = budget.method_record(cfg, cost_name, device=where or "cpu", store=store)
+    record = budget.method_record(cfg, cost_name, **kw)
     trained = train_gflops(steps, len(plan), record.step_gflops, record.task_gflops) if steps else 0.0
-    ft = budget.method_record(cfg, budget.FT_METHOD, device=where or "cpu", store=store)
+    ft = budget.method_record(cfg, budget.FT_METHOD, **kw)
+    # only the MAF ratio of a method to fine-tuning depends on the device's memory figure
+    provisional = (where is None and kind is None and cfg.budget.mode == "maf" and cost_name != budget.FT_METHOD
+                   and record.trainable_params > 0)
     maf = budget.maf(record, ft) if record.trainable_params else 0.0
     loads = _eval_loads(cfg, eval_plan(len(plan), cfg))
     image_g, text_g = forward_gflops(cfg.backbone.name)
@@ -146,7 +159,22 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers
     return TrialCost(label=label, backbone=cfg.backbone.name, method=cfg.method.name, tasks=len(plan), steps=steps,
-                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf)
+                     train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf,
+                     provisional=provisional)
+
+
+def trials_kind(cfg: Any, cost_name: str) -> str | None:
+    """The one GPU kind whose budget records of ``cost_name`` and fine-tuning (and the reference backbone's, if any)
+    are cached for ``cfg`` (a trial on that GPU measured them); None when there is none, or several (the trials'
+    GPU is then unknown here)."""
+    from fomo_ray import budget
+
+    kinds = set(budget.cached_kinds(cfg, budget.FT_METHOD)) & set(budget.cached_kinds(cfg, cost_name))
+    ref = cfg.budget.reference_backbone
+    if ref and ref != cfg.backbone.name:
+        kinds &= set(budget.cached_kinds(cfg.replace({"backbone.name": ref}), budget.FT_METHOD))
+    gpus = sorted(k for k in kinds if k.startswith("cuda"))
+    return gpus[0] if len(gpus) == 1 else None
 
 
 def _measure_device(cfg: Any) -> str | None:
@@ -237,8 +265,9 @@ def format_estimate(costs: Sequence[TrialCost], slots: int | None, source: str, 
              f"  {'trial':<{width}}  {'steps':>7}  {'train':>10}  {'eval':>10}  {'est. time':>9}"]
     for i in starts:
         c = costs[i]
-        lines.append(f"  {c.label:<{width}}  {c.steps:>7,}  {_gflops(c.train_gflops):>10}  {_gflops(c.eval_gflops):>10}"
-                     f"  {_duration(c.seconds):>9}")
+        mark = "*" if c.provisional else " "
+        lines.append(f"  {c.label:<{width}}  {c.steps:>7,}{mark} {_gflops(c.train_gflops):>10}  "
+                     f"{_gflops(c.eval_gflops):>10}  {_duration(c.seconds):>9}")
     known = [c.seconds for c in costs if c.seconds is not None]
     total_s = sum(known) if len(known) == len(costs) else None
     evals = [c.eval_gflops for c in costs]
@@ -253,6 +282,10 @@ def format_estimate(costs: Sequence[TrialCost], slots: int | None, source: str, 
         lines.append("  eval ?: the benchmark is not built yet (a real run builds it first); the times leave evaluation out")
     if total_s is None:
         lines.append("  time ?: no throughput for these trials here; declare one with --device-tflops and --mfu")
+    if any(c.provisional for c in costs):
+        lines.append("  steps*: provisional, counted on this machine's CPU for GPU trials: FLOPs are exact, but the "
+                     "trials budget by their GPU's peak memory and may get other steps (once a trial has run, its "
+                     "cached budget records are read here)")
     return "\n".join(lines)
 
 
@@ -323,6 +356,6 @@ def local_slots(cfg: Any, use_train: bool) -> int | None:
 def estimate_rows(costs: Sequence[TrialCost]) -> list[dict[str, Any]]:
     """The estimate as table rows (``estimate.csv`` in the sweep directory, and the trials table's ``est_*``)."""
     return [{"label": c.label, "backbone": c.backbone, "method": c.method, "tasks": c.tasks, "steps": c.steps,
-             "maf": round(c.maf, 4), "train_gflops": round(c.train_gflops, 3),
+             "maf": round(c.maf, 4), "provisional": c.provisional, "train_gflops": round(c.train_gflops, 3),
              "eval_gflops": None if c.eval_gflops is None else round(c.eval_gflops, 3),
              "est_s": None if c.seconds is None else round(c.seconds, 2)} for c in costs]

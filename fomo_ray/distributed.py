@@ -21,9 +21,10 @@ Train's ``TorchTrainer`` does so in every worker):
   and DDP averages over the W ranks: the averaged gradient equals the single-process gradient of the global batch
   (up to the order of floating-point sums);
 - work that only reads the weights is shared: evaluation encodes every W-th batch of images and texts on each rank
-  and gathers the features (:func:`share`, :func:`gather_rows`), EWC's Fisher pass runs every W-th batch and sums
-  over the ranks (:func:`sum_over_ranks`); each unit is the computation one process would do, so the gathered
-  results equal one process's (the Fisher up to summation order);
+  and gathers the features (:func:`share`, :func:`gather_rows`); each unit is the computation one process would
+  do, so the gathered results equal one process's. EWC's Fisher batches are sharded like training (every rank its
+  shard of every batch, the loss over the gathered features, the gradients averaged; ``batch_step.TaskLosses``), so
+  the Fisher equals one process's up to summation order;
 - everything else (method hooks, merges, optimizer, clipping) runs identically on every rank, so the weights and all
   state stay replicated and any rank's ``LoopState`` is a valid checkpoint (rank 0 alone writes it: the edge).
 
@@ -152,12 +153,29 @@ def from_rank_zero(value: Any) -> Any:
 
 
 def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` on one process."""
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` on one process. Runs over gloo
+    (a CPU group beside an NCCL default group), so it works before, and without, CUDA: the ranks of a GPU run
+    agree through it that one of them has no usable GPU (``ray_train.continual_run``)."""
     if not is_data_parallel():
         return [value]
     out: list[Any] = [None] * world()[1]
-    torch.distributed.all_gather_object(out, value)
+    torch.distributed.all_gather_object(out, value, group=_cpu_group())
     return out
+
+
+_CPU_GROUPS: dict[int, Any] = {}  # id(default process group) -> its gloo twin (None: the default is gloo already)
+
+
+def _cpu_group() -> Any:
+    """A gloo group over all ranks for host-side objects (created once per process group, by every rank at the same
+    call: :func:`gather_objects` is entered by every rank)."""
+    from torch.distributed import distributed_c10d
+
+    key = id(distributed_c10d._get_default_group())
+    if key not in _CPU_GROUPS:
+        gloo = torch.distributed.get_backend() == "gloo"
+        _CPU_GROUPS[key] = None if gloo else torch.distributed.new_group(backend="gloo")
+    return _CPU_GROUPS[key]
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ format. A run refused for bad input leaves no run directory; a diverged one leav
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,8 @@ class MlflowRun:
         from fomo_ray.atomic import write_json
         from fomo_ray.config import to_dict
         from fomo_ray.methods import applicable_params
-        from fomo_ray.tracking import StepLogger, activation_tags, tracker_for
+        from fomo_ray.backbones import activation_tags
+        from fomo_ray.tracking import StepLogger, tracker_for
 
         self.tracker = tracker_for(cfg)
         self.tracker.ensure_views()
@@ -90,7 +92,7 @@ class MlflowRun:
 
     def finish(self, failure: str | None = None, status: str = "") -> None:
         if self.steps is not None:
-            self.steps.flush()
+            self.steps.close()  # the tail of the training signal, written off the training thread until now
         self.tracker.finish(self.run_id, failure=failure, status=status)
 
 
@@ -109,7 +111,7 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     ``FAILED.json``; the MLflow run is never left RUNNING."""
     from fomo_ray.assembly import run_name
     from fomo_ray.atomic import write_json
-    from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, save_state
+    from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, save_state_in_background, wait_for_write
     from fomo_ray.config import to_dict
     from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
     from fomo_ray.metrics import save_results
@@ -120,14 +122,22 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg), indent=2, sort_keys=True)
     state = load_state(out / "state") if resume and (out / "state" / LOOP_STATE_FILE).is_file() else None
-    hooks = RunHooks(on_checkpoint=lambda s: save_state(s, out / "state"))
+    # task-end states for --resume, written in the background (atomically: a crash leaves the previous one); the
+    # next snapshot waits for the write before it, and the run for the last one before it ends
+    hooks = RunHooks(on_checkpoint=lambda s: save_state_in_background(s, out / "state"))
     mlrun = None  # the run in MLflow (tracking.enabled), opened once the inputs are ready
     try:
         ensure_inputs(cfg)
         if cfg.tracking.enabled:
             mlrun = MlflowRun(cfg, out, resumed=state is not None)
             hooks = mlrun.hooks(hooks)
-        df = run_stream(cfg, hooks=hooks, resume=state, device=device)
+        try:
+            df = run_stream(cfg, hooks=hooks, resume=state, device=device)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                wait_for_write(run_name(cfg))
+            raise
+        wait_for_write(run_name(cfg))
     except TrainingDiverged as e:
         write_json(out / "FAILED.json", {"status": "failed", "task": e.task, "step": e.step, "error": str(e)},
                    indent=2, sort_keys=True)

@@ -13,19 +13,22 @@ Ray/MLflow edge plugs in)::
         batches = MixedBatches(pool P, update D_t, buffer B)       # per-source sizes of DESIGN §1, prefetched
         for step in range(task.steps):
             lr   = schedules.lr_at(step, ...)                       # per-task schedule x meta-schedule
-            loss = contrastive_loss(model(batch)) + method.extra_loss(model, t)  # autocast; InfoNCE/SigLIP
-            non-finite loss -> raise TrainingDiverged(task, step)
-            backward; ONE global grad-norm clip; opt.step(); clamp logit_scale
+            loss = contrastive_loss(model(batch)) + method.extra_loss(model, t); backward  # autocast; InfoNCE/SigLIP
+                   (optimizer.accum_steps = k > 1: k micro-batches against the cached features of the rest of the
+                    global batch, the same loss and gradient: forward_backward)
+            non-finite loss -> raise TrainingDiverged(task, step)    # checked on the device, read every
+                                                                       # tracking.log_every_n_steps steps, before a
+                                                                       # checkpoint and at the task's end
+            ONE global grad-norm clip; opt.step(); clamp logit_scale
             method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr, grad_norm,
                                                                                     global_step)
             every cfg.ray.checkpoint_every_steps                    -> hooks.on_checkpoint(LoopState)
-            hooks.should_stop()?                                    -> return the results so far
         method.after_task(model, t, TaskLosses(D_t))                # Fisher / Omega / merges
         buffer.add(D_t)
         with method.deployed_weights(t, model) swapped in:
             records = evaluate(fixed subsets, + full sets after the last task)  -> hooks.on_eval(t + 1, records)
         -> hooks.on_checkpoint(LoopState at the start of task t + 1)
-        hooks.should_stop()? (not after the last task)              -> return the results so far (a sweep's rule)
+        hooks.should_stop()? (between tasks only)                   -> return the results so far (a sweep's rule)
     return tidy results (run, task, dataset, role, metric, value); task = evaluation point (0 = before any update)
 
 Resume (``fomo_ray/checkpoint.py``): ``run_stream(cfg, resume=state)`` restores the run in one call and continues at
@@ -38,17 +41,27 @@ Train's ``TorchTrainer`` does it), the same loop runs on every rank. Each rank p
 DDP-wrapped model, and computes the CLIP loss over the features of the whole global batch gathered with gradient, so
 the averaged gradient is the single-process one (equal up to floating-point summation order; measured in
 ``tests/test_ddp.py``). Evaluation and the ``TaskLosses`` of ``after_task`` (EWC's Fisher) are shared out over the
-ranks and gathered. Everything else — method hooks, merges, snapshots — runs identically on every rank, so weights,
+ranks and gathered. Everything else — method hooks, merges — runs identically on every rank, so weights,
 method state and results stay replicated, and **every ``hooks`` callback fires on every rank** with the same
-arguments: the edge decides who reports (``distributed.is_rank_zero()``; Ray Train V2 needs every rank to call
-``ray.train.report``, rank 0 passing the checkpoint). ``hooks.should_stop`` is agreed across ranks (any rank stopping
-stops all). A resume may use another world size: the global batches do not depend on it. With W = 1 nothing of this
-runs and the loop is unchanged.
+arguments, except ``on_checkpoint``: rank 0 gets the ``LoopState``, the others a ``checkpoint.CheckpointMarker``
+with the same cursor (no host copy of the state on ranks that do not write it). The edge decides who reports
+(``distributed.is_rank_zero()``; Ray Train V2 needs every rank to call ``ray.train.report``, rank 0 passing the
+checkpoint). ``hooks.should_stop`` is agreed across ranks (any rank stopping stops all).
+
+No host sync per step: the loss reaches ``hooks.on_step`` as a 0-d tensor on the device (``float(loss)`` reads it;
+the MLflow edge reads it off the training thread), and its finiteness is read once every
+``tracking.log_every_n_steps`` steps (:data:`FINITE_CHECK_STEPS` when that is 0), before every checkpoint and at
+the end of every task; a non-finite loss then fails the run naming the step that caused it, and neither a checkpoint
+nor an evaluation ever sees the weights it left. ``hooks.should_stop`` is asked between tasks only (a sweep's
+stopping rule decides at evaluation points; a preempted worker is restarted by Ray from its last checkpoint, not
+stopped through this hook), so training steps run no collective besides DDP's own.
+
+A resume may use another world size: the global batches do not depend on it. With W = 1 nothing of this runs and
+the loop is unchanged.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -59,14 +72,14 @@ from torch import nn
 
 from fomo_ray import distributed
 from fomo_ray.assembly import Run, build_run, eval_plan
-from fomo_ray.checkpoint import LoopState, Resumed, restore, snapshot
+from fomo_ray.batch_step import TaskLosses, _mixed, batch_loss, forward_backward  # noqa: F401 (batch_loss: re-exported)
+from fomo_ray.checkpoint import CheckpointMarker, LoopState, Resumed, restore, take_snapshot
 from fomo_ray.config import ExperimentConfig
-from fomo_ray.data.augment import model_input
-from fomo_ray.losses import clamp_logit_scale_, contrastive_loss, logit_terms
+from fomo_ray.losses import clamp_logit_scale_
 from fomo_ray.metrics import tidy_frame
 from fomo_ray.optim import make_optimizer, trainable_named
 from fomo_ray.schedules import lr_at
-from fomo_ray.seeding import derive_seed, seed_everything, task_seed
+from fomo_ray.seeding import seed_everything, task_seed
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,12 +97,13 @@ class RunHooks:
     importing either library."""
 
     on_eval: Callable[[int, list[dict[str, Any]]], None] | None = None  # (evaluation point, tidy records)
-    # (task, step, loss, lr, grad_norm, global_step): grad_norm is the total gradient norm before the clip, a 0-d
-    # tensor left on the device (reading it waits for the step: read it only when logging); global_step counts
-    # the steps of every task so far (a continuous x axis over the stream)
-    on_step: Callable[[int, int, float, float, torch.Tensor | None, int], None] | None = None
-    on_checkpoint: Callable[[LoopState], None] | None = None  # end of every task, every N steps
-    should_stop: Callable[[], bool] | None = None  # cooperative early stopping (a sweep's ``stopping`` rule)
+    # (task, step, loss, lr, grad_norm, global_step): loss and grad_norm (the total gradient norm before the clip)
+    # are 0-d tensors left on the device (``float(loss)`` reads one, waiting for the step: read them only when
+    # logging); global_step counts the steps of every task so far (a continuous x axis over the stream)
+    on_step: Callable[[int, int, torch.Tensor, float, torch.Tensor | None, int], None] | None = None
+    # end of every task, every N steps: the LoopState on rank 0, a checkpoint.CheckpointMarker on the other ranks
+    on_checkpoint: Callable[[LoopState | CheckpointMarker], None] | None = None
+    should_stop: Callable[[], bool] | None = None  # cooperative early stopping (a sweep's rule), between tasks
 
 
 # --------------------------------------------------------------------------------------------------- THE loop
@@ -102,6 +116,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
     model, method = run.model, run.method
     encoder = distributed.data_parallel(model, run.device)  # None on one process: batch_loss encodes directly
     every = cfg.ray.checkpoint_every_steps
+    check = cfg.tracking.log_every_n_steps or FINITE_CHECK_STEPS  # steps between reads of the losses' finiteness
     points = eval_plan(len(run.plan), cfg)
     if resume:
         start = restore(run, resume)
@@ -125,19 +140,16 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
         params = [p for _, p in trainable_named(model)]
         offset = sum(earlier.steps for earlier in run.plan[:t])  # the global step of this task's step 0
         with task_batches(run, t, task.rows, first_step, task.steps) as batches:  # prefetches; stops on exit
+            pending: list[torch.Tensor] = []  # this task's losses (0-d, on the device) not yet checked to be finite
             for step in range(first_step, task.steps):
                 lr = lr_at(step, task.steps, t, cfg.schedule, cfg.optimizer.lr)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                loss = batch_loss(run, next(batches), encoder)
-                extra = method.extra_loss(model, t)
-                if extra is not None:
-                    loss = loss + extra
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise TrainingDiverged(t, step, value, method.name)
                 opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
+                # CLIP loss + the method's term (once per step), backpropagated; accum_steps > 1: micro-batches
+                loss = forward_backward(run, next(batches), encoder, scaler, method.extra_loss(model, t))
+                value = loss.detach()  # stays on the device: no host sync per step (checked below, every `check`)
+                pending.append(value)
                 scaler.unscale_(opt)  # true gradients for the clip and for after_step (SI); a no-op unless fp16
                 norm = None  # the total gradient norm before the clip, for hooks.on_step
                 if cfg.optimizer.grad_clip > 0:  # ONE global norm over every trainable parameter
@@ -149,10 +161,12 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
                 clamp_logit_scale_(model)
                 method.after_step(model, t, step, lr)
                 _emit(hooks.on_step, t, step, value, lr, norm, offset + step)
-                if every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint:
-                    hooks.on_checkpoint(snapshot(run, t, step + 1, opt, scaler, results))
-                if _should_stop(hooks, run):
-                    return tidy_frame(results)
+                due = every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint
+                if due or (step + 1) % check == 0 or step + 1 == task.steps:  # never checkpoint/evaluate a NaN
+                    check_finite(pending, step + 1 - len(pending), t, method.name)
+                    pending.clear()
+                if due:
+                    hooks.on_checkpoint(take_snapshot(run, t, step + 1, opt, scaler, results))
 
         method.after_task(model, t, TaskLosses(run, t, task.rows))
         run.buffer.add(task.rows)
@@ -162,48 +176,13 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
             results += records
             _emit(hooks.on_eval, t + 1, records)
         if hooks.on_checkpoint:
-            hooks.on_checkpoint(snapshot(run, t + 1, 0, None, None, results))
+            hooks.on_checkpoint(take_snapshot(run, t + 1, 0, None, None, results))
         if t + 1 < len(run.plan) and _should_stop(hooks, run):  # after the last task there is nothing to stop
             break
     return tidy_frame(results)
 
 
 # --------------------------------------------------------------------------------------------------- steps
-def batch_loss(run: Run, batch: Mapping[str, Any], encoder: nn.Module | None = None) -> torch.Tensor:
-    """Contrastive loss of one mixed batch (all P/D/B samples are each other's negatives), under the run's autocast:
-    the model's own loss (``losses.contrastive_loss``: SigLIP's sigmoid loss for a model with a ``logit_bias``,
-    else InfoNCE).
-
-    The batch holds uint8 images and stored token ids; they are moved to the device (a no-op when the prefetcher
-    already did) and normalised there. ``encoder`` (data parallel: ``distributed.data_parallel``) encodes this
-    rank's shard; the loss then runs over the features of the whole global batch gathered from all ranks,
-    identical on every rank. Without ``encoder`` under data parallelism (EWC's Fisher pass: each rank its own whole
-    batches) BatchNorm layers stay rank-local (``distributed.rank_local``)."""
-    model, bb = run.model, run.backbone
-    images = model_input(batch["images"].to(run.device, non_blocking=True), bb.image_size, bb.mean, bb.std)
-    tokens = batch["tokens"].to(run.device, non_blocking=True)
-    with bb.autocast(run.device):
-        if encoder is not None:
-            image_features, text_features, *logit = encoder(images, tokens)  # (scale,) or (scale, bias)
-            sizes = distributed.shard_sizes(run.cfg.mixture.batch_size, distributed.world()[1])
-            return contrastive_loss(distributed.gather_batch(image_features, sizes),
-                                    distributed.gather_batch(text_features, sizes), *logit)
-        with distributed.rank_local(model):
-            image_features = model.encode_image(images, normalize=True)
-            text_features = model.encode_text(tokens, normalize=True)
-        return contrastive_loss(image_features, text_features, *logit_terms(model))
-
-
-def _mixed(run: Run, rows: np.ndarray, sizes: tuple[int, int, int], purpose: str, t: int, start_step: int,
-           shard: tuple[int, int] = (0, 1)):
-    from fomo_ray.data.mixture import MixedBatches
-
-    return MixedBatches(run.bench, run.pool_rows, rows, run.buffer.rows(), sizes, derive_seed(run.cfg.seed, purpose),
-                        t, start_step, token_key=run.token_key, backend=run.cfg.data.loader,
-                        image_size=run.backbone.image_size, num_workers=run.cfg.data.num_workers,
-                        pool_bench=run.pool_bench, shard=shard)
-
-
 def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int, end_step: int):
     """The mixed P/D/B batches of task ``t`` for steps ``[start_step, end_step)``, with DESIGN §1's per-source sizes
     (the buffer's share goes to P and D while it is empty), this rank's shard only, built ``data.prefetch`` steps
@@ -217,29 +196,6 @@ def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int, end_step: 
     lo, hi = mixed.shard
     shape = (hi - lo, mixed.image_size, mixed.image_size, 3)
     return Prefetcher(mixed.batch, range(start_step, end_step), run.device, run.cfg.data.prefetch, shape)
-
-
-class TaskLosses:
-    """The CLIP losses of batches of task ``t``'s update data D_t only, for ``method.after_task`` (EWC's Fisher):
-    ``sum_over(n, per_batch)`` sums ``per_batch(loss_k)`` over batches k < n. Under data parallelism each rank takes
-    every W-th batch (unsharded, encoded by the model itself) and the sums are added over the ranks, so every rank
-    holds the one-process sum and method state stays replicated."""
-
-    def __init__(self, run: Run, t: int, rows: np.ndarray):
-        self.run = run
-        self.batches = _mixed(run, rows, (0, run.cfg.mixture.batch_size, 0), "fisher", t, 0)
-
-    def sum_over(self, n: int, per_batch: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
-        rank, world = distributed.world()
-        total = None
-        for k in distributed.share(n, rank, world):  # random access decodes one batch at a time
-            part = per_batch(batch_loss(self.run, self.batches.batch(k)))
-            total = part if total is None else torch._foreach_add(total, part)
-        if n < world:  # ranks without a batch join the sum with zeros shaped like rank 0's (who always has one)
-            like = distributed.from_rank_zero([(tuple(x.shape), x.dtype) for x in total] if rank == 0 else None)
-            total = total or [torch.zeros(shape, dtype=dtype, device=self.run.device) for shape, dtype in like]
-        distributed.sum_over_ranks(total, self.run.device)
-        return total
 
 
 def evaluate_point(run: Run, point: int, full_too: bool) -> list[dict[str, Any]]:
@@ -273,6 +229,21 @@ def deployed(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[
 def _emit(callback: Callable[..., None] | None, *args: Any) -> None:
     if callback is not None:
         callback(*args)
+
+
+FINITE_CHECK_STEPS = 10  # steps between finiteness reads when tracking.log_every_n_steps = 0 (no logging)
+
+
+def check_finite(losses: list[torch.Tensor], first_step: int, t: int, method: str) -> None:
+    """Raise :class:`TrainingDiverged` naming the first of ``losses`` (0-d tensors of steps ``first_step``,
+    ``first_step + 1``, ... of task ``t``) that is not finite: one host read for all of them, on the device."""
+    if not losses:
+        return
+    values = torch.stack([v.float() for v in losses])
+    bad = ~torch.isfinite(values)
+    if bool(bad.any()):
+        i = int(bad.int().argmax())
+        raise TrainingDiverged(t, first_step + i, float(values[i]), method)
 
 
 def _should_stop(hooks: RunHooks, run: Run) -> bool:

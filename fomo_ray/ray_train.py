@@ -21,6 +21,23 @@ A checkpoint is a directory: ``checkpoint.save_state`` output (weights, method s
 mid-task, RNG states, stream cursor) plus ``fomo_ray_run.json`` with the MLflow run id, so a restarted worker continues
 exactly where the checkpoint was taken *and* logs into the same MLflow run. It is reported at the end of every task
 and every ``ray.checkpoint_every_steps`` steps.
+
+Checkpoints stay off the critical path: only rank 0 takes a snapshot (the others get a ``CheckpointMarker``); every
+rank reports at once, and rank 0's state is written and persisted afterwards by Ray Train's checkpoint upload thread
+(``checkpoint_upload_mode=ASYNC`` with a ``checkpoint_upload_fn`` that writes the directory first), while training
+goes on. The run's next snapshot waits for that write (``checkpoint.wait_for_write``), so two never overlap. A plain
+Tune function trial (one process, nobody waiting at a barrier) writes before it reports.
+
+At the end, the final checkpoint (the newest task-end state, its config and how the run ended) is reported first;
+MLflow gets it afterwards: on shared storage (``ray.storage_path``) a pointer (the tag ``fomo_ray.final_checkpoint``,
+the persisted checkpoint's URI) instead of a second copy, unless ``RunPayload.keep_uploads``; elsewhere the
+``checkpoints/final`` artifact. The deployed model (``model/``) is logged either way. An upload that fails then is
+recorded (``fomo_ray.upload_pending`` / ``fomo_ray.upload_error``) and never fails the finished run; it is retried
+when the trial starts again and by :func:`retry_pending_uploads` (e.g. at the end of a sweep).
+
+A trial that reserved GPUs (``ray.gpus_per_worker`` > 0) on a process where CUDA is unavailable ends before any
+step with a ``failed`` report naming the torch build, its CUDA version and the driver's
+(``assembly.gpu_problem``): deterministic, so neither Ray Train nor Tune retries it.
 """
 from __future__ import annotations
 
@@ -29,6 +46,7 @@ import os
 import shutil
 import sys
 import tempfile
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -38,6 +56,9 @@ import ray
 from fomo_ray import trial_report
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.trial_report import ReportKind
+from fomo_ray.final_uploads import (EXPORT_ERROR_TAG, FINAL_ARTIFACT, FINAL_CHECKPOINT_TAG,  # noqa: F401 (re-exported)
+                                    MODEL_UPLOAD, UPLOAD_ERROR_TAG, UPLOAD_PENDING_TAG, checkpoint_uri,
+                                    log_deployed_model, retry_pending_uploads, retry_uploads, upload_final, warn)
 
 # ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
 # needs them, and eight such trials starting on two cores should not each pay seconds of imports. The loop, the
@@ -50,7 +71,6 @@ WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attem
 NODES_TAG = "fomo_ray.worker_nodes"  # the Ray node of each rank of the (latest) attempt, in rank order
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
-EXPORT_ERROR_TAG = "fomo_ray.export_error"  # why a finished run's deployed model could not be logged
 
 
 class RunFailed(RuntimeError):
@@ -75,6 +95,7 @@ class RunPayload:
     mlflow_run_id: str = ""           # the trial's run, created by the driver; a checkpoint's id wins on resume
     log_checkpoints: bool = True
     storage_uri: str = ""             # where Ray persists this run's checkpoints (a pointer for MLflow)
+    keep_uploads: bool = False        # upload the final checkpoint to MLflow even on shared storage (else a pointer)
     stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (``stopping.StoppingRule`` fields)
     stop_board: str = ""              # the name of the sweep's board actor the rule is asked through
 
@@ -87,6 +108,10 @@ class Session(Protocol):
     def get_checkpoint(self) -> Any: ...
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None: ...
+
+    # optional: ``report_in_background(metrics, checkpoint_dir, name, write, future, delete_after)`` reports a
+    # checkpoint whose files ``write`` fills later, off the training thread (:meth:`TrainSession.report_in_background`);
+    # a host without it gets the files written before ``report``
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
@@ -123,8 +148,8 @@ def set_threads(cpus: float) -> None:
 # --------------------------------------------------------------------------------------------------- the run body
 class _Bridge:
     """The loop's hooks on one host: per-point reports to the session, MLflow logging (rank 0: evaluation points
-    and, every ``tracking.log_every_n_steps`` steps, the training signal), checkpoints (rank 0 writes, every rank
-    reports)."""
+    and, every ``tracking.log_every_n_steps`` steps, the training signal, written off the training thread),
+    checkpoints (rank 0 writes, in the background where the host can; every rank reports)."""
 
     def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
         self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
@@ -133,6 +158,7 @@ class _Bridge:
         self.last_point = planned_tasks(p.cfg) if p.stopping else 0
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
+        self.state_run = ""  # the loop's run name of the snapshots written (the key of checkpoint.wait_for_write)
         self.steps = None  # the per-step training signal (tracking.StepLogger): rank 0, when tracked and asked for
         self.trajectory: list[float] = []  # the stopping rule's metric at every evaluation point so far
         self.stop_reason = ""  # the board's answer at the newest point ("" = go on); rank 0 asks, the loop agrees
@@ -142,7 +168,7 @@ class _Bridge:
 
             self.steps = StepLogger(tracker, run_id, p.cfg.tracking.log_every_n_steps, p.cfg.mixture.batch_size)
 
-    def on_step(self, task: int, step: int, loss: float, lr: float, grad_norm: Any, global_step: int) -> None:
+    def on_step(self, task: int, step: int, loss: Any, lr: float, grad_norm: Any, global_step: int) -> None:
         if self.steps is not None:
             self.steps.step(task, step, loss, lr, grad_norm, global_step)
 
@@ -196,75 +222,99 @@ class _Bridge:
         return bool(self.stop_reason)
 
     def on_checkpoint(self, state: Any) -> None:
-        from fomo_ray import checkpoint
-
+        """Report a checkpoint on every rank (Train V2's report is a barrier); rank 0 (which alone holds the state:
+        ``checkpoint.take_snapshot``) has it written in the background (:meth:`_report_state`)."""
         self.flush_steps()  # every step before a checkpoint is in MLflow: a resumed run does not leave a gap
         task, step, boundary = checkpoint_position(state)
-        tmp = tempfile.mkdtemp(prefix="fomo_ckpt_") if self.rank0 else None
-        if tmp is not None:
-            checkpoint.save_state(state, tmp)
-            write_run_meta(tmp, self.run_id, self.p.run_name)
-            if self.tracker is not None and boundary:
-                self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: self.p.storage_uri,
-                                                    "fomo_ray.last_checkpoint": checkpoint_name(task, step)})
-        self.session.report(trial_report.checkpoint_report(task, step, self.last), tmp, checkpoint_name(task, step))
-        if tmp is not None and boundary:
-            self.kept.append(tmp)
-            while len(self.kept) > 1:
-                shutil.rmtree(self.kept.pop(0), ignore_errors=True)
-        elif tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        name = checkpoint_name(task, step)
+        metrics = trial_report.checkpoint_report(task, step, self.last)
+        if not self.rank0:
+            self.session.report(metrics, None, name)
+            return
+        if self.tracker is not None and boundary:
+            self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: self.p.storage_uri,
+                                                "fomo_ray.last_checkpoint": name})
+        tmp = tempfile.mkdtemp(prefix="fomo_ckpt_")
+        self._report_state(state, tmp, metrics, name, keep=boundary)
+        if boundary:  # the newest task-end state stays for the final report; the one before is persisted already
+            for old in self.kept:
+                shutil.rmtree(old, ignore_errors=True)
+            self.kept = [tmp]
+
+    def _report_state(self, state: Any, directory: str, metrics: dict[str, Any], name: str, keep: bool) -> None:
+        """Rank 0: report ``state`` as checkpoint ``name`` from ``directory``, written off the training thread where
+        the host can (``report_in_background``: Ray Train's upload thread), else right before the report (a plain
+        Tune function trial: one process, nobody waits for it). ``keep``: the directory outlives the upload."""
+        from fomo_ray import checkpoint
+
+        def write() -> None:
+            checkpoint.save_state(state, directory)
+            write_run_meta(directory, self.run_id, self.p.run_name)
+
+        self.state_run = state.run
+        background = getattr(self.session, "report_in_background", None)
+        if background is not None:
+            future: Future = Future()
+            checkpoint.register_write(state.run, future)  # the run's next snapshot waits for it
+            background(metrics, directory, name, write, future, delete_after=not keep)
+            return
+        write()
+        self.session.report(metrics, directory, name)
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
 
     def finish(self, final: dict[str, Any]) -> dict[str, Any]:
         """Report the outcome *with a checkpoint* (Ray Train's result carries the metrics of its newest checkpoint):
-        the newest task-end state plus a status file, so a relaunch of an ended run does not redo it."""
+        the newest task-end state plus a status file, so a relaunch of an ended run does not redo it. MLflow gets
+        the final state only after that report (:meth:`_log_final`): its failure never fails the run."""
+        from fomo_ray import checkpoint
+
         self.flush_steps()
+        if self.steps is not None:
+            self.steps.close()
         d = None
+        done = trial_report.is_kind(final, ReportKind.DONE)
         if self.rank0:
+            if self.state_run:
+                checkpoint.wait_for_write(self.state_run)  # the newest task-end state is complete on disk
             d = self.kept[-1] if self.kept else tempfile.mkdtemp(prefix="fomo_ckpt_")
             Path(d, STATUS_FILE).write_text(json.dumps(final))
             if not self.kept:
                 write_run_meta(d, self.run_id, self.p.run_name)
-            done = trial_report.is_kind(final, ReportKind.DONE)
             if self.kept:  # the run's config beside its final state, so that state loads on its own (export)
                 from fomo_ray.atomic import write_json
                 from fomo_ray.config import to_dict
 
                 write_json(Path(d, "config.json"), to_dict(self.p.cfg), indent=2, sort_keys=True)
-            if self.tracker is not None and done and self.kept:
-                if self.p.log_checkpoints:
-                    # the final state only: one full state per task and trial would multiply the store's size by T.
-                    # Ray keeps only the newest ray.keep_checkpoints checkpoints (under the fomo_ray.checkpoint_uri
-                    # tag); earlier task ends are deleted, so this artifact is the one state that always stays
-                    self.tracker.log_artifacts(self.run_id, d, artifact_path="checkpoints/final")
-                log_deployed_model(self.tracker, self.run_id, self.p, d)
         try:
             self.session.report(final, d, f"final_{trial_report.kind_of(final).value}")
+            if self.rank0 and self.tracker is not None and done and self.kept:
+                self._log_final(d)
         finally:
             for k in {*self.kept, *([d] if d else [])}:
                 shutil.rmtree(k, ignore_errors=True)
         return final
 
+    def _log_final(self, d: str) -> None:
+        """After the final report: the pointer to the persisted final checkpoint, then the uploads (the final state
+        unless it stays on shared storage; the deployed model). Never raises: a failure is recorded and retried
+        later (:func:`retry_uploads`)."""
+        uploads = final_uploads(self.p)
+        try:
+            uri = checkpoint_uri(self.session.get_checkpoint())
+            self.tracker.set_tags(self.run_id, {FINAL_CHECKPOINT_TAG: uri, UPLOAD_PENDING_TAG: ",".join(uploads)})
+        except Exception as e:  # noqa: BLE001 - the run finished; MLflow's troubles are reported, not raised
+            warn(self.p.run_name, f"its final checkpoint could not be recorded in MLflow ({type(e).__name__}: {e})")
+            return
+        upload_final(self.tracker, self.run_id, self.p.cfg, self.p.run_name, d, uploads)
 
-def log_deployed_model(tracker: Any, run_id: str, p: RunPayload, state_dir: str) -> None:
-    """Log the deployed model of a finished run, read from its final task-end state, as the MLflow artifact directory
-    ``model/`` in open_clip's format (``fomo_ray.export``). The results are in already: a failure here is reported
-    (a warning line and the ``fomo_ray.export_error`` tag) and never fails the run."""
-    from fomo_ray import checkpoint, export
 
-    tmp = tempfile.mkdtemp(prefix="fomo_model_")
-    try:
-        state = checkpoint.load_state(state_dir)
-        export.save_open_clip(tmp, p.cfg, export.deployed_state(p.cfg, state), run=p.run_name,
-                              source=f"final task-end state of MLflow run {run_id}")
-        tracker.log_artifacts(run_id, tmp, artifact_path=export.MODEL_ARTIFACT)
-    except Exception as e:  # noqa: BLE001 - see the docstring
-        reason = f"{type(e).__name__}: {e}"
-        print(f"run {p.run_name!r}: its deployed model was not logged to MLflow ({reason})", file=sys.stderr,
-              flush=True)
-        tracker.set_tags(run_id, {EXPORT_ERROR_TAG: reason})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def final_uploads(p: RunPayload) -> list[str]:
+    """What a finished run uploads to MLflow: its deployed model, and its final state (``checkpoints/final``) when
+    ``log_checkpoints`` is on and the state does not already live on shared storage (``ray.storage_path``; then the
+    ``fomo_ray.final_checkpoint`` tag points at it), unless ``keep_uploads`` asks for the copy anyway."""
+    copy = p.log_checkpoints and (p.keep_uploads or not p.cfg.ray.storage_path)
+    return [FINAL_ARTIFACT, MODEL_UPLOAD] if copy else [MODEL_UPLOAD]
 
 
 def _resume_point(session: Session) -> tuple[Any, dict[str, str], dict[str, Any] | None]:
@@ -290,17 +340,27 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     Before the loop, the run's inputs are made sure of (:func:`ensure_inputs`).
     """
     from fomo_ray import distributed, loop
+    from fomo_ray.assembly import gpu_problem
 
     resume, meta, ended = _resume_point(session)
-    if ended is not None:  # relaunched after it ended (e.g. a restored sweep): nothing to redo
-        return ended
-    ensure_inputs(p.cfg)
-    nodes = distributed.gather_objects(_node_id())  # every rank takes part in the collective
     run_id = meta.get("mlflow_run_id") or p.mlflow_run_id
+    if ended is not None:  # relaunched after it ended (e.g. a restored sweep): nothing to redo but failed uploads
+        if session.rank == 0 and p.tracking_uri and run_id:
+            _retry_quietly(p, run_id)
+        return ended
+    # GPU asked, GPU used: every rank checks its own CUDA before any step or NCCL collective, and the ranks agree
+    # over gloo (distributed.gather_objects needs no CUDA), so all of them end with the same failed report
+    checks = distributed.gather_objects((_node_id(), gpu_problem(p.cfg.ray.gpus_per_worker)))
+    nodes = [node for node, _ in checks]
+    refused = next((problem if len(checks) == 1 else f"rank {r} (Ray node {node or '?'}): {problem}"
+                    for r, (node, problem) in enumerate(checks) if problem), "")
+    if not refused:
+        ensure_inputs(p.cfg)
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
         from fomo_ray.provenance import platform_label
-        from fomo_ray.tracking import PLATFORM_TAG, Tracker, activation_tags
+        from fomo_ray.backbones import activation_tags
+        from fomo_ray.tracking import PLATFORM_TAG, Tracker
 
         tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
         # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
@@ -309,6 +369,8 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
             tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
     bridge = _Bridge(p, session, run_id, tracker)
+    if refused:
+        return bridge.finish(trial_report.failed_report(f"DeviceUnavailable: {refused}", bridge.last))
     if resume is not None:
         bridge.seed_trajectory(resume.results)
     hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
@@ -323,6 +385,15 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         return bridge.finish(trial_report.stopped_report(bridge.stop_reason or "stopped by the sweep's rule",
                                                          int(results["task"].max()), bridge.last))
     return bridge.finish(trial_report.done_report(bridge.last))
+
+
+def _retry_quietly(p: RunPayload, run_id: str) -> None:
+    try:
+        from fomo_ray.tracking import Tracker
+
+        retry_uploads(Tracker(p.tracking_uri, p.cfg.tracking.experiment), run_id)
+    except Exception as e:  # noqa: BLE001 - an ended run stays ended whatever MLflow says
+        warn(p.run_name, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
 
 
 def planned_tasks(cfg: ExperimentConfig) -> int:
@@ -371,6 +442,33 @@ class TrainSession:
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name if ckpt else None)
+
+    def report_in_background(self, metrics: dict[str, Any], checkpoint_dir: str, name: str, write: Any,
+                             future: Future, delete_after: bool) -> None:
+        """Report the checkpoint ``name`` now, its files later: ``write`` fills ``checkpoint_dir`` on Ray Train's
+        checkpoint upload thread, which then persists it (``checkpoint_upload_mode=ASYNC``: one upload thread,
+        reports committed in order, and Ray waits for it before the run ends). ``future`` resolves once the files
+        are persisted, or with the error (which Ray also raises in the training thread, failing the attempt);
+        ``delete_after``: remove ``checkpoint_dir`` after the upload."""
+        import ray.train
+
+        storage = ray.train.get_context().get_storage()
+
+        def upload(ckpt: Any, dir_name: str) -> Any:
+            try:
+                write()
+                persisted = storage.persist_current_checkpoint(ckpt, dir_name)
+            except BaseException as e:
+                if not future.done():
+                    future.set_exception(e)
+                raise
+            if not future.done():  # (Ray retries an upload on transient cloud errors)
+                future.set_result(None)
+            return persisted
+
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=name, checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=delete_after, checkpoint_upload_fn=upload)
 
 
 def train_worker(payload: dict[str, Any]) -> None:

@@ -2,6 +2,12 @@
 image and per text encoded at evaluation. Timed on synthetic batches of the run's shapes, with the thread count a
 trial runs with, and cached as JSON beside the budget's MAF records (``budget.cache_dir``). The sweep's cost estimate
 (``fomo_ray/cost_estimate.py``) turns counted GFLOPs into wall time with these figures.
+
+A training step is timed at a batch no larger than a rank's (``budget.rank_batch``) nor :data:`TIMED_BATCH`, never
+at a global batch that may not fit this machine (ViT-B/16 at b = 512 needs ~80 GB of activations), and scaled to
+the run's batch by FLOPs: ``step_s(b) = step_s(b_timed) * FLOPs(b) / FLOPs(b_timed)``, both counted exactly by the
+budget (a time per FLOP that does not improve with the batch: an upper bound where larger batches use the device
+better).
 """
 from __future__ import annotations
 
@@ -19,8 +25,9 @@ import torch
 from fomo_ray import budget
 
 #: bump when what is timed changes, so cached figures of another measurement are retaken
-SPEED_VERSION = 1
+SPEED_VERSION = 2  # 2: timed at a small batch and scaled by FLOPs
 EVAL_SAMPLES = 64  # images (and texts) timed per evaluation encode: enough to amortise the call overhead
+TIMED_BATCH = 16   # the largest training batch timed (when a rank's batch is larger)
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class Speed:
     step_s: float    # one training step (forward, backward, optimizer) at ``batch_size``; 0 for a frozen model
     image_s: float   # one image encoded at evaluation (no gradient)
     text_s: float    # one text encoded at evaluation
+    timed_batch: int = 0  # the batch the step was timed at (scaled to ``batch_size`` by FLOPs)
 
 
 @contextlib.contextmanager
@@ -59,20 +67,22 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repeats: int = 3) -> Speed:
-    """Time ``repeats`` training steps and evaluation encodes of ``method_name`` on ``cfg``'s backbone (medians).
+    """Time ``repeats`` training steps and evaluation encodes of ``method_name`` on ``cfg``'s backbone (medians); the
+    step at a batch of at most a rank's and :data:`TIMED_BATCH`, scaled to ``mixture.batch_size`` by FLOPs.
 
     The global RNG state is restored afterwards, as for the budget's measurements: estimating a sweep must not
     change what its runs draw."""
     spec = budget.backbone_spec(cfg.backbone.name)
     cost = budget.registry_cost(cfg, method_name)
     bs = cfg.mixture.batch_size
+    timed = timed_batch(cfg)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), _threads(threads):
-        model = cost.prepare(spec.factory().to(device))
+        model = budget.prepared(cost, spec.factory().to(device))
         trainable = [p for p in model.parameters() if p.requires_grad]
         vocab = int(getattr(model, "vocab_size", 0) or 49408)
         step_s = 0.0
         if trainable:
-            images, tokens = budget._clip_batch(bs, spec.image_size, spec.context_length, vocab, device)
+            images, tokens = budget._clip_batch(timed, spec.image_size, spec.context_length, vocab, device)
             opt = torch.optim.AdamW(trainable, lr=1e-5)
 
             def step() -> None:
@@ -85,6 +95,8 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
 
             model.train()
             step_s = _median_seconds(step, repeats)
+            if timed < bs:  # FLOPs of the whole step at both batches, counted as the budget counts them
+                step_s *= _step_flops(cfg, method_name, bs) / _step_flops(cfg, method_name, timed)
         n = min(EVAL_SAMPLES, cfg.evaluation.batch_size)
         images, tokens = budget._clip_batch(n, spec.image_size, spec.context_length, vocab, device)
         model.eval()
@@ -92,7 +104,24 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
             image_s = _median_seconds(lambda: (model.encode_image(images), _sync(device)), repeats) / n
             text_s = _median_seconds(lambda: (model.encode_text(tokens), _sync(device)), repeats) / n
     return Speed(backbone=spec.name, method=method_name, batch_size=bs, device_kind=budget.device_kind(device),
-                 threads=threads, settings_hash=_hash(cfg, spec), step_s=step_s, image_s=image_s, text_s=text_s)
+                 threads=threads, settings_hash=_hash(cfg, spec), step_s=step_s, image_s=image_s, text_s=text_s,
+                 timed_batch=timed)
+
+
+def timed_batch(cfg) -> int:
+    """The batch a training step is timed at: ``mixture.batch_size``, at most a rank's batch and :data:`TIMED_BATCH`."""
+    return min(cfg.mixture.batch_size, budget.rank_batch(cfg), TIMED_BATCH)
+
+
+def _step_flops(cfg, method_name: str, batch_size: int) -> float:
+    """GFLOPs of one step at ``batch_size``: the budget's count on fake tensors (nothing allocated, nothing stored)."""
+    spec = budget.backbone_spec(cfg.backbone.name)
+    record = budget.measure_method(method_name, budget.registry_cost(cfg, method_name), spec.factory,
+                                   backbone=spec.name, batch_size=batch_size, image_size=spec.image_size,
+                                   context_length=spec.context_length, device="cpu", engine="count",
+                                   rank_batch=min(batch_size, timed_batch(cfg)),
+                                   autocast_dtype=budget._autocast_dtype(cfg, torch.device("cpu")))
+    return record.step_gflops
 
 
 def _sync(device: torch.device) -> None:
@@ -108,7 +137,7 @@ def _hash(cfg, spec: budget.BackboneSpec) -> str:
 def speed_path(cfg, method_name: str, device: torch.device, threads: int) -> Path:
     spec_name = budget._safe(cfg.backbone.name)
     return Path(cfg.budget.cache_dir) / (
-        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__"
+        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__bt{timed_batch(cfg)}__"
         f"{budget._safe(budget.device_kind(device))}__t{threads}__v{SPEED_VERSION}.json")
 
 

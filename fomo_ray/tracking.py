@@ -31,10 +31,13 @@ of each trial, so MLflow's relative default would scatter one database per trial
 from __future__ import annotations
 
 import json
+import math
 import os
+import queue
 import re
 import statistics
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -59,7 +62,7 @@ _INVALID_KEY_CHARS = re.compile(r"[^\w./\- :]")  # MLflow accepts alphanumerics,
 NOTE_TAG = "mlflow.note.content"  # the run's description in MLflow's UI (markdown)
 VERSION_TAG = "fomo_ray.version"
 COMMIT_TAG = "fomo_ray.git_commit"
-ACTIVATION_TAG = "fomo_ray.quick_gelu"  # the activation the run's model was built with (backbones.run_quick_gelu)
+ACTIVATION_TAG = "fomo_ray.quick_gelu"  # the activation the run's model was built with (backbones.activation_tags)
 PLATFORM_TAG = "fomo_ray.platform"  # the CPU/GPU and kernels the run computed on (provenance.platform_label)
 MLFLOW_COMMIT_TAG = "mlflow.source.git.commit"  # what MLflow's runs table shows as "Version"
 PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and table printout
@@ -189,15 +192,6 @@ def variant_metrics(variants: Iterable[Mapping[str, Any]],
                 if value is not None and value == value:
                     out[f"{VARIANTS}/{label}/{score}_{stat}"] = as_percent(value)
     return out
-
-
-def activation_tags(cfg: Any) -> dict[str, str]:
-    """``fomo_ray.quick_gelu``: true / false (QuickGELU / GELU) as the run's model was built, or unknown; the config
-    only says null when the weights decide."""
-    from fomo_ray.backbones import run_quick_gelu
-
-    found = run_quick_gelu(cfg.backbone.name, cfg.backbone.pretrained, cfg.backbone.quick_gelu)
-    return {ACTIVATION_TAG: "unknown" if found is None else str(found).lower()}
 
 
 def provenance_tags() -> dict[str, str]:
@@ -366,42 +360,104 @@ class StepLogger:
     steps; a SQLite write costs ~4 ms, too much per step). Call :meth:`flush` before anything else is logged (an
     evaluation point) and when the run ends, so the tail is not lost.
 
+    Off the training thread: :meth:`step` only appends a row (``loss`` and ``grad_norm`` may be 0-d tensors still on
+    the accelerator, queued by the loop without reading them); every ``every`` steps the rows go to a background
+    thread, which reads the tensors (waiting for those steps there, not in the training loop) and writes them. An
+    error of that thread is raised on the training thread by the next :meth:`flush`. ``background=False`` writes
+    on the calling thread instead (same batches, same order).
+
     samples/s = the global batch over the wall time since the previous step; it is left out for the first step of a
     task or after a resume (the time since the previous step then holds an evaluation or the restart), but includes
-    a mid-task checkpoint written between two steps (the run really spent that time). ``grad_norm`` may be a 0-d
-    tensor still on the accelerator: it is read only here, when flushing, so logging adds no wait per step."""
+    a mid-task checkpoint written between two steps (the run really spent that time). Rows after the first
+    non-finite loss are dropped: those steps trained on the weights a diverged step left (the loop then fails the run
+    naming that step, ``loop.TrainingDiverged``), and their numbers would only draw a misleading curve."""
 
     def __init__(self, tracker: Tracker, run_id: str, every: int, global_batch: int,
-                 clock: Any = time.perf_counter):
+                 clock: Any = time.perf_counter, background: bool = True):
         self.tracker, self.run_id, self.every, self.global_batch = tracker, run_id, every, global_batch
         self.clock = clock
-        self.rows: list[tuple[int, int, float, float, Any, float | None]] = []
+        self.rows: list[tuple[int, int, Any, float, Any, float | None]] = []
         self.previous: tuple[int, int, float] | None = None  # (task, step, clock) of the step before
+        self.background = background
+        self.diverged = False  # a non-finite loss was written: later rows are dropped
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
-    def step(self, task: int, step: int, loss: float, lr: float, grad_norm: Any, global_step: int) -> None:
+    def step(self, task: int, step: int, loss: Any, lr: float, grad_norm: Any, global_step: int) -> None:
         now = self.clock()
         rate = None
         if self.previous is not None and self.previous[:2] == (task, step - 1) and now > self.previous[2]:
             rate = self.global_batch / (now - self.previous[2])
         self.previous = (task, step, now)
-        self.rows.append((int(global_step), int(time.time() * 1000), float(loss), float(lr), grad_norm, rate))
+        self.rows.append((int(global_step), int(time.time() * 1000), loss, float(lr), grad_norm, rate))
         if len(self.rows) >= self.every:
-            self.flush()
+            self._send()
 
-    def flush(self) -> None:
-        if not self.rows:
+    def _send(self) -> None:
+        rows, self.rows = self.rows, []
+        if not rows:
             return
+        if not self.background:
+            self._write(rows)
+            return
+        if self._thread is None:
+            self._queue = queue.Queue()
+            self._thread = threading.Thread(target=self._work, name=f"fomo_ray-steps-{self.run_id[:8]}", daemon=True)
+            self._thread.start()
+        self._queue.put(rows)
+
+    def _work(self) -> None:
+        while True:
+            rows = self._queue.get()
+            try:
+                if rows is None:
+                    return
+                if self._error is None:
+                    self._write(rows)
+            except BaseException as e:  # noqa: BLE001 - raised on the training thread by flush()
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _write(self, rows: list[tuple[int, int, Any, float, Any, float | None]]) -> None:
         loss_key, lr_key, norm_key, rate_key = TRAIN_KEYS
         items = []
-        for g, ts, loss, lr, norm, rate in self.rows:
+        for g, ts, loss, lr, norm, rate in rows:
+            if self.diverged:
+                break
+            loss = float(loss)  # a device tensor is read here, off the training thread
+            self.diverged = not math.isfinite(loss)
             items += [Metric(loss_key, loss, ts, g), Metric(lr_key, lr, ts, g)]
             if norm is not None:
                 items.append(Metric(norm_key, float(norm), ts, g))
             if rate is not None:
                 items.append(Metric(rate_key, rate, ts, g))
-        self.rows = []
         for chunk in _chunks(items, _BATCH):
             self.tracker.client.log_batch(self.run_id, metrics=list(chunk))
+
+    def wait(self) -> None:
+        """Wait until every batch sent so far is written (the rows not yet sent stay); raise the writer's error."""
+        if self._queue is not None:
+            self._queue.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def flush(self) -> None:
+        """Send the buffered rows and wait until everything is written."""
+        self._send()
+        self.wait()
+
+    def close(self) -> None:
+        """:meth:`flush`, then stop the background thread."""
+        try:
+            self.flush()
+        finally:
+            if self._thread is not None:
+                self._queue.put(None)
+                self._thread.join()
+                self._thread = self._queue = None
 
 
 def tracker_for(cfg: Any) -> Tracker:

@@ -401,6 +401,9 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     failed = counts["failed"]
     files = _report(out, spec, tracker)
     if tracker is not None:
+        from fomo_ray.final_uploads import retry_pending_uploads
+
+        retry_pending_uploads(tracker, out.parent_run_id)  # uploads that failed after a trial finished: retried
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
     out = replace(out, report_files=tuple(files), wall_s=time.time() - t0, baseline=spec.report_baseline)
     _write_atomic(directory / SUMMARY_FILE, json.dumps({

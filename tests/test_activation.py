@@ -147,7 +147,7 @@ def test_an_unreadable_file_names_the_supported_formats(tmp_path):
 
 def test_tracking_names_the_activation_a_run_builds(tmp_path):
     """MLflow's fomo_ray.quick_gelu tag says how the run's model was built (the config says null: the weights decide)."""
-    from fomo_ray.tracking import activation_tags
+    from fomo_ray.backbones import activation_tags
 
     def tag(**keys):
         return activation_tags(load_config(None, keys))["fomo_ray.quick_gelu"]

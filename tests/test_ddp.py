@@ -4,8 +4,8 @@ batch — real FiF-mini files, a real tiny open_clip model, real DDP and a diffe
 What must hold (fomo_ray/distributed.py): the gradient of the sharded, gathered global CLIP loss averaged by DDP is
 the single-process gradient (equal up to float summation order, not bitwise), also for a world size that does not
 divide the batch (W = 3, shards 3/3/2); weights and method state stay bitwise identical across ranks; evaluation and
-EWC's Fisher pass are shared out (each rank encodes part of the images, runs part of the Fisher batches) and still
-give the one-process results; a mid-task resume under DDP is bitwise exact and may even change the world size;
+EWC's Fisher pass are shared out (each rank encodes part of the images, and its shard of every Fisher batch) and
+still give the one-process results; a mid-task resume under DDP is bitwise exact and may even change the world size;
 every hook fires on every rank; early stopping is agreed; a world size larger than the batch is refused naming the
 key; every registered method trains only parameters its forward uses (DDP runs with find_unused_parameters=False).
 """
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fomo_ray import distributed
+from fomo_ray import checkpoint, distributed
 from fomo_ray.config import ConfigError, load_config
 from fomo_ray.prep.fifmini import ensure_fifmini
 from fomo_ray.loop import RunHooks, run_stream
@@ -62,22 +62,24 @@ def _cfg(root, tmp, **overrides):
 
 
 class WorkCounter:
-    """Counts what this process encodes for evaluation (images) and how many unsharded loss passes (EWC's Fisher
-    batches) it runs, by wrapping the two functions through which that work goes."""
+    """Counts what this process encodes for evaluation (images) and for EWC's Fisher pass (rows of the Fisher batches'
+    losses, and the largest such batch), by wrapping the functions through which that work goes."""
 
     def __init__(self, monkeypatch_like):
-        from fomo_ray import evaluation, loop
+        from fomo_ray import batch_step, evaluation
 
-        self.images = self.fisher = 0
+        self.images = self.fisher = self.largest = 0
         self._in_fisher = False
-        real_input, real_loss, real_sum = evaluation.model_input, loop.batch_loss, loop.TaskLosses.sum_over
+        real_input, real_loss, real_sum = evaluation.model_input, batch_step.batch_loss, batch_step.TaskLosses.sum_over
 
         def counting_input(images, *a, **k):
             self.images += images.shape[0]
             return real_input(images, *a, **k)
 
         def counting_loss(run, batch, encoder=None):
-            self.fisher += self._in_fisher
+            if self._in_fisher:
+                self.fisher += batch["images"].shape[0]
+                self.largest = max(self.largest, batch["images"].shape[0])
             return real_loss(run, batch, encoder)
 
         def counting_sum(losses, n, per_batch):
@@ -88,8 +90,8 @@ class WorkCounter:
                 self._in_fisher = False
 
         monkeypatch_like(evaluation, "model_input", counting_input)
-        monkeypatch_like(loop, "batch_loss", counting_loss)
-        monkeypatch_like(loop.TaskLosses, "sum_over", counting_sum)
+        monkeypatch_like(batch_step, "batch_loss", counting_loss)
+        monkeypatch_like(batch_step.TaskLosses, "sum_over", counting_sum)
 
 
 def _observed_run(cfg, should_stop=None, resume=None, counter=None):
@@ -97,17 +99,17 @@ def _observed_run(cfg, should_stop=None, resume=None, counter=None):
     seen = {"losses": [], "evals": [], "states": []}
     GradSpy.grads = []
     if counter is not None:
-        counter.images = counter.fisher = 0
+        counter.images = counter.fisher = counter.largest = 0
     hooks = RunHooks(on_step=lambda t, s, loss, lr, *_: seen["losses"].append(loss),
                      on_eval=lambda p, recs: seen["evals"].append((p, distributed.is_rank_zero())),
                      on_checkpoint=seen["states"].append, should_stop=should_stop)
     df = run_stream(cfg, hooks=hooks, resume=resume, device="cpu")
     return {"results": df, "losses": seen["losses"], "evals": seen["evals"],
             "mid_task_state": next((s for s in seen["states"] if (s.task, s.step) == (1, 1)), None),
-            "final_model": seen["states"][-1].model if seen["states"] else None,
-            "final_method": seen["states"][-1].method if seen["states"] else None, "grads": list(GradSpy.grads),
-            "theta0": dict(GradSpy.theta0),
-            "work": (counter.images, counter.fisher) if counter is not None else None}
+            "final_model": getattr(seen["states"][-1], "model", None) if seen["states"] else None,
+            "final_method": getattr(seen["states"][-1], "method", None) if seen["states"] else None, "grads": list(GradSpy.grads),
+            "theta0": dict(GradSpy.theta0), "all_states": seen["states"],
+            "work": (counter.images, counter.fisher, counter.largest) if counter is not None else None}
 
 
 def _rank_main(rank, world, root, tmp, init_file, out_dir):
@@ -117,6 +119,9 @@ def _rank_main(rank, world, root, tmp, init_file, out_dir):
     REGISTRY["grad_spy"] = GradSpy
     counter = WorkCounter(setattr)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    # the comparisons below read every rank's states; a real run snapshots on rank 0 only (the "stop" scenario)
+    rank_zero_only = checkpoint.snapshots_here
+    checkpoint.snapshots_here = lambda: True
     try:
         out = {"rank": rank, "world": distributed.world()}
         spy = _cfg(root, tmp, **{"method.name": "grad_spy", "ray.checkpoint_every_steps": 1})
@@ -125,8 +130,11 @@ def _rank_main(rank, world, root, tmp, init_file, out_dir):
         if world == WORLD:
             # a worker restarted mid-task (as by Ray's FailureConfig) continues from the same state on every rank
             out["resumed"] = _observed_run(spy, resume=out["finetune"]["mid_task_state"])
-            # only rank 1 asks to stop, after its first step: both ranks must leave together
+            # only rank 1 asks to stop, after its first step: both ranks must leave together; with the real
+            # snapshot rule, rank 1 holds no state (a marker with the same cursor)
+            checkpoint.snapshots_here = rank_zero_only
             out["stop"] = _observed_run(_cfg(root, tmp), should_stop=lambda: rank == 1)
+            out["stop"]["state_kinds"] = [(type(s).__name__, s.task, s.step) for s in out["stop"].pop("all_states")]
             try:
                 run_stream(_cfg(root, tmp, **{"mixture.batch_size": 1}), device="cpu")
                 out["tiny_batch_error"] = None
@@ -211,7 +219,7 @@ def test_weights_replicated_and_equal_to_single_process(ddp_runs, method):
     a, b = ranks[0][method], ranks[1][method]
     for k in a["final_model"]:
         assert torch.equal(a["final_model"][k], b["final_model"][k]), f"rank weights differ at {k}"
-    # EWC's Fisher and anchor are computed on every rank from the same unsharded batches: replicated state too
+    # EWC's Fisher and anchor: every rank gets the same averaged gradient of every sharded Fisher batch, replicated
     flat_a, flat_b = _tensors(a["final_method"]), _tensors(b["final_method"])
     assert len(flat_a) == len(flat_b) and (len(flat_a) > 0) == (method == "ewc")
     assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b))
@@ -249,9 +257,16 @@ def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_ru
 
 
 def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
+    """The stop is agreed at the task boundary (no collective per step): both ranks finish task 0 and leave."""
     ranks, _, _ = ddp_runs
-    assert [len(r["stop"]["losses"]) for r in ranks] == [1, 1]
-    assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0], [0]]
+    assert [len(r["stop"]["losses"]) for r in ranks] == [2, 2]
+    assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0, 1], [0, 1]]
+
+
+def test_only_rank_zero_holds_a_snapshot(ddp_runs):
+    ranks, _, _ = ddp_runs
+    assert ranks[0]["stop"]["state_kinds"] == [("LoopState", 1, 0)]
+    assert ranks[1]["stop"]["state_kinds"] == [("CheckpointMarker", 1, 0)]
 
 
 def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
@@ -278,16 +293,30 @@ def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method
 
 
 @pytest.mark.parametrize("world", [2, 3])
+def test_the_sharded_fisher_equals_one_processes(ddp_runs, world):
+    """Issue 27: EWC's Fisher from sharded batches (each rank its shard, features gathered, gradients averaged before
+    squaring) is the one-process Fisher of the whole batches, up to summation order."""
+    two, single, three = ddp_runs
+    want = _tensors(single["ewc"]["final_method"]["fisher"])
+    got = _tensors((two if world == 2 else three)[0]["ewc"]["final_method"]["fisher"])
+    assert len(got) == len(want) > 0
+    scale = max(float(w.abs().max()) for w in want)
+    assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < 1e-5 * scale
+
+
+@pytest.mark.parametrize("world", [2, 3])
 def test_evaluation_and_the_fisher_pass_are_shared_out_not_repeated(ddp_runs, world):
-    """Each rank encodes only its share of the evaluation images and runs only its share of EWC's Fisher batches
-    (2 here; with 3 ranks one rank has none); together exactly the one-process work."""
+    """Each rank encodes only its share of the evaluation images and only its shard of every EWC Fisher batch (issue
+    27: no pass larger than a rank's shard); together exactly the one-process work."""
     two, single, three = ddp_runs
     ranks = two if world == 2 else three
-    images, fisher = single["ewc"]["work"]
-    assert images > 0 and fisher == 2 * 2  # 2 Fisher batches after each of the 2 tasks
+    images, fisher, largest = single["ewc"]["work"]
+    assert images > 0 and fisher == 2 * 2 * BATCH and largest == BATCH  # 2 Fisher batches after each of 2 tasks
     per_rank = [r["ewc"]["work"] for r in ranks]
-    assert sum(i for i, _ in per_rank) == images and max(i for i, _ in per_rank) < images
-    assert sorted(f for _, f in per_rank) == ([2, 2] if world == 2 else [0, 2, 2])
+    assert sum(i for i, _, _ in per_rank) == images and max(i for i, _, _ in per_rank) < images
+    shards = distributed.shard_sizes(BATCH, world)
+    assert [f for _, f, _ in per_rank] == [2 * 2 * n for n in shards]  # every batch, this rank's rows of it
+    assert [m for _, _, m in per_rank] == shards
 
 
 def test_batch_size_check_shards_and_one_process_helpers():

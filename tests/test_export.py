@@ -301,7 +301,7 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
     to the export of ``checkpoints/final``), and the fomo_ray.checkpoint_uri tag is the trial's directory in the sweep
     storage, holding exactly ``ray.keep_checkpoints`` checkpoints."""
     import fomo_ray.tune_sweep as sweep
-    from fomo_ray.ray_train import CHECKPOINT_TAG, EXPORT_ERROR_TAG
+    from fomo_ray.ray_train import CHECKPOINT_TAG, EXPORT_ERROR_TAG, FINAL_CHECKPOINT_TAG, UPLOAD_PENDING_TAG
     from fomo_ray.sweep_spec import spec_from_dict
     from fomo_ray.tracking import Tracker
 
@@ -327,5 +327,8 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
 
     where = Path(child.data.tags[CHECKPOINT_TAG])
     assert where.is_dir() and where.parent == Path(out.directory) / "tune", where
+    final = Path(child.data.tags[FINAL_CHECKPOINT_TAG])  # the pointer to the final checkpoint Ray persisted
+    assert final.parent == where and (final / LOOP_STATE_FILE).is_file(), final
+    assert UPLOAD_PENDING_TAG not in child.data.tags  # every upload went through
     kept = sorted(p for p in where.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
     assert len(kept) == 1 and (kept[0] / LOOP_STATE_FILE).is_file(), sorted(p.name for p in where.iterdir())

@@ -75,7 +75,7 @@ def _batch(backbone, n: int = 8, seed: int = 0):
 
 
 def _loss(model, images, tokens, autocast=None):
-    """The loop's training loss (fomo_ray.loop.batch_loss without the data plumbing)."""
+    """The loop's training loss (fomo_ray.batch_step.batch_loss without the data plumbing)."""
     from fomo_ray.losses import clip_loss
 
     with autocast or contextlib.nullcontext():

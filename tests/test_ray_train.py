@@ -74,10 +74,12 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     tracker = Tracker(default_uri(tmp_path), "exact")
     run_id = tracker.start_child(None, "exact-resume", cfg.flat())
     marker = tmp_path / "killed.txt"
-    # the worker dies 3 s after step 3 of the 2nd task, i.e. after the mid-task checkpoint at (task 1, step 2) was
-    # registered (Ray Train polls reports every 2 s); the fault reaches the workers through a test-only wrapper
+    # the worker dies 8 s after step 3 of the 2nd task, i.e. after the mid-task checkpoint at (task 1, step 2) was
+    # registered: checkpoints are written and persisted by Ray's upload thread while training goes on, and Ray Train
+    # commits one report per 2 s poll, so the reports queued before it (point 1, the task-end state) go first; the
+    # fault reaches the workers through a test-only wrapper
     register_by_value()
-    fault = Fault(task=1, step=3, marker=str(marker), delay_s=3.0)
+    fault = Fault(task=1, step=3, marker=str(marker), delay_s=8.0)
     monkeypatch.setattr(ray_train, "train_worker", train_worker_in_worker(fault=fault))
     payload = ray_train.RunPayload(cfg=cfg, run_name="exact-resume", tracking_uri=tracker.uri, mlflow_run_id=run_id,
                                    storage_uri=str(tmp_path / "train"))
@@ -142,6 +144,9 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     loss_steps = [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])]
     assert loss_steps == sorted(set(loss_steps)) and loss_steps  # the training signal, from rank 0 alone
     ddp = tidy_frame(load_state(outcome.checkpoint).results)
+    # MLflow points at the final checkpoint Ray persisted (written by rank 0's upload thread, off the training loop)
+    assert run.data.tags[ray_train.FINAL_CHECKPOINT_TAG] == outcome.checkpoint
+    assert ray_train.UPLOAD_PENDING_TAG not in run.data.tags
     assert (ddp["value"] - reference["value"]).abs().max() <= 0.05
     assert ddp[ddp["task"] == 0]["value"].tolist() == reference[reference["task"] == 0]["value"].tolist()
     print(f"2-worker DDP TorchTrainer run: {wall:.1f} s; max |diff| vs one process "

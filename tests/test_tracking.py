@@ -239,6 +239,7 @@ def test_step_logger_sends_every_n_steps_in_one_call(store):
             clock.now += 0.5
             steps.step(task, step, loss=1.0 / (g + 1), lr=1e-3, grad_norm=2.0 + g, global_step=g)
             g += 1
+    steps.wait()  # the batches are written by a background thread (off the training thread)
     # steps 0-2 and 3-5, 4 metrics each, less the rate of each task's first step (0 and 4)
     assert calls == [3 * 4 - 1, 3 * 4 - 1]
     steps.flush()  # the tail: steps 6-7

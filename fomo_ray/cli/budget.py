@@ -11,9 +11,11 @@ from fomo_ray.cli.text import Parser
 def main(argv: Sequence[str] | None = None) -> int:
     """``fomo-ray budget [config.yaml | --preset paper] [key=value ...] [--backbone NAME] [--methods m1 m2 ...]``: per
     method, the measured GFLOPs, memory, MAF and steps per task at T = 20/50/100/200 of the paper's budget, plus the
-    steps per task this config gets (its stream.num_tasks and budget.total_ft_steps)."""
+    steps per task this config gets (its stream.num_tasks and budget.total_ft_steps). Every figure is one step at the
+    global batch as if on one device (the paper's b = 512 included, on a CPU: the step is counted on fake tensors,
+    nothing of its size is allocated)."""
     from fomo_ray.budget import (FT_METHOD, PAPER_TOTAL_FT_STEPS, BudgetError, backbone_spec, budget_rows,
-                                 method_record, steps_per_task)
+                                 method_record, rank_batch, steps_per_task)
     from fomo_ray.config import load_config
     from fomo_ray.tables import format_table
 
@@ -57,7 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"backbone {spec.name}, batch {bs}, image {spec.image_size}px, device {ft.device_kind} "
           f"({ft.memory_kind} memory), steps_ft(T) = {args.total_ft_steps} // T; models are built with random "
-          "weights (only their shapes and FLOPs matter)")
+          f"weights (only their shapes and FLOPs matter); every figure is one step at the global batch {bs} as if "
+          f"on one device, {ft.measured or 'read from the cache'}, with no real pass over more than a rank's batch "
+          f"({rank_batch(cfg, bs)})")
     rows = budget_rows(records, ft, args.total_ft_steps)
     t, mine = cfg.stream.num_tasks, f"this config: T={cfg.stream.num_tasks}, total {cfg.budget.total_ft_steps}"
     cfg = cfg.replace({"mixture.batch_size": bs})

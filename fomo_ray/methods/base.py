@@ -42,8 +42,9 @@ class TaskLosses(Protocol):
 
     def sum_over(self, n: int, per_batch: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[torch.Tensor]:
         """``sum(per_batch(loss_k) for k < n)``, ``loss_k`` the CLIP loss of batch k of D_t (a fresh forward pass
-        with a graph). Under data parallelism each rank computes every W-th batch and the sums are added over the
-        ranks, so every rank gets the one-process sum (up to summation order)."""
+        with a graph). Under data parallelism every batch is sharded like training (each rank encodes its shard,
+        the loss is the global batch's over the gathered features, the gradients are averaged over the ranks), so
+        every rank gets the one-process sum (up to summation order)."""
         ...
 
 @dataclass(frozen=True)
