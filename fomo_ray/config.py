@@ -163,6 +163,7 @@ class TrackingConfig:
     uri: str = F("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite at an absolute path under output_dir")
     experiment: str = F("fomo_ray", "MLflow experiment name")
     log_checkpoints: bool = F(True, "log task checkpoints as artifacts (a pointer when they live on shared storage)")
+    keep_uploads: bool = F(False, "upload a finished run's final state to MLflow even when ray.storage_path holds it (else the run's fomo_ray.final_checkpoint tag points at Ray's copy: one copy, not two)")
     enabled: bool = F(True, "set false to run without MLflow (plain loop runs, unit tests)")
     log_every_n_steps: int = F(10, "training loss, lr, grad norm and samples/s of every step, sent to MLflow in one call every N steps (one SQLite write per step would cost ~4 ms); 0 = off")
 

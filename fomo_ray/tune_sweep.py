@@ -168,7 +168,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     train_root = ray_train.train_storage(setup.storage)
     payload = ray_train.RunPayload(
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
-        log_checkpoints=cfg.tracking.log_checkpoints,
+        log_checkpoints=cfg.tracking.log_checkpoints, keep_uploads=cfg.tracking.keep_uploads,
         # where Ray persists the checkpoints: Train runs under <storage>/train/<trial id>, Tune function trials under
         # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
         storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}",
