@@ -55,6 +55,7 @@ from torch import nn
 
 from fomo_ray.atomic import write_json
 from fomo_ray.costs import ADAMW_FLOPS_PER_PARAM, PENALTY_FLOPS_PER_PARAM  # noqa: F401  (re-exported)
+from fomo_ray.memory_saving import charge_memory_saving
 from fomo_ray.step_measure import (  # noqa: F401  (the measurement, re-exported where callers expect it)
     BudgetError,
     StepMeasure,
@@ -187,6 +188,7 @@ class CostRecord:
     task_gflops: float          # per-task extra work
     torch_version: str = torch.__version__
     measured: str = ""          # "counted at b=512 (fake tensors)" | "scaled from b=1, 2" | "one step at b=8"
+    batch_bytes: int = 0        # the part of peak_bytes that grows with the batch (saved activations; CPU count)
 
     @property
     def step_gflops(self) -> float:
@@ -297,7 +299,7 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
     task = cost.task_passes * m.gflops + cost.task_flops_per_param * m.trainable_params / 1e9
     return CostRecord(**common, counted_gflops=m.gflops, elementwise_gflops=elementwise, peak_bytes=m.peak_bytes,
                       memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
-                      task_gflops=task, measured=how)
+                      task_gflops=task, measured=how, batch_bytes=m.batch_bytes)
 
 
 def device_kind(device: str | torch.device) -> str:
@@ -481,7 +483,9 @@ def rank_batch(cfg, batch_size: int | None = None) -> int:
 
 
 def _record_key(cfg, name: str, spec: BackboneSpec, bs: int) -> tuple[str, dict[str, Any]]:
-    h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION})
+    saving = {**({"accum_steps": cfg.optimizer.accum_steps} if cfg.optimizer.accum_steps > 1 else {}),
+              **({"grad_checkpointing": True} if cfg.backbone.grad_checkpointing else {})}  # default: old keys
+    h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION, **saving})
     return h, dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size, settings_hash=h)
 
 
@@ -505,10 +509,11 @@ def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: B
             raise BudgetError(f"no cached budget record of '{name}' on {spec.name} at b={bs} measured on {kind} "
                               f"({path})")
         c = cost or registry_cost(cfg, name)
-        return measure_method(name, c, spec.factory, backbone=spec.name, batch_size=bs, image_size=spec.image_size,
-                              context_length=spec.context_length, device=dev,
-                              autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h,
-                              rank_batch=rank_batch(cfg, bs))
+        record = measure_method(name, c, spec.factory, backbone=spec.name, batch_size=bs,
+                                image_size=spec.image_size, context_length=spec.context_length, device=dev,
+                                autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h,
+                                rank_batch=rank_batch(cfg, bs))
+        return charge_memory_saving(record, cfg.optimizer.accum_steps, cfg.backbone.grad_checkpointing)
 
     return cached_measure(path, expected, compute, store)
 

@@ -31,9 +31,10 @@ gradients and optimizer state do not change.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -204,3 +205,22 @@ def block_ledger(model: nn.Module) -> Iterator[BlockLedger]:
     finally:
         for h in handles:
             h.remove()
+
+
+def charge_memory_saving(r: Any, accum_steps: int = 1, grad_checkpointing: bool = False) -> Any:
+    """A budget record ``r`` (``budget.CostRecord``) as the step really runs with ``optimizer.accum_steps`` and ``backbone.grad_checkpointing``
+    (``memory_saving.step_cost``): accumulation adds one forward (the no-grad pass that caches every micro-batch's
+    features) and keeps the activations of one micro-batch; checkpointing adds the recomputed forward. The forward is
+    taken as a third of the counted forward + backward (a backward runs two matmuls per forward matmul). Checkpointing's
+    activation saving is not charged (the memory stays the plain step's, an upper bound), so a checkpointed method
+    never gets more steps than it can pay for."""
+    if not r.trainable_params or (accum_steps == 1 and not grad_checkpointing):
+        return r
+    forward = r.counted_gflops / 3
+    cost = step_cost(forward, r.counted_gflops - forward, r.batch_bytes, accum_steps=accum_steps, rows=r.batch_size,
+                     grad_checkpointing=grad_checkpointing, checkpointed_bytes=r.batch_bytes)
+    peak = r.peak_bytes - r.batch_bytes + cost.activation_bytes if r.memory_kind == "cpu_analytic" else r.peak_bytes
+    what = ", ".join(x for x in (f"{accum_steps} micro-batches" if accum_steps > 1 else "",
+                                 "grad checkpointing" if grad_checkpointing else "") if x)
+    return dataclasses.replace(r, counted_gflops=cost.flops, peak_bytes=int(round(peak)),
+                               measured=f"{r.measured}; charged for {what}")
