@@ -18,9 +18,12 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture
-def ray_4_logical_gpus():
+def ray_4_logical_gpus(monkeypatch):
     import ray
 
+    from fomo_ray.assembly import LOGICAL_GPUS
+
+    monkeypatch.setenv(LOGICAL_GPUS, "1")  # before ray.init: its workers inherit it (no CUDA here, on purpose)
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, object_store_memory=150 * 2**20)
     yield
     ray.shutdown()
