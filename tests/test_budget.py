@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from _budget_util import tiny_spec
+
 from fomo_ray import budget as B
 from fomo_ray.cli.budget import main as budget_main
 from fomo_ray.config import ExperimentConfig
@@ -22,12 +24,7 @@ BATCH = 4
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> B.BackboneSpec:
-    import open_clip
-
-    d = tmp_path_factory.mktemp("model_cfg")
-    (d / f"{ARCH}.json").write_text(json.dumps(TINY))
-    open_clip.factory.add_model_config(d)
-    return B.BackboneSpec(ARCH, lambda: open_clip.create_model(ARCH, pretrained=None), 32, 16)
+    return tiny_spec(tmp_path_factory.mktemp("model_cfg"), ARCH, TINY)
 
 
 @pytest.fixture

@@ -4,10 +4,11 @@ give exactly what one real step at the full batch gives (what the budget measure
 method; a spy checks that no measurement runs a real batch larger than a rank's."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
+
+from _budget_util import tiny_spec
 
 from fomo_ray import budget as B
 from fomo_ray.config import load_config
@@ -22,12 +23,7 @@ FIELDS = ("counted_gflops", "elementwise_gflops", "peak_bytes", "task_gflops", "
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory) -> B.BackboneSpec:
-    import open_clip
-
-    d = tmp_path_factory.mktemp("model_cfg")
-    (d / f"{ARCH}.json").write_text(json.dumps(TINY))
-    open_clip.factory.add_model_config(d)
-    return B.BackboneSpec(ARCH, lambda: open_clip.create_model(ARCH, pretrained=None), 32, 16)
+    return tiny_spec(tmp_path_factory.mktemp("model_cfg"), ARCH, TINY)
 
 
 def _cost_names() -> list[str]:
