@@ -416,10 +416,8 @@ def ensure_inputs(cfg: ExperimentConfig) -> None:
 
 
 def _node_id() -> str:
-    try:
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # outside Ray (direct calls in tests)
-        return ""
+    # get_runtime_context() would start a local Ray instance when called outside one (direct calls, tests)
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 # --------------------------------------------------------------------------------------------------- Ray Train host

@@ -21,3 +21,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def no_stray_ray(request):
+    """A test that starts Ray without a Ray fixture (``ray.get_runtime_context()`` and friends start a local instance
+    on their own) would leave it running for every later test: fail that test, by name, and shut the instance down."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    before = bool(ray and ray.is_initialized())
+    yield
+    ray = sys.modules.get("ray")
+    if before or not (ray and ray.is_initialized()):
+        return
+    if any("ray" in name or "cluster" in name for name in request.fixturenames):
+        return  # a Ray fixture owns it
+    ray.shutdown()
+    pytest.fail(f"{request.node.nodeid} left a Ray instance running (started outside a Ray fixture)")
