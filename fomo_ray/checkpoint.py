@@ -82,6 +82,22 @@ def _plain(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
+def _for_file(obj: Any) -> Any:
+    """``obj`` as :func:`save_state` writes it, without copying a tensor: a snapshot is already a private CPU copy,
+    and a second copy per write would double a large model's host RAM while it is written."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()  # a no-op for a snapshot's CPU tensors
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj))}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Mapping):
+        return {k: _for_file(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_for_file(v) for v in obj)
+    return obj
+
+
 def _unplain(obj: Any) -> Any:
     if isinstance(obj, Mapping):
         if set(obj) == {"__ndarray__"}:
@@ -96,7 +112,8 @@ def save_state(state: LoopState, directory: str | Path) -> Path:
     """Write ``state`` to ``directory/loop_state.pt`` atomically (temp file + rename)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"format": STATE_FORMAT, **_plain(dataclasses.asdict(state))}
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy tensors
+    payload = {"format": STATE_FORMAT, **_for_file(fields)}
     return torch_save(payload, directory / LOOP_STATE_FILE)
 
 

@@ -343,6 +343,19 @@ def test_state_file_round_trip_is_weights_only_safe(tmp_path):
         load_state(tmp_path / "missing")
 
 
+def test_writing_a_state_copies_no_tensor(tmp_path, monkeypatch):
+    """A snapshot is already a private CPU copy: writing it must not copy the model again (that doubled a large
+    model's host RAM for the length of every write)."""
+    from fomo_ray import checkpoint
+
+    written = {}
+    monkeypatch.setattr(checkpoint, "torch_save", lambda payload, path: written.update(payload) or path)
+    weights = {"w": torch.ones(1000)}
+    save_state(LoopState(run="r", task=0, step=1, model=weights, optimizer={"state": {0: {"exp_avg": torch.ones(3)}}},
+                         method={}, buffer={}, rng={}, results=[]), tmp_path)
+    assert written["model"]["w"].data_ptr() == weights["w"].data_ptr()
+
+
 def test_prefetching_on_and_off_train_identically_also_across_a_mid_task_resume(tiny_cfg, tmp_path):
     """Issue 11: batches built ahead on a thread are the batches built on demand, and a checkpoint counts consumed
     batches (never prefetched ones), so a run resumed mid-task with prefetching equals one without it, bit for bit."""
