@@ -37,7 +37,6 @@ table (:func:`main`).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import glob
@@ -78,9 +77,9 @@ from fomo_ray.step_measure import (  # noqa: F401  (the measurement, re-exported
 log = logging.getLogger(__name__)
 
 FT_METHOD = "finetune"
-#: what a measurement means: bump when the measured step changes, so cached records of another step are remeasured
-MEASURE_VERSION = 3  # 2: the loop's own loss and the method's real extra_loss and state; 3: no pass larger than a
-# rank's batch (counted on fake tensors, or small real batches scaled), records say how (CostRecord.measured)
+#: bump when the measured step changes, so cached records of another step are remeasured (2: the loop's own loss and
+#: the method's state; 3: no pass larger than a rank's batch; 4: activation bytes under gradient checkpointing)
+MEASURE_VERSION = 4
 #: DESIGN §4: 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
 PAPER_TOTAL_FT_STEPS = 28_400
 TABLE_TASKS = (20, 50, 100, 200)
@@ -189,6 +188,7 @@ class CostRecord:
     torch_version: str = torch.__version__
     measured: str = ""          # "counted at b=512 (fake tensors)" | "scaled from b=1, 2" | "one step at b=8"
     batch_bytes: int = 0        # the part of peak_bytes that grows with the batch (saved activations; CPU count)
+    checkpointed_batch_bytes: int = 0  # batch_bytes under backbone.grad_checkpointing (CPU count; 0: not known)
 
     @property
     def step_gflops(self) -> float:
@@ -299,7 +299,8 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
     task = cost.task_passes * m.gflops + cost.task_flops_per_param * m.trainable_params / 1e9
     return CostRecord(**common, counted_gflops=m.gflops, elementwise_gflops=elementwise, peak_bytes=m.peak_bytes,
                       memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
-                      task_gflops=task, measured=how, batch_bytes=m.batch_bytes)
+                      task_gflops=task, measured=how, batch_bytes=m.batch_bytes,
+                      checkpointed_batch_bytes=m.checkpointed_bytes)
 
 
 def device_kind(device: str | torch.device) -> str:
@@ -421,37 +422,27 @@ class BackboneSpec:
 
 @functools.lru_cache(maxsize=32)  # its probe model costs seconds for real architectures; the spec only holds builders
 def backbone_spec(name: str, image_size: int | None = None) -> BackboneSpec:
-    """Fresh random-init copies of ``name`` (``fomo_ray.backbones`` when it exists, else open_clip directly)."""
-    try:
-        from fomo_ray import backbones
-    except ImportError:
-        backbones = None
+    """Fresh random-init copies of ``name`` (``fomo_ray.backbones``; open_clip directly at another image size)."""
     import open_clip
 
-    # measurement models are random by design (only shapes and FLOPs matter): open_clip's "No pretrained weights
-    # loaded ... initialized randomly" would be printed once per model built, i.e. per method measured
-    quiet = backbones.quiet_random_init if backbones is not None else contextlib.nullcontext
+    from fomo_ray import backbones
 
     def random_model(make: Callable[[], Any]) -> Callable[[], Any]:
         def build() -> Any:
-            with quiet():
+            # measurement models are random by design (only shapes and FLOPs matter): open_clip's "No pretrained
+            # weights loaded ... initialized randomly" would be printed once per model built, i.e. per method measured
+            with backbones.quiet_random_init():
                 return make()
         return build
 
-    if backbones is not None:
-        backbones.register_tiny_archs()
-        probe = random_model(lambda: backbones.create_backbone(name, pretrained=""))()
-        native, ctx = probe.image_size, probe.context_length
-        if image_size in (None, native):
-            return BackboneSpec(name, random_model(lambda: backbones.create_backbone(name, pretrained="").model),
-                                native, ctx)
-    if image_size is None:
-        make = random_model(lambda: open_clip.create_model(name, pretrained=None))
-        probe = make()
-        return BackboneSpec(name, make, probe.visual.image_size[0] if isinstance(probe.visual.image_size, tuple)
-                            else probe.visual.image_size, probe.context_length)
+    backbones.register_tiny_archs()
+    probe = random_model(lambda: backbones.create_backbone(name, pretrained=""))()
+    native, ctx = probe.image_size, probe.context_length
+    if image_size in (None, native):
+        return BackboneSpec(name, random_model(lambda: backbones.create_backbone(name, pretrained="").model),
+                            native, ctx)
     make = random_model(lambda: open_clip.create_model(name, pretrained=None, force_image_size=image_size))
-    return BackboneSpec(name, make, image_size, make().context_length)
+    return BackboneSpec(name, make, image_size, ctx)
 
 
 def _device(device: str | torch.device | None) -> torch.device:

@@ -208,17 +208,19 @@ def block_ledger(model: nn.Module) -> Iterator[BlockLedger]:
 
 
 def charge_memory_saving(r: Any, accum_steps: int = 1, grad_checkpointing: bool = False) -> Any:
-    """A budget record ``r`` (``budget.CostRecord``) as the step really runs with ``optimizer.accum_steps`` and ``backbone.grad_checkpointing``
-    (``memory_saving.step_cost``): accumulation adds one forward (the no-grad pass that caches every micro-batch's
-    features) and keeps the activations of one micro-batch; checkpointing adds the recomputed forward. The forward is
-    taken as a third of the counted forward + backward (a backward runs two matmuls per forward matmul). Checkpointing's
-    activation saving is not charged (the memory stays the plain step's, an upper bound), so a checkpointed method
-    never gets more steps than it can pay for."""
+    """A budget record ``r`` (``budget.CostRecord``) as the step really runs with ``optimizer.accum_steps`` and
+    ``backbone.grad_checkpointing`` (:func:`step_cost`): accumulation adds one forward (the no-grad pass that caches
+    every micro-batch's features) and keeps the activations of one micro-batch; checkpointing adds the recomputed
+    forward and keeps what :func:`block_ledger` counted alongside the plain step (``r.checkpointed_batch_bytes``).
+    The forward is taken as a third of the counted forward + backward (a backward runs two matmuls per forward
+    matmul). Where the record has no checkpointed count (a CUDA allocator peak) the plain step's memory stays, an
+    upper bound, so a checkpointed method never gets more steps than it can pay for."""
     if not r.trainable_params or (accum_steps == 1 and not grad_checkpointing):
         return r
     forward = r.counted_gflops / 3
+    ckpt_bytes = r.checkpointed_batch_bytes or r.batch_bytes
     cost = step_cost(forward, r.counted_gflops - forward, r.batch_bytes, accum_steps=accum_steps, rows=r.batch_size,
-                     grad_checkpointing=grad_checkpointing, checkpointed_bytes=r.batch_bytes)
+                     grad_checkpointing=grad_checkpointing, checkpointed_bytes=ckpt_bytes)
     peak = r.peak_bytes - r.batch_bytes + cost.activation_bytes if r.memory_kind == "cpu_analytic" else r.peak_bytes
     what = ", ".join(x for x in (f"{accum_steps} micro-batches" if accum_steps > 1 else "",
                                  "grad checkpointing" if grad_checkpointing else "") if x)

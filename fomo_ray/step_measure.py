@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from fomo_ray.memory_saving import block_ledger
+
 log = logging.getLogger(__name__)
 
 
@@ -64,6 +66,9 @@ class StepMeasure:
     state_bytes: int = 0
     batch_bytes: int = 0
     loss_input: tuple[int, str, tuple[bool, ...]] | None = None
+    #: ``batch_bytes`` as it would be with ``backbone.grad_checkpointing`` (``memory_saving.block_ledger`` over the
+    #: same count: saved outside the blocks + every block's input + one block's saved tensors); CPU only, 0 on CUDA
+    checkpointed_bytes: int = 0
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
@@ -141,14 +146,18 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
     alive: list[torch.Tensor] = []  # hold every saved tensor until the count is done: a freed storage's address
     # can be reused by a later tensor (seen with DoRA's dropped graph branches), which made the dedup undercount
     cuda = device.type == "cuda" and fake is None
+    # the model is measured without checkpointing; the ledger says what checkpointing would keep of the same count
+    ledger = contextlib.nullcontext(None) if cuda else block_ledger(model)
     loss_input: list[tuple[int, str, tuple[bool, ...]]] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not cuda:  # on CUDA the allocator's peak is the figure; holding tensors would inflate it
             alive.append(t)
         key = _storage_key(t)
-        if key not in counted_keys and t.device.type != "meta":
+        if key not in counted_keys and key not in saved and t.device.type != "meta":
             saved[key] = t.untyped_storage().nbytes()
+            if blocks is not None:
+                blocks.add(saved[key])
         return t
 
     def clip_loss(out) -> torch.Tensor:
@@ -163,7 +172,7 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
         torch.cuda.reset_peak_memory_stats(device)
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with fake if fake is not None else contextlib.nullcontext(), \
-            _CpuKernelDtypes() if fake is not None else contextlib.nullcontext():
+            _CpuKernelDtypes() if fake is not None else contextlib.nullcontext(), ledger as blocks:
         images, tokens = _clip_batch(batch_size, image_size, context_length, vocab, device)
         optimizer = torch.optim.AdamW(trainable, lr=1e-5) if fake is None else None
         with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
@@ -198,7 +207,8 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
     return StepMeasure(gflops=flops / 1e9, peak_bytes=peak, memory_kind=kind,
                        trainable_params=sum(p.numel() for p in trainable),
                        total_params=sum(p.numel() for p in model.parameters()), flops=flops, state_bytes=state,
-                       batch_bytes=batch, loss_input=loss_input[0] if loss_input else None)
+                       batch_bytes=batch, loss_input=loss_input[0] if loss_input else None,
+                       checkpointed_bytes=int(blocks.checkpointed_bytes()) if blocks is not None else 0)
 
 
 class _CpuKernelDtypes(TorchDispatchMode):
@@ -284,13 +294,17 @@ def scale_step(points: Mapping[int, StepMeasure], batch_size: int, device: str |
                               f"({m1.state_bytes} vs {m2.state_bytes} bytes)")
         batch = (_on_line(b1, m1.batch_bytes - loss[b1][1], b2, m2.batch_bytes - loss[b2][1], batch_size)
                  + loss[batch_size][1])
+        # the loss's saved tensors lie outside every block, so they are in the checkpointed figure too
+        ckpt = (_on_line(b1, m1.checkpointed_bytes - loss[b1][1], b2, m2.checkpointed_bytes - loss[b2][1],
+                         batch_size) + loss[batch_size][1])
         state, peak = m2.state_bytes, m2.state_bytes + batch
     else:
         batch = _on_line(b1, m1.batch_bytes, b2, m2.batch_bytes, batch_size)
+        ckpt = 0
         state = max(m1.state_bytes, m2.state_bytes)
         peak = max(state, batch)
     return dataclasses.replace(m2, gflops=flops / 1e9, flops=flops, peak_bytes=peak, state_bytes=state,
-                               batch_bytes=batch)
+                               batch_bytes=batch, checkpointed_bytes=ckpt)
 
 
 def fake_model(model: nn.Module) -> nn.Module:

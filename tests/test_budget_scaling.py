@@ -4,6 +4,7 @@ give exactly what one real step at the full batch gives (what the budget measure
 method; a spy checks that no measurement runs a real batch larger than a rank's."""
 from __future__ import annotations
 
+import logging
 
 import pytest
 import torch
@@ -18,7 +19,8 @@ TINY = {"embed_dim": 32,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
 BATCH = 16
-FIELDS = ("counted_gflops", "elementwise_gflops", "peak_bytes", "task_gflops", "trainable_params", "memory_kind")
+FIELDS = ("counted_gflops", "elementwise_gflops", "peak_bytes", "task_gflops", "trainable_params", "memory_kind",
+          "batch_bytes", "checkpointed_batch_bytes")
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +115,8 @@ def test_a_model_that_cannot_run_fake_is_measured_on_small_real_batches(spec, ca
 
     cost = B.MethodCost(lambda model: model, extra_loss=penalty)
     kw = dict(backbone=ARCH, batch_size=BATCH, image_size=32, context_length=16, rank_batch=4)
-    fell_back = B.measure_method("branchy", cost, spec.factory, engine="auto", **kw)
+    with caplog.at_level(logging.WARNING, logger="fomo_ray.budget"):
+        fell_back = B.measure_method("branchy", cost, spec.factory, engine="auto", **kw)
     assert fell_back.measured == "scaled from b=2, 4" and "cannot be counted on fake tensors" in caplog.text
     assert _figures(fell_back) == _figures(B.measure_method("branchy", cost, spec.factory, engine="direct", **kw))
 
