@@ -2,7 +2,6 @@
 registry for a tag, from a checkpoint's recorded meta, or from the user's declaration, and travels with saved bases
 and exports. No download: a local file stands in for open_clip's download of a tag."""
 import json
-import logging
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ from fomo_ray.backbones import (BackboneError, base_meta, create_backbone, read_
                                 resolve_quick_gelu, save_checkpoint)
 from fomo_ray.config import load_config
 
-logging.getLogger().setLevel(logging.ERROR)
 
 QUICK_GELU_TAGS = sorted((arch, tag) for arch, tags in _PRETRAINED.items() for tag, cfg in tags.items()
                          if cfg.get("quick_gelu"))

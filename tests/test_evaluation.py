@@ -1,7 +1,6 @@
 """Evaluation: recall@k / top-1 math on constructed inputs, subset drawing, and the Evaluator on a real (tiny) FFCV
 benchmark written by the project's BenchmarkWriter."""
 import dataclasses
-import logging
 
 import numpy as np
 import pytest
@@ -13,7 +12,6 @@ from fomo_ray.evaluation import (EvaluationError, Evaluator, chance_level, class
                                  class_balanced_subset, image_to_text_recall, retrieval_recalls, subset_size,
                                  text_to_image_recall, top1_accuracy)
 
-logging.getLogger().setLevel(logging.ERROR)
 
 # --------------------------------------------------------------------------------------------------- pure math
 # 3 images, 5 captions; caption j belongs to image OWNER[j].

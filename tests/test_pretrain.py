@@ -1,6 +1,5 @@
 """Base-model pretraining: recipe hashing, determinism, the checkpoint cache, and the real FiF-mini base."""
 import dataclasses
-import logging
 import re
 from pathlib import Path
 
@@ -15,7 +14,6 @@ from fomo_ray.inputs import PretrainConfig
 from fomo_ray.prep import pretrain
 from fomo_ray.prep.pretrain import PretrainError
 
-logging.getLogger().setLevel(logging.ERROR)
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = ("red", "green", "blue")
 RGB = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}
