@@ -18,14 +18,11 @@ import json
 import logging
 import math
 import shlex
-import os
-import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 from ray import tune
@@ -36,6 +33,7 @@ from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version, platform, platform_label
+from fomo_ray.ray_session import ensure_ray, guard_cluster
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
                                  SweepSpec, check_search, enumerated_trials, grid_points, point_label,
                                  identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
@@ -243,49 +241,6 @@ def train_concurrency(cfg: ExperimentConfig, cluster: Mapping[str, float]) -> in
     return max(1, min(fits)) if fits else 1
 
 
-def ensure_ray(cfg: ExperimentConfig, show_worker_logs: bool) -> bool:
-    """Start or join Ray (``ray.address``); True if this call started it (and must shut it down)."""
-    import ray
-
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Tune warns on every checkpoint of short trials that snapshotting "may become a bottleneck"; it is not here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # a failing trial prints one line (Progress: its reason and the path of its full log), not ~55 lines of Ray
-    # traceback per attempt; Tune's own banners and tables are replaced by Progress too
-    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    if ray.is_initialized():
-        return False
-    try:
-        with deferred_interrupt():
-            ray.init(address=cfg.ray.address or None, include_dashboard=False, log_to_driver=show_worker_logs,
-                     configure_logging=show_worker_logs)
-    except KeyboardInterrupt:
-        ray.shutdown()
-        raise
-    return True
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) that arrives inside the block, then raise it after the block.
-
-    Raised inside ``ray.init``, a KeyboardInterrupt can land in a fork handler or a finalizer, where Python only
-    prints "Exception ignored in ..." and goes on: the sweep then ran to completion. Held, it stops the sweep once
-    Ray has started (a few seconds later), and the driver shuts Ray down and exits as interrupted."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
-        yield
-        return
-    caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
-
-
 def _search_alg(spec: SweepSpec, seed: int, concurrency: int, starts: list[dict[str, Any]]) -> Any:
     """The searcher, seeded (sampled trials are reproducible) and limited to ``concurrency`` running trials. Grid
     and random searches start the enumerated configs in the order of ``starts`` (Tune's points to evaluate, one
@@ -328,6 +283,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     base = plan.base
     directory, resume = sweep_directory(Path(base.output_dir) / "sweeps", spec.name, if_exists)
     ensure_sweep_inputs(base, plan.space)  # bad input stops here: no sweep directory, parent run or trial
+    guard_cluster(base, plan.tracking_uri)  # --address: checkpoints and tracking every node can reach
     costs = estimate_plan(plan, device)
     slots = local_slots(base, plan.use_train)
     estimate = format_estimate(costs, slots, _source(device), spec.order)

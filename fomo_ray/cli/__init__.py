@@ -1,4 +1,4 @@
-"""The ``fomo-ray`` command: prepare / pretrain / run / sweep / report / score / budget / ui.
+"""The ``fomo-ray`` command: prepare / pretrain / run / sweep / report / score / budget / ui / export / tracking-server.
 
 One module per command in this package, and the only place with argparse: each subcommand forwards its remaining
 arguments to the ``main(argv)`` of ``fomo_ray.cli.<command>``, imported only when used, so the heavy libraries
@@ -20,12 +20,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "budget": ("fomo_ray.cli.budget:main", "Tab.4-style MAF compute-budget table for a backbone"),
     "ui": ("fomo_ray.cli.ui:main", "start the MLflow UI on 127.0.0.1 for the project's store"),
     "export": ("fomo_ray.cli.export:main", "write a run's deployed model in open_clip's format"),
+    "tracking-server": ("fomo_ray.cli.tracking_server:main", "a cluster's authenticated MLflow server (head node)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: fomo-ray [--version] <command> [args...]", "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<15} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'fomo-ray <command> --help' for a command's options."]
     return "\n".join(lines)
 

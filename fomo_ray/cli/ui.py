@@ -80,24 +80,26 @@ SERVER_ENV = {
 }
 
 
-def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s: float) -> int:
+def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s: float, host: str = HOST,
+          env: dict[str, str] | None = None, name: str = "fomo-ray ui") -> int:
     """Run the server in its own process group until SIGINT / SIGTERM (exit 0) or until it dies (exit 1)."""
-    env = {**os.environ, **SERVER_ENV}
+    env = {**os.environ, **SERVER_ENV, **(env or {})}
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     proc = None
     try:
         # its own session: a terminal's Ctrl-C reaches only this process, which then stops the whole group
         proc = subprocess.Popen(command, env=env, start_new_session=True)
-        base = f"http://{HOST}:{port}"
+        base = f"http://{host}:{port}"
         if not wait_until_serving(proc, base, startup_timeout_s):
             rc = proc.poll()
             why = (f"exited with code {rc} before it answered (see its output above)" if rc is not None
                    else f"did not answer within {startup_timeout_s:.0f} s")
-            print(f"fomo-ray ui: the MLflow server on {base} {why}", file=sys.stderr)
+            print(f"{name}: the MLflow server on {base} {why}", file=sys.stderr)
             return 1
-        print(f"MLflow UI for {uri} at {base}{path}  (Ctrl-C stops it)", flush=True)
+        print(f"MLflow {'UI' if name == 'fomo-ray ui' else 'tracking server'} for {uri} at {base}{path}  "
+              f"(Ctrl-C stops it)", flush=True)
         rc = proc.wait()
-        print(f"fomo-ray ui: the MLflow server exited with code {rc}", file=sys.stderr)
+        print(f"{name}: the MLflow server exited with code {rc}", file=sys.stderr)
         return rc or 1
     except (KeyboardInterrupt, Stopped):
         return 0
