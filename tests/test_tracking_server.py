@@ -76,14 +76,15 @@ def test_an_unauthenticated_request_is_refused(server):
 
 def test_a_run_with_the_credentials_logs_through_it(server, tmp_path, tmp_path_factory, monkeypatch):
     """A real run of the loop (tiny model, 2 tasks), its MLflow run on the server; read back with the credentials."""
-    from _data_util import small_fifmini
+    from _data_util import SCALE, small_fifmini
 
     import fomo_ray
     from fomo_ray.tracking import Tracker
 
     for key, value in ts.read_credentials(server["store"]).items():
         monkeypatch.setenv(key, value)
-    fomo_ray.run(overrides={"data.root": str(small_fifmini(tmp_path_factory)), "backbone.pretrained": "",
+    fomo_ray.run(overrides={"data.root": str(small_fifmini(tmp_path_factory).root), "data.scale": SCALE,
+                            "data.prepare_if_missing": False, "backbone.pretrained": "",
                             "stream.num_tasks": 2, "budget.total_ft_steps": 4, "budget.mode": "equal_steps",
                             "output_dir": str(tmp_path / "runs"), "tracking.uri": server["url"],
                             "tracking.experiment": "auth", "budget.cache_dir": str(tmp_path / "budget")})
