@@ -43,11 +43,15 @@ import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
 from fomo_ray.atomic import torch_save
+from fomo_ray.retry import ATTEMPTS, TransientError, with_backoff
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 TINY_ARCHS: tuple[str, ...] = ("fomo-tiny-s", "fomo-tiny-m", "fomo-tiny-l")  # increasing size
 DEFAULT_ARCH = "fomo-tiny-s"
@@ -56,6 +60,13 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 class BackboneError(ValueError):
     """An architecture name, pretrained tag or checkpoint file is invalid; the message names the culprit."""
+
+
+def fetch(call: Callable[[], T], what: str) -> T:
+    """``call()`` that may download (weights, a tokenizer), retried with back-off on network trouble
+    (``fomo_ray.retry``); offline (``HF_HUB_OFFLINE=1``) a failure is final at once."""
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return with_backoff(call, what, attempts=1 if offline else ATTEMPTS, log=log.warning)
 
 
 @dataclass
@@ -294,7 +305,10 @@ def tokenizer_for(name: str) -> tuple[Callable[..., torch.Tensor], int]:
     text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
     context_length = int(text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH))
     try:
-        return open_clip.get_tokenizer(name, context_length=context_length), context_length
+        return fetch(lambda: open_clip.get_tokenizer(name, context_length=context_length),
+                     f"the tokenizer of '{name}'"), context_length
+    except TransientError:
+        raise
     except Exception as e:  # noqa: BLE001 - HF tokenizers need the hub or a warm cache; name the model either way
         offline = " (HF_HUB_OFFLINE=1: Hugging Face tokenizers need a warm cache)" if os.environ.get(
             "HF_HUB_OFFLINE") == "1" else ""
@@ -406,8 +420,9 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
             raise BackboneError(
                 f"'{pretrained}' is neither a checkpoint file nor an open_clip pretrained tag of '{name}' "
                 f"(tags: {', '.join(tags) or 'none'})")
-        try:
-            model = open_clip.create_model(name, pretrained=pretrained, device="cpu", force_quick_gelu=qg)
+        try:  # a network hiccup is retried with back-off, then raised as TransientError (the trial is retried)
+            model = fetch(lambda: open_clip.create_model(name, pretrained=pretrained, device="cpu",
+                                                         force_quick_gelu=qg), f"open_clip weights '{name}/{pretrained}'")
         except RuntimeError as e:
             offline = os.environ.get("HF_HUB_OFFLINE") == "1"
             raise BackboneError(
@@ -422,7 +437,8 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
     context_length = int(model.context_length)
     return Backbone(
         model=model,
-        tokenizer=open_clip.get_tokenizer(name, context_length=context_length),
+        tokenizer=fetch(lambda: open_clip.get_tokenizer(name, context_length=context_length),
+                        f"the tokenizer of '{name}'"),
         name=name,
         image_size=int(size),
         mean=tuple(float(x) for x in pp["mean"]),
