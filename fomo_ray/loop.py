@@ -23,6 +23,7 @@ Ray/MLflow edge plugs in)::
             method.after_step(model, t, step, lr)                   -> hooks.on_step(t, step, loss, lr, grad_norm,
                                                                                     global_step)
             every cfg.ray.checkpoint_every_steps                    -> hooks.on_checkpoint(LoopState)
+            hooks.checkpoint_now()? (a preemption notice)           -> hooks.on_checkpoint(LoopState)
         method.after_task(model, t, TaskLosses(D_t))                # Fisher / Omega / merges
         buffer.add(D_t)
         with method.deployed_weights(t, model) swapped in:
@@ -53,8 +54,9 @@ the MLflow edge reads it off the training thread), and its finiteness is read on
 ``tracking.log_every_n_steps`` steps (:data:`FINITE_CHECK_STEPS` when that is 0), before every checkpoint and at
 the end of every task; a non-finite loss then fails the run naming the step that caused it, and neither a checkpoint
 nor an evaluation ever sees the weights it left. ``hooks.should_stop`` is asked between tasks only (a sweep's
-stopping rule decides at evaluation points; a preempted worker is restarted by Ray from its last checkpoint, not
-stopped through this hook), so training steps run no collective besides DDP's own.
+stopping rule decides at evaluation points); ``hooks.checkpoint_now`` (a preemption notice) at those finiteness
+reads, agreed across ranks, and answered by a mid-task checkpoint from which Ray restarts the preempted run. Where
+neither hook is set, training steps run no collective besides DDP's own.
 
 A resume may use another world size: the global batches do not depend on it. With W = 1 nothing of this runs and
 the loop is unchanged.
@@ -104,6 +106,9 @@ class RunHooks:
     # end of every task, every N steps: the LoopState on rank 0, a checkpoint.CheckpointMarker on the other ranks
     on_checkpoint: Callable[[LoopState | CheckpointMarker], None] | None = None
     should_stop: Callable[[], bool] | None = None  # cooperative early stopping (a sweep's rule), between tasks
+    # a checkpoint wanted now (a preemption notice: fomo_ray/preemptions.py); asked at each finiteness check, agreed
+    # across ranks, answered by a mid-task checkpoint
+    checkpoint_now: Callable[[], bool] | None = None
 
 
 # --------------------------------------------------------------------------------------------------- THE loop
@@ -162,9 +167,12 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
                 method.after_step(model, t, step, lr)
                 _emit(hooks.on_step, t, step, value, lr, norm, offset + step)
                 due = every and (step + 1) % every == 0 and step + 1 < task.steps and hooks.on_checkpoint
-                if due or (step + 1) % check == 0 or step + 1 == task.steps:  # never checkpoint/evaluate a NaN
+                checking = (step + 1) % check == 0 or step + 1 == task.steps
+                if due or checking:  # never checkpoint/evaluate a NaN
                     check_finite(pending, step + 1 - len(pending), t, method.name)
                     pending.clear()
+                if checking and step + 1 < task.steps and hooks.on_checkpoint and _checkpoint_now(hooks, run):
+                    due = True  # a preemption notice: keep the steps so far (the resumed run continues from here)
                 if due:
                     hooks.on_checkpoint(take_snapshot(run, t, step + 1, opt, scaler, results))
 
@@ -244,6 +252,11 @@ def check_finite(losses: list[torch.Tensor], first_step: int, t: int, method: st
     if bool(bad.any()):
         i = int(bad.int().argmax())
         raise TrainingDiverged(t, first_step + i, float(values[i]), method)
+
+
+def _checkpoint_now(hooks: RunHooks, run: Run) -> bool:
+    # agreed like _should_stop: every rank takes (and reports) the same checkpoint
+    return distributed.any_rank(bool(hooks.checkpoint_now and hooks.checkpoint_now()), run.device)
 
 
 def _should_stop(hooks: RunHooks, run: Run) -> bool:

@@ -109,7 +109,8 @@ class Session(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None: ...
 
-    # optional: ``report_in_background(metrics, checkpoint_dir, name, write, future, delete_after)`` reports a
+    # optional: ``preempting() -> bool``, whether this worker's node is being preempted (a notice, checked at the
+    # loop's finiteness reads); ``report_in_background(metrics, checkpoint_dir, name, write, future, delete_after)`` reports a
     # checkpoint whose files ``write`` fills later, off the training thread (:meth:`TrainSession.report_in_background`);
     # a host without it gets the files written before ``report``
 
@@ -163,6 +164,7 @@ class _Bridge:
         self.trajectory: list[float] = []  # the stopping rule's metric at every evaluation point so far
         self.stop_reason = ""  # the board's answer at the newest point ("" = go on); rank 0 asks, the loop agrees
         self.stopped = False   # the loop left early because of it
+        self.noticed = False   # a preemption notice was answered by a checkpoint
         if tracker is not None and p.cfg.tracking.log_every_n_steps > 0:
             from fomo_ray.tracking import StepLogger
 
@@ -215,6 +217,15 @@ class _Bridge:
 
             self.stop_reason = stop_board.ask(self.p.stop_board, self.p.run_name, point,
                                               trajectory_mean(self.trajectory))
+
+    def checkpoint_now(self) -> bool:
+        """True once per preemption notice (the session's ``preempting()``): the loop checkpoints at once, so the run
+        restarted elsewhere loses only the steps since (``fomo_ray/preemptions.py``)."""
+        if self.noticed or not self.session.preempting():
+            return False
+        self.noticed = True
+        warn(self.p.run_name, "its node is being preempted: taking a checkpoint now")
+        return True
 
     def should_stop(self) -> bool:
         if self.stop_reason:
@@ -375,7 +386,8 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         bridge.seed_trajectory(resume.results)
     hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
                           on_step=bridge.on_step if bridge.steps is not None else None,
-                          should_stop=bridge.should_stop if p.stopping else None)
+                          should_stop=bridge.should_stop if p.stopping else None,
+                          checkpoint_now=bridge.checkpoint_now if hasattr(session, "preempting") else None)
     try:
         results = loop.run_stream(p.cfg, hooks=hooks, resume=resume)
     except loop.TrainingDiverged as e:
@@ -434,6 +446,11 @@ class TrainSession:
         import ray.train
 
         return ray.train.get_checkpoint()
+
+    def preempting(self) -> bool:
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None  # Ray Train's watcher marks every worker
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None, name: str | None) -> None:
         import ray.train
@@ -529,6 +546,23 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
         raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}",
                           [] if evals is None else [r.dropna().to_dict() for _, r in evals.iterrows()])
     return TrainOutcome(metrics, result.checkpoint.path if result.checkpoint else None, str(result.path))
+
+
+def preemption_counter(storage: str, trial_id: str) -> Any:
+    """A Ray Train callback (it runs on the run's controller): a worker group that failed because a node was
+    preempted adds one to the trial's preemption count (``preemptions.add``). Train restarts such a group under
+    ``max_preemption_failures``, never charging ``ray.max_failures``."""
+    from ray.train import UserCallback
+
+    from fomo_ray import preemptions
+
+    class CountPreemptions(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            ranks = sorted(r for r, e in worker_exceptions.items() if getattr(e, "preempted", False))
+            if ranks:
+                preemptions.add(storage, trial_id, f"Train workers {ranks} lost to a preempted node")
+
+    return CountPreemptions()
 
 
 def train_storage(storage_root: str | Path) -> str:

@@ -21,8 +21,10 @@ from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 class Progress(tune.Callback):
     """One line per evaluation point and per finished trial (Tune's own status tables are switched off)."""
 
-    def __init__(self, total: int, points: int, out: Any = None, attempts: int = 0) -> None:
+    def __init__(self, total: int, points: int, out: Any = None, attempts: int = 0,
+                 preempted: Preemptions | None = None) -> None:
         self.total, self.points, self.out, self.t0, self.attempts = total, points, out, time.time(), attempts
+        self.preempted = preempted  # placed before this callback: it has classified a restart when we print it
 
     def _line(self, text: str) -> None:
         el = int(time.time() - self.t0)
@@ -54,6 +56,10 @@ class Progress(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         reason, log = trial_error(trial)
+        if trial.trial_id in (self.preempted.just if self.preempted else ()):
+            self._line(f"preempt {trial}  its node was preempted: restarting from its latest checkpoint (not a "
+                       f"failure; full log: {log})")
+            return
         of = f" of {self.attempts}" if self.attempts else ""
         self._line(f"retry  {trial}  {reason}  (attempt {trial.num_failures + 1}{of}; full log: {log})")
 
@@ -155,3 +161,27 @@ def _forward(hook: str) -> Any:
 
 for _hook in _HOOKS:
     setattr(DriverCallbacks, _hook, _forward(_hook))
+
+
+class Preemptions(tune.Callback):
+    """Counts a trial's restarts that Tune did not charge to ``max_failures``: its actor died because its node was
+    preempted or drained (Ray marks such a death ``preempted``, and Tune retries it for free). Each adds one to the
+    trial's count under the sweep's storage (``preemptions.add``)."""
+
+    def __init__(self, storage: str) -> None:
+        self.storage = storage
+        self.failures: dict[str, int] = {}  # trial id -> the failures Tune charged, as last seen
+        self.just: set[str] = set()  # trials whose newest restart was a preemption
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.failures.setdefault(trial.trial_id, trial.run_metadata.num_failures)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        charged = trial.run_metadata.num_failures
+        self.just.discard(trial.trial_id)
+        if charged == self.failures.get(trial.trial_id, charged - 1):  # not charged: a preemption
+            from fomo_ray import preemptions
+
+            preemptions.add(self.storage, trial.trial_id, "trial actor lost to a preempted node")
+            self.just.add(trial.trial_id)
+        self.failures[trial.trial_id] = charged

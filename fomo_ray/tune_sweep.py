@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Sequence
 import pandas as pd
 from ray import tune
 
-from fomo_ray import trial_cache, trial_report
+from fomo_ray import preemptions, trial_cache, trial_report
 from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
@@ -41,7 +41,7 @@ from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, D
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, with_estimates)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
-from fomo_ray.tune_callbacks import DriverCallbacks, Progress, QuietPending, QuietTune, StopAfter
+from fomo_ray.tune_callbacks import DriverCallbacks, Preemptions, Progress, QuietPending, QuietTune, StopAfter
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
 ESTIMATE_FILE = "estimate.csv"  # the cost estimate made before launch, one row per trial
@@ -107,7 +107,15 @@ class TuneSession:
     rank, world_size = 0, 1
 
     def __init__(self) -> None:
+        import ray
+
+        from fomo_ray.preemptions import DrainWatch
+
         self.evals: list[dict[str, Any]] = []
+        self.drain = DrainWatch(ray.get_runtime_context().get_node_id())  # this node's preemption notice
+
+    def preempting(self) -> bool:
+        return self.drain.notice()
 
     def get_checkpoint(self) -> Any:
         return tune.get_checkpoint()
@@ -177,8 +185,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if setup.use_train:
             from ray.tune.integration.ray_train import TuneReportCallback
 
-            last = ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root,
-                                           callbacks=[TuneReportCallback()]).metrics
+            last = ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root, callbacks=[
+                TuneReportCallback(), ray_train.preemption_counter(setup.storage, trial_id)]).metrics
         else:
             ray_train.set_threads(cfg.ray.cpus_per_worker)
             last = ray_train.continual_run(payload, session)
@@ -198,6 +206,10 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if tracker is not None:
             tracker.finish(run_id, failure=f"{type(e).__name__}: {e}")
         raise
+    finally:
+        session.drain.close()
+        if tracker is not None:  # how often Ray restarted it after a preemption, failures apart
+            tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
     if tracker is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
         tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
@@ -319,7 +331,9 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     starts = [enumerated[i] for i in cost_order(costs, spec.order)]
     history = _stopping_history(directory, spec) if resume else {}
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
-    cbs = list(callbacks) + ([Progress(plan.total, base.stream.num_tasks, attempts=attempts)] if progress else [])
+    counter = Preemptions(state["storage"])
+    cbs = list(callbacks) + [counter] + (
+        [Progress(plan.total, base.stream.num_tasks, attempts=attempts, preempted=counter)] if progress else [])
     if stop_after_trials:
         cbs.append(StopAfter(stop_after_trials))
     try:  # from the line that says the sweep starts: a Ctrl-C after it ends the sweep as interrupted (resumable)
@@ -332,6 +346,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         grid = []
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     results, tidy, trials = collect_results(grid, plan.space)
+    trials = preemptions.with_counts(trials, state["storage"])
     trials = with_estimates(trials, costs, plan)
     if origin:
         run_ids = {r.info.run_name: r.info.run_id for r in tracker.children(state["parent_run_id"])} \

@@ -429,3 +429,18 @@ def test_the_tidy_table_names_the_zero_shot_prompts(tiny_cfg):
     assert set(df.loc[df["metric"] == "top1", "prompts"]) == {"simple_imagenet"}
     assert set(df.loc[df["metric"].str.startswith("R@"), "prompts"]) == {"captions"}
     assert set(run_stream(tiny_cfg()).loc[lambda d: d["metric"] == "top1", "prompts"]) == {"primer"}
+
+
+def test_a_preemption_notice_makes_the_loop_checkpoint_mid_task(tiny_cfg):
+    """``RunHooks.checkpoint_now`` is asked at each finiteness read; a True answer becomes a mid-task checkpoint
+    (no scheduled one here: ``ray.checkpoint_every_steps`` = 0), so a preempted run resumes from there."""
+    cfg = tiny_cfg(**{"ray.checkpoint_every_steps": 0, "tracking.log_every_n_steps": 2, "budget.total_ft_steps": 12})
+    asked, states = [], []
+
+    def checkpoint_now():
+        asked.append(1)
+        return len(asked) == 2  # the notice arrives before the second read
+
+    run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append, checkpoint_now=checkpoint_now))
+    assert [(s.task, s.step) for s in states] == [(0, 4), (1, 0), (2, 0)]
+    assert states[0].optimizer is not None  # mid-task: AdamW continues after the resume

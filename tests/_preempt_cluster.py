@@ -1,0 +1,136 @@
+"""The spot-preemption scenario of tests/test_preemption.py, in a process of its own (Ray's token authentication
+must be set before ``ray`` is imported). A head with no CPU for trials and a one-CPU node 2 on this machine; a
+one-trial sweep (``ray.max_failures=0``: a single charged failure would end it) runs on node 2. Once the trial's
+task-0 checkpoint exists, node 2 is reclaimed as a spot instance is: the GCS drains it for a preemption with a
+deadline (what the autoscaler does on a provider's notice), a one-CPU node 3 joins, and at the deadline every process
+of node 2 is killed. Writes
+what happened to ``OUT/summary.json``; stops every node it started, by PID.
+
+    python tests/_preempt_cluster.py OUT FIFMINI_ROOT FIFMINI_SCALE
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
+DRAIN_S = 20  # the notice (a spot reclaim gives 30 s on GCP, 2 min on AWS)
+
+
+def _helpers():
+    spec = importlib.util.spec_from_file_location("two_node_cluster", REPO / "bench" / "two_node_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _worker(helpers, port: int, temp_dir: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    return subprocess.Popen([helpers.RAY, "start", "--block", "--disable-usage-stats", "--address",
+                             f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", temp_dir],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _drain(node_id: str, deadline_s: float) -> bool:
+    """Ask the GCS to drain ``node_id`` for a preemption (what a cloud provider's notice makes Ray's autoscaler
+    do), with a deadline ``deadline_s`` from now."""
+    import ray
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._private.worker.global_worker.gcs_client
+    accepted, _ = gcs.drain_node(node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                                 "spot instance reclaimed", int(time.time() * 1000 + deadline_s * 1000))
+    return bool(accepted)
+
+
+def _reclaim_when_checkpointed(storage: Path, node_id: str, sid: int, helpers, start_node3, done: threading.Event,
+                               log: dict) -> None:
+    """Once the trial's first (task-0) checkpoint is persisted: drain node 2 (preemption, DRAIN_S seconds of
+    notice), bring node 3 up, and at the deadline kill every process of node 2 (the instance is gone)."""
+    while not done.is_set():
+        if list(storage.glob("sweeps/*/tune/*/checkpoint_000000")):
+            log["drain_accepted"] = _drain(node_id, DRAIN_S)
+            log["drained_at"] = time.time()
+            log["node3"] = start_node3()
+            done.wait(DRAIN_S)
+            pids = helpers.session_pids(sid)
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            log["killed_pids"], log["killed_at"] = len(pids), time.time()
+            return
+        time.sleep(0.2)
+
+
+def main(out: Path, data_root: str, scale: float) -> dict:
+    helpers = _helpers()
+    import ray
+
+    from fomo_ray.sweep_spec import spec_from_dict
+    from fomo_ray.tracking import Tracker, default_uri
+    from fomo_ray.tune_sweep import run_sweep
+
+    port, temp_dir = helpers.free_port(), tempfile.mkdtemp(prefix="frp_", dir="/tmp")
+    nodes = [helpers.start_node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
+                                 "--temp-dir", temp_dir, "--include-dashboard=false"], out / "head.log")]
+    summary: dict = {}
+    done, log = threading.Event(), {}
+    try:
+        helpers.wait_for_port(port, 60)
+        nodes.append(_worker(helpers, port, temp_dir, out / "node2.log"))
+        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        helpers.wait_for_nodes(2, 90)
+        summary["node2"] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")][0]
+
+        def start_node3() -> int:
+            nodes.append(_worker(helpers, port, temp_dir, out / "node3.log"))
+            return nodes[-1].pid
+
+        storage = out / "storage"
+        threading.Thread(target=_reclaim_when_checkpointed, daemon=True,
+                         args=(storage, summary["node2"], nodes[1].pid, helpers, start_node3, done, log)).start()
+        spec = spec_from_dict({"name": "spot", "base": {
+            "output_dir": str(out / "runs"), "data.root": data_root, "data.scale": scale,
+            "backbone.pretrained": "", "stream.num_tasks": 3, "budget.mode": "equal_steps",
+            "budget.total_ft_steps": 1200, "mixture.batch_size": 16, "evaluation.subset_min": 20,
+            "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
+            "ray.storage_path": str(storage), "ray.max_failures": 0, "ray.checkpoint_every_steps": 0,
+            "tracking.log_every_n_steps": 2, "tracking.experiment": "spot"}, "space": {"seed": {"grid": [0]}}})
+        res = run_sweep(spec, progress=True)
+        done.set()
+        summary["trials"] = res.trials.to_dict("records")
+        tracker = Tracker(default_uri(out / "runs"), "spot")
+        (child,) = tracker.children(res.parent_run_id)
+        summary["tags"] = dict(child.data.tags)
+        summary["status"] = child.info.status
+        reports = [json.loads(line) for f in storage.glob("sweeps/*/tune/*/result.json")
+                   for line in f.read_text().splitlines() if line.strip()]
+        summary["checkpoints"] = [(r["task"], r["step"]) for r in reports if r.get("kind") == "checkpoint"]
+        summary["reclaim"] = log
+    finally:
+        done.set()
+        if ray.is_initialized():
+            ray.shutdown()
+        summary["needed_sigkill"] = helpers.stop_nodes(list(reversed(nodes)))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    return summary
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1])
+    result = main(out, sys.argv[2], float(sys.argv[3]))
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
