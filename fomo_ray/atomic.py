@@ -1,7 +1,9 @@
 """Atomic file writes: write to a temp name in the target directory, then rename.
 
 A reader (or a crashed run's successor) therefore never sees a half-written file under the final name: partial
-outputs never look complete.
+outputs never look complete. The final file gets the mode a plain ``open(path, "w")`` would give it (0666 less the
+umask): ``mkstemp`` creates 0600, which the rename would keep, and colleagues on a shared disk could not read the
+results.
 """
 from __future__ import annotations
 
@@ -13,6 +15,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` can only be read by setting it, which would
+    race with other threads creating files); where /proc is missing, read by setting it back at once."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success it is renamed to ``path``, on error removed."""
@@ -22,6 +35,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -55,8 +69,10 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, sor
 
 
 def torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_path`, byte-identical for identical objects: given a file name, torch
+    names the zip's records after it (here the random temp name); given a file object, always "archive"."""
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
