@@ -18,7 +18,7 @@ from torch import nn
 
 from fomo_ray import distributed
 from fomo_ray.config import ExperimentConfig
-from fomo_ray.inputs import FIFMINI_NAME, InputsMissing, auto_base_path, fifmini_generator_info
+from fomo_ray.inputs import FIFMINI_NAME, InputsMissing, PreparedByRun, auto_base_path, fifmini_generator_info
 from fomo_ray.memory_saving import check_accumulation, enable_grad_checkpointing
 from fomo_ray.methods import Method, build_method
 from fomo_ray.methods.base import TaskPlan
@@ -135,7 +135,7 @@ def open_data(cfg: ExperimentConfig) -> Any:
     root = Path(cfg.data.root)
     if cfg.data.benchmark == "fifmini" and cfg.data.prepare_if_missing:
         if not (root / MANIFEST).is_file():
-            raise InputsMissing(f"no FiF-mini benchmark at {root} (config key 'data.root'); {_prepare_hint(cfg)}")
+            raise PreparedByRun(f"no FiF-mini benchmark at {root} (config key 'data.root'); {_prepare_hint(cfg)}")
         bench = open_benchmark(root)
         want = fifmini_generator_info(cfg.data.generator_seed, cfg.data.image_size, cfg.data.scale)
         if bench.manifest.get("generator") != want:
@@ -224,7 +224,7 @@ def resolve_pretrained(cfg: ExperimentConfig, bench: Any) -> str:
     arch = cfg.backbone.name
     path = auto_base_path(arch, bench)
     if not path.is_file():
-        raise InputsMissing(f"no pretrained {arch} base for {bench.root} at {path} (backbone.pretrained=auto); "
+        raise PreparedByRun(f"no pretrained {arch} base for {bench.root} at {path} (backbone.pretrained=auto); "
                             f"`fomo-ray pretrain --arch {arch} data.root={bench.root}` trains it "
                             f"(`fomo-ray run` and sweeps do so automatically)")
     return str(path)
@@ -326,6 +326,6 @@ def _check_tokens(cfg: ExperimentConfig, key: str, *benches: Any) -> None:
 
     for b in benches:
         if not has_tokens(b, key):
-            raise InputsMissing(f"benchmark {b.root} has no token ids for the tokenizer of {cfg.backbone.name} "
+            raise PreparedByRun(f"benchmark {b.root} has no token ids for the tokenizer of {cfg.backbone.name} "
                                 f"('{key}'; older fomo_ray versions did not write them); add them with: "
                                 f"{upgrade_command(b.root, cfg.backbone.name)}")

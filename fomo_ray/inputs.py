@@ -25,6 +25,11 @@ class InputsMissing(DataError):
     """A run's benchmark or base checkpoint is missing or stale; the message names it and the command to prepare it."""
 
 
+class PreparedByRun(InputsMissing):
+    """Missing, and what ``fomo-ray run`` or a sweep prepares before it starts (FiF-mini, caption token ids, the
+    tiny base): a dry run reports it instead of refusing the config."""
+
+
 def fifmini_generator_info(seed: int, image_size: int, scale: float) -> dict:
     """What a FiF-mini build records in its manifest (``generator``): its content is a pure function of this."""
     return {"name": FIFMINI_NAME, "version": FIFMINI_GENERATOR_VERSION, "seed": int(seed),

@@ -34,8 +34,9 @@ from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, e
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.provenance import code_version, platform, platform_label
 from fomo_ray.ray_session import ensure_ray, guard_cluster
+from fomo_ray.sweep_inputs import ensure_sweep_inputs
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
-                                 SweepSpec, check_search, enumerated_trials, grid_points, point_label,
+                                 SweepSpec, check_search, enumerated_trials, point_label,
                                  identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
                                  trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
@@ -533,39 +534,3 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------- inputs
-def ensure_trial_inputs(cfg: ExperimentConfig) -> None:
-    """Build what a trial would otherwise wait for: its benchmark and base checkpoint (``fomo_ray.prep``) and, for
-    CPU trials, the budget's cached MAF measurement -- once, in the driver, so concurrent trials never race to
-    build them. (GPU trials measure on their GPU: the budget cache is per device.)"""
-    from fomo_ray import prep
-    from fomo_ray.assembly import check_inputs
-    from fomo_ray.budget import steps_per_task
-    from fomo_ray.methods import build_method
-
-    prep.ensure_inputs(cfg)
-    check_inputs(cfg)
-    if cfg.ray.gpus_per_worker == 0:
-        method = build_method(cfg)
-        steps_per_task(cfg, method.cost_as or method.name, cfg.stream.num_tasks, device="cpu")
-
-
-INPUT_KEYS = ("data.", "stream.", "backbone.", "budget.", "method.name", "mixture.batch_size")
-
-
-def ensure_sweep_inputs(base: ExperimentConfig, space: Mapping[str, Dim]) -> None:
-    """:func:`ensure_trial_inputs` once per distinct input combination among the sweep's trial configs: a bad input
-    (a stream file, a checkpoint, a data root) stops the sweep before any trial starts, with a ``SweepError`` that
-    names the trial and the culprit."""
-    seen = set()
-    for combo in grid_points(space) or [{}]:
-        cfg = base.replace(trial_overrides(combo, space))
-        key = tuple(sorted((k, str(v)) for k, v in cfg.flat().items() if k.startswith(INPUT_KEYS)))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            ensure_trial_inputs(cfg)
-        except ValueError as e:  # ConfigError, DataError, InputsMissing, BackboneError, BudgetError, ...
-            label = trial_label(combo, space) if combo else "every trial"
-            raise SweepError(f"trial {label}: {type(e).__name__}: {e} (checked before launch; no trial started)"
-                             ) from e

@@ -24,10 +24,11 @@ TIME_TARGET_S = 60     # issue 27: under a minute (reported, not asserted: a sha
 
 
 def test_the_paper_methods_sweep_dry_runs_on_a_cpu_driver_in_bounded_memory(tmp_path):
-    """``fomo-ray sweep sweep_methods.yaml --dry-run --preset paper --device-tflops 989 --mfu 0.4``: every trial's
-    budget is counted at b = 512 on fake tensors (no 40 GB step), nothing is written, the child's peak RSS stays
-    under 4 GB. (Its wall time, ~40 s on an idle 2-core machine, is printed; bench/ holds speed targets.)"""
-    argv = [str(REPO / "experiments" / "configs" / "sweep_methods.yaml"), "--dry-run", "--preset", "paper",
+    """``fomo-ray sweep sweep_methods.yaml --dry-run --no-input-check --preset paper --device-tflops 989 --mfu 0.4``
+    (no FiF data here): every trial's budget is counted at b = 512 on fake tensors (no 40 GB step), nothing is
+    written, the child's peak RSS stays under 4 GB. (Its wall time, ~40 s on an idle 2-core machine, is printed; bench/ holds speed targets.)"""
+    argv = [str(REPO / "experiments" / "configs" / "sweep_methods.yaml"), "--dry-run", "--no-input-check",
+            "--preset", "paper",
             "--device-tflops", "989", "--mfu", "0.4", "--no-mlflow", "--data-root", str(tmp_path / "no_fif"),
             f"budget.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'runs'}"]
     # The child prints its own VmHWM: wait4's ru_maxrss would also count the pytest parent's peak, which a vfork'd

@@ -134,10 +134,12 @@ def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path):
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("mode", ["sweep", "dry run"])
 @pytest.mark.parametrize("case", ["stream file", "checkpoint", "data root"])
-def test_bad_inputs_are_refused_before_launch_naming_trial_and_culprit(case, tmp_path, tmp_path_factory):
+def test_bad_inputs_are_refused_before_launch_naming_trial_and_culprit(case, mode, tmp_path, tmp_path_factory,
+                                                                       capsys):
     """A bad stream file, base checkpoint or data root of any trial stops the sweep before Ray starts or anything
-    is written, naming the trial and the file."""
+    is written, naming the trial and the file; a dry run makes the same check and refuses in the same line."""
     import ray
     import torch
 
@@ -162,11 +164,20 @@ def test_bad_inputs_are_refused_before_launch_naming_trial_and_culprit(case, tmp
         culprit = tmp_path / "no_such_fif"
         base.update({"data.benchmark": "fif", "data.root": str(culprit)})
         match = ["DataError", str(culprit)]
-    with pytest.raises(SweepError) as err:
-        sweep.run_sweep(spec_from_dict({"name": "s", "base": base, "space": space}))
-    assert all(__import__("re").search(m, str(err.value)) for m in match), str(err.value)
-    assert "no trial started" in str(err.value)
+    if mode == "dry run":
+        spec_file = tmp_path / "s.yaml"
+        spec_file.write_text(json.dumps({"name": "s", "base": base, "space": space}))
+        assert sweep_cli.main([str(spec_file), "--dry-run", "--no-mlflow"]) == 2
+        text = capsys.readouterr().err.strip()
+        assert len(text.splitlines()) == 1 and not (tmp_path / "budget").exists()
+    else:
+        with pytest.raises(SweepError) as err:
+            sweep.run_sweep(spec_from_dict({"name": "s", "base": base, "space": space}))
+        text = str(err.value)
+    assert all(__import__("re").search(m, text) for m in match), text
+    assert "no trial started" in text
     assert not ray.is_initialized() and not (tmp_path / "out" / "sweeps").exists()
+    assert mode == "sweep" or not (tmp_path / "out").exists()  # a dry run writes nothing at all
 
 
 # --------------------------------------------------------------------------------------------------- directories
@@ -565,15 +576,16 @@ def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, tmp_path_factory):
 
 @pytest.mark.parametrize("path", sorted((REPO / "cluster").glob("*.yaml")), ids=lambda p: p.stem)
 def test_cluster_launcher_configs_validate_against_rays_schema(path):
-    """cluster/*.yaml pass Ray 2.60's own cluster-launcher validation (defaults filled as `ray up` does), start an
-    MLflow server on the head and mount shared storage on every node."""
+    """cluster/*.yaml pass Ray 2.60's own cluster-launcher validation (defaults filled as `ray up` does), start the
+    authenticated tracking server on the head's own address and disk, and mount shared storage on every node."""
     import yaml
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     raw = yaml.safe_load(path.read_text())
     validate_config(prepare_config(raw))
     head = " ".join(raw["head_start_ray_commands"])
-    assert "mlflow server" in head and "--workers" in head and "ray start --head" in head
+    assert "fomo-ray tracking-server --host $(hostname -I" in head and "ray start --head" in head
+    assert "0.0.0.0" not in head and "sqlite:////mnt/shared" not in head  # SQLite on the head's disk, not NFS
     assert any("/mnt/shared" in c for c in raw["setup_commands"])
     assert raw["available_node_types"][raw["head_node_type"]]["resources"] == {"CPU": 0}
 

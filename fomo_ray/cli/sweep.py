@@ -70,7 +70,10 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ex.add_argument("--fresh", action="store_true", help="start a new directory even if an interrupted one exists")
     ex.add_argument("--resume", action="store_true", help="require an interrupted sweep to resume")
     g.add_argument("--dry-run", action="store_true",
-                   help="validate, list the trials and print their cost estimate; start nothing, write nothing")
+                   help="validate the configs and inputs as a real sweep does before launch, list the trials and "
+                        "print their cost estimate; start nothing, write nothing")
+    g.add_argument("--no-input-check", action="store_true",
+                   help="with --dry-run: skip the input check (the cost estimate before the data is downloaded)")
     g.add_argument("--order", choices=["cost", "fifo"],
                    help="start order: longest trial first by estimated cost (default), or the grid's order")
     g.add_argument("--seeds", type=int, metavar="N",
@@ -115,18 +118,26 @@ def declared_device(args: argparse.Namespace) -> Any:
     return None if tflops is None else DeclaredDevice(tflops, mfu)
 
 
-def print_dry_run(spec: SweepSpec, device: Any = None) -> None:
-    """Validate every trial (no Ray) and the tracking store, list the trials (the enumerated ones by label, the
-    sampled dimensions by range) and print the cost estimate. Nothing is written: measurements it needs are made
-    and not cached."""
+def print_dry_run(spec: SweepSpec, device: Any = None, check_inputs: bool = True) -> None:
+    """Validate every trial (no Ray), its inputs (the check a real sweep makes before launch; what the real sweep
+    would prepare is listed) and the tracking store, list the trials (the enumerated ones by label, the sampled
+    dimensions by range) and print the cost estimate. Nothing is written: measurements it needs are made and not
+    cached."""
     plan = plan_sweep(spec)
     if plan.base.tracking.enabled:
         from fomo_ray.tracking import check_reachable, resolve_uri
 
         # an unreachable URI fails the dry run too, but nothing is created (no database, no folder)
         check_reachable(resolve_uri(plan.base.tracking.uri, plan.base.output_dir), create=False)
+    from fomo_ray.sweep_inputs import ensure_sweep_inputs
+
+    # what a real sweep checks before launch
+    prepared = ensure_sweep_inputs(plan.base, plan.space, build=False) if check_inputs else []
     print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
-          f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs valid")
+          f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs "
+          f"{'and inputs valid' if check_inputs else 'valid (inputs not checked: --no-input-check)'}")
+    for line in prepared:
+        print(f"  to be prepared by the real sweep: {line}")
     space = plan.space  # the spec's space plus the seeds dimension (seeds > 1)
     fixed = enumerated_dims(space)
     for combo in grid_points(fixed):
@@ -156,7 +167,7 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         spec = spec_from_args(args.sweep, args)
         device = declared_device(args)
         if args.dry_run:
-            print_dry_run(spec, device)
+            print_dry_run(spec, device, check_inputs=not args.no_input_check)
             return 0
         from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
 
