@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fomo_ray import distributed
-from fomo_ray.config import ExperimentConfig
+from fomo_ray.config import ConfigError, ExperimentConfig
 from fomo_ray.inputs import FIFMINI_NAME, InputsMissing, PreparedByRun, auto_base_path, fifmini_generator_info
 from fomo_ray.memory_saving import check_accumulation, enable_grad_checkpointing
 from fomo_ray.methods import Method, build_method
@@ -286,6 +286,18 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     token_key = stored_tokens(cfg, backbone, bench, pool_bench)
     return Run(cfg, run_name(cfg), device, bench, backbone, model, method, plan, pool_bench, pool_rows, evaluator,
                buffer, token_key)
+
+
+def check_named_files(cfg: ExperimentConfig) -> None:
+    """The files a config names exist (``stream.file``; a checkpoint path in ``backbone.pretrained``): checked before
+    anything is prepared, so a typo is refused at once rather than after FiF-mini or a base was built for it."""
+    from fomo_ray.backbones import BackboneError, is_checkpoint_path
+
+    if cfg.stream.file and not Path(cfg.stream.file).is_file():
+        raise ConfigError(f"config key 'stream.file': no such file: {cfg.stream.file}")
+    p = cfg.backbone.pretrained
+    if p and p != "auto" and is_checkpoint_path(p) and not Path(p).is_file():
+        raise BackboneError(f"checkpoint file not found: {p} (config key 'backbone.pretrained')")
 
 
 def check_inputs(cfg: ExperimentConfig) -> None:

@@ -122,8 +122,12 @@ def load_state(directory: str | Path) -> LoopState:
     path = Path(directory) / LOOP_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no loop state at {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.pop("format", None) != STATE_FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - truncated, garbage or foreign pickles all mean: not a loop state
+        first = (str(e).strip().splitlines() or [""])[0][:160]  # torch's unpickler explains over several lines
+        raise ValueError(f"{path} is not a readable {STATE_FORMAT} file ({type(e).__name__}: {first})") from e
+    if not isinstance(payload, dict) or payload.pop("format", None) != STATE_FORMAT:
         raise ValueError(f"{path} is not a {STATE_FORMAT} file")
     return LoopState(**_unplain(payload))
 

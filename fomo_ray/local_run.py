@@ -109,7 +109,7 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     """Run ``cfg`` (continuing ``<run dir>/state`` when ``resume``). Raises the input errors (:func:`input_errors`,
     :func:`tracking_errors`) with nothing of the run left behind, and ``TrainingDiverged`` after writing
     ``FAILED.json``; the MLflow run is never left RUNNING."""
-    from fomo_ray.assembly import run_name
+    from fomo_ray.assembly import check_named_files, run_name
     from fomo_ray.atomic import write_json
     from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, save_state_in_background, wait_for_write
     from fomo_ray.config import to_dict
@@ -117,8 +117,10 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     from fomo_ray.metrics import save_results
     from fomo_ray.prep import ensure_inputs
 
+    check_named_files(cfg)  # a typo in a file name is refused before anything is prepared or written
     out = Path(cfg.output_dir) / run_name(cfg)
-    created = not out.exists()  # a run refused for bad input must not leave a directory that looks like a run
+    # a run refused for bad input must leave nothing behind: not its directory, nor the output directory made for it
+    created = next((d for d in reversed([out, *out.parents]) if not d.exists()), None)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", to_dict(cfg), indent=2, sort_keys=True)
     state = load_state(out / "state") if resume and (out / "state" / LOOP_STATE_FILE).is_file() else None
@@ -147,8 +149,8 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     except (*input_errors(), *tracking_errors(cfg)) as e:
         if mlrun is not None:
             mlrun.finish(failure=f"{type(e).__name__}: {e}")
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
     except BaseException as e:  # a bug or Ctrl-C: the MLflow run must not stay RUNNING
         if mlrun is not None:

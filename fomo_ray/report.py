@@ -18,6 +18,7 @@ Command line::
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from pathlib import Path
@@ -327,10 +328,15 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
     """Write the table and plots for a tidy results table; return the files written. With several seeds per
     variant, also the variant tables and error-bar plots (:func:`write_variant_report`; ``baseline``: the variant
     label the paired comparison subtracts, default fine-tuning)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     summary = summarize(tidy)
     table = trial_table(tidy, trials)
+    if x_key and x_key not in table.columns:  # refused before anything is written
+        close = difflib.get_close_matches(x_key, [str(c) for c in table.columns], n=3, cutoff=0.5)
+        raise ReportError(f"report x key '{x_key}' is not a column of the trials table"
+                          + (f"; did you mean {', '.join(close)}?" if close else
+                             f"; columns: {', '.join(sorted(map(str, table.columns)))}"))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     files = []
     tmp = out / ".table.csv.tmp"
     table.to_csv(tmp, index=False)
@@ -341,9 +347,6 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
     os.replace(tmp, out / "table.md")
     files.append(out / "table.md")
     files.append(plot_trajectories(summary, out / "trajectories.png", dict(zip(table["run"], table["status"]))))
-    if x_key and x_key not in table.columns:
-        raise ReportError(f"report x key '{x_key}' is not a column of the trials table; "
-                          f"columns: {sorted(table.columns)}")
     if aggregate.seeds_per_variant(table) > 1:
         return files + write_variant_report(table, out, x_key, baseline)
     files.append(plot_pareto(table[table["status"] == "finished"], out / "pareto.png"))

@@ -20,10 +20,11 @@ def ensure_trial_inputs(cfg: ExperimentConfig) -> None:
     CPU trials, the budget's cached MAF measurement -- once, in the driver, so concurrent trials never race to
     build them. (GPU trials measure on their GPU: the budget cache is per device.)"""
     from fomo_ray import prep
-    from fomo_ray.assembly import check_inputs
+    from fomo_ray.assembly import check_inputs, check_named_files
     from fomo_ray.budget import steps_per_task
     from fomo_ray.methods import build_method
 
+    check_named_files(cfg)  # before building anything for a config that names a missing file
     prep.ensure_inputs(cfg)
     check_inputs(cfg)
     if cfg.ray.gpus_per_worker == 0:
