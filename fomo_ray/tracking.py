@@ -147,7 +147,8 @@ def summary_key(name: str) -> str:
 
 
 def as_percent(value: float) -> float:
-    return PERCENT * float(value)
+    """A fraction as the percent MLflow shows, rounded to 0.01 (100 x 0.305 is 30.4999999... in floats)."""
+    return round(PERCENT * float(value), 2)
 
 
 def eval_metrics(records: Iterable[Mapping[str, Any]], summary: Mapping[str, float],

@@ -298,7 +298,7 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     assert "method.peft.rank" not in run.data.params and "method.merge.init" not in run.data.params
     expected = summarize(load_results(out / "results.parquet")).set_index("task")["GM"]
     got = dict(tr.metric_history(run.info.run_id, summary_key("GM")))
-    assert got == {t: pytest.approx(100 * v, rel=1e-12) for t, v in expected.items()}
+    assert got == {t: round(100 * v, 2) for t, v in expected.items()}  # percent, rounded to 0.01 at logging
     assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
     assert len(tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
     assert run_main(argv + ["--resume"]) == 0
