@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fomo_ray.cli import main as fomo_ray_main
 from fomo_ray.cli.export import main as export_main
 from fomo_ray.cli.report import main as report_main
 from fomo_ray.cli.run import main as run_main
@@ -39,6 +40,8 @@ CASES = {  # name: (command, argv builder(tmp), expected text in the line, what 
                            "checkpoint file not found", "out"),
     "garbage loop state": (export_main, lambda t: [str(_garbage_state(t)), "--out", str(t / "model")],
                            "is not a readable fomo_ray.loop_state/v1 file", "model"),
+    "command typo": (fomo_ray_main, lambda t: ["swep", "--help"], "unknown command 'swep'. Did you mean sweep?",
+                     "out"),
     "report key typo": (report_main, lambda t: [str(_results_dir(t)), "--x", "method.merge.weigth"],
                         "did you mean method.merge.weight", "sweep/report"),
 }

@@ -39,7 +39,11 @@ def dispatch(prog: str, noun: str, table: dict[str, tuple[str, str]], usage: str
         return 0
     name, rest = argv[0], argv[1:]
     if name not in table:
-        print(f"{prog}: unknown {noun} '{name}'. Valid: {', '.join(table)}", file=sys.stderr)
+        import difflib
+
+        close = difflib.get_close_matches(name, list(table), n=2, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        print(f"{prog}: unknown {noun} '{name}'.{hint} Valid: {', '.join(table)}", file=sys.stderr)
         return 2
     module, func = table[name][0].split(":")
     return int(getattr(importlib.import_module(module), func)(rest) or 0)
