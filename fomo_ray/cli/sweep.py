@@ -84,6 +84,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                    help="estimate for a declared device of this peak TFLOP/s at the run's precision instead, "
                         "e.g. 989 for an H100 in bf16 (with --mfu)")
     g.add_argument("--mfu", type=float, help="model FLOPs utilisation the declared device reaches, e.g. 0.4")
+    g = ap.add_argument_group("output")
     g.add_argument("--show-worker-logs", action="store_true", help="forward every Ray worker's log lines")
     g.add_argument("--no-cache", action="store_true",
                    help="run every trial, also one that an identical finished trial in OUTPUT_DIR/trial_cache "

@@ -67,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``fomo-ray tracking-server``: an authenticated MLflow server for a cluster's trials (Ctrl-C stops it)."""
     ap = Parser(prog="fomo-ray tracking-server", description=main.__doc__)
     ap.add_argument("--host", required=True, help="the head's cluster address to listen on (not 0.0.0.0)")
-    ap.add_argument("--port", type=int, default=5000)
+    ap.add_argument("--port", type=int, default=5000, help="the port to listen on (default 5000)")
     ap.add_argument("--store", default="~/fomo_ray_mlflow",
                     help="a directory on the head's local disk: the SQLite store, credentials and auth config")
     ap.add_argument("--artifacts", default="", help="where artifacts go (default STORE/artifacts; a shared mount "
                                                     "or s3:// keeps them beside the checkpoints)")
-    ap.add_argument("--startup-timeout", type=float, default=120.0)
+    ap.add_argument("--startup-timeout", type=float, default=120.0,
+                    help="seconds to wait for the server to answer (it imports MLflow first)")
     args = ap.parse_args(argv)
     if args.host in ("0.0.0.0", "::", ""):
         print(f"fomo-ray tracking-server: --host {args.host or '(empty)'} would listen on every interface; pass the "

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--uri", default="", help="tracking URI (default: MLFLOW_TRACKING_URI or OUTPUT_DIR/mlflow.db)")
     ap.add_argument("--experiment", default="fomo_ray", help="the experiment whose runs page is printed "
                                                                "(tracking.experiment)")
-    ap.add_argument("--port", type=int, default=5000)
+    ap.add_argument("--port", type=int, default=5000, help="the port on 127.0.0.1 the UI listens on (default 5000)")
     ap.add_argument("--startup-timeout", type=float, default=120.0,
                     help="seconds to wait for the server to answer (it imports MLflow first: ~10 s on 2 cores)")
     ap.add_argument("--dry-run", action="store_true", help="print the command instead of running it")
