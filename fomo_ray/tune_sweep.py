@@ -209,8 +209,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         raise
     finally:
         session.drain.close()
-        if tracker is not None:  # how often Ray restarted it after a preemption, failures apart
-            tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
+        if tracker is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
+            with contextlib.suppress(Exception):  # a tag must not replace the trial's own outcome or error)
+                tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
     if tracker is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
         tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
