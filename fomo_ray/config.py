@@ -177,7 +177,8 @@ class RayConfig:
     gpus_per_worker: float = F(0.0, "GPUs each worker reserves; fractions pack several small trials per GPU")
     max_concurrent_trials: int = F(0, "0 = as many as resources allow")
     checkpoint_every_steps: int = F(0, "extra mid-task checkpoints every N steps; 0 = end of task only")
-    max_failures: int = F(2, "worker restarts (Train) and trial retries (Tune) before a run is failed")
+    max_failures: int = F(2, "worker restarts (Train) and trial retries (Tune) before a run is failed; spot "
+                             "preemptions are not counted")
     keep_checkpoints: int = F(2, "newest checkpoints Ray keeps per run (>= 1; older task ends are deleted); two, so a "
                                  "crash while one is written still leaves a complete one")
     storage_path: str = F("", "shared storage for checkpoints (required multi-node); empty = output_dir/ray")
