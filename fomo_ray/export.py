@@ -329,9 +329,22 @@ def _resolved(source: str | Path, tracking_uri: str | None,
             yield _from_mlflow(m.group(1), m.group(2) or "", uri, Path(tmp), text, config)
         return
     hint = (" (it looks like an MLflow run id: pass tracking_uri= / --tracking-uri)" if m else
-            ": expected an export directory, a fomo-ray run directory, a loop_state.pt or its directory, or an "
-            "MLflow run id with a tracking URI")
+            ": expected an export directory, a fomo-ray run directory, a sweep's trial directory, a loop_state.pt "
+            "or its directory, or an MLflow run id with a tracking URI")
     raise ExportError(f"no such file or directory: {text}{hint}")
+
+
+def newest_checkpoint(trial_dir: Path) -> Path | None:
+    """The newest Ray checkpoint holding a loop state in a sweep's trial directory: a Train run's final one
+    (``final_*``), else the last of Tune's ``checkpoint_NNNNNN`` or Train's ``cursor_tTTT_sSSSSSSS`` (both sort by
+    name); None when there is none."""
+    from fomo_ray.checkpoint import LOOP_STATE_FILE
+
+    for pattern in ("final_*", "checkpoint_*", "cursor_*"):
+        found = sorted(d for d in trial_dir.glob(pattern) if (d / LOOP_STATE_FILE).is_file())
+        if found:
+            return found[-1]
+    return None
 
 
 def _local(path: Path, source: str, config: str | Path | ExperimentConfig | None) -> _Found:
@@ -349,9 +362,12 @@ def _local(path: Path, source: str, config: str | Path | ExperimentConfig | None
         state_dir = path
     elif (path / "state" / LOOP_STATE_FILE).is_file():  # a `fomo-ray run` output directory
         state_dir = path / "state"
+    elif (newest := newest_checkpoint(path)) is not None:  # a sweep's trial directory (Tune) or Train run
+        state_dir = newest
     else:
-        raise ExportError(f"{path} holds no export ({CONFIG_FILE} + {WEIGHTS_FILE}), no {LOOP_STATE_FILE} and no "
-                          f"state/{LOOP_STATE_FILE} (a fomo-ray run directory)")
+        raise ExportError(f"{path} holds no export ({CONFIG_FILE} + {WEIGHTS_FILE}), no {LOOP_STATE_FILE}, no "
+                          f"state/{LOOP_STATE_FILE} (a fomo-ray run directory) and no checkpoint_*/{LOOP_STATE_FILE} "
+                          f"(a sweep's trial directory)")
     state = _read_state(state_dir)
     if config is None:
         candidates = [state_dir / "config.json", state_dir.parent / "config.json"]

@@ -237,6 +237,22 @@ def test_cli_exports_a_run_and_names_bad_input(cli_run, tmp_path, capsys):
     assert "holds no export" in error(str(tmp_path), "--out", str(tmp_path / "z"))
 
 
+def test_a_sweeps_trial_directory_exports_its_newest_checkpoint(cli_run, tmp_path, capsys):
+    """``fomo-ray export <sweep>/tune/<trial>``: the newest ``checkpoint_*`` holding a loop state (with the config
+    beside it, as a finished trial's final checkpoint has), not "holds no state"."""
+    cfg, run_dir = cli_run
+    trial = tmp_path / "tune" / "000-seed=0"
+    for n in (0, 1):
+        shutil.copytree(run_dir / "state", trial / f"checkpoint_{n:06d}")
+        shutil.copy(run_dir / "config.json", trial / f"checkpoint_{n:06d}" / "config.json")
+    (trial / "checkpoint_000002").mkdir()  # a checkpoint without a loop state (a status only) is passed over
+    assert ex.newest_checkpoint(trial) == trial / "checkpoint_000001"
+    assert export_cli.main([str(trial), "--out", str(tmp_path / "m")]) == 0
+    a, b = torch.load(tmp_path / "m" / ex.WEIGHTS_FILE), torch.load(run_dir / "model" / ex.WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+
+
 # --------------------------------------------------------------------------------------------------- MLflow sources
 def test_config_from_params_round_trips_a_config(bench_root, tmp_path):
     from fomo_ray.tracking import _param_value

@@ -9,8 +9,9 @@ from fomo_ray.cli.text import Parser
 def main(argv: list[str] | None = None) -> int:
     """Write the deployed model of RUN (what the run serves after its last task: merged for merge methods, adapters
     merged for peft methods) to DIR in open_clip's own format, loadable by open_clip without fomo_ray. RUN is a
-    `fomo-ray run` output directory, a directory holding loop_state.pt (or that file), an earlier export, or an MLflow
-    run id / runs:/<id> (with --tracking-uri or MLFLOW_TRACKING_URI)."""
+    `fomo-ray run` output directory, a sweep's trial directory (its newest checkpoint), a directory holding
+    loop_state.pt (or that file), an earlier export, or an MLflow run id / runs:/<id> (with --tracking-uri or
+    MLFLOW_TRACKING_URI)."""
     from fomo_ray.export import INFO_FILE, ExportError, export, load_lines
 
     p = Parser(prog="fomo-ray export", description=main.__doc__)
