@@ -67,35 +67,23 @@ class Resumed:
     scaler: torch.amp.GradScaler | None = None
 
 
-def _plain(obj: Any) -> Any:
-    """A detached CPU deep copy with numpy arrays wrapped as tensors, so ``torch.load(weights_only=True)`` reads it."""
+def _plain(obj: Any, copy_tensors: bool = True) -> Any:
+    """``obj`` with numpy arrays wrapped as tensors, so ``torch.load(weights_only=True)`` reads it: a detached CPU
+    deep copy (a snapshot, safe to keep while training goes on), or with ``copy_tensors=False`` the same structure
+    around the very tensors (writing a snapshot, which is already a private copy: a second one would double a large
+    model's host RAM for the length of the write)."""
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        return obj.detach().to("cpu", copy=copy_tensors)
     if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj).copy())}
+        array = np.ascontiguousarray(obj)
+        return {"__ndarray__": torch.from_numpy(array.copy() if copy_tensors else array)}
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, Mapping):
-        return {k: _plain(v) for k, v in obj.items()}
+        return {k: _plain(v, copy_tensors) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_plain(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-def _for_file(obj: Any) -> Any:
-    """``obj`` as :func:`save_state` writes it, without copying a tensor: a snapshot is already a private CPU copy,
-    and a second copy per write would double a large model's host RAM while it is written."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()  # a no-op for a snapshot's CPU tensors
-    if isinstance(obj, np.ndarray):
-        return {"__ndarray__": torch.from_numpy(np.ascontiguousarray(obj))}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Mapping):
-        return {k: _for_file(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_for_file(v) for v in obj)
-    return obj
+        return type(obj)(_plain(v, copy_tensors) for v in obj)
+    return copy.deepcopy(obj) if copy_tensors else obj
 
 
 def _unplain(obj: Any) -> Any:
@@ -113,7 +101,7 @@ def save_state(state: LoopState, directory: str | Path) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}  # asdict would deep-copy tensors
-    payload = {"format": STATE_FORMAT, **_for_file(fields)}
+    payload = {"format": STATE_FORMAT, **_plain(fields, copy_tensors=False)}
     return torch_save(payload, directory / LOOP_STATE_FILE)
 
 
