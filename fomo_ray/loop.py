@@ -171,7 +171,7 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
                 if due or checking:  # never checkpoint/evaluate a NaN
                     check_finite(pending, step + 1 - len(pending), t, method.name)
                     pending.clear()
-                if checking and step + 1 < task.steps and hooks.on_checkpoint and _checkpoint_now(hooks, run):
+                if checking and step + 1 < task.steps and hooks.checkpoint_now and _checkpoint_now(hooks, run):
                     due = True  # a preemption notice: keep the steps so far (the resumed run continues from here)
                 if due:
                     hooks.on_checkpoint(take_snapshot(run, t, step + 1, opt, scaler, results))
@@ -255,8 +255,9 @@ def check_finite(losses: list[torch.Tensor], first_step: int, t: int, method: st
 
 
 def _checkpoint_now(hooks: RunHooks, run: Run) -> bool:
-    # agreed like _should_stop: every rank takes (and reports) the same checkpoint
-    return distributed.any_rank(bool(hooks.checkpoint_now and hooks.checkpoint_now()), run.device)
+    # agreed like _should_stop: every rank takes (and reports) the same checkpoint; only asked where the hook is set
+    # (on every rank alike), so runs without it add no collective
+    return bool(hooks.on_checkpoint) and distributed.any_rank(bool(hooks.checkpoint_now()), run.device)
 
 
 def _should_stop(hooks: RunHooks, run: Run) -> bool:

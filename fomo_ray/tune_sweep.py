@@ -108,14 +108,16 @@ class TuneSession:
     rank, world_size = 0, 1
 
     def __init__(self) -> None:
-        import ray
-
-        from fomo_ray.preemptions import DrainWatch
-
         self.evals: list[dict[str, Any]] = []
-        self.drain = DrainWatch(ray.get_runtime_context().get_node_id())  # this node's preemption notice
+        self.drain: Any = None  # this node's preemption notice, watched from the loop's first question on
 
     def preempting(self) -> bool:
+        if self.drain is None:
+            import ray
+
+            from fomo_ray.preemptions import DrainWatch
+
+            self.drain = DrainWatch(ray.get_runtime_context().get_node_id())
         return self.drain.notice()
 
     def get_checkpoint(self) -> Any:
@@ -208,7 +210,8 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             tracker.finish(run_id, failure=f"{type(e).__name__}: {e}")
         raise
     finally:
-        session.drain.close()
+        if session.drain is not None:
+            session.drain.close()
         if tracker is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
             with contextlib.suppress(Exception):  # a tag must not replace the trial's own outcome or error)
                 tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
