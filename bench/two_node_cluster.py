@@ -18,6 +18,7 @@ storage (docs/SCALING.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
@@ -28,7 +29,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -73,6 +76,46 @@ def _cmd(pid: int) -> str:
         return "?"
 
 
+def kill_session(sid: int) -> int:
+    """SIGKILL every live process of session ``sid`` (a node lost at once, or what SIGTERM left); returns how many."""
+    pids = session_pids(sid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(pids)
+
+
+@dataclass
+class LocalCluster:
+    port: int
+    temp_dir: str
+    nodes: list  # the ``ray start --block`` processes: the head first; append every node you start
+    needed_sigkill: list = field(default_factory=list)
+
+
+@contextlib.contextmanager
+def local_cluster(out: Path, head_cpus: int, prefix: str = "frc_") -> Iterator[LocalCluster]:
+    """A Ray head started here (its own port and temp dir, ``head_cpus`` CPUs, no GPUs, no dashboard, log in
+    ``out/head.log``). On exit the driver leaves Ray, every node in ``.nodes`` is stopped by PID (what needed SIGKILL
+    is in ``.needed_sigkill``) and the temp dir is removed."""
+    import ray
+
+    port, temp_dir = free_port(), tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths
+    cluster = LocalCluster(port, temp_dir, [start_node(
+        ["--head", "--port", str(port), "--num-cpus", str(head_cpus), "--num-gpus", "0", "--temp-dir", temp_dir,
+         "--include-dashboard=false"], out / "head.log")])
+    try:
+        wait_for_port(port, 60)
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.needed_sigkill = stop_nodes(list(reversed(cluster.nodes)))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
 def stop_nodes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> list[str]:
     """Stop the nodes we started: SIGTERM each ``ray start --block`` (it tears its raylet, GCS and workers down),
     wait, then SIGKILL whatever is still in those sessions. Returns the processes that needed SIGKILL."""
@@ -83,13 +126,9 @@ def stop_nodes(procs: list[subprocess.Popen], grace_s: float = 30.0) -> list[str
     deadline = time.time() + grace_s
     while time.time() < deadline and any(session_pids(sid) for sid in sids):
         time.sleep(0.5)
-    left = [pid for sid in sids for pid in session_pids(sid)]
-    names = [f"{pid} {_cmd(pid)}" for pid in left]
-    for pid in left:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    names = [f"{pid} {_cmd(pid)}" for sid in sids for pid in session_pids(sid)]
+    for sid in sids:
+        kill_session(sid)
     for proc in procs:
         try:
             proc.wait(timeout=10)

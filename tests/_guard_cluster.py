@@ -7,26 +7,16 @@ of its own with a tmpfs over ``OUT/private`` (a node without the shared mount) a
 """
 from __future__ import annotations
 
-import importlib.util
-import json
 import os
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _cluster_util import REPO, cluster_helpers, scenario_main
+
 sys.path.insert(0, str(REPO))
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("two_node_cluster", REPO / "bench" / "two_node_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _refusal(call) -> str:
@@ -38,7 +28,7 @@ def _refusal(call) -> str:
 
 
 def main(out: Path, data_root: str, scale: float) -> dict:
-    helpers = _helpers()
+    helpers = cluster_helpers()
     import ray
 
     from fomo_ray.ray_session import cluster_problems
@@ -48,20 +38,16 @@ def main(out: Path, data_root: str, scale: float) -> dict:
     private, shared = out / "private", out / "shared"
     private.mkdir(parents=True)
     shared.mkdir(parents=True)
-    port, temp_dir = helpers.free_port(), tempfile.mkdtemp(prefix="frg_", dir="/tmp")
-    nodes = [helpers.start_node(["--head", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
-                                 "--temp-dir", temp_dir, "--include-dashboard=false"], out / "head.log")]
     summary: dict = {}
-    try:
-        helpers.wait_for_port(port, 60)
+    with helpers.local_cluster(out, head_cpus=1, prefix="frg_") as cluster:
         node = (f"mount -t tmpfs none {private} && exec {helpers.RAY} start --block --disable-usage-stats "
-                f"--address 127.0.0.1:{port} --num-cpus 1 --num-gpus 0 --temp-dir {temp_dir} "
+                f"--address 127.0.0.1:{cluster.port} --num-cpus 1 --num-gpus 0 --temp-dir {cluster.temp_dir} "
                 f"--node-ip-address 127.0.0.2")
         env = {**os.environ, "RAY_ADDRESS": "", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-        nodes.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", node],
-                                      stdout=(out / "node2.log").open("w"), stderr=subprocess.STDOUT, env=env,
-                                      start_new_session=True))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
+        cluster.nodes.append(subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", node],
+                                              stdout=(out / "node2.log").open("w"), stderr=subprocess.STDOUT,
+                                              env=env, start_new_session=True))
+        ray.init(address=f"127.0.0.1:{cluster.port}", log_to_driver=False)
         alive = helpers.wait_for_nodes(2, 90)
         summary["node_ips"] = sorted(n["NodeManagerAddress"] for n in alive)
         summary["private_storage"] = cluster_problems(str(private / "ray"), "")
@@ -71,21 +57,15 @@ def main(out: Path, data_root: str, scale: float) -> dict:
         summary["remote"] = cluster_problems("s3://bucket/fomo_ray", "")
         runs = out / "runs"
         spec = spec_from_dict({"name": "guarded", "base": {
-            "output_dir": str(runs), "ray.address": f"127.0.0.1:{port}", "tracking.enabled": False,
+            "output_dir": str(runs), "ray.address": f"127.0.0.1:{cluster.port}", "tracking.enabled": False,
             "backbone.pretrained": "", "data.root": data_root, "data.scale": scale, "stream.num_tasks": 2,
             "ray.storage_path": str(private / "store")}, "space": {"seed": {"grid": [0]}}})
         ray.shutdown()  # the sweep joins by its address, as `fomo-ray sweep --address` does
         summary["sweep"] = _refusal(lambda: run_sweep(spec, progress=False))
         summary["sweep_dirs"] = sorted(p.name for p in runs.rglob("*")) if runs.exists() else []
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        summary["needed_sigkill"] = helpers.stop_nodes(list(reversed(nodes)))
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    summary["needed_sigkill"] = cluster.needed_sigkill
     return summary
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    result = main(out, sys.argv[2], float(sys.argv[3]))
-    (out / "summary.json").write_text(json.dumps(result, indent=2))
+    scenario_main(main)

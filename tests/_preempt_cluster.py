@@ -10,37 +10,19 @@ what happened to ``OUT/summary.json``; stops every node it started, by PID.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _cluster_util import REPO, cluster_helpers, scenario_main
+
 sys.path.insert(0, str(REPO))
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 DRAIN_S = 20  # the notice (a spot reclaim gives 30 s on GCP, 2 min on AWS)
-
-
-def _helpers():
-    spec = importlib.util.spec_from_file_location("two_node_cluster", REPO / "bench" / "two_node_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _worker(helpers, port: int, temp_dir: str, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "RAY_ADDRESS": "", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
-    return subprocess.Popen([helpers.RAY, "start", "--block", "--disable-usage-stats", "--address",
-                             f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "0", "--temp-dir", temp_dir],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
 def _drain(node_id: str, deadline_s: float) -> bool:
@@ -65,72 +47,57 @@ def _reclaim_when_checkpointed(storage: Path, node_id: str, sid: int, helpers, s
             log["drained_at"] = time.time()
             log["node3"] = start_node3()
             done.wait(DRAIN_S)
-            pids = helpers.session_pids(sid)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            log["killed_pids"], log["killed_at"] = len(pids), time.time()
+            log["killed_pids"], log["killed_at"] = helpers.kill_session(sid), time.time()
             return
         time.sleep(0.2)
 
 
 def main(out: Path, data_root: str, scale: float) -> dict:
-    helpers = _helpers()
+    helpers = cluster_helpers()
     import ray
 
     from fomo_ray.sweep_spec import spec_from_dict
     from fomo_ray.tracking import Tracker, default_uri
     from fomo_ray.tune_sweep import run_sweep
 
-    port, temp_dir = helpers.free_port(), tempfile.mkdtemp(prefix="frp_", dir="/tmp")
-    nodes = [helpers.start_node(["--head", "--port", str(port), "--num-cpus", "0", "--num-gpus", "0",
-                                 "--temp-dir", temp_dir, "--include-dashboard=false"], out / "head.log")]
     summary: dict = {}
     done, log = threading.Event(), {}
-    try:
-        helpers.wait_for_port(port, 60)
-        nodes.append(_worker(helpers, port, temp_dir, out / "node2.log"))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        helpers.wait_for_nodes(2, 90)
-        summary["node2"] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")][0]
+    with helpers.local_cluster(out, head_cpus=0, prefix="frp_") as cluster:
+        def start_worker(name: str) -> int:
+            cluster.nodes.append(helpers.start_node(["--address", f"127.0.0.1:{cluster.port}", "--num-cpus", "1",
+                                                     "--num-gpus", "0", "--temp-dir", cluster.temp_dir],
+                                                    out / f"{name}.log"))
+            return cluster.nodes[-1].pid
 
-        def start_node3() -> int:
-            nodes.append(_worker(helpers, port, temp_dir, out / "node3.log"))
-            return nodes[-1].pid
-
-        storage = out / "storage"
-        threading.Thread(target=_reclaim_when_checkpointed, daemon=True,
-                         args=(storage, summary["node2"], nodes[1].pid, helpers, start_node3, done, log)).start()
-        spec = spec_from_dict({"name": "spot", "base": {
-            "output_dir": str(out / "runs"), "data.root": data_root, "data.scale": scale,
-            "backbone.pretrained": "", "stream.num_tasks": 3, "budget.mode": "equal_steps",
-            "budget.total_ft_steps": 1200, "mixture.batch_size": 16, "evaluation.subset_min": 20,
-            "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
-            "ray.storage_path": str(storage), "ray.max_failures": 0, "ray.checkpoint_every_steps": 0,
-            "tracking.log_every_n_steps": 2, "tracking.experiment": "spot"}, "space": {"seed": {"grid": [0]}}})
-        res = run_sweep(spec, progress=True)
-        done.set()
+        try:
+            start_worker("node2")
+            ray.init(address=f"127.0.0.1:{cluster.port}", log_to_driver=False)
+            helpers.wait_for_nodes(2, 90)
+            summary["node2"] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")][0]
+            storage = out / "storage"
+            threading.Thread(target=_reclaim_when_checkpointed, daemon=True,
+                             args=(storage, summary["node2"], cluster.nodes[1].pid, helpers,
+                                   lambda: start_worker("node3"), done, log)).start()
+            spec = spec_from_dict({"name": "spot", "base": {
+                "output_dir": str(out / "runs"), "data.root": data_root, "data.scale": scale,
+                "backbone.pretrained": "", "stream.num_tasks": 3, "budget.mode": "equal_steps",
+                "budget.total_ft_steps": 1200, "mixture.batch_size": 16, "evaluation.subset_min": 20,
+                "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
+                "ray.storage_path": str(storage), "ray.max_failures": 0, "ray.checkpoint_every_steps": 0,
+                "tracking.log_every_n_steps": 2, "tracking.experiment": "spot"}, "space": {"seed": {"grid": [0]}}})
+            res = run_sweep(spec, progress=True)
+        finally:
+            done.set()  # the reclaim thread stops waiting
         summary["trials"] = res.trials.to_dict("records")
-        tracker = Tracker(default_uri(out / "runs"), "spot")
-        (child,) = tracker.children(res.parent_run_id)
-        summary["tags"] = dict(child.data.tags)
-        summary["status"] = child.info.status
+        (child,) = Tracker(default_uri(out / "runs"), "spot").children(res.parent_run_id)
+        summary["tags"], summary["status"] = dict(child.data.tags), child.info.status
         reports = [json.loads(line) for f in storage.glob("sweeps/*/tune/*/result.json")
                    for line in f.read_text().splitlines() if line.strip()]
         summary["checkpoints"] = [(r["task"], r["step"]) for r in reports if r.get("kind") == "checkpoint"]
         summary["reclaim"] = log
-    finally:
-        done.set()
-        if ray.is_initialized():
-            ray.shutdown()
-        summary["needed_sigkill"] = helpers.stop_nodes(list(reversed(nodes)))
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    summary["needed_sigkill"] = cluster.needed_sigkill
     return summary
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1])
-    result = main(out, sys.argv[2], float(sys.argv[3]))
-    (out / "summary.json").write_text(json.dumps(result, indent=2, default=str))
+    scenario_main(main)

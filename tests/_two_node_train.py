@@ -15,30 +15,22 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
-import signal
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from _cluster_util import cluster_helpers
+
 # Ray Train registers a reported checkpoint only when its controller next polls the workers (every 2 s); a node lost
 # before that takes the report with it and the run restarts from the checkpoint before. So the node is killed once the
 # controller's own snapshot names a mid-task checkpoint of task 0 as the latest: a registered one, waited for as an
 # event, not a delay.
 SNAPSHOT, MID_TASK = "checkpoint_manager_snapshot.json", "cursor_t000_s"
-
-
-def _cluster_helpers():
-    spec = importlib.util.spec_from_file_location("two_node_cluster", REPO / "bench" / "two_node_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _config(out: Path, data_root: str, scale: float, **overrides):
@@ -106,20 +98,14 @@ def _kill_session_when(directory: Path, sid: int, helpers, done: threading.Event
     while not done.is_set():
         latest = _registered(directory)
         if latest.startswith(MID_TASK):
-            pids = helpers.session_pids(sid)
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            log.update(killed_pids=len(pids), killed_at=time.time(), registered=latest,
+            log.update(killed_pids=helpers.kill_session(sid), killed_at=time.time(), registered=latest,
                        seen=sorted(p.name for p in directory.rglob("cursor_*")))
             return
         time.sleep(0.2)
 
 
 def main(out: Path, data_root: str, scale: float) -> dict:
-    helpers = _cluster_helpers()
+    helpers = cluster_helpers()
     import ray
 
     from fomo_ray.tracking import Tracker, default_uri
