@@ -1,5 +1,5 @@
 """The sweep driver's Ray: start or join it (:func:`ensure_ray`), and refuse, before launch, a sweep on a multi-node
-cluster whose checkpoints or tracking would stay on one node (:func:`check_cluster`).
+cluster whose checkpoints or tracking would stay on one node (:func:`guard_cluster`).
 
 A trial restarted on another node (a lost node, a spot reclaim, an elastic resize) resumes from checkpoints under
 ``ray.storage_path``: a path only the driver's node can read leaves it nothing to resume from. A local SQLite tracking
@@ -40,6 +40,7 @@ def ensure_ray(cfg: ExperimentConfig, show_worker_logs: bool) -> bool:
     """Start or join Ray (``ray.address``); True if this call started it (and must shut it down)."""
     import ray
 
+    # a local Ray has nothing to preempt (its controller inherits this); a joined cluster keeps Ray's default (on)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Tune warns on every checkpoint of short trials that snapshotting "may become a bottleneck"; it is not here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -138,24 +139,20 @@ def cluster_problems(storage: str, tracking_uri: str) -> list[str]:
     return problems
 
 
-def check_cluster(storage: str, tracking_uri: str) -> None:
-    """Raise one ``ConfigError`` naming every problem :func:`cluster_problems` finds."""
-    problems = cluster_problems(storage, tracking_uri)
-    if problems:
-        raise ConfigError("; and ".join(problems))
-
-
 def guard_cluster(cfg: ExperimentConfig, tracking_uri: str) -> None:
-    """On a cluster (``ray.address``, or a Ray this process already joined), :func:`check_cluster` the sweep's
-    checkpoint storage (``ray.storage_path``, else the local output directory they default to) and tracking URI.
-    Joins for the check and leaves again when it joined: the sweep joins itself once the plan is settled."""
+    """On a cluster (``ray.address``, or a Ray this process already joined), check the sweep's checkpoint storage
+    (``ray.storage_path``, else the local output directory they default to) and tracking URI
+    (:func:`cluster_problems`) and raise one ``ConfigError`` naming every problem. Joins for the check and leaves
+    again when it joined: the sweep joins itself once the plan is settled."""
     import ray
 
     if not cfg.ray.address and not ray.is_initialized():
         return  # a local Ray started for this sweep: one node
     joined = ensure_ray(cfg, show_worker_logs=False)
     try:
-        check_cluster(cfg.ray.storage_path or str(Path(cfg.output_dir).resolve()), tracking_uri)
+        problems = cluster_problems(cfg.ray.storage_path or str(Path(cfg.output_dir).resolve()), tracking_uri)
     finally:
         if joined:
             ray.shutdown()
+    if problems:
+        raise ConfigError("; and ".join(problems))

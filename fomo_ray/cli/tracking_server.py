@@ -90,4 +90,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"credentials: {store / CREDENTIALS_FILE} (export them where the sweep driver runs: "
           f"set -a; . {store / CREDENTIALS_FILE}; set +a)", flush=True)
     return serve(server_command(store, args.host, args.port, artifacts), args.port, "/", f"http://{args.host}:"
-                 f"{args.port}", args.startup_timeout, host=args.host, env=env, name="fomo-ray tracking-server")
+                 f"{args.port}", args.startup_timeout, host=args.host, env=env, name="fomo-ray tracking-server",
+                 what="MLflow tracking server")

@@ -81,7 +81,7 @@ SERVER_ENV = {
 
 
 def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s: float, host: str = HOST,
-          env: dict[str, str] | None = None, name: str = "fomo-ray ui") -> int:
+          env: dict[str, str] | None = None, name: str = "fomo-ray ui", what: str = "MLflow UI") -> int:
     """Run the server in its own process group until SIGINT / SIGTERM (exit 0) or until it dies (exit 1)."""
     env = {**os.environ, **SERVER_ENV, **(env or {})}
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
@@ -96,8 +96,7 @@ def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s:
                    else f"did not answer within {startup_timeout_s:.0f} s")
             print(f"{name}: the MLflow server on {base} {why}", file=sys.stderr)
             return 1
-        print(f"MLflow {'UI' if name == 'fomo-ray ui' else 'tracking server'} for {uri} at {base}{path}  "
-              f"(Ctrl-C stops it)", flush=True)
+        print(f"{what} for {uri} at {base}{path}  (Ctrl-C stops it)", flush=True)
         rc = proc.wait()
         print(f"{name}: the MLflow server exited with code {rc}", file=sys.stderr)
         return rc or 1
