@@ -58,7 +58,7 @@ def tracking_server(db: str, directory: str, pool: str = "") -> Iterator[str]:
     import socket
     import urllib.request
 
-    from fomo_ray.tracking import ui_command
+    from fomo_ray.mlflow_ui import ui_command
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -173,6 +173,8 @@ class RayConfig:
     address: str = F("", "Ray cluster address; empty starts a local Ray")
     num_workers: int = F(1, "Ray Train workers per trial (DDP when > 1)")
     min_workers: int = F(0, "elastic lower bound; 0 = fixed num_workers")
+    resize_check_s: float = F(60.0, "elastic runs: how often Ray Train looks for room to grow the worker group "
+                                    "(growing restarts it from the latest checkpoint)")
     cpus_per_worker: float = F(1.0, "CPUs each Train worker reserves")
     gpus_per_worker: float = F(0.0, "GPUs each worker reserves; fractions pack several small trials per GPU")
     max_concurrent_trials: int = F(0, "0 = as many as resources allow")
@@ -461,6 +463,8 @@ def _check_workers(cfg: ExperimentConfig) -> None:
     if r.min_workers < 0 or r.min_workers > r.num_workers:
         raise ConfigError(f"config key 'ray.min_workers' = {r.min_workers} must lie in [0, 'ray.num_workers' = "
                           f"{r.num_workers}] (0 = a fixed worker count)")
+    if r.resize_check_s < 0:
+        raise ConfigError(f"config key 'ray.resize_check_s' = {r.resize_check_s} must be >= 0")
     if r.num_workers > b:
         raise ConfigError(f"config key 'ray.num_workers' = {r.num_workers} is larger than 'mixture.batch_size' = {b}: "
                           f"each data-parallel worker needs at least one sample of the global batch")

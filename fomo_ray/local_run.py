@@ -64,8 +64,11 @@ class MlflowRun:
         self.run_id = self.tracker.start_run(out.name, applicable_params(cfg), config=to_dict(cfg), run_id=previous,
                                              tags={"fomo_ray.config_hash": cfg.config_hash(), **activation_tags(cfg)})
         write_json(meta, {"run_id": self.run_id, "tracking_uri": self.tracker.uri}, indent=2)
+        # a resumed run repeats what it logged after its last checkpoint: MLflow appends, so those are not sent again
+        self.logged, logged_up_to = self.tracker.logged_so_far(self.run_id) if previous else (set(), -1)
         every = cfg.tracking.log_every_n_steps
-        self.steps = StepLogger(self.tracker, self.run_id, every, cfg.mixture.batch_size) if every > 0 else None
+        self.steps = (StepLogger(self.tracker, self.run_id, every, cfg.mixture.batch_size, logged_up_to=logged_up_to)
+                      if every > 0 else None)
 
     def hooks(self, hooks):
         """``hooks`` plus this run's logging (evaluation points, training steps)."""
@@ -87,6 +90,8 @@ class MlflowRun:
 
         if self.steps is not None:
             self.steps.flush()
+        if point in self.logged:
+            return
         self.tracker.log_metrics(self.run_id, eval_metrics(records, point_summary(records),
                                                            point_summary(records, "full")), step=point)
 

@@ -69,6 +69,7 @@ CHECKPOINT_TAG = "fomo_ray.checkpoint_uri"  # where Ray keeps this run's newest 
 RESUMED_TAG = "fomo_ray.resumed_from"  # the cursor a restarted worker continued from
 WORLD_TAG = "fomo_ray.world_size"  # data-parallel workers of the (latest) attempt
 NODES_TAG = "fomo_ray.worker_nodes"  # the Ray node of each rank of the (latest) attempt, in rank order
+WORLD_HISTORY_TAG = "fomo_ray.world_sizes"  # the world size of every attempt, in order ("1,2,1": grew, then shrank)
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
 
@@ -165,10 +166,14 @@ class _Bridge:
         self.stop_reason = ""  # the board's answer at the newest point ("" = go on); rank 0 asks, the loop agrees
         self.stopped = False   # the loop left early because of it
         self.noticed = False   # a preemption notice was answered by a checkpoint
+        # what a resumed run logged before its checkpoint's successor was registered (a lost node, a preemption):
+        # it repeats those points and steps, with the same numbers, and logs none of them twice
+        self.logged, logged_up_to = tracker.logged_so_far(run_id) if tracker is not None else (set(), -1)
         if tracker is not None and p.cfg.tracking.log_every_n_steps > 0:
             from fomo_ray.tracking import StepLogger
 
-            self.steps = StepLogger(tracker, run_id, p.cfg.tracking.log_every_n_steps, p.cfg.mixture.batch_size)
+            self.steps = StepLogger(tracker, run_id, p.cfg.tracking.log_every_n_steps, p.cfg.mixture.batch_size,
+                                    logged_up_to=logged_up_to)
 
     def on_step(self, task: int, step: int, loss: Any, lr: float, grad_norm: Any, global_step: int) -> None:
         if self.steps is not None:
@@ -185,7 +190,7 @@ class _Bridge:
         summary = point_summary(records)
         full = point_summary(records, "full")  # {} where only the subsets were evaluated
         self.last.update(summary)
-        if self.tracker is not None:
+        if self.tracker is not None and task not in self.logged:
             from fomo_ray.tracking import eval_metrics
 
             self.flush_steps()
@@ -369,16 +374,10 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         ensure_inputs(p.cfg)
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
-        from fomo_ray.provenance import platform_label
-        from fomo_ray.backbones import activation_tags
-        from fomo_ray.tracking import PLATFORM_TAG, Tracker
+        from fomo_ray.tracking import Tracker
 
         tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
-        # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
-        tracker.set_tags(run_id, {WORLD_TAG: session.world_size, NODES_TAG: ",".join(nodes),
-                                  PLATFORM_TAG: platform_label(), **activation_tags(p.cfg)})
-        if resume is not None:  # visible proof in the UI that this run continued from a checkpoint
-            tracker.set_tags(run_id, {RESUMED_TAG: checkpoint_name(*checkpoint_position(resume)[:2])})
+        _tag_attempt(tracker, run_id, p.cfg, session.world_size, nodes, resume)
     bridge = _Bridge(p, session, run_id, tracker)
     if refused:
         return bridge.finish(trial_report.failed_report(f"DeviceUnavailable: {refused}", bridge.last))
@@ -397,6 +396,23 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         return bridge.finish(trial_report.stopped_report(bridge.stop_reason or "stopped by the sweep's rule",
                                                          int(results["task"].max()), bridge.last))
     return bridge.finish(trial_report.done_report(bridge.last))
+
+
+def _tag_attempt(tracker: Any, run_id: str, cfg: ExperimentConfig, world_size: int, nodes: list[str],
+                 resume: Any) -> None:
+    """Rank 0, at every (re)start: where this attempt runs, visible in the UI (an elastic run that grew or shrank
+    shows it in ``fomo_ray.world_sizes``, a restarted one the checkpoint it continued from)."""
+    from fomo_ray.backbones import activation_tags
+    from fomo_ray.provenance import platform_label
+    from fomo_ray.tracking import PLATFORM_TAG
+
+    before = tracker.client.get_run(run_id).data.tags.get(WORLD_HISTORY_TAG, "")  # earlier attempts' sizes
+    # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
+    tags = {WORLD_TAG: world_size, WORLD_HISTORY_TAG: ",".join(filter(None, [before, str(world_size)])),
+            NODES_TAG: ",".join(nodes), PLATFORM_TAG: platform_label(), **activation_tags(cfg)}
+    if resume is not None:
+        tags[RESUMED_TAG] = checkpoint_name(*checkpoint_position(resume)[:2])
+    tracker.set_tags(run_id, tags)
 
 
 def _retry_quietly(p: RunPayload, run_id: str) -> None:
@@ -502,7 +518,7 @@ def scaling_config(cfg: ExperimentConfig) -> Any:
         else r.num_workers
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker > 0 else {})}
     return ray.train.ScalingConfig(num_workers=workers, use_gpu=r.gpus_per_worker > 0,
-                                   resources_per_worker=resources)
+                                   resources_per_worker=resources, elastic_resize_monitor_interval_s=r.resize_check_s)
 
 
 @dataclass(frozen=True)

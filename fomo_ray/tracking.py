@@ -354,6 +354,13 @@ class Tracker:
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return sorted((m.step, m.value) for m in self.client.get_metric_history(run_id, key))
 
+    def logged_so_far(self, run_id: str) -> tuple[set[int], int]:
+        """(evaluation points, newest training step) a run has logged: a run resumed from a checkpoint older than
+        its last logged point repeats those steps and must not log them twice (MLflow appends, it never replaces)."""
+        points = {s for s, _ in self.metric_history(run_id, summary_key("GM"))}
+        steps = [s for s, _ in self.metric_history(run_id, TRAIN_KEYS[0])]
+        return points, max(steps, default=-1)
+
 
 class StepLogger:
     """The training signal of one run: loss, lr, the pre-clip gradient norm and samples/s of every step, buffered
@@ -371,11 +378,13 @@ class StepLogger:
     task or after a resume (the time since the previous step then holds an evaluation or the restart), but includes
     a mid-task checkpoint written between two steps (the run really spent that time). Rows after the first
     non-finite loss are dropped: those steps trained on the weights a diverged step left (the loop then fails the run
-    naming that step, ``loop.TrainingDiverged``), and their numbers would only draw a misleading curve."""
+    naming that step, ``loop.TrainingDiverged``), and their numbers would only draw a misleading curve. Steps up to
+    ``logged_up_to``, which a resumed run repeats, are not sent again."""
 
     def __init__(self, tracker: Tracker, run_id: str, every: int, global_batch: int,
-                 clock: Any = time.perf_counter, background: bool = True):
+                 clock: Any = time.perf_counter, background: bool = True, logged_up_to: int = -1):
         self.tracker, self.run_id, self.every, self.global_batch = tracker, run_id, every, global_batch
+        self.logged_up_to = logged_up_to  # a resumed run's steps up to this global step are in MLflow already
         self.clock = clock
         self.rows: list[tuple[int, int, Any, float, Any, float | None]] = []
         self.previous: tuple[int, int, float] | None = None  # (task, step, clock) of the step before
@@ -387,6 +396,9 @@ class StepLogger:
 
     def step(self, task: int, step: int, loss: Any, lr: float, grad_norm: Any, global_step: int) -> None:
         now = self.clock()
+        if global_step <= self.logged_up_to:
+            self.previous = (task, step, now)
+            return
         rate = None
         if self.previous is not None and self.previous[:2] == (task, step - 1) and now > self.previous[2]:
             rate = self.global_batch / (now - self.previous[2])
@@ -519,41 +531,6 @@ def ensure_views(client: MlflowClient, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
 
 
-def runs_path(experiment_id: str | None, view: str = TRIALS_VIEW) -> str:
-    """The UI's page for an experiment's runs table in the training workflow, opened on ``view``
-    (``#/experiments/<id>/runs``: MLflow 3 otherwise opens an experiment on its GenAI overview); "/" without one."""
-    if not experiment_id:
-        return "/"
-    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view}"
-
-
-def prepare_ui(configured_uri: str, output_dir: str, experiment: str, port: int,
-               write: bool = True) -> dict[str, Any]:
-    """What `fomo-ray ui` needs from the store, computed in a short-lived process (importing MLflow would cost the
-    long-lived UI process ~200 MB): the resolved URI, the server command and the path of the runs page of
-    ``experiment`` ("/" when the store has none). ``write`` makes sure that experiment has the study views (a dry
-    run writes nothing). ``{"error": ...}`` when there is no store at the URI."""
-    try:
-        uri = resolve_uri(configured_uri, output_dir)
-    except TrackingError as e:
-        return {"error": str(e)}
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        return {"error": f"no MLflow database at {uri[len('sqlite:///'):]} (run a sweep first, or pass --uri)"}
-    experiment_id = None
-    if write:
-        try:
-            check_reachable(uri, create=False)
-            client = MlflowClient(tracking_uri=uri)
-            found = client.get_experiment_by_name(experiment)
-            if found is not None:
-                experiment_id = found.experiment_id
-                ensure_views(client, experiment_id)
-        except (TrackingError, MlflowException) as e:
-            return {"error": f"MLflow tracking URI {uri!r}: {str(e).splitlines()[0]}"}
-    return {"uri": uri, "command": ui_command(uri, port, Path(output_dir) / ARTIFACT_DIR),
-            "path": runs_path(experiment_id)}
-
-
 # --------------------------------------------------------------------------------------------------- reading a run
 def _reader(uri: str, run_id: str) -> MlflowClient:
     """A client for reading ``run_id`` back (``fomo_ray.export``); a missing SQLite file or an unknown run raises
@@ -583,14 +560,3 @@ def download_run_artifacts(uri: str, run_id: str, artifact_path: str, dst: str |
     if artifact_path.rstrip("/") not in listed:
         return None
     return Path(client.download_artifacts(run_id, artifact_path.rstrip("/"), str(dst)))
-
-
-# --------------------------------------------------------------------------------------------------- `fomo-ray ui`
-def ui_command(uri: str, port: int, artifact_root: str | Path | None) -> list[str]:
-    """``mlflow server`` bound to loopback with one worker (a few hundred MB instead of ~2 GB for the defaults;
-    the README's MLflow UI section gives the measured figure)."""
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    if artifact_root is not None:
-        cmd += ["--default-artifact-root", Path(artifact_root).expanduser().resolve().as_uri()]
-    return cmd

@@ -1,14 +1,18 @@
-"""Data-parallel Ray Train runs on a real two-node Ray cluster on this machine (run as a script by
+"""Data-parallel Ray Train runs on a real Ray cluster of up to two nodes on this machine (run as a script by
 ``tests/test_cluster.py``, because Ray's authentication must be set up before ``ray`` is imported).
 
     python tests/_two_node_train.py OUT_DIR DATA_ROOT DATA_SCALE
 
-1. Starts two Ray nodes with ``ray start`` (the head and one worker node, 1 CPU each, fast node health checks) using
-   the helpers of ``bench/two_node_cluster.py``, and connects this driver to them.
-2. ``ddp``: a 2-worker DDP TorchTrainer run (gloo, ``ray.cpus_per_worker`` 0.95, so one worker fits per node).
-3. ``elastic``: the same run with ``ray.min_workers=1``. Once Ray Train has registered a mid-task checkpoint of task 0,
-   every process of the worker node is SIGKILLed (a lost machine). Ray Train must restart the group with the one worker that still
-   fits, from the latest checkpoint, and finish.
+1. Starts a Ray head with ``ray start`` (1 CPU, fast node health checks; the helpers of ``bench/two_node_cluster.py``)
+   and connects this driver to it.
+2. ``elastic``: a DDP run with ``ray.min_workers=1, ray.num_workers=2`` (gloo, ``ray.cpus_per_worker`` 0.95: one
+   worker fits per node) starts on the head alone, at one worker. Once Ray Train has registered a mid-task checkpoint
+   of task 0, a second node joins: Ray Train's elastic policy grows the group to two workers, restarted from that
+   checkpoint. Once it has registered a mid-task checkpoint of task 1 written by the two workers, every process of
+   the added node is SIGKILLed (a lost machine): Ray Train restarts the group with the one worker that still fits and
+   the run finishes. Rank 0 is held at the step after each of those checkpoints until the group is restarted
+   (:class:`Hold`), so the cluster changes always meet the run at the same place, however fast the machine trains.
+3. ``ddp``: a new second node joins; the same run with a fixed two workers, one per node, undisturbed.
 4. ``single``: the same config in this process, one worker (``loop.run_stream``), the reference.
 5. Stops exactly the node processes it started, and writes ``OUT_DIR/summary.json`` plus each run's final weights
    (``OUT_DIR/<run>.pt``) for the test to judge.
@@ -19,18 +23,43 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from _cluster_util import cluster_helpers
+from _cluster_util import cluster_helpers, scenario_main
 
-# Ray Train registers a reported checkpoint only when its controller next polls the workers (every 2 s); a node lost
-# before that takes the report with it and the run restarts from the checkpoint before. So the node is killed once the
-# controller's own snapshot names a mid-task checkpoint of task 0 as the latest: a registered one, waited for as an
-# event, not a delay.
-SNAPSHOT, MID_TASK = "checkpoint_manager_snapshot.json", "cursor_t000_s"
+# Ray Train registers a reported checkpoint only when its controller next polls the workers (every 2 s); a group
+# restarted before that continues from the checkpoint before. So each cluster change waits until the controller's own
+# snapshot names a mid-task checkpoint of the task as the latest: a registered one, waited for as an event.
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+HOLD_S = 240.0  # how long rank 0 waits for a restart that never comes (the test then fails on the world sizes)
+
+
+class Hold:
+    """Rank 0 of a group of ``world`` ranks stops after step ``step`` of task ``task`` (the step after a mid-task
+    checkpoint) and waits there until Ray Train restarts the group; ``OUT/reached_<name>`` tells the driver it is
+    there. Shipped to the workers by value (``_edges_util.train_worker_in_worker`` runs it as a fault hook)."""
+
+    def __init__(self, out: str, holds: dict[str, tuple[int, int, int]]):
+        self.out, self.holds = out, holds
+
+    def after_step(self, task: int, step: int) -> None:
+        import os
+        import time
+
+        import ray.train
+
+        ctx = ray.train.get_context()
+        if ctx.get_world_rank() != 0:
+            return
+        for name, at in self.holds.items():
+            reached = os.path.join(self.out, f"reached_{name}")
+            if (task, step, ctx.get_world_size()) == at and not os.path.exists(reached):
+                open(reached, "w").write(f"task {task} step {step} world {at[2]}\n")
+                deadline = time.time() + HOLD_S
+                while time.time() < deadline:  # ended by the restart, which kills this process
+                    time.sleep(0.2)
 
 
 def _config(out: Path, data_root: str, scale: float, **overrides):
@@ -92,63 +121,76 @@ def _registered(directory: Path) -> str:
         return ""
 
 
-def _kill_session_when(directory: Path, sid: int, helpers, done: threading.Event, log: dict) -> None:
-    """SIGKILL every process of session ``sid`` (one Ray node) once Ray Train has registered a mid-task checkpoint
-    of task 0 under ``directory``: the node is lost in the middle of task 0."""
+def _wait(done: threading.Event, ready) -> bool:
     while not done.is_set():
-        latest = _registered(directory)
-        if latest.startswith(MID_TASK):
-            log.update(killed_pids=helpers.kill_session(sid), killed_at=time.time(), registered=latest,
-                       seen=sorted(p.name for p in directory.rglob("cursor_*")))
-            return
+        if ready():
+            return True
         time.sleep(0.2)
+    return False
+
+
+def _change_cluster(directory: Path, out: Path, add_node, helpers, done: threading.Event, log: dict) -> None:
+    """Grow, then shrink, the cluster under the elastic run (see the module docstring); ``log`` says when and at which
+    registered checkpoint."""
+    if not _wait(done, lambda: (out / "reached_grow").exists() and _registered(directory).startswith("cursor_t000_s")):
+        return
+    node = add_node("worker_added")
+    log.update(grow_registered=_registered(directory), grown_at=time.time())
+    if not _wait(done, lambda: (out / "reached_shrink").exists()
+                 and _registered(directory).startswith("cursor_t001_s")):
+        return
+    log.update(killed_pids=helpers.kill_session(node.pid), killed_at=time.time(), registered=_registered(directory),
+               seen=sorted(p.name for p in directory.rglob("cursor_*")))
 
 
 def main(out: Path, data_root: str, scale: float) -> dict:
     helpers = cluster_helpers()
     import ray
 
+    from fomo_ray import ray_train
     from fomo_ray.tracking import Tracker, default_uri
 
+    from _edges_util import register_by_value, train_worker_in_worker
+
     summary: dict = {}
-    port = helpers.free_port()
-    temp_dir = tempfile.mkdtemp(prefix="fr2t_", dir="/tmp")
-    nodes = [helpers.start_node(["--head", "--port", str(port), "--num-cpus", "1", "--num-gpus", "0",
-                                 "--temp-dir", temp_dir, "--include-dashboard=false"], out / "head.log")]
-    try:
-        helpers.wait_for_port(port, 60)
-        nodes.append(helpers.start_node(["--address", f"127.0.0.1:{port}", "--num-cpus", "1", "--num-gpus", "0",
-                                         "--temp-dir", temp_dir], out / "worker.log"))
-        ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
-        alive = helpers.wait_for_nodes(2, 90)
-        summary["cluster_nodes"] = sorted(nd["NodeID"] for nd in alive)
-        head_id = ray.get_runtime_context().get_node_id()
-        summary["head_node"] = head_id
+    with helpers.local_cluster(out, 1, prefix="fr2t_") as cluster:
+        def add_node(log_name: str):
+            cluster.nodes.append(helpers.start_node(["--address", f"127.0.0.1:{cluster.port}", "--num-cpus", "1",
+                                                     "--num-gpus", "0", "--temp-dir", cluster.temp_dir],
+                                                    out / f"{log_name}.log"))
+            return cluster.nodes[-1]
+
+        ray.init(address=f"127.0.0.1:{cluster.port}", log_to_driver=False)
+        summary["head_node"] = ray.get_runtime_context().get_node_id()
         tracker = Tracker(default_uri(out), "two_node")
 
-        summary["ddp"] = _train(_config(out, data_root, scale), "ddp", out, tracker)
-
-        done, kill_log = threading.Event(), {}
+        done, log = threading.Event(), {}
 
         def watch(directory: Path) -> None:
-            threading.Thread(target=_kill_session_when, args=(directory, nodes[1].pid, helpers, done, kill_log),
+            threading.Thread(target=_change_cluster, args=(directory, out, add_node, helpers, done, log),
                              daemon=True).start()
 
+        register_by_value()
+        real = ray_train.train_worker
+        ray_train.train_worker = train_worker_in_worker(fault=Hold(str(out), {"grow": (0, 2, 1), "shrink": (1, 2, 2)}))
+        t0 = time.time()
         try:
-            summary["elastic"] = _train(_config(out, data_root, scale, **{"ray.min_workers": 1}), "elastic", out,
-                                        tracker, on_started=watch)
+            summary["elastic"] = _train(_config(out, data_root, scale, **{"ray.min_workers": 1,
+                                                                         "ray.resize_check_s": 1.0}),
+                                        "elastic", out, tracker, on_started=watch)
         finally:
             done.set()
-        summary["kill"] = kill_log
-        summary["kill_to_end_s"] = round(time.time() - kill_log.get("killed_at", time.time()), 1)
-        summary["alive_after"] = sorted(nd["NodeID"] for nd in ray.nodes() if nd["Alive"])
+            ray_train.train_worker = real
+        summary["changes"] = {k: round(v - t0, 1) if k.endswith("_at") else v for k, v in log.items()}
+        summary["alive_after_elastic"] = sorted(nd["NodeID"] for nd in ray.nodes() if nd["Alive"])
+
+        add_node("worker_ddp")
+        summary["cluster_nodes"] = sorted(nd["NodeID"] for nd in helpers.wait_for_nodes(2, 90))
+        summary["ddp"] = _train(_config(out, data_root, scale), "ddp", out, tracker)
         ray.shutdown()
         summary["single"] = _single(_config(out, data_root, scale), out)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        summary["needed_sigkill"] = helpers.stop_nodes(list(reversed(nodes)))
-        summary["left_in_sessions"] = [pid for n in nodes for pid in helpers.session_pids(n.pid)]
+    summary["needed_sigkill"] = cluster.needed_sigkill
+    summary["left_in_sessions"] = [pid for n in cluster.nodes for pid in helpers.session_pids(n.pid)]
     return summary
 
 
@@ -160,7 +202,5 @@ if __name__ == "__main__":
                        # a restart that first waits for the lost node's worker gives up after 20 s, not 60
                        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
                        "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
-    target = Path(sys.argv[1])
-    target.mkdir(parents=True, exist_ok=True)
-    result = main(target, sys.argv[2], float(sys.argv[3]))
-    (target / "summary.json").write_text(json.dumps(result, indent=1, default=str))
+    Path(sys.argv[1]).mkdir(parents=True, exist_ok=True)
+    scenario_main(main)

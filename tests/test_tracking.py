@@ -22,7 +22,8 @@ from fomo_ray.config import load_config
 from fomo_ray.provenance import platform_label
 from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
                                check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
-                               sweep_metrics, tracker_for, ui_command)
+                               sweep_metrics, tracker_for)
+from fomo_ray.mlflow_ui import runs_path, ui_command
 
 from _edges_util import REPO, free_port
 
@@ -266,16 +267,19 @@ def test_study_views_are_saved_views_of_the_experiment(store):
     assert trials["selectedColumns"][:3] == ["metrics.`Summary/A_KA`", "metrics.`Summary/A_ZS`", "metrics.`Summary/GM`"]
     tr.ensure_views()
     assert tr.client.get_experiment(tr.experiment_id).tags == tags
-    assert tracking.runs_path(tr.experiment_id) == (f"/#/experiments/{tr.experiment_id}/runs?workflowType="
+    assert runs_path(tr.experiment_id) == (f"/#/experiments/{tr.experiment_id}/runs?workflowType="
                                                     f"machine_learning&viewStateShareKey={tracking.TRIALS_VIEW}")
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray run`
-def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_path_factory, capsys):
+def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_path_factory, monkeypatch):
     """A tracked `fomo-ray run`: one run (kind run) with the settings that apply to its method, per-point metrics in
-    percent that match the printed table, the training signal at every step; --resume reopens the same run."""
+    percent that match the printed table, the training signal at every step; --resume reopens the same run, and
+    what it repeats after its checkpoint (here: the whole second task, as if the run died before its end state was
+    saved) is not logged twice."""
     from _data_util import small_fifmini
 
+    from fomo_ray import checkpoint
     from fomo_ray.assembly import run_name
     from fomo_ray.cli.run import main as run_main
     from fomo_ray.metrics import load_results, summarize
@@ -288,7 +292,12 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
                  "output_dir": str(tmp_path / "runs"), "method.name": "ema_merge", "method.merge.weight": 0.3,
                  "tracking.log_every_n_steps": 2}
     argv = [f"{k}={v}" for k, v in overrides.items()]
+    first = checkpoint.save_state_in_background
+    saved: list[int] = []
+    monkeypatch.setattr(checkpoint, "save_state_in_background",  # only the state after task 0 reaches the disk
+                        lambda state, d: saved.append(1) or (first(state, d) if len(saved) == 1 else None))
     assert run_main(argv) == 0
+    monkeypatch.setattr(checkpoint, "save_state_in_background", first)
     cfg = load_config(None, overrides)
     out = tmp_path / "runs" / run_name(cfg)
     tr = tracker_for(cfg)
@@ -303,6 +312,8 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     assert len(tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
     assert run_main(argv + ["--resume"]) == 0
     assert [r.info.run_id for r in tr.client.search_runs([tr.experiment_id])] == [run.info.run_id]
+    assert tr.metric_history(run.info.run_id, summary_key("GM")) == sorted(got.items())  # nothing logged twice
+    assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray ui`
@@ -346,7 +357,7 @@ def test_ui_prints_the_runs_url_once_serving_and_sigterm_stops_the_whole_server(
     try:
         assert url.wait(timeout=180), "no URL within 180 s:\n" + "".join(lines)
         assert found["health"] == 200
-        assert found["url"] == f"http://127.0.0.1:{port}" + tracking.runs_path(tr.experiment_id)
+        assert found["url"] == f"http://127.0.0.1:{port}" + runs_path(tr.experiment_id)
         server = [p for p in _children(proc.pid)]
         assert server, "fomo-ray ui started no server process"
         proc.send_signal(signal.SIGTERM)

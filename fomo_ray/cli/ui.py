@@ -5,7 +5,7 @@ It prints the address of the experiment's runs table (the training view, opened 
 starts a uvicorn worker -- on Ctrl-C (SIGINT) or SIGTERM. A port in use fails at once, a server that dies before
 answering fails as soon as it dies, both with exit code 1.
 
-This process stays small: MLflow is imported only by a short-lived helper process (``tracking.prepare_ui``: the
+This process stays small: MLflow is imported only by a short-lived helper process (``mlflow_ui.prepare_ui``: the
 resolved store, the server command, the experiment's page, the study views) and by the server itself.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Sequence
 from fomo_ray.cli.text import Parser
 
 HOST = "127.0.0.1"
-# runs tracking.prepare_ui in a child process; its answer is one line of JSON
-_PREPARE = ("import json, sys; from fomo_ray.tracking import prepare_ui; a = sys.argv; "
+# runs mlflow_ui.prepare_ui in a child process; its answer is one line of JSON
+_PREPARE = ("import json, sys; from fomo_ray.mlflow_ui import prepare_ui; a = sys.argv; "
             "print(json.dumps(prepare_ui(a[1], a[2], a[3], int(a[4]), a[5] == '1')))")
 
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def prepare(uri: str, output_dir: str, experiment: str, port: int, write: bool) -> dict:
-    """``tracking.prepare_ui`` in a child process (MLflow's imports would stay in this one: ~200 MB)."""
+    """``mlflow_ui.prepare_ui`` in a child process (MLflow's imports would stay in this one: ~200 MB)."""
     out = subprocess.run([sys.executable, "-c", _PREPARE, uri, output_dir, experiment, str(port),
                           "1" if write else "0"], capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
