@@ -90,3 +90,18 @@ class DrainWatch:
 
     def close(self) -> None:
         self._stop.set()
+
+
+def preemption_counter(storage: str, trial_id: str) -> Any:
+    """A Ray Train callback (it runs on the run's controller): a worker group that failed because a node was
+    preempted adds one to the trial's preemption count (``preemptions.add``). Train restarts such a group under
+    ``max_preemption_failures``, never charging ``ray.max_failures``."""
+    from ray.train import UserCallback
+
+    class CountPreemptions(UserCallback):
+        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+            ranks = sorted(r for r, e in worker_exceptions.items() if getattr(e, "preempted", False))
+            if ranks:
+                add(storage, trial_id, f"Train workers {ranks} lost to a preempted node")
+
+    return CountPreemptions()

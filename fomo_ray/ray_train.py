@@ -44,8 +44,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +101,7 @@ class RunPayload:
     keep_uploads: bool = False        # upload the final checkpoint to MLflow even on shared storage (else a pointer)
     stopping: Mapping[str, Any] | None = None  # the sweep's early-stopping rule (``stopping.StoppingRule`` fields)
     stop_board: str = ""              # the name of the sweep's board actor the rule is asked through
+    spend: Mapping[str, Any] | None = None  # under a sweep budget: {"unit", "need"} (fomo_ray/sweep_budget.py)
 
 
 class Session(Protocol):
@@ -156,8 +159,14 @@ class _Bridge:
     def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
         self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
         self.rank0 = session.rank == 0
-        # the final evaluation point, never a stopping point (only needed, and only built, under a stopping rule)
-        self.last_point = planned_tasks(p.cfg) if p.stopping else 0
+        # the final evaluation point, never a stopping point (only needed, and only built, under a stopping rule
+        # or a sweep budget)
+        self.last_point = planned_tasks(p.cfg) if p.stopping or p.spend else 0
+        self.attempt = ("", 0.0)  # under a sweep budget: (id, start time) of this process, whose spend it counts
+        if p.spend:
+            from fomo_ray.budget_board import attempt
+
+            self.attempt = attempt()
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
         self.state_run = ""  # the loop's run name of the snapshots written (the key of checkpoint.wait_for_write)
@@ -211,17 +220,31 @@ class _Bridge:
                                for t in points]  # (the subsets: the trajectory)
 
     def _post(self, point: int, summary: Mapping[str, float]) -> None:
-        """Ask the sweep's stopping rule at a task boundary (rank 0: the loop agrees across ranks)."""
+        """Ask the sweep's stopping rule and its budget at a task boundary (rank 0: the loop agrees across ranks)."""
         rule = self.p.stopping
-        if not rule:
-            return
-        self.trajectory.append(summary[rule["metric"]])
-        if self.rank0 and rule["min_tasks"] <= point < self.last_point:
+        if rule:
+            self.trajectory.append(summary[rule["metric"]])
+        if self.rank0 and rule and rule["min_tasks"] <= point < self.last_point:
             from fomo_ray import stop_board
             from fomo_ray.stopping import trajectory_mean
 
             self.stop_reason = stop_board.ask(self.p.stop_board, self.p.run_name, point,
                                               trajectory_mean(self.trajectory))
+        over = self._spend(point)
+        if over and self.p.spend.get("stoppable", True) and not self.stop_reason and point < self.last_point:
+            self.stop_reason = over
+
+    def _spend(self, point: int, final: bool = False) -> str:
+        """Rank 0, under a sweep budget: post this attempt's spend so far; why the sweep is over budget, or ""."""
+        if not (self.rank0 and self.p.spend):
+            return ""
+        from fomo_ray import budget_board
+        from fomo_ray.sweep_budget import attempt_spend
+
+        s = self.p.spend
+        units = attempt_spend(s["unit"], s["need"], time.time() - self.attempt[1], self.session.world_size,
+                              self.p.cfg.ray.gpus_per_worker, point, self.last_point)
+        return budget_board.post(self.p.run_name, self.attempt[0], units, final)
 
     def checkpoint_now(self) -> bool:
         """True once per preemption notice (the session's ``preempting()``): the loop checkpoints at once, so the run
@@ -288,6 +311,8 @@ class _Bridge:
         self.flush_steps()
         if self.steps is not None:
             self.steps.close()
+        if not trial_report.is_kind(final, ReportKind.FAILED):  # a failed attempt may be retried: not its end
+            self._spend(int(final.get("stopped_at", self.last_point)), final=True)
         d = None
         done = trial_report.is_kind(final, ReportKind.DONE)
         if self.rank0:
@@ -385,13 +410,13 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         bridge.seed_trajectory(resume.results)
     hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
                           on_step=bridge.on_step if bridge.steps is not None else None,
-                          should_stop=bridge.should_stop if p.stopping else None,
+                          should_stop=bridge.should_stop if p.stopping or p.spend else None,
                           checkpoint_now=bridge.checkpoint_now if hasattr(session, "preempting") else None)
     try:
         results = loop.run_stream(p.cfg, hooks=hooks, resume=resume)
     except loop.TrainingDiverged as e:
         return bridge.finish(trial_report.failed_report(f"{type(e).__name__}: {e}", bridge.last))
-    if bridge.stopped or (p.stopping and int(results["task"].max()) < bridge.last_point):
+    if bridge.stopped or ((p.stopping or p.spend) and int(results["task"].max()) < bridge.last_point):
         # every rank leaves together (the loop agrees on should_stop); rank 0 holds the reason
         return bridge.finish(trial_report.stopped_report(bridge.stop_reason or "stopped by the sweep's rule",
                                                          int(results["task"].max()), bridge.last))
@@ -562,23 +587,6 @@ def fit_train_run(payload: RunPayload, *, name: str, storage_path: str,
         raise RunDiverged(f"run {payload.run_name!r} (Train run {name}) failed: {metrics.get('reason')}",
                           [] if evals is None else [r.dropna().to_dict() for _, r in evals.iterrows()])
     return TrainOutcome(metrics, result.checkpoint.path if result.checkpoint else None, str(result.path))
-
-
-def preemption_counter(storage: str, trial_id: str) -> Any:
-    """A Ray Train callback (it runs on the run's controller): a worker group that failed because a node was
-    preempted adds one to the trial's preemption count (``preemptions.add``). Train restarts such a group under
-    ``max_preemption_failures``, never charging ``ray.max_failures``."""
-    from ray.train import UserCallback
-
-    from fomo_ray import preemptions
-
-    class CountPreemptions(UserCallback):
-        def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
-            ranks = sorted(r for r, e in worker_exceptions.items() if getattr(e, "preempted", False))
-            if ranks:
-                preemptions.add(storage, trial_id, f"Train workers {ranks} lost to a preempted node")
-
-    return CountPreemptions()
 
 
 def train_storage(storage_root: str | Path) -> str:

@@ -12,7 +12,9 @@ import pandas as pd
 
 from fomo_ray import trial_report
 from fomo_ray.metrics import tidy_frame
-from fomo_ray.sweep_spec import REFERENCES_KIND, Dim, SweepPlan, enumerated_dims, point_label, trial_overrides
+from fomo_ray.sweep_budget import REASON as BUDGET_REASON
+from fomo_ray.sweep_spec import (REFERENCES_KIND, Dim, SweepPlan, SweepSpec, enumerated_dims, point_label,
+                                 trial_overrides)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -132,8 +134,13 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
 
 def compute_saved(trials: pd.DataFrame) -> float | None:
     """The share of the sweep's estimated GFLOPs that early stopping saved (None when no trial was stopped or no
-    estimate is known): 1 - (GFLOPs run) / (GFLOPs planned), over the trials that finished or were stopped."""
-    if trials.empty or "est_gflops" not in trials or not (trials["status"] == "stopped").any():
+    estimate is known): 1 - (GFLOPs run) / (GFLOPs planned), over the trials that finished or were stopped by the
+    rule (a trial the sweep budget stopped or never started was not early stopping's doing)."""
+    if trials.empty or "est_gflops" not in trials:
+        return None
+    by_budget = trials["reason"].fillna("").astype(str).str.startswith(BUDGET_REASON) if "reason" in trials else False
+    trials = trials[~by_budget]
+    if not (trials["status"] == "stopped").any():
         return None
     ended = trials[trials["status"].isin(["finished", "stopped"])].dropna(subset=["est_gflops", "done_gflops"])
     planned = float(ended["est_gflops"].sum())
@@ -148,3 +155,38 @@ def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[
         return {k: [] for k in SUMMARY_KEYS}
     last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
     return {k: [float(v) for v in last[k]] for k in SUMMARY_KEYS}
+
+
+# --------------------------------------------------------------------------------------------------- MLflow note
+def _describe_dim(key: str, d: Dim) -> str:
+    if d.kind in ("points", REFERENCES_KIND):
+        return f"`{key}`: {d.kind} " + ", ".join(f"`{label}` ({', '.join(f'{k}={v}' for k, v in bundle.items())})"
+                                               for label, bundle in d.values)
+    return f"`{key}`: {d.kind} {list(d.values)}"
+
+
+def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
+    """The parent run's note in the MLflow UI (markdown): what the sweep studies and how its runs read."""
+    b = plan.base
+    lines = [f"**Sweep `{name}`** (spec `{spec.name}`)" + (f": {spec.description}" if spec.description else ""),
+             "",
+             f"- search: {spec.search}, {plan.total} trial(s), searcher metric `{spec.metric}` ({spec.mode})",
+             "- space: " + "; ".join(_describe_dim(k, d) for k, d in plan.space.items()),
+             f"- base: method `{b.method.name}`, backbone `{b.backbone.name}`, {b.stream.num_tasks} tasks, "
+             f"budget {b.budget.total_ft_steps} fine-tune steps ({b.budget.mode}), lr {b.optimizer.lr}, "
+             f"batch {b.mixture.batch_size}, seed {b.seed}",
+             "- metrics in **percent**. Each child run (one trial): Summary/A_KA, Summary/A_ZS, Summary/GM per "
+             "evaluation point (step = point: 0 before any update, t after task t), datasets/<name>/<metric>, "
+             "Training/* per step; params = the settings that apply to its method, plus `variant`.",
+             "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
+             "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
+             "table.md) under the artifacts report/, the results tables under tables/."]
+    if spec.sweep_budget is not None:
+        lines.append(f"- sweep budget: {spec.sweep_budget.describe()} (Sweep/budget_spent: what the trials spent; "
+                     "trials it did not start are `stopped`, reason `budget`)")
+    if spec.seeds > 1:
+        lines.append(f"- {spec.seeds} seeds per variant (the grid `seed`): this run also carries "
+                     "Variants/<variant>/final_GM_mean, final_GM_ci, mean_GM_mean, mean_GM_ci (mean over the finished "
+                     "seeds, 95% Student-t half-width), and report/variants.md and report/vs_baseline.md (each "
+                     "variant minus fine-tuning, paired by seed).")
+    return "\n".join(lines)

@@ -11,6 +11,7 @@ A sweep is a base config plus a *space*, written in YAML (``experiments/configs/
     order: cost                         # cost: longest trial first (default) | fifo: the grid's order
     seeds: 3                            # optional: every variant over seeds base.seed .. base.seed + 2 (default 1)
     stopping: {rule: trails_best, min_tasks: 2, margin: 5}   # optional: cooperative early stopping (stopping.py)
+    sweep_budget: {gpu_hours: 40}       # optional: what the whole sweep may spend (sweep_budget.py; or pflops)
     space:
       method.merge.weight: {grid: [0.1, 0.5, 0.9]}
       optimizer.lr: {loguniform: [1.0e-5, 1.0e-3]}      # also: uniform, randint, choice
@@ -37,6 +38,7 @@ from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_ov
 from fomo_ray.presets import (PresetError, check_presets, check_sized_for, preset_overrides, preset_path, sizing_error,
                               swept_backbones)
 from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
+from fomo_ray.sweep_budget import SweepBudget, SweepBudgetError, parse_sweep_budget
 
 SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
@@ -48,7 +50,7 @@ REFERENCES: dict[str, dict[str, Any]] = {"zero_shot": {"method.name": "zero_shot
                                          "finetune": {"method.name": "finetune"},
                                          "joint": {"method.name": "joint"}}
 SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode", "trainer", "space", "report",
-             "description", "order", "stopping", "seeds", "references", "sized_for", "presets")
+             "description", "order", "stopping", "seeds", "references", "sized_for", "presets", "sweep_budget")
 ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
@@ -260,6 +262,7 @@ class SweepSpec:
     presets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # name -> {base: ..., space: ...} at that scale
     preset: str = ""            # the preset applied (load_sweep(preset=...)); "" = none
     keep_sizing: bool = False   # run a tiny-sized sweep on a real backbone anyway (--keep-sizing)
+    sweep_budget: SweepBudget | None = None  # what the whole sweep may spend (fomo_ray/sweep_budget.py)
 
     def base_config(self) -> ExperimentConfig:
         """The validated base config with absolute paths (Tune moves each trial into its own directory)."""
@@ -290,7 +293,8 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         raise SweepError(f"{source}: order '{order}' is not one of {list(ORDERS)}")
     try:
         stopping = parse_stopping(data.get("stopping"), source)
-    except StoppingError as e:
+        sweep_budget = parse_sweep_budget(data.get("sweep_budget"), source)
+    except (StoppingError, SweepBudgetError) as e:
         raise SweepError(str(e)) from e
     seeds = check_seeds(data.get("seeds", 1), source)
     references = check_references(data.get("references"), source)
@@ -304,7 +308,7 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
                      report_x=str(report.get("x", "")), report_baseline=str(report.get("baseline", "")),
                      description=str(data.get("description", "")),
                      order=order, stopping=stopping, seeds=seeds, references=references, sized_for=sized_for,
-                     presets=presets)
+                     presets=presets, sweep_budget=sweep_budget)
 
 
 def apply_preset(spec: SweepSpec, preset: str, near: Path | None = None) -> SweepSpec:
@@ -565,35 +569,3 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)
     return SweepPlan(spec, base, space, total, use_train_for(spec, base))
-
-
-# --------------------------------------------------------------------------------------------------- MLflow note
-def _describe_dim(key: str, d: Dim) -> str:
-    if d.kind in ("points", REFERENCES_KIND):
-        return f"`{key}`: {d.kind} " + ", ".join(f"`{label}` ({', '.join(f'{k}={v}' for k, v in bundle.items())})"
-                                               for label, bundle in d.values)
-    return f"`{key}`: {d.kind} {list(d.values)}"
-
-
-def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
-    """The parent run's note in the MLflow UI (markdown): what the sweep studies and how its runs read."""
-    b = plan.base
-    lines = [f"**Sweep `{name}`** (spec `{spec.name}`)" + (f": {spec.description}" if spec.description else ""),
-             "",
-             f"- search: {spec.search}, {plan.total} trial(s), searcher metric `{spec.metric}` ({spec.mode})",
-             "- space: " + "; ".join(_describe_dim(k, d) for k, d in plan.space.items()),
-             f"- base: method `{b.method.name}`, backbone `{b.backbone.name}`, {b.stream.num_tasks} tasks, "
-             f"budget {b.budget.total_ft_steps} fine-tune steps ({b.budget.mode}), lr {b.optimizer.lr}, "
-             f"batch {b.mixture.batch_size}, seed {b.seed}",
-             "- metrics in **percent**. Each child run (one trial): Summary/A_KA, Summary/A_ZS, Summary/GM per "
-             "evaluation point (step = point: 0 before any update, t after task t), datasets/<name>/<metric>, "
-             "Training/* per step; params = the settings that apply to its method, plus `variant`.",
-             "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
-             "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
-             "table.md) under the artifacts report/, the results tables under tables/."]
-    if spec.seeds > 1:
-        lines.append(f"- {spec.seeds} seeds per variant (the grid `seed`): this run also carries "
-                     "Variants/<variant>/final_GM_mean, final_GM_ci, mean_GM_mean, mean_GM_ci (mean over the finished "
-                     "seeds, 95% Student-t half-width), and report/variants.md and report/vs_baseline.md (each "
-                     "variant minus fine-tuning, paired by seed).")
-    return "\n".join(lines)

@@ -37,11 +37,13 @@ from fomo_ray.ray_session import ensure_ray, guard_cluster
 from fomo_ray.sweep_inputs import ensure_sweep_inputs
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
                                  SweepSpec, check_search, enumerated_trials, point_label,
-                                 identity_differences, plan_sweep, sweep_description, sweep_directory, sweep_identity,
+                                 identity_differences, plan_sweep, sweep_directory, sweep_identity,
                                  trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
-                                    status_counts, with_estimates)
+                                    status_counts, sweep_description, with_estimates)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.sweep_budget import (Ledger, SweepBudget, SweepBudgetError, budget_metrics,
+                                   needs_by_label, plan_line, summary_line)
 from fomo_ray.tune_callbacks import DriverCallbacks, Preemptions, Progress, QuietPending, QuietTune, StopAfter
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
@@ -100,6 +102,8 @@ class TrialSetup:
     stop_board: str = ""                       # the name of its board actor
     cache_origin: Any = None                   # reuse identical finished trials of this trial_cache.Origin (None: no)
     budgets: Mapping[str, Mapping[str, Any]] | None = None  # label -> the compute it spends (cost_estimate)
+    spend_unit: str = ""                       # the sweep budget's unit ("" = no sweep budget; sweep_budget.py)
+    needs: Mapping[str, float] | None = None   # label -> its estimated spend in that unit
 
 
 class TuneSession:
@@ -174,6 +178,20 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if cached is not None:  # an identical trial finished before: its results, not a rerun
         trial_cache.replay(cached, tune.report, tracker, run_id)
         return
+    spend = None
+    if setup.spend_unit:
+        from fomo_ray import budget_board
+
+        # the references (zero-shot, joint) are the study's yardstick: they always run, and their spend counts
+        reference = bool(config.get(REFERENCE_KEY))
+        need = (setup.needs or {})[point_label(config, setup.space)]
+        refused = budget_board.admit(name, need, reference)
+        if refused:  # ends at once, before any point: a stopped trial with nothing to show, never a finished one
+            tune.report(trial_report.stopped_report(refused, -1, {}))
+            if tracker is not None:
+                tracker.finish(run_id, stopped=refused)
+            return
+        spend = {"unit": setup.spend_unit, "need": need, "stoppable": not reference}
     train_root = ray_train.train_storage(setup.storage)
     payload = ray_train.RunPayload(
         cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
@@ -182,14 +200,14 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
         storage_uri=f"{train_root}/{trial_id}" if setup.use_train else f"{setup.storage.rstrip('/')}/tune/{name}",
         # a reference trial (references:) is never stopped, and never a trial the others are compared with
-        stopping=None if config.get(REFERENCE_KEY) else setup.stopping, stop_board=setup.stop_board)
+        stopping=None if config.get(REFERENCE_KEY) else setup.stopping, stop_board=setup.stop_board, spend=spend)
     session = TuneSession()
     try:
         if setup.use_train:
             from ray.tune.integration.ray_train import TuneReportCallback
 
             last = ray_train.fit_train_run(payload, name=trial_id, storage_path=train_root, callbacks=[
-                TuneReportCallback(), ray_train.preemption_counter(setup.storage, trial_id)]).metrics
+                TuneReportCallback(), preemptions.preemption_counter(setup.storage, trial_id)]).metrics
         else:
             ray_train.set_threads(cfg.ray.cpus_per_worker)
             last = ray_train.continual_run(payload, session)
@@ -327,11 +345,15 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         print(f"reusing {len(reused)} finished trial(s) from the trial cache {trial_cache.cache_root(base)} (same "
               f"config and seed, commit {origin.commit[:10]}, this platform; --no-cache runs them again): "
               + "; ".join(f"{label} (from {src})" for label, src in reused.items()), flush=True)
+    budget, needs = spec.sweep_budget, {}
+    if budget is not None:
+        needs = _budget_needs(budget, costs, base, [costs[i] for i in cost_order(costs, spec.order)], state)
     setup = TrialSetup(base=base, space=plan.space, use_train=plan.use_train, storage=state["storage"],
                        tracking_uri=plan.tracking_uri, parent_run_id=state.get("parent_run_id", ""),
                        sweep_name=directory.name, stopping=spec.stopping.to_dict() if spec.stopping else None,
                        stop_board=STOP_BOARD if spec.stopping else "", cache_origin=origin if use_cache else None,
-                       budgets={c.label: budget_params(c) for c in costs})
+                       budgets={c.label: budget_params(c) for c in costs},
+                       spend_unit=budget.unit if budget else "", needs=needs)
     enumerated = enumerated_trials(plan)
     starts = [enumerated[i] for i in cost_order(costs, spec.order)]
     history = _stopping_history(directory, spec) if resume else {}
@@ -346,10 +368,15 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
               f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
               f"{'resuming' if resume else 'starting'} in {directory}"
               + (f"; MLflow {plan.tracking_uri}" if plan.tracking_uri else ""), flush=True)
-        grid = _fit(plan, setup, cbs, resume, show_worker_logs, starts, history)
+        grid = _fit(plan, setup, cbs, resume, show_worker_logs, starts, history, state)
     except KeyboardInterrupt:  # while Ray or the Tuner started (Tune itself turns a Ctrl-C into a partial grid)
         grid = []
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
+    if budget is not None:  # the ledger, in the sweep state: a resumed sweep goes on from what was spent
+        _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
+        print(f"sweep {directory.name}: {summary_line(state['budget'])}", flush=True)
+        if tracker is not None and state.get("parent_run_id"):
+            tracker.log_metrics(state["parent_run_id"], budget_metrics(state["budget"]), step=0)
     results, tidy, trials = collect_results(grid, plan.space)
     trials = preemptions.with_counts(trials, state["storage"])
     trials = with_estimates(trials, costs, plan)
@@ -388,6 +415,18 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         "estimate_s": None if out.estimate_s is None else round(out.estimate_s, 1),
         "report_x": spec.report_x, "report_baseline": spec.report_baseline, "files": [str(f) for f in files]}, indent=2))
     return out
+
+
+def _budget_needs(budget: SweepBudget, costs: Sequence[Any], base: ExperimentConfig, in_order: Sequence[Any],
+                  state: Mapping[str, Any]) -> dict[str, float]:
+    """Each trial's estimated spend under the sweep budget, and a line on what the budget holds."""
+    try:
+        needs = needs_by_label(budget, costs, base.ray.gpus_per_worker)
+    except SweepBudgetError as e:
+        raise SweepError(str(e)) from e
+    spent = Ledger.restored(budget, state.get("budget")).total()
+    print(plan_line(budget, [needs[c.label] for c in in_order], spent), flush=True)
+    return needs
 
 
 def _source(device: DeclaredDevice | None) -> str:
@@ -458,20 +497,25 @@ def resume_command(directory_name: str) -> str:
 
 
 def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool,
-         starts: list[dict[str, Any]], history: Mapping[str, Mapping[int, float]]) -> Any:
+         starts: list[dict[str, Any]], history: Mapping[str, Mapping[int, float]], state: dict[str, Any]) -> Any:
     """Run the Tuner (a fresh one, or ``Tuner.restore`` of the interrupted experiment) and return its ResultGrid.
 
     ``starts``: the enumerated trial configs in the order they start; ``history``: what the stopping board starts
-    from (a resumed sweep's trajectory means)."""
+    from (a resumed sweep's trajectory means); under a sweep budget, its ledger goes on from ``state["budget"]``
+    and is put back there when the trials end."""
     import ray
 
     owns_ray = ensure_ray(plan.base, show_worker_logs)
-    board = None  # held here: a named actor is still collected once no handle to it is left
+    board = ledger = None  # held here: a named actor is still collected once no handle to it is left
     try:
         if plan.spec.stopping is not None:
             from fomo_ray.stop_board import start_board
 
             board = start_board(STOP_BOARD, plan.spec.stopping, history)
+        if plan.spec.sweep_budget is not None:
+            from fomo_ray import budget_board
+
+            ledger = budget_board.start_board(plan.spec.sweep_budget, state.get("budget"))
         # run_trial is looked up here, when the sweep runs (tests substitute a wrapper for it)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         trial_resources(plan.base, plan.use_train))
@@ -504,6 +548,9 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=plan.base.ray.keep_checkpoints)))
             return tuner.fit()
     finally:
+        if ledger is not None:
+            state["budget"] = ray.get(ledger.snapshot.remote())
+            ray.kill(ledger)
         if board is not None:  # the name is free again for the next sweep of this driver (a notebook, a test)
             ray.kill(board)
         if owns_ray:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import aggregate, report, sweep_spec
+from fomo_ray import aggregate, report, sweep_results, sweep_spec
 from fomo_ray.api import variant_summary
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.sweep_spec import Dim, SweepError, spec_from_dict
@@ -231,9 +231,9 @@ def test_seeds_key_adds_the_last_grid_dimension():
     one = _plan()
     assert list(one.space) == ["variant"] and one.total == 2 and one.spec.seeds == 1  # the default adds nothing
     assert "seeds" in sweep_spec.SPEC_KEYS
-    note = sweep_spec.sweep_description(plan.spec, plan, "s")  # the parent run's note in the MLflow UI
+    note = sweep_results.sweep_description(plan.spec, plan, "s")  # the parent run's note in the MLflow UI
     assert "`seed`: grid [0, 1, 2]" in note and "3 seeds per variant" in note and "Variants/" in note
-    assert "seeds per variant" not in sweep_spec.sweep_description(one.spec, one, "s")
+    assert "seeds per variant" not in sweep_results.sweep_description(one.spec, one, "s")
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True])

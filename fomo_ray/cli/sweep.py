@@ -16,6 +16,7 @@ from typing import Any, Sequence
 
 from fomo_ray.cli.text import Parser
 from fomo_ray.config import ConfigError, parse_override
+from fomo_ray.sweep_budget import SweepBudgetError, parse_sweep_budget
 from fomo_ray.sweep_spec import (SweepError, SweepSpec, enumerated_dims, grid_points, load_sweep, plan_sweep,
                                  trial_label)
 
@@ -79,6 +80,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--seeds", type=int, metavar="N",
                    help="run every variant over N seeds (seed, seed+1, ...); the report adds means and 95%% "
                         "confidence intervals per variant and paired differences to fine-tuning")
+    g.add_argument("--max-gpu-hours", type=float, metavar="H",
+                   help="sweep budget: start trials only while they fit H GPU-hours (CPU workers count as devices)")
+    g.add_argument("--max-pflops", type=float, metavar="F", help="sweep budget in PFLOPs of the budget's count")
     g = ap.add_argument_group("cost estimate (default: timed on this machine's device)")
     g.add_argument("--device-tflops", type=float,
                    help="estimate for a declared device of this peak TFLOP/s at the run's precision instead, "
@@ -105,6 +109,15 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpe
                if getattr(args, k, None) is not None}
     if getattr(args, "keep_sizing", False):
         changes["keep_sizing"] = True
+    limits = {u: getattr(args, f"max_{u}", None) for u in ("gpu_hours", "pflops")}
+    given = {u: v for u, v in limits.items() if v is not None}
+    if given:
+        if len(given) > 1:
+            raise SweepError("--max-gpu-hours and --max-pflops: give one sweep budget, not both")
+        try:
+            changes["sweep_budget"] = parse_sweep_budget(given, "--max-" + next(iter(given)).replace("_", "-"))
+        except SweepBudgetError as e:
+            raise SweepError(str(e)) from e
     return replace(spec, **changes) if changes else spec
 
 
@@ -151,6 +164,15 @@ def print_dry_run(spec: SweepSpec, device: Any = None, check_inputs: bool = True
     costs = estimate_plan(plan, device, store=False)
     source = device.describe() if device is not None else "timed on this machine's device"
     print(format_estimate(costs, local_slots(plan.base, plan.use_train), source, spec.order))
+    if spec.sweep_budget is not None:
+        from fomo_ray.cost_estimate import cost_order
+        from fomo_ray.sweep_budget import needs_by_label, plan_line
+
+        try:
+            needs = needs_by_label(spec.sweep_budget, costs, plan.base.ray.gpus_per_worker)
+        except SweepBudgetError as e:
+            raise SweepError(str(e)) from e
+        print(plan_line(spec.sweep_budget, [needs[costs[i].label] for i in cost_order(costs, spec.order)]))
     if spec.search == "optuna":
         print(f"  (optuna chooses {spec.num_samples} trial(s) among these combinations)")
 
