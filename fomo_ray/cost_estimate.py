@@ -72,6 +72,7 @@ class TrialCost:
     workers: int = 1
     maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; DESIGN §4)
     provisional: bool = False  # steps from this CPU's count for GPU trials: their own measurement may differ
+    fixed_s: float | None = None  # of ``seconds``: the fixed costs (fomo_ray/overhead.py); None = not timed
 
     @property
     def total_gflops(self) -> float:
@@ -158,9 +159,27 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
         task_steps = budget.task_charge_steps(record) if record.step_gflops else 0.0
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers
+        fixed = _fixed_seconds(cfg, where, [p.steps for p in plan], loads, store)
+        seconds += fixed or 0.0
     return TrialCost(label=label, backbone=cfg.backbone.name, method=cfg.method.name, tasks=len(plan), steps=steps,
                      train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf,
-                     provisional=provisional)
+                     provisional=provisional, fixed_s=fixed)
+
+
+def _fixed_seconds(cfg: Any, where: str, steps: list[int], loads: list[tuple[int, int]] | None,
+                   store: bool) -> float | None:
+    """The trial's fixed costs timed on this machine (``fomo_ray/overhead.py``); None before the benchmark exists.
+    Every worker pays them at once, so they do not shrink with the worker count; a CPU trial also decodes its
+    training images on the cores its steps use (shared out among its workers)."""
+    from fomo_ray.overhead import checkpoint_count, measured_overhead, trial_seconds
+
+    o = measured_overhead(cfg, device=where, threads=max(1, int(cfg.ray.cpus_per_worker)), store=store)
+    if o is None:
+        return None
+    train_images = sum(steps) * cfg.mixture.batch_size // max(1, cfg.ray.num_workers) if where == "cpu" else 0
+    return trial_seconds(o, loads=loads, subset_kept=cfg.evaluation.cache_mb > 0,
+                         checkpoints=checkpoint_count(steps, cfg.ray.checkpoint_every_steps),
+                         train_images=train_images)
 
 
 def trials_kind(cfg: Any, cost_name: str) -> str | None:
@@ -358,4 +377,5 @@ def estimate_rows(costs: Sequence[TrialCost]) -> list[dict[str, Any]]:
     return [{"label": c.label, "backbone": c.backbone, "method": c.method, "tasks": c.tasks, "steps": c.steps,
              "maf": round(c.maf, 4), "provisional": c.provisional, "train_gflops": round(c.train_gflops, 3),
              "eval_gflops": None if c.eval_gflops is None else round(c.eval_gflops, 3),
-             "est_s": None if c.seconds is None else round(c.seconds, 2)} for c in costs]
+             "est_s": None if c.seconds is None else round(c.seconds, 2),
+             "est_fixed_s": None if c.fixed_s is None else round(c.fixed_s, 2)} for c in costs]

@@ -164,7 +164,7 @@ class _Bridge:
         self.last_point = planned_tasks(p.cfg) if p.stopping or p.spend else 0
         self.attempt = ("", 0.0)  # under a sweep budget: (id, start time) of this process, whose spend it counts
         if p.spend:
-            from fomo_ray.budget_board import attempt
+            from fomo_ray.stop_board import attempt
 
             self.attempt = attempt()
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
@@ -238,13 +238,13 @@ class _Bridge:
         """Rank 0, under a sweep budget: post this attempt's spend so far; why the sweep is over budget, or ""."""
         if not (self.rank0 and self.p.spend):
             return ""
-        from fomo_ray import budget_board
+        from fomo_ray.stop_board import post_spend
         from fomo_ray.sweep_budget import attempt_spend
 
         s = self.p.spend
         units = attempt_spend(s["unit"], s["need"], time.time() - self.attempt[1], self.session.world_size,
                               self.p.cfg.ray.gpus_per_worker, point, self.last_point)
-        return budget_board.post(self.p.run_name, self.attempt[0], units, final)
+        return post_spend(self.p.run_name, self.attempt[0], units, final)
 
     def checkpoint_now(self) -> bool:
         """True once per preemption notice (the session's ``preempting()``): the loop checkpoints at once, so the run

@@ -180,12 +180,12 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         return
     spend = None
     if setup.spend_unit:
-        from fomo_ray import budget_board
+        from fomo_ray.stop_board import admit
 
         # the references (zero-shot, joint) are the study's yardstick: they always run, and their spend counts
         reference = bool(config.get(REFERENCE_KEY))
         need = (setup.needs or {})[point_label(config, setup.space)]
-        refused = budget_board.admit(name, need, reference)
+        refused = admit(name, need, reference)
         if refused:  # ends at once, before any point: a stopped trial with nothing to show, never a finished one
             tune.report(trial_report.stopped_report(refused, -1, {}))
             if tracker is not None:
@@ -513,9 +513,9 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
 
             board = start_board(STOP_BOARD, plan.spec.stopping, history)
         if plan.spec.sweep_budget is not None:
-            from fomo_ray import budget_board
+            from fomo_ray.stop_board import start_budget_board
 
-            ledger = budget_board.start_board(plan.spec.sweep_budget, state.get("budget"))
+            ledger = start_budget_board(plan.spec.sweep_budget, state.get("budget"))
         # run_trial is looked up here, when the sweep runs (tests substitute a wrapper for it)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
                                         trial_resources(plan.base, plan.use_train))

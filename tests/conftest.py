@@ -23,6 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray (2 CPUs, a small object store) shared by a module's tests."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def no_stray_ray(request):
     """A test that starts Ray without a Ray fixture (``ray.get_runtime_context()`` and friends start a local instance

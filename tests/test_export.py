@@ -301,15 +301,6 @@ def test_keep_checkpoints_is_validated():
 
 
 # --------------------------------------------------------------------------------------------------- a Ray sweep
-@pytest.fixture
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local, bench_root, tmp_path):

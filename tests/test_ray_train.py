@@ -77,15 +77,6 @@ def test_a_resumed_run_logs_no_point_or_step_twice(tmp_path):
     assert [s for s, _ in tr.metric_history(run, TRAIN_KEYS[0])] == list(range(8))
 
 
-@pytest.fixture
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
-
-
 def _cfg(bench_root, out):
     """Tiniest real run: random-init fomo-tiny-s, 2 tasks x 4 steps of EMA-merge (merge history must survive the
     restart), a mid-task checkpoint every 2 steps, real FFCV loaders on a small FiF-mini."""

@@ -267,15 +267,6 @@ def test_validation_and_dry_run_import_no_ray():
 
 
 # --------------------------------------------------------------------------------------------------- real Ray
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
-
-
 def _stand_in_trials(monkeypatch, runner):
     """Trials run ``runner`` instead of the loop (a worker wrapper shipped to the Ray workers); a stand-in needs no
     benchmark, base checkpoint or budget measurement, so the driver prepares none."""

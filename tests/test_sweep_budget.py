@@ -77,16 +77,15 @@ class _Session:
 
 
 @pytest.mark.ray
-def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budget():
+def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budget(ray_local):
     import ray
 
-    from fomo_ray import budget_board
+    from fomo_ray import stop_board
 
     rec = [{"dataset": "D", "role": "adapt", "metric": "top1", "value": 0.5},
            {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.25}]
-    ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 2**20)
+    board = stop_board.start_budget_board(SweepBudget("gpu_hours", 1e-9), None)
     try:
-        board = budget_board.start_board(SweepBudget("gpu_hours", 1e-9), None)
         cfg = load_config(None, {"stream.num_tasks": 3})
 
         def bridge(stoppable):
@@ -101,16 +100,7 @@ def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budge
         snapshot = ray.get(board.snapshot.remote())
         assert set(snapshot["spent"]) == {"tTrue", "tFalse"} and snapshot["spent"]["tTrue"]
     finally:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 2**20)
-    yield
-    ray.shutdown()
+        ray.kill(board)  # the name is free for the sweep below
 
 
 @pytest.mark.ray
