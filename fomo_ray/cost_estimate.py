@@ -148,6 +148,7 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     image_g, text_g = forward_gflops(cfg.backbone.name)
     evals = None if loads is None else eval_gflops(loads, image_g, text_g)
     workers = max(1, cfg.ray.num_workers)
+    fixed = None  # timed only where the trial's own work is (a declared device gives its compute alone)
     if device is not None:
         seconds = device.seconds(trained + (evals or 0.0)) / workers
     elif where is None or not timed:
@@ -155,7 +156,8 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     else:
         from fomo_ray.throughput import measured_speed
 
-        sp = measured_speed(cfg, cost_name, device=where, threads=max(1, int(cfg.ray.cpus_per_worker)), store=store)
+        sp = measured_speed(cfg, cost_name, device=where, threads=max(1, int(cfg.ray.cpus_per_worker)), store=store,
+                            sample_bytes=record.batch_bytes // max(1, record.batch_size))
         task_steps = budget.task_charge_steps(record) if record.step_gflops else 0.0
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers

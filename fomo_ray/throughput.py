@@ -3,11 +3,12 @@ image and per text encoded at evaluation. Timed on synthetic batches of the run'
 trial runs with, and cached as JSON beside the budget's MAF records (``budget.cache_dir``). The sweep's cost estimate
 (``fomo_ray/cost_estimate.py``) turns counted GFLOPs into wall time with these figures.
 
-A training step is timed at a batch no larger than a rank's (``budget.rank_batch``) nor :data:`TIMED_BATCH`, never
-at a global batch that may not fit this machine (ViT-B/16 at b = 512 needs ~80 GB of activations), and scaled to
-the run's batch by FLOPs: ``step_s(b) = step_s(b_timed) * FLOPs(b) / FLOPs(b_timed)``, both counted exactly by the
-budget (a time per FLOP that does not improve with the batch: an upper bound where larger batches use the device
-better).
+A training step is timed at a rank's batch (``budget.rank_batch``) where its saved activations (the budget's
+``batch_bytes``) fit :data:`TIMING_BYTES`, else at the largest batch that fits and at least :data:`TIMED_BATCH`; never
+at a global batch that may not fit this machine (ViT-B/16 at b = 512 needs ~80 GB of activations). A smaller timed
+batch is scaled to the run's by FLOPs: ``step_s(b) = step_s(b_timed) * FLOPs(b) / FLOPs(b_timed)``, both counted
+exactly by the budget (a time per FLOP that does not improve with the batch: an upper bound, since larger batches
+use the device better; measured on the tiny model, b = 16 scaled to 64 gave 0.33 s a step where b = 64 takes 0.17).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ import torch
 from fomo_ray import budget
 
 #: bump when what is timed changes, so cached figures of another measurement are retaken
-SPEED_VERSION = 2  # 2: timed at a small batch and scaled by FLOPs
+SPEED_VERSION = 3  # 2: timed at a small batch and scaled by FLOPs; 3: at a rank's batch where it fits TIMING_BYTES
 EVAL_SAMPLES = 64  # images (and texts) timed per evaluation encode: enough to amortise the call overhead
-TIMED_BATCH = 16   # the largest training batch timed (when a rank's batch is larger)
+TIMED_BATCH = 16   # the largest training batch timed when nothing says more fits (a rank's batch may be larger)
+TIMING_BYTES = 2 * 2**30  # saved activations a timed step may hold: a larger batch is timed as it is where it fits
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ def _median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repeats: int = 3) -> Speed:
+def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repeats: int = 3,
+              sample_bytes: int = 0) -> Speed:
     """Time ``repeats`` training steps and evaluation encodes of ``method_name`` on ``cfg``'s backbone (medians); the
     step at a batch of at most a rank's and :data:`TIMED_BATCH`, scaled to ``mixture.batch_size`` by FLOPs.
 
@@ -75,7 +78,7 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
     spec = budget.backbone_spec(cfg.backbone.name)
     cost = budget.registry_cost(cfg, method_name)
     bs = cfg.mixture.batch_size
-    timed = timed_batch(cfg)
+    timed = timed_batch(cfg, sample_bytes)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), _threads(threads):
         model = budget.prepared(cost, spec.factory().to(device))
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -108,9 +111,11 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
                  timed_batch=timed)
 
 
-def timed_batch(cfg) -> int:
-    """The batch a training step is timed at: ``mixture.batch_size``, at most a rank's batch and :data:`TIMED_BATCH`."""
-    return min(cfg.mixture.batch_size, budget.rank_batch(cfg), TIMED_BATCH)
+def timed_batch(cfg, sample_bytes: int = 0) -> int:
+    """The batch a training step is timed at: a rank's batch, at most what :data:`TIMING_BYTES` holds at
+    ``sample_bytes`` of saved activations a sample (0: unknown, then at most :data:`TIMED_BATCH`)."""
+    fits = max(TIMED_BATCH, TIMING_BYTES // sample_bytes) if sample_bytes > 0 else TIMED_BATCH
+    return min(cfg.mixture.batch_size, budget.rank_batch(cfg), fits)
 
 
 def _step_flops(cfg, method_name: str, batch_size: int) -> float:
@@ -119,7 +124,7 @@ def _step_flops(cfg, method_name: str, batch_size: int) -> float:
     record = budget.measure_method(method_name, budget.registry_cost(cfg, method_name), spec.factory,
                                    backbone=spec.name, batch_size=batch_size, image_size=spec.image_size,
                                    context_length=spec.context_length, device="cpu", engine="count",
-                                   rank_batch=min(batch_size, timed_batch(cfg)),
+                                   rank_batch=min(batch_size, TIMED_BATCH),
                                    autocast_dtype=budget._autocast_dtype(cfg, torch.device("cpu")))
     return record.step_gflops
 
@@ -134,19 +139,20 @@ def _hash(cfg, spec: budget.BackboneSpec) -> str:
                                       "speed": SPEED_VERSION})
 
 
-def speed_path(cfg, method_name: str, device: torch.device, threads: int) -> Path:
+def speed_path(cfg, method_name: str, device: torch.device, threads: int, sample_bytes: int = 0) -> Path:
     spec_name = budget._safe(cfg.backbone.name)
     return Path(cfg.budget.cache_dir) / (
-        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__bt{timed_batch(cfg)}__"
+        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__"
+        f"bt{timed_batch(cfg, sample_bytes)}__"
         f"{budget._safe(budget.device_kind(device))}__t{threads}__v{SPEED_VERSION}.json")
 
 
 def measured_speed(cfg, method_name: str, *, device: str | torch.device = "cpu", threads: int = 1,
-                   store: bool = True) -> Speed:
+                   store: bool = True, sample_bytes: int = 0) -> Speed:
     """The cached :class:`Speed` of ``method_name`` for ``cfg``, timed on a miss (and stored unless ``store`` is
-    False: a dry run writes nothing)."""
+    False: a dry run writes nothing); ``sample_bytes``: saved activations a sample (sets the timed batch)."""
     device = torch.device(device)
-    path = speed_path(cfg, method_name, device, threads)
+    path = speed_path(cfg, method_name, device, threads, sample_bytes)
     if path in _UNSTORED:
         return _UNSTORED[path]
     if path.is_file():
@@ -157,7 +163,7 @@ def measured_speed(cfg, method_name: str, *, device: str | torch.device = "cpu",
                 return cached
         except (ValueError, TypeError):
             pass  # unreadable or of another layout: timed again below
-    speed = time_work(cfg, method_name, device=device, threads=threads)
+    speed = time_work(cfg, method_name, device=device, threads=threads, sample_bytes=sample_bytes)
     if store:
         budget._write_atomic(path, dataclasses.asdict(speed))
     else:
