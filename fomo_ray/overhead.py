@@ -20,6 +20,7 @@ import timing through ``spawn``, so a test drives the whole measurement with a f
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import subprocess
@@ -146,10 +147,12 @@ def checkpoint_count(steps_per_task: list[int], every: int) -> int:
 
 # --------------------------------------------------------------------------------------------------- the cache
 def _hash(cfg: Any) -> str:
-    return budget.settings_hash(cfg, {"pretrained": cfg.backbone.pretrained, "data": cfg.data.root,
-                                      "scale": cfg.data.scale, "loader": cfg.data.loader,
-                                      "workers": cfg.data.num_workers, "eval": str(cfg.evaluation),
-                                      "overhead": OVERHEAD_VERSION})
+    """What the fixed costs depend on: the backbone and its weights, the data and its loader, the evaluation (not the
+    method: its share is in the step speed)."""
+    blob = {"backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained, "precision": cfg.backbone.precision,
+            "data": cfg.data.root, "scale": cfg.data.scale, "loader": cfg.data.loader, "workers": cfg.data.num_workers,
+            "eval": str(cfg.evaluation), "torch": torch.__version__, "overhead": OVERHEAD_VERSION}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:

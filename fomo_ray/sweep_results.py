@@ -13,8 +13,8 @@ import pandas as pd
 from fomo_ray import trial_report
 from fomo_ray.metrics import tidy_frame
 from fomo_ray.sweep_budget import REASON as BUDGET_REASON
-from fomo_ray.sweep_spec import (REFERENCES_KIND, Dim, SweepPlan, SweepSpec, enumerated_dims, point_label,
-                                 trial_overrides)
+from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, Dim, SweepPlan, SweepSpec, enumerated_dims,
+                                 point_label, trial_overrides)
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -92,6 +92,7 @@ class SweepResult:
     total: int = 0             # trials planned
     estimate_s: float | None = None  # the estimated wall time of the sweep (cost_estimate), when one was made
     baseline: str = ""         # the variant the report's paired comparison subtracts ("" = fine-tuning)
+    budget: str = ""           # what the sweep spent against its budget (sweep_budget.summary_line; "" = none)
 
 
 
@@ -118,6 +119,8 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
     rows = []
     for _, t in trials.iterrows():
         combo = {k: t[k] for k in fixed if k in t}
+        if isinstance(t.get(REFERENCE_KEY), str):  # the table fills a reference's keys from its bundle (method.name)
+            combo = {REFERENCE_KEY: t[REFERENCE_KEY]}
         c = by_label.get(point_label(combo, plan.space))
         done = None
         if c is not None:

@@ -374,7 +374,6 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     if budget is not None:  # the ledger, in the sweep state: a resumed sweep goes on from what was spent
         _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
-        print(f"sweep {directory.name}: {summary_line(state['budget'])}", flush=True)
         if tracker is not None and state.get("parent_run_id"):
             tracker.log_metrics(state["parent_run_id"], budget_metrics(state["budget"]), step=0)
     results, tidy, trials = collect_results(grid, plan.space)
@@ -387,7 +386,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     est = estimate_summary(costs, slots, spec.order).get("Estimate/wall_seconds")
     out = SweepResult(directory=directory, results=results, tidy=tidy, trials=trials,
                       parent_run_id=state.get("parent_run_id", ""), tracking_uri=plan.tracking_uri,
-                      wall_s=time.time() - t0, total=plan.total, estimate_s=est)
+                      wall_s=time.time() - t0, total=plan.total, estimate_s=est,
+                      budget=summary_line(state["budget"]) if "budget" in state else "")
     _save_csv(results, directory / "results.csv")
     _save_csv(trials, directory / "trials.csv")
     if not tidy.empty:

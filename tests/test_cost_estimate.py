@@ -108,3 +108,26 @@ def test_cli_estimate_flags(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "cost estimate (declared device: 989 TFLOP/s x 0.4 MFU" in out and "total " in out
     assert not (tmp_path / "cache").exists()  # a dry run measures what it needs and writes nothing
+
+
+def test_reference_trials_keep_their_estimate_in_the_trials_table():
+    """A reference trial of a space with several keys (its table row fills method.name from its bundle) is matched to
+    its own estimate, beside its wall time."""
+    import pandas as pd
+
+    from fomo_ray.sweep_results import with_estimates
+    from fomo_ray.sweep_spec import plan_sweep, spec_from_dict
+
+    plan = plan_sweep(spec_from_dict({"name": "s", "references": ["zero_shot", "joint"], "space": {
+        "stream.ordering": {"grid": ["random", "dataset_incremental"]}, "method.name": {"grid": ["finetune"]}}}))
+    costs = [TrialCost(label=label, backbone="b", method="m", tasks=1, steps=1, train_gflops=1.0, eval_gflops=1.0,
+                       seconds=s) for label, s in (("ordering=random,method=finetune", 60.0), ("zero_shot", 20.0),
+                                                   ("joint", 58.0))]
+    trials = pd.DataFrame([
+        {"run": "000-r", "status": "finished", "reference": None, "stream.ordering": "random",
+         "method.name": "finetune"},
+        {"run": "004-joint", "status": "finished", "reference": "joint", "stream.ordering": None,
+         "method.name": "joint"},
+        {"run": "005-zero_shot", "status": "finished", "reference": "zero_shot", "stream.ordering": None,
+         "method.name": "zero_shot"}])
+    assert with_estimates(trials, costs, plan)["est_s"].tolist() == [60.0, 58.0, 20.0]

@@ -133,6 +133,7 @@ def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_
     assert sorted(status) == ["finished", "finished", "stopped"], out.trials
     refused = out.trials[out.trials["status"] == "stopped"].iloc[0]
     assert refused["reason"].startswith("budget: not started") and refused["run"] not in set(out.results["run"])
+    assert out.budget.startswith("budget: spent ") and out.budget.endswith("; 1 trial(s) not started for it")
     summary = json.loads((out.directory / tune_sweep.SUMMARY_FILE).read_text())
     ledger = Ledger.restored(spec.sweep_budget, summary["budget"])
     assert ledger.total() == pytest.approx(2 * need) and ledger.total() <= spec.sweep_budget.limit

@@ -231,6 +231,8 @@ def print_summary(out: Any) -> None:
           + ("  (INTERRUPTED: partial results)" if out.interrupted else ""))
     estimated = f" (estimated {out.estimate_s / 60:.1f} min)" if getattr(out, "estimate_s", None) else ""
     print(f"wall time {out.wall_s / 60:.1f} min{estimated}")
+    if getattr(out, "budget", ""):
+        print(out.budget)
     from fomo_ray.sweep_results import compute_saved
 
     saved = compute_saved(out.trials)
