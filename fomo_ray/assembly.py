@@ -240,6 +240,11 @@ def stream_task_rows(cfg: ExperimentConfig, bench: Any) -> list[np.ndarray]:
     return [task_rows(bench, task, "train") for task in split_tasks(entries, cfg.stream.num_tasks, by_dataset)]
 
 
+def planned_tasks(cfg: ExperimentConfig) -> int:
+    """How many tasks the run's method trains (the stream's T; joint training: 1), i.e. its final point."""
+    return len(build_method(cfg).task_plan([np.zeros(0, dtype=np.int64)] * cfg.stream.num_tasks, 1))
+
+
 def eval_plan(num_tasks: int, cfg: ExperimentConfig) -> dict[int, bool]:
     """``{evaluation point: full test sets too?}``. Every point (0, every n-th task, the last) is evaluated on the same
     fixed subsets, so a trajectory is one evaluation set; the full test sets are evaluated as well at 0 and the last

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import time
 from dataclasses import dataclass
+from typing import Any, Callable
 from pathlib import Path
 
 import pandas as pd
@@ -110,10 +112,29 @@ class RunOutput:
     export_error: str = ""
 
 
-def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None = None) -> RunOutput:
+def with_progress(hooks: Any, points: int, say: Callable[[str], None]) -> Any:
+    """``hooks`` plus one line per evaluation point, as a sweep prints its trials' (``[mm:ss] point t/T  A_KA ...``)."""
+    import dataclasses
+
+    from fomo_ray.metrics import point_summary
+    from fomo_ray.trial_report import point_line
+
+    t0, inner = time.time(), hooks.on_eval
+
+    def on_eval(point, records):
+        if inner is not None:
+            inner(point, records)
+        el = int(time.time() - t0)
+        say(f"[{el // 60:02d}:{el % 60:02d}] {point_line(point, points, point_summary(records))}")
+
+    return dataclasses.replace(hooks, on_eval=on_eval)
+
+
+def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None = None,
+                progress: Callable[[str], None] | None = None) -> RunOutput:
     """Run ``cfg`` (continuing ``<run dir>/state`` when ``resume``). Raises the input errors (:func:`input_errors`,
     :func:`tracking_errors`) with nothing of the run left behind, and ``TrainingDiverged`` after writing
-    ``FAILED.json``; the MLflow run is never left RUNNING."""
+    ``FAILED.json``; the MLflow run is never left RUNNING. ``progress`` gets a line per evaluation point."""
     from fomo_ray.assembly import check_named_files, run_name
     from fomo_ray.atomic import write_json
     from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, save_state_in_background, wait_for_write
@@ -138,6 +159,10 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
         if cfg.tracking.enabled:
             mlrun = MlflowRun(cfg, out, resumed=state is not None)
             hooks = mlrun.hooks(hooks)
+        if progress is not None:
+            from fomo_ray.assembly import planned_tasks
+
+            hooks = with_progress(hooks, planned_tasks(cfg), progress)
         try:
             df = run_stream(cfg, hooks=hooks, resume=state, device=device)
         except BaseException:

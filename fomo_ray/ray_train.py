@@ -56,6 +56,7 @@ from typing import Any, Mapping, Protocol
 import ray
 
 from fomo_ray import trial_report
+from fomo_ray.assembly import planned_tasks
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.trial_report import ReportKind
 from fomo_ray.final_uploads import (EXPORT_ERROR_TAG, FINAL_ARTIFACT, FINAL_CHECKPOINT_TAG,  # noqa: F401 (re-exported)
@@ -447,15 +448,6 @@ def _retry_quietly(p: RunPayload, run_id: str) -> None:
         retry_uploads(Tracker(p.tracking_uri, p.cfg.tracking.experiment), run_id)
     except Exception as e:  # noqa: BLE001 - an ended run stays ended whatever MLflow says
         warn(p.run_name, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
-
-
-def planned_tasks(cfg: ExperimentConfig) -> int:
-    """How many tasks the run's method trains (the stream's T; joint training: 1), i.e. its final point."""
-    import numpy as np
-
-    from fomo_ray.methods import build_method
-
-    return len(build_method(cfg).task_plan([np.zeros(0, dtype=np.int64)] * cfg.stream.num_tasks, 1))
 
 
 def ensure_inputs(cfg: ExperimentConfig) -> None:

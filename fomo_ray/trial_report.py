@@ -112,3 +112,8 @@ def eval_rows(metrics: Any) -> Any:
         return None  # (a trial that failed before its first evaluation reports no task at all)
     evals = metrics[metrics[KIND] == ReportKind.EVAL.value]
     return evals.drop_duplicates("task", keep="last").sort_values("task")
+
+
+def point_line(point: int, points: int, summary: Mapping[str, float]) -> str:
+    """``point 3/8  A_KA  13.9  A_ZS  80.1  GM  33.3``: an evaluation point as the progress lines print it (percent)."""
+    return f"point {int(point)}/{points}  " + "  ".join(f"{k} {100 * summary[k]:5.1f}" for k in SUMMARY_KEYS)

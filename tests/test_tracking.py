@@ -272,7 +272,7 @@ def test_study_views_are_saved_views_of_the_experiment(store):
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray run`
-def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_path_factory, monkeypatch):
+def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_path_factory, monkeypatch, capsys):
     """A tracked `fomo-ray run`: one run (kind run) with the settings that apply to its method, per-point metrics in
     percent that match the printed table, the training signal at every step; --resume reopens the same run, and
     what it repeats after its checkpoint (here: the whole second task, as if the run died before its end state was
@@ -297,6 +297,9 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     monkeypatch.setattr(checkpoint, "save_state_in_background",  # only the state after task 0 reaches the disk
                         lambda state, d: saved.append(1) or (first(state, d) if len(saved) == 1 else None))
     assert run_main(argv) == 0
+    progress = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"\[\d\d:\d\d\] point ", ln)]
+    assert [ln.split()[2] for ln in progress] == ["0/2", "1/2", "2/2"]  # a line per point as it is evaluated
+    assert all("A_KA" in ln and "GM" in ln for ln in progress)
     monkeypatch.setattr(checkpoint, "save_state_in_background", first)
     cfg = load_config(None, overrides)
     out = tmp_path / "runs" / run_name(cfg)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fomo-ray run: {e}", file=sys.stderr)
         return 2
     try:
-        run = execute_run(cfg, resume=args.resume, device=args.device)
+        run = execute_run(cfg, resume=args.resume, device=args.device, progress=lambda line: print(line, flush=True))
     except TrainingDiverged as e:
         print(f"fomo-ray run: {e}", file=sys.stderr)
         return 1
