@@ -7,7 +7,7 @@
     res = fomo_ray.load_results("merge_weights")                         # a saved sweep, by name or directory
     res.tidy, res.trials, res.points, res.table, res.variants            # pandas DataFrames
     res.trajectories_figure(); res.pareto_figure()                       # matplotlib figures
-    model, preprocess, tokenizer = fomo_ray.load_model("runs/<run>")     # open_clip, deployed weights
+    deployed = fomo_ray.load_model("runs/<run>")     # .model (open_clip, deployed weights), .preprocess, .tokenizer
 
 Config overrides are dotted keys (``optimizer.lr``); as Python keywords, write ``__`` for the dot
 (``optimizer__lr=1e-4``), or pass a mapping (``overrides={"optimizer.lr": 1e-4}``). Everything here is a thin layer
@@ -105,9 +105,10 @@ class Results:
 
         return vs_key_figure(self.table, key)
 
-    def load_model(self, run: str = "", device: str = "cpu") -> tuple[Any, Any, Any]:
-        """``(model, preprocess, tokenizer)`` of trial ``run``'s deployed model, found through the sweep's MLflow
-        store (its child run of that name); for a ``fomo-ray run`` directory, the run's own model."""
+    def load_model(self, run: str = "", device: str = "cpu") -> Any:
+        """Trial ``run``'s deployed model (``export.DeployedModel``: ``.model``, ``.preprocess``, ``.tokenizer``),
+        found through the sweep's MLflow store (its child run of that name); for a ``fomo-ray run`` directory, the
+        run's own model."""
         from fomo_ray.report import ReportError
 
         if not self.summary.get("parent_run_id"):
@@ -234,8 +235,9 @@ def resume_call(spec: str | Path | Mapping[str, Any], directory_name: str) -> st
     return f"fomo_ray.sweep({what}, <the same arguments>, name={directory_name!r}, resume=True)"
 
 
-def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") -> tuple[Any, Any, Any]:
-    """``(model, preprocess, tokenizer)`` of a run's deployed model, ready for open_clip-style use: ``source`` is an
+def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") -> Any:
+    """A run's deployed model, ready for open_clip-style use, by name: ``.model``, ``.preprocess``, ``.tokenizer``
+    (``export.DeployedModel``; not a tuple, so it cannot be unpacked in open_clip's other order). ``source`` is an
     export directory, a ``fomo-ray run`` directory, a checkpoint directory, or an MLflow run id (with
     ``tracking_uri``). See :mod:`fomo_ray.export`."""
     from fomo_ray.export import load_model as load

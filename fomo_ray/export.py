@@ -253,10 +253,24 @@ class _Found:
     run: str = ""
 
 
+@dataclass(frozen=True)
+class DeployedModel:
+    """A run's deployed model, by name: ``.model`` (open_clip, eval mode), ``.preprocess`` (its evaluation image
+    transform) and ``.tokenizer``. Not a tuple: open_clip's ``create_model_and_transforms`` returns ``(model,
+    train_transform, eval_transform)``, so unpacking three values by position would silently take the wrong one."""
+    model: nn.Module
+    preprocess: Any
+    tokenizer: Any
+
+    def __iter__(self) -> Iterator[Any]:
+        raise TypeError("load_model returns a DeployedModel: use its .model, .preprocess and .tokenizer (by position "
+                        "they would read like open_clip's (model, train_transform, eval_transform), and do not)")
+
+
 def load_model(source: str | Path, device: str | torch.device = "cpu", *, tracking_uri: str | None = None,
-               config: str | Path | ExperimentConfig | None = None) -> tuple[nn.Module, Any, Any]:
-    """``(model, preprocess, tokenizer)`` of a run's deployed model: the open_clip model in eval mode on ``device``,
-    its evaluation image transform and its tokenizer.
+               config: str | Path | ExperimentConfig | None = None) -> DeployedModel:
+    """A run's deployed model (:class:`DeployedModel`): the open_clip model in eval mode on ``device``, its
+    evaluation image transform and its tokenizer.
 
     ``source``: an export directory (:func:`save_open_clip`); a ``fomo-ray run`` directory (``config.json`` and
     ``state/loop_state.pt``); a directory holding ``loop_state.pt`` (or that file), whose config is ``config`` or a
@@ -275,7 +289,7 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", *, tracki
             tokenizer = open_clip.get_tokenizer(name)
         else:
             model, preprocess, tokenizer = _open_clip_model(found.cfg, deployed_state(found.cfg, found.state))
-    return model.to(device).eval(), preprocess, tokenizer
+    return DeployedModel(model.to(device).eval(), preprocess, tokenizer)
 
 
 def export(source: str | Path, out_dir: str | Path, *, tracking_uri: str | None = None,

@@ -139,12 +139,15 @@ def test_run_writes_a_model_open_clip_loads_with_the_loops_deployed_features(cli
                     str(tmp_path / "tokens.pt"), str(tmp_path / "feats.pt")], check=True, env=env, timeout=300)
     plain = torch.load(tmp_path / "feats.pt")
 
-    model, preprocess, tokenizer = ex.load_model(run_dir)  # from the run's state, not its model/ directory
+    deployed = ex.load_model(run_dir)  # from the run's state, not its model/ directory
+    model, preprocess, tokenizer = deployed.model, deployed.preprocess, deployed.tokenizer
+    with pytest.raises(TypeError, match="use its .model, .preprocess and .tokenizer"):
+        model, _, preprocess = deployed  # open_clip's order would silently take the tokenizer for the transform
     assert not model.training and torch.equal(tokenizer(["three squares"]), tokens[1:2])
     ours = _features(model, images, tokens)
     _, loop, _ = _loop_features(cfg, load_state(run_dir / "state"), images, tokens)
     assert torch.equal(ours, loop)
-    from_dir, _, _ = ex.load_model(model_dir)
+    from_dir = ex.load_model(model_dir).model
     assert torch.equal(_features(from_dir, images, tokens), loop)
     # another process (same thread count): the same weights, so equal up to float rounding at most
     torch.testing.assert_close(plain["name"], loop, rtol=0, atol=1e-6)
@@ -272,9 +275,9 @@ def test_mlflow_run_sources(cli_run, tmp_path):
     run_id = tracker.start_child(None, "trial-0", cfg.flat())
     tracker.log_artifacts(run_id, run_dir / "state", artifact_path=ex.STATE_ARTIFACT)
     images, tokens = _probe()
-    want = _features(ex.load_model(run_dir)[0], images, tokens)
+    want = _features(ex.load_model(run_dir).model, images, tokens)
     for source in (run_id, f"runs:/{run_id}", f"runs:/{run_id}/{ex.STATE_ARTIFACT}"):
-        got = _features(ex.load_model(source, tracking_uri=uri)[0], images, tokens)
+        got = _features(ex.load_model(source, tracking_uri=uri).model, images, tokens)
         assert torch.equal(got, want), source
     tracker.log_artifacts(run_id, run_dir / "model", artifact_path=ex.MODEL_ARTIFACT)
     out = ex.export(f"runs:/{run_id}", tmp_path / "from_mlflow", tracking_uri=uri)  # the model/ artifact, copied
@@ -327,8 +330,8 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
     assert f"{ex.MODEL_ARTIFACT}/{ex.WEIGHTS_FILE}" in arts and f"{ex.MODEL_ARTIFACT}/{ex.CONFIG_FILE}" in arts
 
     images, tokens = _probe()
-    logged = _features(ex.load_model(run_id, tracking_uri=out.tracking_uri)[0], images, tokens)
-    from_state = _features(ex.load_model(f"runs:/{run_id}/{ex.STATE_ARTIFACT}", tracking_uri=out.tracking_uri)[0],
+    logged = _features(ex.load_model(run_id, tracking_uri=out.tracking_uri).model, images, tokens)
+    from_state = _features(ex.load_model(f"runs:/{run_id}/{ex.STATE_ARTIFACT}", tracking_uri=out.tracking_uri).model,
                            images, tokens)
     assert torch.equal(logged, from_state)
 
