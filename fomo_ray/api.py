@@ -242,4 +242,26 @@ def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") 
     ``tracking_uri``). See :mod:`fomo_ray.export`."""
     from fomo_ray.export import load_model as load
 
-    return load(source, device=device, tracking_uri=tracking_uri)
+    return load(source, device=device, tracking_uri=tracking_uri or recorded_store(source))
+
+
+def recorded_store(source: str | Path, output_dir: str | Path = "runs") -> str:
+    """For a bare MLflow run id (no tracking URI given, ``MLFLOW_TRACKING_URI`` unset): the store, among those the
+    sweeps under ``output_dir`` recorded (``sweep_spec.recorded_stores``), that holds the run; else ""."""
+    import os
+
+    from fomo_ray.export import mlflow_run_id
+    from fomo_ray.sweep_spec import recorded_stores
+
+    run_id = mlflow_run_id(source)
+    if not run_id or os.environ.get("MLFLOW_TRACKING_URI"):
+        return ""
+    from fomo_ray.tracking import TrackingError, run_params
+
+    for uri in recorded_stores(output_dir):
+        try:
+            run_params(uri, run_id)
+        except TrackingError:
+            continue
+        return uri
+    return ""

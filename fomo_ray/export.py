@@ -348,6 +348,12 @@ def _resolved(source: str | Path, tracking_uri: str | None,
     raise ExportError(f"no such file or directory: {text}{hint}")
 
 
+def mlflow_run_id(source: str | Path) -> str:
+    """The MLflow run id ``source`` names (a bare id or ``runs:/<id>[/path]``), or "" when it names none."""
+    m = _RUN_ID.match(str(source))
+    return m.group(1) if m and not Path(str(source)).expanduser().exists() else ""
+
+
 def newest_checkpoint(trial_dir: Path) -> Path | None:
     """The newest Ray checkpoint holding a loop state in a sweep's trial directory: a Train run's final one
     (``final_*``), else the last of Tune's ``checkpoint_NNNNNN`` or Train's ``cursor_tTTT_sSSSSSSS`` (both sort by

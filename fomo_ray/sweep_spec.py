@@ -53,6 +53,7 @@ SPEC_KEYS = ("name", "config", "base", "search", "num_samples", "metric", "mode"
              "description", "order", "stopping", "seeds", "references", "sized_for", "presets", "sweep_budget")
 ORDERS = ("cost", "fifo")  # trials start longest first by estimated cost, or in the grid's order
 SUMMARY_FILE = "summary.json"  # written last: its presence means the sweep finished
+SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id, storage and MLflow store
 MAX_VALIDATED = 10_000  # grid combinations validated one by one before falling back to per-value checks
 
 
@@ -569,3 +570,20 @@ def plan_sweep(spec: SweepSpec) -> SweepPlan:
     check_search(space, spec.search)
     total = trial_count(space, spec.search, spec.num_samples)
     return SweepPlan(spec, base, space, total, use_train_for(spec, base))
+
+
+def recorded_stores(output_dir: str | Path) -> list[str]:
+    """The MLflow stores of the sweeps under ``output_dir`` (as their ``sweep.json`` recorded them), the default store
+    (``output_dir/mlflow.db``) first: where a bare MLflow run id is looked for."""
+    from fomo_ray.tracking import DB_NAME
+
+    root = Path(output_dir).expanduser()
+    uris = [f"sqlite:///{(root / DB_NAME).resolve()}"] if (root / DB_NAME).is_file() else []
+    for state in sorted(root.glob(f"sweeps/*/{SWEEP_STATE_FILE}")):
+        try:
+            uri = json.loads(state.read_text()).get("tracking_uri", "")
+        except (OSError, ValueError):
+            continue
+        if uri and uri not in uris:
+            uris.append(uri)
+    return uris

@@ -35,8 +35,8 @@ from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, e
 from fomo_ray.provenance import code_version, platform, platform_label
 from fomo_ray.ray_session import ensure_ray, guard_cluster
 from fomo_ray.sweep_inputs import ensure_sweep_inputs
-from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, Dim, SweepError, SweepPlan,
-                                 SweepSpec, check_search, enumerated_trials, point_label,
+from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, SWEEP_STATE_FILE, Dim, SweepError,
+                                 SweepPlan, SweepSpec, check_search, enumerated_trials, point_label,
                                  identity_differences, plan_sweep, sweep_directory, sweep_identity,
                                  trial_label, trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
@@ -49,7 +49,6 @@ from fomo_ray.tune_callbacks import DriverCallbacks, Preemptions, Progress, Quie
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
 ESTIMATE_FILE = "estimate.csv"  # the cost estimate made before launch, one row per trial
 STOP_BOARD = "fomo_ray_stop_board"  # the early-stopping board actor (one per driver job: names are per namespace)
-SWEEP_STATE_FILE = "sweep.json"  # written at the start: the parent run id and storage, read back on resume
 
 
 # --------------------------------------------------------------------------------------------------- the space

@@ -306,7 +306,7 @@ def test_keep_checkpoints_is_validated():
 # --------------------------------------------------------------------------------------------------- a Ray sweep
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local, bench_root, tmp_path):
+def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local, bench_root, tmp_path, monkeypatch):
     """1 trial x 2 tasks as a Tune function trial with MLflow: ``model/`` is an artifact that load_model reads (equal
     to the export of ``checkpoints/final``), and the fomo_ray.checkpoint_uri tag is the trial's directory in the sweep
     storage, holding exactly ``ray.keep_checkpoints`` checkpoints."""
@@ -334,6 +334,15 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
     from_state = _features(ex.load_model(f"runs:/{run_id}/{ex.STATE_ARTIFACT}", tracking_uri=out.tracking_uri).model,
                            images, tokens)
     assert torch.equal(logged, from_state)
+    # a bare run id finds the store its sweep recorded (no --tracking-uri, MLFLOW_TRACKING_URI unset)
+    from fomo_ray.api import recorded_store
+    from fomo_ray.cli.export import main as export_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    output_dir = Path(out.directory).parents[1]
+    assert recorded_store(run_id, output_dir) == out.tracking_uri and recorded_store("runs/x", output_dir) == ""
+    assert export_main([run_id, "--out", str(tmp_path / "bare"), "--output-dir", str(output_dir)]) == 0
+    assert torch.equal(_features(ex.load_model(tmp_path / "bare").model, images, tokens), logged)
 
     where = Path(child.data.tags[CHECKPOINT_TAG])
     assert where.is_dir() and where.parent == Path(out.directory) / "tune", where

@@ -11,18 +11,22 @@ def main(argv: list[str] | None = None) -> int:
     merged for peft methods) to DIR in open_clip's own format, loadable by open_clip without fomo_ray. RUN is a
     `fomo-ray run` output directory, a sweep's trial directory (its newest checkpoint), a directory holding
     loop_state.pt (or that file), an earlier export, or an MLflow run id / runs:/<id> (with --tracking-uri or
-    MLFLOW_TRACKING_URI)."""
+    MLFLOW_TRACKING_URI; without either, the store of the sweeps under --output-dir that holds it)."""
+    from fomo_ray.api import recorded_store
     from fomo_ray.export import INFO_FILE, ExportError, export, load_lines
 
     p = Parser(prog="fomo-ray export", description=main.__doc__)
     p.add_argument("run", help="run directory, loop_state.pt (or its directory), export directory or MLflow run id")
     p.add_argument("--out", required=True, help="directory to write (new, empty, or an earlier export)")
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI, for an MLflow run id")
+    p.add_argument("--output-dir", default="runs",
+                   help="where sweeps recorded their MLflow stores, for a bare run id (default: runs)")
     p.add_argument("--config", default=None,
                    help="the run's config (config.json or YAML) when none lies beside its loop_state.pt")
     args = p.parse_args(argv)
     try:
-        out = export(args.run, args.out, tracking_uri=args.tracking_uri, config=args.config)
+        uri = args.tracking_uri or recorded_store(args.run, args.output_dir)
+        out = export(args.run, args.out, tracking_uri=uri or None, config=args.config)
     except ValueError as e:  # ExportError, and ConfigError / BackboneError from the run's config: bad input
         print(f"fomo-ray export: {e if isinstance(e, ExportError) else f'{type(e).__name__}: {e}'}", file=sys.stderr)
         return 2
