@@ -313,7 +313,9 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     assert got == {t: round(100 * v, 2) for t, v in expected.items()}  # percent, rounded to 0.01 at logging
     assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
     assert len(tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
-    assert run_main(argv + ["--resume"]) == 0
+    # resumed with the flag every command spells alike (--output-dir), the same run
+    assert run_main([a for a in argv if not a.startswith("output_dir=")]
+                    + ["--output-dir", str(tmp_path / "runs"), "--resume"]) == 0
     assert [r.info.run_id for r in tr.client.search_runs([tr.experiment_id])] == [run.info.run_id]
     assert tr.metric_history(run.info.run_id, summary_key("GM")) == sorted(got.items())  # nothing logged twice
     assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))

@@ -20,9 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (optimizer.lr=1e-4)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--resume", action="store_true", help="continue from <output_dir>/<run name>/state if present")
+    p.add_argument("--output-dir", default=None,
+                   help="where the run's directory and the MLflow database go (output_dir=; as for sweep and ui)")
     args = p.parse_args(argv)
     config = args.args[0] if args.args and "=" not in args.args[0] else None
-    overrides = args.args[1:] if config else args.args
+    overrides = (args.args[1:] if config else args.args) + (
+        [f"output_dir={args.output_dir}"] if args.output_dir is not None else [])
     try:
         cfg = load_config(config, overrides)
     except ConfigError as e:
