@@ -184,7 +184,8 @@ def compare_to_baseline(table: pd.DataFrame, baseline: str = "",
     ``<score>_diff_ci``; largest final-GM gain first.
 
     The baseline (:func:`baseline_mask`) may be several variants, e.g. fine-tuning at each budget: each variant is
-    then paired with the baseline that shares its values of the keys the baselines differ in (the same budget).
+    then paired with the (first) baseline that shares its values of the keys the baselines differ in (the same
+    budget; a key both leave unset counts as the same), the variant and reference names apart.
     ``note`` says why a comparison is missing (no baseline, no baseline for a variant); empty when none is."""
     table, keys = _keyed(table)
     cols = ["variant", "baseline", "n_pairs", *[f"{c}_{a}" for c in SCORE_COLUMNS for a in ("diff", "diff_ci")]]
@@ -200,7 +201,9 @@ def compare_to_baseline(table: pd.DataFrame, baseline: str = "",
         return empty, (f"no comparison: {wanted} not among the variants ({', '.join(variants['label'])}); "
                        "choose one with baseline=<variant label>")
     bases = variants[is_base]
-    context = [k for k in keys if bases[k].nunique(dropna=False) > 1]
+    # the keys the baselines themselves differ in (a budget), never their names: a variant is paired with the
+    # baseline that has its values of those keys (unset matching unset); a key only other points set is no context
+    context = [k for k in keys if k not in LABELS and bases[k].nunique(dropna=False) > 1]
     scores = _per_seed(table)
     rows, unmatched = [], []
     for _, v in variants[~is_base].iterrows():

@@ -130,6 +130,28 @@ def test_several_baselines_pair_within_the_same_budget():
     assert c.loc[ema120, "final_GM_diff_ci"] == pytest.approx(T1 * (0.04 / math.sqrt(2)) / math.sqrt(2))
 
 
+def test_points_that_set_their_own_keys_still_pair_with_the_baseline():
+    """Issue 29, item 9: named points that set different keys (EMA's weight, LoRA's rank, a fine-tuning point with a
+    meta schedule) beside the references: each variant pairs with the fine-tuning baseline of its own schedule (the
+    key the two fine-tuning baselines differ in), none is dropped because another point set a key."""
+    spec = {"finetune": ("finetune", "finetune", NAN, NAN, NAN), "ft_ar": ("", "finetune", NAN, NAN, "ar_cosine"),
+            "ema_w0.5": ("", "ema_merge", 0.5, NAN, NAN), "lora_r4": ("", "lora", NAN, 4, NAN),
+            "zero_shot": ("zero_shot", "zero_shot", NAN, NAN, NAN), "joint": ("joint", "joint", NAN, NAN, NAN)}
+    rows = []
+    for name, (ref, method, weight, rank, meta) in spec.items():
+        for seed in (0, 1):
+            final = 0.4 + 0.01 * len(rows)
+            rows.append({"run": f"{len(rows):03d}-{name},seed={seed}", "status": "finished",
+                         "variant": "" if ref else name, "reference": ref or NAN, "method.name": method,
+                         "method.merge.weight": weight, "method.peft.rank": rank, "schedule.meta": meta,
+                         "seed": seed, **{f"{w}_{s}": final for w in ("final", "mean") for s in aggregate.SCORES}})
+    comp, note = aggregate.compare_to_baseline(pd.DataFrame(rows))
+    c = comp.set_index("variant")
+    assert note == "" and sorted(c.index) == ["ema_w0.5", "joint", "lora_r4", "zero_shot"]
+    assert set(c["baseline"]) == {"finetune"} and (c["n_pairs"] == 2).all()
+    assert c.loc["ema_w0.5", "final_GM_diff"] == pytest.approx(0.04)  # runs 4, 5 minus runs 0, 1
+
+
 def test_a_sweep_of_seeds_alone_is_one_variant():
     table = pd.DataFrame({"run": ["a", "b"], "status": ["finished"] * 2, "seed": [0, 1],
                           **{c: [0.4, 0.6] for c in aggregate.SCORE_COLUMNS}})
