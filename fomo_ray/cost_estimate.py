@@ -144,7 +144,8 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
     provisional = (where is None and kind is None and cfg.budget.mode == "maf" and cost_name != budget.FT_METHOD
                    and record.trainable_params > 0)
     maf = budget.maf(record, ft) if record.trainable_params else 0.0
-    loads = _eval_loads(cfg, eval_plan(len(plan), cfg))
+    points = eval_plan(len(plan), cfg)
+    loads = _eval_loads(cfg, points)
     image_g, text_g = forward_gflops(cfg.backbone.name)
     evals = None if loads is None else eval_gflops(loads, image_g, text_g)
     workers = max(1, cfg.ray.num_workers)
@@ -161,15 +162,15 @@ def estimate_trial(cfg: Any, label: str, *, device: DeclaredDevice | None = None
         task_steps = budget.task_charge_steps(record) if record.step_gflops else 0.0
         seconds = ((steps + len(plan) * task_steps) * sp.step_s
                    + sum(i * sp.image_s + t * sp.text_s for i, t in loads or ())) / workers
-        fixed = _fixed_seconds(cfg, where, [p.steps for p in plan], loads, store)
+        fixed = _fixed_seconds(cfg, where, [p.steps for p in plan], points, loads, store)
         seconds += fixed or 0.0
     return TrialCost(label=label, backbone=cfg.backbone.name, method=cfg.method.name, tasks=len(plan), steps=steps,
                      train_gflops=trained, eval_gflops=evals, seconds=seconds, workers=workers, maf=maf,
                      provisional=provisional, fixed_s=fixed)
 
 
-def _fixed_seconds(cfg: Any, where: str, steps: list[int], loads: list[tuple[int, int]] | None,
-                   store: bool) -> float | None:
+def _fixed_seconds(cfg: Any, where: str, steps: list[int], points: Mapping[int, bool],
+                   loads: list[tuple[int, int]] | None, store: bool) -> float | None:
     """The trial's fixed costs timed on this machine (``fomo_ray/overhead.py``); None before the benchmark exists.
     Every worker pays them at once, so they do not shrink with the worker count; a CPU trial also decodes its
     training images on the cores its steps use (shared out among its workers)."""
@@ -179,9 +180,23 @@ def _fixed_seconds(cfg: Any, where: str, steps: list[int], loads: list[tuple[int
     if o is None:
         return None
     train_images = sum(steps) * cfg.mixture.batch_size // max(1, cfg.ray.num_workers) if where == "cpu" else 0
-    return trial_seconds(o, loads=loads, subset_kept=cfg.evaluation.cache_mb > 0,
+    return trial_seconds(o, eval_images=decoded_eval_images(points, loads, subset_kept=cfg.evaluation.cache_mb > 0),
                          checkpoints=checkpoint_count(steps, cfg.ray.checkpoint_every_steps),
                          train_images=train_images)
+
+
+def decoded_eval_images(points: Mapping[int, bool], loads: Sequence[tuple[int, int]] | None, subset_kept: bool) -> int:
+    """Images a trial decodes for evaluation, from ``_eval_loads(cfg, points)`` (per point its subsets, then its full
+    sets where ``points`` says so): the subsets once when they are kept (``evaluation.cache_mb``), else at every point,
+    and every full-set evaluation."""
+    loads = iter(loads or ())
+    decoded = 0
+    for i, full in enumerate(points.values()):
+        subset = next(loads, (0, 0))[0]
+        decoded += subset if i == 0 or not subset_kept else 0
+        if full:
+            decoded += next(loads, (0, 0))[0]
+    return decoded
 
 
 def trials_kind(cfg: Any, cost_name: str) -> str | None:

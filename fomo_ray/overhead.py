@@ -126,16 +126,11 @@ def _time_checkpoint(model: torch.nn.Module, clock: Callable[[], float]) -> floa
         return clock() - t
 
 
-def trial_seconds(o: Overhead, *, loads: list[tuple[int, int]] | None, subset_kept: bool, checkpoints: int,
-                  train_images: int) -> float:
-    """A trial's fixed seconds: process start, build, the loader's one-time cost, its evaluation decodes (the subset
-    once when it is kept, else at every point; every full-set evaluation), ``train_images`` decoded for training
-    (on a CPU trial, where decoding takes the cores the steps use) and its checkpoints."""
-    decoded = 0
-    for i, (images, _texts) in enumerate(loads or ()):
-        first_subset = i == 0
-        decoded += images if (first_subset or not subset_kept or images != loads[0][0]) else 0
-    return (o.start_s + o.build_s + o.loader_s + o.decode_s * (decoded + train_images)
+def trial_seconds(o: Overhead, *, eval_images: int, checkpoints: int, train_images: int) -> float:
+    """A trial's fixed seconds: process start, build, the loader's one-time cost, the images it decodes for
+    evaluation (``eval_images``: ``cost_estimate.decoded_eval_images``) and for training (``train_images``: on a CPU
+    trial, where decoding takes the cores the steps use) and its checkpoints."""
+    return (o.start_s + o.build_s + o.loader_s + o.decode_s * (eval_images + train_images)
             + o.checkpoint_s * checkpoints)
 
 

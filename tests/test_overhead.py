@@ -55,11 +55,18 @@ def test_a_trial_without_its_benchmark_has_no_fixed_costs_yet(tmp_path):
 def test_trial_seconds_and_checkpoints():
     o = overhead.Overhead("b", "cpu", 1, "h", start_s=5.0, build_s=2.0, loader_s=1.0, decode_s=0.01,
                           checkpoint_s=0.5)
-    loads = [(100, 10), (100, 10), (400, 10), (100, 10)]  # the subset at 3 points, the full set once
-    kept = overhead.trial_seconds(o, loads=loads, subset_kept=True, checkpoints=4, train_images=1000)
+    from fomo_ray.cost_estimate import decoded_eval_images
+
+    points = {0: False, 1: True, 2: False}  # the subset at 3 points, the full set once (after point 1's subset)
+    loads = [(100, 10), (100, 10), (400, 10), (100, 10)]
+    kept = overhead.trial_seconds(o, eval_images=decoded_eval_images(points, loads, subset_kept=True), checkpoints=4,
+                                  train_images=1000)
     assert kept == pytest.approx(5 + 2 + 1 + 0.01 * (100 + 400 + 1000) + 0.5 * 4)
-    redone = overhead.trial_seconds(o, loads=loads, subset_kept=False, checkpoints=4, train_images=0)
+    redone = overhead.trial_seconds(o, eval_images=decoded_eval_images(points, loads, subset_kept=False),
+                                    checkpoints=4, train_images=0)
     assert redone == pytest.approx(5 + 2 + 1 + 0.01 * 700 + 2)
+    same_size = [(100, 10), (100, 10), (100, 10), (100, 10)]  # a full set as large as the subset still counts
+    assert decoded_eval_images(points, same_size, subset_kept=True) == 200
     assert overhead.checkpoint_count([10, 10], 0) == 3  # two task ends and the final report
     assert overhead.checkpoint_count([10, 10, 0], 4) == 4 + 2 * 2  # steps 4 and 8 of each task
 
