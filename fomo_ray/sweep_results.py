@@ -141,8 +141,8 @@ def compute_saved(trials: pd.DataFrame) -> float | None:
     rule (a trial the sweep budget stopped or never started was not early stopping's doing)."""
     if trials.empty or "est_gflops" not in trials:
         return None
-    by_budget = trials["reason"].fillna("").astype(str).str.startswith(BUDGET_REASON) if "reason" in trials else False
-    trials = trials[~by_budget]
+    if "reason" in trials:
+        trials = trials[~trials["reason"].fillna("").astype(str).str.startswith(BUDGET_REASON)]
     if not (trials["status"] == "stopped").any():
         return None
     ended = trials[trials["status"].isin(["finished", "stopped"])].dropna(subset=["est_gflops", "done_gflops"])

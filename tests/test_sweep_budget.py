@@ -141,3 +141,14 @@ def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_
     assert parent.data.metrics["Sweep/budget_spent"] == pytest.approx(2 * need, rel=1e-4)
     assert parent.data.metrics["Sweep/budget_not_started"] == 1
 
+
+
+def test_trials_the_budget_stopped_are_not_early_stoppings_savings():
+    import pandas as pd
+
+    from fomo_ray.sweep_results import compute_saved
+
+    trials = pd.DataFrame({"status": ["finished", "stopped"], "est_gflops": [10.0, 10.0], "done_gflops": [10.0, 5.0]})
+    assert compute_saved(trials) == 0.25  # no reason column: every stop counts
+    assert compute_saved(trials.assign(reason=["", "stopped at point 2: ..."])) == 0.25
+    assert compute_saved(trials.assign(reason=["", "budget: the sweep spent 1 of 1 PFLOPs"])) is None
