@@ -32,6 +32,11 @@ SWEEP_OPTIONS = {  # keyword -> dotted config key, as the command-line flags of 
 }
 
 
+def _with_unit(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with its scores' unit named in a last column: ``fraction`` (the commands print them x 100)."""
+    return table.assign(unit="fraction") if not table.empty else table
+
+
 def dotted(overrides: Mapping[str, Any] | None = None, **keywords: Any) -> dict[str, Any]:
     """``{dotted.key: value}`` from a mapping plus ``a__b=value`` keywords (``__`` stands for the dot)."""
     out = dict(overrides or {})
@@ -48,7 +53,8 @@ class Results:
     evaluation set: ``subset``, the trajectory, or ``full``);
     ``trials``: one row per run with its ``status`` (finished / failed / stopped / interrupted), ``reason`` and
     swept values; ``summary``: the sweep's ``summary.json`` (empty for a single run or an unfinished sweep).
-    Scores are fractions in [0, 1]; the printed tables show percent."""
+    Scores are fractions in [0, 1], as in the CSV files, and every score table says so in its ``unit`` column
+    (``fraction``); the printed tables and MLflow show percent (x 100)."""
     tidy: pd.DataFrame
     trials: pd.DataFrame
     directory: Path | None = None
@@ -60,7 +66,7 @@ class Results:
         """A_KA, A_ZS, GM per run and evaluation point: the trajectories (task 0 = the zero-shot point)."""
         from fomo_ray.metrics import summarize
 
-        return summarize(self.tidy)
+        return _with_unit(summarize(self.tidy))
 
     trajectories = points
 
@@ -68,6 +74,9 @@ class Results:
     def table(self) -> pd.DataFrame:
         """One row per run: status, final and trajectory-mean scores (finished runs only), Pareto flag, swept
         values; best final GM first (``fomo_ray.report.trial_table``)."""
+        return _with_unit(self._table())
+
+    def _table(self) -> pd.DataFrame:
         from fomo_ray.report import trial_table
 
         return trial_table(self.tidy, self.trials if not self.trials.empty else None)
@@ -77,33 +86,33 @@ class Results:
         """Per variant (the trial's settings without its seed): how many finished seeds, and the mean, standard
         deviation and 95% confidence half-width (``_ci``) over them of final and trajectory-mean A_KA, A_ZS, GM.
         Unfinished runs are left out (:func:`variant_summary`)."""
-        return variant_summary(self.table)
+        return _with_unit(variant_summary(self._table()))
 
     def format(self) -> str:
         """The results table as printed by the commands (percent)."""
         from fomo_ray.report import format_table
 
-        return format_table(self.table)
+        return format_table(self._table())
 
     def trajectories_figure(self) -> Any:
         """A_KA vs A_ZS, one line per run (unfinished ones dashed)."""
         from fomo_ray.report import trajectories_figure
 
-        table = self.table
+        table = self._table()
         return trajectories_figure(self.points, dict(zip(table["run"], table["status"])))
 
     def pareto_figure(self) -> Any:
         """Final (A_KA, A_ZS) of the finished runs with their Pareto front."""
         from fomo_ray.report import pareto_figure
 
-        table = self.table
+        table = self._table()
         return pareto_figure(table[table["status"] == "finished"])
 
     def vs_figure(self, key: str) -> Any:
         """Final and mean A_KA / A_ZS / GM against a numeric swept key, e.g. ``method.merge.weight``."""
         from fomo_ray.report import vs_key_figure
 
-        return vs_key_figure(self.table, key)
+        return vs_key_figure(self._table(), key)
 
     def load_model(self, run: str = "", device: str = "cpu") -> Any:
         """Trial ``run``'s deployed model (``export.DeployedModel``: ``.model``, ``.preprocess``, ``.tokenizer``),

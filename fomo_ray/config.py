@@ -163,7 +163,7 @@ class TrackingConfig:
     uri: str = F("", "MLflow tracking URI; empty = MLFLOW_TRACKING_URI or sqlite at an absolute path under output_dir")
     experiment: str = F("fomo_ray", "MLflow experiment name")
     log_checkpoints: bool = F(True, "log task checkpoints as artifacts (a pointer when they live on shared storage)")
-    keep_uploads: bool = F(False, "upload a finished run's final state to MLflow even when ray.storage_path holds it (else the run's fomo_ray.final_checkpoint tag points at Ray's copy: one copy, not two)")
+    keep_uploads: bool = F(False, "upload a finished run's final loop state to MLflow as checkpoints/final (else the run's fomo_ray.final_checkpoint tag points at Ray's copy, trimmed as ray.keep_after_run says: one copy, not two)")
     enabled: bool = F(True, "set false to run without MLflow (plain loop runs, unit tests)")
     log_every_n_steps: int = F(10, "training loss, lr, grad norm and samples/s of every step, sent to MLflow in one call every N steps (one SQLite write per step would cost ~4 ms); 0 = off")
 
@@ -184,6 +184,9 @@ class RayConfig:
     keep_checkpoints: int = F(2, "newest checkpoints Ray keeps per run (>= 1; older task ends are deleted); two, so a "
                                  "crash while one is written still leaves a complete one")
     storage_path: str = F("", "shared storage for checkpoints (required multi-node); empty = output_dir/ray")
+    keep_after_run: Literal["deployed", "state", "all"] = F("deployed", "what an ended trial keeps of its checkpoints: "
+        "'deployed' = the final one as its open_clip export (model/, sharing the file with MLflow's model/ where both "
+        "are local), 'state' = the final loop state whole (to continue the stream), 'all' = every one Ray kept")
 
 
 @dataclass(frozen=True)

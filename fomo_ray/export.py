@@ -50,6 +50,7 @@ INFO_FILE = "fomo_ray.json"
 EXPORT_FORMAT = "fomo_ray.export/v1"
 MODEL_ARTIFACT = "model"  # where a finished trial logs its export in MLflow (ray_train._Bridge.finish)
 STATE_ARTIFACT = "checkpoints/final"  # ... and its final loop state
+DEPLOYED_DIR = "model"  # an ended trial's final checkpoint trimmed to its export (retention.py, ray.keep_after_run)
 _RUN_ID = re.compile(r"^(?:runs:/)?([0-9a-f]{32})(?:/(.*))?$")
 
 
@@ -354,14 +355,20 @@ def mlflow_run_id(source: str | Path) -> str:
     return m.group(1) if m and not Path(str(source)).expanduser().exists() else ""
 
 
+def is_deployed_form(directory: str | Path) -> bool:
+    """True for a final checkpoint trimmed to its export (``model/`` with open_clip's files, no loop state)."""
+    d = Path(directory) / DEPLOYED_DIR
+    return (d / CONFIG_FILE).is_file() and (d / WEIGHTS_FILE).is_file()
+
+
 def newest_checkpoint(trial_dir: Path) -> Path | None:
-    """The newest Ray checkpoint holding a loop state in a sweep's trial directory: a Train run's final one
-    (``final_*``), else the last of Tune's ``checkpoint_NNNNNN`` or Train's ``cursor_tTTT_sSSSSSSS`` (both sort by
-    name); None when there is none."""
+    """The newest Ray checkpoint holding a loop state, or its export (an ended trial's, ``ray.keep_after_run``), in a
+    sweep's trial directory: a Train run's final one (``final_*``), else the last of Tune's ``checkpoint_NNNNNN`` or
+    Train's ``cursor_tTTT_sSSSSSSS`` (both sort by name); None when there is none."""
     from fomo_ray.checkpoint import LOOP_STATE_FILE
 
     for pattern in ("final_*", "checkpoint_*", "cursor_*"):
-        found = sorted(d for d in trial_dir.glob(pattern) if (d / LOOP_STATE_FILE).is_file())
+        found = sorted(d for d in trial_dir.glob(pattern) if (d / LOOP_STATE_FILE).is_file() or is_deployed_form(d))
         if found:
             return found[-1]
     return None
@@ -370,6 +377,8 @@ def newest_checkpoint(trial_dir: Path) -> Path | None:
 def _local(path: Path, source: str, config: str | Path | ExperimentConfig | None) -> _Found:
     from fomo_ray.checkpoint import LOOP_STATE_FILE
 
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and is_deployed_form(path):
+        path = path / DEPLOYED_DIR  # a final checkpoint trimmed to its export (ray.keep_after_run: deployed)
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         if not (path / WEIGHTS_FILE).is_file():
             raise ExportError(f"export directory {path} has no {WEIGHTS_FILE}")
@@ -383,6 +392,8 @@ def _local(path: Path, source: str, config: str | Path | ExperimentConfig | None
     elif (path / "state" / LOOP_STATE_FILE).is_file():  # a `fomo-ray run` output directory
         state_dir = path / "state"
     elif (newest := newest_checkpoint(path)) is not None:  # a sweep's trial directory (Tune) or Train run
+        if not (newest / LOOP_STATE_FILE).is_file():  # an ended trial's final checkpoint, trimmed to its export
+            return _Found(source, export_dir=newest / DEPLOYED_DIR)
         state_dir = newest
     else:
         raise ExportError(f"{path} holds no export ({CONFIG_FILE} + {WEIGHTS_FILE}), no {LOOP_STATE_FILE}, no "

@@ -117,6 +117,10 @@ def log_deployed_model(tracker: Any, run_id: str, cfg: ExperimentConfig, run_nam
 
     tmp = tempfile.mkdtemp(prefix="fomo_model_")
     try:
+        if export.is_deployed_form(state_dir):  # a final state already trimmed to its export (ray.keep_after_run)
+            tracker.log_artifacts(run_id, str(Path(state_dir, export.DEPLOYED_DIR)),
+                                  artifact_path=export.MODEL_ARTIFACT)
+            return True
         state = checkpoint.load_state(state_dir)
         export.save_open_clip(tmp, cfg, export.deployed_state(cfg, state), run=run_name,
                               source=f"final task-end state of MLflow run {run_id}")
@@ -130,3 +134,20 @@ def log_deployed_model(tracker: Any, run_id: str, cfg: ExperimentConfig, run_nam
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def settle_ended(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str, root: str) -> None:
+    """Trim the checkpoints of an ended trial under ``root`` (``retention.settle``, ``ray.keep_after_run``), sharing
+    the export's weights with the run's MLflow ``model/`` artifact where both are local files. Never raises: the
+    run's results are in; a failure leaves its checkpoints as they are, with a warning line."""
+    from fomo_ray import retention
+    from fomo_ray.export import MODEL_ARTIFACT
+
+    try:
+        mlflow_model = None
+        if tracker is not None and run_id:
+            uri = tracker.client.get_run(run_id).info.artifact_uri
+            mlflow_model = retention.local_artifact_dir(uri, MODEL_ARTIFACT)
+        retention.settle(root, cfg.ray.keep_after_run, cfg, run_name, mlflow_model)
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        warn(run_name, f"its checkpoints were kept whole ({type(e).__name__}: {e})")

@@ -352,10 +352,10 @@ class _Bridge:
 
 
 def final_uploads(p: RunPayload) -> list[str]:
-    """What a finished run uploads to MLflow: its deployed model, and its final state (``checkpoints/final``) when
-    ``log_checkpoints`` is on and the state does not already live on shared storage (``ray.storage_path``; then the
-    ``fomo_ray.final_checkpoint`` tag points at it), unless ``keep_uploads`` asks for the copy anyway."""
-    copy = p.log_checkpoints and (p.keep_uploads or not p.cfg.ray.storage_path)
+    """What a finished run uploads to MLflow: its deployed model, and its final state (``checkpoints/final``) only
+    when ``log_checkpoints`` and ``keep_uploads`` ask for the copy: else the ``fomo_ray.final_checkpoint`` tag points
+    at Ray's (on ``ray.storage_path``, or the sweep directory on the driver's disk: multi-node needs the former)."""
+    copy = p.log_checkpoints and p.keep_uploads
     return [FINAL_ARTIFACT, MODEL_UPLOAD] if copy else [MODEL_UPLOAD]
 
 

@@ -18,12 +18,50 @@ from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, Dim, SweepPlan,
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
+# What Ray's errors say when the machine, not the trial's code, ended it: a non-deterministic loss a resume retries
+INFRASTRUCTURE = (
+    ("running low on memory", "killed by Ray's memory monitor (the node ran low on memory)"),
+    ("OutOfMemoryError", "killed by Ray's memory monitor (the node ran low on memory)"),
+    ("NodeDiedError", "its node died"),
+    ("node died", "its node died"),
+    ("WorkerCrashedError", "its worker process crashed"),
+    ("ActorDiedError", "its worker process died"),
+    ("The actor died unexpectedly", "its worker process died"),
+    ("ActorUnavailableError", "its worker process became unreachable"),
+    ("LocalRayletDiedError", "the node's Raylet died"),
+    ("ObjectLostError", "an object it needed was lost with its node"),
+    ("RaySystemError", "a Ray system error"),
+)
+
+
+def infrastructure_reason(error: Any) -> str:
+    """One line saying how the infrastructure ended a trial (or the sweep) when ``error`` (an exception, with its
+    causes, or an error text) is one of Ray's non-deterministic losses (:data:`INFRASTRUCTURE`: a worker killed by
+    the memory monitor, a dead node or process); "" for an error of the trial's own."""
+    texts, seen = [], set()
+    while error is not None and id(error) not in seen:  # the exception and its causes: Tune wraps Ray's errors
+        seen.add(id(error))
+        texts.append(error if isinstance(error, str) else f"{type(error).__name__}: {error}")
+        error = None if isinstance(error, str) else (error.__cause__ or error.__context__)
+    text = "\n".join(texts)
+    for marker, summary in INFRASTRUCTURE:
+        if marker in text or summary in text:  # its own line again (a printed reason) reads the same
+            detail = next((line[line.index("OOM kill reason:"):].strip() for line in text.splitlines()
+                           if "OOM kill reason:" in line), "")
+            return f"{summary}; {detail}" if detail else summary
+    return ""
+
+
 def trial_status(result: Any) -> tuple[str, str]:
     """(status, reason) of a Tune result: ``finished`` (its final ``done`` report), ``failed`` (a ``failed`` report,
-    or an error Ray gave up on), ``stopped`` (the sweep's early-stopping rule ended it: a ``stopped`` report), else
-    ``interrupted`` (it ended before the end of its stream for another reason)."""
+    or an error of its own Ray gave up on), ``stopped`` (the sweep's early-stopping rule ended it: a ``stopped``
+    report), else ``interrupted`` (it ended before the end of its stream for another reason, e.g. Ray lost its worker
+    to the memory monitor or a dead node more often than ``ray.max_failures`` allows: a resume retries it)."""
     metrics = result.metrics or {}
     if result.error:
+        lost = infrastructure_reason(result.error)
+        if lost:
+            return "interrupted", lost[:500]
         return "failed", str(result.error).strip().splitlines()[-1][:500]
     if trial_report.is_kind(metrics, ReportKind.FAILED):
         return "failed", str(metrics.get("reason", ""))[:500]
@@ -46,11 +84,12 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
     """
     rows, tidy, trials = [], [], []
     for r in grid:
-        if r.config is None:  # never started (an interrupted sweep): nothing to collect yet
+        if r.config is None and not r.error:  # never started (an interrupted sweep): nothing to collect yet
             continue
         name = Path(r.path).name
-        ov = trial_overrides(r.config, space)
-        labels = {k: r.config.get(k) for k, d in space.items() if d.kind in ("points", REFERENCES_KIND)}
+        config = r.config or {}  # none when it errored before its first report: still listed, with its reason
+        ov = trial_overrides(config, space) if config else {}
+        labels = {k: config.get(k) for k, d in space.items() if d.kind in ("points", REFERENCES_KIND)}
         trial_id = (r.metrics or {}).get("trial_id", "")
         status, reason = trial_status(r)
         metrics = r.metrics or {}

@@ -10,11 +10,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from ray import tune
 
 from fomo_ray import trial_report
+from fomo_ray.sweep_results import infrastructure_reason
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 
 
@@ -64,6 +65,10 @@ class Progress(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         reason, log = trial_error(trial)
+        if infrastructure_reason(reason):  # the machine ended it, not its code: the sweep ends interrupted
+            self._line(f"LOST   {trial}  {reason}  {self._count(trials, trial)}  (retries used up: interrupted, "
+                       f"a resume retries it; full log: {log})")
+            return
         self._line(f"FAILED {trial}  {reason}  {self._count(trials, trial)}  (full log: {log})")
 
 
@@ -76,6 +81,9 @@ def trial_error(trial: Any) -> tuple[str, str]:
         with contextlib.suppress(OSError, TypeError):
             text = Path(path).read_text()
             break
+    lost = infrastructure_reason(text)  # Ray's own text for those ends with its documentation links
+    if lost:
+        return lost[:300], log
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return (lines[-1][:300] if lines else "(no error message)"), log
 
@@ -105,10 +113,12 @@ class QuietPending(logging.Filter):
 
 def _never_started(line: str) -> bool:
     """``- <trial>: FileNotFoundError('... were not found at <dir>')`` naming a trial directory that does not exist in
-    an experiment directory that does (remote storage is not judged here: its lines are kept)."""
+    an experiment directory that does, or one with an ``error.txt`` (an errored trial: the sweep's trials table
+    lists it with its reason). Remote storage is not judged here: its lines are kept."""
     where = line.rsplit(" were not found at ", 1)
     trial_dir = Path(where[-1].rstrip("')\""))
-    return len(where) == 2 and trial_dir.parent.is_dir() and not trial_dir.exists()
+    return len(where) == 2 and trial_dir.parent.is_dir() and (not trial_dir.exists()
+                                                              or (trial_dir / "error.txt").is_file())
 
 
 class StopAfter(tune.Callback):
@@ -184,3 +194,20 @@ class Preemptions(tune.Callback):
             preemptions.add(self.storage, trial.trial_id, "trial actor lost to a preempted node")
             self.just.add(trial.trial_id)
         self.failures[trial.trial_id] = charged
+
+
+def restoring(fit: Callable[[bool], Any], resume: bool, tries: int, name: str) -> Any:
+    """``fit(resume)``; when Ray's own machinery fails (a worker killed by the memory monitor while Tune started it,
+    a dead node: ``infrastructure_reason``), one line, then ``fit(True)`` restores the experiment, up to ``tries``
+    times in all; after that, an empty grid: the sweep ends interrupted and prints its resume command."""
+    for attempt in range(1, tries + 1):
+        try:
+            return fit(resume)
+        except Exception as e:  # noqa: BLE001 - anything but Ray's infrastructure errors is re-raised
+            lost = infrastructure_reason(e)
+            if not lost:
+                raise
+            resume = True
+            print(f"sweep {name}: Ray failed ({lost}); " + (f"restoring the sweep (try {attempt + 1} of {tries})"
+                  if attempt < tries else f"gave up after {tries} tries"), flush=True)
+    return []

@@ -32,6 +32,7 @@ from fomo_ray.atomic import atomic_path, write_text
 from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
+from fomo_ray.final_uploads import settle_ended
 from fomo_ray.provenance import code_version, platform, platform_label
 from fomo_ray.ray_session import ensure_ray, guard_cluster
 from fomo_ray.sweep_inputs import ensure_sweep_inputs
@@ -44,7 +45,8 @@ from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved,
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 from fomo_ray.sweep_budget import (Ledger, SweepBudget, SweepBudgetError, budget_metrics,
                                    needs_by_label, plan_line, summary_line)
-from fomo_ray.tune_callbacks import DriverCallbacks, Preemptions, Progress, QuietPending, QuietTune, StopAfter
+from fomo_ray.tune_callbacks import (DriverCallbacks, Preemptions, Progress, QuietPending, QuietTune, StopAfter,
+                                     restoring)
 
 TRIAL_TRAIN_CPU = 0.01  # what a TorchTrainer-driving trial function reserves (its workers reserve the rest)
 ESTIMATE_FILE = "estimate.csv"  # the cost estimate made before launch, one row per trial
@@ -232,6 +234,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         if tracker is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
             with contextlib.suppress(Exception):  # a tag must not replace the trial's own outcome or error)
                 tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
+    settle_ended(tracker, run_id, cfg, name, payload.storage_uri)  # ended: its mid-run checkpoints go
     if tracker is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
         tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
@@ -367,7 +370,8 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
               f"({'TorchTrainer' if plan.use_train else 'function'} trials), "
               f"{'resuming' if resume else 'starting'} in {directory}"
               + (f"; MLflow {plan.tracking_uri}" if plan.tracking_uri else ""), flush=True)
-        grid = _fit(plan, setup, cbs, resume, show_worker_logs, starts, history, state)
+        grid = restoring(lambda again: _fit(plan, setup, cbs, again, show_worker_logs, starts, history, state),
+                         resume, max(base.ray.max_failures, 0) + 1, directory.name)
     except KeyboardInterrupt:  # while Ray or the Tuner started (Tune itself turns a Ctrl-C into a partial grid)
         grid = []
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
@@ -488,7 +492,8 @@ def _space_json(space: Mapping[str, Dim]) -> str:
 
 def resume_command(directory_name: str) -> str:
     """The command that resumes this sweep: the one that was run, naming the directory and asking to resume."""
-    program = f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name
+    program = ("python -m fomo_ray.cli" if sys.argv[0].endswith("fomo_ray/cli/__main__.py") else
+               f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name)
     argv = [program, *(a for a in sys.argv[1:] if a not in ("--fresh", "--resume"))]
     drop = {i for i, a in enumerate(argv) if a == "--name"} | {i + 1 for i, a in enumerate(argv) if a == "--name"}
     argv = [a for i, a in enumerate(argv) if i not in drop and not a.startswith("--name=")]

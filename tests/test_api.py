@@ -110,6 +110,10 @@ def test_run_writes_its_directory_and_returns_its_results(tmp_path, tmp_path_fac
     saved = load_results(next(res.directory.glob("results.*")))
     pd.testing.assert_frame_equal(saved, res.tidy, check_dtype=False)
     assert list(res.points["task"]) == [0, 1] and res.table.loc[0, "status"] == "finished"
+    # the unit is named where the scores are: fractions here, percent in the printed table
+    assert set(res.points["unit"]) == set(res.table["unit"]) == set(res.variants["unit"]) == {"fraction"}
+    gm = res.table.loc[0, "final_GM"]
+    assert 0 <= gm <= 1 and f"{100 * gm:.1f}" in res.format()
     again = fomo_ray.load_results(res.directory)
     assert again.points.equals(res.points)
 

@@ -309,7 +309,7 @@ def test_keep_checkpoints_is_validated():
 def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local, bench_root, tmp_path, monkeypatch):
     """1 trial x 2 tasks as a Tune function trial with MLflow: ``model/`` is an artifact that load_model reads (equal
     to the export of ``checkpoints/final``), and the fomo_ray.checkpoint_uri tag is the trial's directory in the sweep
-    storage, holding exactly ``ray.keep_checkpoints`` checkpoints."""
+    storage, holding the final checkpoint only, trimmed to the deployed model."""
     import fomo_ray.tune_sweep as sweep
     from fomo_ray.ray_train import CHECKPOINT_TAG, EXPORT_ERROR_TAG, FINAL_CHECKPOINT_TAG, UPLOAD_PENDING_TAG
     from fomo_ray.sweep_spec import spec_from_dict
@@ -317,7 +317,7 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
 
     base = {k: v for k, v in _cfg(bench_root, tmp_path).flat().items() if not isinstance(v, tuple)}
     base.update({"tracking.enabled": True, "ray.keep_checkpoints": 1, "ray.cpus_per_worker": 1.0,
-                 "method.name": "ema_merge"})
+                 "method.name": "ema_merge", "tracking.keep_uploads": True})
     spec = spec_from_dict({"name": "export", "base": base,
                            "space": {"variant": {"points": {"ema": {"method.merge.weight": 0.5}}}}})
     out = sweep.run_sweep(spec)
@@ -347,7 +347,49 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
     where = Path(child.data.tags[CHECKPOINT_TAG])
     assert where.is_dir() and where.parent == Path(out.directory) / "tune", where
     final = Path(child.data.tags[FINAL_CHECKPOINT_TAG])  # the pointer to the final checkpoint Ray persisted
-    assert final.parent == where and (final / LOOP_STATE_FILE).is_file(), final
     assert UPLOAD_PENDING_TAG not in child.data.tags  # every upload went through
+    # the ended trial keeps its final checkpoint only, trimmed to its export (ray.keep_after_run: deployed): the
+    # weights the run deployed, the very file MLflow's model/ holds
     kept = sorted(p for p in where.iterdir() if p.is_dir() and p.name.startswith("checkpoint_"))
-    assert len(kept) == 1 and (kept[0] / LOOP_STATE_FILE).is_file(), sorted(p.name for p in where.iterdir())
+    assert kept == [final] and not (final / LOOP_STATE_FILE).exists(), sorted(p.name for p in where.iterdir())
+    assert torch.equal(_features(ex.load_model(where).model, images, tokens), logged)
+    assert torch.equal(_features(ex.load_model(final).model, images, tokens), logged)
+
+
+def test_an_ended_trials_checkpoints_are_trimmed_to_its_export(cli_run, tmp_path, capsys):
+    """``retention.settle`` (ray.keep_after_run): ``all`` keeps every checkpoint, ``state`` the final loop state,
+    ``deployed`` the final checkpoint as its export, whose weights file becomes MLflow's (one inode); the trimmed
+    trial still loads and exports to the same weights; settling twice changes nothing."""
+    from fomo_ray import retention
+
+    cfg, run_dir = cli_run
+    trial = tmp_path / "tune" / "000-finetune"
+    for n in (0, 1):
+        shutil.copytree(run_dir / "state", trial / f"checkpoint_{n:06d}")
+        shutil.copy(run_dir / "config.json", trial / f"checkpoint_{n:06d}" / "config.json")
+    mlflow_model = shutil.copytree(run_dir / "model", tmp_path / "mlartifacts" / "model")
+    names = lambda: sorted(p.name for p in trial.iterdir())  # noqa: E731
+
+    assert retention.settle(str(trial), "all", cfg, "r").freed == 0 and names() == ["checkpoint_000000",
+                                                                                     "checkpoint_000001"]
+    assert retention.settle(f"s3://bucket/{trial}", "deployed", cfg, "r") == retention.Settled(None, 0)
+    kept = retention.settle(str(trial), "state", cfg, "r")
+    assert names() == ["checkpoint_000001"] and (kept.final / LOOP_STATE_FILE).is_file() and kept.freed > 0
+    done = retention.settle(str(trial), "deployed", cfg, "r", mlflow_model)
+    final = trial / "checkpoint_000001"
+    assert done.final == final and done.linked and not (final / LOOP_STATE_FILE).exists()
+    assert (final / "model" / ex.WEIGHTS_FILE).samefile(mlflow_model / ex.WEIGHTS_FILE)
+    assert retention.settle(str(trial), "deployed", cfg, "r", mlflow_model).freed == 0  # idempotent
+
+    images, tokens = _probe()
+    want = _features(ex.load_model(run_dir / "model").model, images, tokens)
+    assert torch.equal(_features(ex.load_model(trial).model, images, tokens), want)
+    assert export_cli.main([str(trial), "--out", str(tmp_path / "m")]) == 0
+    a, b = torch.load(tmp_path / "m" / ex.WEIGHTS_FILE), torch.load(run_dir / "model" / ex.WEIGHTS_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+
+
+def test_keep_after_run_is_validated():
+    with pytest.raises(ConfigError, match="ray.keep_after_run"):
+        load_config(None, {"ray.keep_after_run": "some"})

@@ -185,10 +185,12 @@ def test_final_uploads_policy():
     cfg = load_config(None, {})
     shared = cfg.replace({"ray.storage_path": "/mnt/shared/fomo_ray"})
     P = ray_train.RunPayload
-    assert ray_train.final_uploads(P(cfg=cfg, run_name="a")) == ["checkpoints/final", "model"]
-    assert ray_train.final_uploads(P(cfg=shared, run_name="a")) == ["model"]  # a pointer instead of a copy
+    # a pointer instead of a copy, on shared storage and on the driver's own disk alike
+    assert ray_train.final_uploads(P(cfg=cfg, run_name="a")) == ["model"]
+    assert ray_train.final_uploads(P(cfg=shared, run_name="a")) == ["model"]
     assert ray_train.final_uploads(P(cfg=shared, run_name="a", keep_uploads=True)) == ["checkpoints/final", "model"]
-    assert ray_train.final_uploads(P(cfg=cfg, run_name="a", log_checkpoints=False)) == ["model"]
+    assert ray_train.final_uploads(P(cfg=cfg, run_name="a", keep_uploads=True)) == ["checkpoints/final", "model"]
+    assert ray_train.final_uploads(P(cfg=cfg, run_name="a", keep_uploads=True, log_checkpoints=False)) == ["model"]
 
 
 def test_a_failed_upload_after_training_still_finishes_and_is_retried(cfg_of, tmp_path, monkeypatch):
@@ -197,7 +199,8 @@ def test_a_failed_upload_after_training_still_finishes_and_is_retried(cfg_of, tm
     tracker = Tracker(default_uri(tmp_path), "uploads")
     run_id = tracker.start_child(None, "upload", {})
     cfg = cfg_of(**{"budget.total_ft_steps": 2, "tracking.log_every_n_steps": 1})
-    payload = ray_train.RunPayload(cfg=cfg, run_name="upload", tracking_uri=tracker.uri, mlflow_run_id=run_id)
+    payload = ray_train.RunPayload(cfg=cfg, run_name="upload", tracking_uri=tracker.uri, mlflow_run_id=run_id,
+                                   keep_uploads=True)
 
     def store_down(self, *a, **k):
         raise OSError("artifact store unreachable")

@@ -112,7 +112,7 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     fault = Fault(task=1, step=3, marker=str(marker), delay_s=8.0)
     monkeypatch.setattr(ray_train, "train_worker", train_worker_in_worker(fault=fault))
     payload = ray_train.RunPayload(cfg=cfg, run_name="exact-resume", tracking_uri=tracker.uri, mlflow_run_id=run_id,
-                                   storage_uri=str(tmp_path / "train"))
+                                   storage_uri=str(tmp_path / "train"), keep_uploads=True)
     t0 = time.time()
     outcome = ray_train.fit_train_run(payload, name="exact-resume", storage_path=str(tmp_path / "train"))
     wall = time.time() - t0

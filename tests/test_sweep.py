@@ -19,6 +19,8 @@ from fomo_ray import tune_sweep as sweep
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import ConfigError, load_config
 from fomo_ray.sweep_spec import Dim, SweepError, parse_dim, parse_space, spec_from_dict
+from fomo_ray.export import WEIGHTS_FILE
+from fomo_ray.retention import checkpoint_dirs
 
 from _edges_util import REPO, StandIn, register_by_value, trial_in_worker
 
@@ -343,8 +345,14 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
                                                         res.loc[res["run"] == name, "GM"])]
         assert len(tracker.metric_history(run.info.run_id, "datasets/SCENES/R_at_5")) == 3  # per dataset, per task
         assert [s for s, _ in tracker.metric_history(run.info.run_id, TRAIN_KEYS[0])] == list(range(8))
-        arts = [f.path for f in tracker.client.list_artifacts(run.info.run_id, "checkpoints/final")]
-        assert "checkpoints/final/loop_state.pt" in arts
+        # an ended trial keeps one checkpoint, trimmed to its export (ray.keep_after_run: deployed), whose weights
+        # file is MLflow's model/ one (a hard link: stored once); MLflow points at it instead of a second copy
+        assert not tracker.client.list_artifacts(run.info.run_id, "checkpoints/final")
+        final_dir = Path(run.data.tags["fomo_ray.final_checkpoint"])
+        assert checkpoint_dirs(final_dir.parent) == [final_dir]
+        assert not (final_dir / "loop_state.pt").exists() and (final_dir / "config.json").is_file()
+        mlflow_model = Path(run.info.artifact_uri.removeprefix("file://")) / "model"
+        assert (final_dir / "model" / WEIGHTS_FILE).samefile(mlflow_model / WEIGHTS_FILE)
     report_arts = {f.path for f in tracker.client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/table.md", "report/trajectories.png", "report/pareto.png"} <= report_arts
     assert (out.directory / "results.csv").is_file() and (out.directory / sweep_spec.SUMMARY_FILE).is_file()
