@@ -2,7 +2,7 @@
 
 A :class:`LoopState` holds everything an exact resume needs (model incl. adapters, optimizer mid-task, method,
 buffer, all RNG states, the (task, step) cursor, results so far). ``run_stream(cfg, resume=state)`` continues from it
-and ends with metrics bitwise identical to the uninterrupted run on CPU (DESIGN §9: the reference lost its merge
+and ends with metrics bitwise identical to the uninterrupted run on CPU (docs/BENCHMARK.md §Reference faults: the reference lost its merge
 history, adapters, RNG state and stream position on resume). Files are read with ``torch.load(weights_only=True)``:
 numpy arrays travel wrapped as tensors, never pickled.
 

@@ -10,7 +10,7 @@ Train's ``TorchTrainer`` does so in every worker):
 - the image/text features of all shards are all-gathered *with* gradient (padded to the largest shard for the
   collective, the padding dropped after it) and every rank computes the model's contrastive loss (symmetric
   InfoNCE, or SigLIP's sigmoid loss for a model with a ``logit_bias``: ``losses.contrastive_loss``) over the whole
-  global batch, so every sample still has the b-1 other samples as in-batch negatives (DESIGN §1; Radford et al.
+  global batch, so every sample still has the b-1 other samples as in-batch negatives (docs/BENCHMARK.md §Mixture; Radford et al.
   2021) — as in open_clip's ``gather_with_grad`` training; for the sigmoid loss this is exactly the one-process loss
   of the global batch (open_clip's SigLIP exchanges text shards between neighbours instead, same value);
 - BatchNorm layers become ``nn.SyncBatchNorm`` on CUDA ranks (global-batch statistics, identical running statistics
