@@ -134,6 +134,22 @@ def test_each_generated_table_lives_in_one_page_and_its_writer_names_it(marker):
         assert home in text, f"{writer} must name {home}, where its table lives"
 
 
+SECTION = re.compile(r"(docs/[A-Z_]+\.md),? §([A-Z][a-z]+(?: [a-z]+)*)")
+
+
+def test_every_cited_docs_section_exists():
+    """Code and docs cite sections as ``docs/BENCHMARK.md §Budgets``: each must be a heading of that page."""
+    bad = []
+    for path in _repo_files():
+        if path.suffix not in {".py", ".md", ".sh", ".yaml"}:
+            continue
+        for page, section in SECTION.findall(path.read_text()):
+            headings = [h.lstrip("#").strip() for h in (REPO / page).read_text().splitlines() if h.startswith("##")]
+            if not any(h == section or h.startswith(section + " ") or h.startswith(section + ":") for h in headings):
+                bad.append(f"{path.relative_to(REPO)}: {page} §{section}")
+    assert not bad, "cited sections that are not headings:\n" + "\n".join(sorted(set(bad)))
+
+
 def _repo_files():
     skip = {".git", ".venv", "runs", "data", "build", "node_modules"}
     for path in REPO.rglob("*"):
