@@ -1,5 +1,5 @@
-"""The budget module's Tab.4-style table (Roth et al. 2024, arXiv 2408.14471, Tab. 4; docs/BENCHMARK.md §Budgets) measured on a GPU,
-side by side with the paper's Tab. 4 steps per task and the ratio measured / reference per method.
+"""The budget module's Tab.4-style table (docs/BENCHMARK.md §Budgets) measured on a GPU, side by side with the paper's
+Tab. 4 steps per task (Roth et al. 2024, arXiv 2408.14471) and the ratio measured / reference per method.
 
 Every row is ``fomo_ray.budget.method_record`` - one real training step of the method (set up by its registered
 ``setup``) counted by ``FlopCounterMode``, peak memory from ``torch.cuda.max_memory_allocated`` - turned into steps
@@ -105,7 +105,7 @@ def _cell(v: Any) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Budget table (MAF, arXiv 2408.14471 Tab. 4) for {report['arch']} on {report['device_name']} ({report['profile']}), "
+    lines = [f"Budget table (MAF, as Tab. 4) for {report['arch']} on {report['device_name']} ({report['profile']}), "
              f"batch {report['batch_size']} (reference: b = 512), image {report['image_size']} px, "
              f"{report['memory_kind']} memory; steps per task from 28,400 // T full fine-tuning steps.", ""]
     rows = report["rows"]

@@ -3,9 +3,9 @@
 Runs each study that tests a finding over ``--seeds`` seeds (``runs/sweeps/findings_<study>``; a finished one is read,
 an interrupted one resumed, and the trial cache replays trials other sweeps already finished), then prints, per
 finding, the effect with its 95% Student-t interval over the seeds and whether FiF-mini confirms it
-(``fomo_ray/findings.py``). ``--write-readme`` puts the table, with the date and commit, into docs/FINDINGS.md between
-``<!-- findings:start -->`` and ``<!-- findings:end -->`` (the flag keeps its old name). It reports what the engine shows: nothing here is tuned to
-agree with the paper. Usage::
+(``fomo_ray/findings.py``). ``--write-readme`` (the flag keeps its old name) puts the table, with the date and commit,
+into docs/FINDINGS.md between ``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the engine
+shows: nothing here is tuned to agree with the paper. Usage::
 
     python experiments/check_findings.py [--seeds 3] [--studies merge_weights methods ...] [--write-readme]
 """

@@ -1,4 +1,4 @@
-"""Equal-compute budgets in Memory-Adjusted FLOPs (MAF; Roth et al. 2024, arXiv 2408.14471, Tab. 4; docs/BENCHMARK.md §Budgets).
+"""Equal-compute budgets in Memory-Adjusted FLOPs (MAF; Roth et al. 2024, arXiv 2408.14471; docs/BENCHMARK.md §Budgets).
 
 Every method gets the compute that full fine-tuning uses per task. For a method ``m``:
 
@@ -129,7 +129,7 @@ def registry_cost(cfg, name: str) -> MethodCost:
     from fomo_ray.methods import build_method  # methods import peft; only the budget of real methods needs them
 
     method = build_method(cfg.replace({"method.name": name}))
-    if method.cost_as:  # e.g. merges train like full fine-tuning and merging is counted free (docs/BENCHMARK.md §Budgets)
+    if method.cost_as:  # e.g. merges train like fine-tuning, merging is free (docs/BENCHMARK.md §Budgets)
         return registry_cost(cfg, method.cost_as)
     extra = method.extra_cost()
     return MethodCost(prepare=method.setup, steady=method.steady_state,

@@ -476,7 +476,7 @@ def _check_workers(cfg: ExperimentConfig) -> None:
 
 # --------------------------------------------------------------------------------------------------- docs
 def reference_markdown() -> str:
-    """The configuration reference of docs/CONFIG.md, generated from the fields (tests/test_repo.py keeps it in sync)."""
+    """The configuration reference of docs/CONFIG.md, generated from the fields (tests/test_repo.py checks it)."""
     rows = ["| key | default | why |", "| --- | --- | --- |"]
     for key, (default, doc) in field_docs().items():
         shown = json.dumps(list(default) if isinstance(default, tuple) else default)

@@ -202,7 +202,8 @@ def learned_at_points(task_datasets: Sequence[Iterable[str]]) -> dict[str, int]:
 
 
 def stream_task_datasets(entries: Sequence[str], num_tasks: int) -> list[list[str]]:
-    """Dataset names of each task of a stream (``DATASET+++class`` entries cut as in docs/BENCHMARK.md §Streams and tasks)."""
+    """Dataset names of each task of a stream (``DATASET+++class`` entries cut into tasks as in docs/BENCHMARK.md
+    §Streams and tasks)."""
     from fomo_ray.data.stream import parse_entries, task_sizes
 
     parsed = parse_entries(list(entries))

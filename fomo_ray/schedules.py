@@ -1,4 +1,6 @@
-"""Per-task learning-rate schedules and LR meta-schedules over tasks (docs/BENCHMARK.md §Schedules): pure functions of (step, task).
+"""Per-task learning-rate schedules and LR meta-schedules over tasks: pure functions of (step, task).
+
+The formulas are those of docs/BENCHMARK.md §Schedules.
 
 Every task restarts its schedule: ``S`` steps, a linear warmup of ``W = ceil(warmup_frac * S)`` steps
 (step ``i < W`` gets ``peak * (i + 1) / W``, so step ``W - 1`` is at the peak), then
@@ -11,7 +13,7 @@ Every task restarts its schedule: ``S`` steps, a linear warmup of ``W = ceil(war
   and over the last ``C = ceil(cooldown_frac * S)`` steps a linear cooldown from the rsqrt value to the floor,
   reached at the last step.
 
-**Meta-schedules** (Roth et al. 2024, arXiv 2408.14471; docs/BENCHMARK.md §Schedules) scale each task's peak with the task index ``t``:
+**Meta-schedules** (Roth et al. 2024, arXiv 2408.14471) scale each task's peak with the task index ``t``:
 
 - autoregressive cosine: ``peak_t = min + v_t (lr - min)``, ``v_0 = 1``,
   ``v_t = (1 + cos(pi (t (S-W) + 1) / ((t+1)(S-W)))) / 2`` -- the value at task ``t``'s first decay step of one

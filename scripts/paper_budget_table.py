@@ -14,7 +14,8 @@ activations grow linearly with the batch, parameter, gradient, optimizer and met
 ``b x b`` logits, the one quadratic term, are under 1 GFLOP and a few MB at 512 -- the two ways agree to within 0.02%
 of any figure (locked_image: 13,522 steps counted, 13,524 extended from b = 4 and 8). ``--write-readme``
 puts the block between the ``paper-budget`` markers of docs/REAL_DATA.md (the flag keeps its old name), so the numbers
-there are always this script's output. Takes about a minute on 2 CPU cores (records are cached in the config's ``budget.cache_dir``).
+there are always this script's output. Takes about a minute on 2 CPU cores (records are cached in the config's
+``budget.cache_dir``).
 """
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs=2, default=None, metavar=("B1", "B2"),
                     help="extend from two small batches instead of the budget's record at b = 512")
-    ap.add_argument("--write-readme", action="store_true", help="put the table between its markers in docs/REAL_DATA.md")
+    ap.add_argument("--write-readme", action="store_true", help="write the table into docs/REAL_DATA.md")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     batches = tuple(sorted(args.batches)) if args.batches else None

@@ -48,7 +48,7 @@ def test_config_reference_is_generated():
     start, end = "<!-- config-reference:start -->\n", "\n<!-- config-reference:end -->"
     assert start in text and end in text
     block = text.split(start, 1)[1].split(end, 1)[0]
-    assert block.strip() == reference_markdown().strip(), "docs/CONFIG.md config reference is stale: regenerate it with " \
+    assert block.strip() == reference_markdown().strip(), "docs/CONFIG.md is stale: regenerate its table with " \
         "`python -m fomo_ray.config`"
 
 

@@ -1,8 +1,8 @@
 """Streams: FiF stream files -> validated concept lists -> T tasks -> index sets over the train split.
 
-A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (docs/BENCHMARK.md §Streams and tasks); it is
-cut into T contiguous tasks, task i holding ``N//T + (1 if i < N%T else 0)`` entries, and a task's update data
-D_t is *all* train images of its (dataset, class) pairs - an index set over ``train.beton``, never a copy.
+A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (docs/BENCHMARK.md §Streams
+and tasks); it is cut into T contiguous tasks, task i holding ``N//T + (1 if i < N%T else 0)`` entries, and a task's
+update data D_t is *all* train images of its (dataset, class) pairs - an index set over ``train.beton``, never a copy.
 """
 from __future__ import annotations
 

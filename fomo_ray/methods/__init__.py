@@ -1,4 +1,6 @@
-"""Continual-update methods: an explicit registry from method names (docs/BENCHMARK.md §Methods) to :class:`Method` classes.
+"""Continual-update methods: an explicit registry from method names to :class:`Method` classes.
+
+The methods are those of docs/BENCHMARK.md §Methods.
 
 ``build_method(cfg)`` builds ``cfg.method.name`` with its typed sub-config (``cfg.method.merge`` / ``.peft`` /
 ``.reg``, defaults in ``fomo_ray/config.py``). One small file per family:

@@ -1,8 +1,8 @@
 """Parameter-regularisation methods: EWC and SI (full fine-tuning plus a quadratic penalty towards theta*).
 
-Both keep their per-parameter tensors on the training device and compute the penalty with ``torch._foreach_*`` ops
-(one kernel per op over all tensors; the reference computed it on the CPU every step, docs/BENCHMARK.md §Reference faults). The math lives in
-the pure functions :func:`quadratic_penalty`, :func:`fisher_update` and :func:`si_importance`.
+Both keep their per-parameter tensors on the training device and compute the penalty with ``torch._foreach_*`` ops (one
+kernel per op over all tensors; the reference computed it on the CPU every step: docs/BENCHMARK.md §Reference faults).
+The math lives in the pure functions :func:`quadratic_penalty`, :func:`fisher_update` and :func:`si_importance`.
 """
 from __future__ import annotations
 
