@@ -1,5 +1,5 @@
-"""The budget module's Tab.4-style table (Roth et al. 2024, arXiv 2408.14471, Tab. 4; DESIGN §4) measured on a GPU,
-side by side with DESIGN §4's reference steps per task and the ratio measured / reference per method.
+"""The budget module's Tab.4-style table (docs/BENCHMARK.md §Budgets) measured on a GPU, side by side with the paper's
+Tab. 4 steps per task (Roth et al. 2024, arXiv 2408.14471) and the ratio measured / reference per method.
 
 Every row is ``fomo_ray.budget.method_record`` - one real training step of the method (set up by its registered
 ``setup``) counted by ``FlopCounterMode``, peak memory from ``torch.cuda.max_memory_allocated`` - turned into steps
@@ -12,7 +12,7 @@ Why the ratios are not 1 (say so next to the figures):
   fine-tuning in 80 GB with bf16 autocast). Parameters, gradients and optimizer state do not scale with the batch,
   activations do, so a PEFT method's memory multiplier (and with it its MAF and steps) depends on b;
 - memory: here the peak of *allocated* CUDA memory in bf16 autocast (fp32 master weights); the reference's figures
-  came from its own (broken, DESIGN §9) scripts and fp16 autocast;
+  came from its own (broken: docs/BENCHMARK.md §Reference faults) scripts and fp16 autocast;
 - EWC: the reference charged its 50k-sample Fisher pass on every step (14 steps); here it is charged once per task;
 - FLOPs: counted by FlopCounterMode (matmuls, convolutions, attention) plus AdamW's elementwise work.
 
@@ -50,7 +50,7 @@ TASKS = (20, 50, 100, 200)
 
 
 def reference_steps(method: str, rank: int) -> int | None:
-    """DESIGN §4's reference steps per task (ViT-B/16, b = 512, T = 20) for ``method`` at peft ``rank``.
+    """The paper's Tab. 4 steps per task (ViT-B/16, b = 512, T = 20) for ``method`` at peft ``rank``.
 
     Parsed from ``fomo_ray.budget.REFERENCE_STEPS_VITB16_T20`` ("1898 (r=4), 1891 (r=64)" -> rank 4: 1898); a rank
     the reference did not run gives ``None``."""
@@ -105,7 +105,7 @@ def _cell(v: Any) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Budget table (MAF, DESIGN §4) for {report['arch']} on {report['device_name']} ({report['profile']}), "
+    lines = [f"Budget table (MAF, as Tab. 4) for {report['arch']} on {report['device_name']} ({report['profile']}), "
              f"batch {report['batch_size']} (reference: b = 512), image {report['image_size']} px, "
              f"{report['memory_kind']} memory; steps per task from 28,400 // T full fine-tuning steps.", ""]
     rows = report["rows"]

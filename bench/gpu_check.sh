@@ -7,7 +7,7 @@
 #   data          the small FiF-mini of data/gpu_check (carried; built here only where FFCV exists)
 #   tests         pytest tests/test_gpu.py (device placement, bf16 autocast, 2-task loop, merges, 1-process DDP)
 #   mfu_<config>  bench/train_step_mfu.py for finetune, lora, bitfit, merge (one process each)
-#   budget_table  bench/gpu_budget_table.py (Tab.4-style MAF table vs DESIGN §4's reference steps)
+#   budget_table  bench/gpu_budget_table.py (Tab.4-style MAF table vs the paper's Tab. 4 steps)
 # Without CUDA it is the CPU dry run: the same parts, small (tiny model, few steps, tests on the CPU).
 # Writes OUTDIR/gpu_check.json, OUTDIR/gpu_check.md and OUTDIR/gpu_check.log (each via a temp name + rename).
 # Ray, MLflow and FFCV are blocked in every Python process (a sitecustomize meta-path finder), here as on the GPU

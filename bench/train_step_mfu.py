@@ -7,7 +7,8 @@ fixed random batch, and reports:
 
 - samples/s over ``--steps`` timed steps after ``--warmup`` untimed ones, CUDA-synchronised;
 - achieved TFLOP/s = FLOPs per step x steps / seconds, FLOPs per step from the budget module
-  (``fomo_ray.budget.method_record``: ``FlopCounterMode`` over one real step + AdamW's elementwise work, DESIGN §4);
+  (``fomo_ray.budget.method_record``: ``FlopCounterMode`` over one real step + AdamW's elementwise work,
+  docs/BENCHMARK.md §Budgets);
 - MFU = achieved / the card's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, by device name; unknown card -> null);
 - peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps (and the budget module's own figure).
 

@@ -1,5 +1,5 @@
 """Resident memory of `fomo-ray ui`: the UI process, `mlflow server` and its uvicorn worker, on the store of a small
-finished sweep (the figure in the README's MLflow UI section).
+finished sweep (the figure in docs/TRACKING.md).
 
 Without ``--output-dir`` it first runs a tiny real sweep into a temporary directory (2 trials x 2 tasks of the real
 loop on fomo-tiny-s, random init, a 5 %-scale FiF-mini, as tests/test_ui_browser.py). Then it starts `fomo-ray ui`,

@@ -3,9 +3,9 @@
 Runs each study that tests a finding over ``--seeds`` seeds (``runs/sweeps/findings_<study>``; a finished one is read,
 an interrupted one resumed, and the trial cache replays trials other sweeps already finished), then prints, per
 finding, the effect with its 95% Student-t interval over the seeds and whether FiF-mini confirms it
-(``fomo_ray/findings.py``). ``--write-readme`` puts the table, with the date and commit, into README.md between
-``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the engine shows: nothing here is tuned to
-agree with the paper. Usage::
+(``fomo_ray/findings.py``). ``--write-readme`` (the flag keeps its old name) puts the table, with the date and commit,
+into docs/FINDINGS.md between ``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the engine
+shows: nothing here is tuned to agree with the paper. Usage::
 
     python experiments/check_findings.py [--seeds 3] [--studies merge_weights methods ...] [--write-readme]
 """
@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
+DOC = REPO / "docs" / "FINDINGS.md"  # where the generated table lives
 
 
 def study_results(study: str, seeds: int, overrides: dict, output_dir: str):
@@ -69,8 +70,8 @@ def commits_text(commits: dict[str, str]) -> str:
 
 def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dict[str, str] | None = None,
              platforms: dict[str, str] | None = None) -> str:
-    """The README block; ``missing`` (``{study: claim}``) names the findings whose studies were left out,
-    ``platforms`` (``{study: label}``) where their sweeps ran (the numbers hold there: README "Reproducibility")."""
+    """The docs/FINDINGS.md block; ``missing`` (``{study: claim}``) names the findings whose studies were left out,
+    ``platforms`` (``{study: label}``) where their sweeps ran (the numbers hold there: docs/REPRODUCIBILITY.md)."""
     where = f"platform {per_study(platforms)}, " if platforms else ""
     head = [f"What `python experiments/check_findings.py --seeds {seeds}` showed on FiF-mini ({time.strftime('%Y-%m-%d')}, "
             f"sweeps run at {commits_text(commits)}, {where}"
@@ -86,7 +87,7 @@ def markdown(rows: list[dict], seeds: int, commits: dict[str, str], missing: dic
     return "\n".join(head + body)
 
 
-def write_readme(text: str, readme: Path = REPO / "README.md") -> None:
+def write_readme(text: str, readme: Path = DOC) -> None:
     from fomo_ray.provenance import write_block
 
     write_block(readme, START, END, text)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=3, help="seeds per variant (default 3)")
     ap.add_argument("--studies", nargs="+", choices=studies, default=studies, help="which studies to run or read")
     ap.add_argument("--output-dir", default="runs", help="where the sweeps and the trial cache live")
-    ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
+    ap.add_argument("--write-readme", action="store_true", help="put the table into docs/FINDINGS.md")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows, commits, platforms = rows_for(a.studies, a.seeds, str(Path(a.output_dir).resolve()))

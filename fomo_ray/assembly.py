@@ -231,11 +231,11 @@ def resolve_pretrained(cfg: ExperimentConfig, bench: Any) -> str:
 
 
 def stream_task_rows(cfg: ExperimentConfig, bench: Any) -> list[np.ndarray]:
-    """Train-split row ids of every task's update data D_t (DESIGN §1 chunking)."""
+    """Train-split row ids of every task's update data D_t (docs/BENCHMARK.md §Streams and tasks)."""
     from fomo_ray.data.stream import load_stream, resolve_stream, split_tasks, task_rows
 
     entries = load_stream(resolve_stream(bench, cfg.stream.file, cfg.stream.ordering), bench)
-    # dataset-incremental orderings are cut only at dataset boundaries (DESIGN §1)
+    # dataset-incremental orderings are cut only at dataset boundaries (docs/BENCHMARK.md §Streams and tasks)
     by_dataset = "dataset_incremental" in cfg.stream.ordering and not cfg.stream.file
     return [task_rows(bench, task, "train") for task in split_tasks(entries, cfg.stream.num_tasks, by_dataset)]
 

@@ -1,4 +1,4 @@
-"""Equal-compute budgets in Memory-Adjusted FLOPs (MAF; Roth et al. 2024, arXiv 2408.14471, §3 / DESIGN §4).
+"""Equal-compute budgets in Memory-Adjusted FLOPs (MAF; Roth et al. 2024, arXiv 2408.14471; docs/BENCHMARK.md §Budgets).
 
 Every method gets the compute that full fine-tuning uses per task. For a method ``m``:
 
@@ -80,10 +80,10 @@ FT_METHOD = "finetune"
 #: bump when the measured step changes, so cached records of another step are remeasured (2: the loop's own loss and
 #: the method's state; 3: no pass larger than a rank's batch; 4: activation bytes under gradient checkpointing)
 MEASURE_VERSION = 4
-#: DESIGN §4: 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
+#: the paper's 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
 PAPER_TOTAL_FT_STEPS = 28_400
 TABLE_TASKS = (20, 50, 100, 200)
-#: DESIGN §4 reference steps per task (ViT-B/16, b = 512, T = 20), shown beside the measured ones
+#: the paper's Tab. 4 steps per task (ViT-B/16, b = 512, T = 20), shown beside the measured ones
 REFERENCE_STEPS_VITB16_T20: dict[str, str] = {
     "finetune": "1420", "locked_text": "1949", "locked_image": "12982", "lnfit": "3179", "bitfit": "3179",
     "lora": "1898 (r=4), 1891 (r=64)", "dora": "1893 (r=4)", "vera": "1898 (r=4)", "si": "1418",
@@ -129,7 +129,7 @@ def registry_cost(cfg, name: str) -> MethodCost:
     from fomo_ray.methods import build_method  # methods import peft; only the budget of real methods needs them
 
     method = build_method(cfg.replace({"method.name": name}))
-    if method.cost_as:  # e.g. merges train like full fine-tuning and merging is counted free (DESIGN §4)
+    if method.cost_as:  # e.g. merges train like fine-tuning, merging is free (docs/BENCHMARK.md §Budgets)
         return registry_cost(cfg, method.cost_as)
     extra = method.extra_cost()
     return MethodCost(prepare=method.setup, steady=method.steady_state,
@@ -352,7 +352,7 @@ _UNSTORED: dict[Path, CostRecord] = {}  # measured but not stored (dry runs): me
 
 # --------------------------------------------------------------------------------------------------- pure budget math
 def ft_steps(total_ft_steps: int, num_tasks: int) -> int:
-    """``steps_ft(T) = total // T`` (DESIGN §4: 28,400 // 20 = 1420)."""
+    """``steps_ft(T) = total // T`` (the paper's 28,400 // 20 = 1420)."""
     if num_tasks < 1:
         raise BudgetError(f"num_tasks must be >= 1, got {num_tasks}")
     steps = total_ft_steps // num_tasks

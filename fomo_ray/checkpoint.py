@@ -2,9 +2,9 @@
 
 A :class:`LoopState` holds everything an exact resume needs (model incl. adapters, optimizer mid-task, method,
 buffer, all RNG states, the (task, step) cursor, results so far). ``run_stream(cfg, resume=state)`` continues from it
-and ends with metrics bitwise identical to the uninterrupted run on CPU (DESIGN §9: the reference lost its merge
-history, adapters, RNG state and stream position on resume). Files are read with ``torch.load(weights_only=True)``:
-numpy arrays travel wrapped as tensors, never pickled.
+and ends with metrics bitwise identical to the uninterrupted run on CPU (the reference code lost its merge history,
+adapters, RNG state and stream position on resume: docs/BENCHMARK.md §Reference faults). Files are read with
+``torch.load(weights_only=True)``: numpy arrays travel wrapped as tensors, never pickled.
 
 Off the critical path: under data parallelism only rank 0 takes a snapshot (:func:`take_snapshot`; the weights and
 method state are replicated, so rank 0's state is every rank's), the others get a :class:`CheckpointMarker` (the

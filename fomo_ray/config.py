@@ -92,8 +92,8 @@ class RegConfig:
     ewc_lambda: float = F(1.0e3, "EWC penalty strength lambda in (lambda/2)*sum F (theta-theta*)^2")
     ewc_gamma: float = F(1.0, "online-EWC decay: F <- gamma*F + F_new")
     ewc_fisher_batches: int = F(4, "batches of task data for the diagonal Fisher pass after each task")
-    si_c: float = F(0.5, "SI penalty strength c (DESIGN default)")
-    si_xi: float = F(1.0, "SI damping xi (DESIGN default)")
+    si_c: float = F(0.5, "SI penalty strength c (the reference default; docs/BENCHMARK.md §Methods)")
+    si_xi: float = F(1.0, "SI damping xi (the reference default)")
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,13 @@ class BudgetConfig:
 class EvalConfig:
     batch_size: int = F(256, "eval batch; inference only, so larger than training")
     subset_fraction: float = F(0.1, "f in n = min(len, max(2C, min_samples, floor(f*len))) for in-stream subsets")
-    subset_min: int = F(300, "the 300 of DESIGN section 3")
+    subset_min: int = F(300, "the 300 in n = min(len, max(2C, 300, floor(f*len))) (docs/BENCHMARK.md §Evaluation)")
     every_n_tasks: int = F(1, "evaluate deployed weights after every n-th task (the last task always)")
     full_at_ends: bool = F(True, "also the full test sets before the first and after the last task (eval_set full; "
                                  "the trajectory is always on the fixed subsets)")
     full_every_n_tasks: int = F(0, "also the full test sets after every n-th task (0: only at the ends)")
     retrieval_k: tuple[int, ...] = F((1, 5), "recall@k reported; R@5 enters A_KA/A_ZS")
-    prompts: Literal["primer", "openai_imagenet", "simple_imagenet"] = F("primer", "zero-shot class texts: 'primer' = each dataset's one primer template (the reference, DESIGN section 3); 'openai_imagenet' / 'simple_imagenet' = open_clip's 80 / 7 ImageNet template ensembles (a class's embedding is the normalised mean of its templates' normalised embeddings, as open_clip's build_zero_shot_classifier), to compare with open_clip's published zero-shot numbers; the tidy table's prompts column names it")
+    prompts: Literal["primer", "openai_imagenet", "simple_imagenet"] = F("primer", "zero-shot class texts: 'primer' = each dataset's one primer template (the paper's, docs/BENCHMARK.md §Evaluation); 'openai_imagenet' / 'simple_imagenet' = open_clip's 80 / 7 ImageNet template ensembles (a class's embedding is the normalised mean of its templates' normalised embeddings, as open_clip's build_zero_shot_classifier), to compare with open_clip's published zero-shot numbers; the tidy table's prompts column names it")
     cache_mb: int = F(4096, "decoded evaluation images kept in RAM per process (uint8, as the loader gives them): the fixed subsets are decoded at the first evaluation point and reused at every later one (each data-parallel rank keeps only its share), the full test sets too if they fit in what the subsets leave; a set over the budget is decoded at every point; 0 = decode every time (224 px: about 0.15 MB an image)")
 
 
@@ -264,7 +264,7 @@ def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def field_docs(cls: type = ExperimentConfig, prefix: str = "") -> dict[str, tuple[Any, str]]:
-    """``{dotted.key: (default, doc)}`` for every leaf field (drives the README's configuration reference)."""
+    """``{dotted.key: (default, doc)}`` for every leaf field (drives the configuration reference in docs/CONFIG.md)."""
     hints = typing.get_type_hints(cls)
     out: dict[str, tuple[Any, str]] = {}
     for f in dataclasses.fields(cls):
@@ -479,7 +479,7 @@ def _check_workers(cfg: ExperimentConfig) -> None:
 
 # --------------------------------------------------------------------------------------------------- docs
 def reference_markdown() -> str:
-    """The README's configuration reference, generated from the fields (a test keeps the README in sync)."""
+    """The configuration reference of docs/CONFIG.md, generated from the fields (tests/test_repo.py checks it)."""
     rows = ["| key | default | why |", "| --- | --- | --- |"]
     for key, (default, doc) in field_docs().items():
         shown = json.dumps(list(default) if isinstance(default, tuple) else default)

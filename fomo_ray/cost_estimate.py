@@ -1,10 +1,10 @@
 """What a sweep will cost before it starts, and the order that finishes it soonest.
 
-The MAF budget (``fomo_ray/budget.py``, DESIGN §4) fixes every trial's training steps in advance, so its cost is
-known before launch: per trial the steps, the training GFLOPs (steps x the measured GFLOPs of one step, plus the
-method's per-task work such as EWC's Fisher pass), the evaluation GFLOPs (every image and text encoded at every
-evaluation point x the forward GFLOPs of one), and a wall time. The time comes from this machine's device, timed on
-the run's shapes (``fomo_ray/throughput.py``), or from a declared device: GFLOPs / (TFLOP/s x MFU), e.g. an H100 at
+The MAF budget (``fomo_ray/budget.py``, docs/BENCHMARK.md §Budgets) fixes every trial's training steps in advance, so
+its cost is known before launch: per trial the steps, the training GFLOPs (steps x the measured GFLOPs of one step, plus
+the method's per-task work such as EWC's Fisher pass), the evaluation GFLOPs (every image and text encoded at every
+evaluation point x the forward GFLOPs of one), and a wall time. The time comes from this machine's device, timed on the
+run's shapes (``fomo_ray/throughput.py``), or from a declared device: GFLOPs / (TFLOP/s x MFU), e.g. an H100 at
 ``--device-tflops 989 --mfu 0.4``.
 
 Nothing here runs a real pass at a trial's full batch: the budget counts a step on fake tensors (no memory, seconds
@@ -70,7 +70,7 @@ class TrialCost:
     eval_gflops: float | None
     seconds: float | None
     workers: int = 1
-    maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; DESIGN §4)
+    maf: float = 0.0           # MAF of one training step (GFLOPs x memory multiplier; docs/BENCHMARK.md §Budgets)
     provisional: bool = False  # steps from this CPU's count for GPU trials: their own measurement may differ
     fixed_s: float | None = None  # of ``seconds``: the fixed costs (fomo_ray/overhead.py); None = not timed
 

@@ -8,11 +8,11 @@ Train's ``TorchTrainer`` does so in every worker):
   ``[floor(r*b/W), floor((r+1)*b/W))`` (``fomo_ray.data.mixture.shard_bounds``): any W <= b works, so an elastic
   run that resizes to a W not dividing b trains on the same global batches;
 - the image/text features of all shards are all-gathered *with* gradient (padded to the largest shard for the
-  collective, the padding dropped after it) and every rank computes the model's contrastive loss (symmetric
-  InfoNCE, or SigLIP's sigmoid loss for a model with a ``logit_bias``: ``losses.contrastive_loss``) over the whole
-  global batch, so every sample still has the b-1 other samples as in-batch negatives (DESIGN §1; Radford et al.
-  2021) — as in open_clip's ``gather_with_grad`` training; for the sigmoid loss this is exactly the one-process loss
-  of the global batch (open_clip's SigLIP exchanges text shards between neighbours instead, same value);
+  collective, the padding dropped after it) and every rank computes the model's contrastive loss (symmetric InfoNCE, or
+  SigLIP's sigmoid loss for a model with a ``logit_bias``: ``losses.contrastive_loss``) over the whole global batch, so
+  every sample still has the b-1 other samples as in-batch negatives (Radford et al. 2021; docs/BENCHMARK.md §Mixture) —
+  as in open_clip's ``gather_with_grad`` training; for the sigmoid loss this is exactly the one-process loss of the
+  global batch (open_clip's SigLIP exchanges text shards between neighbours instead, same value);
 - BatchNorm layers become ``nn.SyncBatchNorm`` on CUDA ranks (global-batch statistics, identical running statistics
   on every rank, as one process); on CPU ranks (gloo, where SyncBatchNorm does not run) a BatchNorm model is refused
   (:func:`data_parallel`);

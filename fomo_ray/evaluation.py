@@ -11,7 +11,7 @@ if any of the image's captions is among the top k; text->image: for every captio
 top k). FoMo-in-Flux (Roth, Udandarao et al. 2024, arXiv 2408.14471) evaluates on class-balanced subsets during the
 stream and on the full test sets at its ends; unlike the reference code, the subsets here are index sets drawn once
 at construction -- the data are never mutated, so every in-stream evaluation sees the same samples and the final full
-evaluation really is full (DESIGN section 3).
+evaluation really is full (docs/BENCHMARK.md §Evaluation, §Reference faults).
 
 Decoded images are kept: the first evaluation of a mode (subsets, or full test sets) keeps the images its loader gave
 (``uint8``, this rank's share only) when they fit in ``evaluation.cache_mb`` per process, the subsets first and the
@@ -65,7 +65,7 @@ def ensemble_class_embeddings(text_features: torch.Tensor, num_templates: int) -
 
 # --------------------------------------------------------------------------------------------------- pure math
 def subset_size(num_samples: int, num_classes: int, fraction: float, minimum: int) -> int:
-    """DESIGN section 3: ``n = min(len, max(2*C, minimum, floor(f*len)))``."""
+    """docs/BENCHMARK.md §Evaluation: ``n = min(len, max(2*C, minimum, floor(f*len)))``."""
     return min(num_samples, max(2 * num_classes, minimum, int(np.floor(fraction * num_samples))))
 
 

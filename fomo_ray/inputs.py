@@ -63,7 +63,8 @@ class PretrainConfig:
 
 #: per-architecture recipes, a size ladder: as in real CLIP ladders, pretraining compute grows with size (more FLOPs
 #: per step and at least as many steps), so a larger base starts better. At fomo-tiny-s's 1,200 steps the
-#: fomo-tiny-m base started below it (zero-shot A_ZS 80.4 vs 81.7); the README's ladder table shows what these give.
+#: fomo-tiny-m base started below it (zero-shot A_ZS 80.4 vs 81.7); the ladder table of docs/BENCHMARK.md shows
+#: what they give.
 #: Larger models take a lower peak LR, the usual practice for from-scratch transformers.
 RECIPES: dict[str, PretrainConfig] = {
     "fomo-tiny-s": PretrainConfig(),

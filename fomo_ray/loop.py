@@ -1,4 +1,4 @@
-"""THE continual loop of FoMo-in-Flux (DESIGN §2) in plain PyTorch: runnable on one CPU, no Ray, no MLflow.
+"""THE continual loop of FoMo-in-Flux (arXiv 2408.14471) in plain PyTorch: runnable on one CPU, no Ray, no MLflow.
 
 Hook order (``method`` hooks return values; the loop applies them; ``hooks`` are the optional ``RunHooks`` the
 Ray/MLflow edge plugs in)::
@@ -10,7 +10,7 @@ Ray/MLflow edge plugs in)::
         seed everything from (cfg.seed, t)
         model <- method.training_weights(t, model)                 # None: continue from theta_{t-1}
         opt    = fresh AdamW (no decay on biases / norms / embeddings / logit_scale)
-        batches = MixedBatches(pool P, update D_t, buffer B)       # per-source sizes of DESIGN §1, prefetched
+        batches = MixedBatches(pool P, update D_t, buffer B)       # docs/BENCHMARK.md §Mixture; prefetched
         for step in range(task.steps):
             lr   = schedules.lr_at(step, ...)                       # per-task schedule x meta-schedule
             loss = contrastive_loss(model(batch)) + method.extra_loss(model, t); backward  # autocast; InfoNCE/SigLIP
@@ -192,9 +192,10 @@ def run_stream(cfg: ExperimentConfig, *, hooks: RunHooks | None = None, resume: 
 
 # --------------------------------------------------------------------------------------------------- steps
 def task_batches(run: Run, t: int, rows: np.ndarray, start_step: int, end_step: int):
-    """The mixed P/D/B batches of task ``t`` for steps ``[start_step, end_step)``, with DESIGN §1's per-source sizes
-    (the buffer's share goes to P and D while it is empty), this rank's shard only, built ``data.prefetch`` steps
-    ahead. Exactly resumable: batch k is a function of (cfg.seed, t, k) only. Use as a context manager."""
+    """The mixed P/D/B batches of task ``t`` for steps ``[start_step, end_step)``, with the per-source sizes of
+    docs/BENCHMARK.md §Mixture (the buffer's share goes to P and D while it is empty), this rank's shard only, built
+    ``data.prefetch`` steps ahead. Exactly resumable: batch k is a function of (cfg.seed, t, k) only. Use as a context
+    manager."""
     from fomo_ray.data.mixture import mixture_sizes
     from fomo_ray.data.prefetch import Prefetcher
 

@@ -1,4 +1,6 @@
-"""Two ways to trade compute for activation memory in the training step, and what each costs (DESIGN §4).
+"""Two ways to trade compute for activation memory in the training step, and what each costs to the budget.
+
+The budget is docs/BENCHMARK.md §Budgets.
 
 - **Gradient checkpointing** (``backbone.grad_checkpointing``): open_clip's ``set_grad_checkpointing`` runs every
   transformer block of both towers through non-reentrant ``torch.utils.checkpoint``: the forward keeps only each

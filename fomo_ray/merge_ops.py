@@ -5,9 +5,9 @@ Arithmetic") and returns a new state dict; inputs are never modified. Only float
 bool buffers (position ids, ``num_batches_tracked``) are copied from ``base``. Half-precision tensors are merged in
 float32 and cast back, so bf16 checkpoints do not lose the small task-vector entries.
 
-The registry :data:`OPERATORS` gives every operator one signature, ``op(base, experts, weights=None, **params)``,
-and :func:`merge` is the checked entry point. The continual merge methods of DESIGN §5 (EMA-, ZS-, FT-merge) are the
-two-model case ``merge(name, base=m_prev, experts=[theta_t], weights=[w])``, which every operator supports:
+The registry :data:`OPERATORS` gives every operator one signature, ``op(base, experts, weights=None, **params)``, and
+:func:`merge` is the checked entry point. The continual merge methods (EMA-, ZS-, FT-merge; docs/BENCHMARK.md §Methods)
+are the two-model case ``merge(name, base=m_prev, experts=[theta_t], weights=[w])``, which every operator supports:
 
 ==================  ==============================================================  ==============================
 operator            merged task vector (then ``base + that``)                       ``weights=None`` means
@@ -502,9 +502,9 @@ def merge(name: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping
           **params: float) -> StateDict:
     """Merge ``experts`` into ``base`` with operator ``name`` (see :data:`OPERATORS`), optionally with LiNeS.
 
-    ``merge("interpolate", m_prev, [theta_t], [w])`` is the EMA-merge step of DESIGN §5. ``lines=(alpha, beta)``
-    rescales the merged task vector per layer (:func:`apply_lines`). Unknown operators or parameters raise
-    :class:`MergeError` listing the valid ones.
+    ``merge("interpolate", m_prev, [theta_t], [w])`` is the EMA-merge step (docs/BENCHMARK.md §Methods).
+    ``lines=(alpha, beta)`` rescales the merged task vector per layer (:func:`apply_lines`). Unknown operators or
+    parameters raise :class:`MergeError` listing the valid ones.
     """
     op = _operator(name)
     accepted = operator_params(name)

@@ -8,7 +8,8 @@ task t), as a trajectory and as its mean. Forgetting follows Chaudhry et al. 201
 Learning", f = max over earlier points - final); backward transfer follows Lopez-Paz & Ranzato 2017 ("Gradient Episodic
 Memory", BWT = final - value right after the dataset was last trained on).
 
-Every function here is pure: DataFrame in, DataFrame out. Values are fractions in [0, 1].
+The scores are pure functions, DataFrame in, DataFrame out; :func:`save_results` and :func:`load_results` write and
+read the table. Values are fractions in [0, 1].
 
 One evaluation set per trajectory: every point of a run (0..T) is measured on the same fixed class-balanced subsets
 (``eval_set == "subset"``, a fixed gallery for retrieval), so an unchanged model has an exactly flat trajectory; the
@@ -201,7 +202,8 @@ def learned_at_points(task_datasets: Sequence[Iterable[str]]) -> dict[str, int]:
 
 
 def stream_task_datasets(entries: Sequence[str], num_tasks: int) -> list[list[str]]:
-    """Dataset names of each task of a stream (``DATASET+++class`` entries cut as DESIGN section 1)."""
+    """Dataset names of each task of a stream (``DATASET+++class`` entries cut into tasks as in docs/BENCHMARK.md
+    §Streams and tasks)."""
     from fomo_ray.data.stream import parse_entries, task_sizes
 
     parsed = parse_entries(list(entries))

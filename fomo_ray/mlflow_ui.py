@@ -51,7 +51,7 @@ def prepare_ui(configured_uri: str, output_dir: str, experiment: str, port: int,
 
 def ui_command(uri: str, port: int, artifact_root: str | Path | None) -> list[str]:
     """``mlflow server`` bound to loopback with one worker (a few hundred MB instead of ~2 GB for the defaults;
-    the README's MLflow UI section gives the measured figure)."""
+    docs/TRACKING.md gives the measured figure)."""
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     if artifact_root is not None:

@@ -2,7 +2,7 @@
 
 Decoupled weight decay (Loshchilov & Hutter 2019, "Decoupled Weight Decay Regularization") on matrices only: biases,
 norm gains (all 1-D), embeddings and ``logit_scale`` are exempt, as open_clip trains CLIP. The FiF reference decays
-every parameter (DESIGN §2); ``optimizer.exempt_no_decay = false`` reproduces that.
+every parameter (docs/BENCHMARK.md §Reference settings); ``optimizer.exempt_no_decay = false`` reproduces that.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ def platform() -> dict[str, str]:
 
     One config and seed give bitwise the same numbers on one platform. Another CPU runs other kernels (another ISA,
     or a vendor-specific BLAS path) whose float sums differ in the last bits; over thousands of steps that moves every
-    score, the pretrained tiny bases' included (README "Reproducibility").
+    score, the pretrained tiny bases' included (docs/REPRODUCIBILITY.md).
     """
     import torch
 
@@ -107,8 +107,8 @@ def commit_stamp() -> str:
 
 
 def write_block(path: str | Path, start: str, end: str, text: str) -> None:
-    """Replace what lies between the markers ``start`` and ``end`` in the file ``path`` by ``text`` (the README's
-    generated tables: every number in them is the output of a script, never typed in)."""
+    """Replace what lies between the markers ``start`` and ``end`` in the file ``path`` by ``text`` (the generated
+    tables of README.md and docs/: every number in them is the output of a script, never typed in)."""
     path = Path(path)
     body = path.read_text()
     if body.count(start) != 1 or body.count(end) != 1:

@@ -378,7 +378,7 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
 
     Rank 0 alone logs to MLflow and writes checkpoints; every rank calls ``report`` equally often (Train V2's
     report is a barrier). A diverged run ends with a ``failed`` report instead of raising, so Ray does not retry a
-    deterministic failure. Returns the final report (``done`` or ``failed``, :mod:`fomo_ray.trial_report`).
+    deterministic failure. Returns the final report (``done``, ``failed`` or ``stopped``, :mod:`fomo_ray.trial_report`).
     Before the loop, the run's inputs are made sure of (:func:`ensure_inputs`).
     """
     from fomo_ray import distributed, loop

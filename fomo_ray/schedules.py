@@ -1,4 +1,6 @@
-"""Per-task learning-rate schedules and LR meta-schedules over tasks (DESIGN §6): pure functions of (step, task).
+"""Per-task learning-rate schedules and LR meta-schedules over tasks: pure functions of (step, task).
+
+The formulas are those of docs/BENCHMARK.md §Schedules.
 
 Every task restarts its schedule: ``S`` steps, a linear warmup of ``W = ceil(warmup_frac * S)`` steps
 (step ``i < W`` gets ``peak * (i + 1) / W``, so step ``W - 1`` is at the peak), then
@@ -11,7 +13,7 @@ Every task restarts its schedule: ``S`` steps, a linear warmup of ``W = ceil(war
   and over the last ``C = ceil(cooldown_frac * S)`` steps a linear cooldown from the rsqrt value to the floor,
   reached at the last step.
 
-**Meta-schedules** (Roth et al. 2024, FiF §6) scale each task's peak with the task index ``t``:
+**Meta-schedules** (Roth et al. 2024, arXiv 2408.14471) scale each task's peak with the task index ``t``:
 
 - autoregressive cosine: ``peak_t = min + v_t (lr - min)``, ``v_0 = 1``,
   ``v_t = (1 + cos(pi (t (S-W) + 1) / ((t+1)(S-W)))) / 2`` -- the value at task ``t``'s first decay step of one
@@ -19,8 +21,8 @@ Every task restarts its schedule: ``S`` steps, a linear warmup of ``W = ceil(war
 - autoregressive rsqrt: ``peak_t = lr * sqrt((t+1) W / (t S + W))``.
 
 With the paper's ``S = 1420`` (ViT-B/16, T = 20) and ``W = ceil(0.1 S) = 142`` the peaks are
-cosine 1, 0.4999, 0.2504, 0.1471 (DESIGN's 1, .50, .25, .147; the floor ``min = 1e-3 lr`` is what lifts
-0.1462 to .147) and rsqrt 1, 0.4264, 0.3780, ... -> sqrt(W/S) = 0.316 (DESIGN's 1, .43, .38, ... .32). Shorter
+cosine 1, 0.4999, 0.2504, 0.1471 (the paper's 1, .50, .25, .147; the floor ``min = 1e-3 lr`` is what lifts
+0.1462 to .147) and rsqrt 1, 0.4264, 0.3780, ... -> sqrt(W/S) = 0.316 (the paper's 1, .43, .38, ... .32). Shorter
 tasks shift the cosine peaks a little (S = 142, W = 15: 1, .494, .247, .145); the rsqrt peaks depend only on ``W/S``
 (identical for S = 1420, 60, 20, where ``W = S/10`` exactly).
 """
@@ -102,7 +104,7 @@ SCHEDULES: dict[str, Callable[..., float]] = {"constant": constant_lr, "cosine":
 
 # --------------------------------------------------------------------------------------------------- meta
 def autoregressive_cosine_factor(task: int, steps: int, warmup: int) -> float:
-    """``v_t = (1 + cos(pi (t(S-W) + 1) / ((t+1)(S-W)))) / 2``, ``v_0 = 1`` (DESIGN §6)."""
+    """``v_t = (1 + cos(pi (t(S-W) + 1) / ((t+1)(S-W)))) / 2``, ``v_0 = 1`` (docs/BENCHMARK.md §Schedules)."""
     if task == 0:
         return 1.0
     decay = max(steps - warmup, 1)
@@ -110,7 +112,7 @@ def autoregressive_cosine_factor(task: int, steps: int, warmup: int) -> float:
 
 
 def autoregressive_rsqrt_factor(task: int, steps: int, warmup: int) -> float:
-    """``vmul_t = sqrt((t+1) W / (t S + W))`` (DESIGN §6); 1 at ``t = 0``."""
+    """``vmul_t = sqrt((t+1) W / (t S + W))`` (docs/BENCHMARK.md §Schedules); 1 at ``t = 0``."""
     if warmup < 1:
         raise ValueError("the autoregressive rsqrt meta-schedule needs a warmup: set schedule.warmup_frac > 0")
     return math.sqrt((task + 1) * warmup / (task * steps + warmup))

@@ -1,6 +1,7 @@
 """Seeds and RNG state: every random stream of a run derives from ``(experiment seed, purpose, task index)``.
 
-The reference seeded tasks independently of the experiment seed (DESIGN §9), so two "seeds" shared their data order.
+The reference code seeded tasks independently of the experiment seed, so two "seeds" shared their data order
+(docs/BENCHMARK.md §Reference faults).
 Here :func:`derive_seed` hashes the experiment seed together with named keys: changing the experiment seed changes
 every task's stream, and a task's stream does not depend on how many other streams were drawn before it (which is
 what makes a mid-stream resume reproduce the uninterrupted run).

@@ -3,8 +3,8 @@ CUDA from the allocator's peak and on the CPU by an analytic count (parameters, 
 every tensor saved for backward), either counted directly at the global batch on fake tensors (shapes without data:
 nothing is allocated) or measured at two small batches and extended exactly along the line through them (FLOPs and
 saved activations are linear in the batch, the contrastive loss's b x b logits are measured alone at the full batch,
-state is constant). No real pass runs over more than a rank's batch (Roth et al. 2024, arXiv 2408.14471, Sec. 3 /
-DESIGN section 4)."""
+state is constant). No real pass runs over more than a rank's batch (Roth et al. 2024, arXiv 2408.14471, Sec. 3;
+docs/BENCHMARK.md §Budgets)."""
 from __future__ import annotations
 
 import contextlib

@@ -2,7 +2,8 @@
 trials start and when running ones stop.
 
 A sweep YAML may set ``sweep_budget: {gpu_hours: H}`` or ``{pflops: F}`` (also ``fomo-ray sweep --max-gpu-hours H``
-or ``--max-pflops F``). ``budget.*`` stays what it is in the config: one trial's training budget (DESIGN §4).
+or ``--max-pflops F``). ``budget.*`` stays what it is in the config: one trial's training budget (docs/BENCHMARK.md
+§Budgets).
 
 - **gpu_hours**: the wall time of every attempt of every trial (from its process start: building the model and the
   loaders, evaluation and checkpoints included) times the devices it holds: workers x ``ray.gpus_per_worker``; a

@@ -1,5 +1,6 @@
-"""The one plain-text table formatter: every command that prints rows (budget, FiF-mini, the converters, sweep
-reports) goes through :func:`format_table`, so tables look alike and one fix fixes all of them."""
+"""A plain-text table formatter: the budget table, FiF-mini's and the converters' summaries and the sweep reports print
+their rows through :func:`format_table`, so those tables look alike (``fomo-ray score`` and the cost estimate lay out
+their own lines)."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence

@@ -1,6 +1,6 @@
 """MLflow tracking: one parent run per sweep, one child run per trial (the only ``mlflow`` import).
 
-Layout in the store (DESIGN §8)::
+Layout in the store (what a person sees: docs/TRACKING.md)::
 
     experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
       parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);

@@ -457,8 +457,8 @@ def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any
         started_on = state.get("platform")
         if started_on and started_on != platform():  # not refused: a cluster's nodes may change between tries
             print(f"sweep {directory.name}: started on {platform_label(started_on)}, resumed on {platform_label()}; "
-                  "the trials run now will not be bitwise comparable with those finished before (README "
-                  "\"Reproducibility\")", flush=True)
+                  "the trials run now will not be bitwise comparable with those finished before "
+                  "(docs/REPRODUCIBILITY.md)", flush=True)
         return state
     base = plan.base
     storage = (f"{base.ray.storage_path.rstrip('/')}/sweeps/{directory.name}" if base.ray.storage_path

@@ -1,12 +1,13 @@
-"""The README's size-ladder table: each tiny base's zero-shot scores beside what its pretraining cost.
+"""The size-ladder table of docs/BENCHMARK.md: each tiny base's zero-shot scores beside what its pretraining cost.
 
     fomo-ray pretrain --all                                # once per machine: the bases are cached under data/
     python scripts/ladder_table.py [--data-root data/fifmini] [--write-readme]
 
 Reads every cached base of ``backbone.TINY_ARCHS`` (its recipe, wall time and full-test-set zero-shot records, as
 ``fomo-ray pretrain`` stored them), counts the FLOPs of one pretraining step (``budget.measure_step``: the same CLIP
-step at the recipe's batch size), and prints the block that ``--write-readme`` puts between the README's
-``size-ladder`` markers, so the README's numbers are always the output of a pretraining run, never typed in.
+step at the recipe's batch size), and prints the block that ``--write-readme`` puts between the ``size-ladder``
+markers of docs/BENCHMARK.md (the flag keeps its old name), so its numbers are always the output of a pretraining run,
+never typed in.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- size-ladder:start -->", "<!-- size-ladder:end -->"
+DOC = REPO / "docs" / "BENCHMARK.md"  # where the generated table lives
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny architectures need no download; never wait on the network
 
 
@@ -66,7 +68,7 @@ def markdown(rows: list[dict]) -> str:
     from fomo_ray.provenance import commit_stamp
 
     names = list(rows[0]["eval"])
-    # the bases' numbers hold for the platform that trained them (README "Reproducibility")
+    # the bases' numbers hold for the platform that trained them (docs/REPRODUCIBILITY.md)
     where = "; ".join(sorted({r["platform"] for r in rows}))
     head = [f"The size ladder's bases on FiF-mini ({time.strftime('%Y-%m-%d')}, {commit_stamp()}, {os.cpu_count()} CPU cores, "
             f"{where}, `scripts/ladder_table.py`; zero-shot on the full test sets, percent):", "",
@@ -78,7 +80,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(head + body)
 
 
-def write_readme(text: str, readme: Path = REPO / "README.md") -> int:
+def write_readme(text: str, readme: Path = DOC) -> int:
     from fomo_ray.provenance import write_block
 
     write_block(readme, START, END, text)
@@ -88,7 +90,7 @@ def write_readme(text: str, readme: Path = REPO / "README.md") -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=str(REPO / "data" / "fifmini"), help="the benchmark the bases were trained on")
-    ap.add_argument("--write-readme", action="store_true", help="put the table into README.md")
+    ap.add_argument("--write-readme", action="store_true", help="put the table into docs/BENCHMARK.md")
     a = ap.parse_args(argv)
     from fomo_ray.data.format import open_benchmark
 

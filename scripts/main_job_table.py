@@ -43,7 +43,7 @@ def label(row) -> str:
 
 def block(sweep_dir: Path) -> str:
     import fomo_ray
-    from fomo_ray.provenance import recorded_platform  # the driver's: the numbers hold there (README "Reproducibility")
+    from fomo_ray.provenance import recorded_platform  # the driver's: the numbers hold there (docs/REPRODUCIBILITY.md)
 
     res = fomo_ray.load_results(sweep_dir)
     if res.interrupted or not res.summary:

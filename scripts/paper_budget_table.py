@@ -1,4 +1,4 @@
-"""The README's paper-budget table: the paper preset's steps per task at T = 20 for ViT-B/16, beside Tab. 4.
+"""The paper-budget table of docs/REAL_DATA.md: the paper preset's steps per task at T = 20 for ViT-B/16, beside Tab. 4.
 
     python scripts/paper_budget_table.py [--write-readme] [--batches B1 B2]
 
@@ -13,8 +13,9 @@ line through them to b = 512 (how this table was made before the budget counted 
 activations grow linearly with the batch, parameter, gradient, optimizer and method state do not, and the loss's
 ``b x b`` logits, the one quadratic term, are under 1 GFLOP and a few MB at 512 -- the two ways agree to within 0.02%
 of any figure (locked_image: 13,522 steps counted, 13,524 extended from b = 4 and 8). ``--write-readme``
-puts the block between the README's ``paper-budget`` markers, so the README's numbers are always this script's
-output. Takes about a minute on 2 CPU cores (records are cached in the config's ``budget.cache_dir``).
+puts the block between the ``paper-budget`` markers of docs/REAL_DATA.md (the flag keeps its old name), so the numbers
+there are always this script's output. Takes about a minute on 2 CPU cores (records are cached in the config's
+``budget.cache_dir``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 START, END = "<!-- paper-budget:start -->", "<!-- paper-budget:end -->"
+DOC = REPO / "docs" / "REAL_DATA.md"  # where the generated table lives
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random-weight models: nothing to download
 METHODS = ("finetune", "locked_image", "locked_text", "lora", "dora", "vera", "bitfit", "lnfit", "ewc", "si",
            "ema_merge")
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batches", type=int, nargs=2, default=None, metavar=("B1", "B2"),
                     help="extend from two small batches instead of the budget's record at b = 512")
-    ap.add_argument("--write-readme", action="store_true", help="put the table between the README's markers")
+    ap.add_argument("--write-readme", action="store_true", help="write the table into docs/REAL_DATA.md")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     batches = tuple(sorted(args.batches)) if args.batches else None
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"({(time.perf_counter() - t0) / 60:.1f} min, cached measurements included)", file=sys.stderr)
     if args.write_readme:
-        readme = REPO / "README.md"
+        readme = DOC
         before, rest = readme.read_text().split(START, 1)
         readme.write_text(f"{before}{START}\n{text}\n{END}{rest.split(END, 1)[1]}")
         print(f"wrote {readme}")

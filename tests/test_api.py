@@ -75,7 +75,7 @@ def test_the_python_api_doc_runs_on_a_finished_sweep(finished_sweep, monkeypatch
 @pytest.mark.ray
 @pytest.mark.slow
 def test_the_readme_report_score_and_load_results_examples_work(finished_sweep, monkeypatch, capsys):
-    """Issue 13: every result file name and command of the README's "Running things" block that reads results."""
+    """Issue 13: every result file name and command of the README's "Commands" block that reads results."""
     from fomo_ray.cli import main as fomo_ray_cli
 
     tmp, res = finished_sweep

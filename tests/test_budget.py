@@ -1,4 +1,4 @@
-"""MAF compute budgets (fomo_ray/budget.py, DESIGN §4), measured on a real (tiny) open_clip CLIP."""
+"""MAF compute budgets (fomo_ray/budget.py, docs/BENCHMARK.md §Budgets), measured on a real (tiny) open_clip CLIP."""
 from __future__ import annotations
 
 import json

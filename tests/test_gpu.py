@@ -175,8 +175,8 @@ STATEFUL = {"ewc", "si", "ema_merge", "offline_merge"}  # methods whose state_di
 @pytest.mark.parametrize("name", PLACED_METHODS)
 def test_device_placement_of_model_and_method_state(name):
     """After setup, a training step and a task end, every model tensor and every tensor the method keeps lives on
-    the device (the reference kept EWC/SI state on the CPU, DESIGN §9). offline_merge keeps its experts on the CPU
-    on purpose (long streams); its deployed weights must still be on the device."""
+    the device (the reference kept EWC/SI state on the CPU: docs/BENCHMARK.md §Reference faults). offline_merge keeps
+    its experts on the CPU on purpose (long streams); its deployed weights must still be on the device."""
     from fomo_ray.config import load_config
     from fomo_ray.optim import make_optimizer
     from fomo_ray.methods import build_method

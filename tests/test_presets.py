@@ -16,9 +16,9 @@ PAPER = PRESET_DIR / "paper.yaml"
 
 
 def test_the_paper_preset_holds_the_papers_setting():
-    """DESIGN section 2 / Roth et al. 2024: ViT-B/16 at 224 px, b = 512 (P 169 / D 175 / B 168), T = 20, 1,420
-    fine-tuning steps per task, AdamW 1e-5 with weight decay 0.2 on every parameter, cosine with 10% warm-up and a
-    1e-3 floor restarted per task, one global clip at 1.0, bf16 autocast."""
+    """docs/BENCHMARK.md §Reference settings (Roth et al. 2024): ViT-B/16 at 224 px, b = 512 (P 169 / D 175 / B 168), T
+    = 20, 1,420 fine-tuning steps per task, AdamW 1e-5 with weight decay 0.2 on every parameter, cosine with 10% warm-up
+    and a 1e-3 floor restarted per task, one global clip at 1.0, bf16 autocast."""
     from fomo_ray.data.mixture import mixture_sizes
 
     cfg = load_config(PAPER)

@@ -240,7 +240,7 @@ def test_pretraining_compute_grows_with_size():
 
 def test_ladder_table_reads_each_cached_base(tiny_bench, tmp_path):
     """scripts/ladder_table.py: one row per size with its recipe, counted pretraining PFLOPs and zero-shot scores,
-    written only between its README markers; a missing base names the command that makes it."""
+    written only between its markers (in docs/BENCHMARK.md); a missing base names the command that makes it."""
     import importlib.util
 
     from fomo_ray.backbones import TINY_ARCHS
@@ -267,5 +267,5 @@ def test_ladder_table_reads_each_cached_base(tiny_bench, tmp_path):
     readme.write_text(f"a\n{script.START}\nold\n{script.END}\nb\n")
     script.write_readme("new", readme)
     assert readme.read_text() == f"a\n{script.START}\nnew\n{script.END}\nb\n"
-    real = (REPO / "README.md").read_text()
+    real = (REPO / "docs" / "BENCHMARK.md").read_text()
     assert real.count(script.START) == 1 and "scripts/ladder_table.py" in real.split(script.START)[1]

@@ -1,4 +1,4 @@
-"""Per-task LR schedules and meta-schedules (fomo_ray/schedules.py, DESIGN §6)."""
+"""Per-task LR schedules and meta-schedules (fomo_ray/schedules.py, docs/BENCHMARK.md §Schedules)."""
 from __future__ import annotations
 
 import math
@@ -17,7 +17,8 @@ def cfg(**kw) -> ScheduleConfig:
 
 # --------------------------------------------------------------------------------------------------- meta-schedules
 def test_autoregressive_cosine_peaks_match_design_at_paper_budget():
-    # DESIGN §6 values are for the paper's S = 1420 steps per task (ViT-B/16, T = 20), W = ceil(0.1 * 1420) = 142.
+    # The paper's values (docs/BENCHMARK.md §Schedules) are for S = 1420 steps per task (ViT-B/16, T = 20),
+    # W = ceil(0.1 * 1420) = 142.
     assert sc.warmup_steps(1420, 0.1) == 142
     peaks = [sc.task_peak_lr(t, 1420, cfg(meta="autoregressive_cosine"), LR) / LR for t in range(4)]
     assert [round(p, 3) for p in peaks] == [1.0, 0.5, 0.25, 0.147]

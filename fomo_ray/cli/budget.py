@@ -1,5 +1,5 @@
-"""``fomo-ray budget``: the Tab. 4-style MAF compute-budget table of a backbone (DESIGN section 4 of the design notes;
-the README's "Compute budget" section)."""
+"""``fomo-ray budget``: the Tab. 4-style MAF compute-budget table of a backbone (docs/BENCHMARK.md §Budgets;
+docs/REAL_DATA.md compares the paper preset's with Tab. 4)."""
 from __future__ import annotations
 
 import sys

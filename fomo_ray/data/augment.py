@@ -1,12 +1,12 @@
 """CLIP image transforms, split between the host and the device, deterministic from a seed.
 
 Training: RandomResizedCrop(scale 0.9-1.0, ratio 3/4-4/3) then CLIP mean/std normalisation, as in CLIP/open_clip
-training and the FiF reference (DESIGN §2). The crop *boxes* are drawn here, on the host, from a ``torch.Generator``
-seeded from ``(seed, epoch, batch)`` (or ``(seed, task, step)`` for mixed batches), exactly as torchvision draws
-them; the compiled image stage (:mod:`fomo_ray.data.decode`) then decodes, crops and resizes to ``uint8`` in one
-pass. FFCV's own ``RandomResizedCropRGBImageDecoder`` draws its crops from numpy's global RNG inside numba threads,
-so its output cannot be reproduced; seeded boxes keep both loader backends identical and a resumed run on exactly
-the batches an uninterrupted one sees.
+training and the FiF reference (docs/BENCHMARK.md §Reference settings). The crop *boxes* are drawn here, on the host,
+from a ``torch.Generator`` seeded from ``(seed, epoch, batch)`` (or ``(seed, task, step)`` for mixed batches), exactly
+as torchvision draws them; the compiled image stage (:mod:`fomo_ray.data.decode`) then decodes, crops and resizes to
+``uint8`` in one pass. FFCV's own ``RandomResizedCropRGBImageDecoder`` draws its crops from numpy's global RNG inside
+numba threads, so its output cannot be reproduced; seeded boxes keep both loader backends identical and a resumed run on
+exactly the batches an uninterrupted one sees.
 
 Evaluation: the images as stored (FFCV's centre-crop decoder for files of mixed sizes), then, on the device, a
 bicubic resize of the shorter side plus a centre crop when they are not yet ``size`` x ``size``.

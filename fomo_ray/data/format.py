@@ -80,7 +80,7 @@ class DatasetInfo:
     rows: Mapping[str, tuple[int, int]] = field(default_factory=dict)  # split -> [start, end)
 
     def prompts(self) -> list[str]:
-        """The zero-shot class prompts ``template.format(classname)`` (DESIGN §3)."""
+        """The zero-shot class prompts ``template.format(classname)`` (docs/BENCHMARK.md §Evaluation)."""
         return [self.template.format(c) for c in self.classnames]
 
     def to_json(self) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The P/D/B mixture: every training batch holds fixed numbers of pool, update and buffer samples (DESIGN §1).
+"""The P/D/B mixture: every training batch holds fixed numbers of pool, update and buffer samples.
+
+The sizes follow docs/BENCHMARK.md §Mixture.
 
 ``mixture_sizes`` is the reference arithmetic (FiF, Roth, Udandarao et al. 2024): ``b_k = int(b * lambda_k)``,
 the remainder handed out +1 each in the order P, D, B; while the buffer is empty (task 0) its share is split,

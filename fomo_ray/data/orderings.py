@@ -1,8 +1,8 @@
 """Stream orderings of FoMo-in-Flux: every ordering of the paper, written as a FiF stream file.
 
-A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (DESIGN §1). The
-orderings follow Roth, Udandarao et al., "A Practitioner's Guide to Continual Multimodal Pretraining" (arXiv
-2408.14471, §3 "data-centric stream orderings"):
+A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (docs/BENCHMARK.md §Streams
+and tasks). The orderings follow Roth, Udandarao et al., "A Practitioner's Guide to Continual Multimodal Pretraining"
+(arXiv 2408.14471, §3 "data-centric stream orderings"):
 
 - ``random``: a seeded permutation of all concepts;
 - ``dataset_incremental``: whole datasets one after another (seeded dataset order, classes shuffled within);

@@ -1,8 +1,8 @@
 """Streams: FiF stream files -> validated concept lists -> T tasks -> index sets over the train split.
 
-A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (DESIGN §1); it is
-cut into T contiguous tasks, task i holding ``N//T + (1 if i < N%T else 0)`` entries, and a task's update data
-D_t is *all* train images of its (dataset, class) pairs - an index set over ``train.beton``, never a copy.
+A stream is an ordered list of concepts ``DATASET+++classname`` over the adaptation datasets (docs/BENCHMARK.md §Streams
+and tasks); it is cut into T contiguous tasks, task i holding ``N//T + (1 if i < N%T else 0)`` entries, and a task's
+update data D_t is *all* train images of its (dataset, class) pairs - an index set over ``train.beton``, never a copy.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def load_stream(path: str | os.PathLike, bench: Benchmark) -> list[Entry]:
 
 
 def task_sizes(n: int, num_tasks: int) -> list[int]:
-    """Entries per task: task i gets ``n // T + (1 if i < n % T else 0)`` (DESIGN §1)."""
+    """Entries per task: task i gets ``n // T + (1 if i < n % T else 0)`` (docs/BENCHMARK.md §Streams and tasks)."""
     if num_tasks < 1:
         raise DataError(f"number of tasks T must be >= 1, got {num_tasks}")
     if num_tasks > n:

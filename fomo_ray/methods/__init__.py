@@ -1,7 +1,9 @@
-"""Continual-update methods: an explicit registry from DESIGN names to :class:`Method` classes.
+"""Continual-update methods: an explicit registry from method names to :class:`Method` classes.
+
+The methods are those of docs/BENCHMARK.md §Methods.
 
 ``build_method(cfg)`` builds ``cfg.method.name`` with its typed sub-config (``cfg.method.merge`` / ``.peft`` /
-``.reg``, defaults from DESIGN §5 in ``fomo_ray/config.py``). One small file per family:
+``.reg``, defaults in ``fomo_ray/config.py``). One small file per family:
 
 - ``finetune.py``: finetune, locked_image, locked_text, bitfit, lnfit
 - ``peft_methods.py``: lora, dora, vera (peft, on attention q/k/v/out and MLP linears of both towers)

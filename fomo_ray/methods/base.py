@@ -58,10 +58,10 @@ class TaskPlan:
 class Method:
     """Base class: plain fine-tuning semantics (train everything, continue from theta_{t-1}, deploy theta_t)."""
 
-    #: DESIGN vocabulary name; set by each subclass and used as the registry key
+    #: the method's name (``method.name``; docs/BENCHMARK.md §Methods); set by each subclass, the registry key
     name: ClassVar[str] = "method"
     #: the registered method whose training step this one's costs exactly (budget.steps_per_task measures that one),
-    #: e.g. merges and joint training train like full fine-tuning (merging is counted free, DESIGN §4)
+    #: e.g. merges and joint training train like full fine-tuning (merging is counted free, docs/BENCHMARK.md §Budgets)
     cost_as: ClassVar[str | None] = None
     #: the ``method.*`` settings this method reads, relative to ``method.`` ("peft." covers a section, "reg.si_" a
     #: family of keys): a run logs only the settings that apply to its method, so e.g. a fine-tuning run never shows

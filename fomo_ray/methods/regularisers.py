@@ -1,8 +1,8 @@
 """Parameter-regularisation methods: EWC and SI (full fine-tuning plus a quadratic penalty towards theta*).
 
-Both keep their per-parameter tensors on the training device and compute the penalty with ``torch._foreach_*`` ops
-(one kernel per op over all tensors; the reference computed it on the CPU every step, DESIGN §9). The math lives in
-the pure functions :func:`quadratic_penalty`, :func:`fisher_update` and :func:`si_importance`.
+Both keep their per-parameter tensors on the training device and compute the penalty with ``torch._foreach_*`` ops (one
+kernel per op over all tensors; the reference computed it on the CPU every step: docs/BENCHMARK.md §Reference faults).
+The math lives in the pure functions :func:`quadratic_penalty`, :func:`fisher_update` and :func:`si_importance`.
 """
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ class EWC(Method):
     empirical Fisher from squared gradients of the CLIP loss on the task's data after each task,
     ``F <- gamma·F + F_new``, theta* = the weights at the end of the previous task (Kirkpatrick et al. 2017,
     "Overcoming catastrophic forgetting in neural networks", PNAS; online form: Schwarz et al. 2018, "Progress &
-    Compress", ICML). The Fisher pass is charged per task by the budget, not per step (DESIGN §4)."""
+    Compress", ICML). The Fisher pass is charged per task by the budget, not per step (docs/BENCHMARK.md §Budgets)."""
 
     name = "ewc"
     reads = ("reg.ewc_",)

@@ -51,7 +51,8 @@ class StreamRequest:
 # --------------------------------------------------------------------------------------------------- model tables
 def prompt_embeddings(backbone, concepts: Sequence[Concept], templates: Mapping[str, str],
                       batch_size: int = 256) -> np.ndarray:
-    """L2-normalised text embeddings of ``template.format(classname)`` for every concept (DESIGN §2 orderings)."""
+    """L2-normalised text embeddings of ``template.format(classname)`` for every concept (the similarity ordering of
+    docs/BENCHMARK.md §Streams and tasks)."""
     import torch
 
     prompts = [templates[d].format(c) for d, c in concepts]
