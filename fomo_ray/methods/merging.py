@@ -86,9 +86,10 @@ def _on(state: Mapping[str, torch.Tensor], device: torch.device | str) -> StateD
 
 
 class Merge(Method):
-    """Fine-tuning with continual model merging: one class, five registry names (see the module docstring and
-    :data:`MERGE_PRESETS`); papers: Roth et al. 2024 (arXiv 2408.14471), TIME (Dziadzio et al. 2024, arXiv
-    2412.06712), WiSE-FT (Wortsman et al. 2022), Stojanovski et al. 2022."""
+    """Fine-tuning with continual model merging: one class, one registry name per preset (see the module docstring
+    and :data:`MERGE_PRESETS`); papers: Roth et al. 2024 (arXiv 2408.14471), TIME (Dziadzio et al. 2024, arXiv
+    2412.06712), WiSE-FT (Wortsman et al. 2022), Stojanovski et al. 2022, MagMax (Marczak et al. 2024, arXiv
+    2407.06322), OPCM (Tang et al. 2025, arXiv 2501.09522), DOP (NeurIPS 2025)."""
 
     name = "merge"
     cost_as = "finetune"
