@@ -132,7 +132,7 @@ def registry_cost(cfg, name: str) -> MethodCost:
     method = build_method(cfg.replace({"method.name": name}))
     if method.cost_as:  # e.g. merges train like full fine-tuning and merging is counted free (DESIGN §4)
         return registry_cost(cfg, method.cost_as)
-    if method.step_as:  # trains like that method, plus its own per-task work (a continual merge's SVDs)
+    if getattr(method, "step_as", None):  # trains like that method, plus its own per-task work (a continual merge's SVDs)
         base = registry_cost(cfg, method.step_as)
         steady = lambda model: (base.steady and base.steady(model), method.steady_state(model))  # noqa: E731
         return dataclasses.replace(base, steady=steady, task_gflops=lambda: method.extra_cost().task_gflops)

@@ -81,7 +81,7 @@ def cost_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
     other method. The budget keys its cached measurements by them."""
     if name not in REGISTRY:
         return {}
-    reads = build_method(cfg.replace({"method.name": name})).cost_reads
+    reads = getattr(build_method(cfg.replace({"method.name": name})), "cost_reads", ())  # duck-typed methods: none
     flat = {k[len("method."):]: v for k, v in cfg.flat().items() if k.startswith("method.")}
     return {k: v for k, v in sorted(flat.items()) if reads and k.startswith(reads)}
 
