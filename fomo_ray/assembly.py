@@ -289,8 +289,27 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     pool_bench = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
     pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)
     token_key = stored_tokens(cfg, backbone, bench, pool_bench)
+    if method.reference_size:  # a method that distils on pool data (ZSCL) gets its fixed reference set once
+        method.use_reference(*reference_set(cfg, bench, pool_bench, backbone, token_key, device,
+                                            method.reference_size))
     return Run(cfg, run_name(cfg), device, bench, backbone, model, method, plan, pool_bench, pool_rows, evaluator,
                buffer, token_key)
+
+
+def reference_set(cfg: ExperimentConfig, bench: Any, pool_bench: Any, backbone: Any, token_key: str,
+                  device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` pool samples drawn once from ``derive_seed(cfg.seed, "reference")`` as one mixture batch of pool data
+    only: model-ready images on ``device`` and their caption token ids. The same on every rank and every resume."""
+    from fomo_ray.data.augment import model_input
+    from fomo_ray.data.mixture import MixedBatches
+
+    pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)
+    mixed = MixedBatches(bench, pool_rows, np.zeros(0, np.int64), None, (n, 0, 0), derive_seed(cfg.seed, "reference"),
+                         0, token_key=token_key, backend=cfg.data.loader, image_size=backbone.image_size,
+                         num_workers=cfg.data.num_workers, pool_bench=pool_bench)
+    batch = mixed.batch(0)
+    images = model_input(batch["images"].to(device), backbone.image_size, backbone.mean, backbone.std)
+    return images, batch["tokens"].to(device)
 
 
 def check_named_files(cfg: ExperimentConfig) -> None:

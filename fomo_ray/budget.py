@@ -111,6 +111,7 @@ class MethodCost:
     extra_loss: Callable[[nn.Module], torch.Tensor | None] | None = None
     state: Callable[[], Sequence[torch.Tensor]] | None = None
     steady: Callable[[nn.Module], None] | None = None
+    task_gflops: Callable[[], float] | None = None  # counted per-task work, asked after ``steady`` (shapes known)
 
 
 def prepared(cost: MethodCost, model: nn.Module) -> nn.Module:
@@ -131,12 +132,16 @@ def registry_cost(cfg, name: str) -> MethodCost:
     method = build_method(cfg.replace({"method.name": name}))
     if method.cost_as:  # e.g. merges train like fine-tuning, merging is free (docs/BENCHMARK.md §Budgets)
         return registry_cost(cfg, method.cost_as)
+    if getattr(method, "step_as", None):  # trains like that method, plus its own per-task work (a continual merge's SVDs)
+        base = registry_cost(cfg, method.step_as)
+        steady = lambda model: (base.steady and base.steady(model), method.steady_state(model))  # noqa: E731
+        return dataclasses.replace(base, steady=steady, task_gflops=lambda: method.extra_cost().task_gflops)
     extra = method.extra_cost()
     return MethodCost(prepare=method.setup, steady=method.steady_state,
                       step_flops_per_param=extra.step_flops_per_param,
                       task_passes=extra.task_passes, task_flops_per_param=extra.task_flops_per_param,
                       extra_loss=lambda model: method.extra_loss(model, 1),
-                      state=lambda: _tensors(method.state_dict()))
+                      state=lambda: _tensors(method.state_dict()), task_gflops=lambda: extra.task_gflops)
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -297,6 +302,7 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
         how = f"scaled from b={', '.join(map(str, batches))}"
     elementwise = (ADAMW_FLOPS_PER_PARAM + cost.step_flops_per_param) * m.trainable_params / 1e9
     task = cost.task_passes * m.gflops + cost.task_flops_per_param * m.trainable_params / 1e9
+    task += cost.task_gflops() if cost.task_gflops is not None else 0.0
     return CostRecord(**common, counted_gflops=m.gflops, elementwise_gflops=elementwise, peak_bytes=m.peak_bytes,
                       memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
                       task_gflops=task, measured=how, batch_bytes=m.batch_bytes,
@@ -476,6 +482,8 @@ def rank_batch(cfg, batch_size: int | None = None) -> int:
 def _record_key(cfg, name: str, spec: BackboneSpec, bs: int) -> tuple[str, dict[str, Any]]:
     saving = {**({"accum_steps": cfg.optimizer.accum_steps} if cfg.optimizer.accum_steps > 1 else {}),
               **({"grad_checkpointing": True} if cfg.backbone.grad_checkpointing else {})}  # default: old keys
+    from fomo_ray.methods import cost_settings  # what a method declares changes its cost (none: the old keys)
+    saving.update({"method_cost": own} if (own := cost_settings(cfg, name)) else {})
     h = settings_hash(cfg, {"context_length": spec.context_length, "measure": MEASURE_VERSION, **saving})
     return h, dict(backbone=spec.name, method=name, batch_size=bs, image_size=spec.image_size, settings_hash=h)
 

@@ -78,6 +78,13 @@ class MergeConfig:
     drop_top: float = F(0.01, "Breadcrumbs: fraction of the largest-magnitude task-vector entries also dropped (outliers)")
     lines_alpha: float = F(-1.0, "LiNeS layer scaling alpha (scale of the first layer); negative disables LiNeS")
     lines_beta: float = F(0.0, "LiNeS beta: lambda_l = alpha + beta*l/(L-1)")
+    opcm_alpha: float = F(0.5, "OPCM: energy threshold alpha; the top-r singular pairs of the running merge whose singular values first exceed this fraction of their sum are protected (paper and FusionBench default 0.5)")
+    opcm_lambda_rule: Literal["norm", "sqrt_t"] = F("norm", "OPCM: lambda_t that rescales the merged task vector; 'norm' keeps its norm at the mean task-vector norm (the paper's rule), 'sqrt_t' uses sqrt(t), the growth the paper reports for it")
+    dop_steps: int = F(200, "DOP: Adam steps per linear layer and merge (FusionBench default 200)")
+    dop_lr: float = F(1.0e-4, "DOP: Adam learning rate of the per-layer optimisation (FusionBench default)")
+    dop_energy: float = F(0.99999, "DOP: fraction of a task vector's singular-value sum its projection subspaces keep (FusionBench default)")
+    dop_ema_beta: float = F(0.999, "DOP: smoothing of the MGDA weight, a <- beta*a + (1-beta)*gamma each step (FusionBench default)")
+    dop_alpha: float = F(0.8, "DOP: the smoothed MGDA weight on the previous merge at each layer's first step (FusionBench default)")
 
 
 @dataclass(frozen=True)
@@ -97,11 +104,21 @@ class RegConfig:
 
 
 @dataclass(frozen=True)
+class ZsclConfig:
+    weight: float = F(1.0, "ZSCL: weight of the distillation term towards the initial model on pool reference data (Zheng et al. 2023 use 1)")
+    temperature: float = F(2.0, "ZSCL: distillation temperature T; logits are the initial model's CLIP logits over T, the KL is scaled by T^2")
+    ref_size: int = F(64, "ZSCL: pool samples drawn once per run as the reference set (decoded at assembly)")
+    ref_batch: int = F(16, "ZSCL: reference samples distilled on per step, cycling through the reference set")
+    we_every: int = F(10, "ZSCL weight consolidation: every this many steps the weight ensemble takes the current weights into its running mean; the ensemble is deployed and the next task starts from it; 0 = off")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = F("finetune", "method from methods.REGISTRY (finetune, lora, ema_merge, ...)")
     merge: MergeConfig = F(MergeConfig(), "merge-family settings (EMA/ZS/FT/offline merges and TIME triples)")
     peft: PeftConfig = F(PeftConfig(), "LoRA/DoRA/VeRA settings")
     reg: RegConfig = F(RegConfig(), "EWC/SI regulariser settings")
+    zscl: ZsclConfig = F(ZsclConfig(), "ZSCL distillation and weight-consolidation settings")
 
 
 @dataclass(frozen=True)
@@ -110,8 +127,8 @@ class MixtureConfig:
     pool: float = F(0.33, "lambda_P, share of pretraining-pool replay (paper default)")
     update: float = F(0.34, "lambda_D, share of the current task's data (paper default)")
     buffer: float = F(0.33, "lambda_B, share of replay of past update data (paper default)")
-    buffer_policy: Literal["unbounded", "reservoir"] = F("unbounded", "reference: the union of all past task data, uniform")
-    buffer_size: int = F(2000, "capacity of the reservoir buffer (ignored by 'unbounded')")
+    buffer_policy: Literal["unbounded", "reservoir", "cumulative_exp", "cumulative_equal"] = F("unbounded", "reference: the union of all past task data, uniform; 'reservoir' a uniform sample; TiC-CLIP's bounded 'cumulative_exp' (the newest past task keeps half, the one before a quarter, ...) and 'cumulative_equal' (equal shares)")
+    buffer_size: int = F(2000, "capacity of the bounded buffers (ignored by 'unbounded')")
 
 
 @dataclass(frozen=True)
@@ -433,6 +450,17 @@ def validate(cfg: ExperimentConfig) -> None:
         ("method.merge.density", 0.0 < cfg.method.merge.density <= 1.0, cfg.method.merge.density),
         ("method.merge.drop_top", 0.0 <= cfg.method.merge.drop_top < 1.0, cfg.method.merge.drop_top),
         ("method.peft.rank", cfg.method.peft.rank >= 1, cfg.method.peft.rank),
+        ("method.merge.opcm_alpha", 0.0 < cfg.method.merge.opcm_alpha <= 1.0, cfg.method.merge.opcm_alpha),
+        ("method.merge.dop_steps", cfg.method.merge.dop_steps >= 0, cfg.method.merge.dop_steps),
+        ("method.merge.dop_lr", cfg.method.merge.dop_lr > 0, cfg.method.merge.dop_lr),
+        ("method.merge.dop_energy", 0.0 < cfg.method.merge.dop_energy <= 1.0, cfg.method.merge.dop_energy),
+        ("method.merge.dop_ema_beta", 0.0 <= cfg.method.merge.dop_ema_beta <= 1.0, cfg.method.merge.dop_ema_beta),
+        ("method.merge.dop_alpha", 0.0 <= cfg.method.merge.dop_alpha <= 1.0, cfg.method.merge.dop_alpha),
+        ("method.zscl.weight", cfg.method.zscl.weight >= 0, cfg.method.zscl.weight),
+        ("method.zscl.temperature", cfg.method.zscl.temperature > 0, cfg.method.zscl.temperature),
+        ("method.zscl.ref_size", cfg.method.zscl.ref_size >= 1, cfg.method.zscl.ref_size),
+        ("method.zscl.ref_batch", 1 <= cfg.method.zscl.ref_batch <= cfg.method.zscl.ref_size, cfg.method.zscl.ref_batch),
+        ("method.zscl.we_every", cfg.method.zscl.we_every >= 0, cfg.method.zscl.we_every),
         ("method.peft.dropout", 0.0 <= cfg.method.peft.dropout < 1.0, cfg.method.peft.dropout),
         ("schedule.warmup_frac", 0.0 <= cfg.schedule.warmup_frac < 1.0, cfg.schedule.warmup_frac),
         ("budget.total_ft_steps", cfg.budget.total_ft_steps >= 1, cfg.budget.total_ft_steps),

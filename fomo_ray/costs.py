@@ -19,3 +19,4 @@ class ExtraCost:
     step_flops_per_param: float = 0.0  # elementwise work per trainable parameter and step (penalty, path integral)
     task_passes: int = 0               # extra forward+backward passes over task data per task (EWC's Fisher)
     task_flops_per_param: float = 0.0  # elementwise work per trainable parameter and task (consolidation)
+    task_gflops: float = 0.0           # counted per-task work beyond the step's shapes (a merge's SVDs, DOP's Adam)

@@ -20,7 +20,12 @@ breadcrumbs         drop tiny and huge entries, then sum (Davari & Belilovsky 20
 magmax              per entry the ``w_i tau_i`` of largest magnitude (Marczak 2024) ``1`` each
 model_stock         ``t * mean_i tau_i``, ``t`` from the angle (Jang et al. 2024)   uniform mean
 slerp               spherical interpolation of the raw weights (Shoemake 1985)      ``w = 0.5``
+opcm                experts folded in order, orthogonal projection (Tang 2025)      ``1`` each
+dop                 experts folded in order, dual projections + MGDA (2025)         ``1`` each
 ==================  ==============================================================  ==============================
+
+``opcm`` and ``dop`` are continual operators (``fomo_ray/merge_continual.py``): each folds its experts one at a time
+into a running merge anchored at ``base``; the merge methods call their steps directly with a carried state.
 
 With one expert and weight ``w`` every operator reduces to a (possibly sparsified) step of size ``w`` from ``base``
 towards the expert, i.e. ``interpolate`` gives exactly ``(1-w) * base + w * theta`` (the EMA-merge).
@@ -41,13 +46,16 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from fomo_ray import merge_continual
+
 StateDict = dict[str, torch.Tensor]
 Operator = Callable[..., StateDict]
 
 __all__ = [
     "MergeError", "StateDict", "OPERATORS", "CONFIG_PARAMS", "merge", "merge_from_config", "config_params",
     "operator_params", "task_vector", "add_task_vector", "interpolate", "slerp", "task_arithmetic", "ties", "dare",
-    "breadcrumbs", "magmax", "model_stock", "model_stock_t", "lines_depths", "lines_scales", "apply_lines",
+    "breadcrumbs", "magmax", "model_stock", "model_stock_t", "lines_depths", "lines_scales", "apply_lines", "opcm",
+    "dop", "CONTINUAL",
 ]
 
 
@@ -419,6 +427,37 @@ def _slerp_op(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, t
     return slerp(base, experts[0], w, parallel_threshold=parallel_threshold)
 
 
+def opcm(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+         weights: Sequence[float] | None = None, *, opcm_alpha: float = 0.5,
+         opcm_lambda_rule: str = "norm") -> StateDict:
+    """OPCM (Tang et al. 2025, arXiv 2501.09522): the experts folded in order into ``base`` by
+    ``merge_continual.opcm_step``; weights scale each task vector (default 1, the paper)."""
+    _check_fraction("opcm_alpha", opcm_alpha)
+    if opcm_lambda_rule not in merge_continual.LAMBDA_RULES:
+        raise MergeError(f"merge parameter 'opcm_lambda_rule' must be one of {list(merge_continual.LAMBDA_RULES)}, "
+                         f"got {opcm_lambda_rule!r}")
+    w = _weights(weights, len(experts), 1.0, "opcm")
+    _check_compatible(base, experts)
+    return merge_continual.fold("opcm", base, experts, w, opcm_alpha=opcm_alpha, opcm_lambda_rule=opcm_lambda_rule)
+
+
+def dop(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float] | None = None, *, dop_steps: int = 200, dop_lr: float = 1e-4,
+        dop_energy: float = 0.99999, dop_ema_beta: float = 0.999, dop_alpha: float = 0.8) -> StateDict:
+    """DOP (dual projections, NeurIPS 2025): the experts folded in order into ``base`` by
+    ``merge_continual.dop_step``; weights scale each task vector (default 1, the paper)."""
+    if isinstance(dop_steps, bool) or int(dop_steps) != dop_steps or dop_steps < 0 or dop_lr <= 0:
+        raise MergeError(f"DOP needs dop_steps >= 0 (an integer) and dop_lr > 0, got {dop_steps!r}, {dop_lr!r}")
+    _check_fraction("dop_energy", dop_energy)
+    for name, value in (("dop_ema_beta", dop_ema_beta), ("dop_alpha", dop_alpha)):
+        if not 0.0 <= value <= 1.0:
+            raise MergeError(f"merge parameter '{name}' must be in [0, 1], got {value!r}")
+    w = _weights(weights, len(experts), 1.0, "dop")
+    _check_compatible(base, experts)
+    return merge_continual.fold("dop", base, experts, w, dop_steps=int(dop_steps), dop_lr=dop_lr,
+                                dop_energy=dop_energy, dop_ema_beta=dop_ema_beta, dop_alpha=dop_alpha)
+
+
 # --------------------------------------------------------------------------------------------------- LiNeS
 _BLOCK = re.compile(r"(?:^|\.)resblocks\.(\d+)\.")
 # Outside the transformer blocks: input stems are the first layer, output norms/projections the last.
@@ -482,7 +521,11 @@ OPERATORS: dict[str, Operator] = {
     "magmax": magmax,
     "model_stock": model_stock,
     "slerp": _slerp_op,
+    "opcm": opcm,
+    "dop": dop,
 }
+#: operators that fold experts into a running merge with a carried state (merge_continual.STEPS)
+CONTINUAL = tuple(merge_continual.STEPS)
 
 
 def _operator(name: str) -> Operator:
@@ -522,7 +565,8 @@ def merge(name: str, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping
 
 # MergeConfig fields that are keyword parameters of the same name of some operators (config.py documents each);
 # the other fields (weight, operator, init, deploy, lines_*) are read by the merge methods or as ``lines=``.
-CONFIG_PARAMS = ("density", "drop_top", "scale")
+CONFIG_PARAMS = ("density", "drop_top", "scale", "opcm_alpha", "opcm_lambda_rule", "dop_steps", "dop_lr", "dop_energy",
+                 "dop_ema_beta", "dop_alpha")
 
 
 def config_params(operator: str) -> tuple[str, ...]:
@@ -533,14 +577,16 @@ def config_params(operator: str) -> tuple[str, ...]:
 
 
 def merge_from_config(merge_cfg, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                      weights: Sequence[float] | None = None, *, seed: int | None = None) -> StateDict:
+                      weights: Sequence[float] | None = None, *, seed: int | None = None,
+                      operator: str | None = None) -> StateDict:
     """:func:`merge` driven by a ``config.MergeConfig`` (``operator``, :func:`config_params`, ``lines_*``).
 
     Only the config fields the operator accepts are passed; ``seed`` reaches operators that draw (DARE).
-    LiNeS is on when ``lines_alpha >= 0``.
+    LiNeS is on when ``lines_alpha >= 0``. ``operator`` overrides the config's (a preset that fixes it).
     """
-    params = {k: getattr(merge_cfg, k) for k in config_params(merge_cfg.operator)}
-    if seed is not None and "seed" in operator_params(merge_cfg.operator):
+    operator = operator or merge_cfg.operator
+    params = {k: getattr(merge_cfg, k) for k in config_params(operator)}
+    if seed is not None and "seed" in operator_params(operator):
         params["seed"] = int(seed)
     lines = (merge_cfg.lines_alpha, merge_cfg.lines_beta) if merge_cfg.lines_alpha >= 0 else None
-    return merge(merge_cfg.operator, base, experts, weights, lines=lines, **params)
+    return merge(operator, base, experts, weights, lines=lines, **params)

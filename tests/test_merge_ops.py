@@ -297,9 +297,11 @@ def test_every_merge_config_field_reaches_the_operators_that_take_it(name):
     assert set(mo.CONFIG_PARAMS) == fields - read_elsewhere  # a new field is either an operator keyword or declared
     assert set(mo.config_params(name)) == fields & set(mo.operator_params(name))  # no same-named keyword left out
     base, experts = _random_merge_inputs(1 if name == "slerp" else 2)
-    other = {"density": 0.6, "drop_top": 0.3, "scale": 0.5}
+    other = {"density": 0.6, "drop_top": 0.3, "scale": 0.5, "opcm_alpha": 0.9, "opcm_lambda_rule": "sqrt_t",
+             "dop_steps": 3, "dop_lr": 1e-2, "dop_energy": 0.5, "dop_ema_beta": 0.5, "dop_alpha": 0.2}
+    fast = {"method.merge.dop_steps": 5} if name == "dop" else {}  # DOP's default 200 Adam steps are slow here
     for key in mo.config_params(name):  # changing the config value changes the merge
-        cfg = ExperimentConfig().replace({"method.merge.operator": name})
+        cfg = ExperimentConfig().replace({"method.merge.operator": name, **fast})
         a = mo.merge_from_config(cfg.method.merge, base, experts, seed=0)["w"]
         b = mo.merge_from_config(cfg.replace({f"method.merge.{key}": other[key]}).method.merge, base, experts,
                                  seed=0)["w"]

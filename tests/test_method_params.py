@@ -47,6 +47,8 @@ def _keys_read(name, overrides, base_model):
     g = torch.Generator().manual_seed(1)
     images, texts = torch.randn(2, 3, 32, 32, generator=g), torch.randint(1, 400, (2, 32), generator=g)
     model = method.setup(copy.deepcopy(base_model))
+    if method.reference_size:  # what the assembly does for a method that distils on pool data (ZSCL)
+        method.use_reference(images, texts)
     for t in range(2):
         weights = method.training_weights(t, model)
         if weights is not None:
@@ -78,6 +80,9 @@ CASES = [(name, {}) for name in sorted(REGISTRY)] + [
     ("ft_merge", {"method.merge.operator": "breadcrumbs"}),
     ("offline_merge", {"method.merge.operator": "magmax"}),
     ("zs_merge", {"method.merge.operator": "slerp"}),
+    ("ema_merge", {"method.merge.operator": "opcm", "method.merge.lines_alpha": 0.5}),
+    ("merge", {"method.merge.deploy": "zero_shot_anchor", "method.merge.operator": "dop",
+               "method.merge.dop_steps": 2}),
 ]
 
 

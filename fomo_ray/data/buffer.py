@@ -7,7 +7,14 @@
   ``j ~ U{0..i}`` when ``j < size``. Seeded; its RNG state is part of ``state_dict`` so a resumed run continues the
   same sample.
 
-Both keep plain-Python ``state_dict``s (lists and ints) that ``torch.save`` and JSON both accept.
+- ``cumulative_exp`` / ``cumulative_equal``: TiC-CLIP's bounded cumulative buffers (Garg et al. 2024, "TiC-CLIP:
+  Continual Training of CLIP Models", arXiv 2310.16226, Sec. 3): at most ``size`` rows over the T past tasks, task
+  shares from :func:`cumulative_shares` (Cumulative-Exp: the newest past task half, the one before a quarter, ...,
+  the oldest what is left; Cumulative-Equal: ``size / T`` each). Each ``add`` is one task; a task keeps a prefix of
+  a seeded permutation of its rows, cut to its share as the buffer fills, so shares only shrink and a row once
+  dropped never comes back (a bounded buffer cannot recover it).
+
+All keep plain-Python ``state_dict``s (lists and ints) that ``torch.save`` and JSON both accept.
 """
 from __future__ import annotations
 
@@ -105,12 +112,94 @@ class ReservoirBuffer:
         self._rng.bit_generator.state = state["rng"]
 
 
+def cumulative_shares(size: int, num_tasks: int, rule: str) -> list[int]:
+    """Rows of a ``size``-row buffer per past task, oldest first, for ``rule`` "exp" or "equal" (TiC-CLIP).
+
+    "exp": the task j places from the newest (j = 0 newest) gets ``size / 2^(j+1)``, the oldest the same as the one
+    after it, so the fractions sum to 1 (one task: all of it). "equal": ``size / T`` each. Fractional rows are
+    rounded down and the rows left over go one each to the tasks with the largest fractional parts, newer first on
+    ties, so the counts sum to ``size``."""
+    if num_tasks <= 0:
+        return []
+    if rule == "equal":
+        fractions = [1.0 / num_tasks] * num_tasks
+    elif rule == "exp":
+        fractions = [2.0 ** -(num_tasks - i) for i in range(num_tasks)]  # oldest first: ..., 1/4, 1/2
+        fractions[0] = fractions[1] if num_tasks > 1 else 1.0
+    else:
+        raise DataError(f"unknown cumulative rule {rule!r}; valid: exp, equal")
+    exact = [size * f for f in fractions]
+    counts = [int(x) for x in exact]
+    order = sorted(range(num_tasks), key=lambda i: (-(exact[i] - counts[i]), -i))
+    for i in order[: size - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+class CumulativeBuffer:
+    """TiC-CLIP's bounded cumulative replay: per past task a seeded subset, cut to its share of ``size`` rows."""
+
+    rule = "exp"
+
+    def __init__(self, size: int, seed: int = 0):
+        if isinstance(size, bool) or int(size) < 1:
+            raise DataError(f"{self.policy} buffer size must be >= 1, got {size}")
+        self.size, self.seed = int(size), int(seed)
+        self._tasks: list[np.ndarray] = []  # per task, oldest first: its kept rows in its permutation's order
+
+    @property
+    def policy(self) -> str:
+        return f"cumulative_{self.rule}"
+
+    def add(self, rows: Any) -> None:
+        rows = np.unique(_as_rows(rows))
+        # one generator per task from (seed, task index): the same subset whatever came before
+        rng = np.random.default_rng([self.seed % (1 << 63), len(self._tasks)])
+        self._tasks.append(rows[rng.permutation(len(rows))])
+        shares = cumulative_shares(self.size, len(self._tasks), self.rule)
+        self._tasks = [kept[:share] for kept, share in zip(self._tasks, shares)]
+
+    def rows(self) -> np.ndarray:
+        return np.sort(np.concatenate(self._tasks)) if self._tasks else np.zeros(0, np.int64)
+
+    def task_rows(self) -> list[np.ndarray]:
+        """The rows each past task keeps, oldest first."""
+        return [kept.copy() for kept in self._tasks]
+
+    def __len__(self) -> int:
+        return sum(len(kept) for kept in self._tasks)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy, "size": self.size, "seed": self.seed,
+                "tasks": [kept.tolist() for kept in self._tasks]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_policy(state, self.policy)
+        if int(state["size"]) != self.size:
+            raise DataError(f"{self.policy} buffer state has size {state['size']}, this buffer {self.size}")
+        self.seed = int(state["seed"])
+        self._tasks = [_as_rows(kept) for kept in state["tasks"]]
+
+
+class CumulativeExpBuffer(CumulativeBuffer):
+    """Cumulative-Exp: exponentially decaying shares, the newest past task keeping half."""
+
+    rule = "exp"
+
+
+class CumulativeEqualBuffer(CumulativeBuffer):
+    """Cumulative-Equal: equal shares of the buffer for every past task."""
+
+    rule = "equal"
+
+
 def _check_policy(state: dict[str, Any], policy: str) -> None:
     if state.get("policy") != policy:
         raise DataError(f"buffer state is for policy {state.get('policy')!r}, not {policy!r}")
 
 
-BUFFERS: dict[str, type] = {"unbounded": UnboundedBuffer, "reservoir": ReservoirBuffer}
+BUFFERS: dict[str, type] = {"unbounded": UnboundedBuffer, "reservoir": ReservoirBuffer,
+                            "cumulative_exp": CumulativeExpBuffer, "cumulative_equal": CumulativeEqualBuffer}
 
 
 def make_buffer(policy: str, size: int, seed: int):

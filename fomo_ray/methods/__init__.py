@@ -8,8 +8,10 @@ The methods are those of docs/BENCHMARK.md §Methods.
 - ``finetune.py``: finetune, locked_image, locked_text, bitfit, lnfit
 - ``peft_methods.py``: lora, dora, vera (peft, on attention q/k/v/out and MLP linears of both towers)
 - ``regularisers.py``: ewc, si
-- ``merging.py``: ema_merge, zs_merge, ft_merge, offline_merge and the general TIME triple ``merge``
+- ``merging.py``: ema_merge, zs_merge, ft_merge, offline_merge, magmax_merge, opcm_merge, dop_merge and the
+  general TIME triple ``merge``
 - ``baselines.py``: zero_shot, joint (the reference points every study needs)
+- ``zscl.py``: zscl (distillation towards the initial model on pool data, plus weight consolidation)
 - ``peft_mha.py``: the exact nn.MultiheadAttention -> Linear swap the peft adapters need
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fomo_ray.methods.merging import MERGE_PRESETS, Merge
 from fomo_ray.methods.peft_methods import DoRA, LoRA, VeRA
 from fomo_ray.methods.baselines import Joint, ZeroShot
 from fomo_ray.methods.regularisers import EWC, SI
+from fomo_ray.methods.zscl import ZSCL
 
 REGISTRY: dict[str, type[Method]] = {
     "finetune": FineTune,
@@ -35,6 +38,7 @@ REGISTRY: dict[str, type[Method]] = {
     "lnfit": LNFit,
     "ewc": EWC,
     "si": SI,
+    "zscl": ZSCL,
     **{name: Merge for name in MERGE_PRESETS},  # presets of one TIME-triple class (merging.py)
     "zero_shot": ZeroShot,
     "joint": Joint,
@@ -73,5 +77,16 @@ def applicable_params(cfg: ExperimentConfig) -> dict[str, Any]:
             if (k in own or not k.startswith("method.")) and (cls.trains or not k.startswith(TRAINING_SECTIONS))}
 
 
-__all__ = ["Method", "TaskPlan", "REGISTRY", "build_method", "UnknownMethodError", "applicable_params",
+def cost_settings(cfg: ExperimentConfig, name: str) -> dict[str, Any]:
+    """The ``method.*`` settings registered method ``name`` declares as changing its cost (``Method.cost_reads``:
+    a continual merge's operator parameters, ZSCL's reference batch), relative to ``method.``; empty for every
+    other method. The budget keys its cached measurements by them."""
+    if name not in REGISTRY:
+        return {}
+    reads = getattr(build_method(cfg.replace({"method.name": name})), "cost_reads", ())  # duck-typed methods: none
+    flat = {k[len("method."):]: v for k, v in cfg.flat().items() if k.startswith("method.")}
+    return {k: v for k, v in sorted(flat.items()) if reads and k.startswith(reads)}
+
+
+__all__ = ["Method", "cost_settings", "TaskPlan", "REGISTRY", "build_method", "UnknownMethodError", "applicable_params",
            "TRAINING_SECTIONS"]

@@ -63,6 +63,15 @@ class Method:
     #: the registered method whose training step this one's costs exactly (budget.steps_per_task measures that one),
     #: e.g. merges and joint training train like full fine-tuning (merging is counted free, docs/BENCHMARK.md §Budgets)
     cost_as: ClassVar[str | None] = None
+    #: the registered method whose training step this one's training step is, with this method's own
+    #: ``extra_cost`` charged on top (a continual merge operator: fine-tuning's step plus its SVDs per task)
+    step_as: ClassVar[str | None] = None
+    #: ``method.*`` settings (relative, prefixes allowed) that change this method's cost beyond the peft/reg
+    #: sections: the budget keys its cached measurement by their values (e.g. ZSCL's reference batch)
+    cost_reads: ClassVar[tuple[str, ...]] = ()
+    #: pool samples this method wants as a fixed reference set (ZSCL); the assembly hands them to
+    #: :meth:`use_reference` once, decoded and normalised like training inputs. 0: none
+    reference_size: int = 0
     #: the ``method.*`` settings this method reads, relative to ``method.`` ("peft." covers a section, "reg.si_" a
     #: family of keys): a run logs only the settings that apply to its method, so e.g. a fine-tuning run never shows
     #: (or plots at) the default merge weight. tests/test_method_params.py checks the declaration of every registered
@@ -94,6 +103,10 @@ class Method:
     def training_weights(self, t: int, model: nn.Module) -> StateDict | None:
         """Weights task ``t`` starts from; ``None`` continues from the weights the model holds (theta_{t-1})."""
         return None
+
+    def use_reference(self, images: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Take the fixed reference set of :attr:`reference_size` pool samples (model-ready images on the training
+        device and their caption token ids), given once before the stream. Only methods that distil need it."""
 
     def extra_loss(self, model: nn.Module, t: int) -> torch.Tensor | None:
         """A term added to the CLIP loss at every step (regularisers); ``None`` adds nothing."""
