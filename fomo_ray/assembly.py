@@ -245,6 +245,14 @@ def planned_tasks(cfg: ExperimentConfig) -> int:
     return len(build_method(cfg).task_plan([np.zeros(0, dtype=np.int64)] * cfg.stream.num_tasks, 1))
 
 
+def stream_step(cfg: ExperimentConfig, point: int) -> int:
+    """Where evaluation point ``point`` stands on the stream's axis (0..T), the step of its MLflow metrics: the point
+    itself, except for a method that trains the whole stream in fewer tasks (``joint``: one task over all T tasks'
+    data), whose points are spread over the stream (joint's point 1 stands at T), so its charts line up."""
+    planned = planned_tasks(cfg)
+    return point * cfg.stream.num_tasks // planned if planned else point
+
+
 def eval_plan(num_tasks: int, cfg: ExperimentConfig) -> dict[int, bool]:
     """``{evaluation point: full test sets too?}``. Every point (0, every n-th task, the last) is evaluated on the same
     fixed subsets, so a trajectory is one evaluation set; the full test sets are evaluated as well at 0 and the last

@@ -59,6 +59,7 @@ class MlflowRun:
         from fomo_ray.backbones import activation_tags
         from fomo_ray.tracking import StepLogger, tracker_for
 
+        self.cfg = cfg
         self.tracker = tracker_for(cfg)
         self.tracker.ensure_views()
         meta = out / self.META
@@ -92,10 +93,13 @@ class MlflowRun:
 
         if self.steps is not None:
             self.steps.flush()
-        if point in self.logged:
+        from fomo_ray.assembly import stream_step
+
+        step = stream_step(self.cfg, point)  # on the stream's axis (joint's one point at T)
+        if step in self.logged:
             return
         self.tracker.log_metrics(self.run_id, eval_metrics(records, point_summary(records),
-                                                           point_summary(records, "full")), step=point)
+                                                           point_summary(records, "full"), point), step=step)
 
     def finish(self, failure: str | None = None, status: str = "") -> None:
         if self.steps is not None:

@@ -10,16 +10,22 @@ from typing import Any
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fomo_ray.tracking import (ARTIFACT_DIR, TRIALS_VIEW, TrackingError, check_reachable, ensure_views,
+from fomo_ray.tracking import (ARTIFACT_DIR, SWEEPS_VIEW, TRIALS_VIEW, TrackingError, check_reachable, ensure_views,
                                resolve_uri)
+
+
+# MLflow 3 opens a new browser on its GenAI pages (the workflow it remembers is per browser): every page fomo-ray ui
+# prints carries the training workflow (what the "Model training" switch at the top left selects)
+WORKFLOW = "workflowType=machine_learning"
+HOME_PATH = f"/#/?{WORKFLOW}"
 
 
 def runs_path(experiment_id: str | None, view: str = TRIALS_VIEW) -> str:
     """The UI's page for an experiment's runs table in the training workflow, opened on ``view``
     (``#/experiments/<id>/runs``: MLflow 3 otherwise opens an experiment on its GenAI overview); "/" without one."""
     if not experiment_id:
-        return "/"
-    return f"/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view}"
+        return HOME_PATH
+    return f"/#/experiments/{experiment_id}/runs?{WORKFLOW}&viewStateShareKey={view}"
 
 
 def prepare_ui(configured_uri: str, output_dir: str, experiment: str, port: int,
@@ -46,7 +52,9 @@ def prepare_ui(configured_uri: str, output_dir: str, experiment: str, port: int,
         except (TrackingError, MlflowException) as e:
             return {"error": f"MLflow tracking URI {uri!r}: {str(e).splitlines()[0]}"}
     return {"uri": uri, "command": ui_command(uri, port, Path(output_dir) / ARTIFACT_DIR),
-            "path": runs_path(experiment_id)}
+            "path": runs_path(experiment_id),
+            "also": [*([["sweeps", runs_path(experiment_id, SWEEPS_VIEW)]] if experiment_id else []),
+                     ["home", HOME_PATH]]}
 
 
 def ui_command(uri: str, port: int, artifact_root: str | Path | None) -> list[str]:

@@ -56,7 +56,7 @@ from typing import Any, Mapping, Protocol
 import ray
 
 from fomo_ray import trial_report
-from fomo_ray.assembly import planned_tasks
+from fomo_ray.assembly import planned_tasks, stream_step
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.trial_report import ReportKind
 from fomo_ray.final_uploads import (EXPORT_ERROR_TAG, FINAL_ARTIFACT, FINAL_CHECKPOINT_TAG,  # noqa: F401 (re-exported)
@@ -200,12 +200,13 @@ class _Bridge:
         summary = point_summary(records)
         full = point_summary(records, "full")  # {} where only the subsets were evaluated
         self.last.update(summary)
-        if self.tracker is not None and task not in self.logged:
+        step = stream_step(self.p.cfg, task)  # on the stream's axis (joint's one point at T)
+        if self.tracker is not None and step not in self.logged:
             from fomo_ray.tracking import eval_metrics
 
             self.flush_steps()
             # percent, as the reports; the session's report below keeps fractions (the results tables' unit)
-            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary, full), step=task)
+            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary, full, task), step=step)
         self.session.report({**trial_report.eval_report(task, records, summary, full), "node_id": _node_id()},
                             None, None)
         self._post(task, summary)

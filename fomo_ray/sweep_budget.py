@@ -167,8 +167,8 @@ class Ledger:
 def budget_metrics(saved: Mapping[str, Any]) -> dict[str, float]:
     """The sweep's parent-run metrics: its budget, what it spent (in the budget's unit), the trials it refused."""
     ledger = Ledger.restored(SweepBudget(saved["unit"], float(saved["limit"])), saved)
-    return {"Sweep/budget_limit": ledger.budget.limit, "Sweep/budget_spent": float(f"{ledger.total():.6g}"),
-            "Sweep/budget_not_started": float(len(ledger.refused))}
+    return {"Budget/limit": ledger.budget.limit, "Budget/spent": float(f"{ledger.total():.6g}"),
+            "Budget/not_started": float(len(ledger.refused))}
 
 
 def summary_line(saved: Mapping[str, Any]) -> str:

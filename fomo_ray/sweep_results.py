@@ -220,11 +220,11 @@ def sweep_description(spec: SweepSpec, plan: SweepPlan, name: str) -> str:
              "- metrics in **percent**. Each child run (one trial): Summary/A_KA, Summary/A_ZS, Summary/GM per "
              "evaluation point (step = point: 0 before any update, t after task t), datasets/<name>/<metric>, "
              "Training/* per step; params = the settings that apply to its method, plus `variant`.",
-             "- this run: Sweep/best_* and Sweep/median_* of the final scores over finished trials (the best of "
-             "each score may come from different trials), Sweep/finished, Sweep/failed; the report (figures, "
+             "- this run: Best/* and Median/* of the final scores over finished trials (the best of "
+             "each score may come from different trials), Trials/finished, Trials/failed; the report (figures, "
              "table.md) under the artifacts report/, the results tables under tables/."]
     if spec.sweep_budget is not None:
-        lines.append(f"- sweep budget: {spec.sweep_budget.describe()} (Sweep/budget_spent: what the trials spent; "
+        lines.append(f"- sweep budget: {spec.sweep_budget.describe()} (Budget/spent: what the trials spent; "
                      "trials it did not start are `stopped`, reason `budget`)")
     if spec.seeds > 1:
         lines.append(f"- {spec.seeds} seeds per variant (the grid `seed`): this run also carries "

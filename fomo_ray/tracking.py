@@ -4,7 +4,7 @@ Layout in the store (what a person sees: docs/TRACKING.md)::
 
     experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
       parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);
-                                        metrics Sweep/best_GM, Sweep/median_GM, ... Sweep/finished, Sweep/failed;
+                                        metrics Best/GM, Median/GM, ... Trials/finished, Trials/failed;
                                         over several seeds Variants/<variant>/final_GM_mean, ..._ci, mean_GM_*;
                                         report figures/tables as artifacts
         child run "<trial name>"        tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash;
@@ -69,8 +69,11 @@ PERCENT = 100.0  # metrics go to MLflow in percent, the unit of every report and
 SUMMARY = "Summary"  # sections of the run page's charts, see the module docstring for their order
 TRAINING = "Training"
 DATASETS = "datasets"
+ZERO_SHOT_SUFFIX = "_zero_shot"  # the full test sets' scores at point 0 (see eval_metrics)
 FULL = "Summary_full"  # the summary on the full test sets (at the ends): the section right after Summary
-SWEEP = "Sweep"
+# a sweep's parent-run metrics: short section names, so the runs table's narrow columns (about 12 characters)
+# still tell Best/A_KA from Best/A_ZS and Median/GM
+BEST, MEDIAN, TRIALS = "Best", "Median", "Trials"
 VARIANTS = "Variants"  # a multi-seed sweep's per-variant seed statistics on its parent run
 TRAIN_KEYS = tuple(f"{TRAINING}/{k}" for k in ("loss", "lr", "grad_norm", "samples_per_s"))
 
@@ -152,16 +155,19 @@ def as_percent(value: float) -> float:
 
 
 def eval_metrics(records: Iterable[Mapping[str, Any]], summary: Mapping[str, float],
-                 full: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Flat ``{key: percent}`` for one evaluation point: the summary on the fixed subsets (A_KA, A_ZS, GM, fractions
-    in ``summary``: the trajectory) plus every subset record; where the full test sets were evaluated too, their
-    summary under ``Summary_full/`` and their records under ``datasets_full/`` (never under the trajectory's
-    names)."""
+                 full: Mapping[str, float] | None = None, point: int = -1) -> dict[str, float]:
+    """Flat ``{key: percent}`` for evaluation point ``point``: the summary on the fixed subsets (A_KA, A_ZS, GM,
+    fractions in ``summary``: the trajectory) plus every subset record; where the full test sets were evaluated too,
+    their summary under ``Summary_full/`` and their records under ``datasets_full/`` (never under the trajectory's
+    names). The full sets' zero-shot point (``point`` 0) has names of its own (``..._zero_shot``): at the ends only
+    (the default), the zero-shot and the final full-set scores are two single values, not a two-point line."""
+    tail = ZERO_SHOT_SUFFIX if point == 0 else ""
     out = {summary_key(k): as_percent(v) for k, v in summary.items()}
-    out.update({f"{FULL}/{k}": as_percent(v) for k, v in (full or {}).items()})
+    out.update({f"{FULL}/{k}{tail}": as_percent(v) for k, v in (full or {}).items()})
     for r in records:
         full_set = r.get("eval_set", "subset") == "full"
-        out[metric_key(str(r["dataset"]), str(r["metric"]), full_set)] = as_percent(r["value"])
+        key = metric_key(str(r["dataset"]), str(r["metric"]), full_set)
+        out[key + tail if full_set else key] = as_percent(r["value"])
     return out
 
 
@@ -172,9 +178,9 @@ def sweep_metrics(finals: Mapping[str, Sequence[float]], counts: Mapping[str, in
     out: dict[str, float] = {}
     for name, values in finals.items():
         if len(values):
-            out[f"{SWEEP}/best_{name}"] = as_percent(max(values))
-            out[f"{SWEEP}/median_{name}"] = as_percent(statistics.median(values))
-    out.update({f"{SWEEP}/{state}": float(n) for state, n in counts.items()})
+            out[f"{BEST}/{name}"] = as_percent(max(values))
+            out[f"{MEDIAN}/{name}"] = as_percent(statistics.median(values))
+    out.update({f"{TRIALS}/{state}": float(n) for state, n in counts.items()})
     return out
 
 
@@ -498,9 +504,8 @@ def study_views() -> dict[str, tuple[str, dict[str, Any]]]:
     trial_cols = [*(_column("metrics", summary_key(k)) for k in ("A_KA", "A_ZS", "GM")),
                   _column("params", "variant"), _column("params", "method.name"),
                   _column("tags", STATUS_TAG), _column("attributes", "Version")]
-    sweep_cols = [*(_column("metrics", f"{SWEEP}/{stat}_{k}") for stat in ("best", "median")
-                    for k in ("A_KA", "A_ZS", "GM")),
-                  *(_column("metrics", f"{SWEEP}/{state}") for state in ("finished", "failed")),
+    sweep_cols = [*(_column("metrics", f"{stat}/{k}") for stat in (BEST, MEDIAN) for k in ("A_KA", "A_ZS", "GM")),
+                  *(_column("metrics", f"{TRIALS}/{state}") for state in ("finished", "failed")),
                   _column("params", "sweep.trials"), _column("tags", STATUS_TAG), _column("attributes", "Version")]
     return {
         TRIALS_VIEW: ("fomo_ray: trials (A_KA, A_ZS, GM in %)", {

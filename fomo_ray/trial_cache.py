@@ -122,10 +122,11 @@ def keep_finished(grid: Any, plan: Any, origin: Origin, sweep: str, reused: Mapp
               {"sweep": sweep, "trial": name, "mlflow_run_id": run_ids.get(name, "")})
 
 
-def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None], tracker: Any, run_id: str) -> None:
+def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None], tracker: Any, run_id: str,
+           step_of: Callable[[int], int] = int) -> None:
     """Send a cached trial's evaluation reports and its ``done`` report through ``report_fn`` (Tune's), and log
-    them to its MLflow run, tagged with where they come from (the original sweep, trial and MLflow run, whose
-    checkpoint holds the model)."""
+    them to its MLflow run at ``step_of(point)`` (the stream's axis: ``assembly.stream_step``), tagged with where
+    they come from (the original sweep, trial and MLflow run, whose checkpoint holds the model)."""
     from fomo_ray import trial_report
     from fomo_ray.trial_report import SUMMARY_KEYS
 
@@ -136,8 +137,9 @@ def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None]
 
             summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
             full = {k: report[f"full_{k}"] for k in SUMMARY_KEYS if f"full_{k}" in report}
-            tracker.log_metrics(run_id, eval_metrics(trial_report.records_from_report(report), summary, full),
-                                step=int(report["task"]))
+            point = int(report["task"])
+            tracker.log_metrics(run_id, eval_metrics(trial_report.records_from_report(report), summary, full, point),
+                                step=step_of(point))
     if tracker is not None:
         src = entry.get("source", {})
         tracker.set_tags(run_id, {SOURCE_TAG: f"{src.get('sweep')}/{src.get('trial')} (MLflow run "

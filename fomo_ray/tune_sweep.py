@@ -39,9 +39,10 @@ from fomo_ray.sweep_inputs import ensure_sweep_inputs
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, SWEEP_STATE_FILE, Dim, SweepError,
                                  SweepPlan, SweepSpec, check_search, enumerated_trials, point_label,
                                  identity_differences, plan_sweep, sweep_directory, sweep_identity,
-                                 trial_label, trial_name, trial_overrides)
+                                 trial_name, trial_overrides)
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, sweep_description, with_estimates)
+from fomo_ray.trial_params import trial_params
 from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
 from fomo_ray.sweep_budget import (Ledger, SweepBudget, SweepBudgetError, budget_metrics,
                                    needs_by_label, plan_line, summary_line)
@@ -177,7 +178,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
                                            "fomo_ray.sweep": setup.sweep_name})
     cached = trial_cache.lookup(cfg, setup.cache_origin) if setup.cache_origin else None
     if cached is not None:  # an identical trial finished before: its results, not a rerun
-        trial_cache.replay(cached, tune.report, tracker, run_id)
+        from fomo_ray.assembly import stream_step
+
+        trial_cache.replay(cached, tune.report, tracker, run_id, lambda point: stream_step(cfg, point))
         return
     spend = None
     if setup.spend_unit:
@@ -238,15 +241,6 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if tracker is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
         tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
-
-
-def trial_params(config: Mapping[str, Any], space: Mapping[str, Dim], cfg: ExperimentConfig) -> dict[str, Any]:
-    """A trial's MLflow params: the settings that apply to its method (``methods.applicable_params``: no merge
-    weight on a fine-tuning trial, so it does not plot at the default weight) and ``variant``, its point label in
-    the sweep space (``trial_label``, e.g. ``ema_w0.3``). The whole config goes to the run's ``config.json``."""
-    from fomo_ray.methods import applicable_params
-
-    return {**applicable_params(cfg), "variant": trial_label(config, space)}
 
 
 def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
@@ -579,7 +573,7 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         tracker.log_metrics(out.parent_run_id, {
             **sweep_metrics(final_scores(out.results, out.trials),
                             {k: counts[k] for k in ("finished", "failed", "stopped")}),
-            **({"Sweep/compute_saved": 100 * saved} if saved is not None else {}), **per_variant}, step=0)
+            **({"Stopping/compute_saved": 100 * saved} if saved is not None else {}), **per_variant}, step=0)
         # report/ holds variants.md and vs_baseline.md too when the sweep ran several seeds
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")
         for name in ("results.csv", "trials.csv", "tidy.csv"):

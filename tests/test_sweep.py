@@ -328,9 +328,9 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
     assert "**Sweep `e2e`**" in parent.data.tags[NOTE_TAG] and "`variant`: points" in parent.data.tags[NOTE_TAG]
     final = res[res["task"] == 2]
-    assert parent.data.metrics["Sweep/best_GM"] == as_percent(final["GM"].max())
-    assert parent.data.metrics["Sweep/median_A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
-    assert (parent.data.metrics["Sweep/finished"], parent.data.metrics["Sweep/failed"]) == (2, 0)
+    assert parent.data.metrics["Best/GM"] == as_percent(final["GM"].max())
+    assert parent.data.metrics["Median/A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
+    assert (parent.data.metrics["Trials/finished"], parent.data.metrics["Trials/failed"]) == (2, 0)
     children = {r.info.run_name: r for r in tracker.children(out.parent_run_id)}
     assert sorted(children) == ["000-finetune", "001-ema"]
     for name, run in children.items():
@@ -689,8 +689,8 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
         assert children[run].info.status == "FINISHED" and tags[STATUS_TAG] == t["status"]
         assert (tags.get(STOP_TAG) == t["reason"]) if t["status"] == "stopped" else STOP_TAG not in tags
     parent = tracker.client.get_run(out.parent_run_id)
-    assert parent.data.metrics["Sweep/stopped"] == len(stopped)
-    assert 0 < parent.data.metrics["Sweep/compute_saved"] < 100
+    assert parent.data.metrics["Trials/stopped"] == len(stopped)
+    assert 0 < parent.data.metrics["Stopping/compute_saved"] < 100
     assert parent.data.metrics["Estimate/train_gflops"] == pytest.approx(est["train_gflops"].sum(), rel=1e-3)
     assert parent.data.params["sweep.order"] == "cost"
 
@@ -791,3 +791,21 @@ def test_an_interrupted_python_sweep_names_the_call_that_resumes_it():
         "fomo_ray.sweep('experiments/configs/sweep_methods.yaml', <the same arguments>, name='findings_methods', "
         "resume=True)")
     assert resume_call({"name": "x"}, "x-2").startswith("fomo_ray.sweep(<the same spec mapping>")
+
+
+def test_a_trials_mlflow_params_start_with_what_its_sweep_varies():
+    """MLflow lists a run's params in the order they were logged: the swept keys, ``variant`` and the trial's own
+    label as ``name`` come first (not the sweep's name and the whole config in alphabetical order)."""
+    from fomo_ray.trial_params import trial_params
+
+    space = parse_space({"optimizer.lr": {"grid": [1e-4]},
+                         "variant": {"points": {"ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}})
+    config = {"optimizer.lr": 1e-4, "variant": "ema"}
+    cfg = load_config(None, {"name": "the_sweep", **sweep_spec.trial_overrides(config, space)})
+    params = trial_params(config, space, cfg)
+    swept = ["optimizer.lr", "method.name", "method.merge.weight"]
+    assert list(params)[:8] == [*(f"Swept/{k}" for k in swept), *swept, "variant", "name"]
+    # MLflow's compare page plots the first three differing params in sorted order: the swept ones
+    assert sorted(params)[:3] == sorted(f"Swept/{k}" for k in swept)
+    assert params["name"] == params["variant"] == sweep_spec.trial_label(config, space) != "the_sweep"
+    assert params["method.merge.weight"] == 0.5 and "backbone.name" in params

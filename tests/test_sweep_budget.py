@@ -138,8 +138,8 @@ def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_
     ledger = Ledger.restored(spec.sweep_budget, summary["budget"])
     assert ledger.total() == pytest.approx(2 * need) and ledger.total() <= spec.sweep_budget.limit
     parent = Tracker(out.tracking_uri, "fomo_ray").client.get_run(out.parent_run_id)
-    assert parent.data.metrics["Sweep/budget_spent"] == pytest.approx(2 * need, rel=1e-4)
-    assert parent.data.metrics["Sweep/budget_not_started"] == 1
+    assert parent.data.metrics["Budget/spent"] == pytest.approx(2 * need, rel=1e-4)
+    assert parent.data.metrics["Budget/not_started"] == 1
 
 
 

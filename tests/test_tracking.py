@@ -84,6 +84,31 @@ def test_metric_keys_are_valid_mlflow_names_in_percent():
         "Summary/A_KA": 50.0, "Summary/A_ZS": 12.5, "Summary/GM": 25.0, "datasets/D/R_at_1": 25.0}
 
 
+def test_full_set_scores_at_the_zero_shot_point_have_names_of_their_own():
+    """At the ends only (the default), the full test sets' zero-shot and final scores are two single values: drawn
+    on one line they would look like a trajectory. The subsets' trajectory keeps one name at every point."""
+    recs = [{"dataset": "D", "metric": "top1", "value": 0.25},
+            {"dataset": "D", "metric": "top1", "value": 0.5, "eval_set": "full"}]
+    summary, full = {"GM": 0.25}, {"GM": 0.5}
+    assert eval_metrics(recs, summary, full, point=0) == {
+        "Summary/GM": 25.0, "Summary_full/GM_zero_shot": 50.0, "datasets/D/top1": 25.0,
+        "datasets_full/D/top1_zero_shot": 50.0}
+    assert eval_metrics(recs, summary, full, point=8) == {
+        "Summary/GM": 25.0, "Summary_full/GM": 50.0, "datasets/D/top1": 25.0, "datasets_full/D/top1": 50.0}
+
+
+def test_joint_training_stands_at_the_end_of_the_stream_axis():
+    """``joint`` trains the stream as one task: its point 1 is logged at step T beside the others' after-task-T
+    points, not as a spike at step 1; every other method's points are their task indices."""
+    from fomo_ray.assembly import stream_step
+    from fomo_ray.config import load_config
+
+    joint = load_config(None, {"method.name": "joint", "stream.num_tasks": 8})
+    assert [stream_step(joint, p) for p in (0, 1)] == [0, 8]
+    ft = joint.replace({"method.name": "finetune"})
+    assert [stream_step(ft, p) for p in range(9)] == list(range(9))
+
+
 def test_run_page_sections_sort_summary_and_training_before_the_datasets():
     """MLflow 3 sorts chart sections (the name before the last '/') by code point and puts unprefixed names last;
     the summary and the training signal must come before every per-dataset section (seen in the browser test)."""
@@ -94,8 +119,8 @@ def test_run_page_sections_sort_summary_and_training_before_the_datasets():
 
 def test_sweep_metrics_best_median_and_counts():
     got = sweep_metrics({"A_KA": [0.1, 0.3, 0.2], "GM": [0.5], "A_ZS": []}, {"finished": 3, "failed": 1})
-    assert got == pytest.approx({"Sweep/best_A_KA": 30.0, "Sweep/median_A_KA": 20.0, "Sweep/best_GM": 50.0,
-                                 "Sweep/median_GM": 50.0, "Sweep/finished": 3.0, "Sweep/failed": 1.0})
+    assert got == pytest.approx({"Best/A_KA": 30.0, "Median/A_KA": 20.0, "Best/GM": 50.0,
+                                 "Median/GM": 50.0, "Trials/finished": 3.0, "Trials/failed": 1.0})
 
 
 def test_provenance_is_this_checkout_and_version():
@@ -342,6 +367,9 @@ def _start_ui(output_dir, port, *extra):
                 except OSError as e:
                     found["health"] = repr(e)
                 found["url"] = m.group(1)
+            home = re.search(r"^  home: (http://\S+)", line)
+            if home:  # the last page it prints
+                found["home"] = home.group(1)
                 url.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -363,6 +391,9 @@ def test_ui_prints_the_runs_url_once_serving_and_sigterm_stops_the_whole_server(
         assert url.wait(timeout=180), "no URL within 180 s:\n" + "".join(lines)
         assert found["health"] == 200
         assert found["url"] == f"http://127.0.0.1:{port}" + runs_path(tr.experiment_id)
+        # every page it prints opens the training workflow (a new browser opens MLflow 3 on its GenAI pages)
+        sweeps = f"  sweeps: http://127.0.0.1:{port}" + runs_path(tr.experiment_id, tracking.SWEEPS_VIEW) + "\n"
+        assert sweeps in lines and found["home"] == f"http://127.0.0.1:{port}/#/?workflowType=machine_learning"
         server = [p for p in _children(proc.pid)]
         assert server, "fomo-ray ui started no server process"
         proc.send_signal(signal.SIGTERM)

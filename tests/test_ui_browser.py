@@ -25,13 +25,30 @@ pytestmark = [pytest.mark.browser, pytest.mark.ray, pytest.mark.slow,
               pytest.mark.skipif(CHROMIUM is None, reason="needs a chromium binary (Debian: apt-get install chromium)")]
 
 
-def render(url: str, budget_ms: int) -> str:
-    """The DOM of ``url`` after the page's scripts ran for ``budget_ms`` of virtual time."""
+def _chromium(url: str, budget_ms: int, *what: str) -> subprocess.CompletedProcess:
+    """Headless Chromium on ``url`` with a fresh profile (a new browser: MLflow 3 remembers no workflow)."""
     cmd = [CHROMIUM, "--headless", "--disable-gpu", "--window-size=1920,1200", f"--virtual-time-budget={budget_ms}",
-           "--dump-dom", url]
+           *what, url]
     if os.geteuid() == 0:
         cmd.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180).stdout
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def render(url: str, budget_ms: int) -> str:
+    """The DOM of ``url`` after the page's scripts ran for ``budget_ms`` of virtual time."""
+    return _chromium(url, budget_ms, "--dump-dom").stdout
+
+
+SHOTS = os.environ.get("FOMO_RAY_SCREENSHOTS", "")  # a directory: keep the screenshots there to look at them
+
+
+def screenshot(url: str, name: str, tmp_path) -> None:
+    """A PNG of ``url`` as a person sees it (kept under $FOMO_RAY_SCREENSHOTS when set); a page that did not draw
+    (a blank or error page is a few KB) fails the test."""
+    path = (tmp_path if not SHOTS else __import__("pathlib").Path(SHOTS)) / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _chromium(url, 20000, f"--screenshot={path}")
+    assert path.is_file() and path.stat().st_size > 30_000, f"{url} drew no page ({path})"
 
 
 def visible_text(dom: str) -> list[str]:
@@ -152,7 +169,60 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
             assert shows(text, value), f"{name}: {key} = {value:.4f} % is not on the page"
 
 
-def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui):
+def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_path):
+    """`fomo-ray ui` prints the trials view, the sweeps view and the home page; in a new browser each opens MLflow's
+    training pages (MLflow 3 opens GenAI ones otherwise: "Overview", "Traces" and "Sessions" of an experiment), and
+    the sweeps view tells its columns apart within what the narrow headers show."""
+    url, proc = ui
+    base = url.split("/#/")[0]
+    pages = {"trials": url, "sweeps": f"{base}/#/experiments/1/runs?workflowType=machine_learning"
+             f"&viewStateShareKey={tracking.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
+    _, text = rendered(pages["sweeps"], ["Best/A_KA", "browser"])
+    for name in ("Best/A_KA", "Best/A_ZS", "Best/GM", "Median/A_KA", "Median/A_ZS", "Median/GM", "Trials/finished"):
+        assert name in text, f"{name} is not a column of the sweeps view"
+    assert len({name[:12] for name in ("Best/A_KA", "Best/A_ZS", "Median/A_KA", "Median/A_ZS")}) == 4
+    _, text = rendered(pages["home"], ["Model training"])
+    assert "Sessions" not in text and "Traces" not in text, "the home page opened the GenAI workflow"
+    for name, page in pages.items():
+        screenshot(page, name, tmp_path)
+
+
+def test_a_trials_overview_lists_what_its_sweep_varied_first(finished_sweep, ui, tmp_path):
+    out, tmp = finished_sweep
+    url, _ = ui
+    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    run = next(r for r in tr.children(out.parent_run_id) if r.info.run_name.endswith("-ema"))
+    page = (f"{url.split('/#/')[0]}/#/experiments/{tr.experiment_id}/runs/{run.info.run_id}"
+            "?workflowType=machine_learning")
+    _, text = rendered(page, ["Swept/method.name", "variant"])
+    shown = [t for t in text if t in run.data.params]
+    assert shown[:6] == ["Swept/method.merge.weight", "Swept/method.name", "method.merge.weight", "method.name",
+                         "name", "variant"] or shown[:4] == ["Swept/method.name", "Swept/method.merge.weight",
+                                                              "method.name", "method.merge.weight"], shown[:8]
+    assert run.data.params["name"] == run.data.params["variant"] == "ema"
+    screenshot(page, "run_overview", tmp_path)
+
+
+def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui, tmp_path):
+    """MLflow's compare page draws a parallel-coordinates plot of the first three differing params in sorted order:
+    the swept keys (``Swept/...``), not budget settings."""
+    import json
+
+    out, tmp = finished_sweep
+    url, _ = ui
+    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    ids = [r.info.run_id for r in tr.children(out.parent_run_id)]
+    page = (f"{url.split('/#/')[0]}/#/compare-runs?runs={json.dumps(ids)}&experiments="
+            f"{json.dumps([tr.experiment_id])}&workflowType=machine_learning").replace(" ", "")
+    _, text = rendered(page, ["Parallel Coordinates Plot", "Parameters:", "Swept/method.name"])
+    assert "Parallel Coordinates Plot" in text and "Parameters:" in text, text[:60]
+    chosen = text[text.index("Parameters:") + 1:text.index("Metrics:")]  # the plot's axes, as its control lists them
+    # the swept keys first: the merge weight (only the EMA trial has it) and the method; then the first other key
+    assert [c for c in chosen if c][:2] == ["Swept/method.merge.weight", "Swept/method.name"], chosen
+    screenshot(page, "compare", tmp_path)
+
+
+def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui, tmp_path):
     out, tmp = finished_sweep
     url, _ = ui
     tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
@@ -168,3 +238,4 @@ def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui)
     assert len([s for s in sections if s.startswith("datasets/")]) == len(set(out.tidy["dataset"]))
     assert len([s for s in sections if s.startswith("datasets_full/")]) == len(set(out.tidy["dataset"]))
     assert "Model metrics" not in sections[:-1], "unprefixed metrics would form a section"
+    screenshot(page, "charts", tmp_path)

@@ -57,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print(" ".join(info["command"]))
         return 0
-    return serve(info["command"], args.port, info["path"], info["uri"], args.startup_timeout)
+    return serve(info["command"], args.port, info["path"], info["uri"], args.startup_timeout,
+                 also=info.get("also", ()))
 
 
 def prepare(uri: str, output_dir: str, experiment: str, port: int, write: bool) -> dict:
@@ -81,8 +82,10 @@ SERVER_ENV = {
 
 
 def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s: float, host: str = HOST,
-          env: dict[str, str] | None = None, name: str = "fomo-ray ui", what: str = "MLflow UI") -> int:
-    """Run the server in its own process group until SIGINT / SIGTERM (exit 0) or until it dies (exit 1)."""
+          env: dict[str, str] | None = None, name: str = "fomo-ray ui", what: str = "MLflow UI",
+          also: Sequence[Sequence[str]] = ()) -> int:
+    """Run the server in its own process group until SIGINT / SIGTERM (exit 0) or until it dies (exit 1); once it
+    answers, print the address of ``path`` and of the ``also`` pages (``(label, path)``)."""
     env = {**os.environ, **SERVER_ENV, **(env or {})}
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     proc = None
@@ -97,6 +100,8 @@ def serve(command: list[str], port: int, path: str, uri: str, startup_timeout_s:
             print(f"{name}: the MLflow server on {base} {why}", file=sys.stderr)
             return 1
         print(f"{what} for {uri} at {base}{path}  (Ctrl-C stops it)", flush=True)
+        for label, page in also:
+            print(f"  {label}: {base}{page}", flush=True)
         rc = proc.wait()
         print(f"{name}: the MLflow server exited with code {rc}", file=sys.stderr)
         return rc or 1
