@@ -22,8 +22,9 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from fomo_ray.trial_report import SCORES, TrialStatus
+
 CONFIDENCE = 0.95
-SCORES = ("A_KA", "A_ZS", "GM")
 SCORE_COLUMNS = tuple(f"{when}_{s}" for when in ("final", "mean") for s in SCORES)
 SEED = "seed"
 VARIANT = "variant"  # the free name a points dimension usually has
@@ -133,7 +134,7 @@ def variant_table(table: pd.DataFrame, confidence: float = CONFIDENCE) -> pd.Dat
     table, keys = _keyed(table)
     stat_cols = [f"{c}_{a}" for c in SCORE_COLUMNS for a in ("mean", "std", "ci")]
     labels = variant_labels(table, keys)
-    done = table[table["status"] == "finished"]
+    done = table[table["status"] == TrialStatus.FINISHED]
     if done.empty:
         return pd.DataFrame(columns=[*keys, "label", "n", *stat_cols])
     rows = []
@@ -170,7 +171,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _per_seed(table: pd.DataFrame) -> pd.DataFrame:
     """Finished trials' scores per (label, seed); trials sharing both (``num_samples`` > 1) are averaged."""
-    done = table[table["status"] == "finished"]
+    done = table[table["status"] == TrialStatus.FINISHED]
     seeds = done[SEED] if SEED in done.columns else pd.Series(0, index=done.index)
     frame = done[list(SCORE_COLUMNS)].astype(float).assign(label=done["_label"], seed=seeds)
     return frame.groupby(["label", "seed"], sort=False).mean()

@@ -23,8 +23,8 @@ from typing import Any, Mapping
 import pandas as pd
 
 from fomo_ray.config import ExperimentConfig, load_config
+from fomo_ray.trial_report import TrialStatus
 
-SCORES = ("A_KA", "A_ZS", "GM")
 SWEEP_OPTIONS = {  # keyword -> dotted config key, as the command-line flags of `fomo-ray sweep`
     "max_concurrent": "ray.max_concurrent_trials", "address": "ray.address", "storage_path": "ray.storage_path",
     "tracking_uri": "tracking.uri", "output_dir": "output_dir", "num_tasks": "stream.num_tasks",
@@ -106,7 +106,7 @@ class Results:
         from fomo_ray.report import pareto_figure
 
         table = self._table()
-        return pareto_figure(table[table["status"] == "finished"])
+        return pareto_figure(table[table["status"] == TrialStatus.FINISHED])
 
     def vs_figure(self, key: str) -> Any:
         """Final and mean A_KA / A_ZS / GM against a numeric swept key, e.g. ``method.merge.weight``."""
@@ -169,7 +169,7 @@ def load_results(source: str | Path, output_dir: str | Path = "runs") -> Results
     path = path.resolve()
     tidy, trials, summary = load_sweep_tables(path)
     if trials is None:
-        trials = pd.DataFrame({"run": sorted(tidy["run"].unique()), "status": "finished", "reason": ""})
+        trials = pd.DataFrame({"run": sorted(tidy["run"].unique()), "status": TrialStatus.FINISHED, "reason": ""})
     interrupted = path.is_dir() and (path / "sweep.json").is_file() and not (path / "summary.json").is_file()
     if interrupted:  # its state still says where its MLflow runs are
         summary = json.loads((path / "sweep.json").read_text())
@@ -193,7 +193,7 @@ def run(config: str | Path | ExperimentConfig | None = None, *, overrides: Mappi
 
     out = execute_run(cfg, resume=resume, device=device)
     df = out.results
-    return Results(tidy=df, trials=pd.DataFrame({"run": sorted(df["run"].unique()), "status": "finished",
+    return Results(tidy=df, trials=pd.DataFrame({"run": sorted(df["run"].unique()), "status": TrialStatus.FINISHED,
                                                   "reason": ""}), directory=out.directory)
 
 

@@ -17,6 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from fomo_ray.aggregate import describe
+from fomo_ray.trial_report import TrialStatus
 
 Pick = Callable[[pd.DataFrame], pd.Series]  # a row mask over a trial table
 
@@ -58,7 +59,7 @@ def label_startswith(prefix: str) -> Pick:
 def per_seed_difference(table: pd.DataFrame, effect: Effect) -> pd.Series:
     """Per seed: mean of ``effect.score`` over the finished ``a`` trials minus the mean over the finished ``b``
     trials (seeds where either side has no finished trial are left out)."""
-    done = table[table["status"] == "finished"]
+    done = table[table["status"] == TrialStatus.FINISHED]
     seed = done["seed"] if "seed" in done.columns else pd.Series(0, index=done.index)
     a = done[effect.a(done)].groupby(seed[effect.a(done)])[effect.score].mean()
     b = done[effect.b(done)].groupby(seed[effect.b(done)])[effect.score].mean()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from fomo_ray.config import ExperimentConfig
+from fomo_ray.trial_report import TrialStatus
 
 
 def input_errors() -> tuple[type[Exception], ...]:
@@ -175,7 +176,7 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
             raise
         wait_for_write(run_name(cfg))
     except TrainingDiverged as e:
-        write_json(out / "FAILED.json", {"status": "failed", "task": e.task, "step": e.step, "error": str(e)},
+        write_json(out / "FAILED.json", {"status": TrialStatus.FAILED, "task": e.task, "step": e.step, "error": str(e)},
                    indent=2, sort_keys=True)
         if mlrun is not None:
             mlrun.finish(failure=f"{type(e).__name__}: {e}")

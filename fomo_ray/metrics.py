@@ -32,6 +32,7 @@ from typing import Iterable, Mapping, Sequence
 import pandas as pd
 
 from fomo_ray.atomic import atomic_path
+from fomo_ray.trial_report import SCORES
 COLUMNS = ("run", "task", "dataset", "role", "metric", "value", "eval_set", "prompts")
 REQUIRED = COLUMNS[:6]  # a table without eval_set (older fomo_ray, hand-made) reads as subsets, without prompts as
                         # the primer prompts (classification) and captions (retrieval), all older fomo_ray evaluated
@@ -136,14 +137,14 @@ def summarize(df: pd.DataFrame, eval_set: str = "subset") -> pd.DataFrame:
         a_ka = float(a_ka) if not pd.isna(a_ka) else float("nan")
         a_zs = float(a_zs) if not pd.isna(a_zs) else float("nan")
         rows.append({"run": run, "task": int(task), "A_KA": a_ka, "A_ZS": a_zs, "GM": geometric_mean(a_ka, a_zs)})
-    return pd.DataFrame(rows, columns=["run", "task", "A_KA", "A_ZS", "GM"])
+    return pd.DataFrame(rows, columns=["run", "task", *SCORES])
 
 
 def point_summary(records: Iterable[Mapping], eval_set: str = "subset") -> dict[str, float]:
-    """``{"A_KA", "A_ZS", "GM"}`` of one evaluation point's records (dataset, role, metric, value, eval_set) on one
+    """The three scores (``SCORES``) of one evaluation point's records (dataset, role, metric, value, eval_set) on one
     evaluation set; empty when the point has no record of that set."""
     summary = summarize(pd.DataFrame([{**r, "run": "", "task": 0} for r in records]), eval_set)
-    return {k: float(summary.iloc[0][k]) for k in ("A_KA", "A_ZS", "GM")} if len(summary) else {}
+    return {k: float(summary.iloc[0][k]) for k in SCORES} if len(summary) else {}
 
 
 def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
@@ -154,8 +155,8 @@ def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
         last = g.iloc[-1]
         rows.append({
             "run": run, "points": len(g),
-            **{f"mean_{k}": float(g[k].mean()) for k in ("A_KA", "A_ZS", "GM")},
-            **{f"final_{k}": float(last[k]) for k in ("A_KA", "A_ZS", "GM")},
+            **{f"mean_{k}": float(g[k].mean()) for k in SCORES},
+            **{f"final_{k}": float(last[k]) for k in SCORES},
         })
     return pd.DataFrame(rows)
 

@@ -32,8 +32,8 @@ import pandas as pd  # noqa: E402
 
 from fomo_ray import aggregate  # noqa: E402
 from fomo_ray.metrics import load_results, summarize, trajectory_means  # noqa: E402
+from fomo_ray.trial_report import SCORES, TrialStatus  # noqa: E402
 
-SCORES = ("A_KA", "A_ZS", "GM")
 RUN_TABLES = ("results.parquet", "results.csv")  # what `fomo-ray run` writes in its run directory
 
 
@@ -68,9 +68,9 @@ def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.Da
         extra = [c for c in trials.columns if c not in table.columns and c not in ("error", "reason")]
         table = table.merge(trials[["run", *extra]], on="run", how="left")
     if "status" not in table.columns:  # a bare tidy table (a single run): complete by construction
-        table["status"] = "finished"
-    table["status"] = table["status"].fillna("interrupted")
-    unfinished = table["status"] != "finished"
+        table["status"] = TrialStatus.FINISHED
+    table["status"] = table["status"].fillna(TrialStatus.INTERRUPTED)
+    unfinished = table["status"] != TrialStatus.FINISHED
     table.loc[unfinished, [c for c in table.columns if c.startswith(("final_", "mean_", "full_"))]] = float("nan")
     done = table[~unfinished]
     table["pareto"] = False
@@ -160,7 +160,7 @@ def trajectories_figure(summary: pd.DataFrame, status: Mapping[str, str] | None 
     status = status or {}
     fig, ax = plt.subplots(figsize=(6.5, 5))
     for run, g in summary.sort_values("task").groupby("run", sort=True):
-        done = status.get(run, "finished") == "finished"
+        done = status.get(run, TrialStatus.FINISHED) == TrialStatus.FINISHED
         label = run if done else f"{run} ({status[run]})"
         ax.plot(100 * g["A_KA"], 100 * g["A_ZS"], marker="o", ms=3, lw=1.2, ls="-" if done else "--", label=label)
         ax.scatter(100 * g["A_KA"].iloc[-1], 100 * g["A_ZS"].iloc[-1], s=30 if done else 60, zorder=3,
@@ -349,7 +349,7 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
     files.append(plot_trajectories(summary, out / "trajectories.png", dict(zip(table["run"], table["status"]))))
     if aggregate.seeds_per_variant(table) > 1:
         return files + write_variant_report(table, out, x_key, baseline)
-    files.append(plot_pareto(table[table["status"] == "finished"], out / "pareto.png"))
+    files.append(plot_pareto(table[table["status"] == TrialStatus.FINISHED], out / "pareto.png"))
     if x_key and table[x_key].notna().sum() >= 2:
         files.append(plot_vs_key(table, x_key, out / f"vs_{x_key.rsplit('.', 1)[-1]}.png"))
     return files

@@ -15,7 +15,7 @@ from fomo_ray.metrics import tidy_frame
 from fomo_ray.sweep_budget import REASON as BUDGET_REASON
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, Dim, SweepPlan, SweepSpec, enumerated_dims,
                                  point_label, trial_overrides)
-from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.trial_report import ReportKind, SCORES, TrialStatus
 
 
 # What Ray's errors say when the machine, not the trial's code, ended it: a non-deterministic loss a resume retries
@@ -61,15 +61,15 @@ def trial_status(result: Any) -> tuple[str, str]:
     if result.error:
         lost = infrastructure_reason(result.error)
         if lost:
-            return "interrupted", lost[:500]
-        return "failed", str(result.error).strip().splitlines()[-1][:500]
+            return TrialStatus.INTERRUPTED, lost[:500]
+        return TrialStatus.FAILED, str(result.error).strip().splitlines()[-1][:500]
     if trial_report.is_kind(metrics, ReportKind.FAILED):
-        return "failed", str(metrics.get("reason", ""))[:500]
+        return TrialStatus.FAILED, str(metrics.get("reason", ""))[:500]
     if trial_report.is_kind(metrics, ReportKind.STOPPED):
-        return "stopped", str(metrics.get("reason", ""))[:500]
+        return TrialStatus.STOPPED, str(metrics.get("reason", ""))[:500]
     if trial_report.is_kind(metrics, ReportKind.DONE):
-        return "finished", ""
-    return "interrupted", ""
+        return TrialStatus.FINISHED, ""
+    return TrialStatus.INTERRUPTED, ""
 
 
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -94,7 +94,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         status, reason = trial_status(r)
         metrics = r.metrics or {}
         extra = {"wall_s": round(float(metrics.get("time_total_s", float("nan"))), 2)}
-        if status == "stopped":
+        if status == TrialStatus.STOPPED:
             extra["stopped_at"] = int(metrics.get("stopped_at", -1))
         trials.append({"run": name, "trial_id": trial_id, "status": status, "reason": reason, **labels, **ov,
                        **extra})
@@ -103,8 +103,8 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
             continue
         for _, e in evals.iterrows():
             rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
-                         **{k: float(e[k]) for k in SUMMARY_KEYS},
-                         **{f"full_{k}": float(e[f"full_{k}"]) for k in SUMMARY_KEYS if f"full_{k}" in e},
+                         **{k: float(e[k]) for k in SCORES},
+                         **{f"full_{k}": float(e[f"full_{k}"]) for k in SCORES if f"full_{k}" in e},
                          "node_id": e.get("node_id", ""), **labels, **ov})
             tidy += [{"run": name, "task": int(e["task"]), **rec}
                      for rec in trial_report.records_from_report(e.to_dict())]
@@ -138,13 +138,14 @@ class SweepResult:
 def status_counts(trials: pd.DataFrame, total: int) -> dict[str, int]:
     """How many trials finished, failed, stopped, were interrupted, and never started (pending)."""
     seen = trials["status"].value_counts().to_dict() if not trials.empty else {}
-    counts = {k: int(seen.get(k, 0)) for k in ("finished", "failed", "stopped", "interrupted")}
-    counts["pending"] = max(0, total - len(trials))
+    counts = {k: int(seen.get(k, 0)) for k in (TrialStatus.FINISHED, TrialStatus.FAILED, TrialStatus.STOPPED,
+                                               TrialStatus.INTERRUPTED)}
+    counts[TrialStatus.PENDING] = max(0, total - len(trials))
     return counts
 
 
 def format_counts(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in ("finished", "failed"))
+    return ", ".join(f"{n} {k}" for k, n in counts.items() if n or k in (TrialStatus.FINISHED, TrialStatus.FAILED))
 
 
 def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) -> pd.DataFrame:
@@ -163,9 +164,9 @@ def with_estimates(trials: pd.DataFrame, costs: Sequence[Any], plan: SweepPlan) 
         c = by_label.get(point_label(combo, plan.space))
         done = None
         if c is not None:
-            done = c.total_gflops if t["status"] == "finished" else (
+            done = c.total_gflops if t["status"] == TrialStatus.FINISHED else (
                 c.total_gflops * min(1.0, max(0, int(t.get("stopped_at", 0))) / max(c.tasks, 1))
-                if t["status"] == "stopped" else None)
+                if t["status"] == TrialStatus.STOPPED else None)
         rows.append({"steps": None if c is None else c.steps, "maf": None if c is None else round(c.maf, 4),
                      "train_gflops": None if c is None else round(c.train_gflops, 1),
                      "est_s": None if c is None or c.seconds is None else round(c.seconds, 2),
@@ -182,9 +183,10 @@ def compute_saved(trials: pd.DataFrame) -> float | None:
         return None
     if "reason" in trials:
         trials = trials[~trials["reason"].fillna("").astype(str).str.startswith(BUDGET_REASON)]
-    if not (trials["status"] == "stopped").any():
+    if not (trials["status"] == TrialStatus.STOPPED).any():
         return None
-    ended = trials[trials["status"].isin(["finished", "stopped"])].dropna(subset=["est_gflops", "done_gflops"])
+    ended = trials[trials["status"].isin([TrialStatus.FINISHED, TrialStatus.STOPPED])].dropna(
+        subset=["est_gflops", "done_gflops"])
     planned = float(ended["est_gflops"].sum())
     return 1.0 - float(ended["done_gflops"].sum()) / planned if planned > 0 else None
 
@@ -192,11 +194,11 @@ def compute_saved(trials: pd.DataFrame) -> float | None:
 def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[float]]:
     """``{"A_KA": [...], "A_ZS": [...], "GM": [...]}``: each finished trial's scores at its last evaluation point
     (fractions, as in the results table)."""
-    finished = set(trials.loc[trials["status"] == "finished", "run"]) if not trials.empty else set()
+    finished = set(trials.loc[trials["status"] == TrialStatus.FINISHED, "run"]) if not trials.empty else set()
     if results.empty or not finished:
-        return {k: [] for k in SUMMARY_KEYS}
+        return {k: [] for k in SCORES}
     last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
-    return {k: [float(v) for v in last[k]] for k in SUMMARY_KEYS}
+    return {k: [float(v) for v in last[k]] for k in SCORES}
 
 
 # --------------------------------------------------------------------------------------------------- MLflow note

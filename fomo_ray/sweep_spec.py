@@ -39,6 +39,7 @@ from fomo_ray.presets import (PresetError, check_presets, check_sized_for, prese
                               swept_backbones)
 from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
 from fomo_ray.sweep_budget import SweepBudget, SweepBudgetError, parse_sweep_budget
+from fomo_ray.trial_report import TrialStatus
 
 SEARCHES = ("grid", "random", "optuna")
 TRAINERS = ("auto", "train", "function")
@@ -392,7 +393,7 @@ def sweep_directory(root: str | Path, name: str, if_exists: str) -> tuple[Path, 
             return later[-1], True
     finished = is_finished(d)
     if if_exists == "refuse":
-        state = "finished (results in it)" if finished else "interrupted"
+        state = "finished (results in it)" if finished else TrialStatus.INTERRUPTED
         raise SweepError(f"sweep '{name}' already exists at {d} ({state}); choose another --name, or "
                          f"{'delete it' if finished else 'resume it'}")
     if if_exists in ("auto", "resume") and not finished:

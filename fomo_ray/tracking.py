@@ -48,6 +48,8 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from fomo_ray.trial_report import SCORES, TrialStatus
+
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what the UI groups child runs by)
 TRIAL_TAG = "fomo_ray.trial_id"
 KIND_TAG = "fomo_ray.kind"
@@ -348,7 +350,8 @@ class Tracker:
         if stopped:
             self.set_tags(run_id, {STOP_TAG: stopped})
         status = status or ("FAILED" if failure else "FINISHED")
-        label = "stopped" if stopped else {"FAILED": "failed", "KILLED": "interrupted"}.get(status, "finished")
+        label = TrialStatus.STOPPED if stopped else {"FAILED": TrialStatus.FAILED,
+                                                      "KILLED": TrialStatus.INTERRUPTED}.get(status, TrialStatus.FINISHED)
         self.set_tags(run_id, {STATUS_TAG: label})
         self.client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
 
@@ -501,11 +504,11 @@ def study_views() -> dict[str, tuple[str, dict[str, Any]]]:
     with A_KA, A_ZS, GM first, then what varies, and the sweeps with their best / median scores and counts.
     ``state`` is MLflow 3.17's view state: the columns (``columnOrder`` puts the metrics before the params) and the
     search facets (``searchFilter``), as its "Save view" writes them."""
-    trial_cols = [*(_column("metrics", summary_key(k)) for k in ("A_KA", "A_ZS", "GM")),
+    trial_cols = [*(_column("metrics", summary_key(k)) for k in SCORES),
                   _column("params", "variant"), _column("params", "method.name"),
                   _column("tags", STATUS_TAG), _column("attributes", "Version")]
-    sweep_cols = [*(_column("metrics", f"{stat}/{k}") for stat in (BEST, MEDIAN) for k in ("A_KA", "A_ZS", "GM")),
-                  *(_column("metrics", f"{TRIALS}/{state}") for state in ("finished", "failed")),
+    sweep_cols = [*(_column("metrics", f"{stat}/{k}") for stat in (BEST, MEDIAN) for k in SCORES),
+                  *(_column("metrics", f"{TRIALS}/{s}") for s in (TrialStatus.FINISHED, TrialStatus.FAILED)),
                   _column("params", "sweep.trials"), _column("tags", STATUS_TAG), _column("attributes", "Version")]
     return {
         TRIALS_VIEW: ("fomo_ray: trials (A_KA, A_ZS, GM in %)", {

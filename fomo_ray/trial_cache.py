@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 
 from fomo_ray.atomic import write_json
 from fomo_ray.sweep_spec import EXECUTION_KEYS, enumerated_trials, point_label, trial_overrides
+from fomo_ray.trial_report import TrialStatus
 
 CACHE_DIR = "trial_cache"
 SOURCE_TAG = "fomo_ray.reused_from"  # on a reused trial's MLflow run: the sweep/trial whose results it replays
@@ -64,7 +65,7 @@ def lookup(cfg: Any, origin: Origin) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None  # unreadable: run the trial
     if (entry.get("version") != VERSION or entry.get("commit") != origin.commit
-            or entry.get("platform") != origin.platform or entry.get("status") != "finished"):
+            or entry.get("platform") != origin.platform or entry.get("status") != TrialStatus.FINISHED):
         return None
     return entry
 
@@ -75,7 +76,7 @@ def store(cfg: Any, origin: Origin, evals: list[Mapping[str, Any]], source: Mapp
     path = cache_root(cfg) / f"{result_key(cfg)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"version": VERSION, "key": result_key(cfg), "commit": origin.commit,
-                      "platform": origin.platform, "status": "finished",
+                      "platform": origin.platform, "status": TrialStatus.FINISHED,
                       "evals": [dict(e) for e in evals], "source": dict(source)}, indent=1)
     return path
 
@@ -108,7 +109,7 @@ def keep_finished(grid: Any, plan: Any, origin: Origin, sweep: str, reused: Mapp
     from fomo_ray.sweep_results import trial_status
 
     for r in grid:
-        if r.config is None or trial_status(r)[0] != "finished":
+        if r.config is None or trial_status(r)[0] != TrialStatus.FINISHED:
             continue
         if point_label(r.config, plan.space) in reused:
             continue
@@ -128,15 +129,15 @@ def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None]
     them to its MLflow run at ``step_of(point)`` (the stream's axis: ``assembly.stream_step``), tagged with where
     they come from (the original sweep, trial and MLflow run, whose checkpoint holds the model)."""
     from fomo_ray import trial_report
-    from fomo_ray.trial_report import SUMMARY_KEYS
+    from fomo_ray.trial_report import SCORES
 
     for report in entry["evals"]:
         report_fn(dict(report))
         if tracker is not None:
             from fomo_ray.tracking import eval_metrics
 
-            summary = {k: report[k] for k in SUMMARY_KEYS if k in report}
-            full = {k: report[f"full_{k}"] for k in SUMMARY_KEYS if f"full_{k}" in report}
+            summary = {k: report[k] for k in SCORES if k in report}
+            full = {k: report[f"full_{k}"] for k in SCORES if f"full_{k}" in report}
             point = int(report["task"])
             tracker.log_metrics(run_id, eval_metrics(trial_report.records_from_report(report), summary, full, point),
                                 step=step_of(point))
@@ -146,4 +147,4 @@ def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None]
                                               f"{src.get('mlflow_run_id') or '-'})"})
         tracker.finish(run_id)
     last = entry["evals"][-1] if entry["evals"] else {}
-    report_fn(trial_report.done_report({k: last[k] for k in SUMMARY_KEYS if k in last}))
+    report_fn(trial_report.done_report({k: last[k] for k in SCORES if k in last}))

@@ -18,11 +18,11 @@ Encoding and decoding live side by side here, so the two ends cannot drift apart
 """
 from __future__ import annotations
 
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, Mapping
 
 KIND = "kind"  # the key every report carries
-SUMMARY_KEYS = ("A_KA", "A_ZS", "GM")
+SCORES = ("A_KA", "A_ZS", "GM")  # FoMo-in-Flux's three scores (docs/BENCHMARK.md): their one definition
 DATASET_PREFIX = "ds/"  # reported per-dataset values: "ds/<role>/<dataset>/<metric>" (the fixed subsets)
 FULL_PREFIX = "full/"  # the same on the full test sets: "full/<role>/<dataset>/<metric>"
 FULL_SUMMARY = "full_"  # full_A_KA, full_A_ZS, full_GM
@@ -36,6 +36,17 @@ class ReportKind(str, Enum):
     DONE = "done"
     FAILED = "failed"
     STOPPED = "stopped"
+
+
+class TrialStatus(StrEnum):
+    """How a trial ended, in the trials table, the counts, MLflow's ``fomo_ray.status`` tag and the reports (a
+    ``StrEnum``: each member is its own text, so tables and JSON keep plain strings)."""
+    FINISHED = "finished"        # its stream ended (a ``done`` report)
+    FAILED = "failed"            # its own error (a ``failed`` report, or an error Ray gave up retrying)
+    STOPPED = "stopped"          # the sweep's stopping rule or budget ended it early
+    INTERRUPTED = "interrupted"  # it ended before its stream did for another reason (Ctrl-C, a lost worker)
+    PENDING = "pending"          # it never started
+
 
 
 # --------------------------------------------------------------------------------------------------- encode
@@ -116,4 +127,4 @@ def eval_rows(metrics: Any) -> Any:
 
 def point_line(point: int, points: int, summary: Mapping[str, float]) -> str:
     """``point 3/8  A_KA  13.9  A_ZS  80.1  GM  33.3``: an evaluation point as the progress lines print it (percent)."""
-    return f"point {int(point)}/{points}  " + "  ".join(f"{k} {100 * summary[k]:5.1f}" for k in SUMMARY_KEYS)
+    return f"point {int(point)}/{points}  " + "  ".join(f"{k} {100 * summary[k]:5.1f}" for k in SCORES)

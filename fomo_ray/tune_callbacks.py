@@ -16,7 +16,7 @@ from ray import tune
 
 from fomo_ray import trial_report
 from fomo_ray.sweep_results import infrastructure_reason
-from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.trial_report import ReportKind
 
 
 class Progress(tune.Callback):

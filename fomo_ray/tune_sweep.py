@@ -43,7 +43,7 @@ from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, S
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, sweep_description, with_estimates)
 from fomo_ray.trial_params import trial_params
-from fomo_ray.trial_report import SUMMARY_KEYS, ReportKind
+from fomo_ray.trial_report import ReportKind, SCORES, TrialStatus
 from fomo_ray.sweep_budget import (Ledger, SweepBudget, SweepBudgetError, budget_metrics,
                                    needs_by_label, plan_line, summary_line)
 from fomo_ray.tune_callbacks import (DriverCallbacks, Preemptions, Progress, QuietPending, QuietTune, StopAfter,
@@ -139,7 +139,7 @@ class TuneSession:
 def _failure_marker(storage: str, trial_id: str) -> Path | None:
     """Where a deterministic failure is recorded (reason and the evaluation reports made before it), so that a
     relaunched trial replays them instead of redoing the work (local/shared filesystems only)."""
-    return None if "://" in storage else Path(storage, "failed", f"{trial_id}.json")
+    return None if "://" in storage else Path(storage, TrialStatus.FAILED, f"{trial_id}.json")
 
 
 # Errors that repeat on every attempt: a retry cannot help, so the trial reports them and ends without raising (Tune
@@ -240,11 +240,11 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     settle_ended(tracker, run_id, cfg, name, payload.storage_uri)  # ended: its mid-run checkpoints go
     if tracker is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
-        tracker.finish(run_id, stopped=str(last.get("reason") or "stopped") if stopped else "")
+        tracker.finish(run_id, stopped=str(last.get("reason") or TrialStatus.STOPPED) if stopped else "")
 
 
 def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
-    return {k: evals[-1][k] for k in SUMMARY_KEYS if evals and k in evals[-1]}
+    return {k: evals[-1][k] for k in SCORES if evals and k in evals[-1]}
 
 
 def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]]) -> None:
@@ -392,13 +392,13 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
 
         save_results(tidy, directory / "tidy.csv")
     counts = status_counts(trials, plan.total)
-    if counts["interrupted"] or counts["pending"]:
+    if counts[TrialStatus.INTERRUPTED] or counts[TrialStatus.PENDING]:
         if tracker is not None and out.parent_run_id:  # reopened (RUNNING) when the sweep resumes
             tracker.finish(out.parent_run_id, status="KILLED")
         print(f"sweep {directory.name} interrupted: {format_counts(counts)}. Resume it with: "
               f"{(resume_hint or resume_command)(directory.name)}", flush=True)
         return replace(out, interrupted=True)
-    failed = counts["failed"]
+    failed = counts[TrialStatus.FAILED]
     files = _report(out, spec, tracker)
     if tracker is not None:
         from fomo_ray.final_uploads import retry_pending_uploads
@@ -407,7 +407,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
     out = replace(out, report_files=tuple(files), wall_s=time.time() - t0, baseline=spec.report_baseline)
     _write_atomic(directory / SUMMARY_FILE, json.dumps({
-        **state, "trials": len(trials), "failed": failed, "stopped": counts["stopped"],
+        **state, "trials": len(trials), TrialStatus.FAILED: failed, TrialStatus.STOPPED: counts[TrialStatus.STOPPED],
         "compute_saved": compute_saved(trials), "wall_s": round(out.wall_s, 1),
         "estimate_s": None if out.estimate_s is None else round(out.estimate_s, 1),
         "report_x": spec.report_x, "report_baseline": spec.report_baseline, "files": [str(f) for f in files]}, indent=2))
@@ -572,7 +572,7 @@ def _report(out: SweepResult, spec: SweepSpec, tracker: Any) -> list[Path]:
         per_variant = variant_metrics(variant_table(table).to_dict("records")) if seeds_per_variant(table) > 1 else {}
         tracker.log_metrics(out.parent_run_id, {
             **sweep_metrics(final_scores(out.results, out.trials),
-                            {k: counts[k] for k in ("finished", "failed", "stopped")}),
+                            {k: counts[k] for k in (TrialStatus.FINISHED, TrialStatus.FAILED, TrialStatus.STOPPED)}),
             **({"Stopping/compute_saved": 100 * saved} if saved is not None else {}), **per_variant}, step=0)
         # report/ holds variants.md and vs_baseline.md too when the sweep ran several seeds
         tracker.log_artifacts(out.parent_run_id, out.directory / "report", artifact_path="report")

@@ -13,6 +13,7 @@ import pytest
 from fomo_ray import aggregate, report, sweep_results, sweep_spec
 from fomo_ray.api import variant_summary
 from fomo_ray.cli import sweep as sweep_cli
+from fomo_ray.trial_report import SCORES
 from fomo_ray.sweep_spec import Dim, SweepError, spec_from_dict
 from fomo_ray.tracking import variant_metrics
 
@@ -119,7 +120,7 @@ def test_several_baselines_pair_within_the_same_budget():
         for seed, f in enumerate(finals):
             rows.append({"run": f"{budget}-{method}-{seed}", "status": "finished", "budget.total_ft_steps": budget,
                          "method.name": method, "seed": seed,
-                         **{f"{w}_{s}": f for w in ("final", "mean") for s in aggregate.SCORES}})
+                         **{f"{w}_{s}": f for w in ("final", "mean") for s in SCORES}})
     comp, note = aggregate.compare_to_baseline(pd.DataFrame(rows))
     c = comp.set_index("variant")
     ema60, ema120 = "total_ft_steps=60,method=ema_merge", "total_ft_steps=120,method=ema_merge"
@@ -144,7 +145,7 @@ def test_points_that_set_their_own_keys_still_pair_with_the_baseline():
             rows.append({"run": f"{len(rows):03d}-{name},seed={seed}", "status": "finished",
                          "variant": "" if ref else name, "reference": ref or NAN, "method.name": method,
                          "method.merge.weight": weight, "method.peft.rank": rank, "schedule.meta": meta,
-                         "seed": seed, **{f"{w}_{s}": final for w in ("final", "mean") for s in aggregate.SCORES}})
+                         "seed": seed, **{f"{w}_{s}": final for w in ("final", "mean") for s in SCORES}})
     comp, note = aggregate.compare_to_baseline(pd.DataFrame(rows))
     c = comp.set_index("variant")
     assert note == "" and sorted(c.index) == ["ema_w0.5", "joint", "lora_r4", "zero_shot"]

@@ -183,3 +183,24 @@ def test_no_module_is_over_the_size_limit(limit):
            if (n := len(p.read_text().splitlines())) > limit}
     assert not big, f"modules over {limit} lines: {big}"
     assert len((REPO / "fomo_ray" / "loop.py").read_text().splitlines()) <= 300  # the loop reads in one sitting
+
+
+# --------------------------------------------------------------------------------------------------- one owner per name
+STATUS_WORD = re.compile(r"""["'](finished|failed|stopped|interrupted|pending)["']""")
+SCORE_TUPLE = re.compile(r"""["']A_KA["']\s*,\s*["']A_ZS["']\s*,\s*["']GM["']""")
+# a file conversion's row status ("failed") is another concept than a trial's: prep/convert_fif.py keeps its own
+STATUS_OWNERS = {"fomo_ray/trial_report.py", "fomo_ray/prep/convert_fif.py"}
+
+
+def test_trial_statuses_and_score_names_are_spelled_in_one_place():
+    """Trial statuses come from ``trial_report.TrialStatus`` and the three scores from ``trial_report.SCORES``: a module
+    that spells them itself drifts (as ``ReportKind.DONE`` beside a bare ``"finished"`` did)."""
+    bare, scores = [], []
+    for path in sorted((REPO / "fomo_ray").rglob("*.py")):
+        rel, text = path.relative_to(REPO).as_posix(), path.read_text()
+        if rel not in STATUS_OWNERS:
+            bare += [f"{rel}: {m.group(0)}" for m in STATUS_WORD.finditer(text)]
+        if rel != "fomo_ray/trial_report.py":
+            scores += [rel for _ in SCORE_TUPLE.finditer(text)]
+    assert not bare, "trial statuses spelled outside trial_report.TrialStatus: " + ", ".join(bare)
+    assert not scores, "the score names spelled outside trial_report.SCORES: " + ", ".join(scores)

@@ -19,6 +19,7 @@ from fomo_ray.config import ConfigError, parse_override
 from fomo_ray.sweep_budget import SweepBudgetError, parse_sweep_budget
 from fomo_ray.sweep_spec import (SweepError, SweepSpec, enumerated_dims, grid_points, load_sweep, plan_sweep,
                                  trial_label)
+from fomo_ray.trial_report import TrialStatus
 
 #: flag -> dotted config key (values are typed by argparse, validated by the config tree)
 FLAG_KEYS: dict[str, str] = {
@@ -206,7 +207,7 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
     print_summary(out)
     if out.interrupted:
         return 3  # partial: resumable, nothing in it is final
-    return 0 if out.trials.empty or (out.trials["status"] == "finished").all() else 1
+    return 0 if out.trials.empty or (out.trials["status"] == TrialStatus.FINISHED).all() else 1
 
 
 def print_summary(out: Any) -> None:
@@ -224,7 +225,7 @@ def print_summary(out: Any) -> None:
               "the fixed subsets every point shares; full-set = the full test sets after the last task; all only "
               "for finished trials; * = on the A_KA/A_ZS Pareto front of the finished trials)")
         print_variants(table, out.baseline)
-    failed = out.trials[out.trials["status"] == "failed"] if not out.trials.empty else out.trials
+    failed = out.trials[out.trials["status"] == TrialStatus.FAILED] if not out.trials.empty else out.trials
     for _, r in failed.iterrows():
         print(f"FAILED {r['run']}: {r['reason']}")
     print(f"\ntrials: {format_counts(status_counts(out.trials, out.total or len(out.trials)))}"
