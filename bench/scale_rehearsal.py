@@ -410,13 +410,13 @@ def main() -> int:
         from fomo_ray import step_measure
         from fomo_ray.budget import BudgetError, method_record, steps_per_task
 
-        real_clip_batch, passes = step_measure._clip_batch, []
+        real_clip_batch, passes = step_measure.clip_batch, []
 
         def spy_clip_batch(batch_size, *a, **k):
             out = real_clip_batch(batch_size, *a, **k)
             passes.append((batch_size, hasattr(out[0], "fake_mode")))
             return out
-        step_measure._clip_batch = spy_clip_batch
+        step_measure.clip_batch = spy_clip_batch
         reset_hwm()
         t0 = time.perf_counter()
         cfg_maf = rehearsal_config(bench, work, "maf")
@@ -428,7 +428,7 @@ def main() -> int:
             except BudgetError as e:
                 steps[m] = f"BudgetError: {str(e)[:90]}..."
         ph.rows.append(("1 budget measurement (finetune + EWC)", time.perf_counter() - t0, hwm_gb()))
-        step_measure._clip_batch = real_clip_batch
+        step_measure.clip_batch = real_clip_batch
         for m, r in recs.items():
             print(f"budget {m}: {r.step_gflops:.1f} GFLOP/step at b={r.batch_size}, peak {r.peak_bytes / GB:.2f} GB "
                   f"({r.memory_kind}), task {r.task_gflops:.1f} GFLOP, measured: {r.measured}; steps/task (maf): "

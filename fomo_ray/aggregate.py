@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
+from fomo_ray.config import short_key
 from fomo_ray.trial_report import SCORES, TrialStatus
 
 CONFIDENCE = 0.95
@@ -85,18 +86,13 @@ def _keyed(table: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return table, ["run"]
 
 
-def _short(key: str) -> str:
-    parts = key.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
-
-
 def _part(key: str, value: Any) -> str:
     if _missing(value):
         return ""
     value = value.item() if hasattr(value, "item") else value
     if key in (*LABELS, "run"):
         return str(value)
-    return f"{_short(key)}={value:.4g}" if isinstance(value, float) else f"{_short(key)}={value}"
+    return f"{short_key(key)}={value:.4g}" if isinstance(value, float) else f"{short_key(key)}={value}"
 
 
 def label_columns(table: pd.DataFrame, keys: Sequence[str]) -> list[str]:

@@ -22,14 +22,9 @@ from typing import Any, Mapping
 
 import pandas as pd
 
-from fomo_ray.config import ExperimentConfig, load_config
+from fomo_ray.config import FLAG_KEYS, ExperimentConfig, load_config
 from fomo_ray.trial_report import TrialStatus
 
-SWEEP_OPTIONS = {  # keyword -> dotted config key, as the command-line flags of `fomo-ray sweep`
-    "max_concurrent": "ray.max_concurrent_trials", "address": "ray.address", "storage_path": "ray.storage_path",
-    "tracking_uri": "tracking.uri", "output_dir": "output_dir", "num_tasks": "stream.num_tasks",
-    "backbone": "backbone.name", "data_root": "data.root",
-}
 
 
 def _with_unit(table: pd.DataFrame) -> pd.DataFrame:
@@ -202,11 +197,14 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
           seeds: int | None = None, order: str | None = None, fresh: bool = False, resume: bool = False,
           progress: bool = True, show_worker_logs: bool = False, no_cache: bool = False,
           device_tflops: float | None = None, mfu: float | None = None, preset: str | None = None,
-          keep_sizing: bool = False, **keywords: Any) -> Results:
+          keep_sizing: bool = False, dry_run: bool = False, **keywords: Any) -> Any:
     """Run (or resume) a Ray Tune sweep from a sweep YAML or its mapping, as ``fomo-ray sweep``; returns its results
-    (``interrupted`` set when it stopped early: rerun with ``resume=True``). Keywords are dotted overrides for every
-    trial (``optimizer__lr=1e-4``) or the flag names of the command (``max_concurrent=2``,
-    ``tracking_uri=...``); ``seeds=N`` runs every variant over N seeds, as the sweep key ``seeds``; ``order``,
+    (``interrupted`` set when it stopped early: rerun with ``resume=True``). ``dry_run=True`` runs nothing and writes
+    nothing: it returns what ``fomo-ray sweep --dry-run`` prints (``sweep_inputs.SweepCheck``: ``.plan``, ``.costs``,
+    ``.estimate``, ``.text()``), after the same checks of every trial and its inputs. Keywords are dotted overrides
+    for every trial (``optimizer__lr=1e-4``) or the flag names of the command (``config.FLAG_KEYS``: the same table:
+    ``gpus_per_trial=0.5``, ``max_concurrent=2``, ``tracking_uri=...``); ``seeds=N`` runs every variant over N
+    seeds, as the sweep key ``seeds``; ``order``,
     ``no_cache``, ``device_tflops`` and ``mfu`` are the command's ``--order``, ``--no-cache``, ``--device-tflops`` and
     ``--mfu`` (the cost estimate for a declared device); ``preset="paper"`` and ``keep_sizing`` are ``--preset`` and
     ``--keep-sizing`` (fomo_ray/presets.py)."""
@@ -216,7 +214,7 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
     from fomo_ray.tune_sweep import run_sweep
     from fomo_ray.sweep_spec import apply_preset, load_sweep, spec_from_dict
 
-    changes = dotted(overrides, **{SWEEP_OPTIONS.get(k, k): v for k, v in keywords.items()})
+    changes = dotted(overrides, **{FLAG_KEYS.get(k, k): v for k, v in keywords.items()})
     if isinstance(spec, Mapping):
         raw = dict(spec)
         sweep_spec = spec_from_dict(raw)
@@ -228,6 +226,10 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
                                ("order", order), ("keep_sizing", keep_sizing or None)) if v is not None}
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
     device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
+    if dry_run:
+        from fomo_ray.sweep_inputs import check_sweep
+
+        return check_sweep(sweep_spec, device)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
                     show_worker_logs=show_worker_logs, device=device, use_cache=not no_cache,
                     resume_hint=lambda directory_name: resume_call(spec, directory_name))

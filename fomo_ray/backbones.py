@@ -202,7 +202,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise BackboneError(f"checkpoint {path}: entries that are not tensors: {bad[:5]}")
-    return {_strip_wrappers(k): v for k, v in obj.items()}, meta
+    return {strip_wrappers(k): v for k, v in obj.items()}, meta
 
 
 def checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def _read_torchscript(path: Path) -> dict[str, torch.Tensor]:
             if k not in _OPENAI_EXTRA_KEYS}
 
 
-def _strip_wrappers(key: str) -> str:
+def strip_wrappers(key: str) -> str:
     """Drop prefixes added by DDP (``module.``) and torch.compile (``_orig_mod.``)."""
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):

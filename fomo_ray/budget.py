@@ -58,19 +58,7 @@ from fomo_ray.memory_saving import charge_memory_saving
 from fomo_ray.step_measure import (  # noqa: F401  (the measurement, re-exported where callers expect it)
     BudgetError,
     StepMeasure,
-    _CPU_ATTENTION_FLOPS,
-    _CpuKernelDtypes,
-    _clip_batch,
-    _clip_loss,
-    _cpu_sdpa_backward_flops,
-    _cpu_sdpa_flops,
-    _fake_mode,
-    _loss_terms,
-    _on_line,
-    _storage_key,
-    _unique_bytes,
     fake_model,
-    measure_loss,
     measure_step,
     scale_step,
 )
@@ -316,19 +304,15 @@ def device_kind(device: str | torch.device) -> str:
     return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
 
 
-def _safe(s: str) -> str:
+def safe_name(s: str) -> str:
+    """``s`` as a file-name part (cache files are named by backbone, method and device)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
 
 
 def cache_path(cache_dir: str | Path, backbone: str, method: str, batch_size: int, image_size: int,
                kind: str, settings_hash: str) -> Path:
-    name = f"{_safe(backbone)}__{_safe(method)}__b{batch_size}__px{image_size}__{_safe(kind)}__{settings_hash}.json"
+    name = f"{safe_name(backbone)}__{safe_name(method)}__b{batch_size}__px{image_size}__{safe_name(kind)}__{settings_hash}.json"
     return Path(cache_dir) / name
-
-
-def _write_atomic(path: Path, data: dict) -> None:
-    """Temp file in the same directory + rename: a reader never sees a half-written record."""
-    write_json(path, data, indent=1, sort_keys=True)
 
 
 def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord],
@@ -347,7 +331,7 @@ def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[]
         return _UNSTORED[path]
     record = compute()
     if store:
-        _write_atomic(path, dataclasses.asdict(record))
+        write_json(path, dataclasses.asdict(record), indent=1, sort_keys=True)
     else:
         _UNSTORED[path] = record
     return record
@@ -455,7 +439,7 @@ def _device(device: str | torch.device | None) -> torch.device:
     return torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def _autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
+def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
     precision = cfg.backbone.precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
@@ -510,7 +494,7 @@ def method_record(cfg, name: str, *, cost: MethodCost | None = None, backbone: B
         c = cost or registry_cost(cfg, name)
         record = measure_method(name, c, spec.factory, backbone=spec.name, batch_size=bs,
                                 image_size=spec.image_size, context_length=spec.context_length, device=dev,
-                                autocast_dtype=_autocast_dtype(cfg, dev), settings_hash=h,
+                                autocast_dtype=autocast_dtype(cfg, dev), settings_hash=h,
                                 rank_batch=rank_batch(cfg, bs))
         return charge_memory_saving(record, cfg.optimizer.accum_steps, cfg.backbone.grad_checkpointing)
 

@@ -36,6 +36,30 @@ def F(default: Any, doc: str) -> Any:
 
 
 # --------------------------------------------------------------------------------------------------- sections
+#: the options of `fomo-ray sweep` (its flags, dashes for underscores) and of ``fomo_ray.sweep`` (keywords) that set a
+#: config key of every trial: one table for both (values are typed by argparse or Python, validated by the tree)
+FLAG_KEYS: dict[str, str] = {
+    "output_dir": "output_dir",
+    "data_root": "data.root",
+    "benchmark": "data.benchmark",
+    "backbone": "backbone.name",
+    "pretrained": "backbone.pretrained",
+    "num_tasks": "stream.num_tasks",
+    "address": "ray.address",
+    "gpus_per_trial": "ray.gpus_per_worker",
+    "cpus_per_trial": "ray.cpus_per_worker",
+    "workers_per_trial": "ray.num_workers",
+    "max_concurrent": "ray.max_concurrent_trials",
+    "storage_path": "ray.storage_path",
+    "tracking_uri": "tracking.uri",
+}
+
+def short_key(key: str) -> str:
+    """``method.merge.weight`` -> ``weight``; ``method.name`` -> ``method`` (a bare "name" would be ambiguous)."""
+    parts = key.split(".")
+    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
+
+
 @dataclass(frozen=True)
 class DataConfig:
     benchmark: Literal["fifmini", "fif"] = F("fifmini", "the embedded procedural benchmark runs anywhere; 'fif' selects converted real FiF data")

@@ -261,17 +261,17 @@ def forward_gflops(backbone: str) -> tuple[float, float]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fomo_ray import budget
+    from fomo_ray import budget, step_measure
 
     spec = budget.backbone_spec(backbone)
     with torch.random.fork_rng():
         model = spec.factory().eval()
-    images, tokens = budget._clip_batch(2, spec.image_size, spec.context_length,
+    images, tokens = step_measure.clip_batch(2, spec.image_size, spec.context_length,
                                         int(getattr(model, "vocab_size", 0) or 49408), torch.device("cpu"))
     out = []
     with torch.inference_mode():
         for encode, x in ((model.encode_image, images), (model.encode_text, tokens)):
-            with FlopCounterMode(display=False, custom_mapping=budget._CPU_ATTENTION_FLOPS) as counter:
+            with FlopCounterMode(display=False, custom_mapping=step_measure.CPU_ATTENTION_FLOPS) as counter:
                 encode(x)
             out.append(counter.get_total_flops() / 2 / 1e9)
     return out[0], out[1]

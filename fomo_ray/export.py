@@ -91,7 +91,9 @@ def deployed_state(cfg: ExperimentConfig, state: Any) -> dict[str, torch.Tensor]
     from fomo_ray.methods.peft_mha import unswap_attention
 
     unswap_attention(model)
-    out = {_strip_wrappers(k): v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
+    from fomo_ray.backbones import strip_wrappers
+
+    out = {strip_wrappers(k): v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in out.items()}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or sorted(k for k in got if got[k] != expected[k])
@@ -113,13 +115,6 @@ def merge_adapters(model: nn.Module) -> int:
     if hasattr(model, "peft_config"):
         del model.peft_config
     return len(layers)
-
-
-def _strip_wrappers(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):  # DDP, torch.compile
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 # --------------------------------------------------------------------------------------------------- open_clip files

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from fomo_ray import budget
+from fomo_ray.atomic import write_json
 
 #: bump when what is timed changes, so cached figures of another measurement are retaken
 OVERHEAD_VERSION = 1
@@ -152,7 +153,7 @@ def _hash(cfg: Any) -> str:
 
 def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:
     return Path(cfg.budget.cache_dir) / (
-        f"overhead__{budget._safe(cfg.backbone.name)}__{budget._safe(budget.device_kind(device))}__t{threads}__"
+        f"overhead__{budget.safe_name(cfg.backbone.name)}__{budget.safe_name(budget.device_kind(device))}__t{threads}__"
         f"v{OVERHEAD_VERSION}__{_hash(cfg)}.json")
 
 
@@ -178,7 +179,7 @@ def measured_overhead(cfg: Any, *, device: str | torch.device = "cpu", threads: 
     except (OSError, ValueError):  # the benchmark is not there yet (PreparedByRun, DataError)
         return None
     if store:
-        budget._write_atomic(path, dataclasses.asdict(measured))
+        write_json(path, dataclasses.asdict(measured), indent=1, sort_keys=True)
     else:
         _UNSTORED[path] = measured
     return measured

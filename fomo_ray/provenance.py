@@ -114,4 +114,6 @@ def write_block(path: str | Path, start: str, end: str, text: str) -> None:
     if body.count(start) != 1 or body.count(end) != 1:
         raise SystemExit(f"{path} needs exactly one {start} ... {end} block")
     before, rest = body.split(start, 1)
-    path.write_text(f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+    from fomo_ray.atomic import write_text
+
+    write_text(path, f"{before}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")

@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from fomo_ray.atomic import write_text
 from fomo_ray.config import ConfigError, ExperimentConfig
 
 MARKER_PREFIX = ".fomo_ray_shared_"
@@ -102,7 +103,7 @@ def nodes_missing(path: Path, nodes: Sequence[dict[str, Any]]) -> list[str]:
 
     path.mkdir(parents=True, exist_ok=True)
     marker = path / f"{MARKER_PREFIX}{uuid.uuid4().hex}"
-    marker.write_text("written by the sweep driver; removed once every node looked for it\n")
+    write_text(marker, "written by the sweep driver; removed once every node looked for it\n")
     try:
         look = ray.remote(num_cpus=0)(_sees)
         refs = {n["NodeID"]: look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

@@ -57,6 +57,7 @@ import ray
 
 from fomo_ray import trial_report
 from fomo_ray.assembly import planned_tasks, stream_step
+from fomo_ray.atomic import write_json
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.trial_report import ReportKind
 from fomo_ray.final_uploads import (EXPORT_ERROR_TAG, FINAL_ARTIFACT, FINAL_CHECKPOINT_TAG,  # noqa: F401 (re-exported)
@@ -134,7 +135,7 @@ def checkpoint_name(task: int, step: int) -> str:
 
 
 def write_run_meta(directory: str | Path, mlflow_run_id: str, run_name: str) -> None:
-    Path(directory, RUN_META).write_text(json.dumps({"mlflow_run_id": mlflow_run_id, "run_name": run_name}))
+    write_json(Path(directory, RUN_META), {"mlflow_run_id": mlflow_run_id, "run_name": run_name}, indent=None)
 
 
 def read_run_meta(directory: str | Path) -> dict[str, str]:
@@ -321,11 +322,10 @@ class _Bridge:
             if self.state_run:
                 checkpoint.wait_for_write(self.state_run)  # the newest task-end state is complete on disk
             d = self.kept[-1] if self.kept else tempfile.mkdtemp(prefix="fomo_ckpt_")
-            Path(d, STATUS_FILE).write_text(json.dumps(final))
+            write_json(Path(d, STATUS_FILE), final, indent=None)
             if not self.kept:
                 write_run_meta(d, self.run_id, self.p.run_name)
             if self.kept:  # the run's config beside its final state, so that state loads on its own (export)
-                from fomo_ray.atomic import write_json
                 from fomo_ray.config import to_dict
 
                 write_json(Path(d, "config.json"), to_dict(self.p.cfg), indent=2, sort_keys=True)

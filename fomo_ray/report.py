@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -31,6 +30,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from fomo_ray import aggregate  # noqa: E402
+from fomo_ray.atomic import atomic_path, write_text  # noqa: E402
 from fomo_ray.metrics import load_results, summarize, trajectory_means  # noqa: E402
 from fomo_ray.trial_report import SCORES, TrialStatus  # noqa: E402
 
@@ -142,10 +142,9 @@ def format_comparison(comparison: pd.DataFrame, note: str = "") -> str:
 
 # --------------------------------------------------------------------------------------------------- plots
 def _save(fig: plt.Figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -293,11 +292,6 @@ def variant_vs_key_figure(variants: pd.DataFrame, key: str) -> plt.Figure:
     return fig
 
 
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def write_variant_report(table: pd.DataFrame, out: Path, x_key: str = "", baseline: str = "") -> list[Path]:
@@ -306,14 +300,13 @@ def write_variant_report(table: pd.DataFrame, out: Path, x_key: str = "", baseli
     bars. Returns the files written."""
     variants = aggregate.variant_table(table)
     comparison, note = aggregate.compare_to_baseline(table, baseline)
-    tmp = out / ".variants.csv.tmp"
-    variants.to_csv(tmp, index=False)
-    os.replace(tmp, out / "variants.csv")
+    with atomic_path(out / "variants.csv") as tmp:
+        variants.to_csv(tmp, index=False)
     ci = f"{100 * aggregate.CONFIDENCE:.0f}%"
     files = [out / "variants.csv",
-             _write_text(out / "variants.md", format_variants(variants) + f"\n\n(percent; mean over the finished "
+             write_text(out / "variants.md", format_variants(variants) + f"\n\n(percent; mean over the finished "
                          f"seeds ± the half-width of its {ci} Student-t confidence interval, none for one seed)\n"),
-             _write_text(out / "vs_baseline.md", format_comparison(comparison, note) + f"\n\n(percentage points: "
+             write_text(out / "vs_baseline.md", format_comparison(comparison, note) + f"\n\n(percentage points: "
                          f"variant minus baseline, paired by seed over the seeds both finished; mean ± {ci} "
                          "Student-t half-width)\n")]
     files.append(_save(variant_pareto_figure(variants), out / "pareto.png"))
@@ -338,14 +331,9 @@ def build_report(tidy: pd.DataFrame, trials: pd.DataFrame | None, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = []
-    tmp = out / ".table.csv.tmp"
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out / "table.csv")
-    files.append(out / "table.csv")
-    tmp = out / ".table.md.tmp"
-    tmp.write_text(format_table(table) + "\n")
-    os.replace(tmp, out / "table.md")
-    files.append(out / "table.md")
+    with atomic_path(out / "table.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    files += [out / "table.csv", write_text(out / "table.md", format_table(table) + "\n")]
     files.append(plot_trajectories(summary, out / "trajectories.png", dict(zip(table["run"], table["status"]))))
     if aggregate.seeds_per_variant(table) > 1:
         return files + write_variant_report(table, out, x_key, baseline)

@@ -35,7 +35,7 @@ def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-_CPU_ATTENTION_FLOPS = {
+CPU_ATTENTION_FLOPS = {
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
     torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
 }
@@ -85,7 +85,7 @@ def _unique_bytes(tensors, skip: set | None = None) -> int:
     return sum(seen.values())
 
 
-def _clip_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device):
+def clip_batch(batch_size: int, image_size: int, context_length: int, vocab_size: int, device: torch.device):
     """A fixed synthetic batch: FLOPs and memory do not depend on the values, only on the shapes (under a
     ``FakeTensorMode`` the batch is fake too: shapes without data)."""
     g = torch.Generator().manual_seed(0)
@@ -103,7 +103,7 @@ def _loss_terms(out) -> tuple:
     return tuple(out[:4])
 
 
-def _clip_loss(out) -> torch.Tensor:
+def clip_loss(out) -> torch.Tensor:
     """The loop's training loss (``losses.contrastive_loss``: InfoNCE, or SigLIP's sigmoid loss for a model with a
     ``logit_bias``) on the model output (open_clip's tuple or dict form)."""
     from fomo_ray.losses import contrastive_loss
@@ -160,11 +160,11 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
                 blocks.add(saved[key])
         return t
 
-    def clip_loss(out) -> torch.Tensor:
+    def recorded_loss(out) -> torch.Tensor:  # the loop's loss, noting what it was given
         terms = _loss_terms(out)
         loss_input.append((int(terms[0].shape[-1]), str(terms[0].dtype).removeprefix("torch."),
                            tuple(bool(t.requires_grad) for t in terms)))
-        return _clip_loss(out)
+        return clip_loss(out)
 
     fwd_bwd_peak = 0
     if cuda:
@@ -173,11 +173,11 @@ def measure_step(model: nn.Module, trainable_params: Sequence[nn.Parameter], bat
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with fake if fake is not None else contextlib.nullcontext(), \
             _CpuKernelDtypes() if fake is not None else contextlib.nullcontext(), ledger as blocks:
-        images, tokens = _clip_batch(batch_size, image_size, context_length, vocab, device)
+        images, tokens = clip_batch(batch_size, image_size, context_length, vocab, device)
         optimizer = torch.optim.AdamW(trainable, lr=1e-5) if fake is None else None
-        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-                loss = clip_loss(model(images, tokens))
+                loss = recorded_loss(model(images, tokens))
                 extra = extra_loss_fn(model) if extra_loss_fn is not None else None
                 if extra is not None:
                     loss = loss + extra
@@ -256,7 +256,7 @@ def measure_loss(batch_size: int, loss_input: tuple[int, str, tuple[bool, ...]],
 
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
+        with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
                 loss = contrastive_loss(*terms)
             loss.backward()

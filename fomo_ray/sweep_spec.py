@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from fomo_ray.config import ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping
+from fomo_ray.config import (ConfigError, ExperimentConfig, load_config, parse_override, read_yaml_mapping,
+                             short_key)
 from fomo_ray.presets import (PresetError, check_presets, check_sized_for, preset_overrides, preset_path, sizing_error,
                               swept_backbones)
 from fomo_ray.stopping import StoppingError, StoppingRule, parse_stopping
@@ -431,12 +432,6 @@ def identity_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> li
 
 # --------------------------------------------------------------------------------------------------- trial names
 _LABEL_CHARS = re.compile(r"[^\w.,=+-]")
-
-
-def short_key(key: str) -> str:
-    """``method.merge.weight`` -> ``weight``; ``method.name`` -> ``method`` (a bare "name" would be ambiguous)."""
-    parts = key.split(".")
-    return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
 
 def trial_label(config: Mapping[str, Any], space: Mapping[str, Dim]) -> str:

@@ -23,7 +23,8 @@ from typing import Iterator
 
 import torch
 
-from fomo_ray import budget
+from fomo_ray import budget, step_measure
+from fomo_ray.atomic import write_json
 
 #: bump when what is timed changes, so cached figures of another measurement are retaken
 SPEED_VERSION = 3  # 2: timed at a small batch and scaled by FLOPs; 3: at a rank's batch where it fits TIMING_BYTES
@@ -85,11 +86,11 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
         vocab = int(getattr(model, "vocab_size", 0) or 49408)
         step_s = 0.0
         if trainable:
-            images, tokens = budget._clip_batch(timed, spec.image_size, spec.context_length, vocab, device)
+            images, tokens = step_measure.clip_batch(timed, spec.image_size, spec.context_length, vocab, device)
             opt = torch.optim.AdamW(trainable, lr=1e-5)
 
             def step() -> None:
-                loss = budget._clip_loss(model(images, tokens))
+                loss = step_measure.clip_loss(model(images, tokens))
                 extra = cost.extra_loss(model) if cost.extra_loss is not None else None
                 (loss if extra is None else loss + extra).backward()
                 opt.step()
@@ -101,7 +102,7 @@ def time_work(cfg, method_name: str, *, device: torch.device, threads: int, repe
             if timed < bs:  # FLOPs of the whole step at both batches, counted as the budget counts them
                 step_s *= _step_flops(cfg, method_name, bs) / _step_flops(cfg, method_name, timed)
         n = min(EVAL_SAMPLES, cfg.evaluation.batch_size)
-        images, tokens = budget._clip_batch(n, spec.image_size, spec.context_length, vocab, device)
+        images, tokens = step_measure.clip_batch(n, spec.image_size, spec.context_length, vocab, device)
         model.eval()
         with torch.inference_mode():
             image_s = _median_seconds(lambda: (model.encode_image(images), _sync(device)), repeats) / n
@@ -125,7 +126,7 @@ def _step_flops(cfg, method_name: str, batch_size: int) -> float:
                                    backbone=spec.name, batch_size=batch_size, image_size=spec.image_size,
                                    context_length=spec.context_length, device="cpu", engine="count",
                                    rank_batch=min(batch_size, TIMED_BATCH),
-                                   autocast_dtype=budget._autocast_dtype(cfg, torch.device("cpu")))
+                                   autocast_dtype=budget.autocast_dtype(cfg, torch.device("cpu")))
     return record.step_gflops
 
 
@@ -140,11 +141,11 @@ def _hash(cfg, spec: budget.BackboneSpec) -> str:
 
 
 def speed_path(cfg, method_name: str, device: torch.device, threads: int, sample_bytes: int = 0) -> Path:
-    spec_name = budget._safe(cfg.backbone.name)
+    spec_name = budget.safe_name(cfg.backbone.name)
     return Path(cfg.budget.cache_dir) / (
-        f"speed__{spec_name}__{budget._safe(method_name)}__b{cfg.mixture.batch_size}__"
+        f"speed__{spec_name}__{budget.safe_name(method_name)}__b{cfg.mixture.batch_size}__"
         f"bt{timed_batch(cfg, sample_bytes)}__"
-        f"{budget._safe(budget.device_kind(device))}__t{threads}__v{SPEED_VERSION}.json")
+        f"{budget.safe_name(budget.device_kind(device))}__t{threads}__v{SPEED_VERSION}.json")
 
 
 def measured_speed(cfg, method_name: str, *, device: str | torch.device = "cpu", threads: int = 1,
@@ -165,7 +166,7 @@ def measured_speed(cfg, method_name: str, *, device: str | torch.device = "cpu",
             pass  # unreadable or of another layout: timed again below
     speed = time_work(cfg, method_name, device=device, threads=threads, sample_bytes=sample_bytes)
     if store:
-        budget._write_atomic(path, dataclasses.asdict(speed))
+        write_json(path, dataclasses.asdict(speed), indent=1, sort_keys=True)
     else:
         _UNSTORED[path] = speed
     return speed

@@ -17,8 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import shlex
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,13 +31,12 @@ from fomo_ray.config import ExperimentConfig, to_dict
 from fomo_ray.cost_estimate import (DeclaredDevice, budget_params, cost_order, estimate_plan, estimate_rows,
                                     estimate_summary, format_estimate, local_slots)
 from fomo_ray.final_uploads import settle_ended
-from fomo_ray.provenance import code_version, platform, platform_label
 from fomo_ray.ray_session import ensure_ray, guard_cluster
 from fomo_ray.sweep_inputs import ensure_sweep_inputs
 from fomo_ray.sweep_spec import (REFERENCE_KEY, REFERENCES_KIND, SUMMARY_FILE, SWEEP_STATE_FILE, Dim, SweepError,
-                                 SweepPlan, SweepSpec, check_search, enumerated_trials, point_label,
-                                 identity_differences, plan_sweep, sweep_directory, sweep_identity,
-                                 trial_name, trial_overrides)
+                                 SweepPlan, SweepSpec, check_search, enumerated_trials, plan_sweep, point_label,
+                                 sweep_directory, trial_name, trial_overrides)
+from fomo_ray.sweep_state import check_same_study, open_state, resume_command, space_json, stopping_history
 from fomo_ray.sweep_results import (SweepResult, collect_results, compute_saved, final_scores, format_counts,
                                     status_counts, sweep_description, with_estimates)
 from fomo_ray.trial_params import trial_params
@@ -77,10 +74,6 @@ def to_tune(space: Mapping[str, Dim], search: str) -> dict[str, Any]:
         else:
             out[key] = tune.randint(*d.values)
     return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_text(path, text)
 
 
 def _save_csv(df: pd.DataFrame, path: Path) -> Path:
@@ -250,7 +243,7 @@ def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
 def _record_failure(marker: Path | None, reason: str, evals: list[dict[str, Any]]) -> None:
     if marker is not None:
         marker.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(marker, json.dumps({"reason": reason, "evals": evals, "last": _last_scores(evals)},
+        write_text(marker, json.dumps({"reason": reason, "evals": evals, "last": _last_scores(evals)},
                                          default=float))
 
 
@@ -304,6 +297,35 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     ``resume_hint(<sweep directory name>)`` (default: the command line that was run, see ``resume_command``).
     """
     t0 = time.time()
+    ready = prepare(spec, if_exists, device, use_cache)
+    grid = launch(ready, callbacks, progress, show_worker_logs, stop_after_trials)
+    return publish(ready, grid, resume_hint, t0)
+
+
+@dataclass
+class Prepared:
+    """A sweep ready to launch (:func:`prepare`): its plan, directory and state, the tracker and parent run, the
+    trials' costs and start order, and what each trial is handed (``setup``)."""
+
+    spec: SweepSpec
+    plan: SweepPlan
+    tracker: Any
+    directory: Path
+    resume: bool
+    costs: list[Any]
+    slots: int
+    state: dict[str, Any]
+    setup: TrialSetup
+    starts: list[dict[str, Any]]
+    history: dict[str, dict[int, float]]
+    origin: Any
+    reused: dict[str, str]
+
+
+def prepare(spec: SweepSpec, if_exists: str, device: DeclaredDevice | None, use_cache: bool) -> Prepared:
+    """Everything before launch: the plan, the store (an unreachable URI fails here), the directory, every input
+    (bad input stops here: no sweep directory, parent run or trial), the cluster's guards, the cost estimate
+    (printed, and in ``estimate.csv`` and the parent run), the trial cache and the sweep budget's plan."""
     plan = plan_sweep(spec)
     tracker = None
     if plan.base.tracking.enabled:
@@ -319,9 +341,9 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
     slots = local_slots(base, plan.use_train)
     estimate = format_estimate(costs, slots, _source(device), spec.order)
     directory.mkdir(parents=True, exist_ok=True)
-    state = _open_state(directory, plan, resume)
+    state = open_state(directory, plan, resume)
     if resume:
-        _check_same_study(state, plan, directory)
+        check_same_study(state, plan, directory)
     if tracker is not None:
         if not state.get("parent_run_id"):
             state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search},
@@ -329,10 +351,10 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
             tracker.log_params(state["parent_run_id"], {
                 "sweep.search": spec.search, "sweep.trials": plan.total, "sweep.order": spec.order,
                 "sweep.stopping": json.dumps(spec.stopping.to_dict()) if spec.stopping else "none",
-                "sweep.space": _space_json(plan.space)[:6000]})
+                "sweep.space": space_json(plan.space)[:6000]})
             tracker.log_metrics(state["parent_run_id"], estimate_summary(costs, slots, spec.order), step=0)
             tracker.client.log_text(state["parent_run_id"], estimate + "\n", "estimate.txt")
-            _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
+            write_text(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
     print(estimate, flush=True)
     _save_csv(pd.DataFrame(estimate_rows(costs)), directory / ESTIMATE_FILE)
     origin = trial_cache.cache_origin()
@@ -352,7 +374,19 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
                        spend_unit=budget.unit if budget else "", needs=needs)
     enumerated = enumerated_trials(plan)
     starts = [enumerated[i] for i in cost_order(costs, spec.order)]
-    history = _stopping_history(directory, spec) if resume else {}
+    history = stopping_history(directory, spec) if resume else {}
+    return Prepared(spec, plan, tracker, directory, resume, costs, slots, state, setup, starts, history, origin,
+                    reused)
+
+
+def launch(ready: Prepared, callbacks: Sequence[Any], progress: bool, show_worker_logs: bool,
+           stop_after_trials: int) -> Any:
+    """Run the trials (Tune; restored after a Ray infrastructure failure, ``tune_callbacks.restoring``) and return
+    Tune's result grid ([] when interrupted before any trial started); the sweep budget's ledger goes back into the
+    sweep state."""
+    spec, plan, directory, state, tracker = ready.spec, ready.plan, ready.directory, ready.state, ready.tracker
+    base, setup, starts, history, resume = plan.base, ready.setup, ready.starts, ready.history, ready.resume
+    budget = spec.sweep_budget
     attempts = base.ray.max_failures + 1 if base.ray.max_failures >= 0 else 0  # -1: retried without limit
     counter = Preemptions(state["storage"])
     cbs = list(callbacks) + [counter] + (
@@ -370,9 +404,17 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         grid = []
         print(f"sweep {directory.name}: interrupted before any trial (re)started", flush=True)
     if budget is not None:  # the ledger, in the sweep state: a resumed sweep goes on from what was spent
-        _write_atomic(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
+        write_text(directory / SWEEP_STATE_FILE, json.dumps(state, indent=2))
         if tracker is not None and state.get("parent_run_id"):
             tracker.log_metrics(state["parent_run_id"], budget_metrics(state["budget"]), step=0)
+    return grid
+
+
+def publish(ready: Prepared, grid: Any, resume_hint: Callable[[str], str] | None, t0: float) -> SweepResult:
+    """The results of the trials in ``grid``: the tables, the trial cache, then either the interrupted line with
+    the resume command, or the report, the parent run's end and ``summary.json``."""
+    spec, plan, directory, state, tracker = ready.spec, ready.plan, ready.directory, ready.state, ready.tracker
+    costs, slots, origin, reused = ready.costs, ready.slots, ready.origin, ready.reused
     results, tidy, trials = collect_results(grid, plan.space)
     trials = preemptions.with_counts(trials, state["storage"])
     trials = with_estimates(trials, costs, plan)
@@ -406,7 +448,7 @@ def run_sweep(spec: SweepSpec, *, if_exists: str = "auto", callbacks: Sequence[A
         retry_pending_uploads(tracker, out.parent_run_id)  # uploads that failed after a trial finished: retried
         tracker.finish(out.parent_run_id, failure=f"{failed} trial(s) failed" if failed else None)
     out = replace(out, report_files=tuple(files), wall_s=time.time() - t0, baseline=spec.report_baseline)
-    _write_atomic(directory / SUMMARY_FILE, json.dumps({
+    write_text(directory / SUMMARY_FILE, json.dumps({
         **state, "trials": len(trials), TrialStatus.FAILED: failed, TrialStatus.STOPPED: counts[TrialStatus.STOPPED],
         "compute_saved": compute_saved(trials), "wall_s": round(out.wall_s, 1),
         "estimate_s": None if out.estimate_s is None else round(out.estimate_s, 1),
@@ -428,70 +470,6 @@ def _budget_needs(budget: SweepBudget, costs: Sequence[Any], base: ExperimentCon
 
 def _source(device: DeclaredDevice | None) -> str:
     return device.describe() if device is not None else "timed on this machine's device"
-
-
-def _stopping_history(directory: Path, spec: SweepSpec) -> dict[str, dict[int, float]]:
-    """The trajectory means an interrupted sweep's trials posted, from its partial results table, so the stopping
-    rule of the resumed sweep still compares against them."""
-    from fomo_ray.stopping import history_from_results
-
-    path = directory / "results.csv"
-    if spec.stopping is None or not path.is_file() or path.stat().st_size == 0:
-        return {}
-    try:
-        return history_from_results(pd.read_csv(path), spec.stopping.metric)
-    except pd.errors.EmptyDataError:
-        return {}
-
-
-def _open_state(directory: Path, plan: SweepPlan, resume: bool) -> dict[str, Any]:
-    path = directory / SWEEP_STATE_FILE
-    if resume and path.is_file():
-        state = json.loads(path.read_text())
-        started_on = state.get("platform")
-        if started_on and started_on != platform():  # not refused: a cluster's nodes may change between tries
-            print(f"sweep {directory.name}: started on {platform_label(started_on)}, resumed on {platform_label()}; "
-                  "the trials run now will not be bitwise comparable with those finished before "
-                  "(docs/REPRODUCIBILITY.md)", flush=True)
-        return state
-    base = plan.base
-    storage = (f"{base.ray.storage_path.rstrip('/')}/sweeps/{directory.name}" if base.ray.storage_path
-               else str(directory))
-    version, commit = code_version()
-    state = {"name": directory.name, "spec": plan.spec.name, "storage": storage, "tracking_uri": plan.tracking_uri,
-             "fomo_ray_version": version, "commit": commit, "platform": platform(),
-             "experiment": base.tracking.experiment, "parent_run_id": "",
-             "identity": sweep_identity(base, _space_json(plan.space))}
-    _write_atomic(path, json.dumps(state, indent=2))
-    return state
-
-
-def _check_same_study(state: Mapping[str, Any], plan: SweepPlan, directory: Path) -> None:
-    """Refuse to resume an interrupted sweep with other settings: its finished trials would share one table with
-    trials of another config. Names every differing key."""
-    if "identity" not in state:  # a sweep started before this check existed: nothing to compare with
-        print(f"sweep {directory.name}: started by an older fomo_ray, its settings cannot be compared", flush=True)
-        return
-    diffs = identity_differences(state["identity"], sweep_identity(plan.base, _space_json(plan.space)))
-    if diffs:
-        raise SweepError(f"sweep '{directory.name}' at {directory} was started with other settings ("
-                         + "; ".join(diffs[:12]) + (f"; and {len(diffs) - 12} more" if len(diffs) > 12 else "")
-                         + "). Resuming would mix them in one table: rerun with the original settings to resume it, "
-                         "or start a new sweep with --fresh")
-
-
-def _space_json(space: Mapping[str, Dim]) -> str:
-    return json.dumps({k: {d.kind: list(d.values)} for k, d in space.items()}, default=str)
-
-
-def resume_command(directory_name: str) -> str:
-    """The command that resumes this sweep: the one that was run, naming the directory and asking to resume."""
-    program = ("python -m fomo_ray.cli" if sys.argv[0].endswith("fomo_ray/cli/__main__.py") else
-               f"python {sys.argv[0]}" if sys.argv[0].endswith(".py") else Path(sys.argv[0]).name)
-    argv = [program, *(a for a in sys.argv[1:] if a not in ("--fresh", "--resume"))]
-    drop = {i for i, a in enumerate(argv) if a == "--name"} | {i + 1 for i, a in enumerate(argv) if a == "--name"}
-    argv = [a for i, a in enumerate(argv) if i not in drop and not a.startswith("--name=")]
-    return " ".join([argv[0], *(shlex.quote(a) for a in [*argv[1:], "--name", directory_name, "--resume"])])
 
 
 def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_worker_logs: bool,

@@ -174,3 +174,38 @@ def test_the_readme_results_table_is_made_by_a_script(finished_sweep, tmp_path):
     copy.write_text(readme)
     script.write_readme(text, copy)
     assert text in copy.read_text() and copy.read_text().count(script.START) == 1
+
+
+def test_every_sweep_flag_works_as_a_keyword_and_dry_run_returns_the_plan(tmp_path, tmp_path_factory):
+    """One table (``config.FLAG_KEYS``) drives the command's flags and ``fomo_ray.sweep``'s keywords: each flag name,
+    as a keyword, sets its config key; ``dry_run=True`` returns the plan and the cost estimate and writes nothing."""
+    import argparse
+
+    from _data_util import small_fifmini
+
+    from fomo_ray.cli import sweep as sweep_cli
+    from fomo_ray.config import FLAG_KEYS
+
+    bench = small_fifmini(tmp_path_factory)
+    values = {"output_dir": str(tmp_path / "out"), "data_root": str(bench.root), "benchmark": "fifmini",
+              "backbone": "fomo-tiny-s", "pretrained": "", "num_tasks": 2, "address": "", "gpus_per_trial": 0.0,
+              "cpus_per_trial": 1.0, "workers_per_trial": 1, "max_concurrent": 2,
+              "storage_path": str(tmp_path / "storage"), "tracking_uri": ""}
+    assert set(values) == set(FLAG_KEYS), "a flag without a value here: add it"
+    ap = argparse.ArgumentParser()
+    sweep_cli.add_arguments(ap)
+    flags = {a.dest for a in ap._actions}
+    assert set(FLAG_KEYS) <= flags, f"FLAG_KEYS names no flag of the command: {sorted(set(FLAG_KEYS) - flags)}"
+    base = {**tiny_base(tmp_path, bench), "tracking.enabled": False}
+    spec = {"name": "flags", "base": base, "space": {"method.name": {"grid": ["finetune"]}}}
+    check = fomo_ray.sweep(spec, dry_run=True, **values)
+    flat = check.plan.base.flat()
+    for flag, key in FLAG_KEYS.items():
+        assert flat[key] == values[flag], (flag, key, flat[key])
+    assert [c.label for c in check.costs] == ["method=finetune"] and "est. time" in check.estimate
+    assert "flags: 1 trial(s)" in check.text()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "storage").exists()  # a dry run writes nothing
+    # the partial fractions the old API table refused (issue: gpus_per_trial raised "unknown config key")
+    half = fomo_ray.sweep(spec, dry_run=True, gpus_per_trial=0.5,
+                          **{k: v for k, v in values.items() if k != "gpus_per_trial"})
+    assert half.plan.base.ray.gpus_per_worker == 0.5

@@ -150,7 +150,7 @@ def test_attention_flops_are_counted_on_cpu(spec, monkeypatch):
     with_attention = measure()
     from fomo_ray import step_measure
 
-    monkeypatch.setattr(step_measure, "_CPU_ATTENTION_FLOPS", {})  # where the measured step counts attention
+    monkeypatch.setattr(step_measure, "CPU_ATTENTION_FLOPS", {})  # where the measured step counts attention
     without = measure()
     vision_q, text_q = (BATCH, 1, 17, 64), (BATCH, 2, 16, 32)  # 16 patches + class token, 1 head; 16 tokens, 2 heads
     expected = sum(sdpa_flop_count(q, q, q) + sdpa_backward_flop_count(q, q, q, q) for q in (vision_q, text_q))

@@ -12,6 +12,7 @@ import torch
 from _budget_util import tiny_spec
 
 from fomo_ray import budget as B
+from fomo_ray import step_measure
 from fomo_ray.config import load_config
 
 ARCH = "budget-scaling-tiny"  # one block per tower: every method's graph, in a fraction of a second
@@ -89,7 +90,7 @@ def _cost_of(cfg, name: str) -> str:
 @pytest.mark.parametrize("arch", ["fomo-test-rn", "fomo-test-sigmoid"])
 def test_the_count_is_exact_under_bf16_autocast_and_on_other_tower_families(arch):
     """bf16 autocast (the paper preset's precision on a CPU): layer and batch norm save float32 statistics, which
-    the fake kernels would give in bf16 (budget._CpuKernelDtypes); a BatchNorm tower and a sigmoid-loss model."""
+    the fake kernels would give in bf16 (step_measure._CpuKernelDtypes); a BatchNorm tower and a sigmoid-loss model."""
     from _test_archs import registered
 
     with registered():
@@ -122,34 +123,34 @@ def test_a_model_that_cannot_run_fake_is_measured_on_small_real_batches(spec, ca
 
 
 def test_the_line_is_exact_in_integers_and_the_loss_is_measured_at_the_full_batch(spec):
-    assert B._on_line(2, 110, 4, 210, 512) == 110 + 50 * 510
+    assert step_measure._on_line(2, 110, 4, 210, 512) == 110 + 50 * 510
     assert B.sample_batches(512, 64) == (2, 4) and B.sample_batches(512, 3) == (2, 3)
     assert B.sample_batches(512, 1) == (1, 2) and B.sample_batches(4, 64) == (4,)
     # the loss's b x b logits: quadratic in b, so measured at the batch itself, never extended
-    flops = [B.measure_loss(b, (32, "float32", (True, True, True)))[0] for b in (2, 4, 8)]
+    flops = [step_measure.measure_loss(b, (32, "float32", (True, True, True)))[0] for b in (2, 4, 8)]
     assert flops[2] - flops[1] != flops[1] - flops[0]
     assert flops[2] == 3 * 2 * 8 * 8 * 32  # I @ T^T forward, two matmuls backward: 2 b^2 d each
-    frozen_text = B.measure_loss(8, (32, "float32", (True, False, True)))[0]
+    frozen_text = step_measure.measure_loss(8, (32, "float32", (True, False, True)))[0]
     assert frozen_text == 2 * 2 * 8 * 8 * 32  # no gradient for a frozen tower's features
 
 
 # --------------------------------------------------------------------------------------------------- the spy
 def test_no_measurement_runs_a_real_batch_larger_than_a_ranks(spec, tmp_path, monkeypatch):
-    """Every synthetic batch a measurement builds goes through step_measure._clip_batch: record its size and whether it
+    """Every synthetic batch a measurement builds goes through step_measure.clip_batch: record its size and whether it
     was real. The global batch is 16 on 4 ranks (a rank's batch: 4), also with 2 accumulation micro-batches (2)."""
     from fomo_ray.methods import REGISTRY
 
     from fomo_ray import step_measure
 
     seen: list[tuple[int, bool]] = []
-    real = step_measure._clip_batch
+    real = step_measure.clip_batch
 
     def spy(batch_size, *args, **kwargs):
         images, tokens = real(batch_size, *args, **kwargs)
         seen.append((batch_size, not hasattr(images, "fake_mode")))
         return images, tokens
 
-    monkeypatch.setattr(step_measure, "_clip_batch", spy)  # where the measured step builds its batch
+    monkeypatch.setattr(step_measure, "clip_batch", spy)  # where the measured step builds its batch
     for engine, accum, largest in (("auto", 1, 0), ("scale", 1, 4), ("scale", 2, 2)):
         monkeypatch.setattr(B, "ENGINE", engine)
         seen.clear()

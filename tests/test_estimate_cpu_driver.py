@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from fomo_ray import budget
+from fomo_ray import budget, step_measure
 from fomo_ray.config import load_config
 from fomo_ray.cost_estimate import DeclaredDevice, estimate_trial, format_estimate
 
@@ -109,7 +109,7 @@ def test_a_training_step_is_timed_at_a_small_batch_and_scaled_by_flops(tmp_path,
 
     cfg = load_config(None, {"mixture.batch_size": 64, "ray.num_workers": 2, "budget.cache_dir": str(tmp_path)})
     seen = []
-    real = budget._clip_batch
+    real = step_measure.clip_batch
 
     def spy(batch_size, *args, **kwargs):
         images, tokens = real(batch_size, *args, **kwargs)
@@ -117,7 +117,7 @@ def test_a_training_step_is_timed_at_a_small_batch_and_scaled_by_flops(tmp_path,
             seen.append(batch_size)
         return images, tokens
 
-    monkeypatch.setattr(budget, "_clip_batch", spy)
+    monkeypatch.setattr(step_measure, "clip_batch", spy)
     monkeypatch.setattr(throughput, "_median_seconds", lambda fn, repeats: 1.0)  # one "second" per timed call
     speed = throughput.time_work(cfg, "finetune", device=torch.device("cpu"), threads=1)
     # the training step at 16; the evaluation encode (no gradient) at the evaluation's own batch, as a run does

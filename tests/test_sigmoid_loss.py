@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from _test_archs import registered
-from fomo_ray import budget, distributed
+from fomo_ray import distributed, step_measure
 from fomo_ray.backbones import create_backbone
 from fomo_ray.loop import batch_loss
 from fomo_ray.losses import clip_loss, contrastive_loss, siglip_loss
@@ -76,6 +76,6 @@ def test_a_model_with_a_logit_bias_trains_with_the_sigmoid_loss(sigmoid_backbone
         out = distributed.PairEncoder(model)(x, tokens)
         assert len(out) == 4 and out[3] is model.logit_bias
         assert float(contrastive_loss(*out)) == pytest.approx(float(by_hand), rel=1e-6)
-        assert float(budget._clip_loss(model(x, tokens))) == pytest.approx(float(by_hand), rel=1e-6)
-        assert float(budget._clip_loss(dict(zip(("image_features", "text_features", "logit_scale", "logit_bias"),
+        assert float(step_measure.clip_loss(model(x, tokens))) == pytest.approx(float(by_hand), rel=1e-6)
+        assert float(step_measure.clip_loss(dict(zip(("image_features", "text_features", "logit_scale", "logit_bias"),
                                                 model(x, tokens))))) == pytest.approx(float(by_hand), rel=1e-6)

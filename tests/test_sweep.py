@@ -748,14 +748,14 @@ def test_a_sweep_resumed_on_another_platform_says_its_numbers_will_not_compare(t
     """A resumed sweep whose driver now runs on another CPU (or kernel path) goes on, and says that the trials it
     runs now are not bitwise comparable with the ones finished before."""
     from fomo_ray.provenance import platform
-    from fomo_ray.tune_sweep import _open_state
+    from fomo_ray.sweep_state import open_state
 
     state = {"name": "s", "platform": {**platform(), "cpu_kernels": "OTHER"}, "parent_run_id": ""}
     (tmp_path / "sweep.json").write_text(json.dumps(state))
-    assert _open_state(tmp_path, None, resume=True) == state
+    assert open_state(tmp_path, None, resume=True) == state
     assert "resumed on" in capsys.readouterr().out
     (tmp_path / "sweep.json").write_text(json.dumps({**state, "platform": platform()}))
-    _open_state(tmp_path, None, resume=True)
+    open_state(tmp_path, None, resume=True)
     assert capsys.readouterr().out == ""
 
 

@@ -15,28 +15,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fomo_ray.cli.text import Parser
-from fomo_ray.config import ConfigError, parse_override
+from fomo_ray.config import FLAG_KEYS, ConfigError, parse_override
 from fomo_ray.sweep_budget import SweepBudgetError, parse_sweep_budget
-from fomo_ray.sweep_spec import (SweepError, SweepSpec, enumerated_dims, grid_points, load_sweep, plan_sweep,
-                                 trial_label)
+from fomo_ray.sweep_spec import SweepError, SweepSpec, load_sweep
 from fomo_ray.trial_report import TrialStatus
-
-#: flag -> dotted config key (values are typed by argparse, validated by the config tree)
-FLAG_KEYS: dict[str, str] = {
-    "output_dir": "output_dir",
-    "data_root": "data.root",
-    "benchmark": "data.benchmark",
-    "backbone": "backbone.name",
-    "pretrained": "backbone.pretrained",
-    "num_tasks": "stream.num_tasks",
-    "address": "ray.address",
-    "gpus_per_trial": "ray.gpus_per_worker",
-    "cpus_per_trial": "ray.cpus_per_worker",
-    "workers_per_trial": "ray.num_workers",
-    "max_concurrent": "ray.max_concurrent_trials",
-    "storage_path": "ray.storage_path",
-    "tracking_uri": "tracking.uri",
-}
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
@@ -134,48 +116,13 @@ def declared_device(args: argparse.Namespace) -> Any:
 
 
 def print_dry_run(spec: SweepSpec, device: Any = None, check_inputs: bool = True) -> None:
-    """Validate every trial (no Ray), its inputs (the check a real sweep makes before launch; what the real sweep
-    would prepare is listed) and the tracking store, list the trials (the enumerated ones by label, the sampled
-    dimensions by range) and print the cost estimate. Nothing is written: measurements it needs are made and not
-    cached."""
-    plan = plan_sweep(spec)
-    if plan.base.tracking.enabled:
-        from fomo_ray.tracking import check_reachable, resolve_uri
+    """Print what ``sweep_inputs.check_sweep`` finds: every trial validated (no Ray), its inputs checked as a real
+    sweep checks them before launch (what the real sweep would prepare is listed), the tracking store reachable,
+    the trials (the enumerated ones by label, the sampled dimensions by range) and the cost estimate. Nothing is
+    written."""
+    from fomo_ray.sweep_inputs import check_sweep
 
-        # an unreachable URI fails the dry run too, but nothing is created (no database, no folder)
-        check_reachable(resolve_uri(plan.base.tracking.uri, plan.base.output_dir), create=False)
-    from fomo_ray.sweep_inputs import ensure_sweep_inputs
-
-    # what a real sweep checks before launch
-    prepared = ensure_sweep_inputs(plan.base, plan.space, build=False) if check_inputs else []
-    print(f"{spec.name}: {plan.total} trial(s), search={spec.search}, "
-          f"{'TorchTrainer' if plan.use_train else 'function'} trials; all configs "
-          f"{'and inputs valid' if check_inputs else 'valid (inputs not checked: --no-input-check)'}")
-    for line in prepared:
-        print(f"  to be prepared by the real sweep: {line}")
-    space = plan.space  # the spec's space plus the seeds dimension (seeds > 1)
-    fixed = enumerated_dims(space)
-    for combo in grid_points(fixed):
-        print(f"  {trial_label(combo, fixed)}")
-    for k, d in space.items():
-        if k not in fixed:
-            print(f"  sampled per trial: {k} ~ {d.kind}{list(d.values)}")
-    from fomo_ray.cost_estimate import estimate_plan, format_estimate, local_slots
-
-    costs = estimate_plan(plan, device, store=False)
-    source = device.describe() if device is not None else "timed on this machine's device"
-    print(format_estimate(costs, local_slots(plan.base, plan.use_train), source, spec.order))
-    if spec.sweep_budget is not None:
-        from fomo_ray.cost_estimate import cost_order
-        from fomo_ray.sweep_budget import needs_by_label, plan_line
-
-        try:
-            needs = needs_by_label(spec.sweep_budget, costs, plan.base.ray.gpus_per_worker)
-        except SweepBudgetError as e:
-            raise SweepError(str(e)) from e
-        print(plan_line(spec.sweep_budget, [needs[costs[i].label] for i in cost_order(costs, spec.order)]))
-    if spec.search == "optuna":
-        print(f"  (optuna chooses {spec.num_samples} trial(s) among these combinations)")
+    print(check_sweep(spec, device, check_inputs).text())
 
 
 def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_sweep: str | Path | None) -> int:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
-from fomo_ray.atomic import write_json
+from fomo_ray.atomic import write_json, write_text
 from fomo_ray.data import fif_catalogue, orderings
 from fomo_ray.data.fif_catalogue import FifDataset
 from fomo_ray.data.format import DataError, sha256_file
@@ -214,7 +214,7 @@ def _stage_one(source, rec: Record, writer: PartWriter, opts: Options) -> str | 
 
 def _write_bad_list(path: Path, bad: list[dict]) -> None:
     if bad:
-        path.write_text("".join(f"{b['path']}\t{b['reason']}\n" for b in bad))
+        write_text(path, "".join(f"{b['path']}\t{b['reason']}\n" for b in bad))
     elif path.exists():
         path.unlink()
 
