@@ -32,7 +32,8 @@ those of one step at the global batch:
 
 Merging is counted free, as in the paper: merge methods train like full fine-tuning and get its steps.
 Measurements are cached as JSON per (backbone, method, batch size, image size, device kind, method settings) under
-``cfg.budget.cache_dir``; budgets are always computed, never typed by hand. ``fomo-ray budget`` prints a Tab.4-style
+``cfg.budget.cache_dir`` (``budget_records.py``); the arithmetic on them is ``budget_math.py``; this module measures
+and ties them together. Budgets are always computed, never typed by hand. ``fomo-ray budget`` prints a Tab.4-style
 table (:func:`main`).
 """
 from __future__ import annotations
@@ -44,7 +45,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -52,8 +52,12 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fomo_ray.atomic import write_json
 from fomo_ray.costs import ADAMW_FLOPS_PER_PARAM, PENALTY_FLOPS_PER_PARAM  # noqa: F401  (re-exported)
+from fomo_ray.budget_math import (  # noqa: F401  (the arithmetic, re-exported where callers expect it)
+    PAPER_TOTAL_FT_STEPS, REFERENCE_STEPS_VITB16_T20, TABLE_TASKS, budget_rows, ft_steps, maf, mem_mult,
+    reference_steps, steps_from_costs, task_charge_steps)
+from fomo_ray.budget_records import (  # noqa: F401  (the records and their cache, re-exported)
+    CostRecord, cache_path, cached_measure, device_kind, safe_name)
 from fomo_ray.memory_saving import charge_memory_saving
 from fomo_ray.step_measure import (  # noqa: F401  (the measurement, re-exported where callers expect it)
     BudgetError,
@@ -68,16 +72,8 @@ FT_METHOD = "finetune"
 #: bump when the measured step changes, so cached records of another step are remeasured (2: the loop's own loss and
 #: the method's state; 3: no pass larger than a rank's batch; 4: activation bytes under gradient checkpointing)
 MEASURE_VERSION = 4
-#: the paper's 28,400 full fine-tuning steps over the whole stream (ViT-B/16, b = 512)
-PAPER_TOTAL_FT_STEPS = 28_400
-TABLE_TASKS = (20, 50, 100, 200)
-#: the paper's Tab. 4 steps per task (ViT-B/16, b = 512, T = 20), shown beside the measured ones
-REFERENCE_STEPS_VITB16_T20: dict[str, str] = {
-    "finetune": "1420", "locked_text": "1949", "locked_image": "12982", "lnfit": "3179", "bitfit": "3179",
-    "lora": "1898 (r=4), 1891 (r=64)", "dora": "1893 (r=4)", "vera": "1898 (r=4)", "si": "1418",
-    "ewc": "14 (Fisher per step)", "ema_merge": "1420", "zs_merge": "1420", "ft_merge": "1420",
-    "offline_merge": "1420", "merge": "1420",
-}
+
+
 # --------------------------------------------------------------------------------------------------- method costs
 @dataclass(frozen=True)
 class MethodCost:
@@ -156,36 +152,6 @@ def _penalty(trainable: Sequence[nn.Parameter], n_state: int):
 
     return loss_fn, importance + anchor + others
 
-
-# --------------------------------------------------------------------------------------------------- records
-@dataclass(frozen=True)
-class CostRecord:
-    """A cached measurement of one method on one backbone / batch / image size / device: one training step at the
-    *global* batch ``batch_size`` as if on one device (the paper's definition of the MAF; what a data-parallel rank
-    holds at its shard differs, but the budget, a property of the experiment, must not depend on the world size).
-    ``measured`` says how it was obtained without running a pass larger than a rank's shard."""
-
-    backbone: str
-    method: str
-    batch_size: int
-    image_size: int
-    device_kind: str
-    settings_hash: str
-    counted_gflops: float       # FlopCounterMode, forward + backward (+ the optimizer's matmul-free step: 0)
-    elementwise_gflops: float   # analytic optimizer-side work per step
-    peak_bytes: int
-    memory_kind: str
-    trainable_params: int
-    total_params: int
-    task_gflops: float          # per-task extra work
-    torch_version: str = torch.__version__
-    measured: str = ""          # "counted at b=512 (fake tensors)" | "scaled from b=1, 2" | "one step at b=8"
-    batch_bytes: int = 0        # the part of peak_bytes that grows with the batch (saved activations; CPU count)
-    checkpointed_batch_bytes: int = 0  # batch_bytes under backbone.grad_checkpointing (CPU count; 0: not known)
-
-    @property
-    def step_gflops(self) -> float:
-        return self.counted_gflops + self.elementwise_gflops
 
 
 #: how :func:`measure_method` obtains a step at the global batch (tests and benchmarks may set it):
@@ -295,98 +261,6 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
                       memory_kind=m.memory_kind, trainable_params=m.trainable_params, total_params=m.total_params,
                       task_gflops=task, measured=how, batch_bytes=m.batch_bytes,
                       checkpointed_batch_bytes=m.checkpointed_bytes)
-
-
-def device_kind(device: str | torch.device) -> str:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return device.type
-    return "cuda-" + re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
-
-
-def safe_name(s: str) -> str:
-    """``s`` as a file-name part (cache files are named by backbone, method and device)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s)
-
-
-def cache_path(cache_dir: str | Path, backbone: str, method: str, batch_size: int, image_size: int,
-               kind: str, settings_hash: str) -> Path:
-    name = f"{safe_name(backbone)}__{safe_name(method)}__b{batch_size}__px{image_size}__{safe_name(kind)}__{settings_hash}.json"
-    return Path(cache_dir) / name
-
-
-def cached_measure(path: Path, expected: Mapping[str, Any], compute: Callable[[], CostRecord],
-                   store: bool = True) -> CostRecord:
-    """The record at ``path`` if it exists and matches ``expected``; otherwise ``compute()`` and store it (unless
-    ``store`` is False: a dry run writes nothing)."""
-    if path.is_file():
-        try:
-            record = CostRecord(**json.loads(path.read_text()))
-            if all(getattr(record, k) == v for k, v in expected.items()):
-                return record
-            log.warning("budget cache %s does not match %s; measuring again", path, dict(expected))
-        except (ValueError, TypeError) as e:
-            log.warning("budget cache %s is unreadable (%s); measuring again", path, e)
-    if not store and path in _UNSTORED:
-        return _UNSTORED[path]
-    record = compute()
-    if store:
-        write_json(path, dataclasses.asdict(record), indent=1, sort_keys=True)
-    else:
-        _UNSTORED[path] = record
-    return record
-
-
-_UNSTORED: dict[Path, CostRecord] = {}  # measured but not stored (dry runs): measured once per process
-
-
-# --------------------------------------------------------------------------------------------------- pure budget math
-def ft_steps(total_ft_steps: int, num_tasks: int) -> int:
-    """``steps_ft(T) = total // T`` (the paper's 28,400 // 20 = 1420)."""
-    if num_tasks < 1:
-        raise BudgetError(f"num_tasks must be >= 1, got {num_tasks}")
-    steps = total_ft_steps // num_tasks
-    if steps < 1:
-        raise BudgetError(f"budget.total_ft_steps={total_ft_steps} over {num_tasks} tasks gives full fine-tuning "
-                          f"{steps} steps per task; raise budget.total_ft_steps or lower stream.num_tasks")
-    return steps
-
-
-def mem_mult(m: CostRecord, ft: CostRecord) -> float:
-    if m.memory_kind != ft.memory_kind:
-        raise BudgetError(f"cannot compare memory of '{m.method}' ({m.memory_kind}) with '{ft.method}' "
-                          f"({ft.memory_kind}); measure both on the same device kind")
-    return m.peak_bytes / ft.peak_bytes
-
-
-def maf(m: CostRecord, ft: CostRecord) -> float:
-    """``MAF(m) = GFLOPs(m) * PeakMem(m) / PeakMem(ft)``."""
-    return m.step_gflops * mem_mult(m, ft)
-
-
-def task_charge_steps(m: CostRecord) -> float:
-    """Per-task extra work of ``m`` in its own training steps (the memory multiplier cancels)."""
-    return m.task_gflops / m.step_gflops if m.step_gflops > 0 else 0.0
-
-
-def steps_from_costs(steps_ft: float, ft: CostRecord, m: CostRecord) -> int:
-    """``floor(steps_ft * MAF(ft) / MAF(m) - per-task charge)``; 0 for a method that trains nothing.
-
-    Raises :class:`BudgetError` naming the method and the budget when fewer than one step remains.
-    """
-    if m.trainable_params == 0:
-        return 0
-    ratio = maf(ft, ft) / maf(m, ft)
-    charge = task_charge_steps(m)
-    raw = steps_ft * ratio - charge
-    steps = math.floor(raw + 1e-9)  # 1e-9: finetune's own ratio is 1 up to rounding
-    if steps < 1:
-        raise BudgetError(
-            f"method '{m.method}' gets fewer than one step per task ({raw:.2f}): the budget of {steps_ft} full "
-            f"fine-tuning steps "
-            f"(MAF {maf(ft, ft):.4g}) buys {steps_ft * ratio:.2f} steps at MAF {maf(m, ft):.4g}, minus "
-            f"{charge:.2f} steps of per-task extra work; raise budget.total_ft_steps or lower stream.num_tasks")
-    return steps
 
 
 # --------------------------------------------------------------------------------------------------- entry points
@@ -546,12 +420,6 @@ def steps_per_task(cfg, method_name: str, num_tasks: int, *, costs: Mapping[str,
     return steps_from_costs(steps_ft, ft, m)
 
 
-def reference_steps(steps_ft: float, ft_ref: CostRecord, ft: CostRecord) -> float:
-    """Full fine-tuning steps of this backbone that spend the budget of ``steps_ft`` fine-tuning steps of the
-    reference backbone: ``steps_ft * GFLOPs(ft_ref) / GFLOPs(ft)`` (fine-tuning's memory multiplier is 1)."""
-    return steps_ft * ft_ref.step_gflops / ft.step_gflops
-
-
 def _whole_steps(steps: float, method_name: str, cfg) -> int:
     out = math.floor(steps + 1e-9)
     if out < 1:
@@ -561,23 +429,3 @@ def _whole_steps(steps: float, method_name: str, cfg) -> int:
     return out
 
 
-# --------------------------------------------------------------------------------------------------- table / CLI
-def budget_rows(records: Sequence[CostRecord], ft: CostRecord, total_ft_steps: int = PAPER_TOTAL_FT_STEPS,
-                tasks: Sequence[int] = TABLE_TASKS) -> list[dict[str, Any]]:
-    """One Tab.4-style row per record: GFLOPs, memory, multiplier, MAF and steps per task at each T."""
-    rows = []
-    for r in records:
-        row: dict[str, Any] = {"method": r.method, "trainable_M": r.trainable_params / 1e6,
-                               "GFLOPs": r.step_gflops, "memory_MB": r.peak_bytes / 2**20}
-        if r.trainable_params == 0:
-            row.update({"mem_mult": None, "MAF": None, **{f"T={t}": 0 for t in tasks}})
-        else:
-            row.update({"mem_mult": mem_mult(r, ft), "MAF": maf(r, ft)})
-            for t in tasks:
-                try:
-                    row[f"T={t}"] = steps_from_costs(ft_steps(total_ft_steps, t), ft, r)
-                except BudgetError:
-                    row[f"T={t}"] = "<1"
-        row["paper ViT-B/16 T=20"] = REFERENCE_STEPS_VITB16_T20.get(r.method, "-")
-        rows.append(row)
-    return rows

@@ -58,11 +58,12 @@ class MlflowRun:
         from fomo_ray.config import to_dict
         from fomo_ray.methods import applicable_params
         from fomo_ray.backbones import activation_tags
+        from fomo_ray.mlflow_ui import ensure_views
         from fomo_ray.tracking import StepLogger, tracker_for
 
         self.cfg = cfg
         self.tracker = tracker_for(cfg)
-        self.tracker.ensure_views()
+        ensure_views(self.tracker.client, self.tracker.experiment_id)  # the runs table as the study reads it
         meta = out / self.META
         previous = json.loads(meta.read_text()).get("run_id") if resumed and meta.is_file() else None
         self.run_id = self.tracker.start_run(out.name, applicable_params(cfg), config=to_dict(cfg), run_id=previous,

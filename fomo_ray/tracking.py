@@ -1,8 +1,9 @@
-"""MLflow tracking: one parent run per sweep, one child run per trial (the only ``mlflow`` import).
+"""MLflow tracking, the writer: one parent run per sweep, one child run per trial (with ``mlflow_ui.py``, the only
+``mlflow`` imports; the UI's study views live there).
 
 Layout in the store (what a person sees: docs/TRACKING.md)::
 
-    experiment cfg.tracking.experiment  tags: two saved views of the runs table (study_views)
+    experiment cfg.tracking.experiment  tags: two saved views of the runs table (mlflow_ui.study_views)
       parent run  "<sweep name>"        tags fomo_ray.kind=sweep, mlflow.note.content (what the sweep studies);
                                         metrics Best/GM, Median/GM, ... Trials/finished, Trials/failed;
                                         over several seeds Variants/<variant>/final_GM_mean, ..._ci, mean_GM_*;
@@ -30,7 +31,6 @@ of each trial, so MLflow's relative default would scatter one database per trial
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import queue
@@ -48,7 +48,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from fomo_ray.trial_report import SCORES, TrialStatus
+from fomo_ray.trial_report import TrialStatus
 
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag (what the UI groups child runs by)
 TRIAL_TAG = "fomo_ray.trial_id"
@@ -265,8 +265,7 @@ class Tracker:
 
     def start_parent(self, sweep_name: str, tags: Mapping[str, str] = (), description: str = "") -> str:
         """The sweep's parent run (reused when the sweep is resumed); ``description`` (markdown) is its note in the
-        UI. Also makes sure the experiment has the study views (:func:`study_views`)."""
-        self.ensure_views()
+        UI."""
         found = self.find_run({KIND_TAG: "sweep", "fomo_ray.sweep": sweep_name})
         if found:
             self.client.update_run(found, status="RUNNING")
@@ -314,11 +313,6 @@ class Tracker:
         if config is not None:
             self.client.log_dict(run_id, dict(config), "config.json")
         return run_id
-
-    def ensure_views(self) -> None:
-        """Write the study views (:func:`study_views`) into the experiment's tags where they are missing or
-        differ (an older fomo_ray's, or none). Cheap when they are current: one read."""
-        ensure_views(self.client, self.experiment_id)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -486,57 +480,6 @@ def tracker_for(cfg: Any) -> Tracker:
     """The tracker a config asks for (URI resolved as in :func:`resolve_uri`)."""
     # a local database keeps its artifacts beside it (Tracker's default); a tracking server decides for itself
     return Tracker(resolve_uri(cfg.tracking.uri, cfg.output_dir), cfg.tracking.experiment)
-
-
-# --------------------------------------------------------------------------------------------------- the UI's views
-VIEW_TAG_PREFIX = "mlflow.sharedViewState."  # MLflow 3 keeps the runs table's saved views as experiment tags
-TRIALS_VIEW = "fomo_ray-trials"
-SWEEPS_VIEW = "fomo_ray-sweeps"
-
-
-def _column(kind: str, key: str) -> str:
-    return f"{kind}.`{key}`"  # the runs table's column ids: metrics.`A`, params.`p`, tags.`t`, attributes.`Version`
-
-
-def study_views() -> dict[str, tuple[str, dict[str, Any]]]:
-    """``{view id: (name, state)}``: the runs table as the study reads it. MLflow's default table shows no metric
-    column and folds a sweep's trials under its parent run; these views list the trials (and `fomo-ray run` runs)
-    with A_KA, A_ZS, GM first, then what varies, and the sweeps with their best / median scores and counts.
-    ``state`` is MLflow 3.17's view state: the columns (``columnOrder`` puts the metrics before the params) and the
-    search facets (``searchFilter``), as its "Save view" writes them."""
-    trial_cols = [*(_column("metrics", summary_key(k)) for k in SCORES),
-                  _column("params", "variant"), _column("params", "method.name"),
-                  _column("tags", STATUS_TAG), _column("attributes", "Version")]
-    sweep_cols = [*(_column("metrics", f"{stat}/{k}") for stat in (BEST, MEDIAN) for k in SCORES),
-                  *(_column("metrics", f"{TRIALS}/{s}") for s in (TrialStatus.FINISHED, TrialStatus.FAILED)),
-                  _column("params", "sweep.trials"), _column("tags", STATUS_TAG), _column("attributes", "Version")]
-    return {
-        TRIALS_VIEW: ("fomo_ray: trials (A_KA, A_ZS, GM in %)", {
-            "selectedColumns": trial_cols, "columnOrder": trial_cols,
-            "searchFilter": f"tags.`{KIND_TAG}` != 'sweep'",
-            # sorted by anything but the creation time, the table lists runs flat instead of folding a sweep's
-            # trials under its parent (which it then shows although the filter excludes it)
-            "orderByKey": _column("metrics", summary_key("GM")), "orderByAsc": False}),
-        SWEEPS_VIEW: ("fomo_ray: sweeps (best / median over finished trials, %)", {
-            "selectedColumns": sweep_cols, "columnOrder": sweep_cols,
-            "searchFilter": f"tags.`{KIND_TAG}` = 'sweep'"}),
-    }
-
-
-def ensure_views(client: MlflowClient, experiment_id: str) -> None:
-    """Set each study view's experiment tag unless it already holds the same state (keeping its creation time)."""
-    tags = client.get_experiment(experiment_id).tags
-    now = int(time.time() * 1000)
-    for view_id, (name, state) in study_views().items():
-        key, text = VIEW_TAG_PREFIX + view_id, json.dumps(state, sort_keys=True)
-        try:
-            old = json.loads(tags.get(key, ""))
-        except ValueError:
-            old = {}
-        if old.get("name") == name and old.get("state") == text:
-            continue
-        envelope = {"name": name, "createdAt": old.get("createdAt", now), "updatedAt": now, "state": text}
-        client.set_experiment_tag(experiment_id, key, json.dumps(envelope))
 
 
 # --------------------------------------------------------------------------------------------------- reading a run

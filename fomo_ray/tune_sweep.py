@@ -345,6 +345,9 @@ def prepare(spec: SweepSpec, if_exists: str, device: DeclaredDevice | None, use_
     if resume:
         check_same_study(state, plan, directory)
     if tracker is not None:
+        from fomo_ray.mlflow_ui import ensure_views
+
+        ensure_views(tracker.client, tracker.experiment_id)  # the runs table as the study reads it
         if not state.get("parent_run_id"):
             state["parent_run_id"] = tracker.start_parent(directory.name, tags={"fomo_ray.search": spec.search},
                                                           description=sweep_description(spec, plan, directory.name))

@@ -23,6 +23,7 @@ from fomo_ray.provenance import platform_label
 from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
                                check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
                                sweep_metrics, tracker_for)
+from fomo_ray import mlflow_ui
 from fomo_ray.mlflow_ui import runs_path, ui_command
 
 from _edges_util import REPO, free_port
@@ -281,19 +282,19 @@ def test_step_logger_sends_every_n_steps_in_one_call(store):
 def test_study_views_are_saved_views_of_the_experiment(store):
     """Each view is an experiment tag holding MLflow 3's saved-view envelope; writing them again changes nothing."""
     tr = Tracker(default_uri(store), "views")
-    tr.ensure_views()
+    mlflow_ui.ensure_views(tr.client, tr.experiment_id)
     tags = tr.client.get_experiment(tr.experiment_id).tags
-    views = tracking.study_views()
+    views = mlflow_ui.study_views()
     for view_id, (name, state) in views.items():
-        envelope = json.loads(tags[tracking.VIEW_TAG_PREFIX + view_id])
+        envelope = json.loads(tags[mlflow_ui.VIEW_TAG_PREFIX + view_id])
         assert envelope["name"] == name and json.loads(envelope["state"]) == state
         assert isinstance(envelope["createdAt"], int) and isinstance(envelope["state"], str)
-    trials = views[tracking.TRIALS_VIEW][1]
+    trials = views[mlflow_ui.TRIALS_VIEW][1]
     assert trials["selectedColumns"][:3] == ["metrics.`Summary/A_KA`", "metrics.`Summary/A_ZS`", "metrics.`Summary/GM`"]
-    tr.ensure_views()
+    mlflow_ui.ensure_views(tr.client, tr.experiment_id)
     assert tr.client.get_experiment(tr.experiment_id).tags == tags
     assert runs_path(tr.experiment_id) == (f"/#/experiments/{tr.experiment_id}/runs?workflowType="
-                                                    f"machine_learning&viewStateShareKey={tracking.TRIALS_VIEW}")
+                                                    f"machine_learning&viewStateShareKey={mlflow_ui.TRIALS_VIEW}")
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray run`
@@ -392,7 +393,7 @@ def test_ui_prints_the_runs_url_once_serving_and_sigterm_stops_the_whole_server(
         assert found["health"] == 200
         assert found["url"] == f"http://127.0.0.1:{port}" + runs_path(tr.experiment_id)
         # every page it prints opens the training workflow (a new browser opens MLflow 3 on its GenAI pages)
-        sweeps = f"  sweeps: http://127.0.0.1:{port}" + runs_path(tr.experiment_id, tracking.SWEEPS_VIEW) + "\n"
+        sweeps = f"  sweeps: http://127.0.0.1:{port}" + runs_path(tr.experiment_id, mlflow_ui.SWEEPS_VIEW) + "\n"
         assert sweeps in lines and found["home"] == f"http://127.0.0.1:{port}/#/?workflowType=machine_learning"
         server = [p for p in _children(proc.pid)]
         assert server, "fomo-ray ui started no server process"

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from fomo_ray import tracking
+from fomo_ray import mlflow_ui, tracking
 
 from _edges_util import free_port
 
@@ -176,7 +176,7 @@ def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_
     url, proc = ui
     base = url.split("/#/")[0]
     pages = {"trials": url, "sweeps": f"{base}/#/experiments/1/runs?workflowType=machine_learning"
-             f"&viewStateShareKey={tracking.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
+             f"&viewStateShareKey={mlflow_ui.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
     _, text = rendered(pages["sweeps"], ["Best/A_KA", "browser"])
     for name in ("Best/A_KA", "Best/A_ZS", "Best/GM", "Median/A_KA", "Median/A_ZS", "Median/GM", "Trials/finished"):
         assert name in text, f"{name} is not a column of the sweeps view"

@@ -1,7 +1,7 @@
 """``fomo-ray ui``: the MLflow UI of the project's tracking store, bound to 127.0.0.1.
 
 It prints the address of the experiment's runs table (the training view, opened on the study view of
-``tracking.study_views``) once the server answers, and stops the server -- its whole process group: ``mlflow server``
+``mlflow_ui.study_views``) once the server answers, and stops the server -- its whole process group: ``mlflow server``
 starts a uvicorn worker -- on Ctrl-C (SIGINT) or SIGTERM. A port in use fails at once, a server that dies before
 answering fails as soon as it dies, both with exit code 1.
 
