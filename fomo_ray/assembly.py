@@ -268,16 +268,13 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
     from fomo_ray.backbones import create_backbone
     from fomo_ray.budget import steps_per_task
     from fomo_ray.data.buffer import make_buffer
-    from fomo_ray.data.format import open_benchmark
     from fomo_ray.evaluation import Evaluator
 
     device = torch.device(device) if device is not None else default_device()
     with distributed.rank_zero_first():  # the budget cache is measured once, not W times
-        bench = open_data(cfg)
-        check_image_size(cfg, bench)  # before anything is built or measured
-        pretrained = resolve_pretrained(cfg, bench)
+        inputs = read_inputs(cfg)
+        bench, pool_bench, tasks, pretrained = inputs.bench, inputs.pool, inputs.tasks, inputs.pretrained
         method = build_method(cfg)
-        tasks = stream_task_rows(cfg, bench)
         # the budget may build and measure models (drawing random numbers) or read its cache: do it before seeding
         steps = steps_per_task(cfg, method.cost_as or method.name, len(tasks), device=device)
     steps = distributed.from_rank_zero(steps)  # ranks must agree on the step count or the all-reduces deadlock
@@ -294,9 +291,8 @@ def build_run(cfg: ExperimentConfig, device: torch.device | str | None = None) -
                           precision=cfg.backbone.precision, ranks=distributed.world(),
                           gather=lambda rows: distributed.gather_rows(rows, device))  # each rank evaluates a share
     buffer = make_buffer(cfg.mixture.buffer_policy, cfg.mixture.buffer_size, derive_seed(cfg.seed, "buffer"))
-    pool_bench = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
     pool_rows = np.arange(pool_bench.num_rows("pool"), dtype=np.int64)
-    token_key = stored_tokens(cfg, backbone, bench, pool_bench)
+    token_key = stored_tokens(cfg, backbone, bench, pool_bench)  # the built tokenizer's key (read_inputs checked it)
     if method.reference_size:  # a method that distils on pool data (ZSCL) gets its fixed reference set once
         method.use_reference(*reference_set(cfg, bench, pool_bench, backbone, token_key, device,
                                             method.reference_size))
@@ -332,23 +328,44 @@ def check_named_files(cfg: ExperimentConfig) -> None:
         raise BackboneError(f"checkpoint file not found: {p} (config key 'backbone.pretrained')")
 
 
-def check_inputs(cfg: ExperimentConfig) -> None:
-    """Everything :func:`build_run` reads, checked without building the run, so that a sweep refuses a bad trial
-    before any trial starts: the benchmark and pool, the stream (read, validated and cut into T tasks), the token ids
-    of the model's tokenizer, the model's input size against the stored image size (:func:`check_image_size`) and a
-    base checkpoint file (read and matched against the architecture on the CPU).
-    Raises what ``build_run`` would raise (``InputsMissing``, ``DataError``, ``BackboneError``, ...)."""
-    from fomo_ray.backbones import create_backbone, is_checkpoint_path, resolve_quick_gelu, tokenizer_for
+@dataclass(frozen=True)
+class Inputs:
+    """What a run reads from disk, read and checked by :func:`read_inputs`."""
+
+    bench: Any              # the benchmark (data.root)
+    pool: Any               # the pool's benchmark (data.pool, else the benchmark itself)
+    tasks: list[np.ndarray]  # the stream cut into T tasks: each task's training rows
+    pretrained: str         # the resolved backbone.pretrained (a tag, a checkpoint path, or "")
+    token_key: str          # the token ids of the model's tokenizer, stored in both benchmarks
+
+
+def read_inputs(cfg: ExperimentConfig) -> Inputs:
+    """Read and check what a run reads: the benchmark and pool, the stream (read, validated and cut into T tasks),
+    the model's input size against the stored image size (:func:`check_image_size`), the token ids of the model's
+    tokenizer and the base checkpoint's path. The one reader of a run's inputs: :func:`build_run` and the sweep
+    driver's pre-launch check (:func:`check_inputs`) both call it, so they refuse the same inputs with the same line
+    (``InputsMissing``, ``DataError``, ``BackboneError``, ...)."""
+    from fomo_ray.backbones import tokenizer_for
     from fomo_ray.data.format import open_benchmark
     from fomo_ray.data.tokens import tokenizer_key
 
     bench = open_data(cfg)
     pool = open_benchmark(cfg.data.pool) if cfg.data.pool else bench
-    stream_task_rows(cfg, bench)
+    tasks = stream_task_rows(cfg, bench)
     tokenizer, context_length = tokenizer_for(cfg.backbone.name)  # (an unknown architecture is named here)
-    check_image_size(cfg, bench, pool)
-    _check_tokens(cfg, tokenizer_key(tokenizer, context_length), bench, pool)
-    pretrained = resolve_pretrained(cfg, bench)
+    check_image_size(cfg, bench, pool)  # before anything is built or measured
+    key = tokenizer_key(tokenizer, context_length)
+    _check_tokens(cfg, key, bench, pool)
+    return Inputs(bench, pool, tasks, resolve_pretrained(cfg, bench), key)
+
+
+def check_inputs(cfg: ExperimentConfig) -> None:
+    """Everything :func:`build_run` reads, checked without building the run, so that a sweep refuses a bad trial
+    before any trial starts: :func:`read_inputs`, and a base checkpoint file read and matched against the
+    architecture on the CPU (a tag's activation against ``backbone.quick_gelu``)."""
+    from fomo_ray.backbones import create_backbone, is_checkpoint_path, resolve_quick_gelu
+
+    pretrained = read_inputs(cfg).pretrained
     if pretrained and is_checkpoint_path(pretrained):  # a tag is fetched (and checked) by open_clip in the trial
         create_backbone(cfg.backbone.name, pretrained, device="cpu", quick_gelu=cfg.backbone.quick_gelu)
     else:  # a tag: its activation against backbone.quick_gelu, from open_clip's registry (no download)

@@ -398,7 +398,7 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     refused = next((problem if len(checks) == 1 else f"rank {r} (Ray node {node or '?'}): {problem}"
                     for r, (node, problem) in enumerate(checks) if problem), "")
     if not refused:
-        ensure_inputs(p.cfg)
+        prepare_inputs_rank_zero_first(p.cfg)
     tracker = None
     if session.rank == 0 and p.tracking_uri and run_id:
         from fomo_ray.tracking import Tracker
@@ -451,7 +451,7 @@ def _retry_quietly(p: RunPayload, run_id: str) -> None:
         warn(p.run_name, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
 
 
-def ensure_inputs(cfg: ExperimentConfig) -> None:
+def prepare_inputs_rank_zero_first(cfg: ExperimentConfig) -> None:
     """Make sure the run's benchmark and base checkpoint exist (``fomo_ray.prep.ensure_inputs``), rank 0 first: on
     shared storage the other ranks then find them, on a node of its own a rank builds its own copy. The sweep
     driver prepared them already where it runs, so this is quick there; the loop itself never builds inputs."""

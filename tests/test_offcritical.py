@@ -124,7 +124,7 @@ def test_gpu_trial_on_a_cpu_only_process_fails_before_any_step(cfg_of, tmp_path,
         raise AssertionError("the loop ran although no GPU was usable")
 
     monkeypatch.setattr(loop, "run_stream", no_step)
-    monkeypatch.setattr(ray_train, "ensure_inputs", no_step)
+    monkeypatch.setattr(ray_train, "prepare_inputs_rank_zero_first", no_step)
     session = FakeSession(tmp_path / "storage")
     payload = ray_train.RunPayload(cfg=cfg_of(**{"ray.gpus_per_worker": 1.0}), run_name="gpu")
     final = ray_train.continual_run(payload, session)

@@ -10,7 +10,7 @@ The methods are those of docs/BENCHMARK.md §Methods.
 - ``regularisers.py``: ewc, si
 - ``merging.py``: ema_merge, zs_merge, ft_merge, offline_merge, magmax_merge, opcm_merge, dop_merge and the
   general TIME triple ``merge``
-- ``baselines.py``: zero_shot, joint (the reference points every study needs)
+- ``references.py``: zero_shot, joint (the reference points every study needs; the *baseline* is what a report subtracts)
 - ``zscl.py``: zscl (distillation towards the initial model on pool data, plus weight consolidation)
 - ``peft_mha.py``: the exact nn.MultiheadAttention -> Linear swap the peft adapters need
 """
@@ -23,7 +23,7 @@ from fomo_ray.methods.base import Method, TaskPlan
 from fomo_ray.methods.finetune import BitFit, FineTune, LNFit, LockedImage, LockedText
 from fomo_ray.methods.merging import MERGE_PRESETS, Merge
 from fomo_ray.methods.peft_methods import DoRA, LoRA, VeRA
-from fomo_ray.methods.baselines import Joint, ZeroShot
+from fomo_ray.methods.references import Joint, ZeroShot
 from fomo_ray.methods.regularisers import EWC, SI
 from fomo_ray.methods.zscl import ZSCL
 
