@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 
 from fomo_ray import checkpoint, distributed
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.prep.fifmini import ensure_fifmini
 from fomo_ray.loop import RunHooks, run_stream
 from fomo_ray.methods import REGISTRY, build_method
 from fomo_ray.methods.finetune import FineTune
+
+from _data_util import small_fifmini, tiny_config
 
 WORLD = 2
 BATCH = 8  # global batch: 4 rows per rank
@@ -48,17 +49,11 @@ class GradSpy(FineTune):
 
 
 def _cfg(root, tmp, **overrides):
-    base = {
-        "data.root": str(root), "data.prepare_if_missing": False, "data.loader": "memory",
-        "backbone.pretrained": "",  # random init, identical on every rank (seeded)
-        "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 4,  # 2 tasks x 2 steps
-        "budget.cache_dir": os.path.join(tmp, "budget"), "mixture.batch_size": BATCH,
-        "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
+    """The tiny run (random init, identical on every rank: seeded; 2 tasks x 2 steps) at the ranks' global batch."""
+    return tiny_config(root, tmp, **{
+        "mixture.batch_size": BATCH,
         "evaluation.batch_size": 16,  # several evaluation batches, so that ranks can share them
-        "method.reg.ewc_fisher_batches": 2, "output_dir": os.path.join(tmp, "runs"), "tracking.enabled": False,
-    }
-    base.update(overrides)
-    return load_config(None, base)
+        "method.reg.ewc_fisher_batches": 2, **overrides})
 
 
 class WorkCounter:
@@ -155,8 +150,7 @@ def _spawn(tmp, root, world):
 def ddp_runs(tmp_path_factory):
     """(per-rank outputs of 2 gloo ranks, single-process outputs on the same configs, per-rank outputs of 3)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    root = tmp / "fifmini"
-    ensure_fifmini(root, 0, 32, scale=0.05, progress=False)
+    root = small_fifmini(tmp_path_factory).root  # the session's 5% build, read only
     ranks = _spawn(tmp, root, WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same kernels, so differences come from the sharding alone

@@ -628,7 +628,7 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     and the sweep's stopping rule stops trailing trials through the loop's should_stop hook at a task boundary:
     status ``stopped`` (not failed) in the trials table, Tune's last result, MLflow and the report, a partial
     trajectory, and decisions that replay the pure rule exactly."""
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray.report import trial_table
     from fomo_ray.stopping import StoppingRule, decide, history_from_results
@@ -638,11 +638,9 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     rule = {"rule": "trails_best", "min_tasks": 1, "margin": 0.0, "min_trials": 2}
     spec = spec_from_dict({
         "name": "stops", "stopping": rule, "references": ["zero_shot"],
-        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-                 "backbone.pretrained": "", "stream.num_tasks": 3, "budget.total_ft_steps": 9,
-                 "mixture.batch_size": 16, "evaluation.subset_min": 20, "data.num_workers": 1,
-                 "budget.cache_dir": str(tmp_path / "budget"), "ray.cpus_per_worker": 1.0,
-                 "ray.max_concurrent_trials": 1},  # one at a time: the start order is the comparison order
+        "base": tiny_sweep(bench.root, tmp_path, **{
+            "stream.num_tasks": 3, "budget.total_ft_steps": 9,
+            "ray.max_concurrent_trials": 1}),  # one at a time: the start order is the comparison order
         "space": {"variant": {"points": {"lr3": {"method.name": "finetune", "optimizer.lr": 1e-3},
                                          "lr2": {"method.name": "finetune", "optimizer.lr": 1e-2},
                                          "lr1": {"method.name": "finetune", "optimizer.lr": 1e-1}}}}})
@@ -701,7 +699,7 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
                                                                       monkeypatch, capsys):
     """Issue 17, item 3: a later sweep replays the finished trials it shares with an earlier one (same config and
     seed, same commit), with the same numbers, says so, and tags their MLflow runs; its new trial runs."""
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray import trial_cache
     from fomo_ray.tracking import Tracker
@@ -711,10 +709,7 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     # the tree under test may be uncommitted
     monkeypatch.setattr(trial_cache, "cache_origin", lambda: trial_cache.Origin("ab" * 20, platform_label()))
     bench = small_fifmini(tmp_path_factory)
-    base = {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 4, "mixture.batch_size": 16,
-            "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
-            "ray.cpus_per_worker": 1.0}
+    base = tiny_sweep(bench.root, tmp_path, **{"budget.total_ft_steps": 4})
     first = sweep.run_sweep(spec_from_dict({"name": "c1", "references": ["zero_shot"], "base": base,
                                             "space": {"optimizer.lr": {"grid": [1e-3]}}}))
     assert set(first.trials["status"]) == {"finished"}
