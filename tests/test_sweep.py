@@ -290,27 +290,17 @@ def _unit_costs(plan, device=None, store=True):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
-    """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial:
-    parent/child runs, per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report
-    files; a rerun never overwrites."""
-    from _data_util import SCALE, small_fifmini
-
+def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
+    """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial (the
+    session's tiny sweep of tests/conftest.py, also read by test_api.py and test_ui_browser.py): parent/child runs,
+    per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report files; a rerun never
+    overwrites."""
     from fomo_ray.tracking import NOTE_TAG, PARENT_TAG, TRAIN_KEYS, Tracker, as_percent, summary_key
 
-    bench = small_fifmini(tmp_path_factory)
-    spec = spec_from_dict({
-        "name": "e2e", "report": {"x": "method.merge.weight"}, "trainer": "train",
-        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-                 "backbone.pretrained": "",
-                 "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
-                 "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
-                 "ray.cpus_per_worker": 1.0},
-        "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
-                                         "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}})
-    t0 = time.time()
-    out = sweep.run_sweep(spec)
-    wall = time.time() - t0
+    spec, out, wall, runs_dir = (tiny_finished_sweep.spec, tiny_finished_sweep.out, tiny_finished_sweep.wall,
+                                 tiny_finished_sweep.output_dir)
+    sweep_name = spec.name
+    assert spec.trainer == "train" and spec.report_x == "method.merge.weight"
     assert list(out.trials["status"]) == ["finished", "finished"]
     res = out.results
     assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
@@ -325,8 +315,9 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
 
     tracker = Tracker(out.tracking_uri, "fomo_ray")
     parent = tracker.client.get_run(out.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
-    assert "**Sweep `e2e`**" in parent.data.tags[NOTE_TAG] and "`variant`: points" in parent.data.tags[NOTE_TAG]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == sweep_name
+    note = parent.data.tags[NOTE_TAG]
+    assert f"**Sweep `{sweep_name}`**" in note and "`variant`: points" in note
     final = res[res["task"] == 2]
     assert parent.data.metrics["Best/GM"] == as_percent(final["GM"].max())
     assert parent.data.metrics["Median/A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
@@ -364,7 +355,8 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     with pytest.raises(SweepError, match="already exists.*finished"):
         sweep.run_sweep(spec, if_exists="refuse")
     assert (out.directory / "results.csv").stat().st_mtime_ns == before
-    assert sweep_spec.sweep_directory(tmp_path / "sweeps", "e2e", "auto") == (tmp_path / "sweeps" / "e2e-2", False)
+    again = sweep_spec.sweep_directory(runs_dir / "sweeps", sweep_name, "auto")
+    assert again == (runs_dir / "sweeps" / f"{sweep_name}-2", False)
     print(f"end-to-end sweep (2 trials x 2 tasks, real loop): {wall:.1f} s")
 
 
