@@ -181,6 +181,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
     ranks, single, _ = ddp_runs
     assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
@@ -190,6 +191,7 @@ def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
         assert len(r["finetune"]["losses"]) == len(single["finetune"]["losses"]) == 4
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
     ranks, single, _ = ddp_runs
     want = single["finetune"]["grads"]
@@ -207,6 +209,7 @@ def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
     assert _max_abs_diff(ranks[0]["finetune"]["theta0"], single["finetune"]["theta0"]) == 0  # same theta_0
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_weights_replicated_and_equal_to_single_process(ddp_runs, method):
     ranks, single, _ = ddp_runs
@@ -235,6 +238,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_runs):
     ranks, single, _ = ddp_runs
     for r in ranks:
@@ -250,6 +254,7 @@ def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_ru
                                   rtol=0)
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
     """The stop is agreed at the task boundary (no collective per step): both ranks finish task 0 and leave."""
     ranks, _, _ = ddp_runs
@@ -257,12 +262,14 @@ def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
     assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0, 1], [0, 1]]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_only_rank_zero_holds_a_snapshot(ddp_runs):
     ranks, _, _ = ddp_runs
     assert ranks[0]["stop"]["state_kinds"] == [("LoopState", 1, 0)]
     assert ranks[1]["stop"]["state_kinds"] == [("CheckpointMarker", 1, 0)]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
     ranks, _, _ = ddp_runs
     for r in ranks:
@@ -270,6 +277,7 @@ def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
         assert "'mixture.batch_size' = 1" in r["tiny_batch_error"] and "world size 2" in r["tiny_batch_error"]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method):
     """W = 3 does not divide b = 8 (shards 3, 3, 2): padded gathers, the same global loss, the same training."""
@@ -286,6 +294,7 @@ def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method
         assert _max_rel_diff(three[0]["finetune"]["grads"][0], single["finetune"]["grads"][0]) < 1e-5
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_sharded_fisher_equals_one_processes(ddp_runs, world):
     """Issue 27: EWC's Fisher from sharded batches (each rank its shard, features gathered, gradients averaged before
@@ -298,6 +307,7 @@ def test_the_sharded_fisher_equals_one_processes(ddp_runs, world):
     assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < 1e-5 * scale
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("world", [2, 3])
 def test_evaluation_and_the_fisher_pass_are_shared_out_not_repeated(ddp_runs, world):
     """Each rank encodes only its share of the evaluation images and only its shard of every EWC Fisher batch (issue
