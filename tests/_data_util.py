@@ -1,4 +1,6 @@
-"""Shared helpers of the data tests: small FiF-mini builds (cached per pytest process) and a toy benchmark."""
+"""Shared helpers of the tests: small FiF-mini builds (cached per pytest process), the tiniest run and sweep configs on
+them, and a toy benchmark. Plain functions (not fixtures): spawned ranks and the cluster scenario scripts import them
+too."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +20,39 @@ def small_fifmini(tmp_path_factory, seed: int = 0, image_size: int = 32):
         root = tmp_path_factory.mktemp(f"fifmini_s{seed}_{image_size}")
         _BUILT[key] = ensure_fifmini(root, seed=seed, image_size=image_size, scale=SCALE, progress=False)
     return _BUILT[key]
+
+
+def tiny_run(root, out, **overrides) -> dict:
+    """The tiniest in-process run of the real loop, as config overrides: random-init fomo-tiny-s on the FiF-mini at
+    ``root`` (as built, in memory), 2 tasks x 2 steps at batch 8, a few evaluation rows per dataset and no full test
+    sets, no MLflow; writes under ``out`` (``runs/``, ``budget/``). Dotted keys change it:
+    ``tiny_run(root, out, **{"method.name": "ewc"})``."""
+    out = Path(out)
+    return {"data.root": str(root), "data.prepare_if_missing": False, "data.loader": "memory",
+            "backbone.pretrained": "",  # random init: the cached pretrained base takes minutes to train
+            "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 4,
+            "budget.cache_dir": str(out / "budget"), "mixture.batch_size": 8,
+            "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
+            "output_dir": str(out / "runs"), "tracking.enabled": False, **overrides}
+
+
+def tiny_config(root, out, **overrides):
+    """``tiny_run`` as an ExperimentConfig."""
+    from fomo_ray.config import load_config
+
+    return load_config(None, tiny_run(root, out, **overrides))
+
+
+def tiny_sweep(root, out, **overrides) -> dict:
+    """The base of the tiniest real sweep, as config overrides: random-init fomo-tiny-s on the FiF-mini at ``root``
+    (real FFCV loaders, one loader worker), 2 tasks x 8 fine-tuning steps at batch 16 (each method's steps from the
+    budget), 20 evaluation rows per dataset, one CPU per trial, MLflow on; writes under ``out`` (its ``output_dir``,
+    ``budget/``)."""
+    out = Path(out)
+    return {"output_dir": str(out), "data.root": str(root), "data.scale": SCALE, "backbone.pretrained": "",
+            "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16, "evaluation.subset_min": 20,
+            "data.num_workers": 1, "budget.cache_dir": str(out / "budget"), "ray.cpus_per_worker": 1.0,
+            **overrides}
 
 
 def toy_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:

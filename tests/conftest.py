@@ -49,3 +49,52 @@ def no_stray_ray(request):
         return  # a Ray fixture owns it
     ray.shutdown()
     pytest.fail(f"{request.node.nodeid} left a Ray instance running (started outside a Ray fixture)")
+
+
+@pytest.fixture(scope="session")
+def tiny_finished_sweep(tmp_path_factory):
+    """ONE finished tiny sweep for the whole session, read by tests/test_api.py, tests/test_sweep.py's end-to-end test
+    and tests/test_ui_browser.py (each used to run this same sweep of its own): 2 trials (fine-tuning; EMA merge at
+    weight 0.5) x 2 tasks of the real loop on random-init fomo-tiny-s (``_data_util.tiny_sweep``), each trial a
+    TorchTrainer driven by its Tune trial, tracked in MLflow (every training step logged). Named ``merge_weights``
+    like the main job and written under ``<root>/runs`` (the default output directory seen from ``<root>``), so that
+    docs/PYTHON_API.md and the README's commands run on it as written.
+
+    Made through the public ``fomo_ray.sweep`` (``.api``: its Results); ``.out`` is the engine's SweepResult of the
+    same call (``tune_sweep.run_sweep``'s return value, recorded on the way), ``.spec`` the sweep spec it ran, and
+    ``.wall`` its wall time. Tests only read it. Uses the Ray already running (a module's ``ray_local``) or starts
+    one and shuts it down again."""
+    import time
+    from types import SimpleNamespace
+
+    import ray
+
+    import fomo_ray
+    from fomo_ray import tune_sweep
+
+    from _data_util import small_fifmini, tiny_sweep
+
+    root = tmp_path_factory.mktemp("tiny_sweep")
+    spec = {"name": "merge_weights", "report": {"x": "method.merge.weight"}, "trainer": "train",
+            "base": tiny_sweep(small_fifmini(tmp_path_factory).root, root, output_dir=str(root / "runs")),
+            "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
+                                             "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}}
+    ran: dict = {}
+    real = tune_sweep.run_sweep
+
+    def recorded(sweep_spec, **kwargs):
+        ran["spec"], ran["out"] = sweep_spec, real(sweep_spec, **kwargs)
+        return ran["out"]
+
+    had_ray = ray.is_initialized()
+    t0 = time.time()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(tune_sweep, "run_sweep", recorded)
+            res = fomo_ray.sweep(spec, progress=False)
+        wall = time.time() - t0
+    finally:
+        if not had_ray and ray.is_initialized():
+            ray.shutdown()
+    assert list(res.trials["status"]) == ["finished", "finished"] and not res.interrupted
+    return SimpleNamespace(api=res, out=ran["out"], spec=ran["spec"], root=root, output_dir=root / "runs", wall=wall)

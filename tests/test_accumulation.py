@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.flop_counter import FlopCounterMode
 
+from _data_util import small_fifmini, tiny_config
 from _test_archs import registered
 from fomo_ray import distributed
 from fomo_ray.backbones import create_backbone
@@ -259,29 +260,22 @@ def test_step_cost_matches_the_counted_flops_and_the_checkpointed_saved_tensors(
 
 
 # --------------------------------------------------------------------------------------------------- the loop
-def test_a_run_with_accumulation_and_checkpointing_gives_the_results_of_one_batch(tmp_path, monkeypatch):
+def test_a_run_with_accumulation_and_checkpointing_gives_the_results_of_one_batch(tmp_path, tmp_path_factory,
+                                                                                   monkeypatch):
     """accum_steps = 2 (and with gradient checkpointing on as well) trains the same continual run as accum_steps = 1:
     the same per-step losses and results table up to float rounding (the micro-batches' matmuls round differently
     from the whole batch's: measured 2.4e-7 on the losses; the table was identical), not bitwise."""
     from fomo_ray import assembly
     from fomo_ray.loop import RunHooks, run_stream
-    from fomo_ray.prep.fifmini import ensure_fifmini
 
-    root = tmp_path / "fifmini"
-    ensure_fifmini(root, seed=0, scale=0.05, progress=False)
+    root = small_fifmini(tmp_path_factory).root  # the session's 5% build, read only
     enabled = []
     monkeypatch.setattr(assembly, "enable_grad_checkpointing", lambda m: enabled.append(enable_grad_checkpointing(m)))
     out = {}
     for k, ckpt in ((1, False), (2, False), (2, True)):
         losses = []
-        cfg = load_config(None, {
-            "data.root": str(root), "data.prepare_if_missing": False, "data.loader": "memory",
-            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.mode": "equal_steps",
-            "budget.total_ft_steps": 4, "budget.cache_dir": str(tmp_path / "budget"), "mixture.batch_size": 6,
-            "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
-            "evaluation.every_n_tasks": 2, "output_dir": str(tmp_path / "runs"), "tracking.enabled": False,
-            "optimizer.accum_steps": k,
-            "backbone.grad_checkpointing": ckpt})
+        cfg = tiny_config(root, tmp_path, **{"mixture.batch_size": 6, "evaluation.every_n_tasks": 2,
+                                             "optimizer.accum_steps": k, "backbone.grad_checkpointing": ckpt})
         df = run_stream(cfg, hooks=RunHooks(on_step=lambda t, s, loss, *_: losses.append(float(loss))), device="cpu")
         out[(k, ckpt)] = (df.drop(columns="run"), losses)  # another config, another run name
     assert len(enabled) == 1 and all(t.grad_checkpointing for t in enabled[0].modules() if hasattr(t, "resblocks"))

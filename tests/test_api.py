@@ -18,30 +18,11 @@ DOC = REPO / "docs" / "PYTHON_API.md"
 NOT_EXECUTED = "<!-- not executed by the doc test"
 
 
-def tiny_base(tmp_path, bench) -> dict:
-    from _data_util import SCALE
-
-    return {"output_dir": str(tmp_path / "runs"), "data.root": str(bench.root), "data.scale": SCALE,
-            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
-            "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
-            "ray.cpus_per_worker": 1.0}
-
-
-@pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
-    """A finished 2-trial sweep named like the main job, made through ``fomo_ray.sweep``, under ``<tmp>/runs``."""
-    import ray
-
-    from _data_util import small_fifmini
-
-    tmp = tmp_path_factory.mktemp("api")
-    spec = {"name": "merge_weights", "base": tiny_base(tmp, small_fifmini(tmp_path_factory)),
-            "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
-                                             "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}}
-    res = fomo_ray.sweep(spec, progress=False)
-    if ray.is_initialized():
-        ray.shutdown()
-    return tmp, res
+@pytest.fixture
+def finished_sweep(tiny_finished_sweep):
+    """The session's finished 2-trial sweep (tests/conftest.py), named like the main job, made through
+    ``fomo_ray.sweep``, under ``<tmp>/runs``: (tmp, its Results)."""
+    return tiny_finished_sweep.root, tiny_finished_sweep.api
 
 
 def python_blocks(text: str) -> list[str]:
@@ -100,11 +81,11 @@ def test_the_readme_report_score_and_load_results_examples_work(finished_sweep, 
 
 
 def test_run_writes_its_directory_and_returns_its_results(tmp_path, tmp_path_factory):
-    from _data_util import small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray.metrics import load_results
 
-    base = tiny_base(tmp_path, small_fifmini(tmp_path_factory))
+    base = tiny_sweep(small_fifmini(tmp_path_factory).root, tmp_path, output_dir=str(tmp_path / "runs"))
     res = fomo_ray.run(overrides={**base, "stream.num_tasks": 1}, method__name="ema_merge")
     assert res.directory.parent == tmp_path / "runs" and (res.directory / "config.json").is_file()
     saved = load_results(next(res.directory.glob("results.*")))
@@ -181,7 +162,7 @@ def test_every_sweep_flag_works_as_a_keyword_and_dry_run_returns_the_plan(tmp_pa
     as a keyword, sets its config key; ``dry_run=True`` returns the plan and the cost estimate and writes nothing."""
     import argparse
 
-    from _data_util import small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray.cli import sweep as sweep_cli
     from fomo_ray.config import FLAG_KEYS
@@ -196,7 +177,7 @@ def test_every_sweep_flag_works_as_a_keyword_and_dry_run_returns_the_plan(tmp_pa
     sweep_cli.add_arguments(ap)
     flags = {a.dest for a in ap._actions}
     assert set(FLAG_KEYS) <= flags, f"FLAG_KEYS names no flag of the command: {sorted(set(FLAG_KEYS) - flags)}"
-    base = {**tiny_base(tmp_path, bench), "tracking.enabled": False}
+    base = {**tiny_sweep(bench.root, tmp_path, output_dir=str(tmp_path / "runs")), "tracking.enabled": False}
     spec = {"name": "flags", "base": base, "space": {"method.name": {"grid": ["finetune"]}}}
     check = fomo_ray.sweep(spec, dry_run=True, **values)
     flat = check.plan.base.flat()

@@ -51,13 +51,12 @@ def test_the_table_lists_trials_in_start_order_with_totals_and_the_bound():
 # --------------------------------------------------------------------------------------------------- real trials
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     bench = small_fifmini(tmp_path_factory)
     tmp = tmp_path_factory.mktemp("estimate")
-    return load_config(None, {"data.root": str(bench.root), "data.scale": SCALE, "backbone.pretrained": "",
-                              "stream.num_tasks": 3, "budget.total_ft_steps": 9, "mixture.batch_size": 16,
-                              "evaluation.subset_min": 20, "budget.cache_dir": str(tmp / "budget")}).resolved()
+    return load_config(None, tiny_sweep(bench.root, tmp, **{"stream.num_tasks": 3,
+                                                             "budget.total_ft_steps": 9})).resolved()
 
 
 def test_a_trials_estimate_is_the_budgets_steps_and_the_evaluators_workload(tiny):

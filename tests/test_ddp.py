@@ -21,10 +21,11 @@ import torch.multiprocessing as mp
 
 from fomo_ray import checkpoint, distributed
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.prep.fifmini import ensure_fifmini
 from fomo_ray.loop import RunHooks, run_stream
 from fomo_ray.methods import REGISTRY, build_method
 from fomo_ray.methods.finetune import FineTune
+
+from _data_util import small_fifmini, tiny_config
 
 WORLD = 2
 BATCH = 8  # global batch: 4 rows per rank
@@ -48,17 +49,11 @@ class GradSpy(FineTune):
 
 
 def _cfg(root, tmp, **overrides):
-    base = {
-        "data.root": str(root), "data.prepare_if_missing": False, "data.loader": "memory",
-        "backbone.pretrained": "",  # random init, identical on every rank (seeded)
-        "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 4,  # 2 tasks x 2 steps
-        "budget.cache_dir": os.path.join(tmp, "budget"), "mixture.batch_size": BATCH,
-        "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
+    """The tiny run (random init, identical on every rank: seeded; 2 tasks x 2 steps) at the ranks' global batch."""
+    return tiny_config(root, tmp, **{
+        "mixture.batch_size": BATCH,
         "evaluation.batch_size": 16,  # several evaluation batches, so that ranks can share them
-        "method.reg.ewc_fisher_batches": 2, "output_dir": os.path.join(tmp, "runs"), "tracking.enabled": False,
-    }
-    base.update(overrides)
-    return load_config(None, base)
+        "method.reg.ewc_fisher_batches": 2, **overrides})
 
 
 class WorkCounter:
@@ -155,8 +150,7 @@ def _spawn(tmp, root, world):
 def ddp_runs(tmp_path_factory):
     """(per-rank outputs of 2 gloo ranks, single-process outputs on the same configs, per-rank outputs of 3)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    root = tmp / "fifmini"
-    ensure_fifmini(root, 0, 32, scale=0.05, progress=False)
+    root = small_fifmini(tmp_path_factory).root  # the session's 5% build, read only
     ranks = _spawn(tmp, root, WORLD)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the ranks: the same kernels, so differences come from the sharding alone
@@ -187,6 +181,7 @@ def _max_abs_diff(a: dict, b: dict) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
     ranks, single, _ = ddp_runs
     assert [r["world"] for r in ranks] == [(0, WORLD), (1, WORLD)]
@@ -196,6 +191,7 @@ def test_ranks_see_their_rank_and_every_hook_fires_on_every_rank(ddp_runs):
         assert len(r["finetune"]["losses"]) == len(single["finetune"]["losses"]) == 4
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
     ranks, single, _ = ddp_runs
     want = single["finetune"]["grads"]
@@ -213,6 +209,7 @@ def test_global_batch_gradient_equals_the_single_process_gradient(ddp_runs):
     assert _max_abs_diff(ranks[0]["finetune"]["theta0"], single["finetune"]["theta0"]) == 0  # same theta_0
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_weights_replicated_and_equal_to_single_process(ddp_runs, method):
     ranks, single, _ = ddp_runs
@@ -241,6 +238,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_runs):
     ranks, single, _ = ddp_runs
     for r in ranks:
@@ -256,6 +254,7 @@ def test_mid_task_resume_under_ddp_is_exact_and_may_change_the_world_size(ddp_ru
                                   rtol=0)
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
     """The stop is agreed at the task boundary (no collective per step): both ranks finish task 0 and leave."""
     ranks, _, _ = ddp_runs
@@ -263,12 +262,14 @@ def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
     assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0, 1], [0, 1]]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_only_rank_zero_holds_a_snapshot(ddp_runs):
     ranks, _, _ = ddp_runs
     assert ranks[0]["stop"]["state_kinds"] == [("LoopState", 1, 0)]
     assert ranks[1]["stop"]["state_kinds"] == [("CheckpointMarker", 1, 0)]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
     ranks, _, _ = ddp_runs
     for r in ranks:
@@ -276,6 +277,7 @@ def test_a_world_size_larger_than_the_batch_is_refused(ddp_runs):
         assert "'mixture.batch_size' = 1" in r["tiny_batch_error"] and "world size 2" in r["tiny_batch_error"]
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("method", ["finetune", "ewc"])
 def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method):
     """W = 3 does not divide b = 8 (shards 3, 3, 2): padded gathers, the same global loss, the same training."""
@@ -292,6 +294,7 @@ def test_three_ranks_on_a_batch_of_eight_train_like_one_process(ddp_runs, method
         assert _max_rel_diff(three[0]["finetune"]["grads"][0], single["finetune"]["grads"][0]) < 1e-5
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("world", [2, 3])
 def test_the_sharded_fisher_equals_one_processes(ddp_runs, world):
     """Issue 27: EWC's Fisher from sharded batches (each rank its shard, features gathered, gradients averaged before
@@ -304,6 +307,7 @@ def test_the_sharded_fisher_equals_one_processes(ddp_runs, world):
     assert max(float((g - w).abs().max()) for g, w in zip(got, want)) < 1e-5 * scale
 
 
+@pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box
 @pytest.mark.parametrize("world", [2, 3])
 def test_evaluation_and_the_fisher_pass_are_shared_out_not_repeated(ddp_runs, world):
     """Each rank encodes only its share of the evaluation images and only its shard of every EWC Fisher batch (issue

@@ -93,6 +93,7 @@ def family_runs(tmp_path_factory):
     return ranks, single
 
 
+@pytest.mark.slow  # family_runs: 2 spawned gloo ranks + a single run, ~45 s on a busy 2-core box
 def test_a_sigmoid_loss_model_trains_data_parallel_like_one_process(family_runs):
     """DDP (find_unused_parameters=False) sees the logit_bias used (it failed at its second step when the model
     trained with InfoNCE); the gathered global sigmoid loss gives the one-process gradient, bias included."""
@@ -111,6 +112,7 @@ def test_a_sigmoid_loss_model_trains_data_parallel_like_one_process(family_runs)
         assert torch.equal(v, ranks[1]["sigmoid"]["final_model"][k]), f"rank weights differ at {k}"
 
 
+@pytest.mark.slow  # family_runs: 2 spawned gloo ranks + a single run, ~45 s on a busy 2-core box
 def test_batchnorm_model_is_refused_on_cpu_ranks(family_runs):
     ranks, _ = family_runs
     for r in ranks:
@@ -120,6 +122,7 @@ def test_batchnorm_model_is_refused_on_cpu_ranks(family_runs):
         assert "on 2 data-parallel ranks" in msg and "'ray.num_workers' = 1" in msg and "GPU" in msg
 
 
+@pytest.mark.slow  # family_runs: 2 spawned gloo ranks + a single run, ~45 s on a busy 2-core box
 def test_rank_local_passes_skip_the_batchnorm_sync(family_runs):
     ranks, _ = family_runs
     for r in ranks:

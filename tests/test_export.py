@@ -25,7 +25,7 @@ from fomo_ray.loop import RunHooks, deployed, run_stream
 from fomo_ray.methods import REGISTRY
 from fomo_ray.methods.merging import MERGE_PRESETS
 
-from _data_util import small_fifmini
+from _data_util import small_fifmini, tiny_config
 
 ARCH = "fomo-tiny-s"
 PEFT = ("lora", "dora", "vera")
@@ -37,18 +37,10 @@ def bench_root(tmp_path_factory):
 
 
 def _cfg(bench_root, out: Path, **overrides):
-    base = {
-        "data.root": str(bench_root), "data.prepare_if_missing": False, "data.loader": "memory",
-        "backbone.pretrained": "",  # random init: no cached base needed
-        "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 4,
-        "budget.cache_dir": str(out / "budget"), "mixture.batch_size": 8,
-        "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
+    return tiny_config(bench_root, out, **{
         "evaluation.every_n_tasks": 2, "method.reg.ewc_fisher_batches": 1,
         "optimizer.lr": 1e-2,  # large enough that four steps move every method's deployed features visibly
-        "output_dir": str(out / "runs"), "tracking.enabled": False,
-    }
-    base.update(overrides)
-    return load_config(None, base)
+        **overrides})
 
 
 def _overrides(cfg) -> list[str]:

@@ -9,19 +9,15 @@ import pytest
 import torch
 
 from fomo_ray import batch_step, loop
-from fomo_ray.config import load_config
 
-from _data_util import SCALE, small_fifmini
+from _data_util import SCALE, small_fifmini, tiny_config
 
 BATCH = 8
 
 
 def _cfg(root, tmp, **overrides):
-    base = {"data.root": str(root), "data.scale": SCALE, "data.prepare_if_missing": False, "data.loader": "memory",
-            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.mode": "equal_steps",
-            "budget.total_ft_steps": 2, "budget.cache_dir": str(tmp / "budget"), "mixture.batch_size": BATCH,
-            "method.name": "ewc", "output_dir": str(tmp / "runs"), "tracking.enabled": False}
-    return load_config(None, {**base, **overrides})
+    return tiny_config(root, tmp, **{"data.scale": SCALE, "budget.total_ft_steps": 2, "mixture.batch_size": BATCH,
+                                     "method.name": "ewc", **overrides})
 
 
 def _fisher(cfg, n: int = 2):

@@ -13,8 +13,6 @@ import pandas as pd
 import pytest
 import torch
 
-from fomo_ray.config import load_config
-from fomo_ray.prep.fifmini import ensure_fifmini
 from fomo_ray.assembly import run_name
 from fomo_ray.checkpoint import LoopState, load_state, save_state
 from fomo_ray.cli.run import main
@@ -23,30 +21,23 @@ from fomo_ray.metrics import COLUMNS
 from fomo_ray.optim import decays, make_optimizer
 from fomo_ray.methods import REGISTRY, Method
 
+from _data_util import small_fifmini, tiny_config
+
 STEPS_PER_TASK = 2
 
 
 @pytest.fixture(scope="session")
 def bench_root(tmp_path_factory):
-    """FiF-mini at 5% scale (same generator, same datasets/streams; ~20 train rows per adaptation dataset)."""
-    root = tmp_path_factory.mktemp("data") / "fifmini"
-    ensure_fifmini(root, seed=0, scale=0.05, progress=False)
-    return root
+    """FiF-mini at 5% scale (same generator, same datasets/streams; ~20 train rows per adaptation dataset): the
+    session's small build (tests/_data_util.py), read only."""
+    return small_fifmini(tmp_path_factory).root
 
 
 @pytest.fixture
 def tiny_cfg(bench_root, tmp_path):
     def make(**overrides):
-        base = {
-            "data.root": str(bench_root), "data.prepare_if_missing": False, "data.loader": "memory",
-            "backbone.pretrained": "",  # random init: the cached pretrained base takes minutes to train
-            "stream.num_tasks": 2, "budget.mode": "equal_steps", "budget.total_ft_steps": 2 * STEPS_PER_TASK,
-            "budget.cache_dir": str(tmp_path / "budget"), "mixture.batch_size": 8,
-            "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
-            "method.reg.ewc_fisher_batches": 1, "output_dir": str(tmp_path / "runs"), "tracking.enabled": False,
-        }
-        base.update(overrides)
-        return load_config(None, base)
+        return tiny_config(bench_root, tmp_path, **{"budget.total_ft_steps": 2 * STEPS_PER_TASK,
+                                                    "method.reg.ewc_fisher_batches": 1, **overrides})
     return make
 
 

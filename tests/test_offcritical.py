@@ -21,7 +21,7 @@ from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
 from fomo_ray.methods import REGISTRY
 from fomo_ray.methods.finetune import FineTune
 
-from _data_util import SCALE, small_fifmini
+from _data_util import SCALE, small_fifmini, tiny_config
 
 STEPS = 12  # one task of 12 steps (long enough for several finiteness reads between logging steps)
 
@@ -31,14 +31,8 @@ def cfg_of(tmp_path, tmp_path_factory):
     bench = small_fifmini(tmp_path_factory)
 
     def make(**overrides):
-        base = {"data.root": str(bench.root), "data.scale": SCALE, "data.prepare_if_missing": False,
-                "data.loader": "memory", "backbone.pretrained": "", "stream.num_tasks": 1, "budget.mode": "equal_steps",
-                "budget.total_ft_steps": STEPS, "budget.cache_dir": str(tmp_path / "budget"),
-                "mixture.batch_size": 8, "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01,
-                "evaluation.full_at_ends": False, "output_dir": str(tmp_path / "runs"), "tracking.enabled": False,
-                "data.num_workers": 1}
-        base.update(overrides)
-        return load_config(None, base)
+        return tiny_config(bench.root, tmp_path, **{"data.scale": SCALE, "stream.num_tasks": 1,
+                                                    "budget.total_ft_steps": STEPS, "data.num_workers": 1, **overrides})
     return make
 
 

@@ -16,7 +16,7 @@ from fomo_ray.metrics import point_summary, tidy_frame
 from fomo_ray.provenance import platform_label
 from fomo_ray.tracking import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
-from _data_util import SCALE, small_fifmini
+from _data_util import small_fifmini, tiny_sweep
 from _edges_util import Fault, register_by_value, train_worker_in_worker
 
 def test_pure_helpers():
@@ -80,12 +80,9 @@ def test_a_resumed_run_logs_no_point_or_step_twice(tmp_path):
 def _cfg(bench_root, out):
     """Tiniest real run: random-init fomo-tiny-s, 2 tasks x 4 steps of EMA-merge (merge history must survive the
     restart), a mid-task checkpoint every 2 steps, real FFCV loaders on a small FiF-mini."""
-    return load_config(None, {
-        "data.root": str(bench_root), "data.scale": SCALE, "backbone.pretrained": "", "output_dir": str(out),
-        "method.name": "ema_merge", "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
-        "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
-        "ray.checkpoint_every_steps": 2, "ray.max_failures": 2, "ray.cpus_per_worker": 1.0,
-        "budget.mode": "equal_steps"})
+    return load_config(None, tiny_sweep(bench_root, out, **{
+        "method.name": "ema_merge", "ray.checkpoint_every_steps": 2, "ray.max_failures": 2,
+        "budget.mode": "equal_steps"}))
 
 
 @pytest.mark.ray

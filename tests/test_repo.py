@@ -63,6 +63,29 @@ def test_two_commands_exist_and_ci_runs_the_test_command():
         subprocess.run(["bash", "-n", str(REPO / script)], check=True)  # syntax
 
 
+def test_the_fast_lane_is_the_marker_expression_and_the_rest_passes_through(tmp_path):
+    """`bash scripts/test.sh --fast` is pytest's `-m "not slow and not ray"`; every other argument reaches pytest as
+    given, and no argument at all is the whole suite (what .ci/run runs). Checked on a copy whose set-up and Python are
+    stand-ins that print what they were given."""
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "test.sh").write_text((REPO / "scripts" / "test.sh").read_text())
+    (tmp_path / "scripts" / "setup.sh").write_text("true\n")
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
+    python.chmod(0o755)
+
+    def argv(*args):
+        out = subprocess.run(["bash", str(tmp_path / "scripts" / "test.sh"), *args], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.splitlines()
+
+    assert argv() == ["-m", "pytest"]
+    assert argv("--fast") == ["-m", "pytest", "-m", "not slow and not ray"]
+    assert argv("-k", "loop and not ray", "--fast", "-x") == ["-m", "pytest", "-k", "loop and not ray", "-m",
+                                                              "not slow and not ray", "-x"]
+
+
 def test_console_script_lists_commands():
     exe = Path(sys.executable).parent / "fomo-ray"  # installed by setup.cfg's console_scripts entry point
     assert exe.is_file(), f"{exe} missing: the package is not installed with its console script"

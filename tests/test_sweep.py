@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -241,6 +240,9 @@ def test_experiment_dry_run_cli():
     assert bad.returncode == 2 and "optimizer.lr" in bad.stderr
 
 
+# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
+# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+@pytest.mark.slow
 def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
     assert sweep_cli.main([path, "--dry-run", "--no-mlflow", "method.merge.weight=0.3"]) == 0
@@ -249,6 +251,9 @@ def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     assert "method.merge.weight" in capsys.readouterr().err
 
 
+# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
+# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+@pytest.mark.slow
 def test_validation_and_dry_run_import_no_ray():
     """Validating a shipped sweep YAML and dry-running it need no Ray: sweep_spec and the CLI's dry run never
     import it (a fresh interpreter, so nothing else in the test session imported it first)."""
@@ -290,27 +295,17 @@ def _unit_costs(plan, device=None, store=True):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
-    """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial:
-    parent/child runs, per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report
-    files; a rerun never overwrites."""
-    from _data_util import SCALE, small_fifmini
-
+def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
+    """2 trials x 2 tasks of the real loop on the tiniest model, each a TorchTrainer driven by its Tune trial (the
+    session's tiny sweep of tests/conftest.py, also read by test_api.py and test_ui_browser.py): parent/child runs,
+    per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report files; a rerun never
+    overwrites."""
     from fomo_ray.tracking import NOTE_TAG, PARENT_TAG, TRAIN_KEYS, Tracker, as_percent, summary_key
 
-    bench = small_fifmini(tmp_path_factory)
-    spec = spec_from_dict({
-        "name": "e2e", "report": {"x": "method.merge.weight"}, "trainer": "train",
-        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-                 "backbone.pretrained": "",
-                 "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
-                 "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
-                 "ray.cpus_per_worker": 1.0},
-        "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
-                                         "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}})
-    t0 = time.time()
-    out = sweep.run_sweep(spec)
-    wall = time.time() - t0
+    spec, out, wall, runs_dir = (tiny_finished_sweep.spec, tiny_finished_sweep.out, tiny_finished_sweep.wall,
+                                 tiny_finished_sweep.output_dir)
+    sweep_name = spec.name
+    assert spec.trainer == "train" and spec.report_x == "method.merge.weight"
     assert list(out.trials["status"]) == ["finished", "finished"]
     res = out.results
     assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
@@ -325,8 +320,9 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
 
     tracker = Tracker(out.tracking_uri, "fomo_ray")
     parent = tracker.client.get_run(out.parent_run_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "e2e"
-    assert "**Sweep `e2e`**" in parent.data.tags[NOTE_TAG] and "`variant`: points" in parent.data.tags[NOTE_TAG]
+    assert parent.info.status == "FINISHED" and parent.info.run_name == sweep_name
+    note = parent.data.tags[NOTE_TAG]
+    assert f"**Sweep `{sweep_name}`**" in note and "`variant`: points" in note
     final = res[res["task"] == 2]
     assert parent.data.metrics["Best/GM"] == as_percent(final["GM"].max())
     assert parent.data.metrics["Median/A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
@@ -364,7 +360,8 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tmp_path, tmp_path_factory):
     with pytest.raises(SweepError, match="already exists.*finished"):
         sweep.run_sweep(spec, if_exists="refuse")
     assert (out.directory / "results.csv").stat().st_mtime_ns == before
-    assert sweep_spec.sweep_directory(tmp_path / "sweeps", "e2e", "auto") == (tmp_path / "sweeps" / "e2e-2", False)
+    again = sweep_spec.sweep_directory(runs_dir / "sweeps", sweep_name, "auto")
+    assert again == (runs_dir / "sweeps" / f"{sweep_name}-2", False)
     print(f"end-to-end sweep (2 trials x 2 tasks, real loop): {wall:.1f} s")
 
 
@@ -603,6 +600,9 @@ def test_rerunning_resumes_the_interrupted_later_run_of_a_sweep(tmp_path):
     assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-3", False)
 
 
+# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
+# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+@pytest.mark.slow
 def test_dry_run_writes_nothing_and_still_checks_the_store(tmp_path, capsys):
     """Issue 14, item 6: a dry run validates the tracking store without creating mlflow.db (or any folder)."""
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
@@ -628,7 +628,7 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     and the sweep's stopping rule stops trailing trials through the loop's should_stop hook at a task boundary:
     status ``stopped`` (not failed) in the trials table, Tune's last result, MLflow and the report, a partial
     trajectory, and decisions that replay the pure rule exactly."""
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray.report import trial_table
     from fomo_ray.stopping import StoppingRule, decide, history_from_results
@@ -638,11 +638,9 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     rule = {"rule": "trails_best", "min_tasks": 1, "margin": 0.0, "min_trials": 2}
     spec = spec_from_dict({
         "name": "stops", "stopping": rule, "references": ["zero_shot"],
-        "base": {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-                 "backbone.pretrained": "", "stream.num_tasks": 3, "budget.total_ft_steps": 9,
-                 "mixture.batch_size": 16, "evaluation.subset_min": 20, "data.num_workers": 1,
-                 "budget.cache_dir": str(tmp_path / "budget"), "ray.cpus_per_worker": 1.0,
-                 "ray.max_concurrent_trials": 1},  # one at a time: the start order is the comparison order
+        "base": tiny_sweep(bench.root, tmp_path, **{
+            "stream.num_tasks": 3, "budget.total_ft_steps": 9,
+            "ray.max_concurrent_trials": 1}),  # one at a time: the start order is the comparison order
         "space": {"variant": {"points": {"lr3": {"method.name": "finetune", "optimizer.lr": 1e-3},
                                          "lr2": {"method.name": "finetune", "optimizer.lr": 1e-2},
                                          "lr1": {"method.name": "finetune", "optimizer.lr": 1e-1}}}}})
@@ -701,7 +699,7 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
                                                                       monkeypatch, capsys):
     """Issue 17, item 3: a later sweep replays the finished trials it shares with an earlier one (same config and
     seed, same commit), with the same numbers, says so, and tags their MLflow runs; its new trial runs."""
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray import trial_cache
     from fomo_ray.tracking import Tracker
@@ -711,10 +709,7 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     # the tree under test may be uncommitted
     monkeypatch.setattr(trial_cache, "cache_origin", lambda: trial_cache.Origin("ab" * 20, platform_label()))
     bench = small_fifmini(tmp_path_factory)
-    base = {"output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE,
-            "backbone.pretrained": "", "stream.num_tasks": 2, "budget.total_ft_steps": 4, "mixture.batch_size": 16,
-            "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"),
-            "ray.cpus_per_worker": 1.0}
+    base = tiny_sweep(bench.root, tmp_path, **{"budget.total_ft_steps": 4})
     first = sweep.run_sweep(spec_from_dict({"name": "c1", "references": ["zero_shot"], "base": base,
                                             "space": {"optimizer.lr": {"grid": [1e-3]}}}))
     assert set(first.trials["status"]) == {"finished"}

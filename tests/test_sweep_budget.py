@@ -58,6 +58,9 @@ def test_needs_and_spend_in_each_unit():
         "(6 for all) fits 2 of 3 trial(s) in start order")
 
 
+# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
+# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+@pytest.mark.slow
 def test_the_flags_set_the_budget_and_the_dry_run_says_what_fits(tmp_path, capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
     argv = [path, "--dry-run", f"output_dir={tmp_path / 'runs'}", f"budget.cache_dir={tmp_path / 'budget'}"]
@@ -106,7 +109,7 @@ def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budge
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_local, tmp_path, tmp_path_factory):
-    from _data_util import SCALE, small_fifmini
+    from _data_util import small_fifmini, tiny_sweep
 
     from fomo_ray import tune_sweep
     from fomo_ray.cost_estimate import estimate_plan
@@ -114,11 +117,8 @@ def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_
     from fomo_ray.tracking import Tracker
 
     bench = small_fifmini(tmp_path_factory)
-    raw = {"name": "spend", "base": {
-        "output_dir": str(tmp_path), "data.root": str(bench.root), "data.scale": SCALE, "backbone.pretrained": "",
-        "stream.num_tasks": 2, "budget.total_ft_steps": 4, "mixture.batch_size": 16, "evaluation.subset_min": 20,
-        "data.num_workers": 1, "budget.cache_dir": str(tmp_path / "budget"), "ray.cpus_per_worker": 1.0,
-        "ray.max_concurrent_trials": 1, "method.name": "finetune"},
+    raw = {"name": "spend", "base": tiny_sweep(bench.root, tmp_path, **{
+        "budget.total_ft_steps": 4, "ray.max_concurrent_trials": 1, "method.name": "finetune"}),
         "space": {"optimizer.lr": {"grid": [1e-5, 1e-4, 1e-3]}}}
     need = estimate_plan(plan_sweep(spec_from_dict(raw)))[0].total_gflops / 1e6  # the same for the three
     spec = spec_from_dict({**raw, "sweep_budget": {"pflops": 2.5 * need}})  # holds two of the three

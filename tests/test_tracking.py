@@ -303,7 +303,7 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     percent that match the printed table, the training signal at every step; --resume reopens the same run, and
     what it repeats after its checkpoint (here: the whole second task, as if the run died before its end state was
     saved) is not logged twice."""
-    from _data_util import small_fifmini
+    from _data_util import small_fifmini, tiny_run
 
     from fomo_ray import checkpoint
     from fomo_ray.assembly import run_name
@@ -311,12 +311,9 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     from fomo_ray.metrics import load_results, summarize
 
     bench = small_fifmini(tmp_path_factory)
-    overrides = {"data.root": str(bench.root), "data.prepare_if_missing": False, "data.loader": "memory",
-                 "backbone.pretrained": "", "stream.num_tasks": 2, "budget.mode": "equal_steps",
-                 "budget.total_ft_steps": 6, "budget.cache_dir": str(tmp_path / "budget"), "mixture.batch_size": 8,
-                 "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
-                 "output_dir": str(tmp_path / "runs"), "method.name": "ema_merge", "method.merge.weight": 0.3,
-                 "tracking.log_every_n_steps": 2}
+    overrides = tiny_run(bench.root, tmp_path, **{"budget.total_ft_steps": 6, "method.name": "ema_merge",
+                                                  "method.merge.weight": 0.3, "tracking.enabled": True,
+                                                  "tracking.log_every_n_steps": 2})
     argv = [f"{k}={v}" for k, v in overrides.items()]
     first = checkpoint.save_state_in_background
     saved: list[int] = []

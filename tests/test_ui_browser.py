@@ -91,27 +91,10 @@ def shows(text: list[str], value: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def finished_sweep(tmp_path_factory):
-    """2 trials x 2 tasks of the real loop on the tiniest model, tracked in MLflow (as test_sweep's end-to-end test,
-    as function trials)."""
-    from _data_util import SCALE, small_fifmini
-
-    import fomo_ray.tune_sweep as sweep
-    from fomo_ray.sweep_spec import spec_from_dict
-
-    tmp = tmp_path_factory.mktemp("browser")
-    bench = small_fifmini(tmp_path_factory)
-    spec = spec_from_dict({
-        "name": "browser", "description": "the MLflow view, rendered",
-        "base": {"output_dir": str(tmp), "data.root": str(bench.root), "data.scale": SCALE, "backbone.pretrained": "",
-                 "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16,
-                 "evaluation.subset_min": 20, "data.num_workers": 1, "budget.cache_dir": str(tmp / "budget"),
-                 "ray.cpus_per_worker": 1.0, "tracking.log_every_n_steps": 2},
-        "space": {"variant": {"points": {"finetune": {"method.name": "finetune"},
-                                         "ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}}})
-    out = sweep.run_sweep(spec, progress=False)
-    assert list(out.trials["status"]) == ["finished", "finished"]
-    return out, tmp
+def finished_sweep(tiny_finished_sweep):
+    """The session's 2 trials x 2 tasks of the real loop on the tiniest model, tracked in MLflow (tests/conftest.py,
+    shared with test_sweep's end-to-end test and test_api.py): (its SweepResult, its output directory)."""
+    return tiny_finished_sweep.out, tiny_finished_sweep.output_dir
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +139,8 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
     assert "Runs" in text and "Overview" not in text, "not the runs table of the training view"
     for name in names:
         assert name in text, f"trial {name} is not on the page"
-    assert out.parent_run_id and "browser" not in text, "the sweep's parent run is listed among its trials"
+    sweep_name = out.directory.name
+    assert out.parent_run_id and sweep_name not in text, "the sweep's parent run is listed among its trials"
     pos = column_positions(dom)
     scores = [pos[f"metrics.`{h}`"] for h in heads]
     others = [p for col, p in pos.items() if col.startswith(("params.", "tags.", "attributes.`Version`"))]
@@ -177,7 +161,7 @@ def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_
     base = url.split("/#/")[0]
     pages = {"trials": url, "sweeps": f"{base}/#/experiments/1/runs?workflowType=machine_learning"
              f"&viewStateShareKey={mlflow_ui.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
-    _, text = rendered(pages["sweeps"], ["Best/A_KA", "browser"])
+    _, text = rendered(pages["sweeps"], ["Best/A_KA", finished_sweep[0].directory.name])
     for name in ("Best/A_KA", "Best/A_ZS", "Best/GM", "Median/A_KA", "Median/A_ZS", "Median/GM", "Trials/finished"):
         assert name in text, f"{name} is not a column of the sweeps view"
     assert len({name[:12] for name in ("Best/A_KA", "Best/A_ZS", "Median/A_KA", "Median/A_ZS")}) == 4
