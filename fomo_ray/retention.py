@@ -29,7 +29,6 @@ from typing import Any
 
 from fomo_ray.export import DEPLOYED_DIR, is_deployed_form
 
-KEEP_AFTER_RUN = ("deployed", "state", "all")
 CHECKPOINT_PATTERNS = ("final_*", "checkpoint_*", "cursor_*")  # Tune's and Train's checkpoint directory names
 
 
@@ -68,25 +67,29 @@ def settle(root: str, keep: str, cfg: Any, run_name: str, mlflow_model: Path | N
         shutil.rmtree(old, ignore_errors=True)
     linked = False
     if keep == "deployed" and not is_deployed_form(final):
-        freed += _to_deployed(final, cfg, run_name)
+        freed += _to_deployed(final, cfg, run_name, mlflow_model)
     if is_deployed_form(final) and mlflow_model is not None:
         linked = link_same_files(final / DEPLOYED_DIR, mlflow_model)
     return Settled(final, freed, linked)
 
 
-def _to_deployed(final: Path, cfg: Any, run_name: str) -> int:
-    """Write the export of ``final``'s loop state into ``final/model``, then drop the loop state. The export is
-    complete (written to a temporary name, then renamed) before anything is deleted."""
+def _to_deployed(final: Path, cfg: Any, run_name: str, mlflow_model: Path | None) -> int:
+    """Put the export of ``final``'s loop state into ``final/model``, then drop the loop state: the run's MLflow
+    ``model/`` artifact when it is a local export (logged from this very state when the run finished: copied, the
+    weights as hard links where the filesystem allows), else written from the state. The export is complete (under
+    a temporary name, then renamed) before anything is deleted."""
     from fomo_ray import checkpoint, export
 
     state_file = final / checkpoint.LOOP_STATE_FILE
     if not state_file.is_file():
         return 0
-    state = checkpoint.load_state(final)
     tmp = final / f".{DEPLOYED_DIR}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    export.save_open_clip(tmp, cfg, export.deployed_state(cfg, state), run=run_name,
-                          source=f"the final task-end state of run {run_name}")
+    if mlflow_model is not None and export.is_deployed_form(mlflow_model.parent):
+        shutil.copytree(mlflow_model, tmp, copy_function=_link_or_copy)
+    else:
+        export.save_open_clip(tmp, cfg, export.deployed_state(cfg, checkpoint.load_state(final)), run=run_name,
+                              source=f"the final task-end state of run {run_name}")
     os.replace(tmp, final / DEPLOYED_DIR)
     freed = state_file.stat().st_size
     state_file.unlink()
@@ -127,6 +130,13 @@ def local_artifact_dir(artifact_uri: str, sub: str) -> Path | None:
         return None
     d = Path(artifact_uri) / sub
     return d if d.is_dir() else None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem (or no hard links there)
+        shutil.copy2(src, dst)
 
 
 def _size(path: Path) -> int:
