@@ -276,8 +276,8 @@ def sweep_spec(out: Path, data_root: str, data_scale: float, trials: int) -> dic
 def run(out: Path, data_root: str, data_scale: float, trials: int, idle_timeout_s: float) -> dict:
     import ray
 
-    from fomo_ray.sweep_spec import spec_from_dict
-    from fomo_ray.tune_sweep import run_sweep
+    from fomo_ray.planning.sweep_spec import spec_from_dict
+    from fomo_ray.engine.tune_sweep import run_sweep
 
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="fras_", dir="/tmp")  # short: Ray's socket paths live under it

@@ -47,7 +47,7 @@ def _config(a, out: str):
 
 def _rank(rank: int, world: int, a, init: str, out: str) -> None:
     torch.set_num_threads(1)
-    from fomo_ray import loop
+    from fomo_ray.core import loop
 
     device = "cpu"
     if a.backend == "nccl":

@@ -1,9 +1,9 @@
 """The budget module's Tab.4-style table (docs/BENCHMARK.md §Budgets) measured on a GPU, side by side with the paper's
 Tab. 4 steps per task (Roth et al. 2024, arXiv 2408.14471) and the ratio measured / reference per method.
 
-Every row is ``fomo_ray.budget.method_record`` - one real training step of the method (set up by its registered
+Every row is ``fomo_ray.budgets.budget.method_record`` - one real training step of the method (set up by its registered
 ``setup``) counted by ``FlopCounterMode``, peak memory from ``torch.cuda.max_memory_allocated`` - turned into steps
-per task by ``fomo_ray.budget.budget_rows`` (``steps_m = steps_ft * MAF(ft) / MAF(m)`` minus per-task work,
+per task by ``fomo_ray.budgets.budget.budget_rows`` (``steps_m = steps_ft * MAF(ft) / MAF(m)`` minus per-task work,
 ``steps_ft(T) = 28,400 // T``). Merge methods train like full fine-tuning (``cost_as = "finetune"``; merging counted
 free), so they share the fine-tuning row.
 
@@ -52,9 +52,9 @@ TASKS = (20, 50, 100, 200)
 def reference_steps(method: str, rank: int) -> int | None:
     """The paper's Tab. 4 steps per task (ViT-B/16, b = 512, T = 20) for ``method`` at peft ``rank``.
 
-    Parsed from ``fomo_ray.budget.REFERENCE_STEPS_VITB16_T20`` ("1898 (r=4), 1891 (r=64)" -> rank 4: 1898); a rank
-    the reference did not run gives ``None``."""
-    from fomo_ray.budget import REFERENCE_STEPS_VITB16_T20
+    Parsed from ``fomo_ray.budgets.budget.REFERENCE_STEPS_VITB16_T20`` ("1898 (r=4), 1891 (r=64)" -> rank 4: 1898); a
+    rank the reference did not run gives ``None``."""
+    from fomo_ray.budgets.budget import REFERENCE_STEPS_VITB16_T20
 
     text = REFERENCE_STEPS_VITB16_T20.get(method)
     if text is None:
@@ -68,7 +68,7 @@ def reference_steps(method: str, rank: int) -> int | None:
 
 def measure(label: str, method: str, rank: int, arch_spec, batch_size: int, device: torch.device,
             cache_dir: str, precision: str):
-    from fomo_ray.budget import method_record
+    from fomo_ray.budgets.budget import method_record
     from fomo_ray.config import load_config
 
     cfg = load_config(None, {"backbone.name": arch_spec.name, "backbone.pretrained": "",
@@ -82,7 +82,7 @@ def measure(label: str, method: str, rank: int, arch_spec, batch_size: int, devi
 
 def table_rows(measured: list[tuple[str, str, int, Any]]) -> list[dict[str, Any]]:
     """Tab.4 rows via ``budget.budget_rows`` with our labels, the reference and measured / reference at T = 20."""
-    from fomo_ray.budget import PAPER_TOTAL_FT_STEPS, budget_rows
+    from fomo_ray.budgets.budget import PAPER_TOTAL_FT_STEPS, budget_rows
 
     ft = next(rec for label, _, _, rec in measured if label == "finetune")
     rows = []
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, cache_dir: str) -> int:
-    from fomo_ray.budget import backbone_spec
+    from fomo_ray.budgets.budget import backbone_spec
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     profile = "gpu" if device.type == "cuda" else "cpu-dry-run"

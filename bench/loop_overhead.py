@@ -3,7 +3,7 @@
 Both loops train the same tiny CLIP (same architecture, initial weights, batch size, AdamW param groups,
 precision, grad clip) with full fine-tuning:
 
-- *loop*: ``fomo_ray.loop.run_stream`` on FiF-mini (one task, in-memory decoded images, ``data.loader=memory``):
+- *loop*: ``fomo_ray.core.loop.run_stream`` on FiF-mini (one task, in-memory decoded images, ``data.loader=memory``):
   P/D/B mixing, seeded crops, caption sampling (stored token ids), normalisation, LR schedule, NaN check, hooks,
   the prefetch thread -- everything a real run does per step. Steps/s is taken from ``on_step`` timestamps, so the zero-shot evaluation and set-up before the
   first step and the evaluation after the last are excluded.
@@ -46,7 +46,7 @@ def steps_per_second(stamps: list[float], warmup: int) -> float:
 
 
 def time_loop(cfg, warmup: int) -> float:
-    from fomo_ray.loop import RunHooks, run_stream
+    from fomo_ray.core.loop import RunHooks, run_stream
 
     stamps: list[float] = []
     run_stream(cfg, hooks=RunHooks(on_step=lambda *_: stamps.append(time.perf_counter())), device="cpu")
@@ -56,8 +56,8 @@ def time_loop(cfg, warmup: int) -> float:
 def bare_batches(cfg, n: int):
     """``n`` real mixed batches of the run (normalised images + token ids), materialised before timing: the bare
     loop pays no data work at all, so the ratio charges the loop for building its batches."""
-    from fomo_ray.assembly import build_run
-    from fomo_ray.loop import task_batches
+    from fomo_ray.core.assembly import build_run
+    from fomo_ray.core.loop import task_batches
 
     from fomo_ray.data.augment import model_input
 
@@ -69,9 +69,9 @@ def bare_batches(cfg, n: int):
 
 def time_bare(cfg, batches, steps: int, warmup: int) -> tuple[float, list[float], dict]:
     """A plain PyTorch loop over the same model/optimizer/precision; returns (steps/s, step times, final weights)."""
-    from fomo_ray.backbones import create_backbone
-    from fomo_ray.optim import make_optimizer
-    from fomo_ray.losses import clip_loss
+    from fomo_ray.models.backbones import create_backbone
+    from fomo_ray.maths.optim import make_optimizer
+    from fomo_ray.maths.losses import clip_loss
     from fomo_ray.seeding import derive_seed, seed_everything
 
     seed_everything(derive_seed(cfg.seed, "setup"))  # the loop's initial weights
@@ -97,7 +97,7 @@ def time_bare(cfg, batches, steps: int, warmup: int) -> tuple[float, list[float]
 
 def time_ema_merge(cfg, state: dict, repeats: int = 10) -> float:
     """Median seconds of one EMA-merge step m_t = w*theta_t + (1-w)*m_{t-1} over the whole state dict."""
-    from fomo_ray import merge_ops
+    from fomo_ray.maths import merge_ops
 
     prev = {k: v.clone() for k, v in state.items()}
     new = {k: v + 0.01 for k, v in state.items()}

@@ -160,7 +160,9 @@ def rehearsal_config(bench: Path, work: Path, mode: str, **extra):
 def _rank_main(rank, world, bench, work, port, mode):
     import torch.distributed as dist
 
-    from fomo_ray import batch_step, checkpoint, evaluation, loop
+    from fomo_ray.core import batch_step, checkpoint, loop
+
+    from fomo_ray.models import evaluation
 
     torch.set_num_threads(1)
     work = Path(work)
@@ -221,7 +223,7 @@ def _rank_main(rank, world, bench, work, port, mode):
                                 for k, v in state.model.items()})
         ph.mark("(between)")
 
-    from fomo_ray.loop import RunHooks
+    from fomo_ray.core.loop import RunHooks
 
     hooks = RunHooks(on_step=on_step, on_checkpoint=on_checkpoint)
     cfg = rehearsal_config(Path(bench), work, mode)
@@ -270,8 +272,8 @@ def eval_forward_peak(name: str, batch: int) -> float:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fomo_ray.budget import backbone_spec
-    from fomo_ray.step_measure import _fake_mode, _storage_key, fake_model
+    from fomo_ray.budgets.budget import backbone_spec
+    from fomo_ray.budgets.step_measure import _fake_mode, _storage_key, fake_model
 
     spec = backbone_spec(name)
     model = fake_model(spec.factory()).eval()
@@ -308,7 +310,7 @@ def extrapolate(work: Path, measured: dict) -> bool:
     """Every phase at the paper's b = 512 on 8 ranks, from the budget's own records at a rank's shard (counted on
     fake tensors; with ``backbone.grad_checkpointing`` the record charges the recomputed forward and keeps the
     activations ``memory_saving.block_ledger`` counted: outside the blocks + every block's input + one block)."""
-    from fomo_ray.budget import method_record, steps_per_task
+    from fomo_ray.budgets.budget import method_record, steps_per_task
     from fomo_ray.config import load_config
 
     sec = lambda gflops: gflops * 1e9 / (DEVICE_TFLOPS * 1e12 * MFU)  # noqa: E731
@@ -407,8 +409,8 @@ def main() -> int:
               + ", ".join(f"{s} {b.num_rows(s)}" for s in b.splits) + f"; tokens: {sorted(b.manifest['tokens'])}")
 
         # ---- phase 1: budget measurement at the config's batch
-        from fomo_ray import step_measure
-        from fomo_ray.budget import BudgetError, method_record, steps_per_task
+        from fomo_ray.budgets import step_measure
+        from fomo_ray.budgets.budget import BudgetError, method_record, steps_per_task
 
         real_clip_batch, passes = step_measure.clip_batch, []
 

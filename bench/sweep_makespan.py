@@ -37,7 +37,7 @@ def spec(order: str, a: argparse.Namespace, out: str) -> dict:
 
 def run(order: str, a: argparse.Namespace, out: str) -> dict:
     import fomo_ray
-    from fomo_ray.cost_estimate import makespan_bound
+    from fomo_ray.planning.cost_estimate import makespan_bound
 
     res = fomo_ray.sweep(spec(order, a, out), progress=False, no_cache=True)  # the second order reruns every trial
     trials = res.trials.copy()

@@ -1,7 +1,7 @@
 """Concurrent writers into one SQLite MLflow store: does anything get lost, does "database is locked" end a writer?
 
-N processes (as N trials of a sweep on one machine) each open the store through ``fomo_ray.tracking.Tracker``, start
-one child run under a shared parent, and log ``--steps`` steps of 4 per-step metrics (loss, lr, grad norm,
+N processes (as N trials of a sweep on one machine) each open the store through ``fomo_ray.tracking.writer.Tracker``,
+start one child run under a shared parent, and log ``--steps`` steps of 4 per-step metrics (loss, lr, grad norm,
 samples/s) in batches of ``--every`` steps, one MLflow call per batch, as fast as they can. Afterwards the store
 is read back and every (run, metric, step) counted against what was sent. Reported per N: metrics sent, metrics
 stored, writers that raised (and the first error), wall time and stored metrics/s. ``--server`` puts an MLflow
@@ -31,7 +31,7 @@ METRICS = ("train/loss", "train/lr", "train/grad_norm", "train/samples_per_s")
 def _writer(k: int, uri: str, parent: str, steps: int, every: int, start: mp.Barrier, out: mp.Queue) -> None:
     from mlflow.entities import Metric
 
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.tracking.writer import Tracker
 
     try:
         tracker = Tracker(uri, "load")
@@ -58,7 +58,7 @@ def tracking_server(db: str, directory: str, pool: str = "") -> Iterator[str]:
     import socket
     import urllib.request
 
-    from fomo_ray.mlflow_ui import ui_command
+    from fomo_ray.tracking.ui import ui_command
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -86,7 +86,7 @@ def tracking_server(db: str, directory: str, pool: str = "") -> Iterator[str]:
 
 
 def measure(n: int, steps: int, every: int, server: bool = False, pool: str = "") -> dict:
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.tracking.writer import Tracker
 
     with tempfile.TemporaryDirectory(prefix="tracking_load_") as d, contextlib.ExitStack() as stack:
         uri = f"sqlite:///{d}/mlflow.db"

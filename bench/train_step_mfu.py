@@ -1,13 +1,13 @@
 """Training-step throughput and model FLOP utilisation (MFU) of the project's own training step on one device.
 
 For each config (``finetune``, ``lora`` r=4, ``bitfit``: set up by ``fomo_ray.methods.build_method``) it times the
-step that ``fomo_ray.loop.run_stream`` runs - bf16 autocast forward of both towers, ``fomo_ray.losses.clip_loss``,
-backward, one global grad-norm clip, the loop's AdamW (``fomo_ray.optim.make_optimizer``), logit-scale clamp - on a
-fixed random batch, and reports:
+step that ``fomo_ray.core.loop.run_stream`` runs - bf16 autocast forward of both towers,
+``fomo_ray.maths.losses.clip_loss``, backward, one global grad-norm clip, the loop's AdamW
+(``fomo_ray.maths.optim.make_optimizer``), logit-scale clamp - on a fixed random batch, and reports:
 
 - samples/s over ``--steps`` timed steps after ``--warmup`` untimed ones, CUDA-synchronised;
 - achieved TFLOP/s = FLOPs per step x steps / seconds, FLOPs per step from the budget module
-  (``fomo_ray.budget.method_record``: ``FlopCounterMode`` over one real step + AdamW's elementwise work,
+  (``fomo_ray.budgets.budget.method_record``: ``FlopCounterMode`` over one real step + AdamW's elementwise work,
   docs/BENCHMARK.md §Budgets);
 - MFU = achieved / the card's dense bf16 peak (:data:`PEAK_BF16_TFLOPS`, by device name; unknown card -> null);
 - peak memory: ``torch.cuda.max_memory_allocated`` over the timed steps (and the budget module's own figure).
@@ -129,11 +129,11 @@ def synthetic_batch(backbone, batch_size: int, device: torch.device) -> tuple[to
 
 
 def train_step_fn(backbone, model, cfg, images, tokens) -> Callable[[], torch.Tensor]:
-    """One step exactly as ``fomo_ray.loop.run_stream`` takes it (minus data loading and method hooks that are
+    """One step exactly as ``fomo_ray.core.loop.run_stream`` takes it (minus data loading and method hooks that are
     no-ops for these methods); returns the detached loss without synchronising."""
-    from fomo_ray.optim import make_optimizer
-    from fomo_ray.losses import clamp_logit_scale_, clip_loss
-    from fomo_ray.optim import trainable_named
+    from fomo_ray.maths.optim import make_optimizer
+    from fomo_ray.maths.losses import clamp_logit_scale_, clip_loss
+    from fomo_ray.maths.optim import trainable_named
 
     opt = make_optimizer(model, cfg)
     params = [p for _, p in trainable_named(model)]
@@ -157,7 +157,7 @@ def train_step_fn(backbone, model, cfg, images, tokens) -> Callable[[], torch.Te
 def flop_check(cfg, spec, device_counted_gflops: float, batch_size: int) -> dict[str, Any]:
     """Per-sample counted GFLOPs of the same step on the CPU at batch 2 vs on the device at ``batch_size``
     (``spec``: the ``budget.BackboneSpec`` the device count used)."""
-    from fomo_ray import budget
+    from fomo_ray.budgets import budget
 
     cost = budget.registry_cost(cfg, cfg.method.name)
     rec = budget.measure_method(cfg.method.name, cost, spec.factory, backbone=spec.name, batch_size=FLOP_CHECK_BATCH,
@@ -171,8 +171,8 @@ def flop_check(cfg, spec, device_counted_gflops: float, batch_size: int) -> dict
 
 def measure_train(name: str, arch: str, batch_size: int, steps: int, warmup: int, device: torch.device,
                   cache_dir: str) -> dict[str, Any]:
-    from fomo_ray import budget
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.budgets import budget
+    from fomo_ray.models.backbones import create_backbone
     from fomo_ray.methods import build_method
 
     cfg = make_cfg(arch, name, cache_dir)
@@ -210,8 +210,8 @@ def measure_train(name: str, arch: str, batch_size: int, steps: int, warmup: int
 
 def measure_merge(arch: str, steps: int, warmup: int, device: torch.device) -> dict[str, Any]:
     """The EMA-merge step (interpolate, w = 0.5) of two random state dicts of ``arch`` on ``device``."""
-    from fomo_ray import merge_ops
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.maths import merge_ops
+    from fomo_ray.models.backbones import create_backbone
 
     torch.manual_seed(0)
     a = create_backbone(arch, "", device=device).model.state_dict()

@@ -174,8 +174,8 @@ def sweep_spec(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
 def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
     import ray
 
-    from fomo_ray import tune_sweep as sweep
-    from fomo_ray.sweep_spec import spec_from_dict
+    from fomo_ray.engine import tune_sweep as sweep
+    from fomo_ray.planning.sweep_spec import spec_from_dict
 
     port = free_port()
     temp_dir = tempfile.mkdtemp(prefix="fr2n_", dir="/tmp")  # short: Ray's socket paths live under it

@@ -28,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_sweep(out: Path) -> None:
-    import fomo_ray.tune_sweep as sweep
+    import fomo_ray.engine.tune_sweep as sweep
     from fomo_ray.prep.fifmini import ensure_fifmini
-    from fomo_ray.sweep_spec import spec_from_dict
+    from fomo_ray.planning.sweep_spec import spec_from_dict
 
     bench = ensure_fifmini(out / "fifmini", seed=0, scale=0.05, progress=False)
     spec = spec_from_dict({
@@ -109,7 +109,7 @@ def main() -> int:
         report("idle", memory(proc.pid))
         chromium = shutil.which("chromium")
         if chromium:
-            from fomo_ray.tracking import Tracker, default_uri
+            from fomo_ray.tracking.writer import Tracker, default_uri
 
             tr = Tracker(default_uri(out_dir), "fomo_ray")
             run = tr.client.search_runs([tr.experiment_id], "tags.`fomo_ray.kind` = 'trial'", max_results=1)[0]

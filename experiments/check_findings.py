@@ -3,9 +3,9 @@
 Runs each study that tests a finding over ``--seeds`` seeds (``runs/sweeps/findings_<study>``; a finished one is read,
 an interrupted one resumed, and the trial cache replays trials other sweeps already finished), then prints, per
 finding, the effect with its 95% Student-t interval over the seeds and whether FiF-mini confirms it
-(``fomo_ray/findings.py``). ``--write-readme`` (the flag keeps its old name) puts the table, with the date and commit,
-into docs/FINDINGS.md between ``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the engine
-shows: nothing here is tuned to agree with the paper. Usage::
+(``fomo_ray/maths/findings.py``). ``--write-readme`` (the flag keeps its old name) puts the table, with the date and
+commit, into docs/FINDINGS.md between ``<!-- findings:start -->`` and ``<!-- findings:end -->``. It reports what the
+engine shows: nothing here is tuned to agree with the paper. Usage::
 
     python experiments/check_findings.py [--seeds 3] [--studies merge_weights methods ...] [--write-readme]
 """
@@ -39,7 +39,7 @@ def study_results(study: str, seeds: int, overrides: dict, output_dir: str):
 
 def rows_for(studies: list[str], seeds: int, output_dir: str) -> tuple[list[dict], dict[str, str], dict[str, str]]:
     """The finding rows, and per study the commit and the platform its sweep ran at (as its driver recorded them)."""
-    from fomo_ray.findings import FINDINGS, check, order_vs_method
+    from fomo_ray.maths.findings import FINDINGS, check, order_vs_method
     from fomo_ray.provenance import recorded_platform
 
     rows, commits, platforms = [], {}, {}
@@ -94,7 +94,7 @@ def write_readme(text: str, readme: Path = DOC) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fomo_ray.findings import FINDINGS, ORDER_CLAIM
+    from fomo_ray.maths.findings import FINDINGS, ORDER_CLAIM
 
     studies = sorted({f.study for f in FINDINGS} | {"stream_orders"})
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

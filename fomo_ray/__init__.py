@@ -7,7 +7,7 @@ _os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Takes effect only when fomo_ray is imported before torch (the CLI, the scripts and the tests do so).
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # The Python API (fomo_ray/api.py), loaded on first use: `import fomo_ray` stays cheap and sets the environment above
 # before torch, Ray or MLflow are imported.

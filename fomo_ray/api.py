@@ -59,7 +59,7 @@ class Results:
     @property
     def points(self) -> pd.DataFrame:
         """A_KA, A_ZS, GM per run and evaluation point: the trajectories (task 0 = the zero-shot point)."""
-        from fomo_ray.metrics import summarize
+        from fomo_ray.models.metrics import summarize
 
         return _with_unit(summarize(self.tidy))
 
@@ -68,11 +68,11 @@ class Results:
     @property
     def table(self) -> pd.DataFrame:
         """One row per run: status, final and trajectory-mean scores (finished runs only), Pareto flag, swept
-        values; best final GM first (``fomo_ray.report.trial_table``)."""
+        values; best final GM first (``fomo_ray.results.report.trial_table``)."""
         return _with_unit(self._table())
 
     def _table(self) -> pd.DataFrame:
-        from fomo_ray.report import trial_table
+        from fomo_ray.results.report import trial_table
 
         return trial_table(self.tidy, self.trials if not self.trials.empty else None)
 
@@ -85,27 +85,27 @@ class Results:
 
     def format(self) -> str:
         """The results table as printed by the commands (percent)."""
-        from fomo_ray.report import format_table
+        from fomo_ray.results.report import format_table
 
         return format_table(self._table())
 
     def trajectories_figure(self) -> Any:
         """A_KA vs A_ZS, one line per run (unfinished ones dashed)."""
-        from fomo_ray.report import trajectories_figure
+        from fomo_ray.results.report import trajectories_figure
 
         table = self._table()
         return trajectories_figure(self.points, dict(zip(table["run"], table["status"])))
 
     def pareto_figure(self) -> Any:
         """Final (A_KA, A_ZS) of the finished runs with their Pareto front."""
-        from fomo_ray.report import pareto_figure
+        from fomo_ray.results.report import pareto_figure
 
         table = self._table()
         return pareto_figure(table[table["status"] == TrialStatus.FINISHED])
 
     def vs_figure(self, key: str) -> Any:
         """Final and mean A_KA / A_ZS / GM against a numeric swept key, e.g. ``method.merge.weight``."""
-        from fomo_ray.report import vs_key_figure
+        from fomo_ray.results.report import vs_key_figure
 
         return vs_key_figure(self._table(), key)
 
@@ -113,14 +113,14 @@ class Results:
         """Trial ``run``'s deployed model (``export.DeployedModel``: ``.model``, ``.preprocess``, ``.tokenizer``),
         found through the sweep's MLflow store (its child run of that name); for a ``fomo-ray run`` directory, the
         run's own model."""
-        from fomo_ray.report import ReportError
+        from fomo_ray.results.report import ReportError
 
         if not self.summary.get("parent_run_id"):
             if self.directory is not None and (self.directory / "config.json").is_file():
                 return load_model(self.directory, device=device)
             raise ReportError(f"{self.directory}: no MLflow store recorded for this sweep (run with tracking on), "
                               "so its trials' models cannot be found; give load_model a checkpoint instead")
-        from fomo_ray.tracking import Tracker
+        from fomo_ray.tracking.writer import Tracker
 
         uri = self.summary["tracking_uri"]
         tracker = Tracker(uri, self.summary.get("experiment", "fomo_ray"))
@@ -132,7 +132,7 @@ class Results:
     def report(self, out_dir: str | Path, x_key: str = "", baseline: str = "") -> list[Path]:
         """Write the table and the plots (as ``fomo-ray report``; ``baseline``: the variant the paired comparison
         subtracts, default the sweep's ``report.baseline``, else fine-tuning)."""
-        from fomo_ray.report import build_report
+        from fomo_ray.results.report import build_report
 
         return build_report(self.tidy, self.trials if not self.trials.empty else None, out_dir,
                             x_key=x_key or self.summary.get("report_x", ""),
@@ -144,16 +144,16 @@ def variant_summary(table: pd.DataFrame) -> pd.DataFrame:
     alone is one variant, ``variant`` = ``all``; by run when nothing was swept); ``n`` finished seeds,
     ``<score>_mean``, ``<score>_std`` (NaN for one seed) and ``<score>_ci``, the half-width of the mean's 95%
     Student-t confidence interval, t_{0.975, n-1} · std / √n (NaN for one seed); best mean final GM first
-    (``fomo_ray.aggregate.variant_table`` without its ``label``)."""
-    from fomo_ray.aggregate import variant_table
+    (``fomo_ray.maths.aggregate.variant_table`` without its ``label``)."""
+    from fomo_ray.maths.aggregate import variant_table
 
     return variant_table(table).drop(columns="label")
 
 
 def load_results(source: str | Path, output_dir: str | Path = "runs") -> Results:
     """The results of a sweep (its directory, or its name under ``<output_dir>/sweeps``), of a ``fomo-ray run``
-    directory, or of a tidy table file. Raises ``fomo_ray.report.ReportError`` naming what is missing."""
-    from fomo_ray.report import ReportError, load_sweep_tables
+    directory, or of a tidy table file. Raises ``fomo_ray.results.report.ReportError`` naming what is missing."""
+    from fomo_ray.results.report import ReportError, load_sweep_tables
 
     path = Path(source)
     if not path.exists() and (Path(output_dir) / "sweeps" / str(source)).exists():
@@ -178,13 +178,13 @@ def run(config: str | Path | ExperimentConfig | None = None, *, overrides: Mappi
     """One continual run of the loop in this process (plain PyTorch, no Ray), as ``fomo-ray run``: prepares missing
     inputs, writes ``<output_dir>/<run name>/`` (config, task-end state for ``resume=True``, results table,
     deployed model; an MLflow run with ``tracking.enabled``) and returns its results. Raises the input errors
-    (``ConfigError``, ``DataError``, ...) and ``TrainingDiverged`` (``fomo_ray.local_run.execute_run``)."""
+    (``ConfigError``, ``DataError``, ...) and ``TrainingDiverged`` (``fomo_ray.engine.local_run.execute_run``)."""
     changes = dotted(overrides, **keywords)
     if isinstance(config, ExperimentConfig):
         cfg = config.replace(changes) if changes else config
     else:
         cfg = load_config(config, changes)
-    from fomo_ray.local_run import execute_run
+    from fomo_ray.engine.local_run import execute_run
 
     out = execute_run(cfg, resume=resume, device=device)
     df = out.results
@@ -207,12 +207,12 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
     seeds, as the sweep key ``seeds``; ``order``,
     ``no_cache``, ``device_tflops`` and ``mfu`` are the command's ``--order``, ``--no-cache``, ``--device-tflops`` and
     ``--mfu`` (the cost estimate for a declared device); ``preset="paper"`` and ``keep_sizing`` are ``--preset`` and
-    ``--keep-sizing`` (fomo_ray/presets.py)."""
+    ``--keep-sizing`` (fomo_ray/planning/presets.py)."""
     from dataclasses import replace
 
-    from fomo_ray.cost_estimate import DeclaredDevice
-    from fomo_ray.tune_sweep import run_sweep
-    from fomo_ray.sweep_spec import apply_preset, load_sweep, spec_from_dict
+    from fomo_ray.planning.cost_estimate import DeclaredDevice
+    from fomo_ray.engine.tune_sweep import run_sweep
+    from fomo_ray.planning.sweep_spec import apply_preset, load_sweep, spec_from_dict
 
     changes = dotted(overrides, **{FLAG_KEYS.get(k, k): v for k, v in keywords.items()})
     if isinstance(spec, Mapping):
@@ -227,7 +227,7 @@ def sweep(spec: str | Path | Mapping[str, Any], *, overrides: Mapping[str, Any] 
     sweep_spec = replace(sweep_spec, **named) if named else sweep_spec
     device = None if device_tflops is None and mfu is None else DeclaredDevice(device_tflops or 0.0, mfu or 0.0)
     if dry_run:
-        from fomo_ray.sweep_inputs import check_sweep
+        from fomo_ray.planning.sweep_inputs import check_sweep
 
         return check_sweep(sweep_spec, device)
     out = run_sweep(sweep_spec, if_exists="new" if fresh else "resume" if resume else "auto", progress=progress,
@@ -250,8 +250,8 @@ def load_model(source: str | Path, device: str = "cpu", tracking_uri: str = "") 
     """A run's deployed model, ready for open_clip-style use, by name: ``.model``, ``.preprocess``, ``.tokenizer``
     (``export.DeployedModel``; not a tuple, so it cannot be unpacked in open_clip's other order). ``source`` is an
     export directory, a ``fomo-ray run`` directory, a checkpoint directory, or an MLflow run id (with
-    ``tracking_uri``). See :mod:`fomo_ray.export`."""
-    from fomo_ray.export import load_model as load
+    ``tracking_uri``). See :mod:`fomo_ray.results.export`."""
+    from fomo_ray.results.export import load_model as load
 
     return load(source, device=device, tracking_uri=tracking_uri or recorded_store(source))
 
@@ -261,13 +261,13 @@ def recorded_store(source: str | Path, output_dir: str | Path = "runs") -> str:
     sweeps under ``output_dir`` recorded (``sweep_spec.recorded_stores``), that holds the run; else ""."""
     import os
 
-    from fomo_ray.export import mlflow_run_id
-    from fomo_ray.sweep_spec import recorded_stores
+    from fomo_ray.results.export import mlflow_run_id
+    from fomo_ray.planning.sweep_spec import recorded_stores
 
     run_id = mlflow_run_id(source)
     if not run_id or os.environ.get("MLFLOW_TRACKING_URI"):
         return ""
-    from fomo_ray.tracking import TrackingError, run_params
+    from fomo_ray.tracking.writer import TrackingError, run_params
 
     for uri in recorded_stores(output_dir):
         try:

@@ -1,6 +1,6 @@
 """What a training step costs beyond what ``FlopCounterMode`` sees: the vocabulary methods use to declare their own
-costs (``Method.extra_cost``) and the budget charges (``fomo_ray/budget.py``, docs/BENCHMARK.md §Budgets). Pure data,
-no torch."""
+costs (``Method.extra_cost``) and the budget charges (``fomo_ray/budgets/budget.py``, docs/BENCHMARK.md §Budgets). Pure
+data, no torch."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -25,8 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny architectures need no d
 
 def step_gflops(arch: str, batch_size: int) -> tuple[float, int]:
     """Counted GFLOPs of one pretraining step of ``arch`` at ``batch_size``, and its parameter count."""
-    from fomo_ray.backbones import create_backbone
-    from fomo_ray.budget import measure_step
+    from fomo_ray.models.backbones import create_backbone
+    from fomo_ray.budgets.budget import measure_step
 
     bb = create_backbone(arch, pretrained="", device="cpu")
     m = measure_step(bb.model, list(bb.model.parameters()), batch_size, bb.image_size, bb.context_length)
@@ -35,9 +35,9 @@ def step_gflops(arch: str, batch_size: int) -> tuple[float, int]:
 
 def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
     """One row per tiny architecture (increasing size) whose base ``recipes`` (default ``inputs.RECIPES``) made."""
-    from fomo_ray.backbones import TINY_ARCHS
-    from fomo_ray.inputs import RECIPES, base_checkpoint_path
-    from fomo_ray.metrics import point_summary
+    from fomo_ray.models.backbones import TINY_ARCHS
+    from fomo_ray.core.inputs import RECIPES, base_checkpoint_path
+    from fomo_ray.models.metrics import point_summary
     from fomo_ray.prep.pretrain import read_meta
     from fomo_ray.provenance import recorded_platform
 

@@ -2,8 +2,8 @@
 
     python scripts/paper_budget_table.py [--write-readme] [--batches B1 B2]
 
-Every method of the preset is measured exactly as the budget measures it (``fomo_ray.budget.method_record``, what
-``fomo-ray budget --preset paper`` prints): one training step of a random-weight model at the paper's global batch
+Every method of the preset is measured exactly as the budget measures it (``fomo_ray.budgets.budget.method_record``,
+what ``fomo-ray budget --preset paper`` prints): one training step of a random-weight model at the paper's global batch
 of 512, counted on fake tensors on the CPU (FlopCounterMode FLOPs; analytic memory of parameters, gradients, optimizer
 and method state and every tensor saved for backward), so nothing of that size is allocated (~40 GB for fine-tuning
 alone) and no extrapolation is needed. The steps follow as in the budget, ``steps_m = steps_ft * MAF(finetune) /
@@ -43,9 +43,9 @@ def extend(small: float, large: float, b_small: int, b_large: int, b: int) -> fl
 def rows(batches: tuple[int, int] | None = None, target: int = 512) -> list[dict]:
     """One row per method at b = ``target``: the budget's own record at that batch, or (``batches``) the line through
     the records at two small batches."""
-    from fomo_ray.budget import backbone_spec, method_record
+    from fomo_ray.budgets.budget import backbone_spec, method_record
     from fomo_ray.config import load_config
-    from fomo_ray.presets import preset_path
+    from fomo_ray.planning.presets import preset_path
 
     cfg = load_config(preset_path("paper"))
     spec = backbone_spec(cfg.backbone.name)

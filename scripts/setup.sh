@@ -13,7 +13,7 @@
 # torch built for CUDA 12 from PyTorch's wheel index instead (CUDA 12.x builds run on drivers >= 525), trying
 # $TORCH_CUDA (default: cu129 cu128 cu126) in order; TORCH_INDEX_URL overrides the choice. Without a driver (a
 # CPU-only head node, a laptop) PyPI's build is kept: it runs on CPUs. A GPU trial on a process where CUDA still is
-# unavailable is refused before its first step, naming torch's CUDA and the driver's (fomo_ray.assembly.gpu_problem).
+# unavailable is refused before its first step, naming torch's CUDA and the driver's (fomo_ray.core.assembly.gpu_problem).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

@@ -8,7 +8,7 @@ def tiny_spec(directory, arch: str, config: dict):
     32 px images and a 16-token context."""
     import open_clip
 
-    from fomo_ray.budget import BackboneSpec
+    from fomo_ray.budgets.budget import BackboneSpec
 
     (directory / f"{arch}.json").write_text(json.dumps(config))
     open_clip.factory.add_model_config(directory)

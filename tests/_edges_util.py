@@ -1,15 +1,15 @@
 """Helpers for the Ray / MLflow / report tests (helper E's area).
 
-``StandIn`` stands in for ``fomo_ray.loop.run_stream`` (same signature, same hooks, real ``LoopState`` checkpoints)
+``StandIn`` stands in for ``fomo_ray.core.loop.run_stream`` (same signature, same hooks, real ``LoopState`` checkpoints)
 but has no data or model: a 2-parameter SGD toy whose "accuracies" are pure functions of its weights. It is used only
 where a test is about scheduling or bookkeeping (placement, restore, directory policy), never to stand for the
 benchmark's numbers; the end-to-end and exact-resume tests use the real loop.
 
 Production code has no test seams: stand-ins and faults reach a Ray worker through a test-only *worker wrapper*
-(:func:`trial_in_worker`, :func:`train_worker_in_worker`). A test monkeypatches ``fomo_ray.tune_sweep.run_trial`` or
-``fomo_ray.ray_train.train_worker`` with it in the driver; Ray ships the wrapper to the worker by value (this module is
-registered with ``ray.cloudpickle``), where it patches ``fomo_ray.loop.run_stream`` (and, for stand-ins, turns
-``fomo_ray.prep.ensure_inputs`` into a no-op: they need no data) and then calls the real function.
+(:func:`trial_in_worker`, :func:`train_worker_in_worker`). A test monkeypatches ``fomo_ray.engine.tune_sweep.run_trial``
+or ``fomo_ray.engine.ray_train.train_worker`` with it in the driver; Ray ships the wrapper to the worker by value (this
+module is registered with ``ray.cloudpickle``), where it patches ``fomo_ray.core.loop.run_stream`` (and, for stand-ins,
+turns ``fomo_ray.prep.ensure_inputs`` into a no-op: they need no data) and then calls the real function.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from fomo_ray import checkpoint, loop
+from fomo_ray.core import checkpoint, loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,7 +182,7 @@ def _with_fault(run_stream: Callable[..., Any], fault: Fault) -> Callable[..., A
 
 def _patch_worker(runner: Any, fault: Fault | None) -> None:
     """In the worker process: substitute ``runner.run_stream`` for the loop's (no inputs needed then), add the fault."""
-    from fomo_ray import loop as worker_loop
+    from fomo_ray.core import loop as worker_loop
 
     if runner is not None:
         from fomo_ray import prep
@@ -201,16 +201,18 @@ def _real(module: str, name: str, wrapper: Any) -> Callable[..., Any]:
 
 
 def trial_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
-    """A stand-in for ``fomo_ray.tune_sweep.run_trial`` that runs the real trial with ``runner`` / ``fault`` injected."""
+    """A stand-in for ``fomo_ray.engine.tune_sweep.run_trial`` that runs the real trial with ``runner`` / ``fault``
+    injected."""
     def run_trial(config, setup):  # the real one's name and signature: Tune names the trainable after it
         _patch_worker(runner, fault)
-        return _real("fomo_ray.tune_sweep", "run_trial", run_trial)(config, setup)
+        return _real("fomo_ray.engine.tune_sweep", "run_trial", run_trial)(config, setup)
     return run_trial
 
 
 def train_worker_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
-    """A stand-in for ``fomo_ray.ray_train.train_worker`` (Ray Train's ``train_loop_per_worker``), same injection."""
+    """A stand-in for ``fomo_ray.engine.ray_train.train_worker`` (Ray Train's ``train_loop_per_worker``), same
+    injection."""
     def train_worker(payload):  # one parameter, as Ray Train passes train_loop_config
         _patch_worker(runner, fault)
-        return _real("fomo_ray.ray_train", "train_worker", train_worker)(payload)
+        return _real("fomo_ray.engine.ray_train", "train_worker", train_worker)(payload)
     return train_worker

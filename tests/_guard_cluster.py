@@ -31,9 +31,9 @@ def main(out: Path, data_root: str, scale: float) -> dict:
     helpers = cluster_helpers()
     import ray
 
-    from fomo_ray.ray_session import cluster_problems
-    from fomo_ray.sweep_spec import spec_from_dict
-    from fomo_ray.tune_sweep import run_sweep
+    from fomo_ray.engine.ray_session import cluster_problems
+    from fomo_ray.planning.sweep_spec import spec_from_dict
+    from fomo_ray.engine.tune_sweep import run_sweep
 
     private, shared = out / "private", out / "shared"
     private.mkdir(parents=True)

@@ -56,9 +56,9 @@ def main(out: Path, data_root: str, scale: float) -> dict:
     helpers = cluster_helpers()
     import ray
 
-    from fomo_ray.sweep_spec import spec_from_dict
-    from fomo_ray.tracking import Tracker, default_uri
-    from fomo_ray.tune_sweep import run_sweep
+    from fomo_ray.planning.sweep_spec import spec_from_dict
+    from fomo_ray.tracking.writer import Tracker, default_uri
+    from fomo_ray.engine.tune_sweep import run_sweep
 
     summary: dict = {}
     done, log = threading.Event(), {}

@@ -78,10 +78,10 @@ def _train(cfg, name: str, out: Path, tracker, on_started=None) -> dict:
     """One TorchTrainer run (a sweep trial's body: ``ray_train.fit_train_run``), tracked in its own MLflow run."""
     import torch
 
-    from fomo_ray import ray_train
-    from fomo_ray.checkpoint import load_state
-    from fomo_ray.metrics import tidy_frame
-    from fomo_ray.tracking import summary_key
+    from fomo_ray.engine import ray_train
+    from fomo_ray.core.checkpoint import load_state
+    from fomo_ray.models.metrics import tidy_frame
+    from fomo_ray.tracking.writer import summary_key
 
     run_id = tracker.start_child(None, name, cfg.flat())
     payload = ray_train.RunPayload(cfg=cfg, run_name=name, tracking_uri=tracker.uri, mlflow_run_id=run_id,
@@ -102,7 +102,7 @@ def _train(cfg, name: str, out: Path, tracker, on_started=None) -> dict:
 def _single(cfg, out: Path) -> dict:
     import torch
 
-    from fomo_ray import loop
+    from fomo_ray.core import loop
 
     states = []
     torch.set_num_threads(1)  # as in the workers (cpus_per_worker < 2)
@@ -147,8 +147,8 @@ def main(out: Path, data_root: str, scale: float) -> dict:
     helpers = cluster_helpers()
     import ray
 
-    from fomo_ray import ray_train
-    from fomo_ray.tracking import Tracker, default_uri
+    from fomo_ray.engine import ray_train
+    from fomo_ray.tracking.writer import Tracker, default_uri
 
     from _edges_util import register_by_value, train_worker_in_worker
 

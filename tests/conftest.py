@@ -70,7 +70,7 @@ def tiny_finished_sweep(tmp_path_factory):
     import ray
 
     import fomo_ray
-    from fomo_ray import tune_sweep
+    from fomo_ray.engine import tune_sweep
 
     from _data_util import small_fifmini, tiny_sweep
 

@@ -1,5 +1,5 @@
-"""Gradient checkpointing and gradient accumulation (fomo_ray/memory_saving.py, batch_step.forward_backward): both change
-memory and compute, never the step.
+"""Gradient checkpointing and gradient accumulation (fomo_ray/maths/memory_saving.py, batch_step.forward_backward): both
+change memory and compute, never the step.
 
 What must hold: accumulating k micro-batches against the cached features of the rest of the global batch gives the
 one-batch CLIP-loss gradient and loss — in float64 to 1e-12 (the scheme is exact), in fp32 on the CPU the loss within
@@ -27,13 +27,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _data_util import small_fifmini, tiny_config
 from _test_archs import registered
-from fomo_ray import distributed
-from fomo_ray.backbones import create_backbone
+from fomo_ray.core import distributed
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.config import ConfigError, load_config
 from fomo_ray.data.mixture import shard_bounds
-from fomo_ray.loop import batch_loss, forward_backward
-from fomo_ray.memory_saving import (block_ledger, check_accumulation, checkpointed_blocks,
-                                    enable_grad_checkpointing, micro_sizes, micro_spans, splice, step_cost)
+from fomo_ray.core.loop import batch_loss, forward_backward
+from fomo_ray.maths.memory_saving import (block_ledger, check_accumulation, checkpointed_blocks,
+                                          enable_grad_checkpointing, micro_sizes, micro_spans, splice, step_cost)
 
 TOL = 1e-6      # the loss, fp32
 GRAD_TOL = 2e-6  # the gradient relative to its norm, fp32 (rounding; see the module docstring)
@@ -145,7 +145,7 @@ def test_accumulation_gives_the_one_batch_loss_and_gradient(k):
 
 def test_accumulation_is_exact_in_float64(monkeypatch):
     """In float64 the accumulated gradient is the one-batch gradient to 1e-12: the fp32 differences are rounding."""
-    from fomo_ray import batch_step
+    from fomo_ray.core import batch_step
 
     monkeypatch.setattr(batch_step, "model_input", _float64_input(batch_step.model_input))
     one, many = _run(accum=1, double=True), _run(accum=3, double=True)
@@ -265,8 +265,8 @@ def test_a_run_with_accumulation_and_checkpointing_gives_the_results_of_one_batc
     """accum_steps = 2 (and with gradient checkpointing on as well) trains the same continual run as accum_steps = 1:
     the same per-step losses and results table up to float rounding (the micro-batches' matmuls round differently
     from the whole batch's: measured 2.4e-7 on the losses; the table was identical), not bitwise."""
-    from fomo_ray import assembly
-    from fomo_ray.loop import RunHooks, run_stream
+    from fomo_ray.core import assembly
+    from fomo_ray.core.loop import RunHooks, run_stream
 
     root = small_fifmini(tmp_path_factory).root  # the session's 5% build, read only
     enabled = []
@@ -299,7 +299,7 @@ def _penalty(model):
 def _rank_main(rank, world, init_file, out_dir):
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    from fomo_ray import batch_step
+    from fomo_ray.core import batch_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -330,7 +330,7 @@ def test_accumulation_under_two_rank_ddp_gives_the_one_process_one_batch_gradien
     """Each rank splits its shard into k micro-batches, gathers the micro-batch features over the ranks against the
     cached global batch, and lets DDP all-reduce once per step (no_sync before the last micro-batch): the averaged
     gradient is the one-process gradient of the whole batch (float64 to 1e-12), with a method's extra loss."""
-    from fomo_ray import batch_step
+    from fomo_ray.core import batch_step
 
     mp.spawn(_rank_main, args=(WORLD, str(tmp_path / "pg_init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]

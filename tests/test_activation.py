@@ -10,8 +10,8 @@ import open_clip
 from open_clip.model import QuickGELU
 from open_clip.pretrained import _PRETRAINED
 
-from fomo_ray.backbones import (BackboneError, base_meta, create_backbone, read_checkpoint, register_tiny_archs,
-                                resolve_quick_gelu, save_checkpoint)
+from fomo_ray.models.backbones import (BackboneError, base_meta, create_backbone, read_checkpoint, register_tiny_archs,
+                                       resolve_quick_gelu, save_checkpoint)
 from fomo_ray.config import load_config
 
 
@@ -80,7 +80,7 @@ def test_tag_loads_real_weights_with_quick_gelu_then_base_and_export_keep_it(vit
                                                                               tmp_path):
     import open_clip.factory as factory
 
-    from fomo_ray.export import save_open_clip
+    from fomo_ray.results.export import save_open_clip
 
     monkeypatch.setattr(factory, "download_pretrained", lambda cfg, **kw: str(vit_b32_openai_file))
     bb = create_backbone("ViT-B-32", "openai")  # open_clip's real tag path, weights loaded from the stand-in
@@ -145,7 +145,7 @@ def test_an_unreadable_file_names_the_supported_formats(tmp_path):
 
 def test_tracking_names_the_activation_a_run_builds(tmp_path):
     """MLflow's fomo_ray.quick_gelu tag says how the run's model was built (the config says null: the weights decide)."""
-    from fomo_ray.backbones import activation_tags
+    from fomo_ray.models.backbones import activation_tags
 
     def tag(**keys):
         return activation_tags(load_config(None, keys))["fomo_ray.quick_gelu"]

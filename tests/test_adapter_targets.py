@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 from _test_archs import registered
-from fomo_ray import distributed
-from fomo_ray.backbones import create_backbone
+from fomo_ray.core import distributed
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.config import load_config
-from fomo_ray.export import merge_adapters
-from fomo_ray.losses import contrastive_loss
+from fomo_ray.results.export import merge_adapters
+from fomo_ray.maths.losses import contrastive_loss
 from fomo_ray.methods import build_method
 from fomo_ray.methods import peft_methods as pm
 from fomo_ray.methods.peft_methods import AdapterCoverageError, adapter_targets, is_adapted

@@ -10,12 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import aggregate, report, sweep_results, sweep_spec
+from fomo_ray.maths import aggregate
+
+from fomo_ray.results import report, sweep_results
+
+from fomo_ray.planning import sweep_spec
 from fomo_ray.api import variant_summary
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.trial_report import SCORES
-from fomo_ray.sweep_spec import Dim, SweepError, spec_from_dict
-from fomo_ray.tracking import variant_metrics
+from fomo_ray.planning.sweep_spec import Dim, SweepError, spec_from_dict
+from fomo_ray.tracking.writer import variant_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "experiments" / "configs").glob("sweep_*.yaml"))
@@ -199,7 +203,7 @@ def test_a_sweeps_report_baseline_is_the_variant_its_comparison_subtracts(tmp_pa
     import json
 
     from fomo_ray.cli.report import main as report_main
-    from fomo_ray.metrics import save_results
+    from fomo_ray.models.metrics import save_results
 
     spec = spec_from_dict({"name": "s", "space": {"method.name": {"grid": ["finetune"]}},
                            "report": {"x": "method.merge.weight", "baseline": "ema_w0.9"}})
@@ -293,7 +297,7 @@ def test_seeds_flag_and_every_shipped_study(capsys):
 
 def test_reference_trials_are_variants_of_their_own_and_finetune_is_the_baseline():
     """``references:`` trials carry a ``reference`` label and no swept value: each is a variant of its own."""
-    from fomo_ray.aggregate import compare_to_baseline, variant_table
+    from fomo_ray.maths.aggregate import compare_to_baseline, variant_table
 
     def _scores(x):
         return {f"{w}_{k}": x for w in ("final", "mean") for k in ("A_KA", "A_ZS", "GM")}

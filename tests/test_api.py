@@ -83,7 +83,7 @@ def test_the_readme_report_score_and_load_results_examples_work(finished_sweep, 
 def test_run_writes_its_directory_and_returns_its_results(tmp_path, tmp_path_factory):
     from _data_util import small_fifmini, tiny_sweep
 
-    from fomo_ray.metrics import load_results
+    from fomo_ray.models.metrics import load_results
 
     base = tiny_sweep(small_fifmini(tmp_path_factory).root, tmp_path, output_dir=str(tmp_path / "runs"))
     res = fomo_ray.run(overrides={**base, "stream.num_tasks": 1}, method__name="ema_merge")

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fomo_ray.backbones import create_backbone
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.methods.peft_mha import LinearAttention, swap_attention, unswap_attention
 
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fomo_ray.backbones import (TINY_ARCHS, BackboneError, available_archs, create_backbone, read_state_dict,
-                                save_checkpoint)
-from fomo_ray.losses import clip_loss
+from fomo_ray.models.backbones import (TINY_ARCHS, BackboneError, available_archs, create_backbone, read_state_dict,
+                                       save_checkpoint)
+from fomo_ray.maths.losses import clip_loss
 
 logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "initialized randomly" on purpose-built random models
 
@@ -177,7 +177,7 @@ def test_loading_a_checkpoint_does_not_claim_random_init(tmp_path, caplog):
     model really is random, not when our checkpoint is loaded right after building it."""
     import logging
 
-    from fomo_ray.backbones import create_backbone, save_checkpoint
+    from fomo_ray.models.backbones import create_backbone, save_checkpoint
 
     with caplog.at_level(logging.WARNING):
         bb = create_backbone("fomo-tiny-s", "")

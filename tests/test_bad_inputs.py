@@ -22,7 +22,7 @@ def _garbage_state(tmp: Path) -> Path:
 def _results_dir(tmp: Path) -> Path:
     from test_report import _tidy, _trials
 
-    from fomo_ray.metrics import save_results
+    from fomo_ray.models.metrics import save_results
 
     save_results(_tidy(), tmp / "sweep" / "tidy.csv")
     _trials().to_csv(tmp / "sweep" / "trials.csv", index=False)

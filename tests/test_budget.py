@@ -1,4 +1,5 @@
-"""MAF compute budgets (fomo_ray/budget.py, docs/BENCHMARK.md §Budgets), measured on a real (tiny) open_clip CLIP."""
+"""MAF compute budgets (fomo_ray/budgets/budget.py, docs/BENCHMARK.md §Budgets), measured on a real (tiny) open_clip
+CLIP."""
 from __future__ import annotations
 
 import json
@@ -10,12 +11,12 @@ import torch
 
 from _budget_util import tiny_spec
 
-from fomo_ray import budget as B
+from fomo_ray.budgets import budget as B
 from fomo_ray.cli.budget import main as budget_main
 from fomo_ray.config import ExperimentConfig
 from fomo_ray.tables import format_table
 
-ARCH = "budget-test-tiny"  # self-contained: does not depend on fomo_ray/backbones.py
+ARCH = "budget-test-tiny"  # self-contained: does not depend on fomo_ray/models/backbones.py
 TINY = {"embed_dim": 64,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
@@ -148,7 +149,7 @@ def test_attention_flops_are_counted_on_cpu(spec, monkeypatch):
         return B.measure_step(model, list(model.parameters()), BATCH, 32, 16).gflops
 
     with_attention = measure()
-    from fomo_ray import step_measure
+    from fomo_ray.budgets import step_measure
 
     monkeypatch.setattr(step_measure, "CPU_ATTENTION_FLOPS", {})  # where the measured step counts attention
     without = measure()
@@ -228,7 +229,7 @@ def test_real_method_registry_budgets(cfg, spec):
 
 def test_cli_prints_a_table(cfg, spec, capsys):
     _methods_or_skip()
-    from fomo_ray import backbones  # noqa: F401  (the CLI builds the backbone by name)
+    from fomo_ray.models import backbones  # noqa: F401  (the CLI builds the backbone by name)
 
     rc = budget_main(["--backbone", "fomo-tiny-s", "--batch-size", "2", "--device", "cpu", "--methods", "finetune",
                  "bitfit", "--set", f"budget.cache_dir={cfg.budget.cache_dir}"])
@@ -241,7 +242,7 @@ def test_cli_uses_the_users_config_and_does_not_warn_per_model(cfg, capfd, caplo
     table has a column for the config's own T and budget, and open_clip's random-init warning is not printed once per
     model built."""
     _methods_or_skip()
-    from fomo_ray import backbones  # noqa: F401
+    from fomo_ray.models import backbones
 
     cache = f"budget.cache_dir={cfg.budget.cache_dir}"
     counts = {}
@@ -305,7 +306,7 @@ def test_a_new_regulariser_is_charged_through_its_own_hooks(cfg, spec, monkeypat
 def test_a_reference_backbone_gives_every_backbone_the_steps_of_the_same_compute(tmp_path):
     """Issue 17, item 4: with budget.reference_backbone a task's budget is fine-tuning the reference for steps_ft
     steps; a larger backbone gets the fewer steps that spend it, and so does every method on it."""
-    from fomo_ray.budget import maf, method_record, steps_per_task
+    from fomo_ray.budgets.budget import maf, method_record, steps_per_task
     from fomo_ray.config import load_config
 
     cfg = load_config(None, {"budget.cache_dir": str(tmp_path), "stream.num_tasks": 4, "budget.total_ft_steps": 400,

@@ -2,7 +2,7 @@
 each, and with accumulation the activations of one micro-batch; a setting at its default leaves records alone."""
 import pytest
 
-from fomo_ray import budget as B
+from fomo_ray.budgets import budget as B
 from fomo_ray.config import load_config
 
 

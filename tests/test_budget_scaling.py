@@ -11,8 +11,8 @@ import torch
 
 from _budget_util import tiny_spec
 
-from fomo_ray import budget as B
-from fomo_ray import step_measure
+from fomo_ray.budgets import budget as B
+from fomo_ray.budgets import step_measure
 from fomo_ray.config import load_config
 
 ARCH = "budget-scaling-tiny"  # one block per tower: every method's graph, in a fraction of a second
@@ -116,7 +116,7 @@ def test_a_model_that_cannot_run_fake_is_measured_on_small_real_batches(spec, ca
 
     cost = B.MethodCost(lambda model: model, extra_loss=penalty)
     kw = dict(backbone=ARCH, batch_size=BATCH, image_size=32, context_length=16, rank_batch=4)
-    with caplog.at_level(logging.WARNING, logger="fomo_ray.budget"):
+    with caplog.at_level(logging.WARNING, logger="fomo_ray.budgets.budget"):
         fell_back = B.measure_method("branchy", cost, spec.factory, engine="auto", **kw)
     assert fell_back.measured == "scaled from b=2, 4" and "cannot be counted on fake tensors" in caplog.text
     assert _figures(fell_back) == _figures(B.measure_method("branchy", cost, spec.factory, engine="direct", **kw))
@@ -140,7 +140,7 @@ def test_no_measurement_runs_a_real_batch_larger_than_a_ranks(spec, tmp_path, mo
     was real. The global batch is 16 on 4 ranks (a rank's batch: 4), also with 2 accumulation micro-batches (2)."""
     from fomo_ray.methods import REGISTRY
 
-    from fomo_ray import step_measure
+    from fomo_ray.budgets import step_measure
 
     seen: list[tuple[int, bool]] = []
     real = step_measure.clip_batch

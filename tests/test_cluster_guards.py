@@ -68,7 +68,7 @@ def test_the_check_is_skipped_on_a_local_ray(tmp_path):
     """No address and no Ray joined: the sweep starts its own one-node Ray, nothing to check (nor to start here)."""
     import ray
 
-    from fomo_ray.ray_session import guard_cluster
+    from fomo_ray.engine.ray_session import guard_cluster
 
     assert not ray.is_initialized()
     guard_cluster(load_config(None, {"output_dir": str(tmp_path)}), f"sqlite:///{tmp_path}/mlflow.db")

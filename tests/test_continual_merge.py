@@ -1,4 +1,4 @@
-"""OPCM and DOP (fomo_ray/merge_continual.py) against hand math on small matrices, their folds as merge operators,
+"""OPCM and DOP (fomo_ray/maths/merge_continual.py) against hand math on small matrices, their folds as merge operators,
 the merge methods' continual path and the compute they charge."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from fomo_ray import merge_continual as mc
-from fomo_ray import merge_ops as mo
+from fomo_ray.maths import merge_continual as mc
+from fomo_ray.maths import merge_ops as mo
 
 
 def _rand(*shape, seed=0):
@@ -152,7 +152,7 @@ def test_svd_formula_and_counted_step_cost():
 
 
 def test_continual_merge_methods_charge_their_merge_and_keep_constant_memory():
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
     from fomo_ray.config import load_config
     from fomo_ray.methods import build_method, cost_settings
 

@@ -280,7 +280,7 @@ def test_converted_fif_runs_in_the_loop_with_one_switch(converted, tmp_path):
     from _fif_fixtures import colour, image_bytes, write_shard
 
     from fomo_ray.config import load_config
-    from fomo_ray.loop import run_stream
+    from fomo_ray.core.loop import run_stream
 
     _, bench = converted
     write_shard(tmp_path / "shards" / "00000.tar",

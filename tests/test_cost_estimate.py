@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fomo_ray import budget
+from fomo_ray.budgets import budget
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import load_config
-from fomo_ray.cost_estimate import (DeclaredDevice, EstimateError, TrialCost, estimate_trial, eval_gflops,
-                                    format_estimate, forward_gflops, lpt_order, makespan, makespan_bound)
+from fomo_ray.planning.cost_estimate import (DeclaredDevice, EstimateError, TrialCost, estimate_trial, eval_gflops,
+                                             format_estimate, forward_gflops, lpt_order, makespan, makespan_bound)
 
 from _edges_util import REPO
 
@@ -60,8 +60,8 @@ def tiny(tmp_path_factory):
 
 
 def test_a_trials_estimate_is_the_budgets_steps_and_the_evaluators_workload(tiny):
-    from fomo_ray.assembly import open_data
-    from fomo_ray.evaluation import Evaluator
+    from fomo_ray.core.assembly import open_data
+    from fomo_ray.models.evaluation import Evaluator
 
     cost = estimate_trial(tiny, "ft")
     record = budget.method_record(tiny, "finetune", device="cpu")
@@ -114,8 +114,8 @@ def test_reference_trials_keep_their_estimate_in_the_trials_table():
     its own estimate, beside its wall time."""
     import pandas as pd
 
-    from fomo_ray.sweep_results import with_estimates
-    from fomo_ray.sweep_spec import plan_sweep, spec_from_dict
+    from fomo_ray.results.sweep_results import with_estimates
+    from fomo_ray.planning.sweep_spec import plan_sweep, spec_from_dict
 
     plan = plan_sweep(spec_from_dict({"name": "s", "references": ["zero_shot", "joint"], "space": {
         "stream.ordering": {"grid": ["random", "dataset_incremental"]}, "method.name": {"grid": ["finetune"]}}}))

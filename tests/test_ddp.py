@@ -1,7 +1,7 @@
 """Data-parallel continual loop: 2 real gloo ranks (spawned processes, CPU) against one process on the same global
 batch — real FiF-mini files, a real tiny open_clip model, real DDP and a differentiable all-gather.
 
-What must hold (fomo_ray/distributed.py): the gradient of the sharded, gathered global CLIP loss averaged by DDP is
+What must hold (fomo_ray/core/distributed.py): the gradient of the sharded, gathered global CLIP loss averaged by DDP is
 the single-process gradient (equal up to float summation order, not bitwise), also for a world size that does not
 divide the batch (W = 3, shards 3/3/2); weights and method state stay bitwise identical across ranks; evaluation and
 EWC's Fisher pass are shared out (each rank encodes part of the images, and its shard of every Fisher batch) and
@@ -19,9 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fomo_ray import checkpoint, distributed
+from fomo_ray.core import checkpoint, distributed
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.loop import RunHooks, run_stream
+from fomo_ray.core.loop import RunHooks, run_stream
 from fomo_ray.methods import REGISTRY, build_method
 from fomo_ray.methods.finetune import FineTune
 
@@ -61,7 +61,8 @@ class WorkCounter:
     losses, and the largest such batch), by wrapping the functions through which that work goes."""
 
     def __init__(self, monkeypatch_like):
-        from fomo_ray import batch_step, evaluation
+        from fomo_ray.core import batch_step
+        from fomo_ray.models import evaluation
 
         self.images = self.fisher = self.largest = 0
         self._in_fisher = False
@@ -343,8 +344,8 @@ def test_batch_size_check_shards_and_one_process_helpers():
 def test_every_method_trains_only_parameters_its_forward_uses(name):
     """DDP runs with find_unused_parameters=False: after ``setup`` every trainable parameter of every registered
     method must get a gradient from the CLIP loss of one batch through ``PairEncoder`` (what DDP wraps)."""
-    from fomo_ray.backbones import create_backbone
-    from fomo_ray.losses import clip_loss
+    from fomo_ray.models.backbones import create_backbone
+    from fomo_ray.maths.losses import clip_loss
 
     torch.manual_seed(0)
     backbone = create_backbone("fomo-tiny-s", pretrained="")

@@ -16,9 +16,9 @@ from torch import nn
 
 from _data_util import small_fifmini
 from _test_archs import register, registered
-from fomo_ray import checkpoint, distributed
-from fomo_ray.distributed import BatchNormError, batchnorm_layers, needs_sync_batchnorm, sync_batchnorm
-from fomo_ray.loop import run_stream
+from fomo_ray.core import checkpoint, distributed
+from fomo_ray.core.distributed import BatchNormError, batchnorm_layers, needs_sync_batchnorm, sync_batchnorm
+from fomo_ray.core.loop import run_stream
 from fomo_ray.methods import REGISTRY
 from test_ddp import GradSpy, _cfg, _max_abs_diff, _max_rel_diff, _observed_run
 
@@ -28,7 +28,7 @@ WORLD = 2
 def _sigmoid_cfg(root, tmp):
     """Fine-tuning of the SigLIP-layout model: one task of 2 steps on a global batch of 8 (4 rows per rank).
     Evaluation batches of 2, so that every rank encodes some of every dataset's prompts (a rank without any reads
-    ``model.visual.output_dim``, which open_clip's TimmModel lacks: fomo_ray/evaluation.py ``_mine``)."""
+    ``model.visual.output_dim``, which open_clip's TimmModel lacks: fomo_ray/models/evaluation.py ``_mine``)."""
     return _cfg(root, tmp, **{"backbone.name": "fomo-test-sigmoid", "method.name": "grad_spy", "stream.num_tasks": 1,
                               "budget.total_ft_steps": 2, "evaluation.batch_size": 2})
 
@@ -145,7 +145,7 @@ def test_the_batchnorm_decision_by_world_size_and_device():
 def test_sync_batchnorm_conversion_keeps_keys_parameters_and_outputs():
     with registered():
         torch.manual_seed(0)
-        from fomo_ray.backbones import create_backbone
+        from fomo_ray.models.backbones import create_backbone
 
         model = create_backbone("fomo-test-rn", "").model.eval()
     names = batchnorm_layers(model)
@@ -168,7 +168,7 @@ def _gpu_rank(rank, world, init_file, out_dir):
     register()
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        from fomo_ray.backbones import create_backbone
+        from fomo_ray.models.backbones import create_backbone
 
         torch.manual_seed(0)
         model = create_backbone("fomo-test-rn", "", device="cuda:0", precision="fp32").model.train()
@@ -193,7 +193,7 @@ def test_batchnorm_under_cuda_ddp_uses_global_batch_statistics(tmp_path):
     ranks = [torch.load(tmp_path / f"gpu_rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert ranks[0]["kinds"] == ["SyncBatchNorm"]
     with registered():
-        from fomo_ray.backbones import create_backbone
+        from fomo_ray.models.backbones import create_backbone
 
         torch.manual_seed(0)
         model = create_backbone("fomo-test-rn", "", device="cuda:0", precision="fp32").model.train()

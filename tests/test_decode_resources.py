@@ -17,7 +17,7 @@ from fomo_ray.data.format import DatasetInfo
 from fomo_ray.data.loaders import (MEMORY_LOADER_RAM_SHARE, MemoryLoaderTooLarge, clear_caches, decode_threads,
                                    decoded_nbytes, machine_ram_bytes, make_loader)
 from fomo_ray.data.writer import BenchmarkWriter
-from fomo_ray.evaluation import EvaluationError, Evaluator
+from fomo_ray.models.evaluation import EvaluationError, Evaluator
 
 pytestmark = pytest.mark.timeout(120)  # a hung FFCV writer must fail the test, not the suite
 
@@ -83,7 +83,7 @@ def test_decode_threads_follow_the_process_cpus_and_explicit_values_stay(torch_t
 def test_a_ray_trial_decodes_with_its_reserved_cpus(torch_threads, cpus, threads):
     """Both Ray paths (Train workers and plain Tune trials) pin torch's threads to ray.cpus_per_worker before the run
     is built; data.num_workers = 0 then gives that many decode threads, at least 1."""
-    from fomo_ray.ray_train import set_threads
+    from fomo_ray.engine.ray_train import set_threads
 
     set_threads(cpus)
     assert decode_threads(0) == threads

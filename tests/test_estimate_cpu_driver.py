@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from fomo_ray import budget, step_measure
+from fomo_ray.budgets import budget, step_measure
 from fomo_ray.config import load_config
-from fomo_ray.cost_estimate import DeclaredDevice, estimate_trial, format_estimate
+from fomo_ray.planning.cost_estimate import DeclaredDevice, estimate_trial, format_estimate
 
 from _edges_util import REPO
 
@@ -106,7 +106,7 @@ def test_gpu_trials_read_the_records_their_gpu_cached(gpu_trial):
 def test_a_training_step_is_timed_at_a_small_batch_and_scaled_by_flops(tmp_path, monkeypatch):
     """The throughput behind un-declared estimates times a step at most a rank's batch and TIMED_BATCH (16), never a
     trial's global batch, and scales it by the budget's FLOP counts at both batches."""
-    from fomo_ray import throughput
+    from fomo_ray.planning import throughput
 
     cfg = load_config(None, {"mixture.batch_size": 64, "ray.num_workers": 2, "budget.cache_dir": str(tmp_path)})
     seen = []

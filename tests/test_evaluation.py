@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fomo_ray.config import EvalConfig
-from fomo_ray.evaluation import (EvaluationError, Evaluator, chance_level, class_balanced_quota,
-                                 class_balanced_subset, image_to_text_recall, retrieval_recalls, subset_size,
-                                 text_to_image_recall, top1_accuracy)
+from fomo_ray.models.evaluation import (EvaluationError, Evaluator, chance_level, class_balanced_quota,
+                                        class_balanced_subset, image_to_text_recall, retrieval_recalls, subset_size,
+                                        text_to_image_recall, top1_accuracy)
 
 
 # --------------------------------------------------------------------------------------------------- pure math
@@ -137,7 +137,7 @@ class OracleCLIP(torch.nn.Module):
 @pytest.fixture(scope="module")
 def tok():
     """open_clip's SimpleTokenizer with the tiny models' 32-token context (offline)."""
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     return create_backbone("fomo-tiny-s").tokenizer
 
@@ -206,7 +206,7 @@ def test_text_embeddings_cached_per_weights_version(bench, tok):
 
 
 def test_real_tiny_clip_restores_train_mode(bench):
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     torch.manual_seed(0)
     bb = create_backbone("fomo-tiny-s")
@@ -256,8 +256,8 @@ def test_workload_counts_what_an_evaluation_encodes(bench, tok, full):
 def test_default_prompts_are_the_primer_and_unchanged(bench):
     """evaluation.prompts defaults to the reference's one primer prompt per class: the class embeddings are exactly
     the normalised embeddings of ``DatasetInfo.prompts()``, and every record says which texts it used."""
-    from fomo_ray.backbones import create_backbone
-    from fomo_ray.metrics import tidy_frame
+    from fomo_ray.models.backbones import create_backbone
+    from fomo_ray.models.metrics import tidy_frame
 
     assert EvalConfig().prompts == "primer"
     torch.manual_seed(0)
@@ -283,8 +283,8 @@ def test_ensemble_class_embedding_is_the_normalised_mean_of_normalised_templates
     templates split over two batches; 256: several classes a batch)."""
     import open_clip
 
-    from fomo_ray.backbones import create_backbone
-    from fomo_ray.evaluation import prompt_templates
+    from fomo_ray.models.backbones import create_backbone
+    from fomo_ray.models.evaluation import prompt_templates
 
     templates = prompt_templates(prompts)
     assert len(templates) == {"simple_imagenet": 7, "openai_imagenet": 80}[prompts]
@@ -365,7 +365,7 @@ def test_ensemble_evaluation_shared_over_ranks_equals_one_process(bench):
     import copy
     import threading
 
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     torch.manual_seed(0)
     model = create_backbone("fomo-tiny-s")

@@ -1,5 +1,5 @@
-"""A run's deployed model out to open_clip (fomo_ray/export.py): the ``model/`` a ``fomo-ray run`` writes loads into
-plain open_clip (by name and from its directory, in a process without fomo_ray) with the loop's own deployed
+"""A run's deployed model out to open_clip (fomo_ray/results/export.py): the ``model/`` a ``fomo-ray run`` writes loads
+into plain open_clip (by name and from its directory, in a process without fomo_ray) with the loop's own deployed
 features; every registered method exports a strictly loading state dict equal to what it deploys (merges: the merged
 model, peft: adapters merged in); ``fomo-ray export`` and its errors; MLflow sources; ``ray.keep_checkpoints``; and
 (marked ``ray``) a finished sweep trial that logs ``model/`` and whose checkpoint tag points at its checkpoints."""
@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fomo_ray import export as ex
-from fomo_ray.assembly import build_run, run_name
-from fomo_ray.checkpoint import LOOP_STATE_FILE, load_state, restore
+from fomo_ray.results import export as ex
+from fomo_ray.core.assembly import build_run, run_name
+from fomo_ray.core.checkpoint import LOOP_STATE_FILE, load_state, restore
 from fomo_ray.cli import export as export_cli
 from fomo_ray.cli import run as run_cli
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.loop import RunHooks, deployed, run_stream
+from fomo_ray.core.loop import RunHooks, deployed, run_stream
 from fomo_ray.methods import REGISTRY
 from fomo_ray.methods.merging import MERGE_PRESETS
 
@@ -51,7 +51,7 @@ def _probe():
     """Fixed images (already normalised, at the model's 32 px) and token ids of three captions."""
     import open_clip
 
-    from fomo_ray.backbones import register_tiny_archs
+    from fomo_ray.models.backbones import register_tiny_archs
 
     register_tiny_archs()
     images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -146,7 +146,7 @@ def test_run_writes_a_model_open_clip_loads_with_the_loops_deployed_features(cli
     torch.testing.assert_close(plain["local-dir"], loop, rtol=0, atol=1e-6)
 
     # the evaluation transform normalises as the loop's evaluator does (the backbone's mean/std, 32 px)
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
     from torchvision.transforms import Normalize, Resize
 
     bb = create_backbone(ARCH, "")
@@ -250,7 +250,7 @@ def test_a_sweeps_trial_directory_exports_its_newest_checkpoint(cli_run, tmp_pat
 
 # --------------------------------------------------------------------------------------------------- MLflow sources
 def test_config_from_params_round_trips_a_config(bench_root, tmp_path):
-    from fomo_ray.tracking import _param_value
+    from fomo_ray.tracking.writer import _param_value
 
     cfg = _cfg(bench_root, tmp_path, **{"method.name": "ema_merge", "optimizer.lr": 1e-6, "name": "007"})
     params = {k: _param_value(v) for k, v in cfg.flat().items()}
@@ -259,7 +259,7 @@ def test_config_from_params_round_trips_a_config(bench_root, tmp_path):
 
 def test_mlflow_run_sources(cli_run, tmp_path):
     """A run's checkpoints/final (no config.json: the params give the config) and its model/ artifact."""
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.tracking.writer import Tracker
 
     cfg, run_dir = cli_run
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -302,10 +302,10 @@ def test_a_finished_trial_logs_its_model_and_points_at_its_checkpoints(ray_local
     """1 trial x 2 tasks as a Tune function trial with MLflow: ``model/`` is an artifact that load_model reads (equal
     to the export of ``checkpoints/final``), and the fomo_ray.checkpoint_uri tag is the trial's directory in the sweep
     storage, holding the final checkpoint only, trimmed to the deployed model."""
-    import fomo_ray.tune_sweep as sweep
-    from fomo_ray.ray_train import CHECKPOINT_TAG, EXPORT_ERROR_TAG, FINAL_CHECKPOINT_TAG, UPLOAD_PENDING_TAG
-    from fomo_ray.sweep_spec import spec_from_dict
-    from fomo_ray.tracking import Tracker
+    import fomo_ray.engine.tune_sweep as sweep
+    from fomo_ray.engine.ray_train import CHECKPOINT_TAG, EXPORT_ERROR_TAG, FINAL_CHECKPOINT_TAG, UPLOAD_PENDING_TAG
+    from fomo_ray.planning.sweep_spec import spec_from_dict
+    from fomo_ray.tracking.writer import Tracker
 
     base = {k: v for k, v in _cfg(bench_root, tmp_path).flat().items() if not isinstance(v, tuple)}
     base.update({"tracking.enabled": True, "ray.keep_checkpoints": 1, "ray.cpus_per_worker": 1.0,
@@ -352,7 +352,7 @@ def test_an_ended_trials_checkpoints_are_trimmed_to_its_export(cli_run, tmp_path
     """``retention.settle`` (ray.keep_after_run): ``all`` keeps every checkpoint, ``state`` the final loop state,
     ``deployed`` the final checkpoint as its export, whose weights file becomes MLflow's (one inode); the trimmed
     trial still loads and exports to the same weights; settling twice changes nothing."""
-    from fomo_ray import retention
+    from fomo_ray.results import retention
 
     cfg, run_dir = cli_run
     trial = tmp_path / "tune" / "000-finetune"

@@ -179,9 +179,9 @@ def test_refuses_to_overwrite_another_benchmark(tmp_path):
 
 def test_ensure_inputs_builds_the_benchmark_a_run_opens(tmp_path, bench):
     """prep.ensure_inputs builds what assembly.open_data (which never builds) then finds: the same content."""
-    from fomo_ray.assembly import open_data
+    from fomo_ray.core.assembly import open_data
     from fomo_ray.config import load_config
-    from fomo_ray.inputs import InputsMissing
+    from fomo_ray.core.inputs import InputsMissing
     from fomo_ray.prep import ensure_inputs
 
     cfg = load_config(None, {"data.root": str(tmp_path / "fm"), "data.scale": SCALE, "backbone.pretrained": ""})

@@ -1,5 +1,5 @@
 """The paper's findings checked on a study's trial table (issue 17, item 6): per-seed effects with a Student-t
-interval and a verdict that follows the paper's sign; the script's table (fomo_ray/findings.py,
+interval and a verdict that follows the paper's sign; the script's table (fomo_ray/maths/findings.py,
 experiments/check_findings.py). Hand-made trial tables: what the sweeps produce is tested elsewhere."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from fomo_ray.findings import FINDINGS, check, order_vs_method, overall, per_seed_difference, verdict
+from fomo_ray.maths.findings import FINDINGS, check, order_vs_method, overall, per_seed_difference, verdict
 
 from _edges_util import REPO
 

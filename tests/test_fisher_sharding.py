@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fomo_ray import batch_step, loop
+from fomo_ray.core import batch_step, loop
 
 from _data_util import SCALE, small_fifmini, tiny_config
 

@@ -29,8 +29,8 @@ DEVICE = torch.device(os.environ.get("FOMO_GPU_CHECK_DEVICE", "cuda"))
 FIFMINI = Path(os.environ.get("FOMO_GPU_CHECK_FIFMINI", REPO / "data" / "gpu_check" / "fifmini"))
 TINY = "fomo-tiny-s"
 BLOCKED = ("ray", "mlflow", "ffcv")
-CORE_MODULES = ("fomo_ray.loop", "fomo_ray.budget", "fomo_ray.evaluation", "fomo_ray.methods", "fomo_ray.merge_ops",
-                "fomo_ray.backbones", "fomo_ray.data.loaders", "fomo_ray.data.mixture", "fomo_ray.data.format")
+CORE_MODULES = ("fomo_ray.core.loop", "fomo_ray.budgets.budget", "fomo_ray.models.evaluation", "fomo_ray.methods", "fomo_ray.maths.merge_ops",
+                "fomo_ray.models.backbones", "fomo_ray.data.loaders", "fomo_ray.data.mixture", "fomo_ray.data.format")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # also under --noconftest: pretrained tags must never download
 if DEVICE.type == "cpu":  # the dry run shares a small CPU with other work
@@ -60,7 +60,7 @@ def _bench_module(name: str):
 
 
 def _tiny(precision: str = "fp32", seed: int = 0):
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     torch.manual_seed(seed)
     return create_backbone(TINY, "", device=DEVICE, precision=precision)
@@ -75,8 +75,8 @@ def _batch(backbone, n: int = 8, seed: int = 0):
 
 
 def _loss(model, images, tokens, autocast=None):
-    """The loop's training loss (fomo_ray.batch_step.batch_loss without the data plumbing)."""
-    from fomo_ray.losses import clip_loss
+    """The loop's training loss (fomo_ray.core.batch_step.batch_loss without the data plumbing)."""
+    from fomo_ray.maths.losses import clip_loss
 
     with autocast or contextlib.nullcontext():
         img = model.encode_image(images, normalize=True)
@@ -136,10 +136,10 @@ def test_core_modules_import_without_ray_mlflow_ffcv():
 
 
 def test_blocker_really_blocks():
-    """The finder above is not vacuous: importing fomo_ray.tracking (which imports mlflow) fails under it."""
-    proc = subprocess.run([sys.executable, "-c", BLOCKER, "fomo_ray.tracking"], cwd=REPO, capture_output=True,
+    """The finder above is not vacuous: importing fomo_ray.tracking.writer (which imports mlflow) fails under it."""
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, "fomo_ray.tracking.writer"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, env=_subprocess_env())
-    assert proc.returncode == 1 and "IMPORT-FAIL fomo_ray.tracking at" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "IMPORT-FAIL fomo_ray.tracking.writer at" in proc.stdout, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
@@ -178,7 +178,7 @@ def test_device_placement_of_model_and_method_state(name):
     the device (the reference kept EWC/SI state on the CPU: docs/BENCHMARK.md §Reference faults). offline_merge keeps
     its experts on the CPU on purpose (long streams); its deployed weights must still be on the device."""
     from fomo_ray.config import load_config
-    from fomo_ray.optim import make_optimizer
+    from fomo_ray.maths.optim import make_optimizer
     from fomo_ray.methods import build_method
 
     cfg = load_config(None, {"method.name": name, "method.reg.ewc_fisher_batches": 2})
@@ -262,7 +262,7 @@ def fifmini_small():
         from fomo_ray.prep.fifmini import ensure_fifmini
 
         ensure_fifmini(FIFMINI, seed=0, image_size=32, scale=0.05, progress=False)
-    from fomo_ray.backbones import tokenizer_for
+    from fomo_ray.models.backbones import tokenizer_for
     from fomo_ray.data.tokens import add_tokens
 
     open_benchmark(FIFMINI)
@@ -273,7 +273,7 @@ def fifmini_small():
 def test_training_images_reach_the_device_as_uint8_and_are_normalised_there(fifmini_small):
     """Issue 11: the prefetcher copies uint8 batches (pinned, side stream on CUDA) and ``model_input`` converts and
     normalises them on the device; what arrives equals the host batch, also after the pinned buffers are reused."""
-    from fomo_ray.backbones import tokenizer_for
+    from fomo_ray.models.backbones import tokenizer_for
     from fomo_ray.data.augment import model_input
     from fomo_ray.data.mixture import MixedBatches, mixture_sizes
     from fomo_ray.data.prefetch import Prefetcher
@@ -295,10 +295,10 @@ def test_training_images_reach_the_device_as_uint8_and_are_normalised_there(fifm
 
 @pytest.mark.gpu
 def test_loop_two_tasks_on_device(tmp_path, fifmini_small):
-    """fomo_ray.loop.run_stream for 2 tasks of EMA-merge on the device with the memory loader: every step's loss is
+    """fomo_ray.core.loop.run_stream for 2 tasks of EMA-merge on the device with the memory loader: every step's loss is
     finite, three evaluation points (0, 1, 2) cover every dataset, and the model and merge state live on the device."""
-    from fomo_ray.assembly import build_run
-    from fomo_ray.loop import RunHooks, run_stream
+    from fomo_ray.core.assembly import build_run
+    from fomo_ray.core.loop import RunHooks, run_stream
 
     cfg = _loop_cfg(tmp_path, "ema_merge")
     run = build_run(cfg, DEVICE)
@@ -332,7 +332,7 @@ def _state(seed: int, dtype=torch.float32):
 def test_merge_operators_on_device(dtype):
     """Every operator of merge_ops.OPERATORS runs on device tensors, keeps device and dtype, and equals the CPU
     merge; DARE draws its masks from device generators, so there it must be deterministic per seed instead."""
-    from fomo_ray import merge_ops
+    from fomo_ray.maths import merge_ops
 
     base, e1, e2 = _state(0, dtype), _state(1, dtype), _state(2, dtype)
     on = lambda sd: {k: v.to(DEVICE) for k, v in sd.items()}  # noqa: E731
@@ -356,7 +356,7 @@ def test_merge_operators_on_device(dtype):
 @pytest.mark.gpu
 def test_ema_merge_of_real_backbones_on_device():
     """The EMA-merge step on two real (tiny CLIP) state dicts on the device is (1-w)*m + w*theta exactly."""
-    from fomo_ray import merge_ops
+    from fomo_ray.maths import merge_ops
 
     a, b = _tiny(seed=0).model.state_dict(), _tiny(seed=1).model.state_dict()
     merged = merge_ops.merge("interpolate", a, [b], [0.25])
@@ -386,7 +386,7 @@ def test_ddp_one_process(tmp_path):
         images, tokens = _batch(plain)
         for model, net in ((plain.model, plain.model), (twin.model, ddp)):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            from fomo_ray.losses import clip_loss
+            from fomo_ray.maths.losses import clip_loss
 
             img, txt, scale = net(images, tokens)[:3]
             clip_loss(img, txt, scale).backward()

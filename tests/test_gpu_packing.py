@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from fomo_ray import tune_sweep as sweep
-from fomo_ray.sweep_spec import spec_from_dict
+from fomo_ray.engine import tune_sweep as sweep
+from fomo_ray.planning.sweep_spec import spec_from_dict
 
 from _edges_util import Placement, register_by_value, trial_in_worker
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.ray
 def ray_4_logical_gpus(monkeypatch):
     import ray
 
-    from fomo_ray.assembly import LOGICAL_GPUS
+    from fomo_ray.core.assembly import LOGICAL_GPUS
 
     monkeypatch.setenv(LOGICAL_GPUS, "1")  # before ray.init: its workers inherit it (no CUDA here, on purpose)
     ray.init(num_cpus=2, num_gpus=4, include_dashboard=False, object_store_memory=150 * 2**20)

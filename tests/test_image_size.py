@@ -11,11 +11,11 @@ import shutil
 import pytest
 
 from _data_util import SCALE, small_fifmini, toy_images, write_toy
-from fomo_ray.assembly import ImageSizeMismatch, backbone_input_size, build_run, check_image_size, check_inputs
-from fomo_ray.backbones import TINY_ARCHS
+from fomo_ray.core.assembly import ImageSizeMismatch, backbone_input_size, build_run, check_image_size, check_inputs
+from fomo_ray.models.backbones import TINY_ARCHS
 from fomo_ray.config import load_config
 from fomo_ray.data.format import DataError, open_benchmark
-from fomo_ray.inputs import InputsMissing
+from fomo_ray.core.inputs import InputsMissing
 
 BIG = "ViT-B-32"  # 224 px
 
@@ -138,8 +138,8 @@ def test_fomo_ray_run_prints_one_line_and_exits_2(fifmini_big_tokens, tmp_path, 
 def test_a_sweep_refuses_the_trial_before_launch(fifmini_big_tokens, tmp_path):
     import ray
 
-    from fomo_ray.sweep_spec import SweepError, parse_space
-    from fomo_ray.tune_sweep import ensure_sweep_inputs
+    from fomo_ray.planning.sweep_spec import SweepError, parse_space
+    from fomo_ray.engine.tune_sweep import ensure_sweep_inputs
 
     base = _cfg(fifmini_big_tokens.root, **{"budget.mode": "equal_steps", "output_dir": str(tmp_path),
                                              "budget.cache_dir": str(tmp_path / "budget")})

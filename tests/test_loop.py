@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from fomo_ray.assembly import run_name
-from fomo_ray.checkpoint import LoopState, load_state, save_state
+from fomo_ray.core.assembly import run_name
+from fomo_ray.core.checkpoint import LoopState, load_state, save_state
 from fomo_ray.cli.run import main
-from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
-from fomo_ray.metrics import COLUMNS
-from fomo_ray.optim import decays, make_optimizer
+from fomo_ray.core.loop import RunHooks, TrainingDiverged, run_stream
+from fomo_ray.models.metrics import COLUMNS
+from fomo_ray.maths.optim import decays, make_optimizer
 from fomo_ray.methods import REGISTRY, Method
 
 from _data_util import small_fifmini, tiny_config
@@ -276,7 +276,7 @@ def test_reservoir_buffer_policy_runs_and_resumes_identically(tiny_cfg):
 
 def test_pretrained_auto_needs_a_tiny_architecture(tiny_cfg):
     from fomo_ray.config import ConfigError
-    from fomo_ray.assembly import resolve_pretrained
+    from fomo_ray.core.assembly import resolve_pretrained
 
     with pytest.raises(ConfigError, match="'auto' only exists for the tiny architectures"):
         resolve_pretrained(tiny_cfg(**{"backbone.name": "ViT-B-32", "backbone.pretrained": "auto"}), bench=None)
@@ -302,7 +302,7 @@ def test_maf_budget_gives_adapters_more_steps_than_finetune(tiny_cfg):
 
 
 def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tiny_cfg):
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     model = create_backbone("fomo-tiny-s", pretrained="").model
     named = dict(model.named_parameters())
@@ -337,7 +337,7 @@ def test_state_file_round_trip_is_weights_only_safe(tmp_path):
 def test_writing_a_state_copies_no_tensor(tmp_path, monkeypatch):
     """A snapshot is already a private CPU copy: writing it must not copy the model again (that doubled a large
     model's host RAM for the length of every write)."""
-    from fomo_ray import checkpoint
+    from fomo_ray.core import checkpoint
 
     written = {}
     monkeypatch.setattr(checkpoint, "torch_save", lambda payload, path: written.update(payload) or path)
@@ -378,7 +378,7 @@ def test_main_refusing_bad_input_leaves_no_run_directory(tiny_cfg, capsys, tmp_p
 
 # --------------------------------------------------------------------------------------------------- one eval set
 def test_eval_plan_puts_every_point_on_the_subsets_and_the_full_sets_where_asked(tiny_cfg):
-    from fomo_ray.assembly import eval_plan
+    from fomo_ray.core.assembly import eval_plan
 
     assert eval_plan(4, tiny_cfg(**{"evaluation.full_at_ends": True})) == {0: True, 1: False, 2: False, 3: False,
                                                                           4: True}
@@ -390,7 +390,7 @@ def test_eval_plan_puts_every_point_on_the_subsets_and_the_full_sets_where_asked
 def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tiny_cfg, tmp_path, capsys):
     """Issue 17, item 1: every point on the same fixed subsets (the retrieval gallery too); the full test sets at the
     ends under their own eval_set, never mixed into the trajectory or the scores."""
-    from fomo_ray.metrics import forgetting, summarize
+    from fomo_ray.models.metrics import forgetting, summarize
 
     cfg = tiny_cfg(**{"method.name": "zero_shot", "stream.num_tasks": 3, "evaluation.full_at_ends": True})
     df = run_stream(cfg)
@@ -406,7 +406,7 @@ def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tin
     f = forgetting(df)
     assert f["forgetting"].eq(0.0).all() and f["backward_transfer"].dropna().eq(0.0).all()
     from fomo_ray.cli.score import main as score
-    from fomo_ray.metrics import save_results
+    from fomo_ray.models.metrics import save_results
 
     assert score([str(save_results(df, tmp_path / "zs.csv"))]) == 0
     out = capsys.readouterr().out

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from fomo_ray.sweep_results import infrastructure_reason
-from fomo_ray.tune_callbacks import restoring
+from fomo_ray.results.sweep_results import infrastructure_reason
+from fomo_ray.engine.tune_callbacks import restoring
 
 from _data_util import small_fifmini
 

@@ -1,4 +1,4 @@
-"""Merge operators against hand-computed small tensors (fomo_ray/merge_ops.py)."""
+"""Merge operators against hand-computed small tensors (fomo_ray/maths/merge_ops.py)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from fomo_ray import merge_ops as mo
+from fomo_ray.maths import merge_ops as mo
 
 
 def sd(**tensors) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import dataclasses
 import pytest
 import torch
 
-from fomo_ray.backbones import create_backbone
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.config import load_config
 from fomo_ray.methods import REGISTRY, TRAINING_SECTIONS, applicable_params
 

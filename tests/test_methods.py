@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from fomo_ray.backbones import create_backbone
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.merge_ops import MergeError
+from fomo_ray.maths.merge_ops import MergeError
 from fomo_ray.methods import REGISTRY, UnknownMethodError, build_method
 from fomo_ray.methods.finetune import is_image_tower, is_text_tower
 

@@ -4,9 +4,9 @@ import math
 import pandas as pd
 import pytest
 
-from fomo_ray import metrics
+from fomo_ray.models import metrics
 from fomo_ray.cli.score import main as score_main
-from fomo_ray.metrics import MetricsError
+from fomo_ray.models.metrics import MetricsError
 
 # Evaluation points 0, 1, 2 of one run. A1 adapt/classification, A2 adapt/retrieval (R@5 is its headline; R@1 must
 # be ignored), E1/E2 eval-only classification.
@@ -106,7 +106,7 @@ def test_score_command_prints_the_numbers(tmp_path, capsys):
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
 def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suffix):
-    from fomo_ray.metrics import COLUMNS, tidy_frame
+    from fomo_ray.models.metrics import COLUMNS, tidy_frame
 
     records = [dict(run="r", task=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
                dict(run="r", task=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),

@@ -15,9 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fomo_ray import assembly, checkpoint, loop, ray_train, trial_report
+from fomo_ray import trial_report
+
+from fomo_ray.core import assembly, checkpoint, loop
+
+from fomo_ray.engine import ray_train
 from fomo_ray.config import load_config
-from fomo_ray.loop import RunHooks, TrainingDiverged, run_stream
+from fomo_ray.core.loop import RunHooks, TrainingDiverged, run_stream
 from fomo_ray.methods import REGISTRY
 from fomo_ray.methods.finetune import FineTune
 
@@ -188,7 +192,7 @@ def test_final_uploads_policy():
 
 
 def test_a_failed_upload_after_training_still_finishes_and_is_retried(cfg_of, tmp_path, monkeypatch):
-    from fomo_ray.tracking import Tracker, default_uri
+    from fomo_ray.tracking.writer import Tracker, default_uri
 
     tracker = Tracker(default_uri(tmp_path), "uploads")
     run_id = tracker.start_child(None, "upload", {})
@@ -291,7 +295,7 @@ def test_no_host_read_between_logging_steps(cfg_of, monkeypatch):
 
 
 def test_step_logger_writes_off_the_training_thread_and_stops_at_a_nan():
-    from fomo_ray.tracking import StepLogger
+    from fomo_ray.tracking.writer import StepLogger
 
     class Client:
         def __init__(self):

@@ -116,7 +116,7 @@ def test_similarity_with_tiny_model_visits_every_class_once(bench, tmp_path):
 
 
 def test_difficulty_from_zero_shot_accuracy_of_a_backbone(bench, tmp_path):
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     torch.manual_seed(0)
     bb = create_backbone("fomo-tiny-s", "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from fomo_ray import overhead
+from fomo_ray.planning import overhead
 from fomo_ray.config import load_config
 
 from _data_util import SCALE, small_fifmini
@@ -55,7 +55,7 @@ def test_a_trial_without_its_benchmark_has_no_fixed_costs_yet(tmp_path):
 def test_trial_seconds_and_checkpoints():
     o = overhead.Overhead("b", "cpu", 1, "h", start_s=5.0, build_s=2.0, loader_s=1.0, decode_s=0.01,
                           checkpoint_s=0.5)
-    from fomo_ray.cost_estimate import decoded_eval_images
+    from fomo_ray.planning.cost_estimate import decoded_eval_images
 
     points = {0: False, 1: True, 2: False}  # the subset at 3 points, the full set once (after point 1's subset)
     loads = [(100, 10), (100, 10), (400, 10), (100, 10)]
@@ -72,7 +72,7 @@ def test_trial_seconds_and_checkpoints():
 
 
 def test_the_estimate_adds_the_fixed_costs(cfg):
-    from fomo_ray import cost_estimate
+    from fomo_ray.planning import cost_estimate
 
     run = cfg.replace({"method.name": "finetune", "stream.num_tasks": 2, "budget.total_ft_steps": 4,
                        "budget.mode": "equal_steps", "mixture.batch_size": 8})
@@ -83,7 +83,7 @@ def test_the_estimate_adds_the_fixed_costs(cfg):
 
 
 def _eval_rows(cfg):
-    from fomo_ray.assembly import open_data
-    from fomo_ray.evaluation import Evaluator
+    from fomo_ray.core.assembly import open_data
+    from fomo_ray.models.evaluation import Evaluator
 
     return Evaluator(open_data(cfg), cfg.evaluation, cfg.seed, 32, (0.5,), (0.5,), backend="memory").rows(False)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import preemptions
+from fomo_ray.engine import preemptions
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import pytest
 
 from fomo_ray.cli.sweep import main as sweep_main
 from fomo_ray.config import load_config
-from fomo_ray.presets import PRESET_DIR, preset_overrides
-from fomo_ray.sweep_spec import SweepError, load_sweep, plan_sweep
+from fomo_ray.planning.presets import PRESET_DIR, preset_overrides
+from fomo_ray.planning.sweep_spec import SweepError, load_sweep, plan_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -73,7 +73,7 @@ def test_a_swept_real_backbone_is_caught_too():
     spec = load_sweep(CONFIGS / "sweep_model_sizes.yaml")
     from dataclasses import replace
 
-    from fomo_ray.sweep_spec import parse_space
+    from fomo_ray.planning.sweep_spec import parse_space
 
     spec = replace(spec, space={**parse_space(spec.space), **parse_space({"backbone.name": {"grid": ["fomo-tiny-s",
                                                                                                        "ViT-L-14"]}})})

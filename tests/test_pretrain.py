@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fomo_ray import optim
-from fomo_ray.backbones import create_backbone
+from fomo_ray.maths import optim
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.cli import pretrain as pretrain_cli
-from fomo_ray.inputs import PretrainConfig
+from fomo_ray.core.inputs import PretrainConfig
 from fomo_ray.prep import pretrain
 from fomo_ray.prep.pretrain import PretrainError
 
@@ -146,7 +146,7 @@ def test_ensure_inputs_pretrains_only_a_missing_base(tiny_bench, monkeypatch):
     """``backbone.pretrained=auto``: prep.ensure_inputs trains the base when the run's look-up misses it, and only
     then; an architecture without a recipe is refused as a run would refuse it."""
     from fomo_ray.config import ConfigError, load_config
-    from fomo_ray.inputs import RECIPES, base_checkpoint_path
+    from fomo_ray.core.inputs import RECIPES, base_checkpoint_path
     from fomo_ray.prep import ensure_inputs
 
     calls = []
@@ -197,7 +197,7 @@ def test_base_is_a_meaningful_zero_shot_model(fifmini_base):
     (measured: all within a few points of chance).
     """
     from fomo_ray.config import EvalConfig
-    from fomo_ray.evaluation import Evaluator, chance_level
+    from fomo_ray.models.evaluation import Evaluator, chance_level
 
     bench, path = fifmini_base
     bb = create_backbone("fomo-tiny-s", pretrained=str(path))
@@ -224,9 +224,9 @@ def test_base_is_a_meaningful_zero_shot_model(fifmini_base):
 def test_pretraining_compute_grows_with_size():
     """Issue 17: a real CLIP ladder spends more pretraining compute on a larger model (more FLOPs per step and at
     least as many steps), so its base starts better; equal steps left fomo-tiny-m's base below fomo-tiny-s's."""
-    from fomo_ray.backbones import TINY_ARCHS
-    from fomo_ray.budget import measure_step
-    from fomo_ray.inputs import RECIPES
+    from fomo_ray.models.backbones import TINY_ARCHS
+    from fomo_ray.budgets.budget import measure_step
+    from fomo_ray.core.inputs import RECIPES
 
     steps = [RECIPES[a].steps for a in TINY_ARCHS]
     assert steps == sorted(steps) and steps[0] < steps[-1], steps
@@ -243,7 +243,7 @@ def test_ladder_table_reads_each_cached_base(tiny_bench, tmp_path):
     written only between its markers (in docs/BENCHMARK.md); a missing base names the command that makes it."""
     import importlib.util
 
-    from fomo_ray.backbones import TINY_ARCHS
+    from fomo_ray.models.backbones import TINY_ARCHS
 
     spec = importlib.util.spec_from_file_location("ladder_table", REPO / "scripts" / "ladder_table.py")
     script = importlib.util.module_from_spec(spec)

@@ -7,7 +7,7 @@ def test_a_sweep_and_a_run_print_an_evaluation_point_alike():
     import io
 
     from fomo_ray import trial_report
-    from fomo_ray.tune_callbacks import Progress
+    from fomo_ray.engine.tune_callbacks import Progress
 
     out = io.StringIO()
     result = {**trial_report.eval_report(3, [], {"A_KA": 0.139, "A_ZS": 0.801, "GM": 0.333}), "node_id": ""}

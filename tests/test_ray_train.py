@@ -9,12 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from fomo_ray import loop, ray_train, trial_report
-from fomo_ray.checkpoint import load_state
+from fomo_ray import trial_report
+
+from fomo_ray.core import loop
+
+from fomo_ray.engine import ray_train
+from fomo_ray.core.checkpoint import load_state
 from fomo_ray.config import load_config
-from fomo_ray.metrics import point_summary, tidy_frame
+from fomo_ray.models.metrics import point_summary, tidy_frame
 from fomo_ray.provenance import platform_label
-from fomo_ray.tracking import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
+from fomo_ray.tracking.writer import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
 from _data_util import small_fifmini, tiny_sweep
 from _edges_util import Fault, register_by_value, train_worker_in_worker
@@ -127,7 +131,7 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     assert len(tracker.client.search_runs([tracker.experiment_id])) == 1
     gm = dict(tracker.metric_history(run_id, summary_key("GM")))  # MLflow holds percent
     assert sorted(gm) == [0, 1, 2]
-    from fomo_ray.metrics import summarize
+    from fomo_ray.models.metrics import summarize
 
     ref_gm = {t: as_percent(v) for t, v in summarize(reference).set_index("task")["GM"].items()}
     assert gm == pytest.approx(ref_gm, abs=0, rel=0)
@@ -136,7 +140,7 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     assert [f.path for f in tracker.client.list_artifacts(run_id, "checkpoints/final")] == \
         ["checkpoints/final/config.json", "checkpoints/final/fomo_ray_run.json",
          "checkpoints/final/fomo_ray_status.json", "checkpoints/final/loop_state.pt"]
-    # the deployed model beside it, in open_clip's format (fomo_ray/export.py)
+    # the deployed model beside it, in open_clip's format (fomo_ray/results/export.py)
     assert "model/open_clip_pytorch_model.bin" in {f.path for f in tracker.client.list_artifacts(run_id, "model")}
     print(f"exact resume through a worker kill: {wall:.1f} s; resumed from {run.data.tags[ray_train.RESUMED_TAG]}")
 

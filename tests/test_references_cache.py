@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from fomo_ray import trial_cache
+from fomo_ray.results import trial_cache
 from fomo_ray.config import load_config
-from fomo_ray.sweep_spec import (SweepError, enumerated_dims, enumerated_trials, plan_sweep, spec_from_dict,
-                                 trial_label, trial_overrides)
+from fomo_ray.planning.sweep_spec import (SweepError, enumerated_dims, enumerated_trials, plan_sweep, spec_from_dict,
+                                          trial_label, trial_overrides)
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -48,7 +48,7 @@ def test_bad_references_are_refused(raw, match):
 def test_every_shipped_study_uses_references_and_copies_no_reference_point():
     from _edges_util import REPO
 
-    from fomo_ray.sweep_spec import load_sweep
+    from fomo_ray.planning.sweep_spec import load_sweep
 
     for path in sorted((REPO / "experiments" / "configs").glob("sweep_*.yaml")):
         plan = plan_sweep(load_sweep(path))

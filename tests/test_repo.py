@@ -32,7 +32,7 @@ def test_every_shipped_yaml_validates(path):
     if rel.parts[0] == "cluster":
         assert {"cluster_name", "provider"} <= set(data), f"{rel}: not a Ray cluster-launcher file"
     elif "space" in data or "base" in data:
-        from fomo_ray.sweep_spec import load_sweep, validate_space
+        from fomo_ray.planning.sweep_spec import load_sweep, validate_space
 
         spec = load_sweep(path)
         base = load_config(spec.config or None, spec.base)

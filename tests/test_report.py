@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from fomo_ray import report
+from fomo_ray.results import report
 from fomo_ray.cli.report import main as report_main
-from fomo_ray.metrics import save_results
+from fomo_ray.models.metrics import save_results
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -99,7 +99,7 @@ def test_cli_names_a_missing_table(tmp_path, capsys):
 def test_only_finished_trials_have_final_scores_and_enter_the_pareto_front():
     """Issue 14: an interrupted or failed trial's last point is not its final one: no final / mean scores, never on
     the Pareto front, its status in the table."""
-    from fomo_ray.report import format_table, trial_table
+    from fomo_ray.results.report import format_table, trial_table
 
     rows = []
     for run, ka, zs in (("done", 0.3, 0.6), ("cut", 0.9, 0.9), ("bad", 0.95, 0.95)):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fomo_ray import retry
-from fomo_ray.backbones import BackboneError, create_backbone
+from fomo_ray.models.backbones import BackboneError, create_backbone
 from fomo_ray.retry import TransientError, is_transient, with_backoff
 
 

@@ -1,11 +1,11 @@
-"""Per-task LR schedules and meta-schedules (fomo_ray/schedules.py, docs/BENCHMARK.md §Schedules)."""
+"""Per-task LR schedules and meta-schedules (fomo_ray/maths/schedules.py, docs/BENCHMARK.md §Schedules)."""
 from __future__ import annotations
 
 import math
 
 import pytest
 
-from fomo_ray import schedules as sc
+from fomo_ray.maths import schedules as sc
 from fomo_ray.config import ConfigError, ExperimentConfig, ScheduleConfig
 
 LR = 1e-5  # the paper's ViT-B/16 lr

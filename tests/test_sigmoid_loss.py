@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from _test_archs import registered
-from fomo_ray import distributed, step_measure
-from fomo_ray.backbones import create_backbone
-from fomo_ray.loop import batch_loss
-from fomo_ray.losses import clip_loss, contrastive_loss, siglip_loss
+from fomo_ray.core import distributed
+from fomo_ray.budgets import step_measure
+from fomo_ray.models.backbones import create_backbone
+from fomo_ray.core.loop import batch_loss
+from fomo_ray.maths.losses import clip_loss, contrastive_loss, siglip_loss
 
 
 @pytest.fixture(scope="module")

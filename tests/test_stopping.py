@@ -1,13 +1,14 @@
-"""Cooperative early stopping (issue 15): the pure rules of fomo_ray/stopping.py, the sweep YAML's ``stopping:`` entry
-and the board actor's once-per-point decisions. The rule stopping real trials through the loop is in test_sweep.py."""
+"""Cooperative early stopping (issue 15): the pure rules of fomo_ray/planning/stopping.py, the sweep YAML's
+``stopping:`` entry and the board actor's once-per-point decisions. The rule stopping real trials through the loop is in
+test_sweep.py."""
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from fomo_ray.stop_board import StopBoard
-from fomo_ray.stopping import StoppingRule, decide, history_from_results, parse_stopping, trajectory_mean
-from fomo_ray.sweep_spec import SweepError, spec_from_dict
+from fomo_ray.engine.stop_board import StopBoard
+from fomo_ray.planning.stopping import StoppingRule, decide, history_from_results, parse_stopping, trajectory_mean
+from fomo_ray.planning.sweep_spec import SweepError, spec_from_dict
 
 BEST = StoppingRule("trails_best", min_tasks=2, margin=5.0)
 

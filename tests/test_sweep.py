@@ -13,13 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fomo_ray import sweep_spec
-from fomo_ray import tune_sweep as sweep
+from fomo_ray.planning import sweep_spec
+from fomo_ray.engine import tune_sweep as sweep
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import ConfigError, load_config
-from fomo_ray.sweep_spec import Dim, SweepError, parse_dim, parse_space, spec_from_dict
-from fomo_ray.export import WEIGHTS_FILE
-from fomo_ray.retention import checkpoint_dirs
+from fomo_ray.planning.sweep_spec import Dim, SweepError, parse_dim, parse_space, spec_from_dict
+from fomo_ray.results.export import WEIGHTS_FILE
+from fomo_ray.results.retention import checkpoint_dirs
 
 from _edges_util import REPO, StandIn, register_by_value, trial_in_worker
 
@@ -123,7 +123,7 @@ def test_run_sweep_fails_before_ray_or_any_directory(tmp_path):
 
 
 def test_unreachable_tracking_uri_fails_before_any_trial(tmp_path):
-    from fomo_ray.tracking import TrackingError
+    from fomo_ray.tracking.writer import TrackingError
 
     from _edges_util import free_port
 
@@ -241,7 +241,7 @@ def test_experiment_dry_run_cli():
 
 
 # slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
 @pytest.mark.slow
 def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
@@ -252,7 +252,7 @@ def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
 
 
 # slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
 @pytest.mark.slow
 def test_validation_and_dry_run_import_no_ray():
     """Validating a shipped sweep YAML and dry-running it need no Ray: sweep_spec and the CLI's dry run never
@@ -260,7 +260,7 @@ def test_validation_and_dry_run_import_no_ray():
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
     code = (
         "import sys\n"
-        "from fomo_ray import sweep_spec\n"
+        "from fomo_ray.planning import sweep_spec\n"
         "from fomo_ray.cli import sweep as sweep_cli\n"
         f"spec = sweep_spec.load_sweep({path!r}, {{'tracking.enabled': False}})\n"
         "assert sweep_spec.plan_sweep(spec).total == 8\n"
@@ -285,8 +285,8 @@ def _stand_in_trials(monkeypatch, runner):
 
 def _unit_costs(plan, device=None, store=True):
     """Every trial costs the same (a stand-in trial has no model to measure): the grid's order is kept."""
-    from fomo_ray.cost_estimate import TrialCost
-    from fomo_ray.sweep_spec import enumerated_trials
+    from fomo_ray.planning.cost_estimate import TrialCost
+    from fomo_ray.planning.sweep_spec import enumerated_trials
 
     fixed = {k: d for k, d in plan.space.items() if d.kind in ("grid", "points")}
     return [TrialCost(sweep_spec.trial_label(c, fixed), "stand-in", "stand-in", 1, 1, 1.0, 1.0, 1.0)
@@ -300,7 +300,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
     session's tiny sweep of tests/conftest.py, also read by test_api.py and test_ui_browser.py): parent/child runs,
     per-task metrics and a checkpoint artifact in MLflow, a DataFrame that matches them, report files; a rerun never
     overwrites."""
-    from fomo_ray.tracking import NOTE_TAG, PARENT_TAG, TRAIN_KEYS, Tracker, as_percent, summary_key
+    from fomo_ray.tracking.writer import NOTE_TAG, PARENT_TAG, TRAIN_KEYS, Tracker, as_percent, summary_key
 
     spec, out, wall, runs_dir = (tiny_finished_sweep.spec, tiny_finished_sweep.out, tiny_finished_sweep.wall,
                                  tiny_finished_sweep.output_dir)
@@ -371,7 +371,7 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
                                                                                      capfd):
     """Interrupted after its first trial, the sweep is restored with Tuner.restore; the finished trial is not run
     again, the diverging trial is FAILED in Tune and MLflow with its reason (and not retried), the last one runs."""
-    from fomo_ray.tracking import REASON_TAG, Tracker
+    from fomo_ray.tracking.writer import REASON_TAG, Tracker
 
     _stand_in_trials(monkeypatch, StandIn)
     spec = spec_from_dict({
@@ -389,7 +389,7 @@ def test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_swe
     assert list(first.trials["run"]) == ["000-a"] and first.interrupted
     assert sweep.status_counts(first.trials, first.total) == {"finished": 1, "failed": 0, "stopped": 0,
                                                                 "interrupted": 0, "pending": 3}
-    from fomo_ray.tracking import Tracker as _T
+    from fomo_ray.tracking.writer import Tracker as _T
 
     assert _T(first.tracking_uri, "fomo_ray").client.get_run(first.parent_run_id).info.status == "KILLED"
     # item 1: resuming with other settings is refused before anything runs, naming every differing key
@@ -448,7 +448,7 @@ def test_a_crashing_trial_prints_one_line_per_attempt_not_a_traceback(ray_local,
 _INTERRUPTIBLE = """
 import sys
 sys.path.insert(0, {tests!r})
-from fomo_ray import tune_sweep as sweep
+from fomo_ray.engine import tune_sweep as sweep
 from fomo_ray.cli import sweep as cli
 from _edges_util import StandIn, register_by_value, trial_in_worker
 register_by_value()
@@ -468,7 +468,7 @@ def test_ctrl_c_while_ray_starts_stops_the_sweep_cleanly_and_it_resumes(tmp_path
 
     import yaml
 
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.tracking.writer import Tracker
 
     spec = tmp_path / "intr.yaml"
     spec.write_text(yaml.safe_dump({"name": "intr", "base": {"output_dir": str(tmp_path / "out"),
@@ -496,6 +496,19 @@ def test_ctrl_c_while_ray_starts_stops_the_sweep_cleanly_and_it_resumes(tmp_path
     parent = json.loads((tmp_path / "out" / "sweeps" / "intr" / "sweep.json").read_text())["parent_run_id"]
     tracker = Tracker(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}", "fomo_ray")
     assert tracker.client.get_run(parent).info.status == "KILLED"
+    # issue 30, item 4: a sweep interrupted under the old module layout (before the part folders) is refused with
+    # one line naming the version and commit that wrote it; its directory is left as it was
+    state_file = tmp_path / "out" / "sweeps" / "intr" / "sweep.json"
+    state = state_file.read_text()
+    old = {k: v for k, v in json.loads(state).items() if k != "layout"}
+    state_file.write_text(json.dumps({**old, "fomo_ray_version": "0.1.0", "commit": "a95876c" + "0" * 33}))
+    refused = subprocess.run([sys.executable, str(script), "--name", "intr", "--resume"], capture_output=True,
+                             text=True, env=env, cwd=tmp_path, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stdout + refused.stderr
+    error = [line for line in refused.stderr.splitlines() if line.strip()]
+    assert len(error) == 1 and "written by fomo_ray 0.1.0" in error[0] and "git checkout a95876c" in error[0], error
+    assert json.loads(state_file.read_text())["fomo_ray_version"] == "0.1.0"  # nothing rewritten
+    state_file.write_text(state)
     again = subprocess.run([sys.executable, str(script), "--name", "intr", "--resume"], capture_output=True,
                            text=True, env=env, cwd=tmp_path, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -601,7 +614,7 @@ def test_rerunning_resumes_the_interrupted_later_run_of_a_sweep(tmp_path):
 
 
 # slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
 @pytest.mark.slow
 def test_dry_run_writes_nothing_and_still_checks_the_store(tmp_path, capsys):
     """Issue 14, item 6: a dry run validates the tracking store without creating mlflow.db (or any folder)."""
@@ -630,9 +643,9 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
     trajectory, and decisions that replay the pure rule exactly."""
     from _data_util import small_fifmini, tiny_sweep
 
-    from fomo_ray.report import trial_table
-    from fomo_ray.stopping import StoppingRule, decide, history_from_results
-    from fomo_ray.tracking import STATUS_TAG, STOP_TAG, Tracker
+    from fomo_ray.results.report import trial_table
+    from fomo_ray.planning.stopping import StoppingRule, decide, history_from_results
+    from fomo_ray.tracking.writer import STATUS_TAG, STOP_TAG, Tracker
 
     bench = small_fifmini(tmp_path_factory)
     rule = {"rule": "trails_best", "min_tasks": 1, "margin": 0.0, "min_trials": 2}
@@ -701,8 +714,8 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     seed, same commit), with the same numbers, says so, and tags their MLflow runs; its new trial runs."""
     from _data_util import small_fifmini, tiny_sweep
 
-    from fomo_ray import trial_cache
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.results import trial_cache
+    from fomo_ray.tracking.writer import Tracker
 
     from fomo_ray.provenance import platform, platform_label
 
@@ -743,9 +756,10 @@ def test_a_sweep_resumed_on_another_platform_says_its_numbers_will_not_compare(t
     """A resumed sweep whose driver now runs on another CPU (or kernel path) goes on, and says that the trials it
     runs now are not bitwise comparable with the ones finished before."""
     from fomo_ray.provenance import platform
-    from fomo_ray.sweep_state import open_state
+    from fomo_ray.planning.sweep_state import STATE_LAYOUT, open_state
 
-    state = {"name": "s", "platform": {**platform(), "cpu_kernels": "OTHER"}, "parent_run_id": ""}
+    state = {"name": "s", "layout": STATE_LAYOUT, "platform": {**platform(), "cpu_kernels": "OTHER"},
+             "parent_run_id": ""}
     (tmp_path / "sweep.json").write_text(json.dumps(state))
     assert open_state(tmp_path, None, resume=True) == state
     assert "resumed on" in capsys.readouterr().out
@@ -759,7 +773,7 @@ def test_tunes_metrics_warning_keeps_only_trials_that_started(tmp_path):
     trials that never started (no directory) are dropped, a started trial with missing results keeps its line."""
     import logging
 
-    from fomo_ray.tune_callbacks import QuietPending
+    from fomo_ray.engine.tune_callbacks import QuietPending
 
     (tmp_path / "000-a").mkdir()
 
@@ -791,7 +805,7 @@ def test_an_interrupted_python_sweep_names_the_call_that_resumes_it():
 def test_a_trials_mlflow_params_start_with_what_its_sweep_varies():
     """MLflow lists a run's params in the order they were logged: the swept keys, ``variant`` and the trial's own
     label as ``name`` come first (not the sweep's name and the whole config in alphabetical order)."""
-    from fomo_ray.trial_params import trial_params
+    from fomo_ray.planning.trial_params import trial_params
 
     space = parse_space({"optimizer.lr": {"grid": [1e-4]},
                          "variant": {"points": {"ema": {"method.name": "ema_merge", "method.merge.weight": 0.5}}}})

@@ -7,11 +7,13 @@ import json
 
 import pytest
 
-from fomo_ray import ray_train, sweep_budget
+from fomo_ray.engine import ray_train
+
+from fomo_ray.planning import sweep_budget
 from fomo_ray.cli import sweep as sweep_cli
 from fomo_ray.config import load_config
-from fomo_ray.sweep_budget import Ledger, SweepBudget, SweepBudgetError, parse_sweep_budget
-from fomo_ray.sweep_spec import SweepError, spec_from_dict
+from fomo_ray.planning.sweep_budget import Ledger, SweepBudget, SweepBudgetError, parse_sweep_budget
+from fomo_ray.planning.sweep_spec import SweepError, spec_from_dict
 
 from _edges_util import REPO
 
@@ -59,7 +61,7 @@ def test_needs_and_spend_in_each_unit():
 
 
 # slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/overhead.py: Ray, torch and MLflow imported per trial)
+# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
 @pytest.mark.slow
 def test_the_flags_set_the_budget_and_the_dry_run_says_what_fits(tmp_path, capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
@@ -83,7 +85,7 @@ class _Session:
 def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budget(ray_local):
     import ray
 
-    from fomo_ray import stop_board
+    from fomo_ray.engine import stop_board
 
     rec = [{"dataset": "D", "role": "adapt", "metric": "top1", "value": 0.5},
            {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.25}]
@@ -111,10 +113,10 @@ def test_a_running_trial_stops_at_a_task_boundary_once_the_sweep_spent_its_budge
 def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_local, tmp_path, tmp_path_factory):
     from _data_util import small_fifmini, tiny_sweep
 
-    from fomo_ray import tune_sweep
-    from fomo_ray.cost_estimate import estimate_plan
-    from fomo_ray.sweep_spec import plan_sweep
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.engine import tune_sweep
+    from fomo_ray.planning.cost_estimate import estimate_plan
+    from fomo_ray.planning.sweep_spec import plan_sweep
+    from fomo_ray.tracking.writer import Tracker
 
     bench = small_fifmini(tmp_path_factory)
     raw = {"name": "spend", "base": tiny_sweep(bench.root, tmp_path, **{
@@ -146,7 +148,7 @@ def test_a_sweep_runs_only_the_trials_its_budget_holds_also_across_a_resume(ray_
 def test_trials_the_budget_stopped_are_not_early_stoppings_savings():
     import pandas as pd
 
-    from fomo_ray.sweep_results import compute_saved
+    from fomo_ray.results.sweep_results import compute_saved
 
     trials = pd.DataFrame({"status": ["finished", "stopped"], "est_gflops": [10.0, 10.0], "done_gflops": [10.0, 5.0]})
     assert compute_saved(trials) == 0.25  # no reason column: every stop counts

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from _data_util import toy_images
-from fomo_ray.backbones import DEFAULT_ARCH, create_backbone, tokenizer_for
+from fomo_ray.models.backbones import DEFAULT_ARCH, create_backbone, tokenizer_for
 from fomo_ray.data import tokens as tokens_mod
 from fomo_ray.data.format import MANIFEST, DatasetInfo, content_hash, open_benchmark
 from fomo_ray.data.tokens import TokensMissing, load_tokens, tokenizer_key

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pytest
 
-from fomo_ray import tracking
+from fomo_ray.tracking import writer
 from fomo_ray.cli.ui import main as ui_main
 from fomo_ray.config import load_config
 from fomo_ray.provenance import platform_label
-from fomo_ray.tracking import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
-                               check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
-                               sweep_metrics, tracker_for)
-from fomo_ray import mlflow_ui
-from fomo_ray.mlflow_ui import runs_path, ui_command
+from fomo_ray.tracking.writer import (PARENT_TAG, REASON_TAG, TRIAL_TAG, StepLogger, Tracker, TrackingError,
+                                      check_reachable, default_uri, eval_metrics, metric_key, resolve_uri, summary_key,
+                                      sweep_metrics, tracker_for)
+from fomo_ray.tracking import ui
+from fomo_ray.tracking.ui import runs_path, ui_command
 
 from _edges_util import REPO, free_port
 
@@ -101,7 +101,7 @@ def test_full_set_scores_at_the_zero_shot_point_have_names_of_their_own():
 def test_joint_training_stands_at_the_end_of_the_stream_axis():
     """``joint`` trains the stream as one task: its point 1 is logged at step T beside the others' after-task-T
     points, not as a spike at step 1; every other method's points are their task indices."""
-    from fomo_ray.assembly import stream_step
+    from fomo_ray.core.assembly import stream_step
     from fomo_ray.config import load_config
 
     joint = load_config(None, {"method.name": "joint", "stream.num_tasks": 8})
@@ -113,7 +113,7 @@ def test_joint_training_stands_at_the_end_of_the_stream_axis():
 def test_run_page_sections_sort_summary_and_training_before_the_datasets():
     """MLflow 3 sorts chart sections (the name before the last '/') by code point and puts unprefixed names last;
     the summary and the training signal must come before every per-dataset section (seen in the browser test)."""
-    keys = [summary_key("GM"), tracking.TRAIN_KEYS[0], metric_key("AIRCRAFT", "top1"), metric_key("aircraft", "x")]
+    keys = [summary_key("GM"), writer.TRAIN_KEYS[0], metric_key("AIRCRAFT", "top1"), metric_key("aircraft", "x")]
     sections = sorted({k.rsplit("/", 1)[0] for k in keys})
     assert sections[:2] == ["Summary", "Training"] and all(s.startswith("datasets/") for s in sections[2:])
 
@@ -130,12 +130,12 @@ def test_provenance_is_this_checkout_and_version():
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                            text=True).stdout.strip()
-    tags = tracking.provenance_tags()
-    assert tags[tracking.VERSION_TAG] == fomo_ray.__version__ and len(head) == 40
+    tags = writer.provenance_tags()
+    assert tags[writer.VERSION_TAG] == fomo_ray.__version__ and len(head) == 40
     if dirty:  # uncommitted changes: the commit alone would claim code that did not run
-        assert tags[tracking.COMMIT_TAG] == head + "+changes" and tracking.MLFLOW_COMMIT_TAG not in tags
+        assert tags[writer.COMMIT_TAG] == head + "+changes" and writer.MLFLOW_COMMIT_TAG not in tags
     else:
-        assert tags[tracking.COMMIT_TAG] == tags[tracking.MLFLOW_COMMIT_TAG] == head
+        assert tags[writer.COMMIT_TAG] == tags[writer.MLFLOW_COMMIT_TAG] == head
 
 
 def test_the_platform_names_the_cpu_its_kernel_path_and_torch():
@@ -162,10 +162,10 @@ def test_provenance_outside_a_checkout_is_unknown(tmp_path, monkeypatch):
 
     code_version.cache_clear()
     try:
-        tags = tracking.provenance_tags()
+        tags = writer.provenance_tags()
     finally:
         code_version.cache_clear()
-    assert tags[tracking.COMMIT_TAG] == "unknown" and tracking.MLFLOW_COMMIT_TAG not in tags
+    assert tags[writer.COMMIT_TAG] == "unknown" and writer.MLFLOW_COMMIT_TAG not in tags
 
 
 def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_path):
@@ -174,7 +174,7 @@ def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_pat
     assert tr.uri == default_uri(store)
     parent = tr.start_parent("sweep-a", description="**Sweep `sweep-a`**: what it studies")
     assert tr.start_parent("sweep-a") == parent  # a resumed sweep reuses its parent run
-    assert tr.client.get_run(parent).data.tags[tracking.NOTE_TAG] == "**Sweep `sweep-a`**: what it studies"
+    assert tr.client.get_run(parent).data.tags[writer.NOTE_TAG] == "**Sweep `sweep-a`**: what it studies"
     flat = cfg.flat()
     child = tr.start_child(parent, "abc_00000", flat, run_name="000-finetune", config={"nested": {"a": 1}})
     metrics = {f"D{i}/top1": i / 100 for i in range(40)} | {"A_KA": 0.3, "A_ZS": 0.6, "GM": 0.42}
@@ -195,16 +195,16 @@ def test_parent_child_layout_params_metrics_artifacts_and_failure(store, tmp_pat
     assert run.data.params["optimizer.betas"] == "0.9,0.98"
     assert tr.metric_history(child, "GM") == [(0, 0.42), (1, 1.42), (2, 2.42)]
     assert len(run.data.metrics) == len(metrics)
-    assert run.data.tags[tracking.COMMIT_TAG] == tracking.provenance_tags()[tracking.COMMIT_TAG]
-    assert run.data.tags[tracking.VERSION_TAG] == tracking.provenance_tags()[tracking.VERSION_TAG]
+    assert run.data.tags[writer.COMMIT_TAG] == writer.provenance_tags()[writer.COMMIT_TAG]
+    assert run.data.tags[writer.VERSION_TAG] == writer.provenance_tags()[writer.VERSION_TAG]
     # the platform the run computed on: its numbers are bitwise reproducible there, not on another CPU
-    assert run.data.tags[tracking.PLATFORM_TAG] == platform_label() and "kernels, torch " in platform_label()
+    assert run.data.tags[writer.PLATFORM_TAG] == platform_label() and "kernels, torch " in platform_label()
     assert json.loads(Path(tr.client.download_artifacts(child, "config.json", str(tmp_path))).read_text()) == \
         {"nested": {"a": 1}}
     assert [f.path for f in tr.client.list_artifacts(child, "checkpoints/final")] == \
         ["checkpoints/final/loop_state.pt"]
     # artifacts live beside the database, not in whatever directory the process ran in
-    assert (store / tracking.ARTIFACT_DIR).is_dir()
+    assert (store / writer.ARTIFACT_DIR).is_dir()
     # a restarted trial finds its run again (by trial id, or by the id kept in its checkpoint)
     assert tr.start_child(parent, "abc_00000", flat) == child
     assert tr.start_child(parent, "other", flat, run_id=child) == child
@@ -219,7 +219,7 @@ def test_artifacts_never_land_in_the_working_directory(store, tmp_path, monkeypa
     run = tr.start_child(None, "t", {})
     (tmp_path / "f.txt").write_text("x")
     tr.client.log_artifact(run, str(tmp_path / "f.txt"))
-    assert tr.client.get_experiment(tr.experiment_id).artifact_location == (store / tracking.ARTIFACT_DIR).as_uri()
+    assert tr.client.get_experiment(tr.experiment_id).artifact_location == (store / writer.ARTIFACT_DIR).as_uri()
     assert not (tmp_path / "mlruns").exists()
 
 
@@ -272,7 +272,7 @@ def test_step_logger_sends_every_n_steps_in_one_call(store):
     steps.flush()  # the tail: steps 6-7
     steps.flush()  # nothing left: no call
     assert calls == [11, 11, 8]
-    loss_key, lr_key, norm_key, rate_key = tracking.TRAIN_KEYS
+    loss_key, lr_key, norm_key, rate_key = writer.TRAIN_KEYS
     assert [s for s, _ in tr.metric_history(run, loss_key)] == list(range(8))
     assert tr.metric_history(run, norm_key)[5] == (5, 7.0)
     assert tr.metric_history(run, rate_key) == [(s, 128.0) for s in (1, 2, 3, 5, 6, 7)]  # 64 samples / 0.5 s
@@ -282,19 +282,19 @@ def test_step_logger_sends_every_n_steps_in_one_call(store):
 def test_study_views_are_saved_views_of_the_experiment(store):
     """Each view is an experiment tag holding MLflow 3's saved-view envelope; writing them again changes nothing."""
     tr = Tracker(default_uri(store), "views")
-    mlflow_ui.ensure_views(tr.client, tr.experiment_id)
+    ui.ensure_views(tr.client, tr.experiment_id)
     tags = tr.client.get_experiment(tr.experiment_id).tags
-    views = mlflow_ui.study_views()
+    views = ui.study_views()
     for view_id, (name, state) in views.items():
-        envelope = json.loads(tags[mlflow_ui.VIEW_TAG_PREFIX + view_id])
+        envelope = json.loads(tags[ui.VIEW_TAG_PREFIX + view_id])
         assert envelope["name"] == name and json.loads(envelope["state"]) == state
         assert isinstance(envelope["createdAt"], int) and isinstance(envelope["state"], str)
-    trials = views[mlflow_ui.TRIALS_VIEW][1]
+    trials = views[ui.TRIALS_VIEW][1]
     assert trials["selectedColumns"][:3] == ["metrics.`Summary/A_KA`", "metrics.`Summary/A_ZS`", "metrics.`Summary/GM`"]
-    mlflow_ui.ensure_views(tr.client, tr.experiment_id)
+    ui.ensure_views(tr.client, tr.experiment_id)
     assert tr.client.get_experiment(tr.experiment_id).tags == tags
     assert runs_path(tr.experiment_id) == (f"/#/experiments/{tr.experiment_id}/runs?workflowType="
-                                                    f"machine_learning&viewStateShareKey={mlflow_ui.TRIALS_VIEW}")
+                                                    f"machine_learning&viewStateShareKey={ui.TRIALS_VIEW}")
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray run`
@@ -305,10 +305,10 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     saved) is not logged twice."""
     from _data_util import small_fifmini, tiny_run
 
-    from fomo_ray import checkpoint
-    from fomo_ray.assembly import run_name
+    from fomo_ray.core import checkpoint
+    from fomo_ray.core.assembly import run_name
     from fomo_ray.cli.run import main as run_main
-    from fomo_ray.metrics import load_results, summarize
+    from fomo_ray.models.metrics import load_results, summarize
 
     bench = small_fifmini(tmp_path_factory)
     overrides = tiny_run(bench.root, tmp_path, **{"budget.total_ft_steps": 6, "method.name": "ema_merge",
@@ -329,19 +329,19 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     tr = tracker_for(cfg)
     (run,) = tr.client.search_runs([tr.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == run_name(cfg)
-    assert run.data.tags[tracking.KIND_TAG] == "run" and run.data.params["method.merge.weight"] == "0.3"
+    assert run.data.tags[writer.KIND_TAG] == "run" and run.data.params["method.merge.weight"] == "0.3"
     assert "method.peft.rank" not in run.data.params and "method.merge.init" not in run.data.params
     expected = summarize(load_results(out / "results.parquet")).set_index("task")["GM"]
     got = dict(tr.metric_history(run.info.run_id, summary_key("GM")))
     assert got == {t: round(100 * v, 2) for t, v in expected.items()}  # percent, rounded to 0.01 at logging
-    assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
-    assert len(tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
+    assert [s for s, _ in tr.metric_history(run.info.run_id, writer.TRAIN_KEYS[0])] == list(range(6))
+    assert len(tr.metric_history(run.info.run_id, writer.TRAIN_KEYS[2])) == 6  # the pre-clip grad norm
     # resumed with the flag every command spells alike (--output-dir), the same run
     assert run_main([a for a in argv if not a.startswith("output_dir=")]
                     + ["--output-dir", str(tmp_path / "runs"), "--resume"]) == 0
     assert [r.info.run_id for r in tr.client.search_runs([tr.experiment_id])] == [run.info.run_id]
     assert tr.metric_history(run.info.run_id, summary_key("GM")) == sorted(got.items())  # nothing logged twice
-    assert [s for s, _ in tr.metric_history(run.info.run_id, tracking.TRAIN_KEYS[0])] == list(range(6))
+    assert [s for s, _ in tr.metric_history(run.info.run_id, writer.TRAIN_KEYS[0])] == list(range(6))
 
 
 # --------------------------------------------------------------------------------------------------- `fomo-ray ui`
@@ -390,7 +390,7 @@ def test_ui_prints_the_runs_url_once_serving_and_sigterm_stops_the_whole_server(
         assert found["health"] == 200
         assert found["url"] == f"http://127.0.0.1:{port}" + runs_path(tr.experiment_id)
         # every page it prints opens the training workflow (a new browser opens MLflow 3 on its GenAI pages)
-        sweeps = f"  sweeps: http://127.0.0.1:{port}" + runs_path(tr.experiment_id, mlflow_ui.SWEEPS_VIEW) + "\n"
+        sweeps = f"  sweeps: http://127.0.0.1:{port}" + runs_path(tr.experiment_id, ui.SWEEPS_VIEW) + "\n"
         assert sweeps in lines and found["home"] == f"http://127.0.0.1:{port}/#/?workflowType=machine_learning"
         server = [p for p in _children(proc.pid)]
         assert server, "fomo-ray ui started no server process"

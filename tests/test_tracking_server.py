@@ -79,7 +79,7 @@ def test_a_run_with_the_credentials_logs_through_it(server, tmp_path, tmp_path_f
     from _data_util import SCALE, small_fifmini
 
     import fomo_ray
-    from fomo_ray.tracking import Tracker
+    from fomo_ray.tracking.writer import Tracker
 
     for key, value in ts.read_credentials(server["store"]).items():
         monkeypatch.setenv(key, value)

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from fomo_ray import mlflow_ui, tracking
+from fomo_ray.tracking import ui, writer
 
 from _edges_util import free_port
 
@@ -134,7 +134,7 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
     out, _ = finished_sweep
     url, _ = ui
     names = sorted(out.trials["run"])
-    heads = [tracking.summary_key(k) for k in ("A_KA", "A_ZS", "GM")]
+    heads = [writer.summary_key(k) for k in ("A_KA", "A_ZS", "GM")]
     dom, text = rendered(url, names + heads)
     assert "Runs" in text and "Overview" not in text, "not the runs table of the training view"
     for name in names:
@@ -149,7 +149,7 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
     final = out.results.sort_values("task").groupby("run").tail(1).set_index("run")
     for name in names:
         for key in ("A_KA", "A_ZS", "GM"):
-            value = tracking.as_percent(final.loc[name, key])
+            value = writer.as_percent(final.loc[name, key])
             assert shows(text, value), f"{name}: {key} = {value:.4f} % is not on the page"
 
 
@@ -160,11 +160,11 @@ def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_
     url, proc = ui
     base = url.split("/#/")[0]
     pages = {"trials": url, "sweeps": f"{base}/#/experiments/1/runs?workflowType=machine_learning"
-             f"&viewStateShareKey={mlflow_ui.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
+             f"&viewStateShareKey={ui.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
     _, text = rendered(pages["sweeps"], ["Best/A_KA", finished_sweep[0].directory.name])
     for name in ("Best/A_KA", "Best/A_ZS", "Best/GM", "Median/A_KA", "Median/A_ZS", "Median/GM", "Trials/finished"):
         assert name in text, f"{name} is not a column of the sweeps view"
-    logged = tracking.sweep_metrics({k: [0.5] for k in ("A_KA", "A_ZS", "GM")}, {"finished": 1, "failed": 0})
+    logged = writer.sweep_metrics({k: [0.5] for k in ("A_KA", "A_ZS", "GM")}, {"finished": 1, "failed": 0})
     assert len({name[:12] for name in logged}) == len(logged), f"parent metrics alike in a header's width: {logged}"
     _, text = rendered(pages["home"], ["Model training"])
     assert "Sessions" not in text and "Traces" not in text, "the home page opened the GenAI workflow"
@@ -175,7 +175,7 @@ def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_
 def test_a_trials_overview_lists_what_its_sweep_varied_first(finished_sweep, ui, tmp_path):
     out, tmp = finished_sweep
     url, _ = ui
-    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     run = next(r for r in tr.children(out.parent_run_id) if r.info.run_name.endswith("-ema"))
     page = (f"{url.split('/#/')[0]}/#/experiments/{tr.experiment_id}/runs/{run.info.run_id}"
             "?workflowType=machine_learning")
@@ -195,7 +195,7 @@ def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui, tm
 
     out, tmp = finished_sweep
     url, _ = ui
-    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     ids = [r.info.run_id for r in tr.children(out.parent_run_id)]
     page = (f"{url.split('/#/')[0]}/#/compare-runs?runs={json.dumps(ids)}&experiments="
             f"{json.dumps([tr.experiment_id])}&workflowType=machine_learning").replace(" ", "")
@@ -210,7 +210,7 @@ def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui, tm
 def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui, tmp_path):
     out, tmp = finished_sweep
     url, _ = ui
-    tr = tracking.Tracker(tracking.default_uri(tmp), "fomo_ray")
+    tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     run = tr.children(out.parent_run_id)[0]
     base = url.split("/#/")[0]
     page = (f"{base}/#/experiments/{tr.experiment_id}/runs/{run.info.run_id}/model-metrics"

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from fomo_ray.backbones import create_backbone
+from fomo_ray.models.backbones import create_backbone
 from fomo_ray.config import load_config
 from fomo_ray.methods import build_method
 from fomo_ray.methods.zscl import distillation
@@ -107,7 +107,7 @@ def test_zscl_without_its_reference_set_refuses_to_train(base_model):
 
 
 def test_budget_charges_the_initial_models_forward(tmp_path):
-    from fomo_ray import budget as B
+    from fomo_ray.budgets import budget as B
 
     cfg = load_config(None, {"budget.cache_dir": str(tmp_path), "mixture.batch_size": 8,
                              "method.zscl.ref_batch": 8})

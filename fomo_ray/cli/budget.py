@@ -14,8 +14,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps per task this config gets (its stream.num_tasks and budget.total_ft_steps). Every figure is one step at the
     global batch as if on one device (the paper's b = 512 included, on a CPU: the step is counted on fake tensors,
     nothing of its size is allocated)."""
-    from fomo_ray.budget import (FT_METHOD, PAPER_TOTAL_FT_STEPS, BudgetError, backbone_spec, budget_rows,
-                                 method_record, rank_batch, steps_per_task)
+    from fomo_ray.budgets.budget import (FT_METHOD, PAPER_TOTAL_FT_STEPS, BudgetError, backbone_spec, budget_rows,
+                                         method_record, rank_batch, steps_per_task)
     from fomo_ray.config import load_config
     from fomo_ray.tables import format_table
 
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = [*(args.args[1:] if config else args.args), *args.overrides]
     try:
         if args.preset:
-            from fomo_ray.presets import preset_path
+            from fomo_ray.planning.presets import preset_path
 
             if config:
                 raise ValueError(f"give a config file ({config}) or --preset {args.preset}, not both")

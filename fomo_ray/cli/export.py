@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     loop_state.pt (or that file), an earlier export, or an MLflow run id / runs:/<id> (with --tracking-uri or
     MLFLOW_TRACKING_URI; without either, the store of the sweeps under --output-dir that holds it)."""
     from fomo_ray.api import recorded_store
-    from fomo_ray.export import INFO_FILE, ExportError, export, load_lines
+    from fomo_ray.results.export import INFO_FILE, ExportError, export, load_lines
 
     p = Parser(prog="fomo-ray export", description=main.__doc__)
     p.add_argument("run", help="run directory, loop_state.pt (or its directory), export directory or MLflow run id")

@@ -40,7 +40,7 @@ def _summary(module) -> str:
 
 def _models(given: list[str] | None) -> tuple[str, ...]:
     """The default model first (every run of the default config needs its tokens), then each ``--model``."""
-    from fomo_ray.backbones import DEFAULT_ARCH
+    from fomo_ray.models.backbones import DEFAULT_ARCH
 
     return tuple(dict.fromkeys([DEFAULT_ARCH, *(given or [])]))
 
@@ -257,7 +257,7 @@ def stream_main(argv: list[str] | None = None) -> int:
 def tokens_main(argv: list[str] | None = None) -> int:
     """``fomo-ray prepare tokens``: add the caption token ids of each ``--model``'s tokenizer to a benchmark where
     missing (idempotent, safe to interrupt and to run concurrently); print what was written or that nothing was."""
-    from fomo_ray.backbones import DEFAULT_ARCH
+    from fomo_ray.models.backbones import DEFAULT_ARCH
     from fomo_ray.prep import tokenize
 
     p = Parser(prog="fomo-ray prepare tokens", description=_summary(tokenize))

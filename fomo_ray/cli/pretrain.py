@@ -15,9 +15,9 @@ from fomo_ray.cli.text import Parser
 def main(argv: list[str] | None = None) -> int:
     """``fomo-ray pretrain``: build FiF-mini if needed, then pretrain (or reuse) the tiny base CLIP and print its
     zero-shot accuracy next to chance."""
-    from fomo_ray.backbones import TINY_ARCHS, BackboneError
+    from fomo_ray.models.backbones import TINY_ARCHS, BackboneError
     from fomo_ray.config import ConfigError, load_config
-    from fomo_ray.inputs import RECIPES, base_checkpoint_path
+    from fomo_ray.core.inputs import RECIPES, base_checkpoint_path
     from fomo_ray.prep import ensure_benchmark
     from fomo_ray.prep.pretrain import PretrainError, ensure_base_checkpoint, format_zero_shot, read_meta
 

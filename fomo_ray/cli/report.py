@@ -12,8 +12,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``fomo-ray report PATH``: table + plots from a sweep directory or a tidy results table."""
     import pandas as pd
 
-    from fomo_ray.metrics import MetricsError
-    from fomo_ray.report import ReportError, build_report, load_sweep_tables
+    from fomo_ray.models.metrics import MetricsError
+    from fomo_ray.results.report import ReportError, build_report, load_sweep_tables
 
     ap = Parser(prog="fomo-ray report", description=main.__doc__)
     ap.add_argument("path", help="a sweep directory (tidy.csv, trials.csv), a `fomo-ray run` directory, or a tidy table "
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not summary.get("parent_run_id"):
             print("fomo-ray report: --mlflow needs a sweep directory with summary.json", file=sys.stderr)
             return 2
-        from fomo_ray.tracking import Tracker
+        from fomo_ray.tracking.writer import Tracker
 
         tracker = Tracker(summary["tracking_uri"], summary.get("experiment", "fomo_ray"))
         tracker.log_artifacts(summary["parent_run_id"], out, artifact_path="report")

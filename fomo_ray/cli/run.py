@@ -12,9 +12,9 @@ def main(argv: list[str] | None = None) -> int:
     the deployed model in open_clip's format to ``.../model``. Missing inputs (FiF-mini, the tiny base) are prepared
     first; with ``tracking.enabled`` the run is logged to MLflow."""
     from fomo_ray.config import ConfigError, load_config
-    from fomo_ray.local_run import execute_run, input_errors, tracking_errors
-    from fomo_ray.loop import TrainingDiverged
-    from fomo_ray.metrics import format_report
+    from fomo_ray.engine.local_run import execute_run, input_errors, tracking_errors
+    from fomo_ray.core.loop import TrainingDiverged
+    from fomo_ray.models.metrics import format_report
 
     p = Parser(prog="fomo-ray run", description=main.__doc__)
     p.add_argument("args", nargs="*", help="an optional experiment YAML, then dotted overrides (optimizer.lr=1e-4)")

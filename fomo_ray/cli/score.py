@@ -11,8 +11,8 @@ from fomo_ray.cli.text import Parser
 def main(argv: list[str] | None = None) -> int:
     """``fomo-ray score PATH``: print A_KA / A_ZS / GM per evaluation point, their means, forgetting and BWT."""
     from fomo_ray.data.format import DataError
-    from fomo_ray.metrics import MetricsError, format_report, learned_at_points, stream_task_datasets
-    from fomo_ray.report import ReportError, load_sweep_tables
+    from fomo_ray.models.metrics import MetricsError, format_report, learned_at_points, stream_task_datasets
+    from fomo_ray.results.report import ReportError, load_sweep_tables
 
     p = Parser(prog="fomo-ray score", description=main.__doc__)
     p.add_argument("table", help="a sweep directory, a `fomo-ray run` directory, or a tidy results table "

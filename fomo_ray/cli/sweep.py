@@ -4,7 +4,7 @@ summary.
 Each experiment script is three lines: it names its sweep YAML and calls :func:`experiment_main`. Flags map onto
 dotted config overrides (``--backbone ViT-B-16`` is ``backbone.name=ViT-B-16``), and any ``key=value`` argument is
 passed through, so everything in ``fomo_ray.config`` can be set from the command line. ``--dry-run`` validates every
-trial's config and lists the trials without importing Ray (``fomo_ray.sweep_spec``); only a real run loads it.
+trial's config and lists the trials without importing Ray (``fomo_ray.planning.sweep_spec``); only a real run loads it.
 """
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 from fomo_ray.cli.text import Parser
 from fomo_ray.config import FLAG_KEYS, ConfigError, parse_override
-from fomo_ray.sweep_budget import SweepBudgetError, parse_sweep_budget
-from fomo_ray.sweep_spec import SweepError, SweepSpec, load_sweep
+from fomo_ray.planning.sweep_budget import SweepBudgetError, parse_sweep_budget
+from fomo_ray.planning.sweep_spec import SweepError, SweepSpec, load_sweep
 from fomo_ray.trial_report import TrialStatus
 
 
@@ -106,7 +106,7 @@ def spec_from_args(sweep_file: str | Path, args: argparse.Namespace) -> SweepSpe
 
 def declared_device(args: argparse.Namespace) -> Any:
     """The device ``--device-tflops``/``--mfu`` declare (both or neither), or None: time this machine's device."""
-    from fomo_ray.cost_estimate import DeclaredDevice
+    from fomo_ray.planning.cost_estimate import DeclaredDevice
 
     tflops, mfu = getattr(args, "device_tflops", None), getattr(args, "mfu", None)
     if (tflops is None) != (mfu is None):
@@ -120,14 +120,14 @@ def print_dry_run(spec: SweepSpec, device: Any = None, check_inputs: bool = True
     sweep checks them before launch (what the real sweep would prepare is listed), the tracking store reachable,
     the trials (the enumerated ones by label, the sampled dimensions by range) and the cost estimate. Nothing is
     written."""
-    from fomo_ray.sweep_inputs import check_sweep
+    from fomo_ray.planning.sweep_inputs import check_sweep
 
     print(check_sweep(spec, device, check_inputs).text())
 
 
 def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_sweep: str | Path | None) -> int:
-    from fomo_ray.cost_estimate import EstimateError
-    from fomo_ray.tracking import TrackingError
+    from fomo_ray.planning.cost_estimate import EstimateError
+    from fomo_ray.tracking.writer import TrackingError
 
     add_arguments(ap)
     if default_sweep is not None:
@@ -140,7 +140,7 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
         if args.dry_run:
             print_dry_run(spec, device, check_inputs=not args.no_input_check)
             return 0
-        from fomo_ray.tune_sweep import run_sweep  # Ray: only for a real run
+        from fomo_ray.engine.tune_sweep import run_sweep  # Ray: only for a real run
 
         if_exists = "new" if args.fresh else "resume" if args.resume else "auto"
         out = run_sweep(spec, if_exists=if_exists, show_worker_logs=args.show_worker_logs, device=device,
@@ -158,11 +158,11 @@ def run_cli(ap: argparse.ArgumentParser, argv: Sequence[str] | None, default_swe
 
 
 def print_summary(out: Any) -> None:
-    """The results table and where everything is (``out``: a ``fomo_ray.sweep_results.SweepResult``)."""
-    from fomo_ray.report import format_table, trial_table
-    from fomo_ray.tracking import DB_NAME
+    """The results table and where everything is (``out``: a ``fomo_ray.results.sweep_results.SweepResult``)."""
+    from fomo_ray.results.report import format_table, trial_table
+    from fomo_ray.tracking.writer import DB_NAME
 
-    from fomo_ray.sweep_results import format_counts, status_counts
+    from fomo_ray.results.sweep_results import format_counts, status_counts
 
     print()
     if not out.tidy.empty:
@@ -181,7 +181,7 @@ def print_summary(out: Any) -> None:
     print(f"wall time {out.wall_s / 60:.1f} min{estimated}")
     if getattr(out, "budget", ""):
         print(out.budget)
-    from fomo_ray.sweep_results import compute_saved
+    from fomo_ray.results.sweep_results import compute_saved
 
     saved = compute_saved(out.trials)
     if saved is not None:
@@ -201,9 +201,10 @@ def print_summary(out: Any) -> None:
 
 def print_variants(table: Any, baseline: str = "") -> None:
     """With several seeds per variant: the variants' means ± 95% confidence intervals, and each variant minus
-    ``baseline`` (default fine-tuning) paired by seed (``fomo_ray.aggregate``); nothing for a single-seed sweep."""
-    from fomo_ray.aggregate import compare_to_baseline, seeds_per_variant, variant_table
-    from fomo_ray.report import format_comparison, format_variants
+    ``baseline`` (default fine-tuning) paired by seed (``fomo_ray.maths.aggregate``); nothing for a single-seed
+    sweep."""
+    from fomo_ray.maths.aggregate import compare_to_baseline, seeds_per_variant, variant_table
+    from fomo_ray.results.report import format_comparison, format_variants
 
     if seeds_per_variant(table) < 2:
         return

@@ -1,11 +1,11 @@
 """``fomo-ray ui``: the MLflow UI of the project's tracking store, bound to 127.0.0.1.
 
 It prints the address of the experiment's runs table (the training view, opened on the study view of
-``mlflow_ui.study_views``) once the server answers, and stops the server -- its whole process group: ``mlflow server``
+``tracking.ui.study_views``) once the server answers, and stops the server -- its whole process group: ``mlflow server``
 starts a uvicorn worker -- on Ctrl-C (SIGINT) or SIGTERM. A port in use fails at once, a server that dies before
 answering fails as soon as it dies, both with exit code 1.
 
-This process stays small: MLflow is imported only by a short-lived helper process (``mlflow_ui.prepare_ui``: the
+This process stays small: MLflow is imported only by a short-lived helper process (``tracking.ui.prepare_ui``: the
 resolved store, the server command, the experiment's page, the study views) and by the server itself.
 """
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Sequence
 from fomo_ray.cli.text import Parser
 
 HOST = "127.0.0.1"
-# runs mlflow_ui.prepare_ui in a child process; its answer is one line of JSON
-_PREPARE = ("import json, sys; from fomo_ray.mlflow_ui import prepare_ui; a = sys.argv; "
+# runs tracking.ui.prepare_ui in a child process; its answer is one line of JSON
+_PREPARE = ("import json, sys; from fomo_ray.tracking.ui import prepare_ui; a = sys.argv; "
             "print(json.dumps(prepare_ui(a[1], a[2], a[3], int(a[4]), a[5] == '1')))")
 
 
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def prepare(uri: str, output_dir: str, experiment: str, port: int, write: bool) -> dict:
-    """``mlflow_ui.prepare_ui`` in a child process (MLflow's imports would stay in this one: ~200 MB)."""
+    """``tracking.ui.prepare_ui`` in a child process (MLflow's imports would stay in this one: ~200 MB)."""
     out = subprocess.run([sys.executable, "-c", _PREPARE, uri, output_dir, experiment, str(port),
                           "1" if write else "0"], capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()

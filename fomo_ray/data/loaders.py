@@ -65,7 +65,7 @@ class MemoryLoaderTooLarge(DataError):
 def decode_threads(num_workers: int) -> int:
     """Threads of the decode/crop stage (and of FFCV's evaluation loaders) for ``data.num_workers``: a positive
     value as given; 0 follows the CPUs the process runs with, i.e. torch's intra-op thread count, which a Ray trial
-    pins to ``ray.cpus_per_worker`` (at least 1; ``fomo_ray.ray_train.set_threads``) and a local ``fomo-ray run``
+    pins to ``ray.cpus_per_worker`` (at least 1; ``fomo_ray.engine.ray_train.set_threads``) and a local ``fomo-ray run``
     leaves at torch's default (the machine's cores, or ``OMP_NUM_THREADS``). Always at least 1."""
     n = int(num_workers)
     if n < 0:

@@ -1,6 +1,6 @@
 """The ``Method`` base class: a few named hooks through which a continual-update method plugs into the loop.
 
-Hooks *return* values; the loop (``fomo_ray/loop.py``) applies them. A method never touches the optimizer, the data
+Hooks *return* values; the loop (``fomo_ray/core/loop.py``) applies them. A method never touches the optimizer, the data
 or the results. Order of calls (see the loop's module docstring for the full pseudocode)::
 
     model = method.setup(model)                         # once: freeze / wrap (peft) / remember theta_0
@@ -11,8 +11,8 @@ or the results. Order of calls (see the loop's module docstring for the full pse
         method.after_task(model, t, task_losses)        # Fisher / Omega / merge bookkeeping
         evaluate(method.deployed_weights(t, model))
 
-The budget (``fomo_ray/budget.py``) asks a method for its own costs through two more hooks: ``steady_state`` puts
-it in the state it trains in after the first task (so one measured step runs the real ``extra_loss`` and holds the
+The budget (``fomo_ray/budgets/budget.py``) asks a method for its own costs through two more hooks: ``steady_state``
+puts it in the state it trains in after the first task (so one measured step runs the real ``extra_loss`` and holds the
 real state tensors) and ``extra_cost`` declares the work the FLOP counter cannot see. A new regulariser is thus
 charged correctly without touching the budget.
 

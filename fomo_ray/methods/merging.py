@@ -2,8 +2,8 @@
 
 Dziadzio et al. 2024, "How to Merge Your Multimodal Models Over Time?" (TIME, arXiv 2412.06712) factor merging over
 a stream into *where task t starts training* (init), *what is merged into the deployed model* (deploy) and *how*
-(the operator, from ``fomo_ray.merge_ops.OPERATORS``). With theta_0 the zero-shot weights, theta_t the weights after
-training task t and m_t the deployed weights (m_0 = theta_0, w = ``method.merge.weight``):
+(the operator, from ``fomo_ray.maths.merge_ops.OPERATORS``). With theta_0 the zero-shot weights, theta_t the weights
+after training task t and m_t the deployed weights (m_0 = theta_0, w = ``method.merge.weight``):
 
 =================  ===========================================================================================
 init rule          task t starts from
@@ -42,7 +42,7 @@ The named merges of Roth et al. 2024 (arXiv 2408.14471, Sec. 5) are presets of t
 The first five presets fix init/deploy, the last three the operator too; the operator's parameters always come
 from ``method.merge``.
 
-The continual operators ``opcm`` and ``dop`` (``fomo_ray/merge_continual.py``) fold theta_t into a running merge
+The continual operators ``opcm`` and ``dop`` (``fomo_ray/maths/merge_continual.py``) fold theta_t into a running merge
 anchored at theta_0 with a carried state, so under every deploy rule the method calls their step (never keeping
 experts: constant memory) with the deploy rule's base as the running merge: ``ema`` and ``all_experts`` both give
 the papers' sequential merge m_t = step(theta_0, m_{t-1}, theta_t) (the fold of all experts, incrementally);
@@ -58,7 +58,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from fomo_ray import merge_continual, merge_ops
+from fomo_ray.maths import merge_continual, merge_ops
 from fomo_ray.config import MethodConfig
 from fomo_ray.costs import ExtraCost
 from fomo_ray.methods.base import Method, StateDict, TaskLosses, clone_state, freeze_all_but

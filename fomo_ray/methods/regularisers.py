@@ -13,7 +13,7 @@ from torch import nn
 
 from fomo_ray.costs import PENALTY_FLOPS_PER_PARAM, ExtraCost
 from fomo_ray.methods.base import Method, StateDict, TaskLosses, freeze_all_but
-from fomo_ray.optim import trainable_named
+from fomo_ray.maths.optim import trainable_named
 
 Tensors = list[torch.Tensor]
 

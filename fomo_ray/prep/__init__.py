@@ -1,5 +1,5 @@
 """Preparation: making a run's inputs, never part of a run. The runtime core (loop, assembly, methods, budget,
-evaluation) never imports this package; it only *finds* inputs through :mod:`fomo_ray.inputs` and raises
+evaluation) never imports this package; it only *finds* inputs through :mod:`fomo_ray.core.inputs` and raises
 ``InputsMissing`` naming the command below when one is absent.
 
 - :mod:`.fifmini` (drawing in ``fifmini_draw`` / ``_scenes`` / ``_text``): the embedded FiF-mini benchmark
@@ -25,11 +25,11 @@ def ensure_benchmark(cfg: Any) -> Any:
     ``fifmini`` and ``data.prepare_if_missing`` is on, with the token ids of the default model and of
     ``backbone.name``. Other benchmarks are only opened (``DataError`` if absent)."""
     from fomo_ray.data.format import open_benchmark
-    from fomo_ray.inputs import FIFMINI_NAME
+    from fomo_ray.core.inputs import FIFMINI_NAME
 
     d = cfg.data
     if d.benchmark == FIFMINI_NAME and d.prepare_if_missing:
-        from fomo_ray.backbones import DEFAULT_ARCH
+        from fomo_ray.models.backbones import DEFAULT_ARCH
         from fomo_ray.prep.fifmini import ensure_fifmini
 
         return ensure_fifmini(d.root, d.generator_seed, d.image_size, scale=d.scale, progress=False,
@@ -63,7 +63,7 @@ def ensure_inputs(cfg: Any) -> None:
     ensure_caption_tokens(cfg)
     if cfg.backbone.pretrained != "auto":
         return
-    from fomo_ray.inputs import auto_base_path
+    from fomo_ray.core.inputs import auto_base_path
 
     if not auto_base_path(cfg.backbone.name, bench).is_file():  # the run's own look-up (ConfigError without a recipe)
         from fomo_ray.prep.pretrain import ensure_base_checkpoint

@@ -32,7 +32,7 @@ import numpy as np
 from fomo_ray.data.format import MANIFEST, SEP, Benchmark, DataError, DatasetInfo, open_benchmark
 from fomo_ray.data.tokens import root_lock
 from fomo_ray.data.writer import BenchmarkWriter
-from fomo_ray.inputs import FIFMINI_NAME, fifmini_generator_info
+from fomo_ray.core.inputs import FIFMINI_NAME, fifmini_generator_info
 from fomo_ray.prep import fifmini_scenes as scenes
 from fomo_ray.prep import fifmini_text as text
 

@@ -12,8 +12,8 @@ reruns reuse it. Training is deterministic (seeded init, seeded batch/caption or
 recipe's pinned CPU thread count, since matmul reductions split differently across threads). There is no augmentation: the pool's
 20,000 drawn scenes are each seen ~8 times, and flips or crops would contradict their position captions.
 
-The recipes (:class:`~fomo_ray.inputs.PretrainConfig`, ``RECIPES``) and the cache path
-(``inputs.base_checkpoint_path``) live in :mod:`fomo_ray.inputs`, where the runtime core finds the base without
+The recipes (:class:`~fomo_ray.core.inputs.PretrainConfig`, ``RECIPES``) and the cache path
+(``inputs.base_checkpoint_path``) live in :mod:`fomo_ray.core.inputs`, where the runtime core finds the base without
 importing this module. Command line: ``fomo-ray pretrain`` (:mod:`fomo_ray.cli.pretrain`) or
 ``python data_prep/pretrain_base.py``.
 """
@@ -30,12 +30,12 @@ import numpy as np
 import torch
 
 from fomo_ray.atomic import file_lock
-from fomo_ray.backbones import TINY_ARCHS, base_meta, create_backbone, save_checkpoint
-from fomo_ray.inputs import RECIPES, PretrainConfig, base_checkpoint_path
-from fomo_ray.losses import clamp_logit_scale_, clip_loss
-from fomo_ray.optim import adamw_groups, trainable_named
+from fomo_ray.models.backbones import TINY_ARCHS, base_meta, create_backbone, save_checkpoint
+from fomo_ray.core.inputs import RECIPES, PretrainConfig, base_checkpoint_path
+from fomo_ray.maths.losses import clamp_logit_scale_, clip_loss
+from fomo_ray.maths.optim import adamw_groups, trainable_named
 from fomo_ray.provenance import platform
-from fomo_ray.schedules import cosine_lr, warmup_steps
+from fomo_ray.maths.schedules import cosine_lr, warmup_steps
 
 
 class PretrainError(ValueError):
@@ -157,7 +157,7 @@ def zero_shot_table(bench: Any, model: torch.nn.Module, bb: Any, backend: str = 
                     seed: int = 0) -> list[dict[str, Any]]:
     """Full-test-set zero-shot records of every adapt/eval dataset, each with its chance level."""
     from fomo_ray.config import EvalConfig
-    from fomo_ray.evaluation import Evaluator, chance_level
+    from fomo_ray.models.evaluation import Evaluator, chance_level
 
     ev = Evaluator(bench, EvalConfig(), seed, bb.image_size, bb.mean, bb.std, backend=backend)
     records = ev.evaluate(model, bb.tokenizer, full=True, weights_version="")

@@ -16,11 +16,10 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from fomo_ray.data import fif_catalogue
-from fomo_ray.data.orderings import (
-    Concept, StreamError, caption_counts, concepts_from_benchmark, concepts_from_info_dir, dataset_incremental,
-    difficulty_order, frequency_order, normalise, random_order, read_stream, read_table, similarity_order,
-    time_incremental, to_entries, validate_stream,
-)
+from fomo_ray.data.orderings import (Concept, StreamError, caption_counts, concepts_from_benchmark,
+                                     concepts_from_info_dir, dataset_incremental, difficulty_order, frequency_order,
+                                     normalise, random_order, read_stream, read_table, similarity_order,
+                                     time_incremental, to_entries, validate_stream)
 from fomo_ray.data.stream import parse_entries
 
 
@@ -153,7 +152,7 @@ def _read_name_list(path: str, what: str) -> list[str]:
 def _backbone(req: StreamRequest):
     if not req.backbone:
         raise StreamError(f"--ordering {req.ordering} needs --backbone (and usually --pretrained)")
-    from fomo_ray.backbones import create_backbone
+    from fomo_ray.models.backbones import create_backbone
 
     return create_backbone(req.backbone, req.pretrained, device=req.device)
 

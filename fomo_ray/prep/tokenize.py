@@ -2,7 +2,7 @@
 
 Preparation names models (``fomo-tiny-s``, ``ViT-B-16``), the data layer stores per tokenizer
 (:mod:`fomo_ray.data.tokens`); this module maps one to the other without building any model
-(:func:`fomo_ray.backbones.tokenizer_for`). FiF-mini generation and both converters write the ids of the default
+(:func:`fomo_ray.models.backbones.tokenizer_for`). FiF-mini generation and both converters write the ids of the default
 model's tokenizer (every ``fomo-tiny-*`` shares it) plus those of any ``--model``; :func:`upgrade` adds missing ones to
 an existing benchmark - written by an older fomo_ray, or for another model - keeping every old file until the new
 manifest is in place. ``prep.ensure_inputs`` calls it for the run's model, so runs never meet an old-format root.
@@ -19,7 +19,7 @@ from fomo_ray.data.tokens import ensure_tokens, token_summary, tokenizer_key
 def tokenizers_for(models: Sequence[str]) -> list[tuple[Callable[..., Any], int]]:
     """``(tokenizer, context_length)`` of each distinct model (empty: the default model); ``BackboneError`` names an
     unknown one."""
-    from fomo_ray.backbones import DEFAULT_ARCH, tokenizer_for
+    from fomo_ray.models.backbones import DEFAULT_ARCH, tokenizer_for
 
     return [tokenizer_for(m) for m in dict.fromkeys(models or (DEFAULT_ARCH,))]
 
