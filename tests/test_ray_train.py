@@ -18,6 +18,7 @@ from fomo_ray.core.checkpoint import load_state
 from fomo_ray.config import load_config
 from fomo_ray.models.metrics import point_summary, tidy_frame
 from fomo_ray.provenance import platform_label
+from fomo_ray.tracking.tracked_run import TrackedRun
 from fomo_ray.tracking.writer import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_percent, default_uri, summary_key
 
 from _data_util import small_fifmini, tiny_sweep
@@ -67,9 +68,10 @@ def test_a_resumed_run_logs_no_point_or_step_twice(tmp_path):
 
     def attempt(points, steps):
         session = _Session()
-        bridge = ray_train._Bridge(payload, session, run, tr)
+        tracked = TrackedRun(tr, run, payload.cfg, steps=True)  # what rank 0 attaches (TrackedRun.attach)
+        bridge = ray_train._Bridge(payload, session, run, tracked)
         for g in steps:
-            bridge.on_step(0, g, 1.0 / (g + 1), 1e-3, 1.0, g)
+            tracked.on_step(0, g, 1.0 / (g + 1), 1e-3, 1.0, g)
         for point in points:
             bridge.on_eval(point, rec)
         bridge.flush_steps()

@@ -83,5 +83,5 @@ def test_only_a_finished_trial_of_the_same_clean_commit_and_platform_is_reused(t
     assert trial_cache.reusable_commit(COMMIT, "0.4.0") and not trial_cache.reusable_commit(COMMIT, "0.4.0+changes")
     assert not trial_cache.reusable_commit("unknown", "0.4.0")
     sent = []
-    trial_cache.replay(trial_cache.lookup(cfg, here), sent.append, None, "")
+    trial_cache.replay(trial_cache.lookup(cfg, here), sent.append, None)
     assert sent == [*evals, {"kind": "done", "A_KA": 0.1, "A_ZS": 0.2, "GM": 0.14}]

@@ -31,9 +31,9 @@ def checkpoint_uri(ckpt: Any) -> str:
     return str(ckpt.path) if scheme in ("local", "") else f"{scheme}://{ckpt.path}"
 
 
-def upload_final(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str, state_dir: str | Path,
+def upload_final(run: Any, cfg: ExperimentConfig, run_name: str, state_dir: str | Path,
                  uploads: list[str]) -> list[str]:
-    """Do ``uploads`` (``checkpoints/final``, ``model``) of a finished run from its final checkpoint directory and
+    """Do ``uploads`` to ``run`` (a :class:`~fomo_ray.tracking.tracked_run.TrackedRun`) (``checkpoints/final``, ``model``) of a finished run from its final checkpoint directory and
     update its ``fomo_ray.upload_pending`` / ``fomo_ray.upload_error`` tags; returns what is still pending. Never
     raises: the run's results are in already."""
     pending, errors = [], []
@@ -41,8 +41,8 @@ def upload_final(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str
         try:
             if what == FINAL_ARTIFACT:
                 # the final state only: one full state per task and trial would multiply the store's size by T
-                tracker.log_artifacts(run_id, state_dir, artifact_path=FINAL_ARTIFACT)
-            elif not log_deployed_model(tracker, run_id, cfg, run_name, str(state_dir)):
+                run.log_artifacts(state_dir, artifact_path=FINAL_ARTIFACT)
+            elif not log_deployed_model(run, cfg, run_name, str(state_dir)):
                 raise RuntimeError(f"the deployed model was not logged (tag {EXPORT_ERROR_TAG})")
         except Exception as e:  # noqa: BLE001 - see the docstring
             pending.append(what)
@@ -50,22 +50,22 @@ def upload_final(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str
     try:
         if pending:
             warn(run_name, f"MLflow upload(s) failed and will be retried ({'; '.join(errors)})")
-            tracker.set_tags(run_id, {UPLOAD_PENDING_TAG: ",".join(pending), UPLOAD_ERROR_TAG: "; ".join(errors)})
+            run.set_tags({UPLOAD_PENDING_TAG: ",".join(pending), UPLOAD_ERROR_TAG: "; ".join(errors)})
         else:
             for tag in (UPLOAD_PENDING_TAG, UPLOAD_ERROR_TAG):
                 with contextlib.suppress(Exception):
-                    tracker.client.delete_tag(run_id, tag)
+                    run.delete_tag(tag)
     except Exception as e:  # noqa: BLE001
         warn(run_name, f"its pending uploads could not be recorded in MLflow ({type(e).__name__}: {e})")
     return pending
 
 
-def retry_uploads(tracker: Any, run_id: str) -> list[str]:
-    """Retry the pending MLflow uploads of a finished run (tag ``fomo_ray.upload_pending``) from the final checkpoint
+def retry_uploads(run: Any) -> list[str]:
+    """Retry the pending MLflow uploads of a finished ``run`` (a ``TrackedRun``) (tag ``fomo_ray.upload_pending``) from the final checkpoint
     its ``fomo_ray.final_checkpoint`` tag points at (with the ``config.json`` there); returns what is still
     pending. A run without pending uploads costs one read. Never raises."""
     try:
-        tags = tracker.client.get_run(run_id).data.tags
+        tags = run.tags()
         uploads = [u for u in tags.get(UPLOAD_PENDING_TAG, "").split(",") if u]
         if not uploads:
             return []
@@ -76,9 +76,9 @@ def retry_uploads(tracker: Any, run_id: str) -> list[str]:
 
         with _checkpoint_directory(uri) as d:
             cfg = load_config(Path(d, "config.json"))
-            return upload_final(tracker, run_id, cfg, tags.get("mlflow.runName", run_id), d, uploads)
+            return upload_final(run, cfg, tags.get("mlflow.runName", run.run_id), d, uploads)
     except Exception as e:  # noqa: BLE001
-        warn(run_id, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
+        warn(run.run_id, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
         return ["?"]
 
 
@@ -89,7 +89,9 @@ def retry_pending_uploads(tracker: Any, parent_run_id: str | None = None) -> dic
     if parent_run_id:
         flt += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
     runs = tracker.client.search_runs([tracker.experiment_id], filter_string=flt, max_results=10_000)
-    return {r.info.run_id: retry_uploads(tracker, r.info.run_id) for r in runs}
+    from fomo_ray.tracking.tracked_run import TrackedRun
+
+    return {r.info.run_id: retry_uploads(TrackedRun(tracker, r.info.run_id, resumed=False)) for r in runs}
 
 
 @contextlib.contextmanager
@@ -108,8 +110,7 @@ def warn(run: str, message: str) -> None:
     print(f"run {run!r}: {message}", file=sys.stderr, flush=True)
 
 
-def log_deployed_model(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str,
-                       state_dir: str) -> bool:
+def log_deployed_model(run: Any, cfg: ExperimentConfig, run_name: str, state_dir: str) -> bool:
     """Log the deployed model of a finished run, read from its final task-end state, as the MLflow artifact directory
     ``model/`` in open_clip's format (``fomo_ray.results.export``). The results are in already: a failure here is
     reported (a warning line and the ``fomo_ray.export_error`` tag; False) and never fails the run."""
@@ -119,25 +120,24 @@ def log_deployed_model(tracker: Any, run_id: str, cfg: ExperimentConfig, run_nam
     tmp = tempfile.mkdtemp(prefix="fomo_model_")
     try:
         if export.is_deployed_form(state_dir):  # a final state already trimmed to its export (ray.keep_after_run)
-            tracker.log_artifacts(run_id, str(Path(state_dir, export.DEPLOYED_DIR)),
-                                  artifact_path=export.MODEL_ARTIFACT)
+            run.log_artifacts(str(Path(state_dir, export.DEPLOYED_DIR)), artifact_path=export.MODEL_ARTIFACT)
             return True
         state = checkpoint.load_state(state_dir)
         export.save_open_clip(tmp, cfg, export.deployed_state(cfg, state), run=run_name,
-                              source=f"final task-end state of MLflow run {run_id}")
-        tracker.log_artifacts(run_id, tmp, artifact_path=export.MODEL_ARTIFACT)
+                              source=f"final task-end state of MLflow run {run.run_id}")
+        run.log_artifacts(tmp, artifact_path=export.MODEL_ARTIFACT)
         return True
     except Exception as e:  # noqa: BLE001 - see the docstring
         reason = f"{type(e).__name__}: {e}"
         print(f"run {run_name!r}: its deployed model was not logged to MLflow ({reason})", file=sys.stderr,
               flush=True)
-        tracker.set_tags(run_id, {EXPORT_ERROR_TAG: reason})
+        run.set_tags({EXPORT_ERROR_TAG: reason})
         return False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def settle_ended(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str, root: str) -> None:
+def settle_ended(run: Any, cfg: ExperimentConfig, run_name: str, root: str) -> None:
     """Trim the checkpoints of an ended trial under ``root`` (``retention.settle``, ``ray.keep_after_run``), sharing
     the export's weights with the run's MLflow ``model/`` artifact where both are local files. Never raises: the
     run's results are in; a failure leaves its checkpoints as they are, with a warning line."""
@@ -146,9 +146,8 @@ def settle_ended(tracker: Any, run_id: str, cfg: ExperimentConfig, run_name: str
 
     try:
         mlflow_model = None
-        if tracker is not None and run_id:
-            uri = tracker.client.get_run(run_id).info.artifact_uri
-            mlflow_model = retention.local_artifact_dir(uri, MODEL_ARTIFACT)
+        if run is not None:
+            mlflow_model = retention.local_artifact_dir(run.artifact_uri(), MODEL_ARTIFACT)
         retention.settle(root, cfg.ray.keep_after_run, cfg, run_name, mlflow_model)
     except Exception as e:  # noqa: BLE001 - see the docstring
         warn(run_name, f"its checkpoints were kept whole ({type(e).__name__}: {e})")

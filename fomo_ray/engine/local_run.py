@@ -1,7 +1,7 @@
 """One continual run in this process (plain PyTorch, no Ray): what ``fomo-ray run`` and ``fomo_ray.run`` execute.
 
 ``execute_run(cfg)`` prepares missing inputs, runs the loop with task-end states saved for ``--resume``, logs to MLflow
-when ``tracking.enabled`` (:class:`MlflowRun`), saves the tidy results and exports the deployed model in open_clip's
+when ``tracking.enabled`` (:func:`open_tracked_run`), saves the tidy results and exports the deployed model in open_clip's
 format. A run refused for bad input leaves no run directory; a diverged one leaves ``FAILED.json``.
 """
 from __future__ import annotations
@@ -43,70 +43,50 @@ def tracking_errors(cfg) -> tuple[type[Exception], ...]:
     return (TrackingError,)
 
 
-class MlflowRun:
+RUN_META = "mlflow_run.json"  # the run's MLflow id, in its run directory: --resume continues the same MLflow run
+
+
+def open_tracked_run(cfg, out: Path, resumed: bool) -> Any:
     """A `fomo-ray run` in MLflow (``tracking.enabled``): one run (``fomo_ray.kind=run``) with a sweep trial's view:
     the settings that apply to its method as params, the whole config as ``config.json``, metrics in percent per
-    evaluation point and the training signal every ``tracking.log_every_n_steps`` steps. Its id is kept in the run
-    directory (``mlflow_run.json``), so ``--resume`` continues the same MLflow run."""
+    evaluation point and the training signal every ``tracking.log_every_n_steps`` steps (a
+    :class:`~fomo_ray.tracking.tracked_run.TrackedRun`)."""
+    import json
 
-    META = "mlflow_run.json"
+    from fomo_ray.atomic import write_json
+    from fomo_ray.config import to_dict
+    from fomo_ray.methods import applicable_params
+    from fomo_ray.models.backbones import activation_tags
+    from fomo_ray.tracking.tracked_run import TrackedRun
+    from fomo_ray.tracking.ui import ensure_views
+    from fomo_ray.tracking.writer import tracker_for
 
-    def __init__(self, cfg, out: Path, resumed: bool):
-        import json
+    tracker = tracker_for(cfg)
+    ensure_views(tracker.client, tracker.experiment_id)  # the runs table as the study reads it
+    meta = out / RUN_META
+    previous = json.loads(meta.read_text()).get("run_id") if resumed and meta.is_file() else None
+    run = TrackedRun.open_run(tracker, cfg, out.name, applicable_params(cfg), to_dict(cfg),
+                              {"fomo_ray.config_hash": cfg.config_hash(), **activation_tags(cfg)}, run_id=previous)
+    write_json(meta, {"run_id": run.run_id, "tracking_uri": tracker.uri}, indent=2)
+    return run
 
-        from fomo_ray.atomic import write_json
-        from fomo_ray.config import to_dict
-        from fomo_ray.methods import applicable_params
-        from fomo_ray.models.backbones import activation_tags
-        from fomo_ray.tracking.ui import ensure_views
-        from fomo_ray.tracking.writer import StepLogger, tracker_for
 
-        self.cfg = cfg
-        self.tracker = tracker_for(cfg)
-        ensure_views(self.tracker.client, self.tracker.experiment_id)  # the runs table as the study reads it
-        meta = out / self.META
-        previous = json.loads(meta.read_text()).get("run_id") if resumed and meta.is_file() else None
-        self.run_id = self.tracker.start_run(out.name, applicable_params(cfg), config=to_dict(cfg), run_id=previous,
-                                             tags={"fomo_ray.config_hash": cfg.config_hash(), **activation_tags(cfg)})
-        write_json(meta, {"run_id": self.run_id, "tracking_uri": self.tracker.uri}, indent=2)
-        # a resumed run repeats what it logged after its last checkpoint: MLflow appends, so those are not sent again
-        self.logged, logged_up_to = self.tracker.logged_so_far(self.run_id) if previous else (set(), -1)
-        every = cfg.tracking.log_every_n_steps
-        self.steps = (StepLogger(self.tracker, self.run_id, every, cfg.mixture.batch_size, logged_up_to=logged_up_to)
-                      if every > 0 else None)
+def tracked_hooks(hooks: Any, run: Any, cfg: ExperimentConfig) -> Any:
+    """``hooks`` plus the run's logging: every evaluation point (on the stream's axis: joint's one point at T) and
+    the training steps."""
+    import dataclasses
 
-    def hooks(self, hooks):
-        """``hooks`` plus this run's logging (evaluation points, training steps)."""
-        import dataclasses
+    from fomo_ray.core.assembly import stream_step
+    from fomo_ray.models.metrics import point_summary
 
-        inner = hooks.on_eval
+    inner = hooks.on_eval
 
-        def on_eval(point, records):
-            if inner is not None:
-                inner(point, records)
-            self.on_eval(point, records)
+    def on_eval(point, records):
+        if inner is not None:
+            inner(point, records)
+        run.log_point(stream_step(cfg, point), point, records, point_summary(records), point_summary(records, "full"))
 
-        return dataclasses.replace(hooks, on_eval=on_eval,
-                                   on_step=self.steps.step if self.steps is not None else hooks.on_step)
-
-    def on_eval(self, point: int, records) -> None:
-        from fomo_ray.models.metrics import point_summary
-        from fomo_ray.tracking.writer import eval_metrics
-
-        if self.steps is not None:
-            self.steps.flush()
-        from fomo_ray.core.assembly import stream_step
-
-        step = stream_step(self.cfg, point)  # on the stream's axis (joint's one point at T)
-        if step in self.logged:
-            return
-        self.tracker.log_metrics(self.run_id, eval_metrics(records, point_summary(records),
-                                                           point_summary(records, "full"), point), step=step)
-
-    def finish(self, failure: str | None = None, status: str = "") -> None:
-        if self.steps is not None:
-            self.steps.close()  # the tail of the training signal, written off the training thread until now
-        self.tracker.finish(self.run_id, failure=failure, status=status)
+    return dataclasses.replace(hooks, on_eval=on_eval, on_step=run.on_step if run.steps is not None else hooks.on_step)
 
 
 @dataclass(frozen=True)
@@ -163,8 +143,8 @@ def execute_run(cfg: ExperimentConfig, resume: bool = False, device: str | None 
     try:
         ensure_inputs(cfg)
         if cfg.tracking.enabled:
-            mlrun = MlflowRun(cfg, out, resumed=state is not None)
-            hooks = mlrun.hooks(hooks)
+            mlrun = open_tracked_run(cfg, out, resumed=state is not None)
+            hooks = tracked_hooks(hooks, mlrun, cfg)
         if progress is not None:
             from fomo_ray.core.assembly import planned_tasks
 

@@ -158,8 +158,9 @@ class _Bridge:
     and, every ``tracking.log_every_n_steps`` steps, the training signal, written off the training thread),
     checkpoints (rank 0 writes, in the background where the host can; every rank reports)."""
 
-    def __init__(self, p: RunPayload, session: Session, run_id: str, tracker: Any):
-        self.p, self.session, self.run_id, self.tracker = p, session, run_id, tracker
+    def __init__(self, p: RunPayload, session: Session, run_id: str, run: Any):
+        # run: the trial's TrackedRun (rank 0, when tracked): every MLflow write of this process goes through it
+        self.p, self.session, self.run_id, self.run = p, session, run_id, run
         self.rank0 = session.rank == 0
         # the final evaluation point, never a stopping point (only needed, and only built, under a stopping rule
         # or a sweep budget)
@@ -172,28 +173,15 @@ class _Bridge:
         self.last: dict[str, Any] = {}  # newest A_KA/A_ZS/GM, carried in every report (searchers read the last one)
         self.kept: list[str] = []  # the newest task-end checkpoint directory (rank 0), reused for the final report
         self.state_run = ""  # the loop's run name of the snapshots written (the key of checkpoint.wait_for_write)
-        self.steps = None  # the per-step training signal (tracking.StepLogger): rank 0, when tracked and asked for
         self.trajectory: list[float] = []  # the stopping rule's metric at every evaluation point so far
         self.stop_reason = ""  # the board's answer at the newest point ("" = go on); rank 0 asks, the loop agrees
         self.stopped = False   # the loop left early because of it
         self.noticed = False   # a preemption notice was answered by a checkpoint
-        # what a resumed run logged before its checkpoint's successor was registered (a lost node, a preemption):
-        # it repeats those points and steps, with the same numbers, and logs none of them twice
-        self.logged, logged_up_to = tracker.logged_so_far(run_id) if tracker is not None else (set(), -1)
-        if tracker is not None and p.cfg.tracking.log_every_n_steps > 0:
-            from fomo_ray.tracking.writer import StepLogger
-
-            self.steps = StepLogger(tracker, run_id, p.cfg.tracking.log_every_n_steps, p.cfg.mixture.batch_size,
-                                    logged_up_to=logged_up_to)
-
-    def on_step(self, task: int, step: int, loss: Any, lr: float, grad_norm: Any, global_step: int) -> None:
-        if self.steps is not None:
-            self.steps.step(task, step, loss, lr, grad_norm, global_step)
 
     def flush_steps(self) -> None:
         """Send the buffered training steps (before an evaluation point, at a checkpoint, at the end)."""
-        if self.steps is not None:
-            self.steps.flush()
+        if self.run is not None:
+            self.run.flush()
 
     def on_eval(self, task: int, records: list[Mapping[str, Any]]) -> None:
         from fomo_ray.models.metrics import point_summary
@@ -202,12 +190,8 @@ class _Bridge:
         full = point_summary(records, "full")  # {} where only the subsets were evaluated
         self.last.update(summary)
         step = stream_step(self.p.cfg, task)  # on the stream's axis (joint's one point at T)
-        if self.tracker is not None and step not in self.logged:
-            from fomo_ray.tracking.writer import eval_metrics
-
-            self.flush_steps()
-            # percent, as the reports; the session's report below keeps fractions (the results tables' unit)
-            self.tracker.log_metrics(self.run_id, eval_metrics(records, summary, full, task), step=step)
+        if self.run is not None:  # percent; the session's report below keeps fractions (the results tables' unit)
+            self.run.log_point(step, task, records, summary, full)
         self.session.report({**trial_report.eval_report(task, records, summary, full), "node_id": _node_id()},
                             None, None)
         self._post(task, summary)
@@ -273,9 +257,8 @@ class _Bridge:
         if not self.rank0:
             self.session.report(metrics, None, name)
             return
-        if self.tracker is not None and boundary:
-            self.tracker.set_tags(self.run_id, {CHECKPOINT_TAG: self.p.storage_uri,
-                                                "fomo_ray.last_checkpoint": name})
+        if self.run is not None and boundary:
+            self.run.set_tags({CHECKPOINT_TAG: self.p.storage_uri, "fomo_ray.last_checkpoint": name})
         tmp = tempfile.mkdtemp(prefix="fomo_ckpt_")
         self._report_state(state, tmp, metrics, name, keep=boundary)
         if boundary:  # the newest task-end state stays for the final report; the one before is persisted already
@@ -311,9 +294,8 @@ class _Bridge:
         the final state only after that report (:meth:`_log_final`): its failure never fails the run."""
         from fomo_ray.core import checkpoint
 
-        self.flush_steps()
-        if self.steps is not None:
-            self.steps.close()
+        if self.run is not None:
+            self.run.close_steps()  # the tail of the training signal; the trial's driver ends the run
         if not trial_report.is_kind(final, ReportKind.FAILED):  # a failed attempt may be retried: not its end
             self._spend(int(final.get("stopped_at", self.last_point)), final=True)
         d = None
@@ -331,7 +313,7 @@ class _Bridge:
                 write_json(Path(d, "config.json"), to_dict(self.p.cfg), indent=2, sort_keys=True)
         try:
             self.session.report(final, d, f"final_{trial_report.kind_of(final).value}")
-            if self.rank0 and self.tracker is not None and done and self.kept:
+            if self.rank0 and self.run is not None and done and self.kept:
                 self._log_final(d)
         finally:
             for k in {*self.kept, *([d] if d else [])}:
@@ -345,11 +327,11 @@ class _Bridge:
         uploads = final_uploads(self.p)
         try:
             uri = checkpoint_uri(self.session.get_checkpoint())
-            self.tracker.set_tags(self.run_id, {FINAL_CHECKPOINT_TAG: uri, UPLOAD_PENDING_TAG: ",".join(uploads)})
+            self.run.set_tags({FINAL_CHECKPOINT_TAG: uri, UPLOAD_PENDING_TAG: ",".join(uploads)})
         except Exception as e:  # noqa: BLE001 - the run finished; MLflow's troubles are reported, not raised
             warn(self.p.run_name, f"its final checkpoint could not be recorded in MLflow ({type(e).__name__}: {e})")
             return
-        upload_final(self.tracker, self.run_id, self.p.cfg, self.p.run_name, d, uploads)
+        upload_final(self.run, self.p.cfg, self.p.run_name, d, uploads)
 
 
 def final_uploads(p: RunPayload) -> list[str]:
@@ -399,19 +381,19 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
                     for r, (node, problem) in enumerate(checks) if problem), "")
     if not refused:
         prepare_inputs_rank_zero_first(p.cfg)
-    tracker = None
+    run = None
     if session.rank == 0 and p.tracking_uri and run_id:
-        from fomo_ray.tracking.writer import Tracker
+        from fomo_ray.tracking.tracked_run import TrackedRun
 
-        tracker = Tracker(p.tracking_uri, p.cfg.tracking.experiment)
-        _tag_attempt(tracker, run_id, p.cfg, session.world_size, nodes, resume)
-    bridge = _Bridge(p, session, run_id, tracker)
+        run = TrackedRun.attach(p.tracking_uri, p.cfg, run_id)
+        _tag_attempt(run, p.cfg, session.world_size, nodes, resume)
+    bridge = _Bridge(p, session, run_id, run)
     if refused:
         return bridge.finish(trial_report.failed_report(f"DeviceUnavailable: {refused}", bridge.last))
     if resume is not None:
         bridge.seed_trajectory(resume.results)
     hooks = loop.RunHooks(on_eval=bridge.on_eval, on_checkpoint=bridge.on_checkpoint,
-                          on_step=bridge.on_step if bridge.steps is not None else None,
+                          on_step=run.on_step if run is not None and run.steps is not None else None,
                           should_stop=bridge.should_stop if p.stopping or p.spend else None,
                           checkpoint_now=bridge.checkpoint_now if hasattr(session, "preempting") else None)
     try:
@@ -425,7 +407,7 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
     return bridge.finish(trial_report.done_report(bridge.last))
 
 
-def _tag_attempt(tracker: Any, run_id: str, cfg: ExperimentConfig, world_size: int, nodes: list[str],
+def _tag_attempt(run: Any, cfg: ExperimentConfig, world_size: int, nodes: list[str],
                  resume: Any) -> None:
     """Rank 0, at every (re)start: where this attempt runs, visible in the UI (an elastic run that grew or shrank
     shows it in ``fomo_ray.world_sizes``, a restarted one the checkpoint it continued from)."""
@@ -433,20 +415,21 @@ def _tag_attempt(tracker: Any, run_id: str, cfg: ExperimentConfig, world_size: i
     from fomo_ray.provenance import platform_label
     from fomo_ray.tracking.writer import PLATFORM_TAG
 
-    before = tracker.client.get_run(run_id).data.tags.get(WORLD_HISTORY_TAG, "")  # earlier attempts' sizes
+    before = run.tags().get(WORLD_HISTORY_TAG, "")  # earlier attempts' sizes
     # the platform of rank 0, which trains, not of the Tune trial that opened the run (another node, maybe)
     tags = {WORLD_TAG: world_size, WORLD_HISTORY_TAG: ",".join(filter(None, [before, str(world_size)])),
             NODES_TAG: ",".join(nodes), PLATFORM_TAG: platform_label(), **activation_tags(cfg)}
     if resume is not None:
         tags[RESUMED_TAG] = checkpoint_name(*checkpoint_position(resume)[:2])
-    tracker.set_tags(run_id, tags)
+    run.set_tags(tags)
 
 
 def _retry_quietly(p: RunPayload, run_id: str) -> None:
     try:
+        from fomo_ray.tracking.tracked_run import TrackedRun
         from fomo_ray.tracking.writer import Tracker
 
-        retry_uploads(Tracker(p.tracking_uri, p.cfg.tracking.experiment), run_id)
+        retry_uploads(TrackedRun(Tracker(p.tracking_uri, p.cfg.tracking.experiment), run_id, resumed=False))
     except Exception as e:  # noqa: BLE001 - an ended run stays ended whatever MLflow says
         warn(p.run_name, f"pending MLflow uploads not retried ({type(e).__name__}: {e})")
 

@@ -163,21 +163,19 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
             tune.report(report)
         tune.report(trial_report.failed_report(recorded["reason"], recorded.get("last", {})))
         return
-    tracker, run_id = None, ""
+    run = None  # the trial's MLflow run (TrackedRun): opened here, closed here whatever the trial's end
     if setup.tracking_uri:
-        from fomo_ray.tracking.writer import Tracker
+        from fomo_ray.tracking.tracked_run import TrackedRun
 
-        tracker = Tracker(setup.tracking_uri, cfg.tracking.experiment)
         spent = (setup.budgets or {}).get(point_label(config, setup.space), {})
-        run_id = tracker.start_child(setup.parent_run_id, trial_id, {**trial_params(config, setup.space, cfg), **spent},
-                                     run_name=name, config=to_dict(cfg),
-                                     tags={"fomo_ray.config_hash": cfg.config_hash(),
-                                           "fomo_ray.sweep": setup.sweep_name})
+        run = TrackedRun.open_trial(setup.tracking_uri, cfg, setup.parent_run_id, trial_id, name,
+                                    {**trial_params(config, setup.space, cfg), **spent}, to_dict(cfg),
+                                    {"fomo_ray.config_hash": cfg.config_hash(), "fomo_ray.sweep": setup.sweep_name})
     cached = trial_cache.lookup(cfg, setup.cache_origin) if setup.cache_origin else None
     if cached is not None:  # an identical trial finished before: its results, not a rerun
         from fomo_ray.core.assembly import stream_step
 
-        trial_cache.replay(cached, tune.report, tracker, run_id, lambda point: stream_step(cfg, point))
+        trial_cache.replay(cached, tune.report, run, lambda point: stream_step(cfg, point))
         return
     spend = None
     if setup.spend_unit:
@@ -189,13 +187,13 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         refused = admit(name, need, reference)
         if refused:  # ends at once, before any point: a stopped trial with nothing to show, never a finished one
             tune.report(trial_report.stopped_report(refused, -1, {}))
-            if tracker is not None:
-                tracker.finish(run_id, stopped=refused)
+            if run is not None:
+                run.finish(stopped=refused)
             return
         spend = {"unit": setup.spend_unit, "need": need, "stoppable": not reference}
     train_root = ray_train.train_storage(setup.storage)
     payload = ray_train.RunPayload(
-        cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run_id,
+        cfg=cfg, run_name=name, tracking_uri=setup.tracking_uri, mlflow_run_id=run.run_id if run else "",
         log_checkpoints=cfg.tracking.log_checkpoints, keep_uploads=cfg.tracking.keep_uploads,
         # where Ray persists the checkpoints: Train runs under <storage>/train/<trial id>, Tune function trials under
         # <storage>/tune/<trial dirname> (ctx.get_trial_dir() is a local staging folder that holds none)
@@ -218,26 +216,26 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
         reason = str(e) if isinstance(e, ray_train.RunDiverged) else f"{type(e).__name__}: {e}"
         evals = getattr(e, "evals", None) or session.evals  # a TorchTrainer's come with the error
         _record_failure(marker, reason, evals)
-        if tracker is not None:
-            tracker.finish(run_id, failure=reason)
+        if run is not None:
+            run.finish(failure=reason)
         if not setup.use_train and isinstance(e, ray_train.RunDiverged):
             return  # the loop's bridge already sent the failed report
         tune.report(trial_report.failed_report(reason, _last_scores(evals)))
         return
     except BaseException as e:
-        if tracker is not None:
-            tracker.finish(run_id, failure=f"{type(e).__name__}: {e}")
+        if run is not None:
+            run.finish(failure=f"{type(e).__name__}: {e}")
         raise
     finally:
         if session.drain is not None:
             session.drain.close()
-        if tracker is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
+        if run is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
             with contextlib.suppress(Exception):  # a tag must not replace the trial's own outcome or error)
-                tracker.set_tags(run_id, {preemptions.TAG: preemptions.count(setup.storage, trial_id)})
-    settle_ended(tracker, run_id, cfg, name, payload.storage_uri)  # ended: its mid-run checkpoints go
-    if tracker is not None:
+                run.set_tags({preemptions.TAG: preemptions.count(setup.storage, trial_id)})
+    settle_ended(run, cfg, name, payload.storage_uri)  # ended: its mid-run checkpoints go
+    if run is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
-        tracker.finish(run_id, stopped=str(last.get("reason") or TrialStatus.STOPPED) if stopped else "")
+        run.finish(stopped=str(last.get("reason") or TrialStatus.STOPPED) if stopped else "")
 
 
 def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:

@@ -123,28 +123,25 @@ def keep_finished(grid: Any, plan: Any, origin: Origin, sweep: str, reused: Mapp
               {"sweep": sweep, "trial": name, "mlflow_run_id": run_ids.get(name, "")})
 
 
-def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None], tracker: Any, run_id: str,
+def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None], run: Any,
            step_of: Callable[[int], int] = int) -> None:
     """Send a cached trial's evaluation reports and its ``done`` report through ``report_fn`` (Tune's), and log
-    them to its MLflow run at ``step_of(point)`` (the stream's axis: ``assembly.stream_step``), tagged with where
+    them to its MLflow ``run`` (a ``TrackedRun``, or None) at ``step_of(point)`` (the stream's axis: ``assembly.stream_step``), tagged with where
     they come from (the original sweep, trial and MLflow run, whose checkpoint holds the model)."""
     from fomo_ray import trial_report
     from fomo_ray.trial_report import SCORES
 
     for report in entry["evals"]:
         report_fn(dict(report))
-        if tracker is not None:
-            from fomo_ray.tracking.writer import eval_metrics
-
+        if run is not None:
             summary = {k: report[k] for k in SCORES if k in report}
             full = {k: report[f"full_{k}"] for k in SCORES if f"full_{k}" in report}
             point = int(report["task"])
-            tracker.log_metrics(run_id, eval_metrics(trial_report.records_from_report(report), summary, full, point),
-                                step=step_of(point))
-    if tracker is not None:
+            run.log_point(step_of(point), point, trial_report.records_from_report(report), summary, full)
+    if run is not None:
         src = entry.get("source", {})
-        tracker.set_tags(run_id, {SOURCE_TAG: f"{src.get('sweep')}/{src.get('trial')} (MLflow run "
-                                              f"{src.get('mlflow_run_id') or '-'})"})
-        tracker.finish(run_id)
+        run.set_tags({SOURCE_TAG: f"{src.get('sweep')}/{src.get('trial')} (MLflow run "
+                                  f"{src.get('mlflow_run_id') or '-'})"})
+        run.finish()
     last = entry["evals"][-1] if entry["evals"] else {}
     report_fn(trial_report.done_report({k: last[k] for k in SCORES if k in last}))
