@@ -68,7 +68,12 @@ def _spawn_imports() -> None:
 def time_overhead(cfg: Any, *, device: torch.device, threads: int, clock: Callable[[], float] = time.perf_counter,
                   spawn: Callable[[], None] = _spawn_imports) -> Overhead:
     """Time the fixed costs of a trial of ``cfg`` (see the module docstring). The global RNG state is restored
-    afterwards: estimating a sweep must not change what its runs draw."""
+    afterwards: estimating a sweep must not change what its runs draw. Raises ``OSError`` / ``ValueError`` before
+    timing anything when the benchmark is not built yet (a process start costs seconds; a dry run estimates each
+    trial)."""
+    from fomo_ray.core.assembly import open_data
+
+    open_data(cfg)
     t = clock()
     spawn()
     start_s = clock() - t
