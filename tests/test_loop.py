@@ -56,7 +56,7 @@ def test_every_method_runs_and_resumes_mid_stream_identically(name, tiny_cfg, tm
     assert list(full.columns) == list(COLUMNS)
     assert set(full["run"]) == {run_name(cfg)}
     num_tasks = 1 if name == "joint" else 2
-    assert sorted(full["task"].unique()) == [0, num_tasks]
+    assert sorted(full["point"].unique()) == [0, num_tasks]
     points = list(range(num_tasks + 1))
     assert full["value"].map(math.isfinite).all() and full["value"].between(0, 1).all()
     assert set(full["role"]) == {"adapt", "eval"}
@@ -188,7 +188,7 @@ def test_should_stop_ends_the_run_cooperatively(tiny_cfg):
     hooks = RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append((t, s)), should_stop=lambda: len(steps) >= 1)
     df = run_stream(tiny_cfg(), hooks=hooks)
     assert steps == [(0, s) for s in range(STEPS_PER_TASK)]
-    assert sorted(df["task"].unique()) == [0, 1]  # the zero-shot point and task 0's
+    assert sorted(df["point"].unique()) == [0, 1]  # the zero-shot point and task 0's
 
 
 # --------------------------------------------------------------------------------------------------- determinism
@@ -254,7 +254,7 @@ def test_main_writes_results_and_prints_the_table(tiny_cfg, capsys, tmp_path):
     assert "A_KA" in out and "A_ZS" in out and "GM" in out
     out_dir = tmp_path / "runs" / run_name(cfg)
     table = pd.read_parquet(out_dir / "results.parquet")
-    assert sorted(table["task"].unique()) == [0, 1, 2]
+    assert sorted(table["point"].unique()) == [0, 1, 2]
     assert load_state(out_dir / "state").task == 2  # the final task-end state, for --resume
     assert not [p for p in out_dir.rglob("*.tmp")]  # atomic writes leave no temp files
     # --resume continues from that state: nothing is left to train, the same table comes back
@@ -323,7 +323,7 @@ def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tiny_cfg):
 def test_state_file_round_trip_is_weights_only_safe(tmp_path):
     state = LoopState(run="r", task=1, step=3, model={"w": torch.ones(2)}, optimizer=None, method={"x": [1, 2]},
                       buffer={"rows": np.arange(3)}, rng={"torch": torch.get_rng_state()},
-                      results=[{"run": "r", "task": 0, "dataset": "D", "role": "eval", "metric": "top1",
+                      results=[{"run": "r", "point": 0, "dataset": "D", "role": "eval", "metric": "top1",
                                 "value": 0.5}])
     save_state(state, tmp_path)
     back = load_state(tmp_path)
@@ -396,13 +396,13 @@ def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tin
     df = run_stream(cfg)
     assert set(df["eval_set"]) == {"subset", "full"}
     sub = df[df["eval_set"] == "subset"]
-    assert sorted(sub["task"].unique()) == [0, 1, 2, 3]
-    per_point = sub.pivot_table(index=["dataset", "metric"], columns="task", values="value")
+    assert sorted(sub["point"].unique()) == [0, 1, 2, 3]
+    per_point = sub.pivot_table(index=["dataset", "metric"], columns="point", values="value")
     assert (per_point.nunique(axis=1) == 1).all(), per_point  # identical at every point, every dataset and metric
-    assert sorted(df.loc[df["eval_set"] == "full", "task"].unique()) == [0, 3]
+    assert sorted(df.loc[df["eval_set"] == "full", "point"].unique()) == [0, 3]
     traj = summarize(df)
     assert traj[["A_KA", "A_ZS", "GM"]].nunique().eq(1).all()
-    assert summarize(df, "full")["task"].tolist() == [0, 3]
+    assert summarize(df, "full")["point"].tolist() == [0, 3]
     f = forgetting(df)
     assert f["forgetting"].eq(0.0).all() and f["backward_transfer"].dropna().eq(0.0).all()
     from fomo_ray.cli.score import main as score

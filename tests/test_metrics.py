@@ -23,13 +23,13 @@ VALUES = {
 
 
 def hand_table(run="r") -> pd.DataFrame:
-    rows = [dict(run=run, task=t, dataset=d, role=role, metric=m, value=v)
+    rows = [dict(run=run, point=t, dataset=d, role=role, metric=m, value=v)
             for (d, role, m), vals in VALUES.items() for t, v in enumerate(vals)]
     return pd.DataFrame(rows)
 
 
 def test_summary_matches_hand_computation():
-    s = metrics.summarize(hand_table()).set_index("task")
+    s = metrics.summarize(hand_table()).set_index("point")
     assert s["A_KA"].tolist() == pytest.approx([0.3, 0.6, 0.6])
     assert s["A_ZS"].tolist() == pytest.approx([0.7, 0.6, 0.5])
     assert s["GM"].tolist() == pytest.approx([math.sqrt(0.21), 0.6, math.sqrt(0.3)])
@@ -108,9 +108,9 @@ def test_score_command_prints_the_numbers(tmp_path, capsys):
 def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suffix):
     from fomo_ray.models.metrics import COLUMNS, tidy_frame
 
-    records = [dict(run="r", task=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
-               dict(run="r", task=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),
-               dict(run="r", task=0, dataset="D", role="adapt", metric="top1", value=0.4)]  # names no prompts
+    records = [dict(run="r", point=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
+               dict(run="r", point=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),
+               dict(run="r", point=0, dataset="D", role="adapt", metric="top1", value=0.4)]  # names no prompts
     df = tidy_frame(records)
     assert list(df.columns) == list(COLUMNS) and "prompts" in COLUMNS
     assert df["prompts"].tolist() == ["openai_imagenet", "captions", "primer"]
@@ -122,3 +122,4 @@ def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suff
     loaded = metrics.load_results(tmp_path / "old.csv")
     assert loaded["prompts"].tolist() == ["primer", "captions", "primer"]
     assert metrics.summarize(loaded).iloc[0][["A_KA", "A_ZS"]].tolist() == pytest.approx([0.4, 0.4])
+
