@@ -334,6 +334,41 @@ def test_state_file_round_trip_is_weights_only_safe(tmp_path):
         load_state(tmp_path / "missing")
 
 
+def _before_the_rename(rows: list[dict]) -> list[dict]:
+    """Results rows as a loop state written before issue 30, item 2 holds them: the evaluation point under ``task``."""
+    return [{("task" if k == "point" else k): v for k, v in r.items()} for r in rows]
+
+
+def test_a_state_written_before_the_rename_reads_its_results_with_point(tmp_path):
+    rows = [{"run": "r", "point": p, "dataset": "D", "role": "eval", "metric": "top1", "value": 0.5} for p in (0, 1)]
+    old = _before_the_rename(rows)
+    assert all("task" in r and "point" not in r for r in old)
+    save_state(LoopState(run="r", task=1, step=0, model={"w": torch.ones(2)}, optimizer=None, method={}, buffer={},
+                         rng={}, results=old), tmp_path)
+    back = load_state(tmp_path)
+    assert back.results == rows and back.task == 1  # the cursor's task stays the task index
+
+
+def test_a_run_checkpointed_before_the_rename_resumes(tiny_cfg):
+    """``fomo-ray run --resume`` (``execute_run(cfg, resume=True)``) of a run whose task-end state was written before
+    the evaluation point's key was named ``point``: it continues and ends with the uninterrupted run's table."""
+    import dataclasses
+
+    from fomo_ray.engine.local_run import execute_run
+    from fomo_ray.models.metrics import load_results
+
+    cfg = tiny_cfg(**{"ray.checkpoint_every_steps": 0})
+    states: list[LoopState] = []
+    full = run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append))
+    after_task_0 = states[0]
+    assert (after_task_0.task, after_task_0.step) == (1, 0) and {r["point"] for r in after_task_0.results} == {0, 1}
+    state_dir = Path(cfg.output_dir) / run_name(cfg) / "state"
+    save_state(dataclasses.replace(after_task_0, results=_before_the_rename(after_task_0.results)), state_dir)
+    out = execute_run(cfg, resume=True)
+    _frame_equal(out.results, full)
+    _frame_equal(load_results(out.results_file), full)
+
+
 def test_writing_a_state_copies_no_tensor(tmp_path, monkeypatch):
     """A snapshot is already a private CPU copy: writing it must not copy the model again (that doubled a large
     model's host RAM for the length of every write)."""

@@ -67,8 +67,34 @@ class MetricsError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- validation
+#: the evaluation point's column in tables written before it was named ``point`` (``task`` now means the task index)
+LEGACY_POINT_COLUMN = "task"
+
+
+def with_point_column(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with its evaluation-point column named ``point``.
+
+    Tables written before the rename (a run's results.parquet / .csv, a sweep's results.csv and tidy.csv) call the
+    evaluation point (0 = before any update, t+1 = after task t) ``task``, the word that now means only the task
+    index. Every reader of such a table calls this, the one place old tables are read compatibly: a table with a
+    ``task`` column and no ``point`` column gets it renamed; any other table is returned unchanged (not copied)."""
+    if LEGACY_POINT_COLUMN in df.columns and "point" not in df.columns:
+        return df.rename(columns={LEGACY_POINT_COLUMN: "point"})
+    return df
+
+
+def with_point_key(records: Iterable[Mapping]) -> list[dict]:
+    """:func:`with_point_column` for result records (dicts): a loop checkpoint written before the rename holds its
+    results so far (``LoopState.results``) with the point under ``task``; ``checkpoint.load_state`` reads them with
+    it under ``point``, so an old run still resumes. Records that have a ``point`` are returned as they are."""
+    return [{("point" if k == LEGACY_POINT_COLUMN else k): v for k, v in r.items()}
+            if LEGACY_POINT_COLUMN in r and "point" not in r else dict(r) for r in records]
+
+
 def validate_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Check columns, roles, evaluation points and duplicates; return the table with canonical dtypes."""
+    """Check columns, roles, evaluation points and duplicates; return the table with canonical dtypes. A table
+    written before the rename (``task`` for the point) reads with :func:`with_point_column`."""
+    df = with_point_column(df)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise MetricsError(f"results table lacks column(s) {missing}; expected at least {list(REQUIRED)}")
