@@ -44,8 +44,9 @@ def dotted(overrides: Mapping[str, Any] | None = None, **keywords: Any) -> dict[
 class Results:
     """A run's or a sweep's results, as tables and figures.
 
-    ``tidy``: run, task, dataset, role, metric, value, eval_set (one row per evaluation point x dataset x metric x
-    evaluation set: ``subset``, the trajectory, or ``full``);
+    ``tidy``: run, point, dataset, role, metric, value, eval_set, prompts (one row per evaluation point x dataset x
+    metric x evaluation set: ``subset``, the trajectory, or ``full``; ``point`` 0 is before any update, t+1 after
+    task t);
     ``trials``: one row per run with its ``status`` (finished / failed / stopped / interrupted), ``reason`` and
     swept values; ``summary``: the sweep's ``summary.json`` (empty for a single run or an unfinished sweep).
     Scores are fractions in [0, 1], as in the CSV files, and every score table says so in its ``unit`` column
@@ -58,7 +59,7 @@ class Results:
 
     @property
     def points(self) -> pd.DataFrame:
-        """A_KA, A_ZS, GM per run and evaluation point: the trajectories (task 0 = the zero-shot point)."""
+        """A_KA, A_ZS, GM per run and evaluation point: the trajectories (point 0 = the zero-shot point)."""
         from fomo_ray.models.metrics import summarize
 
         return _with_unit(summarize(self.tidy))

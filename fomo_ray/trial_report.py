@@ -3,14 +3,15 @@
 A trial (``ray_train.py``, on either host) sends one flat dict per event, and Tune keeps one row per report in the
 trial's metrics table, which the driver reads back (``tune_sweep.py``). Every report carries ``kind``:
 
-* ``eval``       -- one evaluation point: ``task``, the summary scores on the fixed subsets (``A_KA``, ``A_ZS``,
-                    ``GM``) and one value per dataset under ``ds/<role>/<dataset>/<metric>``; where the full test sets
-                    were evaluated too, their scores as ``full_A_KA``... and ``full/<role>/<dataset>/<metric>``;
-* ``checkpoint`` -- a checkpoint was taken at cursor (``task``, ``step``); carries the newest summary scores, so a
-                    searcher always reads the latest values;
+* ``eval``       -- one evaluation point: ``point`` (0 = before any update, t+1 = after task t), the summary scores
+                    on the fixed subsets (``A_KA``, ``A_ZS``, ``GM``) and one value per dataset under
+                    ``ds/<role>/<dataset>/<metric>``; where the full test sets were evaluated too, their scores as
+                    ``full_A_KA``... and ``full/<role>/<dataset>/<metric>``;
+* ``checkpoint`` -- a checkpoint was taken at cursor (``task``, ``step``: the task index and the step within it);
+                    carries the newest summary scores, so a searcher always reads the latest values;
 * ``done``       -- the stream finished (the run's final report, with the last summary scores);
 * ``failed``     -- the run failed deterministically (``reason``); it is not retried;
-* ``stopped``    -- the sweep's early-stopping rule stopped the run at evaluation point ``task`` (``reason``); its
+* ``stopped``    -- the sweep's early-stopping rule stopped the run at evaluation point ``stopped_at`` (``reason``); its
                     trajectory is partial by design, and it is not retried.
 
 The kinds' values are plain strings in every stored result (``progress.csv``, ``result.json``), as before the Enum.
@@ -50,10 +51,10 @@ class TrialStatus(StrEnum):
 
 
 # --------------------------------------------------------------------------------------------------- encode
-def eval_report(task: int, records: list[Mapping[str, Any]], summary: Mapping[str, float],
+def eval_report(point: int, records: list[Mapping[str, Any]], summary: Mapping[str, float],
                 full_summary: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The flat result reported to Ray for one evaluation point (Tune keeps one row per report)."""
-    out: dict[str, Any] = {KIND: ReportKind.EVAL.value, "task": int(task), **summary,
+    out: dict[str, Any] = {KIND: ReportKind.EVAL.value, "point": int(point), **summary,
                            **{f"{FULL_SUMMARY}{k}": v for k, v in (full_summary or {}).items()}}
     for r in records:
         prefix = FULL_PREFIX if r.get("eval_set", "subset") == "full" else DATASET_PREFIX
@@ -114,15 +115,15 @@ def records_from_report(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def eval_rows(metrics: Any) -> Any:
-    """A trial's evaluation points from its Tune metrics table (a DataFrame), one row per task in task order.
+    """A trial's evaluation points from its Tune metrics table (a DataFrame), one row per point in point order.
 
     A point reported twice (a worker restarted between its evaluation and the next checkpoint) keeps the last copy.
     None when the table has no reports of this protocol.
     """
-    if metrics is None or KIND not in metrics.columns or "task" not in metrics.columns:
-        return None  # (a trial that failed before its first evaluation reports no task at all)
+    if metrics is None or KIND not in metrics.columns or "point" not in metrics.columns:
+        return None  # (a trial that failed before its first evaluation reports no point at all)
     evals = metrics[metrics[KIND] == ReportKind.EVAL.value]
-    return evals.drop_duplicates("task", keep="last").sort_values("task")
+    return evals.drop_duplicates("point", keep="last").sort_values("point")
 
 
 def point_line(point: int, points: int, summary: Mapping[str, float]) -> str:

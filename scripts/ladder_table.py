@@ -49,7 +49,7 @@ def ladder_rows(bench, recipes: dict | None = None) -> list[dict]:
             raise SystemExit(f"no cached base for {arch} at {path}: run `fomo-ray pretrain --all` first")
         meta = read_meta(path)
         gflops, params = step_gflops(arch, recipe.batch_size)
-        records = [{**r, "run": arch, "task": 0, "eval_set": "full"} for r in meta["zero_shot"]]
+        records = [{**r, "run": arch, "point": 0, "eval_set": "full"} for r in meta["zero_shot"]]
         by_name = {r["dataset"] + (" R@5" if r["metric"] == "R@5" else ""): r["value"] for r in records
                    if r["metric"] in ("top1", "R@5")}
         rows.append({"arch": arch, "params": params, "steps": recipe.steps, "batch": recipe.batch_size,

@@ -68,7 +68,7 @@ class StandIn:
             w, task, step, results = np.zeros(2), 0, 0, []
             rng = np.random.default_rng(cfg.seed)
             recs = StandIn.records(w)
-            results += [{"run": cfg.name, "task": 0, **r} for r in recs]
+            results += [{"run": cfg.name, "point": 0, **r} for r in recs]
             hooks.on_eval and hooks.on_eval(0, recs)
         else:
             w = resume.model["w"].numpy().copy()
@@ -86,7 +86,7 @@ class StandIn:
                 if k and (s + 1) % k == 0 and s + 1 < StandIn.steps and hooks.on_checkpoint:
                     hooks.on_checkpoint(StandIn._state(cfg, w, t, s + 1, rng, results, mid=True))
             recs = StandIn.records(w)
-            results += [{"run": cfg.name, "task": t + 1, **r} for r in recs]
+            results += [{"run": cfg.name, "point": t + 1, **r} for r in recs]
             hooks.on_eval and hooks.on_eval(t + 1, recs)
             hooks.on_checkpoint and hooks.on_checkpoint(StandIn._state(cfg, w, t + 1, 0, rng, results, mid=False))
         return pd.DataFrame(results)

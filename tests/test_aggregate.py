@@ -51,10 +51,10 @@ def _tidy() -> pd.DataFrame:
     value (the trajectory mean is (0.2 + final) / 2); a failed seed has its zero-shot point only."""
     rows = []
     for (_, t), final in zip(_trials().iterrows(), [f for *_, fs in VARIANTS.values() for f in fs]):
-        for task, value in [(0, 0.2)] + ([] if final is None else [(1, final)]):
-            rows += [(t["run"], task, ds, role, "top1", value, "subset")
+        for point, value in [(0, 0.2)] + ([] if final is None else [(1, final)]):
+            rows += [(t["run"], point, ds, role, "top1", value, "subset")
                      for ds, role in (("A", "adapt"), ("E", "eval"))]
-    return pd.DataFrame(rows, columns=["run", "task", "dataset", "role", "metric", "value", "eval_set"])
+    return pd.DataFrame(rows, columns=["run", "point", "dataset", "role", "metric", "value", "eval_set"])
 
 
 def _table() -> pd.DataFrame:

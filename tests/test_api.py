@@ -90,7 +90,7 @@ def test_run_writes_its_directory_and_returns_its_results(tmp_path, tmp_path_fac
     assert res.directory.parent == tmp_path / "runs" and (res.directory / "config.json").is_file()
     saved = load_results(next(res.directory.glob("results.*")))
     pd.testing.assert_frame_equal(saved, res.tidy, check_dtype=False)
-    assert list(res.points["task"]) == [0, 1] and res.table.loc[0, "status"] == "finished"
+    assert list(res.points["point"]) == [0, 1] and res.table.loc[0, "status"] == "finished"
     # the unit is named where the scores are: fractions here, percent in the printed table
     assert set(res.points["unit"]) == set(res.table["unit"]) == set(res.variants["unit"]) == {"fraction"}
     gm = res.table.loc[0, "final_GM"]
@@ -114,8 +114,8 @@ def test_overrides_and_seed_aggregation():
     rows = []
     for run, variant, seed, final in [("0", "ema", 0, 0.5), ("1", "ema", 1, 0.7), ("2", "ft", 0, 0.4),
                                       ("3", "ft", 1, 0.9)]:
-        for task, value in ((0, 0.2), (1, final)):
-            rows += [{"run": run, "task": task, "dataset": d, "role": role, "metric": "top1", "value": value}
+        for point, value in ((0, 0.2), (1, final)):
+            rows += [{"run": run, "point": point, "dataset": d, "role": role, "metric": "top1", "value": value}
                      for d, role in (("A", "adapt"), ("E", "eval"))]
     trials = pd.DataFrame({"run": ["0", "1", "2", "3"], "status": ["finished", "finished", "finished", "failed"],
                            "reason": ["", "", "", "diverged"], "variant": ["ema", "ema", "ft", "ft"],

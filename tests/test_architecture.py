@@ -244,3 +244,64 @@ def test_trial_statuses_and_score_names_are_spelled_in_one_place():
             scores += [rel for _ in SCORE_TUPLE.finditer(text)]
     assert not bare, "trial statuses spelled outside trial_report.TrialStatus: " + ", ".join(bare)
     assert not scores, "the score names spelled outside trial_report.SCORES: " + ", ".join(scores)
+
+
+# the string "task" names a task index or a dataset's kind, never the evaluation point (the tables' and reports'
+# column is "point": issue 30, item 2). The scopes that may spell it, how often, and what it means there:
+TASK_WORD = {
+    ("fomo_ray/models/metrics.py", "<module>"): (1, "LEGACY_POINT_COLUMN: the compatibility read of older tables"),
+    ("fomo_ray/trial_report.py", "checkpoint_report"): (1, "a checkpoint's cursor: the task index and step"),
+    ("fomo_ray/engine/local_run.py", "execute_run"): (1, "FAILED.json: the task index a run diverged in"),
+    ("fomo_ray/data/stream.py", "task_rows"): (1, "an error message's word for the task's entries"),
+    ("fomo_ray/data/format.py", "DatasetInfo.to_json"): (1, "a dataset's kind (classification / retrieval)"),
+    ("fomo_ray/data/format.py", "DatasetInfo.from_json"): (1, "a dataset's kind"),
+    ("fomo_ray/data/writer.py", "BenchmarkWriter.add_dataset"): (1, "a dataset's kind"),
+    ("fomo_ray/prep/convert_fif.py", "<module>"): (1, "the conversion report's column: a dataset's kind"),
+    ("fomo_ray/prep/convert_fif.py", "_summary_row"): (1, "a dataset's kind"),
+    ("fomo_ray/prep/convert_fif.py", "_missing_rows"): (1, "a dataset's kind"),
+    ("fomo_ray/prep/convert_fif.py", "assemble"): (2, "a dataset's kind"),
+    ("fomo_ray/prep/convert_webdataset.py", "assemble_pool"): (1, "a dataset's kind"),
+    ("fomo_ray/prep/fifmini.py", "describe"): (1, "a dataset's kind"),
+}
+
+
+def task_words(path: Path) -> dict[str, int]:
+    """How often each scope (``<module>``, ``function`` or ``Class.method``) of ``path`` spells the string "task"."""
+    found: dict[str, int] = {}
+
+    def visit(node: ast.AST, scope: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, child.name if scope == "<module>" else f"{scope}.{child.name}")
+                continue
+            if isinstance(child, ast.Constant) and child.value == "task":
+                found[scope] = found.get(scope, 0) + 1
+            visit(child, scope)
+
+    visit(ast.parse(path.read_text()), "<module>")
+    return found
+
+
+def test_the_evaluation_point_is_never_called_task_again():
+    """A results table, tidy row, summary or eval report that names its evaluation point "task" (a dict key, a column
+    list, ``df["task"]``, ``sort_values("task")``) spells the string "task" in a scope not listed in
+    :data:`TASK_WORD`, or once more than its entry allows; the word there means a task index or a dataset's kind."""
+    from fomo_ray.models.metrics import COLUMNS
+
+    bad = []
+    for path in sorted((REPO / "fomo_ray").rglob("*.py")):
+        rel = path.relative_to(REPO).as_posix()
+        for scope, n in task_words(path).items():
+            allowed = TASK_WORD.get((rel, scope), (0, ""))[0]
+            if n > allowed:
+                bad.append(f"{rel} ({scope}): \"task\" {n} time(s), {allowed} allowed")
+    assert not bad, ("the string \"task\" outside the scopes where it means a task index or a dataset's kind (the "
+                     "evaluation point is \"point\"; add a scope to TASK_WORD only for those meanings):\n"
+                     + "\n".join(bad))
+    assert "point" in COLUMNS and "task" not in COLUMNS
+
+
+def test_the_task_word_check_finds_a_table_that_names_its_point_task(tmp_path):
+    (tmp_path / "m.py").write_text('ROWS = [{"run": "r", "task": 0}]\n\n\nclass C:\n    def f(self, df):\n'
+                                   '        return df.sort_values("task")\n')
+    assert task_words(tmp_path / "m.py") == {"<module>": 1, "C.f": 1}

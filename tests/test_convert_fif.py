@@ -295,8 +295,8 @@ def test_converted_fif_runs_in_the_loop_with_one_switch(converted, tmp_path):
                              "output_dir": str(tmp_path / "runs"),
                              "data.allow_resize": True})  # converted at 16 px to stay small; fomo-tiny-s takes 32
     df = run_stream(cfg)
-    assert sorted(df.task.unique()) == [0, 1, 2]  # before any update + after each of the 2 tasks
-    last = df[df.task == 2]
+    assert sorted(df.point.unique()) == [0, 1, 2]  # before any update + after each of the 2 tasks
+    last = df[df.point == 2]
     assert set(last.dataset) == {"CUB200", "DTD", "MONKEYS10", "MSCOCO"}
     assert set(last[last.dataset == "MSCOCO"].metric) >= {"R@1", "R@5"}
     assert set(last[last.dataset == "DTD"].metric) == {"top1"}

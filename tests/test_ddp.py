@@ -260,7 +260,7 @@ def test_early_stop_on_one_rank_stops_all_ranks_at_the_same_step(ddp_runs):
     """The stop is agreed at the task boundary (no collective per step): both ranks finish task 0 and leave."""
     ranks, _, _ = ddp_runs
     assert [len(r["stop"]["losses"]) for r in ranks] == [2, 2]
-    assert [sorted(r["stop"]["results"]["task"].unique()) for r in ranks] == [[0, 1], [0, 1]]
+    assert [sorted(r["stop"]["results"]["point"].unique()) for r in ranks] == [[0, 1], [0, 1]]
 
 
 @pytest.mark.slow  # ddp_runs: 5 spawned gloo ranks + 3 single runs, ~100 s on a busy 2-core box

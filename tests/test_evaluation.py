@@ -271,7 +271,7 @@ def test_default_prompts_are_the_primer_and_unchanged(bench):
             want = F.normalize(bb.model.encode_text(bb.tokenizer(bench.datasets[name].prompts())), dim=-1)
             torch.testing.assert_close(ev._text_cache[f"classes:primer:{name}"], want, rtol=1e-5, atol=1e-6)
     # what loop.evaluate_point makes of the records: the tidy table names the prompts
-    tidy = tidy_frame([{**r, "run": "x", "task": 0, "eval_set": "subset"} for r in recs])
+    tidy = tidy_frame([{**r, "run": "x", "point": 0, "eval_set": "subset"} for r in recs])
     assert dict(zip(tidy["dataset"] + "/" + tidy["metric"], tidy["prompts"])) == {
         "COLOURS/top1": "primer", "SWAPPED/top1": "primer", "SCENES/R@1": "captions", "SCENES/R@5": "captions"}
 

@@ -311,9 +311,9 @@ def test_loop_two_tasks_on_device(tmp_path, fifmini_small):
     df = run_stream(cfg, hooks=RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append((t, s, loss))), device=DEVICE)
     assert [(t, s) for t, s, _ in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert all(math.isfinite(loss) for *_, loss in steps)
-    assert sorted(df["task"].unique()) == [0, 1, 2]
+    assert sorted(df["point"].unique()) == [0, 1, 2]
     names = set(fifmini_small.dataset_names) - {n for n, d in fifmini_small.datasets.items() if d.role == "pool"}
-    for point, group in df.groupby("task"):
+    for point, group in df.groupby("point"):
         assert set(group["dataset"]) == names, f"evaluation point {point} misses {names - set(group['dataset'])}"
     assert df["value"].between(0.0, 1.0).all() and np.isfinite(df["value"]).all()
     if DEVICE.type == "cuda":

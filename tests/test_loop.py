@@ -56,7 +56,7 @@ def test_every_method_runs_and_resumes_mid_stream_identically(name, tiny_cfg, tm
     assert list(full.columns) == list(COLUMNS)
     assert set(full["run"]) == {run_name(cfg)}
     num_tasks = 1 if name == "joint" else 2
-    assert sorted(full["task"].unique()) == [0, num_tasks]
+    assert sorted(full["point"].unique()) == [0, num_tasks]
     points = list(range(num_tasks + 1))
     assert full["value"].map(math.isfinite).all() and full["value"].between(0, 1).all()
     assert set(full["role"]) == {"adapt", "eval"}
@@ -188,7 +188,7 @@ def test_should_stop_ends_the_run_cooperatively(tiny_cfg):
     hooks = RunHooks(on_step=lambda t, s, loss, lr, *_: steps.append((t, s)), should_stop=lambda: len(steps) >= 1)
     df = run_stream(tiny_cfg(), hooks=hooks)
     assert steps == [(0, s) for s in range(STEPS_PER_TASK)]
-    assert sorted(df["task"].unique()) == [0, 1]  # the zero-shot point and task 0's
+    assert sorted(df["point"].unique()) == [0, 1]  # the zero-shot point and task 0's
 
 
 # --------------------------------------------------------------------------------------------------- determinism
@@ -254,7 +254,7 @@ def test_main_writes_results_and_prints_the_table(tiny_cfg, capsys, tmp_path):
     assert "A_KA" in out and "A_ZS" in out and "GM" in out
     out_dir = tmp_path / "runs" / run_name(cfg)
     table = pd.read_parquet(out_dir / "results.parquet")
-    assert sorted(table["task"].unique()) == [0, 1, 2]
+    assert sorted(table["point"].unique()) == [0, 1, 2]
     assert load_state(out_dir / "state").task == 2  # the final task-end state, for --resume
     assert not [p for p in out_dir.rglob("*.tmp")]  # atomic writes leave no temp files
     # --resume continues from that state: nothing is left to train, the same table comes back
@@ -323,7 +323,7 @@ def test_weight_decay_exempts_biases_norms_embeddings_and_logit_scale(tiny_cfg):
 def test_state_file_round_trip_is_weights_only_safe(tmp_path):
     state = LoopState(run="r", task=1, step=3, model={"w": torch.ones(2)}, optimizer=None, method={"x": [1, 2]},
                       buffer={"rows": np.arange(3)}, rng={"torch": torch.get_rng_state()},
-                      results=[{"run": "r", "task": 0, "dataset": "D", "role": "eval", "metric": "top1",
+                      results=[{"run": "r", "point": 0, "dataset": "D", "role": "eval", "metric": "top1",
                                 "value": 0.5}])
     save_state(state, tmp_path)
     back = load_state(tmp_path)
@@ -332,6 +332,41 @@ def test_state_file_round_trip_is_weights_only_safe(tmp_path):
     assert back.results == state.results
     with pytest.raises(FileNotFoundError, match="no loop state"):
         load_state(tmp_path / "missing")
+
+
+def _before_the_rename(rows: list[dict]) -> list[dict]:
+    """Results rows as a loop state written before issue 30, item 2 holds them: the evaluation point under ``task``."""
+    return [{("task" if k == "point" else k): v for k, v in r.items()} for r in rows]
+
+
+def test_a_state_written_before_the_rename_reads_its_results_with_point(tmp_path):
+    rows = [{"run": "r", "point": p, "dataset": "D", "role": "eval", "metric": "top1", "value": 0.5} for p in (0, 1)]
+    old = _before_the_rename(rows)
+    assert all("task" in r and "point" not in r for r in old)
+    save_state(LoopState(run="r", task=1, step=0, model={"w": torch.ones(2)}, optimizer=None, method={}, buffer={},
+                         rng={}, results=old), tmp_path)
+    back = load_state(tmp_path)
+    assert back.results == rows and back.task == 1  # the cursor's task stays the task index
+
+
+def test_a_run_checkpointed_before_the_rename_resumes(tiny_cfg):
+    """``fomo-ray run --resume`` (``execute_run(cfg, resume=True)``) of a run whose task-end state was written before
+    the evaluation point's key was named ``point``: it continues and ends with the uninterrupted run's table."""
+    import dataclasses
+
+    from fomo_ray.engine.local_run import execute_run
+    from fomo_ray.models.metrics import load_results
+
+    cfg = tiny_cfg(**{"ray.checkpoint_every_steps": 0})
+    states: list[LoopState] = []
+    full = run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append))
+    after_task_0 = states[0]
+    assert (after_task_0.task, after_task_0.step) == (1, 0) and {r["point"] for r in after_task_0.results} == {0, 1}
+    state_dir = Path(cfg.output_dir) / run_name(cfg) / "state"
+    save_state(dataclasses.replace(after_task_0, results=_before_the_rename(after_task_0.results)), state_dir)
+    out = execute_run(cfg, resume=True)
+    _frame_equal(out.results, full)
+    _frame_equal(load_results(out.results_file), full)
 
 
 def test_writing_a_state_copies_no_tensor(tmp_path, monkeypatch):
@@ -396,13 +431,13 @@ def test_an_unchanged_model_has_an_exactly_flat_trajectory_and_no_forgetting(tin
     df = run_stream(cfg)
     assert set(df["eval_set"]) == {"subset", "full"}
     sub = df[df["eval_set"] == "subset"]
-    assert sorted(sub["task"].unique()) == [0, 1, 2, 3]
-    per_point = sub.pivot_table(index=["dataset", "metric"], columns="task", values="value")
+    assert sorted(sub["point"].unique()) == [0, 1, 2, 3]
+    per_point = sub.pivot_table(index=["dataset", "metric"], columns="point", values="value")
     assert (per_point.nunique(axis=1) == 1).all(), per_point  # identical at every point, every dataset and metric
-    assert sorted(df.loc[df["eval_set"] == "full", "task"].unique()) == [0, 3]
+    assert sorted(df.loc[df["eval_set"] == "full", "point"].unique()) == [0, 3]
     traj = summarize(df)
     assert traj[["A_KA", "A_ZS", "GM"]].nunique().eq(1).all()
-    assert summarize(df, "full")["task"].tolist() == [0, 3]
+    assert summarize(df, "full")["point"].tolist() == [0, 3]
     f = forgetting(df)
     assert f["forgetting"].eq(0.0).all() and f["backward_transfer"].dropna().eq(0.0).all()
     from fomo_ray.cli.score import main as score

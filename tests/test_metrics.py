@@ -23,13 +23,13 @@ VALUES = {
 
 
 def hand_table(run="r") -> pd.DataFrame:
-    rows = [dict(run=run, task=t, dataset=d, role=role, metric=m, value=v)
+    rows = [dict(run=run, point=t, dataset=d, role=role, metric=m, value=v)
             for (d, role, m), vals in VALUES.items() for t, v in enumerate(vals)]
     return pd.DataFrame(rows)
 
 
 def test_summary_matches_hand_computation():
-    s = metrics.summarize(hand_table()).set_index("task")
+    s = metrics.summarize(hand_table()).set_index("point")
     assert s["A_KA"].tolist() == pytest.approx([0.3, 0.6, 0.6])
     assert s["A_ZS"].tolist() == pytest.approx([0.7, 0.6, 0.5])
     assert s["GM"].tolist() == pytest.approx([math.sqrt(0.21), 0.6, math.sqrt(0.3)])
@@ -108,9 +108,9 @@ def test_score_command_prints_the_numbers(tmp_path, capsys):
 def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suffix):
     from fomo_ray.models.metrics import COLUMNS, tidy_frame
 
-    records = [dict(run="r", task=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
-               dict(run="r", task=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),
-               dict(run="r", task=0, dataset="D", role="adapt", metric="top1", value=0.4)]  # names no prompts
+    records = [dict(run="r", point=0, dataset="C", role="eval", metric="top1", value=0.5, prompts="openai_imagenet"),
+               dict(run="r", point=0, dataset="S", role="eval", metric="R@5", value=0.3, prompts="captions"),
+               dict(run="r", point=0, dataset="D", role="adapt", metric="top1", value=0.4)]  # names no prompts
     df = tidy_frame(records)
     assert list(df.columns) == list(COLUMNS) and "prompts" in COLUMNS
     assert df["prompts"].tolist() == ["openai_imagenet", "captions", "primer"]
@@ -122,3 +122,81 @@ def test_tidy_table_names_the_prompts_and_older_tables_still_load(tmp_path, suff
     loaded = metrics.load_results(tmp_path / "old.csv")
     assert loaded["prompts"].tolist() == ["primer", "captions", "primer"]
     assert metrics.summarize(loaded).iloc[0][["A_KA", "A_ZS"]].tolist() == pytest.approx([0.4, 0.4])
+
+
+# --------------------------------------------------------------------------------------------------- older tables
+# Issue 30, item 2: the evaluation point's column is ``point``; tables written before the rename call it ``task``
+# (the word that now means only a task index) and must still load, through the public readers, with ``point``.
+def _old(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` as fomo_ray wrote it before the rename: the evaluation point in a ``task`` column."""
+    assert "task" not in df.columns
+    return df.rename(columns={"point": "task"})
+
+
+def test_the_tables_name_the_evaluation_point_point():
+    from fomo_ray import trial_report
+
+    assert "point" in metrics.COLUMNS and "task" not in metrics.COLUMNS
+    assert list(metrics.summarize(hand_table()).columns) == ["run", "point", "A_KA", "A_ZS", "GM"]
+    assert list(metrics.headline(hand_table()).columns) == ["run", "point", "dataset", "role", "value"]
+    report = trial_report.eval_report(2, [], {"A_KA": 0.1, "A_ZS": 0.2, "GM": 0.3})
+    assert report["point"] == 2 and "task" not in report
+    # a checkpoint's cursor stays (task, step): the task index and the step within it
+    assert {"task": 1, "step": 4}.items() <= trial_report.checkpoint_report(1, 4, {}).items()
+
+
+def test_with_point_column_renames_only_a_table_written_before_the_rename():
+    old = _old(hand_table())
+    new = metrics.with_point_column(old)
+    assert "task" not in new.columns and new["point"].tolist() == old["task"].tolist()
+    assert list(new.columns) == list(hand_table().columns)  # in place: the column keeps its position
+    current = hand_table().assign(task=7)  # a table that has a point column keeps any other column as it is
+    assert metrics.with_point_column(current) is current
+    assert metrics.with_point_key([{"run": "r", "task": 2, "value": 0.5}]) == [{"run": "r", "point": 2, "value": 0.5}]
+    assert metrics.with_point_key([{"point": 1, "task": 0}]) == [{"point": 1, "task": 0}]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_a_run_table_written_before_the_rename_still_loads(tmp_path, suffix):
+    import fomo_ray
+
+    old = _old(hand_table())
+    run_dir = tmp_path / "runs" / "old_run"
+    run_dir.mkdir(parents=True)
+    path = run_dir / f"results{suffix}"  # what `fomo-ray run` wrote
+    old.to_parquet(path, index=False) if suffix == ".parquet" else old.to_csv(path, index=False)
+    for back in (metrics.load_results(path), fomo_ray.load_results(run_dir).tidy, fomo_ray.load_results(path).tidy):
+        assert "task" not in back.columns and back["point"].tolist() == old["task"].tolist()
+    pd.testing.assert_frame_equal(metrics.summarize(metrics.load_results(path)), metrics.summarize(hand_table()))
+    assert fomo_ray.load_results(run_dir).points["point"].tolist() == [0, 1, 2]
+    assert score_main([str(path)]) == 0  # `fomo-ray score` reads it too
+
+
+def test_a_sweep_written_before_the_rename_still_loads(tmp_path):
+    """A sweep directory whose results.csv (trial x point) and tidy.csv have the point under ``task``: the report's
+    reader, ``fomo_ray.load_results`` and the stopping rule's history of a resumed sweep all see ``point``."""
+    import fomo_ray
+    from fomo_ray.planning.stopping import history_from_results
+    from fomo_ray.planning.sweep_spec import spec_from_dict
+    from fomo_ray.planning.sweep_state import stopping_history
+    from fomo_ray.results.report import load_sweep_tables
+
+    directory = tmp_path / "sweeps" / "old_sweep"
+    directory.mkdir(parents=True)
+    tidy = pd.concat([hand_table("000-a"), hand_table("001-b")], ignore_index=True)
+    results = metrics.summarize(tidy).assign(trial_id=lambda d: d["run"].str[:3], status="finished")
+    _old(tidy).to_csv(directory / "tidy.csv", index=False)
+    _old(results).to_csv(directory / "results.csv", index=False)
+    pd.DataFrame({"run": ["000-a", "001-b"], "trial_id": ["000", "001"], "status": "finished",
+                  "reason": ""}).to_csv(directory / "trials.csv", index=False)
+
+    loaded, trials, _ = load_sweep_tables(directory)
+    assert "task" not in loaded.columns and loaded["point"].tolist() == tidy["point"].tolist()
+    assert list(trials["run"]) == ["000-a", "001-b"]
+    res = fomo_ray.load_results("old_sweep", output_dir=tmp_path)
+    pd.testing.assert_frame_equal(res.points.drop(columns="unit"), metrics.summarize(tidy))
+    assert list(res.table["status"]) == ["finished", "finished"]
+    spec = spec_from_dict({"name": "old_sweep", "stopping": {"rule": "median", "min_tasks": 1}})
+    history = stopping_history(directory, spec)
+    assert history == history_from_results(results, "GM") and sorted(history) == ["000-a", "001-b"]
+    assert sorted(history["000-a"]) == [0, 1, 2]

@@ -29,7 +29,7 @@ def test_pure_helpers():
            {"dataset": "E", "role": "eval", "metric": "top1", "value": 0.25}]
     full = [{**r, "value": r["value"] / 2, "eval_set": "full"} for r in rec]
     rep = trial_report.eval_report(3, rec + full, {"A_KA": 0.5, "A_ZS": 0.25, "GM": 0.35}, {"GM": 0.2})
-    assert rep["kind"] == "eval" and rep["task"] == 3 and rep["ds/adapt/D/R@5"] == 0.5
+    assert rep["kind"] == "eval" and rep["point"] == 3 and rep["ds/adapt/D/R@5"] == 0.5
     assert (rep["full/adapt/D/R@5"], rep["full_GM"]) == (0.25, 0.2)  # the full sets under their own names
     back = trial_report.records_from_report({**rep, "ds/eval/X/top1": float("nan")})  # NaN fill-ins dropped
     assert back == [{**r, "eval_set": "subset"} for r in rec] + full
@@ -135,7 +135,7 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     assert sorted(gm) == [0, 1, 2]
     from fomo_ray.models.metrics import summarize
 
-    ref_gm = {t: as_percent(v) for t, v in summarize(reference).set_index("task")["GM"].items()}
+    ref_gm = {t: as_percent(v) for t, v in summarize(reference).set_index("point")["GM"].items()}
     assert gm == pytest.approx(ref_gm, abs=0, rel=0)
     # every training step once: flushed at each checkpoint, so the steps replayed after the kill were never sent
     assert [s for s, _ in tracker.metric_history(run_id, TRAIN_KEYS[0])] == list(range(8))
@@ -181,6 +181,6 @@ def test_two_ddp_workers_run_one_run(ray_local, tmp_path, tmp_path_factory):
     assert run.data.tags[ray_train.FINAL_CHECKPOINT_TAG] == outcome.checkpoint
     assert ray_train.UPLOAD_PENDING_TAG not in run.data.tags
     assert (ddp["value"] - reference["value"]).abs().max() <= 0.05
-    assert ddp[ddp["task"] == 0]["value"].tolist() == reference[reference["task"] == 0]["value"].tolist()
+    assert ddp[ddp["point"] == 0]["value"].tolist() == reference[reference["point"] == 0]["value"].tolist()
     print(f"2-worker DDP TorchTrainer run: {wall:.1f} s; max |diff| vs one process "
           f"{(ddp['value'] - reference['value']).abs().max():.4f}")

@@ -71,7 +71,7 @@ def test_the_result_key_ignores_where_and_how_a_trial_runs_but_not_what_it_compu
 def test_only_a_finished_trial_of_the_same_clean_commit_and_platform_is_reused(tmp_path):
     cfg = load_config(None, {"output_dir": str(tmp_path)})
     here = trial_cache.Origin(COMMIT, "AMD EPYC, AVX512 kernels, torch 2.14.1")
-    evals = [{"kind": "eval", "task": 0, "A_KA": 0.1, "A_ZS": 0.2, "GM": 0.14, "ds/adapt/D/top1": 0.1}]
+    evals = [{"kind": "eval", "point": 0, "A_KA": 0.1, "A_ZS": 0.2, "GM": 0.14, "ds/adapt/D/top1": 0.1}]
     assert trial_cache.lookup(cfg, here) is None
     path = trial_cache.store(cfg, here, evals, {"sweep": "s", "trial": "000-x", "mlflow_run_id": "r"})
     assert path.parent == tmp_path / "trial_cache"

@@ -25,7 +25,7 @@ def _tidy() -> pd.DataFrame:
         for t, (cls, ret, zs) in enumerate(pts):
             rows += [(run, t, "CLS", "adapt", "top1", cls), (run, t, "RET", "adapt", "R@5", ret),
                      (run, t, "RET", "adapt", "R@1", ret / 2), (run, t, "ZS", "eval", "top1", zs)]
-    return pd.DataFrame(rows, columns=["run", "task", "dataset", "role", "metric", "value"])
+    return pd.DataFrame(rows, columns=["run", "point", "dataset", "role", "metric", "value"])
 
 
 def _trials() -> pd.DataFrame:
@@ -103,9 +103,9 @@ def test_only_finished_trials_have_final_scores_and_enter_the_pareto_front():
 
     rows = []
     for run, ka, zs in (("done", 0.3, 0.6), ("cut", 0.9, 0.9), ("bad", 0.95, 0.95)):
-        for task in (0, 1):
-            rows += [{"run": run, "task": task, "dataset": "A", "role": "adapt", "metric": "top1", "value": ka},
-                     {"run": run, "task": task, "dataset": "E", "role": "eval", "metric": "top1", "value": zs}]
+        for point in (0, 1):
+            rows += [{"run": run, "point": point, "dataset": "A", "role": "adapt", "metric": "top1", "value": ka},
+                     {"run": run, "point": point, "dataset": "E", "role": "eval", "metric": "top1", "value": zs}]
     trials = pd.DataFrame({"run": ["done", "cut", "bad"], "status": ["finished", "interrupted", "failed"],
                            "reason": ["", "", "TrainingDiverged"]})
     table = trial_table(pd.DataFrame(rows), trials).set_index("run")

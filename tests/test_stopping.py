@@ -33,7 +33,7 @@ def test_median_rule_compares_with_the_other_trials_median():
 
 def test_trajectory_mean_and_history_from_a_results_table():
     assert trajectory_mean([0.2, 0.4, 0.9]) == pytest.approx(0.5)
-    results = pd.DataFrame({"run": ["x", "x", "x", "y"], "task": [0, 2, 1, 0], "GM": [0.2, 0.9, 0.4, 0.7]})
+    results = pd.DataFrame({"run": ["x", "x", "x", "y"], "point": [0, 2, 1, 0], "GM": [0.2, 0.9, 0.4, 0.7]})
     assert history_from_results(results, "GM") == {"x": {0: 0.2, 1: pytest.approx(0.3), 2: pytest.approx(0.5)},
                                                   "y": {0: 0.7}}
     assert history_from_results(pd.DataFrame(), "GM") == {}

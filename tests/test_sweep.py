@@ -309,13 +309,13 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
     assert list(out.trials["status"]) == ["finished", "finished"]
     res = out.results
     assert sorted(set(res["run"])) == ["000-finetune", "001-ema"]
-    assert res.groupby("run")["task"].apply(list).to_dict() == {"000-finetune": [0, 1, 2], "001-ema": [0, 1, 2]}
+    assert res.groupby("run")["point"].apply(list).to_dict() == {"000-finetune": [0, 1, 2], "001-ema": [0, 1, 2]}
     assert res.loc[res["run"] == "001-ema", "method.merge.weight"].eq(0.5).all()
     sub = out.tidy[out.tidy["eval_set"] == "subset"]  # every point on the same subsets, the full sets at the ends
-    assert sub.groupby(["run", "task"]).size().eq(len(sub.query("run == '000-finetune' and task == 0"))).all()
-    assert sorted(out.tidy.loc[out.tidy["eval_set"] == "full", "task"].unique()) == [0, 2]
+    assert sub.groupby(["run", "point"]).size().eq(len(sub.query("run == '000-finetune' and point == 0"))).all()
+    assert sorted(out.tidy.loc[out.tidy["eval_set"] == "full", "point"].unique()) == [0, 2]
     # both trials start from the same theta_0: identical zero-shot points
-    zs = res[res["task"] == 0].set_index("run")[["A_KA", "A_ZS", "GM"]]
+    zs = res[res["point"] == 0].set_index("run")[["A_KA", "A_ZS", "GM"]]
     assert zs.iloc[0].tolist() == zs.iloc[1].tolist()
 
     tracker = Tracker(out.tracking_uri, "fomo_ray")
@@ -323,7 +323,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
     assert parent.info.status == "FINISHED" and parent.info.run_name == sweep_name
     note = parent.data.tags[NOTE_TAG]
     assert f"**Sweep `{sweep_name}`**" in note and "`variant`: points" in note
-    final = res[res["task"] == 2]
+    final = res[res["point"] == 2]
     assert parent.data.metrics["Best/GM"] == as_percent(final["GM"].max())
     assert parent.data.metrics["Median/A_KA"] == pytest.approx(as_percent(final["A_KA"].median()), rel=1e-12)
     assert (parent.data.metrics["Trials/finished"], parent.data.metrics["Trials/failed"]) == (2, 0)
@@ -337,7 +337,7 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
         assert ("method.merge.weight" in run.data.params) == (name == "001-ema")
         # MLflow holds percent, the results table fractions: the same numbers
         gm = tracker.metric_history(run.info.run_id, summary_key("GM"))
-        assert gm == [(t, as_percent(v)) for t, v in zip(res.loc[res["run"] == name, "task"],
+        assert gm == [(t, as_percent(v)) for t, v in zip(res.loc[res["run"] == name, "point"],
                                                         res.loc[res["run"] == name, "GM"])]
         assert len(tracker.metric_history(run.info.run_id, "datasets/SCENES/R_at_5")) == 3  # per dataset, per task
         assert [s for s, _ in tracker.metric_history(run.info.run_id, TRAIN_KEYS[0])] == list(range(8))
@@ -352,8 +352,8 @@ def test_end_to_end_sweep_with_mlflow(ray_local, tiny_finished_sweep):
     report_arts = {f.path for f in tracker.client.list_artifacts(out.parent_run_id, "report")}
     assert {"report/table.md", "report/trajectories.png", "report/pareto.png"} <= report_arts
     assert (out.directory / "results.csv").is_file() and (out.directory / sweep_spec.SUMMARY_FILE).is_file()
-    pd.testing.assert_frame_equal(pd.read_csv(out.directory / "results.csv")[["run", "task", "GM"]],
-                                  res[["run", "task", "GM"]], check_exact=False, rtol=1e-12)
+    pd.testing.assert_frame_equal(pd.read_csv(out.directory / "results.csv")[["run", "point", "GM"]],
+                                  res[["run", "point", "GM"]], check_exact=False, rtol=1e-12)
 
     # a finished sweep is never overwritten
     before = (out.directory / "results.csv").stat().st_mtime_ns
@@ -558,7 +558,7 @@ def test_optuna_samples_within_the_space(ray_local, tmp_path, monkeypatch):
     assert len(out.trials) == 3 and (out.trials["status"] == "finished").all()
     assert out.trials["optimizer.lr"].between(1e-5, 1e-2).all()
     assert set(out.trials["method.merge.weight"]) <= {0.25, 0.75}
-    assert out.results.groupby("run")["task"].max().eq(1).all()
+    assert out.results.groupby("run")["point"].max().eq(1).all()
 
 
 @pytest.mark.ray
@@ -684,7 +684,8 @@ def test_cost_order_and_cooperative_early_stopping_with_the_real_loop(ray_local,
             if reason:
                 break
         expected[run] = ("stopped", max(history[run])) if reason else ("finished", 3)
-    got = {run: (t["status"], int(out.results[out.results["run"] == run]["task"].max())) for run, t in trials.iterrows()}
+    got = {run: (t["status"], int(out.results[out.results["run"] == run]["point"].max()))
+           for run, t in trials.iterrows()}
     assert got == expected
     stopped = trials[trials["status"] == "stopped"]
     assert len(stopped) >= 1, "no trial trailed: this sweep no longer exercises stopping; pick other variants"
@@ -735,7 +736,7 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
 
     def by_label(res):
         t = res.tidy.merge(res.trials[["run"]], on="run")
-        return {run.split("-", 1)[1]: g.drop(columns="run").sort_values(["task", "dataset", "metric", "eval_set"])
+        return {run.split("-", 1)[1]: g.drop(columns="run").sort_values(["point", "dataset", "metric", "eval_set"])
                 .reset_index(drop=True) for run, g in t.groupby("run")}
 
     a, b = by_label(first), by_label(second)

@@ -331,7 +331,7 @@ def test_fomo_ray_run_logs_one_mlflow_run_and_resume_continues_it(tmp_path, tmp_
     assert run.info.status == "FINISHED" and run.info.run_name == run_name(cfg)
     assert run.data.tags[writer.KIND_TAG] == "run" and run.data.params["method.merge.weight"] == "0.3"
     assert "method.peft.rank" not in run.data.params and "method.merge.init" not in run.data.params
-    expected = summarize(load_results(out / "results.parquet")).set_index("task")["GM"]
+    expected = summarize(load_results(out / "results.parquet")).set_index("point")["GM"]
     got = dict(tr.metric_history(run.info.run_id, summary_key("GM")))
     assert got == {t: round(100 * v, 2) for t, v in expected.items()}  # percent, rounded to 0.01 at logging
     assert [s for s, _ in tr.metric_history(run.info.run_id, writer.TRAIN_KEYS[0])] == list(range(6))

@@ -146,7 +146,7 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
     others = [p for col, p in pos.items() if col.startswith(("params.", "tags.", "attributes.`Version`"))]
     assert scores == sorted(scores) and others and max(scores) < min(others), \
         f"A_KA, A_ZS, GM are not the first columns of the table, in that order: {pos}"
-    final = out.results.sort_values("task").groupby("run").tail(1).set_index("run")
+    final = out.results.sort_values("point").groupby("run").tail(1).set_index("run")
     for name in names:
         for key in ("A_KA", "A_ZS", "GM"):
             value = writer.as_percent(final.loc[name, key])

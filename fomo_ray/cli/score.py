@@ -16,7 +16,7 @@ def main(argv: list[str] | None = None) -> int:
 
     p = Parser(prog="fomo-ray score", description=main.__doc__)
     p.add_argument("table", help="a sweep directory, a `fomo-ray run` directory, or a tidy results table "
-                                 "(.parquet or .csv: run, task, dataset, role, metric, value)")
+                                 "(.parquet or .csv: run, point, dataset, role, metric, value)")
     p.add_argument("--run", default="", help="only this run (default: every run in the table)")
     p.add_argument("--stream", default="", help="stream JSON the runs used; enables backward transfer of adapt sets")
     p.add_argument("--num-tasks", type=int, default=0, help="T the stream was cut into (with --stream)")

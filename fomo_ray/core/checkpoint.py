@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from fomo_ray.atomic import torch_save
+from fomo_ray.models.metrics import with_point_key
 from fomo_ray.seeding import rng_state, set_rng_state
 
 LOOP_STATE_FILE = "loop_state.pt"
@@ -106,7 +107,9 @@ def save_state(state: LoopState, directory: str | Path) -> Path:
 
 
 def load_state(directory: str | Path) -> LoopState:
-    """Read what :func:`save_state` wrote (tensors only: ``weights_only=True``)."""
+    """Read what :func:`save_state` wrote (tensors only: ``weights_only=True``). The results rows of a state written
+    before the evaluation point's key was named ``point`` (it was ``task``) are read with it renamed
+    (:func:`fomo_ray.models.metrics.with_point_key`), so ``fomo-ray run --resume`` of an older run still works."""
     path = Path(directory) / LOOP_STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no loop state at {path}")
@@ -117,7 +120,9 @@ def load_state(directory: str | Path) -> LoopState:
         raise ValueError(f"{path} is not a readable {STATE_FORMAT} file ({type(e).__name__}: {first})") from e
     if not isinstance(payload, dict) or payload.pop("format", None) != STATE_FORMAT:
         raise ValueError(f"{path} is not a {STATE_FORMAT} file")
-    return LoopState(**_unplain(payload))
+    state = LoopState(**_unplain(payload))
+    state.results = with_point_key(state.results)
+    return state
 
 
 @dataclass(frozen=True)

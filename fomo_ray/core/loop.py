@@ -30,7 +30,7 @@ Ray/MLflow edge plugs in)::
             records = evaluate(fixed subsets, + full sets after the last task)  -> hooks.on_eval(t + 1, records)
         -> hooks.on_checkpoint(LoopState at the start of task t + 1)
         hooks.should_stop()? (between tasks only)                   -> return the results so far (a sweep's rule)
-    return tidy results (run, task, dataset, role, metric, value); task = evaluation point (0 = before any update)
+    return tidy results (run, point, dataset, role, metric, value); point = evaluation point (0 = before any update)
 
 Resume (``fomo_ray/core/checkpoint.py``): ``run_stream(cfg, resume=state)`` restores the run in one call and continues
 at the state's cursor, ending with metrics bitwise identical to the uninterrupted run on CPU. Assembly
@@ -214,7 +214,7 @@ def evaluate_point(run: Run, point: int, full_too: bool) -> list[dict[str, Any]]
     for eval_set in ("subset", "full") if full_too else ("subset",):
         records = run.evaluator.evaluate(run.model, run.backbone.tokenizer, full=eval_set == "full",
                                          weights_version=f"{run.name}/point{point}")
-        out += [{"run": run.name, "task": point, "dataset": r["dataset"], "role": r["role"], "metric": r["metric"],
+        out += [{"run": run.name, "point": point, "dataset": r["dataset"], "role": r["role"], "metric": r["metric"],
                  "value": float(r["value"]), "eval_set": eval_set, "prompts": r["prompts"]} for r in records]
     return out
 

@@ -92,7 +92,7 @@ def tracked_hooks(hooks: Any, run: Any, cfg: ExperimentConfig) -> Any:
 @dataclass(frozen=True)
 class RunOutput:
     directory: Path           # <output_dir>/<run name>
-    results: pd.DataFrame     # the tidy results (run, task, dataset, role, metric, value, eval_set)
+    results: pd.DataFrame     # the tidy results (run, point, dataset, role, metric, value, eval_set)
     results_file: Path
     model_dir: Path | None    # the deployed model in open_clip's format (None if the export failed)
     export_error: str = ""

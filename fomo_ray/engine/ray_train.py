@@ -183,18 +183,18 @@ class _Bridge:
         if self.run is not None:
             self.run.flush()
 
-    def on_eval(self, task: int, records: list[Mapping[str, Any]]) -> None:
+    def on_eval(self, point: int, records: list[Mapping[str, Any]]) -> None:
         from fomo_ray.models.metrics import point_summary
 
         summary = point_summary(records)
         full = point_summary(records, "full")  # {} where only the subsets were evaluated
         self.last.update(summary)
-        step = stream_step(self.p.cfg, task)  # on the stream's axis (joint's one point at T)
+        step = stream_step(self.p.cfg, point)  # on the stream's axis (joint's one point at T)
         if self.run is not None:  # percent; the session's report below keeps fractions (the results tables' unit)
-            self.run.log_point(step, task, records, summary, full)
-        self.session.report({**trial_report.eval_report(task, records, summary, full), "node_id": _node_id()},
+            self.run.log_point(step, point, records, summary, full)
+        self.session.report({**trial_report.eval_report(point, records, summary, full), "node_id": _node_id()},
                             None, None)
-        self._post(task, summary)
+        self._post(point, summary)
 
     def seed_trajectory(self, results: list[Mapping[str, Any]]) -> None:
         """The points a resumed run evaluated before its checkpoint, so the rule sees its whole trajectory."""
@@ -202,9 +202,9 @@ class _Bridge:
 
         rule = self.p.stopping
         if rule:
-            points = sorted({int(r["task"]) for r in results})
-            self.trajectory = [point_summary([r for r in results if int(r["task"]) == t])[rule["metric"]]
-                               for t in points]  # (the subsets: the trajectory)
+            points = sorted({int(r["point"]) for r in results})
+            self.trajectory = [point_summary([r for r in results if int(r["point"]) == p])[rule["metric"]]
+                               for p in points]  # (the subsets: the trajectory)
 
     def _post(self, point: int, summary: Mapping[str, float]) -> None:
         """Ask the sweep's stopping rule and its budget at a task boundary (rank 0: the loop agrees across ranks)."""
@@ -400,10 +400,10 @@ def continual_run(p: RunPayload, session: Session) -> dict[str, Any]:
         results = loop.run_stream(p.cfg, hooks=hooks, resume=resume)
     except loop.TrainingDiverged as e:
         return bridge.finish(trial_report.failed_report(f"{type(e).__name__}: {e}", bridge.last))
-    if bridge.stopped or ((p.stopping or p.spend) and int(results["task"].max()) < bridge.last_point):
+    if bridge.stopped or ((p.stopping or p.spend) and int(results["point"].max()) < bridge.last_point):
         # every rank leaves together (the loop agrees on should_stop); rank 0 holds the reason
         return bridge.finish(trial_report.stopped_report(bridge.stop_reason or "stopped by the sweep's rule",
-                                                         int(results["task"].max()), bridge.last))
+                                                         int(results["point"].max()), bridge.last))
     return bridge.finish(trial_report.done_report(bridge.last))
 
 

@@ -41,7 +41,7 @@ class Progress(tune.Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if trial_report.is_kind(result, ReportKind.EVAL):
-            self._line(f"eval   {trial}  {trial_report.point_line(result['task'], self.points, result)}")
+            self._line(f"eval   {trial}  {trial_report.point_line(result['point'], self.points, result)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}

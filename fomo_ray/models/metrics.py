@@ -33,7 +33,7 @@ import pandas as pd
 
 from fomo_ray.atomic import atomic_path
 from fomo_ray.trial_report import SCORES
-COLUMNS = ("run", "task", "dataset", "role", "metric", "value", "eval_set", "prompts")
+COLUMNS = ("run", "point", "dataset", "role", "metric", "value", "eval_set", "prompts")
 REQUIRED = COLUMNS[:6]  # a table without eval_set (older fomo_ray, hand-made) reads as subsets, without prompts as
                         # the primer prompts (classification) and captions (retrieval), all older fomo_ray evaluated
 ROLES = ("adapt", "eval")
@@ -67,8 +67,34 @@ class MetricsError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------------- validation
+#: the evaluation point's column in tables written before it was named ``point`` (``task`` now means the task index)
+LEGACY_POINT_COLUMN = "task"
+
+
+def with_point_column(df: pd.DataFrame) -> pd.DataFrame:
+    """The table with its evaluation-point column named ``point``.
+
+    Tables written before the rename (a run's results.parquet / .csv, a sweep's results.csv and tidy.csv) call the
+    evaluation point (0 = before any update, t+1 = after task t) ``task``, the word that now means only the task
+    index. Every reader of such a table calls this, the one place old tables are read compatibly: a table with a
+    ``task`` column and no ``point`` column gets it renamed; any other table is returned unchanged (not copied)."""
+    if LEGACY_POINT_COLUMN in df.columns and "point" not in df.columns:
+        return df.rename(columns={LEGACY_POINT_COLUMN: "point"})
+    return df
+
+
+def with_point_key(records: Iterable[Mapping]) -> list[dict]:
+    """:func:`with_point_column` for result records (dicts): a loop checkpoint written before the rename holds its
+    results so far (``LoopState.results``) with the point under ``task``; ``checkpoint.load_state`` reads them with
+    it under ``point``, so an old run still resumes. Records that have a ``point`` are returned as they are."""
+    return [{("point" if k == LEGACY_POINT_COLUMN else k): v for k, v in r.items()}
+            if LEGACY_POINT_COLUMN in r and "point" not in r else dict(r) for r in records]
+
+
 def validate_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Check columns, roles, task indices and duplicates; return the table with canonical dtypes."""
+    """Check columns, roles, evaluation points and duplicates; return the table with canonical dtypes. A table
+    written before the rename (``task`` for the point) reads with :func:`with_point_column`."""
+    df = with_point_column(df)
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise MetricsError(f"results table lacks column(s) {missing}; expected at least {list(REQUIRED)}")
@@ -87,16 +113,16 @@ def validate_table(df: pd.DataFrame) -> pd.DataFrame:
     if bad_roles:
         raise MetricsError(f"results table: role(s) {bad_roles} are not one of {list(ROLES)}")
     try:
-        out["task"] = pd.to_numeric(out["task"], errors="raise").astype("int64")
+        out["point"] = pd.to_numeric(out["point"], errors="raise").astype("int64")
         out["value"] = pd.to_numeric(out["value"], errors="raise").astype("float64")
     except (ValueError, TypeError) as e:
-        raise MetricsError(f"results table: non-numeric 'task' or 'value' entries ({e})") from e
-    if (out["task"] < 0).any():
-        raise MetricsError("results table: 'task' is the evaluation point (0 = before any update) and must be >= 0")
-    dup = out.duplicated(["run", "task", "dataset", "metric", "eval_set"], keep=False)
+        raise MetricsError(f"results table: non-numeric 'point' or 'value' entries ({e})") from e
+    if (out["point"] < 0).any():
+        raise MetricsError("results table: 'point' is the evaluation point (0 = before any update) and must be >= 0")
+    dup = out.duplicated(["run", "point", "dataset", "metric", "eval_set"], keep=False)
     if dup.any():
         first = out[dup].iloc[0]
-        raise MetricsError(f"results table: duplicate rows for run={first['run']!r} task={first['task']} "
+        raise MetricsError(f"results table: duplicate rows for run={first['run']!r} point={first['point']} "
                            f"dataset={first['dataset']!r} metric={first['metric']!r} "
                            f"eval_set={first['eval_set']!r}")
     roles = out.groupby("dataset")["role"].nunique()
@@ -107,15 +133,15 @@ def validate_table(df: pd.DataFrame) -> pd.DataFrame:
 
 # --------------------------------------------------------------------------------------------------- scores
 def headline(df: pd.DataFrame, eval_set: str = "subset") -> pd.DataFrame:
-    """One number per (run, task, dataset) of one evaluation set: R@5 for retrieval sets, top-1 otherwise (columns
-    run, task, dataset, role, value)."""
+    """One number per (run, point, dataset) of one evaluation set: R@5 for retrieval sets, top-1 otherwise (columns
+    run, point, dataset, role, value)."""
     df = validate_table(df)
     df = df[df["eval_set"] == eval_set]
     parts = []
     for metric in HEADLINE_METRICS:
         parts.append(df[df["metric"] == metric])
-    picked = pd.concat(parts).drop_duplicates(["run", "task", "dataset"], keep="first")
-    return picked[["run", "task", "dataset", "role", "value"]].sort_values(["run", "task", "dataset"]).reset_index(
+    picked = pd.concat(parts).drop_duplicates(["run", "point", "dataset"], keep="first")
+    return picked[["run", "point", "dataset", "role", "value"]].sort_values(["run", "point", "dataset"]).reset_index(
         drop=True)
 
 
@@ -127,23 +153,23 @@ def geometric_mean(a_ka: float, a_zs: float) -> float:
 
 
 def summarize(df: pd.DataFrame, eval_set: str = "subset") -> pd.DataFrame:
-    """A_KA, A_ZS and GM per (run, task) of one evaluation set: columns run, task, A_KA, A_ZS, GM (NaN where a role
+    """A_KA, A_ZS and GM per (run, point) of one evaluation set: columns run, point, A_KA, A_ZS, GM (NaN where a role
     has no dataset). The default, the subsets, is the trajectory; ``full`` gives the full-test-set points."""
     h = headline(df, eval_set)
     rows = []
-    for (run, task), g in h.groupby(["run", "task"], sort=True):
+    for (run, point), g in h.groupby(["run", "point"], sort=True):
         a_ka = g.loc[g["role"] == "adapt", "value"].mean()
         a_zs = g.loc[g["role"] == "eval", "value"].mean()
         a_ka = float(a_ka) if not pd.isna(a_ka) else float("nan")
         a_zs = float(a_zs) if not pd.isna(a_zs) else float("nan")
-        rows.append({"run": run, "task": int(task), "A_KA": a_ka, "A_ZS": a_zs, "GM": geometric_mean(a_ka, a_zs)})
-    return pd.DataFrame(rows, columns=["run", "task", *SCORES])
+        rows.append({"run": run, "point": int(point), "A_KA": a_ka, "A_ZS": a_zs, "GM": geometric_mean(a_ka, a_zs)})
+    return pd.DataFrame(rows, columns=["run", "point", *SCORES])
 
 
 def point_summary(records: Iterable[Mapping], eval_set: str = "subset") -> dict[str, float]:
     """The three scores (``SCORES``) of one evaluation point's records (dataset, role, metric, value, eval_set) on one
     evaluation set; empty when the point has no record of that set."""
-    summary = summarize(pd.DataFrame([{**r, "run": "", "task": 0} for r in records]), eval_set)
+    summary = summarize(pd.DataFrame([{**r, "run": "", "point": 0} for r in records]), eval_set)
     return {k: float(summary.iloc[0][k]) for k in SCORES} if len(summary) else {}
 
 
@@ -151,7 +177,7 @@ def trajectory_means(summary: pd.DataFrame) -> pd.DataFrame:
     """Per run: mean of A_KA, A_ZS, GM over all evaluation points (the paper's trajectory average) and the final
     point. Columns run, points, mean_A_KA, mean_A_ZS, mean_GM, final_A_KA, final_A_ZS, final_GM."""
     rows = []
-    for run, g in summary.sort_values("task").groupby("run", sort=True):
+    for run, g in summary.sort_values("point").groupby("run", sort=True):
         last = g.iloc[-1]
         rows.append({
             "run": run, "points": len(g),
@@ -176,8 +202,8 @@ def forgetting(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None,
     learned_at = dict(learned_at or {})
     rows = []
     for (run, dataset), g in h.groupby(["run", "dataset"], sort=True):
-        g = g.sort_values("task")
-        values = dict(zip(g["task"].astype(int), g["value"].astype(float)))
+        g = g.sort_values("point")
+        values = dict(zip(g["point"].astype(int), g["value"].astype(float)))
         role = g["role"].iloc[0]
         final_t = max(values)
         earlier = [v for t, v in values.items() if t < final_t]
@@ -265,7 +291,7 @@ def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None)
     lines = []
     for run, g in summ.groupby("run", sort=True):
         lines += [f"run {run}", f"  {'point':>5}  {'A_KA':>6}  {'A_ZS':>6}  {'GM':>6}"]
-        lines += [f"  {int(r.task):>5}  {_pct(r.A_KA)}  {_pct(r.A_ZS)}  {_pct(r.GM)}" for r in g.itertuples()]
+        lines += [f"  {int(r.point):>5}  {_pct(r.A_KA)}  {_pct(r.A_ZS)}  {_pct(r.GM)}" for r in g.itertuples()]
         m = means.loc[run]
         lines.append(f"  {'mean':>5}  {_pct(m.mean_A_KA)}  {_pct(m.mean_A_ZS)}  {_pct(m.mean_GM)}   "
                      f"(trajectory of {int(m.points)} points)")
@@ -273,7 +299,7 @@ def format_report(df: pd.DataFrame, learned_at: Mapping[str, int] | None = None)
         lines.append("  (every point on the same fixed subsets)")
         for r in full[full["run"] == run].itertuples():
             lines.append(f"  {'full':>5}  {_pct(r.A_KA)}  {_pct(r.A_ZS)}  {_pct(r.GM)}   (full test sets at point "
-                         f"{int(r.task)})")
+                         f"{int(r.point)})")
         lines.append(f"  {'dataset':<24} {'role':<5} {'initial':>7} {'best':>7} {'final':>7} {'forget':>7} {'BWT':>7}")
         for r in forg[forg["run"] == run].itertuples():
             lines.append(f"  {r.dataset:<24} {r.role:<5} {_pct(r.initial):>7} {_pct(r.best_earlier):>7} "

@@ -97,7 +97,7 @@ def history_from_results(results: Any, metric: str) -> dict[str, dict[int, float
     out: dict[str, dict[int, float]] = {}
     if results is None or len(results) == 0 or metric not in results:
         return out
-    for run, rows in results.sort_values(["run", "task"]).groupby("run"):
+    for run, rows in results.sort_values(["run", "point"]).groupby("run"):
         values = [float(v) for v in rows[metric]]
-        out[str(run)] = {int(p): trajectory_mean(values[:i + 1]) for i, p in enumerate(rows["task"])}
+        out[str(run)] = {int(p): trajectory_mean(values[:i + 1]) for i, p in enumerate(rows["point"])}
     return out

@@ -18,14 +18,16 @@ from fomo_ray.planning.sweep_spec import (SWEEP_STATE_FILE, Dim, SweepError, Swe
 
 def stopping_history(directory: Path, spec: SweepSpec) -> dict[str, dict[int, float]]:
     """The trajectory means an interrupted sweep's trials posted, from its partial results table, so the stopping
-    rule of the resumed sweep still compares against them."""
+    rule of the resumed sweep still compares against them. A table written before the evaluation point's column
+    was named ``point`` reads through :func:`fomo_ray.models.metrics.with_point_column`."""
+    from fomo_ray.models.metrics import with_point_column
     from fomo_ray.planning.stopping import history_from_results
 
     path = directory / "results.csv"
     if spec.stopping is None or not path.is_file() or path.stat().st_size == 0:
         return {}
     try:
-        return history_from_results(pd.read_csv(path), spec.stopping.metric)
+        return history_from_results(with_point_column(pd.read_csv(path)), spec.stopping.metric)
     except pd.errors.EmptyDataError:
         return {}
 

@@ -14,7 +14,7 @@ from the variants' means with their confidence intervals as error bars.
 Command line::
 
     fomo-ray report runs/sweeps/merge_weights            # a sweep directory (tidy.csv + trials.csv)
-    fomo-ray report results.csv --out report/            # any tidy table (run, task, dataset, role, metric, value)
+    fomo-ray report results.csv --out report/            # any tidy table (run, point, dataset, role, metric, value)
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def trial_table(tidy: pd.DataFrame, trials: pd.DataFrame | None = None) -> pd.Da
     table = trajectory_means(summarize(tidy))
     full = summarize(tidy, "full")
     if not full.empty:  # the final point's full-test-set scores (a point 0 alone is not a final one)
-        last = full.sort_values("task").groupby("run").tail(1)
-        last = last[last["task"] > 0].set_index("run")
+        last = full.sort_values("point").groupby("run").tail(1)
+        last = last[last["point"] > 0].set_index("run")
         table = table.merge(last[list(SCORES)].add_prefix("full_").reset_index(), on="run", how="left")
     if trials is not None and not trials.empty:
         extra = [c for c in trials.columns if c not in table.columns and c not in ("error", "reason")]
@@ -158,13 +158,13 @@ def trajectories_figure(summary: pd.DataFrame, status: Mapping[str, str] | None 
     did not finish (``status``) is dashed, its last point an ``x``, and its label says why."""
     status = status or {}
     fig, ax = plt.subplots(figsize=(6.5, 5))
-    for run, g in summary.sort_values("task").groupby("run", sort=True):
+    for run, g in summary.sort_values("point").groupby("run", sort=True):
         done = status.get(run, TrialStatus.FINISHED) == TrialStatus.FINISHED
         label = run if done else f"{run} ({status[run]})"
         ax.plot(100 * g["A_KA"], 100 * g["A_ZS"], marker="o", ms=3, lw=1.2, ls="-" if done else "--", label=label)
         ax.scatter(100 * g["A_KA"].iloc[-1], 100 * g["A_ZS"].iloc[-1], s=30 if done else 60, zorder=3,
                    marker="o" if done else "x")
-    zs = summary[summary["task"] == 0]
+    zs = summary[summary["point"] == 0]
     if not zs.empty:
         ax.scatter(100 * zs["A_KA"].mean(), 100 * zs["A_ZS"].mean(), marker="*", s=200, c="k", zorder=4,
                    label="zero-shot")

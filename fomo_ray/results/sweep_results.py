@@ -75,9 +75,9 @@ def trial_status(result: Any) -> tuple[str, str]:
 def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(results, tidy, trials) from a Tune ResultGrid.
 
-    results: one row per trial x evaluation point (run, trial_id, task, A_KA, A_ZS, GM on the fixed subsets, and
+    results: one row per trial x evaluation point (run, trial_id, point, A_KA, A_ZS, GM on the fixed subsets, and
     full_A_KA, full_A_ZS, full_GM where the full test sets were evaluated too, node_id, swept values);
-    tidy: run, task, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
+    tidy: run, point, dataset, role, metric, value (per dataset); trials: one row per trial with its status (finished,
     stopped, interrupted; :func:`trial_status`), reason, wall time in seconds (``wall_s``) and, when stopped, the
     evaluation point it stopped at (``stopped_at``). A point reported twice (a worker restarted between its
     evaluation and the next checkpoint) keeps the last copy.
@@ -102,15 +102,15 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
         if evals is None:
             continue
         for _, e in evals.iterrows():
-            rows.append({"run": name, "trial_id": trial_id, "status": status, "task": int(e["task"]),
+            rows.append({"run": name, "trial_id": trial_id, "status": status, "point": int(e["point"]),
                          **{k: float(e[k]) for k in SCORES},
                          **{f"full_{k}": float(e[f"full_{k}"]) for k in SCORES if f"full_{k}" in e},
                          "node_id": e.get("node_id", ""), **labels, **ov})
-            tidy += [{"run": name, "task": int(e["task"]), **rec}
+            tidy += [{"run": name, "point": int(e["point"]), **rec}
                      for rec in trial_report.records_from_report(e.to_dict())]
     results = pd.DataFrame(rows)
     if not results.empty:
-        results = results.sort_values(["run", "task"]).reset_index(drop=True)
+        results = results.sort_values(["run", "point"]).reset_index(drop=True)
     tidy_df = tidy_frame(tidy)  # a record without prompts (an older trial's report) gets the default
     trials_df = pd.DataFrame(trials, columns=["run", "trial_id", "status", "reason", *dict.fromkeys(
         k for t in trials for k in t if k not in ("run", "trial_id", "status", "reason"))])
@@ -121,7 +121,7 @@ def collect_results(grid: Any, space: Mapping[str, Dim]) -> tuple[pd.DataFrame, 
 class SweepResult:
     directory: Path
     results: pd.DataFrame   # one row per trial x evaluation point
-    tidy: pd.DataFrame      # run, task, dataset, role, metric, value
+    tidy: pd.DataFrame      # run, point, dataset, role, metric, value
     trials: pd.DataFrame    # one row per trial: run, trial_id, status, error, swept values
     parent_run_id: str
     tracking_uri: str
@@ -197,7 +197,7 @@ def final_scores(results: pd.DataFrame, trials: pd.DataFrame) -> dict[str, list[
     finished = set(trials.loc[trials["status"] == TrialStatus.FINISHED, "run"]) if not trials.empty else set()
     if results.empty or not finished:
         return {k: [] for k in SCORES}
-    last = results[results["run"].isin(finished)].sort_values(["run", "task"]).groupby("run").tail(1)
+    last = results[results["run"].isin(finished)].sort_values(["run", "point"]).groupby("run").tail(1)
     return {k: [float(v) for v in last[k]] for k in SCORES}
 
 

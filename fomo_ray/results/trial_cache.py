@@ -136,7 +136,7 @@ def replay(entry: Mapping[str, Any], report_fn: Callable[[dict[str, Any]], None]
         if run is not None:
             summary = {k: report[k] for k in SCORES if k in report}
             full = {k: report[f"full_{k}"] for k in SCORES if f"full_{k}" in report}
-            point = int(report["task"])
+            point = int(report["point"])
             run.log_point(step_of(point), point, trial_report.records_from_report(report), summary, full)
     if run is not None:
         src = entry.get("source", {})

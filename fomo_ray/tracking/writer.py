@@ -11,7 +11,7 @@ Layout in the store (what a person sees: docs/TRACKING.md)::
         child run "<trial name>"        tags mlflow.parentRunId, fomo_ray.trial_id, fomo_ray.config_hash;
                                         params = the settings that apply to its method (methods.applicable_params)
                                         + variant; the whole config as the artifact config.json;
-                                        metrics in PERCENT per evaluation point (step = task index):
+                                        metrics in PERCENT per evaluation point (step = the point, 0..T):
                                         Summary/A_KA, Summary/A_ZS, Summary/GM, datasets/<dataset>/<metric>
                                         (the fixed subsets: the trajectory); at the ends also Summary_full/* and
                                         datasets_full/<dataset>/<metric> (the full test sets);
