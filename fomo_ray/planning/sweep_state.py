@@ -32,8 +32,9 @@ def stopping_history(directory: Path, spec: SweepSpec) -> dict[str, dict[int, fl
         return {}
 
 
-# The layout of the modules a sweep's Ray state names (Tune pickles its callbacks and search by module path): 1 before
-# the part folders (fomo_ray 0.1), 2 since (fomo_ray 0.2). A sweep written under another layout cannot be restored.
+# The layout of what a sweep's Ray state holds: the modules it names (Tune pickles its callbacks and search by module
+# path) and its trials' report keys. 1: fomo_ray 0.1; 2: fomo_ray 0.2 (the part folders, and an evaluation report's
+# point under "point", no longer "task"). A sweep written under another layout cannot be restored.
 STATE_LAYOUT = 2
 
 
