@@ -98,7 +98,7 @@ def finished_sweep(tiny_finished_sweep):
 
 
 @pytest.fixture(scope="module")
-def ui(finished_sweep):
+def ui_server(finished_sweep):
     """`fomo-ray ui` on the sweep's store: (the address it printed, its process); stopped by SIGTERM afterwards."""
     out, tmp = finished_sweep
     port = free_port()
@@ -130,9 +130,9 @@ def ui(finished_sweep):
             proc.wait(timeout=30)
 
 
-def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sweep, ui):
+def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sweep, ui_server):
     out, _ = finished_sweep
-    url, _ = ui
+    url, _ = ui_server
     names = sorted(out.trials["run"])
     heads = [writer.summary_key(k) for k in ("A_KA", "A_ZS", "GM")]
     dom, text = rendered(url, names + heads)
@@ -153,11 +153,11 @@ def test_the_printed_address_shows_every_trial_with_its_scores_first(finished_sw
             assert shows(text, value), f"{name}: {key} = {value:.4f} % is not on the page"
 
 
-def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_path):
+def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui_server, tmp_path):
     """`fomo-ray ui` prints the trials view, the sweeps view and the home page; in a new browser each opens MLflow's
     training pages (MLflow 3 opens GenAI ones otherwise: "Overview", "Traces" and "Sessions" of an experiment), and
     the sweeps view tells its columns apart within what the narrow headers show."""
-    url, proc = ui
+    url, proc = ui_server
     base = url.split("/#/")[0]
     pages = {"trials": url, "sweeps": f"{base}/#/experiments/1/runs?workflowType=machine_learning"
              f"&viewStateShareKey={ui.SWEEPS_VIEW}", "home": f"{base}/#/?workflowType=machine_learning"}
@@ -172,9 +172,9 @@ def test_every_printed_page_opens_the_training_workflow(finished_sweep, ui, tmp_
         screenshot(page, name, tmp_path)
 
 
-def test_a_trials_overview_lists_what_its_sweep_varied_first(finished_sweep, ui, tmp_path):
+def test_a_trials_overview_lists_what_its_sweep_varied_first(finished_sweep, ui_server, tmp_path):
     out, tmp = finished_sweep
-    url, _ = ui
+    url, _ = ui_server
     tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     run = next(r for r in tr.children(out.parent_run_id) if r.info.run_name.endswith("-ema"))
     page = (f"{url.split('/#/')[0]}/#/experiments/{tr.experiment_id}/runs/{run.info.run_id}"
@@ -188,13 +188,13 @@ def test_a_trials_overview_lists_what_its_sweep_varied_first(finished_sweep, ui,
     screenshot(page, "run_overview", tmp_path)
 
 
-def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui, tmp_path):
+def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui_server, tmp_path):
     """MLflow's compare page draws a parallel-coordinates plot of the first three differing params in sorted order:
     the swept keys (``Swept/...``), not budget settings."""
     import json
 
     out, tmp = finished_sweep
-    url, _ = ui
+    url, _ = ui_server
     tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     ids = [r.info.run_id for r in tr.children(out.parent_run_id)]
     page = (f"{url.split('/#/')[0]}/#/compare-runs?runs={json.dumps(ids)}&experiments="
@@ -207,9 +207,9 @@ def test_the_compare_page_plots_the_swept_keys_by_default(finished_sweep, ui, tm
     screenshot(page, "compare", tmp_path)
 
 
-def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui, tmp_path):
+def test_a_trials_chart_page_puts_summary_and_training_first(finished_sweep, ui_server, tmp_path):
     out, tmp = finished_sweep
-    url, _ = ui
+    url, _ = ui_server
     tr = writer.Tracker(writer.default_uri(tmp), "fomo_ray")
     run = tr.children(out.parent_run_id)[0]
     base = url.split("/#/")[0]
