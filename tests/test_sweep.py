@@ -240,8 +240,8 @@ def test_experiment_dry_run_cli():
     assert bad.returncode == 2 and "optimizer.lr" in bad.stderr
 
 
-# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
+# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
+# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 @pytest.mark.slow
 def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_budgets.yaml")
@@ -251,8 +251,8 @@ def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
     assert "method.merge.weight" in capsys.readouterr().err
 
 
-# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
+# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
+# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 @pytest.mark.slow
 def test_validation_and_dry_run_import_no_ray():
     """Validating a shipped sweep YAML and dry-running it need no Ray: sweep_spec and the CLI's dry run never
@@ -613,8 +613,8 @@ def test_rerunning_resumes_the_interrupted_later_run_of_a_sweep(tmp_path):
     assert sweep_spec.sweep_directory(tmp_path, "s", "auto") == (tmp_path / "s-3", False)
 
 
-# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
+# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
+# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 @pytest.mark.slow
 def test_dry_run_writes_nothing_and_still_checks_the_store(tmp_path, capsys):
     """Issue 14, item 6: a dry run validates the tracking store without creating mlflow.db (or any folder)."""

@@ -60,8 +60,8 @@ def test_needs_and_spend_in_each_unit():
         "(6 for all) fits 2 of 3 trial(s) in start order")
 
 
-# slow: a dry run of a shipped sweep estimates every trial, and without a built benchmark each estimate times
-# the trial start again in a fresh interpreter (fomo_ray/planning/overhead.py: Ray, torch and MLflow imported per trial)
+# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
+# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 @pytest.mark.slow
 def test_the_flags_set_the_budget_and_the_dry_run_says_what_fits(tmp_path, capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
