@@ -49,7 +49,7 @@ def test_fixed_costs_are_timed_once_and_cached_like_the_step_speed(cfg):
 
 def test_a_trial_without_its_benchmark_has_no_fixed_costs_yet(tmp_path):
     """Nothing is timed before the benchmark is found: a process start costs seconds, and a dry run on a fresh
-    machine estimates every trial (the main job's took 79 s, 69 of them in such starts; 11 s without)."""
+    machine estimates every trial (the main job's took 65-72 s, 9-10 s without: bench/RESULTS.md)."""
     cfg = load_config(None, {"data.root": str(tmp_path / "none"), "budget.cache_dir": str(tmp_path / "b")})
     spawned = []
     assert overhead.measured_overhead(cfg, spawn=lambda: spawned.append(1)) is None
