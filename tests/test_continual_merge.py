@@ -103,9 +103,21 @@ def test_mgda_weight_matches_a_reference_minimisation():
     g0, g1 = _rand(4, 3, seed=5), _rand(4, 3, seed=6)
     gammas = torch.linspace(0, 1, 100001, dtype=torch.float64)
     norms = ((gammas[:, None] * g0.reshape(1, -1) + (1 - gammas[:, None]) * g1.reshape(1, -1)) ** 2).sum(1)
-    assert mc.mgda_weight(g0, g1) == pytest.approx(float(gammas[norms.argmin()]), abs=2e-5)
-    assert mc.mgda_weight(g0, g0) == 0.5
-    assert mc.mgda_weight(g0, 10 * g0) == 1.0  # the smaller gradient alone is the min-norm point
+    assert float(mc.mgda_weight(g0, g1)) == pytest.approx(float(gammas[norms.argmin()]), abs=2e-5)
+    assert float(mc.mgda_weight(g0, g0)) == 0.5
+    assert float(mc.mgda_weight(g0, 10 * g0)) == 1.0  # the smaller gradient alone is the min-norm point
+
+
+@pytest.mark.parametrize("shape,energy", [((6, 4), 0.99999), ((40, 30), 0.5)])  # dense projectors; factored (low k)
+def test_dops_closed_form_gradient_is_autograds_gradient_of_its_loss(shape, energy):
+    tv, delta = _rand(*shape, seed=1), _rand(*shape, seed=2)
+    basis = mc.dop_basis(tv, energy)
+    assert (len(basis[1]) * 4 > sum(shape)) == (energy > 0.9)  # each case takes the branch it names
+    d = delta.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(mc.dop_loss(d, basis), d)
+    got = mc.dop_gradient(basis)(delta)
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert float((delta * got).sum() / 2) == pytest.approx(float(mc.dop_loss(delta, basis)), rel=1e-4)
 
 
 def test_dop_lowers_its_objective_against_both_endpoints():

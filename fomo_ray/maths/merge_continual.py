@@ -145,38 +145,52 @@ def dop_loss(delta: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor, torch
     return (s[:, None] * (u.T @ delta)).square().sum() + ((delta @ v) * s).square().sum()
 
 
-def mgda_weight(g0: torch.Tensor, g1: torch.Tensor) -> float:
+def dop_gradient(basis: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``delta -> grad dop_loss(delta)`` in closed form, ``2 U S^2 U^T delta + 2 delta V S^2 V^T`` (the loss is a
+    quadratic form, so ``dop_loss(delta) = <delta, grad> / 2``): no autograd graph per Adam step. Dense projectors
+    (``2 m n (m + n)`` FLOPs per call) where they are cheaper than the factored products (``8 k m n``), i.e. where
+    the kept rank k is near full."""
+    u, s, v = basis
+    m, n, s2 = u.shape[0], v.shape[0], s.square()
+    if m + n < 4 * len(s):
+        left, right = (u * s2) @ u.T, (v * s2) @ v.T
+        return lambda delta: 2 * (left @ delta + delta @ right)
+    return lambda delta: 2 * ((u * s2) @ (u.T @ delta) + ((delta @ v) * s2) @ v.T)
+
+
+def mgda_weight(g0: torch.Tensor, g1: torch.Tensor) -> torch.Tensor:
     """The multi-gradient (MGDA) weight gamma on ``g0`` of the min-norm point of the segment between two gradients,
     ``argmin_{gamma in [0, 1]} ||gamma g0 + (1 - gamma) g1||`` = clip(<g1 - g0, g1> / ||g0 - g1||^2, 0, 1) (Sener &
-    Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS); 0.5 for equal gradients."""
+    Koltun 2018, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS); 0.5 for equal gradients. A 0-d
+    float64 tensor on the gradients' device: no host sync inside DOP's loop."""
     diff = (g0 - g1).double().reshape(-1)
-    den = float(diff @ diff)
-    if den == 0.0:
-        return 0.5
-    return min(1.0, max(0.0, float((-diff) @ g1.double().reshape(-1)) / den))
+    den = diff @ diff
+    gamma = ((-diff) @ g1.double().reshape(-1)) / torch.where(den > 0, den, torch.ones_like(den))
+    return torch.where(den > 0, gamma.clamp(0.0, 1.0), torch.full_like(den, 0.5))
 
 
 def dop_layer(anchor_w: torch.Tensor, prev_w: torch.Tensor, new_w: torch.Tensor, *, steps: int, lr: float,
               energy: float, ema_beta: float, alpha: float) -> tuple[torch.Tensor, float]:
     """One matrix merged by DOP; returns (merged weights, the final smoothed weight on the previous merge).
 
-    Starts at the mean of the endpoints; every Adam step takes the two losses' gradients, divides each by its loss,
-    finds their MGDA weight gamma, smooths ``a <- ema_beta a + (1 - ema_beta) gamma`` (from ``a = alpha``) and steps
-    along the gradient of ``a L_prev + (1 - a) L_new``, the sum of the raw gradients so weighted."""
-    bases = [dop_basis(prev_w - anchor_w, energy), dop_basis(new_w - anchor_w, energy)]
+    Starts at the mean of the endpoints; every Adam step takes the two losses' gradients (:func:`dop_gradient`),
+    divides each by its loss, finds their MGDA weight gamma, smooths ``a <- ema_beta a + (1 - ema_beta) gamma`` (from
+    ``a = alpha``) and steps along the gradient of ``a L_prev + (1 - a) L_new``, the sum of the raw gradients so
+    weighted."""
+    gradients = [dop_gradient(dop_basis(prev_w - anchor_w, energy)), dop_gradient(dop_basis(new_w - anchor_w, energy))]
     w = ((prev_w + new_w) / 2).detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([w], lr=lr)
-    a = float(alpha)
-    with torch.enable_grad():
-        for _ in range(steps):
-            losses = [dop_loss(w - e, b) for e, b in zip((prev_w, new_w), bases)]
-            grads = [torch.autograd.grad(loss, w)[0] for loss in losses]
-            values = [float(loss.detach()) for loss in losses]
-            normed = [g / v if v > 0.0 else g for g, v in zip(grads, values)]
+    a = torch.tensor(float(alpha), dtype=torch.float64, device=w.device)
+    for _ in range(steps):
+        with torch.no_grad():
+            deltas = [w - prev_w, w - new_w]
+            grads = [grad(d) for grad, d in zip(gradients, deltas)]
+            values = [(d * g).sum() / 2 for d, g in zip(deltas, grads)]
+            normed = [g / torch.where(v > 0, v, torch.ones_like(v)) for g, v in zip(grads, values)]
             a = ema_beta * a + (1.0 - ema_beta) * mgda_weight(*normed)
-            w.grad = a * grads[0] + (1.0 - a) * grads[1]
-            opt.step()
-    return w.detach(), a
+            w.grad = (a * grads[0] + (1.0 - a) * grads[1]).to(w.dtype)
+        opt.step()
+    return w.detach(), float(a)
 
 
 def dop_step(anchor: Mapping[str, torch.Tensor], merged: Mapping[str, torch.Tensor],
