@@ -10,17 +10,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# under pytest-xdist (scripts/test.sh runs 2 workers), the workers share the cores instead of each taking them all
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def pytest_collection_modifyitems(config, items):
-    """GPU-marked tests run only where CUDA exists (the device check); everywhere else they are skipped."""
+    """GPU-marked tests run only where CUDA exists (the device check); everywhere else they are skipped.
+
+    For pytest-xdist's ``--dist loadgroup`` (scripts/test.sh): a module's tests stay on one worker (its module-scoped
+    fixtures, e.g. a cluster scenario, run once), except that every test reading the session's finished tiny sweep
+    joins one group, so that sweep runs once; groups holding a ``slow`` test go first, so the long ones do not start
+    last and leave one worker idle at the end."""
+    for item in items:
+        group = "tiny_sweep" if "tiny_finished_sweep" in item.fixturenames else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    slow_groups = {_group(item) for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: _group(item) not in slow_groups)  # stable: each module keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _group(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="module")
