@@ -36,6 +36,12 @@ def tiny_run(root, out, **overrides) -> dict:
             "output_dir": str(out / "runs"), "tracking.enabled": False, **overrides}
 
 
+#: per method, overrides for tests whose subject is not the method's own optimisation: DOP's default 200 Adam steps
+#: per matrix take ~15 s per merge on fomo-tiny-s (tests/test_method_params.py runs the defaults,
+#: tests/test_continual_merge.py DOP's optimisation)
+FEW_DOP_STEPS = {"dop_merge": {"method.merge.dop_steps": 5}}
+
+
 def tiny_config(root, out, **overrides):
     """``tiny_run`` as an ExperimentConfig."""
     from fomo_ray.config import load_config

@@ -166,7 +166,8 @@ class Fault:
 
 
 def _with_fault(run_stream: Callable[..., Any], fault: Fault) -> Callable[..., Any]:
-    """``run_stream`` whose ``on_step`` hook also triggers ``fault`` (after the host's own hook)."""
+    """``run_stream`` whose ``on_step`` hook also triggers ``fault`` (after the host's own hook); a fault with a
+    ``checkpoint_now(host_hook)`` method also answers the loop's ``checkpoint_now`` (given the host's hook)."""
     def run(cfg, *, hooks=None, resume=None, **kwargs):
         hooks = hooks or loop.RunHooks()
         inner = hooks.on_step
@@ -176,7 +177,10 @@ def _with_fault(run_stream: Callable[..., Any], fault: Fault) -> Callable[..., A
                 inner(task, step, *rest)
             fault.after_step(task, step)
 
-        return run_stream(cfg, hooks=dataclasses.replace(hooks, on_step=on_step), resume=resume, **kwargs)
+        changed = {"on_step": on_step}
+        if hasattr(fault, "checkpoint_now") and hooks.checkpoint_now is not None:
+            changed["checkpoint_now"] = lambda: fault.checkpoint_now(hooks.checkpoint_now)
+        return run_stream(cfg, hooks=dataclasses.replace(hooks, **changed), resume=resume, **kwargs)
     return run
 
 

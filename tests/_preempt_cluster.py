@@ -3,8 +3,8 @@ must be set before ``ray`` is imported). A head with no CPU for trials and a one
 one-trial sweep (``ray.max_failures=0``: a single charged failure would end it) runs on node 2. Once the trial's
 task-0 checkpoint exists, node 2 is reclaimed as a spot instance is: the GCS drains it for a preemption with a
 deadline (what the autoscaler does on a provider's notice), a one-CPU node 3 joins, and at the deadline every process
-of node 2 is killed. Writes
-what happened to ``OUT/summary.json``; stops every node it started, by PID.
+of node 2 is killed. The trial's worker is held (:class:`Hold`) so that the notice meets the run mid-task however fast
+the machine trains. Writes what happened to ``OUT/summary.json``; stops every node it started, by PID.
 
     python tests/_preempt_cluster.py OUT FIFMINI_ROOT FIFMINI_SCALE
 """
@@ -23,6 +23,50 @@ from _cluster_util import REPO, cluster_helpers, scenario_main
 sys.path.insert(0, str(REPO))
 os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_USAGE_STATS_ENABLED="0")
 DRAIN_S = 20  # the notice (a spot reclaim gives 30 s on GCP, 2 min on AWS)
+HOLD_S = 240.0  # the longest the held worker waits for an event that never comes (the test then fails)
+
+
+class Hold:
+    """In the trial's worker (shipped by value as a fault: ``_edges_util.trial_in_worker``), on its first life only:
+    after step 0 of task 1 it waits until Ray drains its node; at the next check it answers ``checkpoint_now`` once
+    the run's own drain watch has noticed (so the notice's checkpoint is taken there, mid-task); from the step after
+    that checkpoint it waits to die with its node. ``OUT/held`` marks the first life, so the resumed run trains
+    through. Events, not step counts or timings, order the scenario."""
+
+    def __init__(self, out: str):
+        self.out, self.draining, self.checkpointed = out, False, False
+
+    def _first_life(self) -> bool:
+        return not os.path.exists(os.path.join(self.out, "held"))
+
+    def after_step(self, task: int, step: int) -> None:
+        if not self._first_life():
+            return
+        if self.checkpointed:
+            open(os.path.join(self.out, "held"), "w").write(f"held after task {task} step {step}\n")
+            _wait(lambda: False)  # ended by the reclaim, which kills this process
+        elif (task, step) == (1, 0):
+            import ray
+
+            from fomo_ray.engine.preemptions import draining_deadline
+
+            node = ray.get_runtime_context().get_node_id()
+            self.draining = _wait(lambda: draining_deadline(node) is not None)
+
+    def checkpoint_now(self, host) -> bool:
+        if not (self.draining and self._first_life()) or self.checkpointed:
+            return host()
+        self.checkpointed = _wait(host)
+        return self.checkpointed
+
+
+def _wait(ready) -> bool:
+    deadline = time.time() + HOLD_S
+    while time.time() < deadline:
+        if ready():
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _drain(node_id: str, deadline_s: float) -> bool:
@@ -58,7 +102,9 @@ def main(out: Path, data_root: str, scale: float) -> dict:
 
     from fomo_ray.planning.sweep_spec import spec_from_dict
     from fomo_ray.tracking.writer import Tracker, default_uri
-    from fomo_ray.engine.tune_sweep import run_sweep
+    from fomo_ray.engine import tune_sweep
+
+    from _edges_util import register_by_value, trial_in_worker
 
     summary: dict = {}
     done, log = threading.Event(), {}
@@ -81,11 +127,13 @@ def main(out: Path, data_root: str, scale: float) -> dict:
             spec = spec_from_dict({"name": "spot", "base": {
                 "output_dir": str(out / "runs"), "data.root": data_root, "data.scale": scale,
                 "backbone.pretrained": "", "stream.num_tasks": 3, "budget.mode": "equal_steps",
-                "budget.total_ft_steps": 1200, "mixture.batch_size": 16, "evaluation.subset_min": 20,
+                "budget.total_ft_steps": 30, "mixture.batch_size": 16, "evaluation.subset_min": 20,
                 "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
                 "ray.storage_path": str(storage), "ray.max_failures": 0, "ray.checkpoint_every_steps": 0,
                 "tracking.log_every_n_steps": 2, "tracking.experiment": "spot"}, "space": {"seed": {"grid": [0]}}})
-            res = run_sweep(spec, progress=True)
+            register_by_value()
+            tune_sweep.run_trial = trial_in_worker(fault=Hold(str(out)))
+            res = tune_sweep.run_sweep(spec, progress=True)
         finally:
             done.set()  # the reclaim thread stops waiting
         summary["trials"] = res.trials.to_dict("records")
@@ -95,6 +143,7 @@ def main(out: Path, data_root: str, scale: float) -> dict:
                    for line in f.read_text().splitlines() if line.strip()]
         summary["checkpoints"] = [(r["task"], r["step"]) for r in reports if r.get("kind") == "checkpoint"]
         summary["reclaim"] = log
+        summary["held"] = (out / "held").read_text().strip() if (out / "held").exists() else ""
     summary["needed_sigkill"] = cluster.needed_sigkill
     return summary
 

@@ -14,28 +14,63 @@ import torch  # noqa: E402
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
-def pytest_collection_modifyitems(config, items):
-    """GPU-marked tests run only where CUDA exists (the device check); everywhere else they are skipped.
+#: the tests that read the session's finished tiny sweep (``tiny_finished_sweep``): one pytest-xdist scope, so that
+#: sweep runs once; collection fails if another test reads it (add it here)
+TINY_SWEEP_READERS = ("tests/test_api.py", "tests/test_ui_browser.py",
+                      "tests/test_sweep.py::test_end_to_end_sweep_with_mlflow")
 
-    For pytest-xdist's ``--dist loadgroup`` (scripts/test.sh): a module's tests stay on one worker (its module-scoped
-    fixtures, e.g. a cluster scenario, run once), except that every test reading the session's finished tiny sweep
-    joins one group, so that sweep runs once; groups holding a ``slow`` test go first, so the long ones do not start
-    last and leave one worker idle at the end."""
+
+#: the longest scopes, longest first (from ``--durations`` of a full run, 2026-12-06): a scheduling hint only
+LONGEST = ("tests/test_sweep.py", "tests/test_pretrain.py", "tests/test_preemption.py", "tests/test_cluster.py",
+           "tiny_sweep", "tests/test_ray_train.py", "tests/test_autoscaling.py", "tests/test_sweep_budget.py",
+           "tests/test_ddp.py", "tests/test_estimate_cpu_driver.py")
+
+
+def scope_of(nodeid: str) -> str:
+    """The pytest-xdist scope of a test: its module (its module-scoped fixtures, e.g. a cluster scenario, run once),
+    or ``tiny_sweep`` for the tiny sweep's readers."""
+    if any(nodeid == r or nodeid.startswith((r + "::", r + "[")) for r in TINY_SWEEP_READERS):
+        return "tiny_sweep"
+    return nodeid.split("::")[0]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` (scripts/test.sh) hands out whole :func:`scope_of` scopes. (pytest-xdist 3.8's own
+    ``loadgroup`` reads ``xdist_group`` marks by rewriting node ids, which pytest 9.2 no longer lets it do, so every
+    test would be a scope of its own.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return scope_of(nodeid)
+
+    return ByScope(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The :data:`LONGEST` scopes go first, then the others holding a ``slow`` test, so that under pytest-xdist the
+    long ones do not start last and leave a worker idle at the end (a stable sort: each module keeps its order). GPU-marked tests run only where CUDA exists
+    (the device check); everywhere else they are skipped."""
     for item in items:
-        group = "tiny_sweep" if "tiny_finished_sweep" in item.fixturenames else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-    slow_groups = {_group(item) for item in items if "slow" in item.keywords}
-    items.sort(key=lambda item: _group(item) not in slow_groups)  # stable: each module keeps its order
+        if "tiny_finished_sweep" in item.fixturenames and scope_of(item.nodeid) != "tiny_sweep":
+            raise pytest.UsageError(f"{item.nodeid} reads tiny_finished_sweep: add it to TINY_SWEEP_READERS in "
+                                    "tests/conftest.py")
+    slow = {scope_of(item.nodeid) for item in items if "slow" in item.keywords}
+
+    def rank(item) -> int:
+        scope = scope_of(item.nodeid)
+        return LONGEST.index(scope) if scope in LONGEST else len(LONGEST) + (scope not in slow)
+
+    items.sort(key=rank)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
-
-
-def _group(item) -> str:
-    return item.get_closest_marker("xdist_group").args[0]
 
 
 @pytest.fixture(scope="module")

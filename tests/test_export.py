@@ -25,7 +25,7 @@ from fomo_ray.core.loop import RunHooks, deployed, run_stream
 from fomo_ray.methods import REGISTRY
 from fomo_ray.methods.merging import MERGE_PRESETS
 
-from _data_util import small_fifmini, tiny_config
+from _data_util import FEW_DOP_STEPS, small_fifmini, tiny_config
 
 ARCH = "fomo-tiny-s"
 PEFT = ("lora", "dora", "vera")
@@ -161,7 +161,7 @@ def test_run_writes_a_model_open_clip_loads_with_the_loops_deployed_features(cli
 def test_every_method_exports_strict_open_clip_weights_equal_to_what_it_deploys(name, bench_root, tmp_path):
     import open_clip
 
-    cfg = _cfg(bench_root, tmp_path, **{"method.name": name})
+    cfg = _cfg(bench_root, tmp_path, **{"method.name": name, **FEW_DOP_STEPS.get(name, {})})
     states = []
     run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append))
     final = states[-1]

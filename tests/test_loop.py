@@ -21,7 +21,7 @@ from fomo_ray.models.metrics import COLUMNS
 from fomo_ray.maths.optim import decays, make_optimizer
 from fomo_ray.methods import REGISTRY, Method
 
-from _data_util import small_fifmini, tiny_config
+from _data_util import FEW_DOP_STEPS, small_fifmini, tiny_config
 
 STEPS_PER_TASK = 2
 
@@ -49,7 +49,8 @@ def _frame_equal(a: pd.DataFrame, b: pd.DataFrame) -> None:
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_method_runs_and_resumes_mid_stream_identically(name, tiny_cfg, tmp_path):
     # evaluation (the slowest part on CPU) only before and after the stream; in-stream points: the hooks test
-    cfg = tiny_cfg(**{"method.name": name, "ray.checkpoint_every_steps": 1, "evaluation.every_n_tasks": 2})
+    cfg = tiny_cfg(**{"method.name": name, "ray.checkpoint_every_steps": 1, "evaluation.every_n_tasks": 2,
+                      **FEW_DOP_STEPS.get(name, {})})
     states: list[LoopState] = []
     full = run_stream(cfg, hooks=RunHooks(on_checkpoint=states.append))
 

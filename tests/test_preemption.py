@@ -75,5 +75,6 @@ def test_a_preempted_trial_resumes_elsewhere_and_finishes_without_a_failure(spot
     # the notice's checkpoint: mid-task (no scheduled mid-task checkpoints), the one the resumed run started from
     mid = [(t, s) for t, s in summary["checkpoints"] if s > 0]
     assert len(mid) == 1 and tags["fomo_ray.resumed_from"] == "cursor_t{:03d}_s{:07d}".format(*mid[0])
+    assert summary["held"] == "held after task {} step {}".format(*mid[0])  # the first life waited there to die
     assert "its node was preempted: restarting from its latest checkpoint (not a failure" in printed
     assert summary["needed_sigkill"] == []

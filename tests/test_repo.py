@@ -75,15 +75,19 @@ def test_the_fast_lane_is_the_marker_expression_and_the_rest_passes_through(tmp_
     python.write_text('#!/bin/sh\nfor a in "$@"; do printf "%s\\n" "$a"; done\n')
     python.chmod(0o755)
 
-    def argv(*args):
-        out = subprocess.run(["bash", str(tmp_path / "scripts" / "test.sh"), *args], capture_output=True, text=True)
+    def argv(*args, **env):
+        out = subprocess.run(["bash", str(tmp_path / "scripts" / "test.sh"), *args], capture_output=True, text=True,
+                             env={**{k: v for k, v in os.environ.items() if k != "TEST_WORKERS"}, **env})
         assert out.returncode == 0, out.stderr
         return out.stdout.splitlines()
 
-    assert argv() == ["-m", "pytest"]
-    assert argv("--fast") == ["-m", "pytest", "-m", "not slow and not ray"]
-    assert argv("-k", "loop and not ray", "--fast", "-x") == ["-m", "pytest", "-k", "loop and not ray", "-m",
-                                                              "not slow and not ray", "-x"]
+    workers = ["-n", "2", "--dist", "loadgroup"]  # two pytest-xdist workers, a module's tests on one of them
+    assert argv() == ["-m", "pytest", *workers]
+    assert argv("--fast") == ["-m", "pytest", *workers, "-m", "not slow and not ray"]
+    assert argv("-k", "loop and not ray", "--fast", "-x") == ["-m", "pytest", *workers, "-k", "loop and not ray",
+                                                              "-m", "not slow and not ray", "-x"]
+    assert argv("--fast", TEST_WORKERS="0") == ["-m", "pytest", "-n", "0", "--dist", "loadgroup", "-m",
+                                                "not slow and not ray"]
 
 
 def test_console_script_lists_commands():
