@@ -20,18 +20,29 @@ TINY_SWEEP_READERS = ("tests/test_api.py", "tests/test_ui_browser.py",
                       "tests/test_sweep.py::test_end_to_end_sweep_with_mlflow")
 
 
-#: the longest scopes, longest first (from ``--durations`` of a full run, 2026-12-06): a scheduling hint only
-LONGEST = ("tests/test_sweep.py", "tests/test_pretrain.py", "tests/test_preemption.py", "tests/test_cluster.py",
-           "tiny_sweep", "tests/test_ray_train.py", "tests/test_autoscaling.py", "tests/test_sweep_budget.py",
-           "tests/test_ddp.py", "tests/test_estimate_cpu_driver.py")
+#: the longest scopes, longest first (from ``--durations`` of a full run under xdist, 2026-12-06): a scheduling
+#: hint only; a module stands for each of its tests where they are scopes of their own
+LONGEST = ("tests/test_pretrain.py", "tests/test_cluster.py", "tiny_sweep",
+           "tests/test_sweep.py::test_an_identical_finished_trial_is_replayed_from_the_trial_cache",
+           "tests/test_ray_train.py", "tests/test_sweep.py::test_cost_order_and_cooperative_early_stopping_with_the_real_loop",
+           "tests/test_sweep.py::test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep",
+           "tests/test_sweep.py::test_ctrl_c_while_ray_starts_stops_the_sweep_cleanly_and_it_resumes",
+           "tests/test_autoscaling.py", "tests/test_preemption.py", "tests/test_ddp.py", "tests/test_sweep_budget.py",
+           "tests/test_sweep.py::test_two_node_cluster_runs_trials_on_both_nodes", "tests/test_estimate_cpu_driver.py",
+           "tests/test_export.py", "tests/test_sweep.py")
+
+
+#: modules whose tests are handed out one by one: long tests that share only a cheap module fixture (``ray_local``)
+ONE_BY_ONE = ("tests/test_sweep.py",)
 
 
 def scope_of(nodeid: str) -> str:
     """The pytest-xdist scope of a test: its module (its module-scoped fixtures, e.g. a cluster scenario, run once),
-    or ``tiny_sweep`` for the tiny sweep's readers."""
+    the test itself in a :data:`ONE_BY_ONE` module, or ``tiny_sweep`` for the tiny sweep's readers."""
     if any(nodeid == r or nodeid.startswith((r + "::", r + "[")) for r in TINY_SWEEP_READERS):
         return "tiny_sweep"
-    return nodeid.split("::")[0]
+    module = nodeid.split("::")[0]
+    return nodeid if module in ONE_BY_ONE else module
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -42,6 +53,8 @@ def pytest_xdist_make_scheduler(config, log):
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # keep the collection's order (longest first), not most tests first
 
     class ByScope(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
@@ -62,7 +75,8 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item) -> int:
         scope = scope_of(item.nodeid)
-        return LONGEST.index(scope) if scope in LONGEST else len(LONGEST) + (scope not in slow)
+        known = [i for i, name in enumerate(LONGEST) if scope == name or scope.startswith(name + "::")]
+        return known[0] if known else len(LONGEST) + (scope not in slow)
 
     items.sort(key=rank)
     if torch.cuda.is_available():
