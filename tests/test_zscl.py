@@ -35,7 +35,9 @@ def _zscl(base_model, **overrides):
 def test_distillation_is_zero_at_the_initial_model_and_positive_after_an_update(base_model):
     method, model = _zscl(base_model)
     at_init = float(method.extra_loss(model, 0).detach())
-    assert at_init == pytest.approx(0.0, abs=1e-9)
+    # zero up to float32 rounding: the no-grad forward on theta_0 and the graph-building one need not take the same
+    # kernels (1.3e-7 on one 2-core x86 machine, exactly 0.0 on another); an update moves it by orders of magnitude
+    assert at_init == pytest.approx(0.0, abs=1e-5)
     images, texts = _reference()
     loss = -(model(images, texts)[0] @ model(images, texts)[1].T).diagonal().sum()  # one CLIP-like SGD update
     loss.backward()
