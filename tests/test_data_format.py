@@ -372,3 +372,20 @@ def test_crop_stage_without_numba_gives_the_same_bytes():
     images = np.random.default_rng(0).integers(0, 256, (3, 12, 14, 3), dtype=np.uint8)
     boxes = np.array([[0, 0, 12, 14], [1, 2, 10, 9], [2, 1, 9, 12]])
     assert out == crop_resize(array_source(images), np.arange(3), boxes, 8).tobytes()
+
+
+def test_a_second_process_imports_ffcv_with_the_typed_dict_from_numbas_cache(tmp_path):
+    """FFCV's import fills a numba typed Dict; fomo_ray turns numba's disk cache on for the typed dict's helpers
+    first (fomo_ray/data/ffcv_import.py), so only the first process compiles them and later ones load them."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("from fomo_ray.data.loaders import ffcv_available; assert ffcv_available()\n"
+             "from numba.typed import typeddict\n"
+             "s = typeddict._setitem.stats; print(sum(s.cache_hits.values()), sum(s.cache_misses.values()))")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    hits_misses = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split() for _ in range(2)]
+    assert hits_misses == [["0", "1"], ["1", "0"]]  # compiled and stored, then loaded
+    assert any((tmp_path / "numba").rglob("*.nbi"))

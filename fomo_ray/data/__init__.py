@@ -5,6 +5,7 @@ Modules (docs/ARCHITECTURE.md "Data" sections):
 - :mod:`.format`    ``open_benchmark``, ``Benchmark``, ``DatasetInfo``, ``BenchmarkWriter``, ``DataError``,
   ``sha256_file``
 - :mod:`.loaders`   ``make_loader`` (backends "ffcv" and "memory"); :mod:`.augment` the seeded CLIP transforms
+- :mod:`.ffcv_import` ``cache_typed_dict``: FFCV's import without recompiling numba's typed dict per process
 - :mod:`.stream`    ``load_stream``, ``parse_entries`` (the one ``DATASET+++class`` parser), ``task_sizes``,
   ``split_tasks``, ``task_rows``
 - :mod:`.orderings` the paper's stream orderings as pure functions of concepts, a seed and a table;

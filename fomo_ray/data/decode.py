@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .ffcv_import import cache_typed_dict
 from .format import _MODE_JPG, _MODE_RAW, DataError, _alloc_sizes, _decode_jpeg, read_row_meta
 
 try:  # numba is a dependency wherever FFCV is; the GPU check's machine may lack both
@@ -44,6 +45,7 @@ def _jit(parallel: bool):
 
 def _ffcv_imdecode():
     try:
+        cache_typed_dict()
         from ffcv.libffcv import imdecode
     except Exception:  # noqa: BLE001 - any failure means "no FFCV JPEG decoder here"
         return None

@@ -38,6 +38,7 @@ import torch
 
 from .augment import RRC_RATIO, RRC_SCALE, generator_for, rrc_boxes
 from .decode import ImageSource, beton_source, crop_resize, decode_all
+from .ffcv_import import cache_typed_dict
 from .format import Benchmark, DataError, beton_num_rows, read_images, read_row_meta
 
 BACKENDS = ("ffcv", "memory")
@@ -75,6 +76,7 @@ def decode_threads(num_workers: int) -> int:
 
 def ffcv_available() -> bool:
     try:
+        cache_typed_dict()
         import ffcv.loader  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means "not usable here"
         return False
@@ -197,6 +199,7 @@ def _keep_torch_threads():
 def _ffcv_loader(path: Path, indices: np.ndarray, batch_size: int, order: str, seed: int, drop_last: bool,
                  size: int | None, num_workers: int):
     """A cached, compiled ``ffcv.loader.Loader`` re-pointed at ``indices`` and ``seed``."""
+    cache_typed_dict()
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.loader.loader import ORDER_MAP

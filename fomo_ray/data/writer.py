@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fomo_ray.data.ffcv_import import cache_typed_dict
 from fomo_ray.data.format import (FORMAT, MANIFEST, SEP, SPLITS, Benchmark, DataError, DatasetInfo, check_dataset_info,
                                   content_hash, open_benchmark, sha256_file)
 from fomo_ray.data.tokens import TOKENS_DIR, Tokenizer, move_staged, stage_tokens, tokenizer_key
@@ -217,6 +218,7 @@ class BenchmarkWriter:
         return n
 
     def _run_ffcv_writer(self, path: Path, samples: _GuardedSamples) -> None:
+        cache_typed_dict()
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
 
