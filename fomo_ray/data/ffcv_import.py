@@ -4,8 +4,9 @@
 typed dict's helper functions (``numba.typed.typeddict``) in every new process that imports FFCV: every trial and
 Ray Train worker. numba compiles them without its on-disk cache; this turns the cache on for them first, so every
 process after the first loads the compiled code (a fresh process's ``import ffcv.loader`` on an idle 2-core
-machine: 5.3 CPU seconds, then 2.8; ``bench/ffcv_import.py``, bench/RESULTS.md). The cache lives where numba keeps caches (``numba/typed/__pycache__``, else the user's
-cache directory, or ``NUMBA_CACHE_DIR``); where none is writable FFCV imports as before.
+machine: 5.3 CPU seconds, then 2.8; ``bench/ffcv_import.py``, bench/RESULTS.md). The cache lives where numba keeps
+caches (``numba/typed/__pycache__``, else the user's cache directory, or ``NUMBA_CACHE_DIR``); where none is
+writable, FFCV imports as before.
 
 Every FFCV import of the package calls :func:`cache_typed_dict` first.
 """
