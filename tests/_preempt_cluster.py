@@ -43,7 +43,7 @@ class Hold:
         if not self._first_life():
             return
         if self.checkpointed:
-            open(os.path.join(self.out, "held"), "w").write(f"held after task {task} step {step}\n")
+            Path(self.out, "held").write_text(f"held after task {task} step {step}\n")
             _wait(lambda: False)  # ended by the reclaim, which kills this process
         elif (task, step) == (1, 0):
             import ray

@@ -29,7 +29,8 @@ TINY_SWEEP_READERS = ("tests/test_api.py", "tests/test_ui_browser.py",
 #: hint only; a module stands for each of its tests where they are scopes of their own
 LONGEST = ("tests/test_pretrain.py", "tests/test_cluster.py", "tiny_sweep",
            "tests/test_sweep.py::test_an_identical_finished_trial_is_replayed_from_the_trial_cache",
-           "tests/test_ray_train.py", "tests/test_sweep.py::test_cost_order_and_cooperative_early_stopping_with_the_real_loop",
+           "tests/test_ray_train.py",
+           "tests/test_sweep.py::test_cost_order_and_cooperative_early_stopping_with_the_real_loop",
            "tests/test_sweep.py::test_restore_finishes_only_the_rest_and_a_failed_trial_does_not_stop_the_sweep",
            "tests/test_sweep.py::test_ctrl_c_while_ray_starts_stops_the_sweep_cleanly_and_it_resumes",
            "tests/test_autoscaling.py", "tests/test_preemption.py", "tests/test_ddp.py", "tests/test_sweep_budget.py",
@@ -70,8 +71,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 def pytest_collection_modifyitems(config, items):
     """The :data:`LONGEST` scopes go first, then the others holding a ``slow`` test, so that under pytest-xdist the
-    long ones do not start last and leave a worker idle at the end (a stable sort: each module keeps its order). GPU-marked tests run only where CUDA exists
-    (the device check); everywhere else they are skipped."""
+    long ones do not start last and leave a worker idle at the end (a stable sort: each module keeps its order).
+    GPU-marked tests run only where CUDA exists (the device check); everywhere else they are skipped."""
     for item in items:
         if "tiny_finished_sweep" in item.fixturenames and scope_of(item.nodeid) != "tiny_sweep":
             raise pytest.UsageError(f"{item.nodeid} reads tiny_finished_sweep: add it to TINY_SWEEP_READERS in "

@@ -12,17 +12,16 @@ Every FFCV import of the package calls :func:`cache_typed_dict` first.
 """
 from __future__ import annotations
 
+import functools
+
 #: the numba.typed.typeddict helpers that building and filling a typed Dict compiles
 _TYPED_DICT_HELPERS = ("_make_dict", "_setitem", "_getitem", "_length", "_contains")
-_cached = False
 
 
+@functools.cache
 def cache_typed_dict() -> bool:
     """Turn numba's on-disk cache on for the typed dict's helpers, once per process; False where it cannot be
     (numba missing or of another layout, no writable cache location): then they compile as before."""
-    global _cached
-    if _cached:
-        return True
     try:
         from numba.typed import typeddict
 
@@ -30,6 +29,4 @@ def cache_typed_dict() -> bool:
             getattr(typeddict, name).enable_caching()
     except Exception:  # noqa: BLE001 - only a speed-up: any failure leaves numba as it was
         return False
-    _cached = True
     return True
-
