@@ -3,7 +3,13 @@
 an uninterrupted run of the same loop -- with its MLflow run continued, not duplicated."""
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,7 +19,7 @@ from fomo_ray import trial_report
 
 from fomo_ray.core import loop
 
-from fomo_ray.engine import ray_train
+from fomo_ray.engine import ray_train, scratch
 from fomo_ray.core.checkpoint import load_state
 from fomo_ray.config import load_config
 from fomo_ray.models.metrics import point_summary, tidy_frame
@@ -23,6 +29,24 @@ from fomo_ray.tracking.writer import PLATFORM_TAG, TRAIN_KEYS, Tracker, as_perce
 
 from _data_util import small_fifmini, tiny_sweep
 from _edges_util import Fault, register_by_value, train_worker_in_worker
+
+def test_scratch_of_a_dead_process_is_reclaimed_by_the_next_one(tmp_path, monkeypatch):
+    """A worker that died hard left its checkpoint scratch behind: the next scratch directory on the node removes
+    it, and nothing of a live process or of another program."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    prefix = ray_train.CHECKPOINT_SCRATCH
+    names = [f"{prefix}{dead}_a1", f"{prefix}{dead}_b2", f"{prefix}{os.getpid()}_c3", f"{prefix}x_y",
+             f"{prefix}{dead}", f"fomo_model_{dead}_d4"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "loop_state.pt").write_bytes(b"x")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    new = Path(scratch.scratch_dir(prefix))
+    assert new.parent == tmp_path and scratch.owner_pid(new.name, prefix) == os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, *names[2:]])
+    assert scratch.owner_pid(f"{prefix}{dead}_b2", "fomo_model_") is None
+
 
 def test_pure_helpers():
     rec = [{"dataset": "D", "role": "adapt", "metric": "R@5", "value": 0.5},
@@ -121,6 +145,8 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     wall = time.time() - t0
     assert marker.is_file(), "the fault was never injected"
     assert outcome.metrics["kind"] == "done"
+    killed = re.search(r"pid (\d+)", marker.read_text()).group(1)  # its task-end state went with it, not onto disk
+    assert not list(Path(tempfile.gettempdir()).glob(f"{ray_train.CHECKPOINT_SCRATCH}{killed}_*"))
 
     final = load_state(outcome.checkpoint)
     assert (final.task, final.step) == (cfg.stream.num_tasks, 0)

@@ -8,11 +8,11 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from fomo_ray.config import ExperimentConfig
+from fomo_ray.engine.scratch import scratch_dir
 
 EXPORT_ERROR_TAG = "fomo_ray.export_error"  # why a finished run's deployed model could not be logged
 FINAL_CHECKPOINT_TAG = "fomo_ray.final_checkpoint"  # the URI of the final checkpoint Ray persisted (a pointer)
@@ -117,7 +117,7 @@ def log_deployed_model(run: Any, cfg: ExperimentConfig, run_name: str, state_dir
     from fomo_ray.core import checkpoint
     from fomo_ray.results import export
 
-    tmp = tempfile.mkdtemp(prefix="fomo_model_")
+    tmp = scratch_dir("fomo_model_")
     try:
         if export.is_deployed_form(state_dir):  # a final state already trimmed to its export (ray.keep_after_run)
             run.log_artifacts(str(Path(state_dir, export.DEPLOYED_DIR)), artifact_path=export.MODEL_ARTIFACT)

@@ -46,7 +46,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from fomo_ray.trial_report import ReportKind
 from fomo_ray.engine.final_uploads import (  # noqa: F401 (re-exported)
     EXPORT_ERROR_TAG, FINAL_ARTIFACT, FINAL_CHECKPOINT_TAG, MODEL_UPLOAD, UPLOAD_ERROR_TAG, UPLOAD_PENDING_TAG,
     checkpoint_uri, log_deployed_model, retry_pending_uploads, retry_uploads, upload_final, warn)
+from fomo_ray.engine.scratch import scratch_dir
 
 # ray.train (and TorchTrainer, which imports torch) are imported where used: a plain Tune function trial never
 # needs them, and eight such trials starting on two cores should not each pay seconds of imports. The loop, the
@@ -76,6 +76,7 @@ NODES_TAG = "fomo_ray.worker_nodes"  # the Ray node of each rank of the (latest)
 WORLD_HISTORY_TAG = "fomo_ray.world_sizes"  # the world size of every attempt, in order ("1,2,1": grew, then shrank)
 RUN_META = "fomo_ray_run.json"  # beside the loop's own files in every checkpoint directory
 STATUS_FILE = "fomo_ray_status.json"  # only in the final checkpoint: how the run ended
+CHECKPOINT_SCRATCH = "fomo_ckpt_"  # rank 0's local copy of a checkpoint until Ray has persisted it (.scratch)
 
 
 class RunFailed(RuntimeError):
@@ -259,7 +260,7 @@ class _Bridge:
             return
         if self.run is not None and boundary:
             self.run.set_tags({CHECKPOINT_TAG: self.p.storage_uri, "fomo_ray.last_checkpoint": name})
-        tmp = tempfile.mkdtemp(prefix="fomo_ckpt_")
+        tmp = scratch_dir(CHECKPOINT_SCRATCH)
         self._report_state(state, tmp, metrics, name, keep=boundary)
         if boundary:  # the newest task-end state stays for the final report; the one before is persisted already
             for old in self.kept:
@@ -303,7 +304,7 @@ class _Bridge:
         if self.rank0:
             if self.state_run:
                 checkpoint.wait_for_write(self.state_run)  # the newest task-end state is complete on disk
-            d = self.kept[-1] if self.kept else tempfile.mkdtemp(prefix="fomo_ckpt_")
+            d = self.kept[-1] if self.kept else scratch_dir(CHECKPOINT_SCRATCH)
             write_json(Path(d, STATUS_FILE), final, indent=None)
             if not self.kept:
                 write_run_meta(d, self.run_id, self.p.run_name)

@@ -1,0 +1,48 @@
+"""Scratch directories on a worker's local disk, for a checkpoint or a model on its way to storage.
+
+Each holds a full training state (GBs at ViT-B/16 with its optimizer state). A worker that dies hard (killed by
+the memory monitor, ``os._exit``, a lost Ray actor) never runs its ``finally``, so its directories would stay on the
+node's disk for good, and a node that outlives a few failed attempts fills up. The directories are named after the
+process that owns them, and every new one first removes those of processes that no longer exist on this machine."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def scratch_dir(prefix: str) -> str:
+    """A new directory ``<tmp>/<prefix><pid>_<random>``, after removing the ones of dead processes (any prefix
+    ending in ``_``; the caller removes its own when done)."""
+    reclaim(prefix)
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}_")
+
+
+def reclaim(prefix: str, root: str | Path | None = None) -> list[Path]:
+    """Remove ``<root>/<prefix><pid>_*`` of every pid not alive here; returns what it removed. A directory without
+    a pid in its name (another program's) is left alone."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{prefix}*_*"):
+        pid = owner_pid(d.name, prefix)
+        if pid is not None and not pid_alive(pid):
+            shutil.rmtree(d, ignore_errors=True)  # another process may be reclaiming it at the same time
+            removed.append(d)
+    return removed
+
+
+def owner_pid(name: str, prefix: str) -> int | None:
+    """The pid in ``<prefix><pid>_<random>``, or None."""
+    pid, sep, _ = name[len(prefix):].partition("_")
+    return int(pid) if name.startswith(prefix) and sep and pid.isdigit() else None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists on this machine (one owned by another user counts: it is alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
