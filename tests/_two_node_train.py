@@ -121,6 +121,12 @@ def _registered(directory: Path) -> str:
         return ""
 
 
+def _mid_task(name: str, task: int) -> bool:
+    """Whether checkpoint ``name`` is a mid-task one of ``task`` (``cursor_t001_s0000000`` is task 0's end state: the
+    one of task 1 the held rank reported last may still be on its way, and the group would restart from it)."""
+    return name.startswith(f"cursor_t{task:03d}_s") and not name.endswith("_s0000000")
+
+
 def _wait(done: threading.Event, ready) -> bool:
     while not done.is_set():
         if ready():
@@ -132,12 +138,11 @@ def _wait(done: threading.Event, ready) -> bool:
 def _change_cluster(directory: Path, out: Path, add_node, helpers, done: threading.Event, log: dict) -> None:
     """Grow, then shrink, the cluster under the elastic run (see the module docstring); ``log`` says when and at which
     registered checkpoint."""
-    if not _wait(done, lambda: (out / "reached_grow").exists() and _registered(directory).startswith("cursor_t000_s")):
+    if not _wait(done, lambda: (out / "reached_grow").exists() and _mid_task(_registered(directory), 0)):
         return
     node = add_node("worker_added")
     log.update(grow_registered=_registered(directory), grown_at=time.time())
-    if not _wait(done, lambda: (out / "reached_shrink").exists()
-                 and _registered(directory).startswith("cursor_t001_s")):
+    if not _wait(done, lambda: (out / "reached_shrink").exists() and _mid_task(_registered(directory), 1)):
         return
     log.update(killed_pids=helpers.kill_session(node.pid), killed_at=time.time(), registered=_registered(directory),
                seen=sorted(p.name for p in directory.rglob("cursor_*")))
