@@ -49,15 +49,22 @@ def tiny_config(root, out, **overrides):
     return load_config(None, tiny_run(root, out, **overrides))
 
 
+def budget_cache(root) -> str:
+    """The ``budget.cache_dir`` the tests' sweeps on the benchmark at ``root`` share: beside it, so one per pytest
+    process (``small_fifmini`` builds under its basetemp). Step speeds and a trial's fixed costs are facts of this
+    machine, not of a test: each is measured once, not once per sweep (timing a trial's start alone spawns an
+    interpreter that imports torch, Ray and MLflow). Tests of the measurement itself keep a cache of their own."""
+    return str(Path(root).parent / "budget_cache")
+
+
 def tiny_sweep(root, out, **overrides) -> dict:
     """The base of the tiniest real sweep, as config overrides: random-init fomo-tiny-s on the FiF-mini at ``root``
     (real FFCV loaders, one loader worker), 2 tasks x 8 fine-tuning steps at batch 16 (each method's steps from the
-    budget), 20 evaluation rows per dataset, one CPU per trial, MLflow on; writes under ``out`` (its ``output_dir``,
-    ``budget/``)."""
-    out = Path(out)
+    budget), 20 evaluation rows per dataset, one CPU per trial, MLflow on; writes under ``out`` (its
+    ``output_dir``), measures into the shared :func:`budget_cache`."""
     return {"output_dir": str(out), "data.root": str(root), "data.scale": SCALE, "backbone.pretrained": "",
             "stream.num_tasks": 2, "budget.total_ft_steps": 8, "mixture.batch_size": 16, "evaluation.subset_min": 20,
-            "data.num_workers": 1, "budget.cache_dir": str(out / "budget"), "ray.cpus_per_worker": 1.0,
+            "data.num_workers": 1, "budget.cache_dir": budget_cache(root), "ray.cpus_per_worker": 1.0,
             **overrides}
 
 

@@ -104,6 +104,7 @@ def main(out: Path, data_root: str, scale: float) -> dict:
     from fomo_ray.tracking.writer import Tracker, default_uri
     from fomo_ray.engine import tune_sweep
 
+    from _data_util import budget_cache
     from _edges_util import register_by_value, trial_in_worker
 
     summary: dict = {}
@@ -128,7 +129,7 @@ def main(out: Path, data_root: str, scale: float) -> dict:
                 "output_dir": str(out / "runs"), "data.root": data_root, "data.scale": scale,
                 "backbone.pretrained": "", "stream.num_tasks": 3, "budget.mode": "equal_steps",
                 "budget.total_ft_steps": 30, "mixture.batch_size": 16, "evaluation.subset_min": 20,
-                "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": str(out / "budget"),
+                "evaluation.full_at_ends": False, "data.num_workers": 1, "budget.cache_dir": budget_cache(data_root),
                 "ray.storage_path": str(storage), "ray.max_failures": 0, "ray.checkpoint_every_steps": 0,
                 "tracking.log_every_n_steps": 2, "tracking.experiment": "spot"}, "space": {"seed": {"grid": [0]}}})
             register_by_value()

@@ -16,7 +16,7 @@ import yaml
 from fomo_ray.results.sweep_results import infrastructure_reason
 from fomo_ray.engine.tune_callbacks import restoring
 
-from _data_util import small_fifmini
+from _data_util import budget_cache, small_fifmini
 
 OOM_TEXT = """Failure # 1 (occurred at 2026-12-05_17-45-25)
 2 worker(s) were killed due to the node running low on memory. Memory on the node (IP: 192.0.2.2) was 1.99GB used
@@ -75,7 +75,7 @@ def test_trials_the_memory_monitor_kills_end_the_sweep_interrupted_and_resumable
     bench = small_fifmini(tmp_path_factory)
     base = {"data.root": str(bench.root), "data.prepare_if_missing": False, "data.loader": "memory",
             "backbone.pretrained": "", "stream.num_tasks": 2, "budget.mode": "equal_steps",
-            "budget.total_ft_steps": 2, "budget.cache_dir": str(tmp_path / "budget"), "mixture.batch_size": 8,
+            "budget.total_ft_steps": 2, "budget.cache_dir": budget_cache(bench.root), "mixture.batch_size": 8,
             "evaluation.subset_min": 2, "evaluation.subset_fraction": 0.01, "evaluation.full_at_ends": False,
             "ray.max_failures": 1, "ray.cpus_per_worker": 1.0}
     spec = tmp_path / "oom.yaml"
