@@ -80,6 +80,34 @@ def test_counted_and_scaled_steps_equal_one_real_step_at_the_full_batch_for_ever
     assert steps["direct"]["bitfit"] > steps["direct"]["finetune"] == 2000 > steps["direct"]["ewc"]
 
 
+def test_a_count_builds_its_model_unfilled_and_counts_what_a_filled_one_counts():
+    """The count's model is built on the meta device (no random fills: most of a second per ViT-B/16, one model per
+    method in a sweep's estimate), then given empty storage: the same parameters and buffers, and the same figures as
+    a model built with its fills (a factory the meta device cannot run is built so)."""
+    spec = B.backbone_spec("fomo-tiny-s")
+    with torch.device("meta"):
+        assert {p.device.type for p in spec.factory().parameters()} == {"meta"}  # the fast path, not the fallback
+
+    def filled_only():
+        if torch.get_default_device().type == "meta":
+            raise RuntimeError("this factory cannot build on the meta device")
+        return spec.factory()
+
+    def layout(model):
+        return [(n, t.shape, t.dtype, t.device.type, t.requires_grad)
+                for n, t in [*model.named_parameters(), *model.named_buffers()]]
+
+    assert layout(step_measure.unfilled(spec.factory, torch.device("cpu"))) == layout(spec.factory())
+    assert layout(step_measure.unfilled(filled_only, torch.device("cpu"))) == layout(spec.factory())
+    cfg = load_config(None, {})
+    for name in ("finetune", "lora"):
+        fast, filled = (B.measure_method(name, B.registry_cost(cfg, name), factory, backbone=spec.name,
+                                         batch_size=BATCH, image_size=spec.image_size,
+                                         context_length=spec.context_length, engine="count")
+                        for factory in (spec.factory, filled_only))
+        assert _figures(fast) == _figures(filled) and fast.measured == f"counted at b={BATCH} (fake tensors)", name
+
+
 def _cost_of(cfg, name: str) -> str:
     from fomo_ray.methods import build_method
 

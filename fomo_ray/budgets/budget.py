@@ -63,6 +63,7 @@ from fomo_ray.budgets.step_measure import (  # noqa: F401  (the measurement, re-
     BudgetError,
     StepMeasure,
     fake_model,
+    unfilled,
     measure_step,
     scale_step,
 )
@@ -224,7 +225,8 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
                     fake: bool) -> CostRecord:
     if fake:  # made fake before ``prepare`` and ``steady``: method state made from the parameters is fake as well
         try:
-            model = fake_model(cost.prepare(fake_model(model_factory().to(device))))  # (adapters it adds: fake too)
+            # (adapters it adds: fake too)
+            model = fake_model(cost.prepare(fake_model(unfilled(model_factory, device))))
         except Exception:  # a preparation that needs real tensors (e.g. modules moved with .to()): real, then fake
             model = fake_model(cost.prepare(model_factory().to(device)))
     else:

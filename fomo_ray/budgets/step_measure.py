@@ -307,6 +307,19 @@ def scale_step(points: Mapping[int, StepMeasure], batch_size: int, device: str |
                                batch_bytes=batch, checkpointed_bytes=ckpt)
 
 
+def unfilled(factory: Callable[[], nn.Module], device: torch.device) -> nn.Module:
+    """``factory()``'s model on ``device`` with its weights left unfilled: built on the meta device, so none of its
+    initialisers run (a ViT-B/16's random fills alone take seconds per model on a CPU, and a sweep's estimate builds
+    one per method), then given empty storage. Only for a model made fake at once (:func:`fake_model`): its values
+    are garbage. A build the meta device cannot run is built as usual."""
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # noqa: BLE001 - e.g. a constructor that reads a value back (.item()): build it for real
+        return factory().to(device)
+    return model.to_empty(device=device)
+
+
 def fake_model(model: nn.Module) -> nn.Module:
     """Replace ``model``'s parameters and buffers, in place, by fake tensors of the same shapes, dtypes and devices
     (``torch._subclasses.FakeTensorMode``: metadata without data), so that :func:`measure_step` counts a step

@@ -399,6 +399,12 @@ def base_meta(backbone: "Backbone") -> dict[str, Any]:
     return {"arch": backbone.name, "quick_gelu": bool(backbone.quick_gelu)}
 
 
+def _build_device() -> str:
+    """Where open_clip builds a model: "meta" inside ``with torch.device("meta")`` (shapes without data, for
+    ``budgets.step_measure.unfilled``), else the CPU (weights are loaded there, then moved)."""
+    return "meta" if torch.get_default_device().type == "meta" else "cpu"
+
+
 def create_backbone(name: str, pretrained: str = "", device: str | torch.device = "cpu",
                     precision: str = "auto", quick_gelu: bool | None = None) -> Backbone:
     """Build architecture ``name`` with weights from ``pretrained`` (tag, checkpoint file or '' for random init).
@@ -430,9 +436,10 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
             raise BackboneError(
                 f"could not fetch open_clip weights '{name}/{pretrained}'"
                 f"{' (HF_HUB_OFFLINE=1: tags need the network or a warm cache)' if offline else ''}: {e}") from e
-    else:
-        model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=qg)
-    model = model.to(device)
+    else:  # built on the meta device, without its random fills, inside ``with torch.device("meta")`` (measuring)
+        model = open_clip.create_model(name, pretrained=None, device=_build_device(), force_quick_gelu=qg)
+    if _build_device() != "meta":
+        model = model.to(device)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", model.visual.image_size)
     size = size[0] if isinstance(size, (tuple, list)) else size
