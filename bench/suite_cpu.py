@@ -22,7 +22,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 #: (kind, what its command line contains), first match wins
 KINDS = (
-    ("pytest-xdist workers", "exec(eval(sys.stdin.readline()))"),
+    ("pytest-xdist workers (and the processes they fork)", "exec(eval(sys.stdin.readline()))"),
     ("a trial's start, timed by the estimate (planning/overhead.py)", "import ray, ray.tune, ray.train, torch"),
     ("Tune function trials", "ray::ImplicitFunc"),
     ("Ray Train workers", "ray::RayTrainWorker"),
