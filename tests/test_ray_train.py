@@ -32,12 +32,13 @@ from _edges_util import Fault, register_by_value, train_worker_in_worker
 
 def test_scratch_of_a_dead_process_is_reclaimed_by_the_next_one(tmp_path, monkeypatch):
     """A worker that died hard left its checkpoint scratch behind: the next scratch directory on the node removes
-    it, and nothing of a live process or of another program."""
+    it, and nothing of a live process, of another host (a temp directory shared between containers) or of another
+    program."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
-    prefix = ray_train.CHECKPOINT_SCRATCH
-    names = [f"{prefix}{dead}_a1", f"{prefix}{dead}_b2", f"{prefix}{os.getpid()}_c3", f"{prefix}x_y",
-             f"{prefix}{dead}", f"fomo_model_{dead}_d4"]
+    prefix, tag = ray_train.CHECKPOINT_SCRATCH, scratch.owner_tag
+    names = [f"{prefix}{tag(dead)}_a1", f"{prefix}{tag(dead)}_b2", f"{prefix}{tag(os.getpid())}_c3", f"{prefix}x_y",
+             f"{prefix}{tag(dead)}", f"{prefix}0123abcd-{dead}_e5", f"{prefix}{dead}_f6", f"fomo_model_{tag(dead)}_d4"]
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "loop_state.pt").write_bytes(b"x")
@@ -45,7 +46,7 @@ def test_scratch_of_a_dead_process_is_reclaimed_by_the_next_one(tmp_path, monkey
     new = Path(scratch.scratch_dir(prefix))
     assert new.parent == tmp_path and scratch.owner_pid(new.name, prefix) == os.getpid()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, *names[2:]])
-    assert scratch.owner_pid(f"{prefix}{dead}_b2", "fomo_model_") is None
+    assert scratch.owner_pid(f"{prefix}{tag(dead)}_b2", "fomo_model_") is None
 
 
 def test_pure_helpers():
@@ -146,7 +147,7 @@ def test_worker_killed_mid_task_resumes_exactly(ray_local, tmp_path, tmp_path_fa
     assert marker.is_file(), "the fault was never injected"
     assert outcome.metrics["kind"] == "done"
     killed = re.search(r"pid (\d+)", marker.read_text()).group(1)  # its task-end state went with it, not onto disk
-    assert not list(Path(tempfile.gettempdir()).glob(f"{ray_train.CHECKPOINT_SCRATCH}{killed}_*"))
+    assert not list(Path(tempfile.gettempdir()).glob(f"{ray_train.CHECKPOINT_SCRATCH}{scratch.owner_tag(killed)}_*"))
 
     final = load_state(outcome.checkpoint)
     assert (final.task, final.step) == (cfg.stream.num_tasks, 0)
