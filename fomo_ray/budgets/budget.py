@@ -225,8 +225,7 @@ def _measure_method(name: str, cost: MethodCost, model_factory: Callable[[], nn.
                     fake: bool) -> CostRecord:
     if fake:  # made fake before ``prepare`` and ``steady``: method state made from the parameters is fake as well
         try:
-            # (adapters it adds: fake too)
-            model = fake_model(cost.prepare(fake_model(unfilled(model_factory, device))))
+            model = fake_model(cost.prepare(fake_model(unfilled(model_factory, device))))  # (its adapters: fake too)
         except Exception:  # a preparation that needs real tensors (e.g. modules moved with .to()): real, then fake
             model = fake_model(cost.prepare(model_factory().to(device)))
     else:

@@ -418,6 +418,7 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
     _check_arch(name)
     resolved = resolve_precision(precision, device)
     qg = resolve_quick_gelu(name, pretrained, quick_gelu)
+    build = _build_device()
     if pretrained and is_checkpoint_path(pretrained):
         with quiet_random_init():  # our checkpoint is loaded next: open_clip's "initialized randomly" is untrue
             model = open_clip.create_model(name, pretrained=None, device="cpu", force_quick_gelu=qg)
@@ -437,8 +438,8 @@ def create_backbone(name: str, pretrained: str = "", device: str | torch.device 
                 f"could not fetch open_clip weights '{name}/{pretrained}'"
                 f"{' (HF_HUB_OFFLINE=1: tags need the network or a warm cache)' if offline else ''}: {e}") from e
     else:  # built on the meta device, without its random fills, inside ``with torch.device("meta")`` (measuring)
-        model = open_clip.create_model(name, pretrained=None, device=_build_device(), force_quick_gelu=qg)
-    if _build_device() != "meta":
+        model = open_clip.create_model(name, pretrained=None, device=build, force_quick_gelu=qg)
+    if build != "meta":
         model = model.to(device)
     pp = open_clip.get_model_preprocess_cfg(model)
     size = pp.get("size", model.visual.image_size)
