@@ -42,10 +42,15 @@ def test_scratch_of_a_dead_process_is_reclaimed_by_the_next_one(tmp_path, monkey
     for name in names:
         (tmp_path / name).mkdir()
         (tmp_path / name / "loop_state.pt").write_bytes(b"x")
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    os.waitid(os.P_PID, zombie.pid, os.WEXITED | os.WNOWAIT)  # it has exited, and stays unreaped until wait()
+    names.append(f"{prefix}{tag(zombie.pid)}_z9")
+    (tmp_path / names[-1]).mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     new = Path(scratch.scratch_dir(prefix))
     assert new.parent == tmp_path and scratch.owner_pid(new.name, prefix) == os.getpid()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, *names[2:]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([new.name, *names[2:-1]])  # the zombie's went too
+    zombie.wait()
     assert scratch.owner_pid(f"{prefix}{tag(dead)}_b2", "fomo_model_") is None
 
 

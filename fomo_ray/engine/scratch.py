@@ -54,11 +54,18 @@ def owner_pid(name: str, prefix: str) -> int | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists on this machine (one owned by another user counts: it is alive)."""
+    """Whether a process ``pid`` runs on this machine: one owned by another user counts, a zombie (dead, not yet
+    reaped by its parent) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    stat = Path(f"/proc/{pid}/stat")
+    if not Path("/proc").is_dir():  # not Linux: os.kill's answer is all there is
         return True
-    return True
+    try:  # the state letter after the command name's closing parenthesis
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # gone in between
+        return False
