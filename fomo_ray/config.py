@@ -219,6 +219,10 @@ class RayConfig:
     cpus_per_worker: float = F(1.0, "CPUs each Train worker reserves")
     gpus_per_worker: float = F(0.0, "GPUs each worker reserves; fractions pack several small trials per GPU")
     max_concurrent_trials: int = F(0, "0 = as many as resources allow")
+    reuse_trial_processes: bool = F(True, "a sweep's next trial runs in the process of one that ended, when it asks "
+                                          "for the same resources (Tune's reuse_actors): trials import torch, "
+                                          "open_clip, Ray and MLflow once per slot, not each; false starts every "
+                                          "trial in a fresh process")
     checkpoint_every_steps: int = F(0, "extra mid-task checkpoints every N steps; 0 = end of task only")
     max_failures: int = F(2, "worker restarts (Train) and trial retries (Tune) before a run is failed; spot "
                              "preemptions are not counted")

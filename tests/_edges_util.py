@@ -213,6 +213,18 @@ def trial_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[
     return run_trial
 
 
+def trial_noting_pid(directory: str) -> Callable[..., Any]:
+    """A stand-in for ``fomo_ray.engine.tune_sweep.run_trial`` that runs the real trial, first leaving a file named
+    after its process id in ``directory``: the processes a sweep's trials ran in."""
+    def run_trial(config, setup):
+        import os
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        Path(directory, str(os.getpid())).touch()
+        return _real("fomo_ray.engine.tune_sweep", "run_trial", run_trial)(config, setup)
+    return run_trial
+
+
 def train_worker_in_worker(runner: Any = None, fault: Fault | None = None) -> Callable[..., Any]:
     """A stand-in for ``fomo_ray.engine.ray_train.train_worker`` (Ray Train's ``train_loop_per_worker``), same
     injection."""

@@ -756,6 +756,32 @@ def test_an_identical_finished_trial_is_replayed_from_the_trial_cache(ray_local,
     assert len(entries) == 3 and {e["platform"] for e in entries} == {platform_label()}
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_trials_in_a_reused_process_compute_what_fresh_processes_compute(ray_local, tmp_path, tmp_path_factory,
+                                                                         monkeypatch):
+    """``ray.reuse_trial_processes`` (on by default): one process runs a sweep's trials one after the other (a LoRA
+    trial, whose adapters wrap the model, then fine-tuning), and each computes exactly what it computes in a process
+    of its own (the option off: one process per trial)."""
+    from _data_util import small_fifmini, tiny_sweep
+    from _edges_util import register_by_value, trial_noting_pid
+
+    register_by_value()
+    bench = small_fifmini(tmp_path_factory)
+    tidy = {}
+    for reuse in (True, False):
+        out = tmp_path / f"reuse_{reuse}"
+        monkeypatch.setattr(sweep, "run_trial", trial_noting_pid(str(out / "pids")))
+        base = tiny_sweep(bench.root, out, **{"ray.max_concurrent_trials": 1, "ray.reuse_trial_processes": reuse,
+                                              "tracking.enabled": False})
+        res = sweep.run_sweep(spec_from_dict({"name": "reuse", "base": base, "space": {"variant": {"points": {
+            "lora": {"method.name": "lora"}, "ft": {"method.name": "finetune"}}}}}), progress=False)
+        assert list(res.trials["status"]) == ["finished", "finished"]
+        assert len(list((out / "pids").iterdir())) == (1 if reuse else 2)
+        tidy[reuse] = res.tidy.sort_values(["run", "point", "dataset", "metric", "eval_set"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(tidy[True], tidy[False])  # bitwise: every trial, point, dataset and metric
+
+
 def test_a_sweep_resumed_on_another_platform_says_its_numbers_will_not_compare(tmp_path, capsys):
     """A resumed sweep whose driver now runs on another CPU (or kernel path) goes on, and says that the trials it
     runs now are not bitwise comparable with the ones finished before."""

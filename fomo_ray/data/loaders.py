@@ -87,6 +87,12 @@ def clear_caches() -> None:
     """Forget decoded splits and compiled FFCV loaders (tests, or after rebuilding a benchmark in-process)."""
     _RETIRED.extend(_FFCV_LOADERS.values())
     _FFCV_LOADERS.clear()
+    release_decoded()
+
+
+def release_decoded() -> None:
+    """Forget the decoded splits (the RAM the "memory" backend holds, and counts against its guard), keeping the
+    compiled loaders: what a trial that ends hands to the next one in its process is the code, not the data."""
     _DECODED.clear()
     _DECODE_SIZES.clear()
     _SOURCES.clear()

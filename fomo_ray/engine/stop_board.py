@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import socket
 import sys
+import time
 from typing import Any, Mapping
 
 import psutil
@@ -96,8 +97,18 @@ def post_spend(trial: str, attempt: str, units: float, final: bool = False) -> s
     return "" if board is None else ray.get(board.post.remote(trial, attempt, units, final))
 
 
+_TRIALS_BEGUN: list[float] = []  # when each Tune trial this process ran began (a process Tune reuses runs several)
+
+
+def trial_began() -> None:
+    """Mark that a Tune trial begins in this process (``tune_sweep.run_trial``, first thing)."""
+    _TRIALS_BEGUN.append(time.time())
+
+
 def attempt() -> tuple[str, float]:
-    """This process's id and start time: an attempt's wall time counts from its process start (building the model
-    and loaders included), not from the loop."""
+    """This attempt's id and start time: its wall time counts from its process start (imports, building the model
+    and loaders included), not from the loop; in a process that ran a trial before (``ray.reuse_trial_processes``),
+    from when this trial began, since the imports were the earlier trial's."""
     proc = psutil.Process()
-    return f"{socket.gethostname()}:{proc.pid}@{proc.create_time():.3f}", proc.create_time()
+    start = _TRIALS_BEGUN[-1] if len(_TRIALS_BEGUN) > 1 else proc.create_time()
+    return f"{socket.gethostname()}:{proc.pid}@{start:.3f}", start

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -151,7 +152,9 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     reason and ends, and its evaluation reports are written to a marker first. Tune therefore never retries it, and a
     relaunch (a restored sweep) replays the same reports, so a failed trial's results are never lost."""
     from fomo_ray.engine import ray_train
+    from fomo_ray.engine.stop_board import trial_began
 
+    trial_began()
     ctx = tune.get_context()
     trial_id = ctx.get_trial_id()
     name = Path(ctx.get_trial_dir()).name  # the dirname creator made it the trial's name
@@ -229,6 +232,7 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     finally:
         if session.drain is not None:
             session.drain.close()
+        _release_trial_memory()
         if run is not None:  # how often Ray restarted it after a preemption, failures apart (best effort:
             with contextlib.suppress(Exception):  # a tag must not replace the trial's own outcome or error)
                 run.set_tags({preemptions.TAG: preemptions.count(setup.storage, trial_id)})
@@ -236,6 +240,20 @@ def run_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     if run is not None:
         stopped = trial_report.is_kind(last, ReportKind.STOPPED)
         run.finish(stopped=str(last.get("reason") or TrialStatus.STOPPED) if stopped else "")
+
+
+def _release_trial_memory() -> None:
+    """What the next trial in this process (``ray.reuse_trial_processes``) must not inherit: the decoded splits of
+    the "memory" loader (they count against its RAM guard) and the model's memory, on the host and the GPU."""
+    import gc
+
+    from fomo_ray.data.loaders import release_decoded
+
+    release_decoded()
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _last_scores(evals: list[dict[str, Any]]) -> dict[str, float]:
@@ -520,7 +538,7 @@ def _fit(plan: SweepPlan, setup: TrialSetup, cbs: list[Any], resume: bool, show_
                 tune_config=tune.TuneConfig(
                     num_samples=plan.spec.num_samples if plan.spec.search == "optuna" else len(starts),
                     search_alg=_search_alg(plan.spec, plan.base.seed, concurrency, starts),
-                    reuse_actors=False,
+                    reuse_actors=plan.base.ray.reuse_trial_processes,
                     trial_name_creator=lambda t: trial_name(t, space),
                     trial_dirname_creator=lambda t: trial_name(t, space)),
                 run_config=tune.RunConfig(
