@@ -60,8 +60,6 @@ def test_needs_and_spend_in_each_unit():
         "(6 for all) fits 2 of 3 trial(s) in start order")
 
 
-# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
-# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 def test_a_trial_in_a_reused_process_counts_its_time_from_when_it_began(monkeypatch):
     """gpu_hours count an attempt from its process start; a later trial in a process Tune reused
     (``ray.reuse_trial_processes``) counts from when it began, not from the earlier trial's start."""
@@ -79,6 +77,8 @@ def test_a_trial_in_a_reused_process_counts_its_time_from_when_it_began(monkeypa
     assert second[1] == stop_board._TRIALS_BEGUN[-1] > first[1] and second[0] != first[0]
 
 
+# slow: a dry run of a shipped sweep measures its methods' steps and, where the benchmark is built, times a trial's
+# fixed costs (fomo_ray/planning/overhead.py: a fresh interpreter importing Ray, torch and MLflow): 20-40 s in a clone
 @pytest.mark.slow
 def test_the_flags_set_the_budget_and_the_dry_run_says_what_fits(tmp_path, capsys):
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
