@@ -260,20 +260,22 @@ def wait_for_min_workers(timeline: Timeline, since: float, deadline_s: float) ->
 
 
 # -------------------------------------------------------------------------------------------------- the sweep
-def sweep_spec(out: Path, data_root: str, data_scale: float, trials: int) -> dict:
+def sweep_spec(out: Path, data_root: str, data_scale: float, trials: int, budget_cache: str = "") -> dict:
     return {
         "name": "autoscaling",
         "base": {"output_dir": str(out), "data.root": data_root, "data.scale": data_scale, "backbone.pretrained": "",
                  "stream.num_tasks": 1, "budget.total_ft_steps": 4, "budget.mode": "equal_steps",
                  "mixture.batch_size": 16, "evaluation.subset_min": 20, "evaluation.full_at_ends": False,
-                 "data.num_workers": 1, "budget.cache_dir": str(out / "budget"), "ray.cpus_per_worker": 1.0,
+                 "data.num_workers": 1, "budget.cache_dir": budget_cache or str(out / "budget"),
+                 "ray.cpus_per_worker": 1.0,
                  # every node is on this machine, so one local directory is shared storage to the cluster guards
                  "ray.storage_path": str(out / "storage")},
         "space": {"seed": {"grid": list(range(trials))}},
     }
 
 
-def run(out: Path, data_root: str, data_scale: float, trials: int, idle_timeout_s: float) -> dict:
+def run(out: Path, data_root: str, data_scale: float, trials: int, idle_timeout_s: float,
+        budget_cache: str = "") -> dict:
     import ray
 
     from fomo_ray.planning.sweep_spec import spec_from_dict
@@ -293,7 +295,7 @@ def run(out: Path, data_root: str, data_scale: float, trials: int, idle_timeout_
         timeline = Timeline(f"127.0.0.1:{port}", t0)
         timeline.start()
         sweep_start = time.time() - t0
-        res = run_sweep(spec_from_dict(sweep_spec(out, data_root, data_scale, trials)), progress=True,
+        res = run_sweep(spec_from_dict(sweep_spec(out, data_root, data_scale, trials, budget_cache)), progress=True,
                         use_cache=False)  # real trials, never replayed from the trial cache
         sweep_end = time.time() - t0
         # a node stays idle_timeout_s, then the autoscaler drains and stops it: allow that plus a minute of slack
@@ -325,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           f"{MAX_WORKERS} one-CPU workers)")
     ap.add_argument("--idle-timeout-s", type=float, default=15.0, help="the autoscaler's idle timeout")
     ap.add_argument("--keep", default="", help="output directory to keep (default: a temporary one)")
+    ap.add_argument("--budget-cache", default="", help="the budget.cache_dir to read and store step speeds and fixed "
+                    "costs in (default: one under the output directory)")
     ap.add_argument("--json", default="", help="also write the summary here")
     ap.add_argument("--run-autoscaler", default="", help=argparse.SUPPRESS)  # internal: the autoscaler process
     args = ap.parse_args(argv)
@@ -345,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
 
         data_root = str(ensure_fifmini(out / "fifmini", seed=0, image_size=32, scale=args.data_scale,
                                        progress=False).root)
-    summary = run(out, str(Path(data_root).resolve()), args.data_scale, args.trials, args.idle_timeout_s)
+    summary = run(out, str(Path(data_root).resolve()), args.data_scale, args.trials, args.idle_timeout_s,
+                  args.budget_cache)
     print("\ntimeline (samples where something changed; seconds from the head's start):")
     print_timeline(summary["timeline"])
     print(json.dumps({k: v for k, v in summary.items() if k != "timeline"}, indent=2))

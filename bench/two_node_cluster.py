@@ -160,18 +160,19 @@ def wait_for_port(port: int, timeout_s: float) -> None:
     raise TimeoutError(f"the Ray head did not open port {port} within {timeout_s:.0f} s")
 
 
-def sweep_spec(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
+def sweep_spec(out: Path, data_root: str, data_scale: float = 1.0, budget_cache: str = "") -> dict:
     return {
         "name": "two_node",
         "base": {"output_dir": str(out), "data.root": data_root, "data.scale": data_scale, "backbone.pretrained": "",
                  "stream.num_tasks": 1, "budget.total_ft_steps": 4, "budget.mode": "equal_steps",
                  "mixture.batch_size": 16, "evaluation.subset_min": 20, "evaluation.full_at_ends": False,
-                 "data.num_workers": 1, "budget.cache_dir": str(out / "budget"), "ray.cpus_per_worker": 1.0},
+                 "data.num_workers": 1, "budget.cache_dir": budget_cache or str(out / "budget"),
+                 "ray.cpus_per_worker": 1.0},
         "space": {"seed": {"grid": [0, 1]}},
     }
 
 
-def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
+def run(out: Path, data_root: str, data_scale: float = 1.0, budget_cache: str = "") -> dict:
     import ray
 
     from fomo_ray.engine import tune_sweep as sweep
@@ -191,7 +192,7 @@ def run(out: Path, data_root: str, data_scale: float = 1.0) -> dict:
         ray.init(address=f"127.0.0.1:{port}", log_to_driver=False)
         alive = wait_for_nodes(2, 90)
         t_up = time.time() - t0
-        spec = spec_from_dict(sweep_spec(out, data_root, data_scale))
+        spec = spec_from_dict(sweep_spec(out, data_root, data_scale, budget_cache))
         res = sweep.run_sweep(spec, progress=True)
         ray.shutdown()
         trial_nodes = res.results.groupby("run")["node_id"].agg(lambda s: sorted(set(s))).to_dict()
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-root", default=str(REPO / "data" / "fifmini"), help="FiF-mini (built if missing)")
     ap.add_argument("--data-scale", type=float, default=1.0, help="FiF-mini size multiplier of --data-root")
     ap.add_argument("--keep", default="", help="output directory to keep (default: a temporary one)")
+    ap.add_argument("--budget-cache", default="", help="the budget.cache_dir to read and store step speeds and fixed "
+                    "costs in (default: one under the output directory)")
     ap.add_argument("--json", default="", help="also write the summary here")
     args = ap.parse_args(argv)
     if "ray" in sys.modules:
@@ -228,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     out = Path(args.keep or tempfile.mkdtemp(prefix="two_node_"))
     out.mkdir(parents=True, exist_ok=True)
-    summary = run(out, str(Path(args.data_root).resolve()), args.data_scale)
+    summary = run(out, str(Path(args.data_root).resolve()), args.data_scale, args.budget_cache)
     print(json.dumps(summary, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))

@@ -3,11 +3,13 @@ them, and a toy benchmark. Plain functions (not fixtures): spawned ranks and the
 too."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 SCALE = 0.05  # ~1,000 pool images and 2-3 images per class: builds in seconds
+BUDGET_CACHE_ENV = "FOMO_RAY_TEST_BUDGET_CACHE"  # the session's shared budget cache (tests/conftest.py)
 _BUILT: dict[tuple[int, int], object] = {}
 
 
@@ -50,11 +52,12 @@ def tiny_config(root, out, **overrides):
 
 
 def budget_cache(root) -> str:
-    """The ``budget.cache_dir`` the tests' sweeps on the benchmark at ``root`` share: beside it, so one per pytest
-    process (``small_fifmini`` builds under its basetemp). Step speeds and a trial's fixed costs are facts of this
-    machine, not of a test: each is measured once, not once per sweep (timing a trial's start alone spawns an
-    interpreter that imports torch, Ray and MLflow). Tests of the measurement itself keep a cache of their own."""
-    return str(Path(root).parent / "budget_cache")
+    """The ``budget.cache_dir`` the tests' sweeps share: one for the whole session (both pytest-xdist workers and
+    every scenario script they start; ``tests/conftest.py`` names it in ``FOMO_RAY_TEST_BUDGET_CACHE``), else beside
+    the benchmark at ``root``. Step speeds and a trial's fixed costs are facts of this machine, not of a test: each
+    is measured once, not once per sweep (timing a trial's start alone spawns an interpreter that imports torch, Ray
+    and MLflow). Tests of the measurement itself keep a cache of their own."""
+    return os.environ.get(BUDGET_CACHE_ENV) or str(Path(root).parent / "budget_cache")
 
 
 def tiny_sweep(root, out, **overrides) -> dict:

@@ -51,6 +51,16 @@ def scope_of(nodeid: str) -> str:
     return nodeid if module in ONE_BY_ONE else module
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin set up the base temp dir
+def pytest_configure(config):
+    """One budget cache for the session (``_data_util.budget_cache``), named before pytest-xdist starts its workers
+    so that they, and every scenario script they start, inherit it; under pytest's base temp dir, so it goes with it."""
+    from _data_util import BUDGET_CACHE_ENV
+
+    if not hasattr(config, "workerinput"):  # the controller (or a run without xdist)
+        os.environ.setdefault(BUDGET_CACHE_ENV, str(config._tmp_path_factory.getbasetemp() / "budget_cache"))
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadgroup`` (scripts/test.sh) hands out whole :func:`scope_of` scopes. (pytest-xdist 3.8's own

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from _data_util import SCALE, small_fifmini
+from _data_util import SCALE, budget_cache, small_fifmini
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
@@ -28,7 +28,8 @@ def summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("autoscaling")
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "autoscaling.py"), "--data-root", str(bench.root),
                            "--data-scale", str(SCALE), "--trials", str(TRIALS), "--idle-timeout-s",
-                           str(IDLE_TIMEOUT_S), "--keep", str(out / "run"), "--json", str(out / "summary.json")],
+                           str(IDLE_TIMEOUT_S), "--keep", str(out / "run"), "--json", str(out / "summary.json"),
+                           "--budget-cache", budget_cache(bench.root)],
                           capture_output=True, text=True, timeout=840)
     if proc.returncode:
         pytest.fail(f"autoscaling scenario failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")

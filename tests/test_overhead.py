@@ -20,6 +20,13 @@ class FakeClock:
         return self.now
 
 
+@pytest.fixture(autouse=True)
+def no_start_timed_yet(monkeypatch):
+    """This process may have timed its start already (any sweep's estimate does): forget it, so the fake clock
+    times it."""
+    monkeypatch.setattr(overhead, "_STARTS", {})
+
+
 @pytest.fixture
 def cfg(tmp_path, tmp_path_factory):
     bench = small_fifmini(tmp_path_factory)
@@ -43,8 +50,33 @@ def test_fixed_costs_are_timed_once_and_cached_like_the_step_speed(cfg):
     again = overhead.measured_overhead(cfg, clock=clock, spawn=spawn)
     assert again == o and spawned == [1]  # read from the cache, not timed again
     other = cfg.replace({"evaluation.batch_size": 32})  # other evaluation settings: timed again, not stored here
-    overhead.measured_overhead(other, clock=clock, spawn=spawn, store=False)
-    assert spawned == [1, 1] and not overhead.overhead_path(other, __import__("torch").device("cpu"), 1).is_file()
+    o2 = overhead.measured_overhead(other, clock=clock, spawn=spawn, store=False)
+    assert not overhead.overhead_path(other, __import__("torch").device("cpu"), 1).is_file()
+    # the process start is a fact of the environment, not of the settings: timed once for both
+    assert spawned == [1] and o2.start_s == o.start_s
+
+
+def test_the_process_start_is_timed_once_per_environment(tmp_path, monkeypatch):
+    clock, spawned = FakeClock(), []
+
+    def spawn():
+        spawned.append(1)
+        clock.now += 3.0
+
+    assert overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn) == 3.5
+    assert overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn) == 3.5 and spawned == [1]
+    stored = list((tmp_path / "a").glob("start__*.json"))
+    assert len(stored) == 1 and '"torch"' in stored[0].read_text()  # says what it was timed with
+    overhead._STARTS.clear()  # another process: reads the stored figure
+    assert overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn) == 3.5 and spawned == [1]
+    assert overhead.process_start(tmp_path / "b", clock=clock, spawn=spawn, store=False) == 3.5
+    assert spawned == [1] and not (tmp_path / "b").exists()  # this process's figure, for another cache: not stored
+    real = overhead.environment
+    monkeypatch.setattr(overhead, "environment", lambda: {**real(), "torch": "0.0-other"})
+    assert overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn, store=False) == 3.5
+    assert spawned == [1, 1] and len(stored := list((tmp_path / "a").glob("start__*.json"))) == 1  # timed anew
+    overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn)
+    assert spawned == [1, 1] and len(list((tmp_path / "a").glob("start__*.json"))) == 2  # once; stored when asked
 
 
 def test_a_trial_without_its_benchmark_has_no_fixed_costs_yet(tmp_path):

@@ -566,13 +566,14 @@ def test_optuna_samples_within_the_space(ray_local, tmp_path, monkeypatch):
 def test_two_node_cluster_runs_trials_on_both_nodes(tmp_path, tmp_path_factory):
     """bench/two_node_cluster.py: `ray start --head` + `ray start --address` on this machine form a 2-node
     cluster; a 2-trial sweep of the real loop lands one trial on each node; every process started is stopped."""
-    from _data_util import SCALE, small_fifmini
+    from _data_util import SCALE, budget_cache, small_fifmini
 
     bench = small_fifmini(tmp_path_factory)
     out = tmp_path / "two_node"
     t0 = time.time()
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "two_node_cluster.py"), "--data-root",
-                           str(bench.root), "--data-scale", str(SCALE), "--keep", str(out), "--json", str(tmp_path / "summary.json")],
+                           str(bench.root), "--data-scale", str(SCALE), "--keep", str(out), "--json", str(tmp_path / "summary.json"),
+                           "--budget-cache", budget_cache(bench.root)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -3,7 +3,9 @@
 (``budget.cache_dir``).
 
 - ``start_s``: a fresh Python process importing what a trial process imports (torch, open_clip, Ray, MLflow, the
-  engine);
+  engine). It depends on the interpreter and its packages only, so it is timed once per environment
+  (:func:`process_start`), not once per backbone and benchmark like the costs below: a sweep over several models
+  or data scales spawns one interpreter to time it, not one for each;
 - ``build_s``: the backbone built with the trial's weights (read from disk where they are a file) and the benchmark
   and evaluator opened;
 - ``loader_s``: the first evaluation loader's one-time cost (an FFCV loader compiles its pipeline with numba on its
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -37,8 +40,9 @@ import torch
 from fomo_ray.budgets import budget
 from fomo_ray.atomic import write_json
 
-#: bump when what is timed changes, so cached figures of another measurement are retaken
-OVERHEAD_VERSION = 1
+#: bump when what is timed changes, so cached figures of another measurement are retaken (2: the process start has a
+#: file of its own, per environment)
+OVERHEAD_VERSION = 2
 DECODE_SAMPLES = 64  # evaluation images decoded per timing pass
 # what a trial process imports before its first step (a Tune function trial; a Train worker imports the same)
 TRIAL_IMPORTS = ("import ray, ray.tune, ray.train, torch, open_clip, mlflow; "
@@ -65,18 +69,19 @@ def _spawn_imports() -> None:
     subprocess.run([sys.executable, "-c", TRIAL_IMPORTS], check=True, capture_output=True)
 
 
-def time_overhead(cfg: Any, *, device: torch.device, threads: int, clock: Callable[[], float] = time.perf_counter,
-                  spawn: Callable[[], None] = _spawn_imports) -> Overhead:
-    """Time the fixed costs of a trial of ``cfg`` (see the module docstring). The global RNG state is restored
-    afterwards: estimating a sweep must not change what its runs draw. Raises ``OSError`` / ``ValueError`` before
-    timing anything when the benchmark is not built yet (a process start costs seconds; a dry run estimates each
-    trial)."""
-    from fomo_ray.core.assembly import open_data
-
-    open_data(cfg)
+def time_process_start(clock: Callable[[], float] = time.perf_counter,
+                       spawn: Callable[[], None] = _spawn_imports) -> float:
+    """Seconds a fresh interpreter takes to import what a trial process imports (:data:`TRIAL_IMPORTS`)."""
     t = clock()
     spawn()
-    start_s = clock() - t
+    return clock() - t
+
+
+def time_overhead(cfg: Any, *, device: torch.device, threads: int, clock: Callable[[], float] = time.perf_counter,
+                  start_s: float) -> Overhead:
+    """Time the fixed costs of a trial of ``cfg`` in this process (see the module docstring); ``start_s`` is the
+    environment's process start (:func:`process_start`). The global RNG state is restored afterwards: estimating a
+    sweep must not change what its runs draw."""
     previous = torch.get_num_threads()
     torch.set_num_threads(max(1, threads))
     try:
@@ -149,12 +154,36 @@ def checkpoint_count(steps_per_task: list[int], every: int) -> int:
 
 # --------------------------------------------------------------------------------------------------- the cache
 def _hash(cfg: Any) -> str:
-    """What the fixed costs depend on: the backbone and its weights, the data and its loader, the evaluation (not the
-    method: its share is in the step speed)."""
+    """What the fixed costs besides the process start depend on: the backbone and its weights, the data and its
+    loader, the evaluation (not the method: its share is in the step speed)."""
     blob = {"backbone": cfg.backbone.name, "pretrained": cfg.backbone.pretrained, "precision": cfg.backbone.precision,
             "data": cfg.data.root, "scale": cfg.data.scale, "loader": cfg.data.loader, "workers": cfg.data.num_workers,
             "eval": str(cfg.evaluation), "torch": torch.__version__, "overhead": OVERHEAD_VERSION}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+#: the distributions whose import a trial's start times (their versions key the cached timing)
+START_PACKAGES = ("torch", "torchvision", "open_clip_torch", "ray", "mlflow", "ffcv", "numba", "fomo_ray")
+
+
+def environment() -> dict[str, str]:
+    """What a process start depends on: the interpreter, the versions of what it imports and the imports timed."""
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    return {"python": sys.executable, "python_version": sys.version.split()[0], "imports": TRIAL_IMPORTS,
+            **{dist: version(dist) for dist in START_PACKAGES}}
+
+
+def _digest(env: Mapping[str, str]) -> str:
+    return hashlib.sha256(json.dumps(dict(env), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def start_path(cache_dir: str | Path, env: Mapping[str, str]) -> Path:
+    return Path(cache_dir) / f"start__v{OVERHEAD_VERSION}__{_digest(env)}.json"
 
 
 def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:
@@ -163,29 +192,72 @@ def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:
         f"v{OVERHEAD_VERSION}__{_hash(cfg)}.json")
 
 
-_UNSTORED: dict[Path, Overhead] = {}  # timed but not stored (dry runs): timed once per process
+_UNSTORED: dict[Path, Any] = {}  # timed but not stored (dry runs): timed once per process
 
 
-def measured_overhead(cfg: Any, *, device: str | torch.device = "cpu", threads: int = 1, store: bool = True,
-                      **timing: Any) -> Overhead | None:
-    """The cached :class:`Overhead` for ``cfg``, timed on a miss (stored unless ``store`` is False); None when the
-    benchmark is not built yet (a dry run on a fresh machine: the estimate then leaves the fixed costs out, and
-    says so)."""
-    device = torch.device(device)
-    path = overhead_path(cfg, device, threads)
+def _cached(path: Path, read: Callable[[dict], Any]) -> Any:
+    """What ``path`` holds (read by ``read``), or what this process timed without storing it; None if neither."""
     if path in _UNSTORED:
         return _UNSTORED[path]
     if path.is_file():
         try:
-            return Overhead(**json.loads(path.read_text()))
-        except (ValueError, TypeError):
-            pass  # unreadable or of another layout: timed again below
-    try:
-        measured = time_overhead(cfg, device=device, threads=threads, **timing)
-    except (OSError, ValueError):  # the benchmark is not there yet (PreparedByRun, DataError)
-        return None
+            return read(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            pass  # unreadable or of another layout: timed again
+    return None
+
+
+def _keep(path: Path, value: Any, record: dict, store: bool) -> None:
     if store:
-        write_json(path, dataclasses.asdict(measured), indent=1, sort_keys=True)
+        write_json(path, record, indent=1, sort_keys=True)
     else:
-        _UNSTORED[path] = measured
+        _UNSTORED[path] = value
+
+
+_STARTS: dict[str, float] = {}  # the start figure this process found (read or timed) per environment
+
+
+def process_start(cache_dir: str | Path, *, store: bool = True, clock: Callable[[], float] = time.perf_counter,
+                  spawn: Callable[[], None] = _spawn_imports) -> float:
+    """This environment's process start in seconds (:func:`time_process_start`): timed at most once per process
+    and per ``cache_dir``, where it is stored (unless ``store`` is False) under the :func:`environment` it was timed
+    in, so another Python or other package versions time it again."""
+    env = environment()
+    path = start_path(cache_dir, env)
+    start_s = _STARTS.get(_digest(env))
+    if start_s is None:
+        start_s = _cached(path, lambda d: float(d["start_s"]))
+    if start_s is None:
+        start_s = time_process_start(clock, spawn)
+    _STARTS[_digest(env)] = start_s
+    if store and not path.is_file():
+        write_json(path, {"start_s": start_s, **env}, indent=1, sort_keys=True)
+    return start_s
+
+
+def measured_overhead(cfg: Any, *, device: str | torch.device = "cpu", threads: int = 1, store: bool = True,
+                      clock: Callable[[], float] = time.perf_counter,
+                      spawn: Callable[[], None] = _spawn_imports) -> Overhead | None:
+    """The cached :class:`Overhead` for ``cfg``, timed on a miss (stored unless ``store`` is False); None when the
+    benchmark is not built yet (a dry run on a fresh machine: the estimate then leaves the fixed costs out, and
+    says so). Nothing is timed before the benchmark is found: a process start alone costs seconds."""
+    from fomo_ray.core.assembly import open_data
+
+    device = torch.device(device)
+    path = overhead_path(cfg, device, threads)
+    fixed = _cached(path, dict)  # the costs besides the start: the start is read (or timed) per environment
+    if fixed is None:
+        try:
+            open_data(cfg)
+        except (OSError, ValueError):  # the benchmark is not there yet (PreparedByRun, DataError)
+            return None
+    start_s = process_start(cfg.budget.cache_dir, store=store, clock=clock, spawn=spawn)
+    if fixed is not None:
+        try:
+            return Overhead(**fixed, start_s=start_s)
+        except TypeError:
+            pass  # of another layout: timed again below
+    measured = time_overhead(cfg, device=device, threads=threads, clock=clock, start_s=start_s)
+    fixed = {k: v for k, v in dataclasses.asdict(measured).items() if k != "start_s"}
+    _keep(path, fixed, fixed, store)
     return measured
