@@ -231,8 +231,11 @@ def test_experiment_scripts_cover_the_papers_studies():
 
 
 def test_experiment_dry_run_cli():
+    from _data_util import budget_cache
+
     out = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep_merge_weights.py"), "--dry-run",
-                          "--no-mlflow", "--gpus-per-trial", "0.5"], capture_output=True, text=True, timeout=120)
+                          "--no-mlflow", "--gpus-per-trial", "0.5", f"budget.cache_dir={budget_cache(REPO / 'data')}"],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "merge_weights: 8 trial(s)" in out.stdout and "ema_w0.5" in out.stdout
     bad = subprocess.run([sys.executable, str(REPO / "experiments" / "sweep_merge_weights.py"), "--dry-run",
@@ -257,14 +260,17 @@ def test_fomo_ray_sweep_cli_takes_overrides_anywhere(capsys):
 def test_validation_and_dry_run_import_no_ray():
     """Validating a shipped sweep YAML and dry-running it need no Ray: sweep_spec and the CLI's dry run never
     import it (a fresh interpreter, so nothing else in the test session imported it first)."""
+    from _data_util import budget_cache
+
     path = str(REPO / "experiments" / "configs" / "sweep_merge_weights.yaml")
+    cache = budget_cache(REPO / "data")  # the session's: a process start timed by an earlier test is read, not redone
     code = (
         "import sys\n"
         "from fomo_ray.planning import sweep_spec\n"
         "from fomo_ray.cli import sweep as sweep_cli\n"
         f"spec = sweep_spec.load_sweep({path!r}, {{'tracking.enabled': False}})\n"
         "assert sweep_spec.plan_sweep(spec).total == 8\n"
-        f"assert sweep_cli.main([{path!r}, '--dry-run', '--no-mlflow']) == 0\n"
+        f"assert sweep_cli.main([{path!r}, '--dry-run', '--no-mlflow', 'budget.cache_dir={cache}']) == 0\n"
         "ray = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "assert not ray, ray\n"
         "print('no ray')\n")
