@@ -22,6 +22,7 @@ import timing through ``spawn``, so a test drives the whole measurement with a f
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -166,6 +167,7 @@ def _hash(cfg: Any) -> str:
 START_PACKAGES = ("torch", "torchvision", "open_clip_torch", "ray", "mlflow", "ffcv", "numba", "fomo_ray")
 
 
+@functools.cache  # fixed for a process's life; an estimate of many trials asks for it once each
 def environment() -> dict[str, str]:
     """What a process start depends on: the interpreter, the versions of what it imports and the imports timed."""
     def version(dist: str) -> str:
