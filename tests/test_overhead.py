@@ -74,7 +74,7 @@ def test_the_process_start_is_timed_once_per_environment(tmp_path, monkeypatch):
     real = overhead.environment
     monkeypatch.setattr(overhead, "environment", lambda: {**real(), "torch": "0.0-other"})
     assert overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn, store=False) == 3.5
-    assert spawned == [1, 1] and len(stored := list((tmp_path / "a").glob("start__*.json"))) == 1  # timed anew
+    assert spawned == [1, 1] and len(list((tmp_path / "a").glob("start__*.json"))) == 1  # timed anew
     overhead.process_start(tmp_path / "a", clock=clock, spawn=spawn)
     assert spawned == [1, 1] and len(list((tmp_path / "a").glob("start__*.json"))) == 2  # once; stored when asked
 

@@ -184,8 +184,8 @@ def _digest(env: Mapping[str, str]) -> str:
     return hashlib.sha256(json.dumps(dict(env), sort_keys=True).encode()).hexdigest()[:10]
 
 
-def start_path(cache_dir: str | Path, env: Mapping[str, str]) -> Path:
-    return Path(cache_dir) / f"start__v{OVERHEAD_VERSION}__{_digest(env)}.json"
+def start_path(cache_dir: str | Path, digest: str) -> Path:
+    return Path(cache_dir) / f"start__v{OVERHEAD_VERSION}__{digest}.json"
 
 
 def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:
@@ -194,11 +194,12 @@ def overhead_path(cfg: Any, device: torch.device, threads: int) -> Path:
         f"v{OVERHEAD_VERSION}__{_hash(cfg)}.json")
 
 
-_UNSTORED: dict[Path, Any] = {}  # timed but not stored (dry runs): timed once per process
+_UNSTORED: dict[Path, dict] = {}  # fixed costs timed but not stored (dry runs): timed once per process
 
 
 def _cached(path: Path, read: Callable[[dict], Any]) -> Any:
-    """What ``path`` holds (read by ``read``), or what this process timed without storing it; None if neither."""
+    """What ``path`` holds (read by ``read``), or the fixed costs this process timed for it without storing them;
+    None if neither."""
     if path in _UNSTORED:
         return _UNSTORED[path]
     if path.is_file():
@@ -209,11 +210,6 @@ def _cached(path: Path, read: Callable[[dict], Any]) -> Any:
     return None
 
 
-def _keep(path: Path, value: Any, record: dict, store: bool) -> None:
-    if store:
-        write_json(path, record, indent=1, sort_keys=True)
-    else:
-        _UNSTORED[path] = value
 
 
 _STARTS: dict[str, float] = {}  # the start figure this process found (read or timed) per environment
@@ -221,17 +217,18 @@ _STARTS: dict[str, float] = {}  # the start figure this process found (read or t
 
 def process_start(cache_dir: str | Path, *, store: bool = True, clock: Callable[[], float] = time.perf_counter,
                   spawn: Callable[[], None] = _spawn_imports) -> float:
-    """This environment's process start in seconds (:func:`time_process_start`): timed at most once per process
-    and per ``cache_dir``, where it is stored (unless ``store`` is False) under the :func:`environment` it was timed
-    in, so another Python or other package versions time it again."""
+    """This environment's process start in seconds (:func:`time_process_start`): read from ``cache_dir``, or timed,
+    at most once per process; stored in ``cache_dir`` (unless ``store`` is False) under the :func:`environment` it
+    was timed in, so another Python or other package versions time it again."""
     env = environment()
-    path = start_path(cache_dir, env)
-    start_s = _STARTS.get(_digest(env))
+    digest = _digest(env)
+    path = start_path(cache_dir, digest)
+    start_s = _STARTS.get(digest)
     if start_s is None:
         start_s = _cached(path, lambda d: float(d["start_s"]))
     if start_s is None:
         start_s = time_process_start(clock, spawn)
-    _STARTS[_digest(env)] = start_s
+    _STARTS[digest] = start_s
     if store and not path.is_file():
         write_json(path, {"start_s": start_s, **env}, indent=1, sort_keys=True)
     return start_s
@@ -261,5 +258,8 @@ def measured_overhead(cfg: Any, *, device: str | torch.device = "cpu", threads: 
             pass  # of another layout: timed again below
     measured = time_overhead(cfg, device=device, threads=threads, clock=clock, start_s=start_s)
     fixed = {k: v for k, v in dataclasses.asdict(measured).items() if k != "start_s"}
-    _keep(path, fixed, fixed, store)
+    if store:
+        write_json(path, fixed, indent=1, sort_keys=True)
+    else:
+        _UNSTORED[path] = fixed
     return measured
