@@ -63,6 +63,16 @@ def test_pool_round_trip_dedup_webp_and_report(tmp_path, capsys):
     assert set(bench.meta("pool")[1]) == {-1}
 
 
+def test_two_worker_processes_convert_the_same_pool(tmp_path, capsys):
+    """Shards converted by two worker processes (spawned) give the pool one process gives, rows in shard order."""
+    make_shards(tmp_path / "shards")
+    assert run(tmp_path / "shards", tmp_path / "one", "--max-bad-fraction", "0.5") == 0
+    assert run(tmp_path / "shards", tmp_path / "two", "--max-bad-fraction", "0.5", "--workers", "2") == 0
+    one, two = open_benchmark(tmp_path / "one", verify=True), open_benchmark(tmp_path / "two", verify=True)
+    assert two.captions("pool") == one.captions("pool") and len(one.captions("pool")) == 4
+    assert np.array_equal(read_images(two.split_path("pool")), read_images(one.split_path("pool")))
+
+
 def test_default_corruption_limit_fails_the_shard(tmp_path, capsys):
     make_shards(tmp_path / "shards")
     assert run(tmp_path / "shards", tmp_path / "pool") == 1  # 1 corrupt of 6 images > 5%

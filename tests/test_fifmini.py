@@ -113,10 +113,9 @@ def test_streams_cover_every_adaptation_class_once(bench):
     assert other != json.loads(bench.stream_path("random").read_text())
 
 
-def test_pool_chunks_do_not_depend_on_worker_count(monkeypatch):
-    monkeypatch.setattr(fifmini, "POOL_CHUNK", 60)
-    one = fifmini.draw_dataset(fifmini.POOL, "pool", 3, 16, 0.01, workers=1)
-    two = fifmini.draw_dataset(fifmini.POOL, "pool", 3, 16, 0.01, workers=2)
+def test_pool_chunks_do_not_depend_on_worker_count():
+    one = fifmini.draw_dataset(fifmini.POOL, "pool", 3, 16, 0.01, workers=1, chunk=60)
+    two = fifmini.draw_dataset(fifmini.POOL, "pool", 3, 16, 0.01, workers=2, chunk=60)
     assert len(one) == 200
     assert all(np.array_equal(a[0], b[0]) and a[3] == b[3] for a, b in zip(one, two))
 

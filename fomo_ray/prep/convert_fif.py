@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import queue as queue_mod
 import shutil
@@ -56,6 +55,7 @@ from fomo_ray.prep.staging import (
     PARTS_DIR, POOL_DATASET, ConversionError, PartWriter, StagedRows, add_model_tokens, decode_fit, encode_image,
     model_tokenizers, part_problem, read_json, read_part_meta, staged_pool,
 )
+from fomo_ray.prep.workers import manager, worker_pool
 from fomo_ray.tables import format_table
 
 CONVERTER_VERSION = 1  # bump when the part layout or the image pipeline changes: old parts are then rebuilt
@@ -281,13 +281,13 @@ def run_parts(plans: list[DatasetPlan], opts: Options) -> list[dict]:
     try:
         if opts.workers <= 1 or len(plans) <= 1:
             return [_safe_convert(p, opts, bar.update) for p in plans]
-        with mp.Manager() as manager, mp.get_context().Pool(min(opts.workers, len(plans))) as pool:
-            q = manager.Queue()
-            pending = [pool.apply_async(_worker, (p, opts, q)) for p in plans]
-            while not all(a.ready() for a in pending):
+        with manager() as shared, worker_pool(min(opts.workers, len(plans)), "convert", ConversionError) as pool:
+            q = shared.Queue()
+            pending = [pool.submit(_worker, p, opts, q) for p in plans]
+            while not all(f.done() for f in pending):
                 _drain(q, bar, timeout=0.2)
             _drain(q, bar, timeout=0)
-            return [a.get() for a in pending]
+            return [f.result() for f in pending]
     finally:
         bar.close()
 

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tarfile
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,6 +40,7 @@ from fomo_ray.prep.staging import (
     PARTS_DIR, POOL_DATASET, SELECTION, ConversionError, PartWriter, add_model_tokens, decode_fit, encode_image,
     iter_rows, model_tokenizers, part_problem, pool_rows, read_json, read_part_meta,
 )
+from fomo_ray.prep.workers import worker_pool
 
 CONVERTER_VERSION = 1
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image extensions FiF's pool loader accepts
@@ -252,22 +253,18 @@ def convert_pool(opts: PoolOptions) -> dict:
     bar = tqdm(total=len(shards), unit="shard", desc="pool", disable=not opts.progress)
     todo = list(shards)
     wave_size = max(1, opts.workers)
-    pool = mp.get_context().Pool(wave_size) if wave_size > 1 else None
-    try:
+    workers = worker_pool(wave_size, "pool conversion", ConversionError) if wave_size > 1 else nullcontext()
+    with workers as pool:
+        run = pool.map if pool else map
         while todo and not failed and not _enough(parts, _done(shards, metas), metas, opts.max_samples):
             wave, todo = todo[:wave_size], todo[wave_size:]
-            args = [(s, opts) for s in wave]
-            results = pool.starmap(_cached_or_convert, args) if pool else [_cached_or_convert(*a) for a in args]
+            results = list(run(_cached_or_convert, wave, [opts] * len(wave)))
             for shard, meta in zip(wave, results):
                 if "error" in meta:
                     failed.append(meta["error"])
                 else:
                     metas[_stem(shard)] = meta
                 bar.update(1)
-    finally:
-        if pool:
-            pool.close()
-            pool.join()
     bar.close()
     if failed:
         raise ConversionError("pool conversion failed (finished shards are kept for the rerun):\n  - "

@@ -35,6 +35,7 @@ from fomo_ray.data.writer import BenchmarkWriter
 from fomo_ray.core.inputs import FIFMINI_NAME, fifmini_generator_info
 from fomo_ray.prep import fifmini_scenes as scenes
 from fomo_ray.prep import fifmini_text as text
+from fomo_ray.prep.workers import worker_pool
 
 POOL_SIZE = 20_000
 POOL_CHUNK = 2_500      # the pool is drawn in fixed chunks (own seeds) so workers can share the work
@@ -191,22 +192,23 @@ def _draw_digits(ctx: Ctx, labels: np.ndarray) -> tuple[np.ndarray, list]:
 
 
 def _draw_chunk(args: tuple) -> tuple[np.ndarray, list]:
-    """Chunk ``c`` of a dataset split (at most POOL_CHUNK rows, own seeds); a top-level function for worker pools."""
+    """Chunk ``c`` of a dataset split (its own seeds); a top-level function for worker pools."""
     name, split, seed, size, scale, labels, c = args
     spec = next(s for s in CATALOGUE if s.name == name)
-    return spec.draw(Ctx.make(seed, name, split, size, scale, c), labels[c * POOL_CHUNK:(c + 1) * POOL_CHUNK])
+    return spec.draw(Ctx.make(seed, name, split, size, scale, c), labels)
 
 
-def draw_dataset(spec: Spec, split: str, seed: int, size: int, scale: float, workers: int = 1) -> list[tuple]:
-    """Samples ``(image, dataset, label, captions)`` of one dataset split. Large splits are drawn in chunks with
-    their own seeds, in parallel when ``workers > 1`` (the result does not depend on ``workers``)."""
+def draw_dataset(spec: Spec, split: str, seed: int, size: int, scale: float, workers: int = 1,
+                 chunk: int = POOL_CHUNK) -> list[tuple]:
+    """Samples ``(image, dataset, label, captions)`` of one dataset split. Large splits are drawn in chunks of
+    ``chunk`` rows with their own seeds, in parallel when ``workers > 1`` (the result does not depend on
+    ``workers``)."""
     labels = split_labels(spec, split, scale, Ctx.make(seed, spec.name, split, size, scale, chunk=-1).rng)
-    jobs = [(spec.name, split, seed, size, scale, labels, c) for c in range(-(-len(labels) // POOL_CHUNK))]
+    jobs = [(spec.name, split, seed, size, scale, labels[c * chunk:(c + 1) * chunk], c)
+            for c in range(-(-len(labels) // chunk))]
     if workers > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
-            parts = pool.map(_draw_chunk, jobs)
+        with worker_pool(min(workers, len(jobs)), f"FiF-mini {spec.name} {split}", DataError) as pool:
+            parts = list(pool.map(_draw_chunk, jobs))
     else:
         parts = [_draw_chunk(j) for j in jobs]
     images = np.concatenate([p[0] for p in parts])
