@@ -1,7 +1,7 @@
 """A reused trial process's memory: one sweep of ``--trials`` fine-tuning trials (seeds 0..N-1, 2 tasks x 8 steps,
 the main job's evaluation subsets) on one slot (``ray.max_concurrent_trials=1``), so that Tune runs them one after
-the other in one process (``ray.reuse_trial_processes``, the default). Each trial's resident memory (RSS) is read in its process as it
-starts and as it ends; the table shows whether a process that runs many trials grows.
+the other in one process (``ray.reuse_trial_processes``, the default). Each trial's resident memory (RSS) is read in
+its process as it starts and as it ends; the table shows whether a process that runs many trials grows.
 
     python bench/reused_trial_memory.py --data-root data/fifmini [--trials 10] [--output-dir DIR]
 

@@ -210,8 +210,6 @@ def _cached(path: Path, read: Callable[[dict], Any]) -> Any:
     return None
 
 
-
-
 _STARTS: dict[str, float] = {}  # the start figure this process found (read or timed) per environment
 
 

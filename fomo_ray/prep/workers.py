@@ -19,16 +19,17 @@ from typing import Iterator
 @contextmanager
 def worker_pool(workers: int, what: str, error: type[Exception]) -> Iterator[ProcessPoolExecutor]:
     """A pool of ``workers`` spawned processes for ``what``. A worker that dies, or a script that starts one without
-    the ``__main__`` guard, raises ``error`` naming ``what`` instead of hanging the pool."""
+    the ``__main__`` guard, raises ``error`` naming ``what`` instead of hanging the pool (a ``multiprocessing.Pool``
+    replaces dead workers and waits for their tasks forever)."""
     try:
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
             yield pool
     except BrokenProcessPool as e:
-        raise error(f"{what}: a worker process died ({e}); a script that starts one must guard its entry point "
-                        "with if __name__ == \"__main__\" (workers are spawned), or run with one worker") from None
+        raise error(f"{what}: a worker process died ({e}): killed (out of memory?), or started by a script "
+                    "without the if __name__ == \"__main__\" guard that spawned workers need (one worker, e.g. "
+                    "--workers 1, runs in this process)") from None
 
 
 def manager():
     """A ``multiprocessing`` manager whose queues the spawned workers of :func:`worker_pool` can use."""
     return mp.get_context("spawn").Manager()
-
